@@ -1,0 +1,14 @@
+"""mmdrq: one-shot multi-precision QAT with Double Rounding for OpenMMLab."""
+from .export import load_int, save_int
+from .quantization import (ActQuantizer, DoubleRoundingQuantizer, QConv2d,
+                           QLinear, QuantizeConfig, SwitchableBatchNorm,
+                           get_bits, quantize_model, set_bits, set_layer_bits,
+                           use_bits)
+from .version import __version__
+
+__all__ = [
+    '__version__', 'ActQuantizer', 'DoubleRoundingQuantizer', 'QConv2d',
+    'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm', 'get_bits',
+    'load_int', 'quantize_model', 'save_int', 'set_bits', 'set_layer_bits',
+    'use_bits'
+]

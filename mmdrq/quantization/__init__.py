@@ -1,0 +1,16 @@
+from .act_quantizer import ActQuantizer
+from .bit_control import (get_bits, model_bits, set_bits, set_layer_bits,
+                          use_bits)
+from .bitwidths import check_bits
+from .config import QuantizeConfig
+from .convert import quantize_model
+from .layers import BitSwitchable, QConv2d, QLinear
+from .switchable_bn import SwitchableBatchNorm
+from .weight_quantizer import DoubleRoundingQuantizer
+
+__all__ = [
+    'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer', 'QConv2d',
+    'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm', 'check_bits',
+    'get_bits', 'model_bits', 'quantize_model', 'set_bits', 'set_layer_bits',
+    'use_bits'
+]

@@ -1,0 +1,106 @@
+"""Per-bit activation quantizer: one learned scalar scale per bit-width."""
+from typing import Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmdrq.registry import MODELS
+from .bitwidths import check_bits, signed_range, unsigned_range
+from .functional import fake_quant, lsq_grad_scale
+
+_MAX_INIT_SAMPLES = 1 << 20
+
+
+@MODELS.register_module()
+class ActQuantizer(nn.Module):
+    """Fake-quantizes activations, unsigned after ReLU or signed otherwise.
+
+    Unlike weights, activations are not stored, so every bit gets its own
+    scale (a scalar: cheap), initialised at that bit's first forward from the
+    ``init_percentile`` of the input (averaged over ranks under DDP).
+
+    Args:
+        bits: bit-widths, highest first.
+        signed: True, False, or ``'auto'``: decide at the first forward from
+            whether the input has negative values, then keep it.
+        init_percentile: upper percentile for the init (lower one is
+            ``100 - init_percentile`` for signed inputs).
+    """
+
+    def __init__(self,
+                 bits: Sequence[int],
+                 signed: Union[bool, str] = 'auto',
+                 init_percentile: float = 99.9):
+        super().__init__()
+        self.bits = check_bits(bits)
+        if signed not in (True, False, 'auto'):
+            raise ValueError(
+                f"signed must be True, False or 'auto', got {signed!r}")
+        if not 50.0 < init_percentile <= 100.0:
+            raise ValueError(
+                f'init_percentile must lie in (50, 100], got {init_percentile}')
+        self.init_percentile = init_percentile
+        self.scale = nn.Parameter(torch.ones(len(self.bits)))
+        self.register_buffer('initialized',
+                             torch.zeros(len(self.bits), dtype=torch.bool))
+        # -1: undecided ('auto' before the first forward), 0 unsigned, 1 signed
+        sign = -1 if signed == 'auto' else int(signed)
+        self.register_buffer('signed', torch.tensor(sign, dtype=torch.int8))
+        self._ready = set()
+        self._signed_py = None
+        self.register_load_state_dict_post_hook(self._forget_cache)
+
+    @staticmethod
+    def _forget_cache(module, keys):
+        module._ready.clear()
+        module._signed_py = None
+
+    def extra_repr(self):
+        return f'bits={list(self.bits)}, signed={int(self.signed)}'
+
+    def _range(self, bit):
+        return signed_range(bit) if self._signed_py else unsigned_range(bit)
+
+    @torch.no_grad()
+    def _init_scale(self, x: torch.Tensor, index: int, bit: int):
+        flat = x.detach().float().flatten()
+        if flat.numel() > _MAX_INIT_SAMPLES:
+            flat = flat[::flat.numel() // _MAX_INIT_SAMPLES + 1]
+        p = self.init_percentile / 100.0
+        q = torch.quantile(flat, torch.tensor([1.0 - p, p], device=flat.device))
+        if self._signed_py:
+            value = q.abs().max() / signed_range(bit)[1]
+        else:
+            value = q[1].clamp_min(0) / unsigned_range(bit)[1]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        value = torch.where(value > 0, value, torch.full_like(value, 1e-8))
+        self.scale[index] = value.to(self.scale.dtype)
+        self.initialized[index] = True
+
+    def forward(self, x: torch.Tensor, bit: int) -> torch.Tensor:
+        if bit not in self.bits:
+            raise ValueError(
+                f'bit {bit} is not in this quantizer\'s bits {list(self.bits)}')
+        index = self.bits.index(bit)
+        if self._signed_py is None:
+            sign = int(self.signed)
+            if sign < 0:
+                negative = (x.detach() < 0).any().to(torch.int32)
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(negative, op=dist.ReduceOp.MAX)
+                sign = int(negative)
+                self.signed.fill_(sign)
+            self._signed_py = bool(sign)
+        if index not in self._ready:
+            if not bool(self.initialized[index]):
+                self._init_scale(x, index, bit)
+            self._ready.add(index)
+        lo, hi = self._range(bit)
+        grad_scale = lsq_grad_scale(x[0].numel() if x.dim() > 1 else
+                                    x.numel(), hi)
+        return fake_quant(x, self.scale[index].view(1), (lo, hi), 0,
+                          (lo, hi), 'half_even', 'double_rounding',
+                          grad_scale, None)

@@ -1,0 +1,88 @@
+"""Switch a converted model between bit-widths, globally or per layer.
+
+Switching writes one attribute per quantized module: no pass over weights.
+"""
+import contextlib
+from typing import Dict, Iterator, Tuple, Union
+
+from torch import nn
+
+from .layers import BitSwitchable, _QuantLayer
+from .switchable_bn import SwitchableBatchNorm
+
+
+def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    found = False
+    for name, module in model.named_modules():
+        if isinstance(module, BitSwitchable):
+            found = True
+            yield name, module
+    if not found:
+        raise ValueError(
+            f'{type(model).__name__} has no mmdrq quantized layers: call '
+            'mmdrq.quantize_model(model, ...) first')
+
+
+def model_bits(model: nn.Module) -> tuple:
+    """The bit-width list of a converted model (its layers all share one)."""
+    for _, module in _switchables(model):
+        return module.bits
+
+
+def set_bits(model: nn.Module, bit: int) -> nn.Module:
+    """Run every quantized layer and switchable BN of ``model`` at ``bit``."""
+    modules = list(_switchables(model))
+    bits = modules[0][1].bits
+    if bit not in bits:
+        raise ValueError(f'bit {bit!r} is not in the model\'s bits {list(bits)}')
+    for _, module in modules:
+        module.bit = bit
+    return model
+
+
+def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
+    """Give the named quantized layers their own bits (mixed precision).
+
+    A switchable BN whose producing layer is named follows that layer's bit.
+    Names not given keep their current bit.
+    """
+    layers = {name: m for name, m in _switchables(model)
+              if isinstance(m, _QuantLayer)}
+    for name, bit in layer_bits.items():
+        if name not in layers:
+            close = [n for n in layers if n.endswith(name.split('.')[-1])][:3]
+            raise KeyError(
+                f'layer {name!r} is not a quantized layer of this model'
+                + (f' (similar: {close})' if close else ''))
+        if bit not in layers[name].bits:
+            raise ValueError(f'bit {bit!r} for layer {name!r} is not in '
+                             f'bits {list(layers[name].bits)}')
+    for name, bit in layer_bits.items():
+        layers[name].bit = bit
+    for _, module in _switchables(model):
+        if isinstance(module, SwitchableBatchNorm) and \
+                module.source in layer_bits:
+            module.bit = layer_bits[module.source]
+    return model
+
+
+def get_bits(model: nn.Module) -> Dict[str, int]:
+    """Current bit of every quantized layer, by module name."""
+    return {name: m.bit for name, m in _switchables(model)
+            if isinstance(m, _QuantLayer)}
+
+
+@contextlib.contextmanager
+def use_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
+    """Run ``model`` at ``bits`` (one int, or per-layer) inside the block and
+    restore every module's previous bit afterwards."""
+    saved = [(m, m.bit) for _, m in _switchables(model)]
+    try:
+        if isinstance(bits, dict):
+            set_layer_bits(model, bits)
+        else:
+            set_bits(model, bits)
+        yield model
+    finally:
+        for module, bit in saved:
+            module.bit = bit

@@ -1,0 +1,45 @@
+"""Validation of bit-width lists and the integer ranges they imply."""
+from typing import Iterable, Tuple
+
+MIN_BIT = 2
+MAX_BIT = 16
+
+
+def check_bits(bits: Iterable[int], key: str = 'bits') -> Tuple[int, ...]:
+    """Return ``bits`` as a tuple after checking it is a usable bit-width set.
+
+    A set must be non-empty, hold integers in 2..16 without duplicates, and
+    be sorted from highest to lowest: training walks it in that order and the
+    first entry is the stored precision h. 1 bit is refused because a signed
+    symmetric 1-bit grid holds only {-1, 0}.
+    """
+    if isinstance(bits, (str, bytes)) or not hasattr(bits, '__iter__'):
+        raise ValueError(f'{key} must be a list of integers, got {bits!r}')
+    bits = tuple(bits)
+    if not bits:
+        raise ValueError(f'{key} must not be empty, got {list(bits)}')
+    for b in bits:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise ValueError(
+                f'{key} must hold integers, got {b!r} in {list(bits)}')
+        if not MIN_BIT <= b <= MAX_BIT:
+            raise ValueError(
+                f'{key} entries must lie in {MIN_BIT}..{MAX_BIT}, got {b} '
+                f'in {list(bits)}')
+    if len(set(bits)) != len(bits):
+        raise ValueError(f'{key} has duplicates: {list(bits)}')
+    if list(bits) != sorted(bits, reverse=True):
+        raise ValueError(
+            f'{key} must be sorted from highest to lowest, got {list(bits)} '
+            f'(did you mean {sorted(bits, reverse=True)}?)')
+    return bits
+
+
+def signed_range(bit: int) -> Tuple[int, int]:
+    """Integer limits of a signed symmetric ``bit``-bit grid."""
+    return -(2**(bit - 1)), 2**(bit - 1) - 1
+
+
+def unsigned_range(bit: int) -> Tuple[int, int]:
+    """Integer limits of an unsigned ``bit``-bit grid."""
+    return 0, 2**bit - 1

@@ -1,0 +1,90 @@
+"""The options of a conversion, as one small dataclass checked on creation."""
+import dataclasses
+import difflib
+from typing import Optional, Tuple
+
+from .bitwidths import check_bits
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """What ``quantize_model`` does to a model.
+
+    Args:
+        bits: bit-widths, highest first; ``bits[0]`` is the stored precision.
+        skip: regular expressions (``re.fullmatch`` on module names) of
+            layers to keep in FP; each must match at least one layer.
+        skip_first_last: also keep the first layer and the prediction layers
+            in FP (method.md §2).
+        weight_quantizer: config of the weight quantizer
+            (``DoubleRoundingQuantizer`` options).
+        act_quantizer: config of the input quantizer, or None for
+            weight-only quantization.
+        switchable_bn: replace BN layers by one BN per bit.
+    """
+    bits: Tuple[int, ...] = (8, 6, 4, 2)
+    skip: Tuple[str, ...] = ()
+    skip_first_last: bool = True
+    weight_quantizer: dict = dataclasses.field(
+        default_factory=lambda: dict(type='DoubleRoundingQuantizer'))
+    act_quantizer: Optional[dict] = dataclasses.field(
+        default_factory=lambda: dict(type='ActQuantizer'))
+    switchable_bn: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, 'bits', check_bits(self.bits))
+        skip = self.skip
+        if isinstance(skip, str):
+            skip = (skip, )
+        object.__setattr__(self, 'skip', tuple(skip))
+        for key in ('weight_quantizer', 'act_quantizer'):
+            value = getattr(self, key)
+            if value is None and key == 'act_quantizer':
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f'{key} must be a dict config, got {value!r}')
+            if 'bits' in value:
+                raise ValueError(
+                    f'{key}.bits={value["bits"]} must not be set: the '
+                    f'quantizer takes bits={list(self.bits)} from the config')
+            value = dict(value)
+            value.setdefault('type', 'DoubleRoundingQuantizer'
+                             if key == 'weight_quantizer' else 'ActQuantizer')
+            object.__setattr__(self, key, value)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> 'QuantizeConfig':
+        """Build from a (config) dict; an unknown key is an error that names
+        it and the closest valid key."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in cfg:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f' (did you mean {close[0]!r}?)' if close else ''
+                raise KeyError(f'unknown quantizer config key {key!r}{hint}; '
+                               f'valid keys: {fields}')
+        return cls(**{k: _plain(v) for k, v in cfg.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _plain(value):
+    """ConfigDict / list -> plain dict / tuple, so configs compare and save."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def make_config(config=None, **kwargs) -> QuantizeConfig:
+    """A QuantizeConfig from a QuantizeConfig, a dict, keyword args or both."""
+    if isinstance(config, QuantizeConfig):
+        if kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        return config
+    cfg = dict(config or {})
+    cfg.update(kwargs)
+    return QuantizeConfig.from_dict(cfg)
+

@@ -1,0 +1,149 @@
+"""Quantized Conv2d and Linear: drop-in subclasses of the torch layers."""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmengine.registry import DefaultScope
+
+from mmdrq.registry import MODELS
+from .bitwidths import check_bits
+
+
+def build_in_scope(cfg: dict) -> nn.Module:
+    """Build from mmdrq's registry whatever the caller's default scope:
+    ``type='ActQuantizer'`` must resolve inside an mmdet or mmseg run too."""
+    with DefaultScope.overwrite_default_scope('mmdrq'):
+        return MODELS.build(cfg)
+
+
+class BitSwitchable:
+    """Mixin for modules that run at one bit of ``bits`` at a time.
+
+    Switching is one attribute write: whatever depends on the bit reads
+    ``self.bit`` in the forward.
+    """
+    bits: tuple
+    bit: int
+
+    def set_bit(self, bit: int):
+        if bit not in self.bits:
+            raise ValueError(f'bit {bit!r} is not in bits {list(self.bits)}')
+        self.bit = bit
+
+
+class _QuantLayer(BitSwitchable):
+    """Shared behaviour of quantized layers: build from a float layer,
+    quantize the input and the weight, cache the weight in eval mode."""
+
+    def _setup(self, bits, weight_quantizer: dict,
+               act_quantizer: Optional[dict]):
+        self.bits = check_bits(bits)
+        self.bit = self.bits[0]
+        self.weight_quantizer = build_in_scope(
+            dict(weight_quantizer, bits=self.bits,
+                 num_channels=self.weight.shape[0]))
+        self.act_quantizer = None if act_quantizer is None else \
+            build_in_scope(dict(act_quantizer, bits=self.bits))
+        self._cache_key = None
+        self._cache_weight = None
+
+    @classmethod
+    def from_float(cls, module, bits: Sequence[int],
+                   weight_quantizer: dict = dict(type='DoubleRoundingQuantizer'),
+                   act_quantizer: Optional[dict] = dict(type='ActQuantizer')):
+        """Wrap ``module``'s own parameters (no copy) in a quantized layer."""
+        with torch.device('meta'):
+            new = cls._empty_like(module)
+        new.weight = module.weight
+        new.bias = module.bias
+        new.train(module.training)
+        with torch.device(module.weight.device):
+            new._setup(bits, weight_quantizer, act_quantizer)
+        return new
+
+    def train(self, mode: bool = True):
+        self._cache_key = self._cache_weight = None
+        return super().train(mode)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Fake-quantized weight of the current bit.
+
+        In eval mode without autograd it is cached and recomputed only when
+        the bit, the weight or the scale changed (tensor version counters
+        track in-place updates such as optimizer steps and loads).
+        """
+        weight = self.weight
+        if self.training or (torch.is_grad_enabled() and weight.requires_grad):
+            return self.weight_quantizer(weight, self.bit)
+        scale = self.weight_quantizer.scale
+        key = (self.bit, weight.data_ptr(), weight._version,
+               scale.data_ptr(), scale._version)
+        if key != self._cache_key:
+            self._cache_weight = self.weight_quantizer(weight, self.bit)
+            # initialisation may have written the scale: key after the call
+            self._cache_key = (self.bit, weight.data_ptr(), weight._version,
+                               scale.data_ptr(), scale._version)
+        return self._cache_weight
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quantizer is None:
+            return x
+        return self.act_quantizer(x, self.bit)
+
+
+@MODELS.register_module()
+class QConv2d(_QuantLayer, nn.Conv2d):
+    """nn.Conv2d whose input and weight are fake-quantized at ``self.bit``.
+
+    Groups, dilation, padding modes and bias behave as in nn.Conv2d; the
+    bias stays FP.
+    """
+
+    def __init__(self, *args, bits=(8, 6, 4, 2),
+                 weight_quantizer=dict(type='DoubleRoundingQuantizer'),
+                 act_quantizer=dict(type='ActQuantizer'), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(bits, weight_quantizer, act_quantizer)
+
+    @staticmethod
+    def _empty_like(conv: nn.Conv2d) -> nn.Conv2d:
+        new = nn.Conv2d.__new__(QConv2d)
+        nn.Conv2d.__init__(
+            new, conv.in_channels, conv.out_channels, conv.kernel_size,
+            conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.bias is not None, conv.padding_mode)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(
+            self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f', bit={self.bit}'
+
+
+@MODELS.register_module()
+class QLinear(_QuantLayer, nn.Linear):
+    """nn.Linear whose input and weight are fake-quantized at ``self.bit``."""
+
+    def __init__(self, *args, bits=(8, 6, 4, 2),
+                 weight_quantizer=dict(type='DoubleRoundingQuantizer'),
+                 act_quantizer=dict(type='ActQuantizer'), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(bits, weight_quantizer, act_quantizer)
+
+    @staticmethod
+    def _empty_like(linear: nn.Linear) -> nn.Linear:
+        new = nn.Linear.__new__(QLinear)
+        nn.Linear.__init__(new, linear.in_features, linear.out_features,
+                           linear.bias is not None)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(),
+                        self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f', bit={self.bit}'

@@ -1,0 +1,46 @@
+"""Switchable BatchNorm: one BN per bit-width (multi-precision training)."""
+import copy
+from typing import Optional, Sequence
+
+from torch import nn
+
+from mmdrq.registry import MODELS
+from .bitwidths import check_bits
+from .layers import BitSwitchable
+
+
+@MODELS.register_module()
+class SwitchableBatchNorm(BitSwitchable, nn.Module):
+    """Holds a copy of a BN layer per bit and runs the one of ``self.bit``.
+
+    Activation statistics differ between bit-widths, so each bit keeps its
+    own running stats and affine parameters, all starting from the FP BN.
+    The copies are plain BN modules (``bns['4']``), so code that looks for
+    ``_BatchNorm`` (norm_eval, frozen stages, SyncBN conversion) still finds
+    them.
+
+    Args:
+        bn: the BN layer to copy (any ``_BatchNorm``).
+        bits: bit-widths, highest first.
+        source: name of the quantized layer that produces this BN's input,
+            when known; per-layer bit control makes the BN follow it.
+    """
+
+    def __init__(self, bn: nn.Module, bits: Sequence[int],
+                 source: Optional[str] = None):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.bit = self.bits[0]
+        self.source = source
+        self.bns = nn.ModuleDict(
+            {str(b): copy.deepcopy(bn) for b in self.bits})
+
+    @property
+    def num_features(self):
+        return self.bns[str(self.bits[0])].num_features
+
+    def forward(self, x):
+        return self.bns[str(self.bit)](x)
+
+    def extra_repr(self):
+        return f'bits={list(self.bits)}, bit={self.bit}, source={self.source}'

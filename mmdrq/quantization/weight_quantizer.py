@@ -1,0 +1,155 @@
+"""The Double Rounding weight quantizer: one learned scale shared by all bits."""
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mmdrq.registry import MODELS
+from .bitwidths import check_bits, signed_range
+from .functional import (ROUNDINGS, fake_quant, lsq_grad_scale, quantize_int)
+
+VARIANTS = ('double_rounding', 'floor', 'unshared')
+SCALE_GRADS = ('lsq', 'exact')
+SCALE_GRAD_REDUCES = ('channel', 'tensor')
+
+
+def _check_choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f'{key} must be one of {list(choices)}, got {value!r}')
+
+
+@MODELS.register_module()
+class DoubleRoundingQuantizer(nn.Module):
+    """Fake-quantizes a weight at any bit of ``bits`` from one stored grid.
+
+    The stored integers are ``q_h = clip(round(W / s), h)`` with h =
+    ``bits[0]``; bit l re-rounds them by ``d = h - l`` bits, so the scale of
+    bit l is exactly ``s * 2**d`` and no FP copy is needed to switch.
+
+    Args:
+        bits: bit-widths, highest first.
+        num_channels: output channels for per-channel scales (the default
+            for layers); None for one per-tensor scale.
+        variant: ``double_rounding`` (the method), ``floor`` (baseline:
+            right-shift truncation of q_h) or ``unshared`` (baseline: an
+            independent FP scale per bit, plain LSQ; keeps FP weights).
+        rounding: second rounding's tie rule, ``half_even`` (torch.round) or
+            ``half_up`` (the integer shift ``(q + 2**(d-1)) >> d``).
+        scale_grad: ``lsq`` (the authors' code: the 2**d chain-rule factor
+            dropped) or ``exact``.
+        scale_grad_reduce: ``channel`` sums the scale gradient per channel;
+            ``tensor`` gives every channel the whole-tensor sum (the
+            authors' code).
+    """
+
+    def __init__(self,
+                 bits: Sequence[int],
+                 num_channels=None,
+                 variant: str = 'double_rounding',
+                 rounding: str = 'half_even',
+                 scale_grad: str = 'lsq',
+                 scale_grad_reduce: str = 'channel'):
+        super().__init__()
+        self.bits = check_bits(bits)
+        _check_choice('variant', variant, VARIANTS)
+        _check_choice('rounding', rounding, ROUNDINGS)
+        _check_choice('scale_grad', scale_grad, SCALE_GRADS)
+        _check_choice('scale_grad_reduce', scale_grad_reduce,
+                      SCALE_GRAD_REDUCES)
+        self.variant = variant
+        self.rounding = rounding
+        self.scale_grad = scale_grad
+        self.scale_grad_reduce = scale_grad_reduce
+        self.per_channel = num_channels is not None
+        channels = num_channels if self.per_channel else 1
+        num_scales = len(self.bits) if variant == 'unshared' else 1
+        self.scale = nn.Parameter(torch.ones(num_scales, channels))
+        self.register_buffer('initialized',
+                             torch.zeros(num_scales, dtype=torch.bool))
+        self._ready = set()  # scale rows known to be initialised (no sync)
+        self.register_load_state_dict_post_hook(
+            lambda module, keys: module._ready.clear())
+
+    @property
+    def stored_bit(self) -> int:
+        return self.bits[0]
+
+    def extra_repr(self):
+        return (f'bits={list(self.bits)}, variant={self.variant}, '
+                f'rounding={self.rounding}, per_channel={self.per_channel}')
+
+    def _row(self, bit: int) -> int:
+        return self.bits.index(bit) if self.variant == 'unshared' else 0
+
+    def _scale_view(self, weight: torch.Tensor, row: int) -> torch.Tensor:
+        scale = self.scale[row]
+        if self.per_channel:
+            return scale.view(-1, *([1] * (weight.dim() - 1)))
+        return scale
+
+    @torch.no_grad()
+    def _init_scale(self, weight: torch.Tensor, row: int, bit: int):
+        """Per channel ``max(|mu - 3 sigma|, |mu + 3 sigma|) / 2**(b-1)``;
+        per tensor ``2 mean|W| / sqrt(Qp)`` (LSQ's rule)."""
+        w = weight.detach().float()
+        if self.per_channel:
+            flat = w.reshape(w.shape[0], -1)
+            mu = flat.mean(dim=1)
+            sigma = flat.std(dim=1, unbiased=False)
+            bound = torch.maximum((mu - 3 * sigma).abs(),
+                                  (mu + 3 * sigma).abs())
+            value = bound / 2**(bit - 1)
+        else:
+            value = 2 * w.abs().mean() / (2**(bit - 1) - 1)**0.5
+            value = value.reshape(1)
+        value = torch.where(value > 0, value, torch.full_like(value, 1e-8))
+        self.scale[row].copy_(value.to(self.scale.dtype))
+        self.initialized[row] = True
+
+    def _ensure_init(self, weight: torch.Tensor, bit: int) -> int:
+        row = self._row(bit)
+        if row not in self._ready:
+            if not bool(self.initialized[row]):
+                init_bit = bit if self.variant == 'unshared' else self.bits[0]
+                self._init_scale(weight, row, init_bit)
+            self._ready.add(row)
+        return row
+
+    def _plan(self, bit: int):
+        """(stored range, shift, target range) of ``bit`` for this variant."""
+        if bit not in self.bits:
+            raise ValueError(
+                f'bit {bit} is not in this quantizer\'s bits {list(self.bits)}')
+        if self.variant == 'unshared':
+            return signed_range(bit), 0, signed_range(bit)
+        return signed_range(self.bits[0]), self.bits[0] - bit, \
+            signed_range(bit)
+
+    def forward(self, weight: torch.Tensor, bit: int) -> torch.Tensor:
+        """Dequantised weight of ``bit``: ``q_l * s * 2**(h - l)``."""
+        h_range, shift, l_range = self._plan(bit)
+        row = self._ensure_init(weight, bit)
+        scale = self._scale_view(weight, row)
+        per_scale = weight.numel() // scale.numel()
+        grad_scale = lsq_grad_scale(per_scale, l_range[1])
+        if self.scale_grad == 'exact':
+            grad_scale *= 2.0**shift
+        reduce_dims = None
+        if self.per_channel and self.scale_grad_reduce == 'channel':
+            reduce_dims = tuple(range(1, weight.dim()))
+        elif not self.per_channel:
+            reduce_dims = tuple(range(weight.dim()))
+        variant = 'floor' if self.variant == 'floor' else 'double_rounding'
+        return fake_quant(weight, scale, h_range, shift, l_range,
+                          self.rounding, variant, grad_scale, reduce_dims)
+
+    @torch.no_grad()
+    def integers(self, weight: torch.Tensor, bit=None) -> torch.Tensor:
+        """The integers of ``bit`` (default: the stored q_h) as int32."""
+        bit = self.bits[0] if bit is None else bit
+        h_range, shift, l_range = self._plan(bit)
+        row = self._ensure_init(weight, bit)
+        variant = 'floor' if self.variant == 'floor' else 'double_rounding'
+        q = quantize_int(weight.float(), self._scale_view(weight, row).float(),
+                         h_range, shift, l_range, self.rounding, variant)
+        return q.to(torch.int32)
