@@ -4,7 +4,10 @@ from .quantization import (ActQuantizer, DoubleRoundingQuantizer, QConv2d,
                            QLinear, QuantizeConfig, SwitchableBatchNorm,
                            get_bits, quantize_model, set_bits, set_layer_bits,
                            use_bits)
+from .utils import allow_mmengine_checkpoints
 from .version import __version__
+
+allow_mmengine_checkpoints()
 
 __all__ = [
     '__version__', 'ActQuantizer', 'DoubleRoundingQuantizer', 'QConv2d',

@@ -1,3 +1,4 @@
 from .atomic import atomic_torch_save
+from .safe_checkpoint import allow_mmengine_checkpoints
 
-__all__ = ['atomic_torch_save']
+__all__ = ['allow_mmengine_checkpoints', 'atomic_torch_save']

@@ -1,0 +1,186 @@
+"""Quantizer benchmark: throughput, eval overhead, bit switching, storage.
+
+    python benchmarks/quantizer.py [--device cpu|cuda] [--quick]
+
+Prints one markdown table per measurement and saves everything as JSON in
+benchmarks/results/quantizer_<device>.json. Ratios are measured side by side
+in one run, so they compare across machines better than absolute times.
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import statistics
+import tempfile
+import time
+
+import torch
+
+import mmdrq
+from mmdrq.quantization import DoubleRoundingQuantizer
+
+
+def timeit(fn, device, repeat=10, warmup=3):
+    """Median wall time of ``fn`` in seconds (synchronising on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(name):
+    from mmengine.registry import init_default_scope
+    from mmpretrain.models import ImageClassifier  # noqa: F401 (registers)
+    from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')
+    depth = {'resnet18': 18, 'resnet50': 50}[name]
+    return MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type='ResNet', depth=depth),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=1000,
+                  in_channels=512 if depth == 18 else 2048)))
+
+
+def bench_fake_quant(device, numel, bits):
+    """Weight fake-quant throughput as a fraction of a plain copy's."""
+    weight = torch.randn(numel // 1024, 1024, device=device,
+                         requires_grad=True)
+    quantizer = DoubleRoundingQuantizer(bits, num_channels=weight.shape[0])
+    quantizer.to(device)
+    grad = torch.randn_like(weight)
+    copy_time = timeit(lambda: weight.detach().clone(), device)
+    rows = []
+    for bit in bits:
+        fwd = timeit(lambda: quantizer(weight.detach(), bit), device)
+
+        def fwd_bwd():
+            out = quantizer(weight, bit)
+            out.backward(grad)
+        both = timeit(fwd_bwd, device)
+        rows.append(dict(bit=bit, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3,
+                         copy_ms=copy_time * 1e3,
+                         fwd_vs_copy=copy_time / fwd,
+                         fwd_bwd_vs_copy=copy_time / both))
+    return rows
+
+
+def bench_eval(device, bits, batch, size):
+    """Eval forward at each bit (cached integer weights) / FP forward."""
+    fp = build('resnet18').to(device).eval()
+    model = mmdrq.quantize_model(copy.deepcopy(fp), bits=bits).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    with torch.no_grad():
+        fp_time = timeit(lambda: fp(x, mode='tensor'), device)
+        for bit in bits:
+            mmdrq.set_bits(model, bit)
+            t = timeit(lambda: model(x, mode='tensor'), device)
+            rows.append(dict(bit=bit, fp_ms=fp_time * 1e3, q_ms=t * 1e3,
+                             ratio=t / fp_time))
+        mmdrq.set_bits(model, bits[0])
+        wq_only = mmdrq.quantize_model(copy.deepcopy(fp), bits=bits,
+                                       act_quantizer=None).eval()
+        t = timeit(lambda: wq_only(x, mode='tensor'), device)
+        rows.append(dict(bit=f'{bits[0]} (weights only)', fp_ms=fp_time * 1e3,
+                         q_ms=t * 1e3, ratio=t / fp_time))
+    return rows
+
+
+def bench_switch(device, bits):
+    """set_bits on ResNet-50: attribute writes only."""
+    model = mmdrq.quantize_model(build('resnet50').to(device), bits=bits)
+    count = sum(1 for m in model.modules()
+                if isinstance(m, mmdrq.quantization.BitSwitchable))
+    cycle = list(bits)
+    state = {'i': 0}
+
+    def switch():
+        state['i'] += 1
+        mmdrq.set_bits(model, cycle[state['i'] % len(cycle)])
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    t = timeit(switch, device, repeat=200, warmup=10)
+    allocated = (torch.cuda.memory_allocated() - before
+                 if device.type == 'cuda' else 0)
+    return dict(modules=count, switch_ms=t * 1e3, allocated_bytes=allocated)
+
+
+def bench_storage():
+    """Integer checkpoint sizes of ResNet-18 at h=8 and h=4."""
+    rows = []
+    fp = build('resnet18')
+    with tempfile.TemporaryDirectory() as tmp:
+        fp_path = osp.join(tmp, 'fp32.pth')
+        torch.save(fp.state_dict(), fp_path)
+        for bits in ([8, 6, 4, 2], [4, 3, 2]):
+            model = mmdrq.quantize_model(copy.deepcopy(fp), bits=bits)
+            path = osp.join(tmp, 'int.pth')
+            sizes = mmdrq.save_int(model, path)
+            stored = sizes['int_bytes'] + sizes['scale_bytes']
+            rows.append(dict(
+                bits=str(bits), layers_ratio=stored / sizes['fp32_bytes'],
+                file_bytes=os.path.getsize(path),
+                fp32_file_bytes=os.path.getsize(fp_path),
+                file_ratio=os.path.getsize(path) / os.path.getsize(fp_path)))
+    return rows
+
+
+def table(title, rows):
+    keys = list(rows[0])
+    lines = [f'\n### {title}\n', '| ' + ' | '.join(keys) + ' |',
+             '|' + '|'.join('---' for _ in keys) + '|']
+    for row in rows:
+        cells = [f'{v:.3f}' if isinstance(v, float) else str(v)
+                 for v in row.values()]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    print('\n'.join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda'
+                        if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--quick', action='store_true',
+                        help='small sizes (smoke test)')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    bits = [8, 6, 4, 2]
+    gpu = device.type == 'cuda'
+    numel = (1 << 16) if args.quick else ((1 << 26) if gpu else (1 << 22))
+    batch, size = (2, 64) if args.quick else ((64, 224) if gpu else (4, 160))
+    results = dict(device=str(device), torch=torch.__version__,
+                   name=torch.cuda.get_device_name() if gpu else 'cpu',
+                   threads=torch.get_num_threads())
+    results['fake_quant'] = bench_fake_quant(device, numel, bits)
+    table(f'weight fake-quant, {numel:,} elements: throughput / copy',
+          results['fake_quant'])
+    results['eval'] = bench_eval(device, bits, batch, size)
+    table(f'ResNet-18 eval forward, batch {batch}x{size}px: quantized / FP',
+          results['eval'])
+    results['switch'] = bench_switch(device, bits)
+    table('ResNet-50 bit switch (set_bits)', [results['switch']])
+    results['storage'] = bench_storage()
+    table('ResNet-18 integer checkpoint size', results['storage'])
+    out = osp.join(osp.dirname(osp.abspath(__file__)), 'results',
+                   f'quantizer_{device.type}{"_quick" if args.quick else ""}'
+                   '.json')
+    os.makedirs(osp.dirname(out), exist_ok=True)
+    with open(out, 'w') as f:
+        json.dump(results, f, indent=1)
+    print(f'\nsaved {out}')
+
+
+if __name__ == '__main__':
+    main()
