@@ -1,0 +1,4 @@
+from .multi_precision import (MultiPrecisionQAT, MultiPrecisionQATDDP,
+                              bit_tag)
+
+__all__ = ['MultiPrecisionQAT', 'MultiPrecisionQATDDP', 'bit_tag']

@@ -34,6 +34,18 @@ class SwitchableBatchNorm(BitSwitchable, nn.Module):
         self.source = source
         self.bns = nn.ModuleDict(
             {str(b): copy.deepcopy(bn) for b in self.bits})
+        self._register_load_state_dict_pre_hook(self._expand_fp_keys)
+
+    def _expand_fp_keys(self, state_dict, prefix, *args):
+        """A checkpoint of the FP model holds one BN here (``prefix.weight``
+        ...): give its values to every bit's copy, so FP32 checkpoints load
+        into converted models."""
+        for key in ('weight', 'bias', 'running_mean', 'running_var',
+                    'num_batches_tracked'):
+            if prefix + key in state_dict:
+                value = state_dict.pop(prefix + key)
+                for bit in self.bits:
+                    state_dict.setdefault(f'{prefix}bns.{bit}.{key}', value)
 
     @property
     def num_features(self):

@@ -1,0 +1,144 @@
+"""ALRS: per-bit learning rates for the quantization scales (method.md §3).
+
+Scale gradients grow as the bit-width drops (about 10x at 2 bits), so each
+bit's optimizer step scales the lr of the ALRS parameter group by eta_b and
+restores it afterwards; weights keep the scheduled lr, and param schedulers
+never see the scaled value.
+"""
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+from mmengine.logging import MessageHub
+from mmengine.optim import AmpOptimWrapper, OptimWrapper
+
+from mmdrq.quantization import check_bits
+from mmdrq.registry import OPTIM_WRAPPERS
+
+ALRS_MODES = ('fixed', 'adaptive', 'off')
+
+
+def fixed_eta(bit: int, highest: int) -> float:
+    """eta_b = 10^(-d/2) for even d, 5 * 10^(-(d+1)/2) for odd d (d = h - b):
+    h=8 gives 8: 1, 6: 0.1, 4: 0.01, 2: 0.001."""
+    d = highest - bit
+    if d % 2 == 0:
+        return 10.0**(-d / 2)
+    return 5 * 10.0**(-(d + 1) / 2)
+
+
+class ALRSMixin:
+    """Per-bit lr scaling of the param groups marked ``alrs=True``.
+
+    Modes:
+        ``fixed``: eta_b from ``fixed_eta``.
+        ``adaptive``: eta_b = clip(n_h / n_b, min_eta, 1), where n_b is an
+            exponential moving average (``momentum``) of the L2 norm of the
+            ALRS group's gradient at bit b and h the highest bit: each bit's
+            scale update is normalised to the highest bit's gradient size.
+            Reads the norm on the host once per step.
+        ``off``: eta_b = 1 (the ablation).
+    """
+
+    def _init_alrs(self, bits: Sequence[int], mode: str, momentum: float,
+                   min_eta: float):
+        self.bits = check_bits(bits, key='optim_wrapper.bits')
+        if mode not in ALRS_MODES:
+            raise ValueError(f'optim_wrapper.mode must be one of '
+                             f'{list(ALRS_MODES)}, got {mode!r}')
+        if not any(g.get('alrs') for g in self.optimizer.param_groups):
+            raise ValueError(
+                f'{type(self).__name__} found no quantizer parameters: no '
+                "param group has alrs=True. Build it with constructor="
+                "'mmdrq.ALRSOptimWrapperConstructor' on a converted model.")
+        self.mode = mode
+        self.momentum = momentum
+        self.min_eta = min_eta
+        self.bit = self.bits[0]
+        self.grad_norms: Dict[int, float] = {}
+
+    def set_bit(self, bit: int):
+        if bit not in self.bits:
+            raise ValueError(f'bit {bit} is not in optim_wrapper.bits '
+                             f'{list(self.bits)}')
+        self.bit = bit
+
+    def eta(self, bit: Optional[int] = None) -> float:
+        bit = self.bit if bit is None else bit
+        if self.mode == 'off' or bit == self.bits[0]:
+            return 1.0
+        if self.mode == 'fixed':
+            return fixed_eta(bit, self.bits[0])
+        high, this = self.grad_norms.get(self.bits[0]), \
+            self.grad_norms.get(bit)
+        if not high or not this:
+            return fixed_eta(bit, self.bits[0])
+        return min(1.0, max(self.min_eta, high / this))
+
+    def _track_grad_norm(self, groups):
+        grads = [p.grad for g in groups for p in g['params']
+                 if p.grad is not None]
+        if not grads:
+            return
+        norm = float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if not math.isfinite(norm):
+            return
+        old = self.grad_norms.get(self.bit)
+        self.grad_norms[self.bit] = norm if old is None else \
+            self.momentum * old + (1 - self.momentum) * norm
+
+    def step(self, **kwargs):
+        groups = [g for g in self.optimizer.param_groups if g.get('alrs')]
+        if self.mode == 'adaptive':
+            self._track_grad_norm(groups)
+        eta = self.eta()
+        saved = [g['lr'] for g in groups]
+        for group in groups:
+            group['lr'] = group['lr'] * eta
+        try:
+            super().step(**kwargs)
+        finally:
+            for group, lr in zip(groups, saved):
+                group['lr'] = lr
+        if groups:
+            MessageHub.get_current_instance().update_scalar(
+                f'train/w{self.bit}a{self.bit}_scale_lr', saved[0] * eta)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state['alrs_grad_norms'] = dict(self.grad_norms)
+        return state
+
+    def load_state_dict(self, state_dict: dict):
+        state_dict = dict(state_dict)
+        self.grad_norms = {int(k): v for k, v in state_dict.pop(
+            'alrs_grad_norms', {}).items()}
+        super().load_state_dict(state_dict)
+
+
+@OPTIM_WRAPPERS.register_module()
+class ALRSOptimWrapper(ALRSMixin, OptimWrapper):
+    """OptimWrapper with ALRS (see ALRSMixin).
+
+    Args:
+        bits: the model's bit-widths (filled in by the constructor).
+        mode: ``fixed`` (default), ``adaptive`` or ``off``.
+        momentum: EMA momentum of the adaptive mode.
+        min_eta: lower bound of the adaptive eta.
+    """
+
+    def __init__(self, optimizer, bits=(8, 6, 4, 2), mode='fixed',
+                 momentum=0.9, min_eta=1e-4, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self._init_alrs(bits, mode, momentum, min_eta)
+
+
+@OPTIM_WRAPPERS.register_module()
+class ALRSAmpOptimWrapper(ALRSMixin, AmpOptimWrapper):
+    """AmpOptimWrapper with ALRS (see ALRSOptimWrapper for the args)."""
+
+    def __init__(self, optimizer, bits=(8, 6, 4, 2), mode='fixed',
+                 momentum=0.9, min_eta=1e-4, **kwargs):
+        super().__init__(optimizer=optimizer, **kwargs)
+        self._init_alrs(bits, mode, momentum, min_eta)

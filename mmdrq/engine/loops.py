@@ -1,0 +1,126 @@
+"""Validation and test loops that evaluate every bit-width in one run.
+
+Metrics come back keyed per setting (``accuracy/top1@w4a4``, a SubNet file's
+``@<name>``), so ``CheckpointHook(save_best='accuracy/top1@w4a4')`` works,
+and a table of all settings is logged at the end.
+"""
+import json
+import os.path as osp
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.runner import TestLoop, ValLoop
+from mmengine.runner.loops import _parse_losses
+
+from mmdrq.models.multi_precision import bit_tag
+from mmdrq.quantization import model_bits, use_bits
+from mmdrq.registry import LOOPS
+
+
+def load_subnet(path: str) -> Dict[str, int]:
+    """Per-layer bits of a SubNet file: JSON with ``layer_bits``."""
+    with open(path) as f:
+        content = json.load(f)
+    if not isinstance(content, dict) or \
+            not isinstance(content.get('layer_bits'), dict):
+        raise ValueError(f'SubNet file {path!r} has no "layer_bits" mapping')
+    return {k: int(v) for k, v in content['layer_bits'].items()}
+
+
+class _MultiBitMixin:
+    """Shared by both loops: which settings to run, and the run itself."""
+
+    def _init_settings(self, bits, subnets, key):
+        model = self.runner.model
+        model = model.module if is_model_wrapper(model) else model
+        available = model_bits(model)
+        if bits == 'all':
+            bits = list(available)
+        elif isinstance(bits, int):
+            bits = [bits]
+        for bit in bits:
+            if bit not in available:
+                raise ValueError(f'{key}.bits names bit {bit!r}, the model '
+                                 f'has bits {list(available)}')
+        self.settings: List[Tuple[str, Union[int, dict]]] = [
+            (bit_tag(b), b) for b in bits]
+        for path in subnets or []:
+            name = osp.splitext(osp.basename(path))[0]
+            self.settings.append((f'@{name}', load_subnet(path)))
+        self._quant_model = model
+
+    def _run_settings(self, run_iter, losses, phase: str) -> dict:
+        all_metrics, rows = {}, []
+        for tag, setting in self.settings:
+            with use_bits(self._quant_model, setting):
+                losses.clear()
+                for idx, data_batch in enumerate(self.dataloader):
+                    run_iter(idx, data_batch)
+                metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
+                if losses:
+                    metrics.update(_parse_losses(losses, phase))
+            rows.append((tag, metrics))
+            all_metrics.update({k + tag: v for k, v in metrics.items()})
+        print_log(f'{phase} metrics per bit-width:\n' + _table(rows),
+                  logger='current')
+        return all_metrics
+
+
+def _table(rows) -> str:
+    keys = []
+    for _, metrics in rows:
+        keys += [k for k in metrics if k not in keys]
+    lines = ['| setting | ' + ' | '.join(keys) + ' |',
+             '|---' * (len(keys) + 1) + '|']
+    for tag, metrics in rows:
+        cells = [f'{metrics[k]:.4f}' if isinstance(metrics.get(k), float)
+                 else str(metrics.get(k, '')) for k in keys]
+        lines.append(f'| {tag.lstrip("@")} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+@LOOPS.register_module()
+class MultiBitValLoop(_MultiBitMixin, ValLoop):
+    """ValLoop over bit-widths and SubNets.
+
+    Args:
+        bits: ``'all'`` (default), one bit or a list of the model's bits.
+        subnets: SubNet JSON files (per-layer bits) evaluated as well.
+        Other args as in ``ValLoop``.
+    """
+
+    def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
+                 bits: Union[str, int, Sequence[int]] = 'all',
+                 subnets: Optional[Sequence[str]] = None):
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self._init_settings(bits, subnets, 'val_cfg')
+
+    def run(self) -> dict:
+        self.runner.call_hook('before_val')
+        self.runner.call_hook('before_val_epoch')
+        self.runner.model.eval()
+        metrics = self._run_settings(self.run_iter, self.val_loss, 'val')
+        self.runner.call_hook('after_val_epoch', metrics=metrics)
+        self.runner.call_hook('after_val')
+        return metrics
+
+
+@LOOPS.register_module()
+class MultiBitTestLoop(_MultiBitMixin, TestLoop):
+    """TestLoop over bit-widths and SubNets (args as MultiBitValLoop)."""
+
+    def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
+                 bits: Union[str, int, Sequence[int]] = 'all',
+                 subnets: Optional[Sequence[str]] = None):
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self._init_settings(bits, subnets, 'test_cfg')
+
+    def run(self) -> dict:
+        self.runner.call_hook('before_test')
+        self.runner.call_hook('before_test_epoch')
+        self.runner.model.eval()
+        metrics = self._run_settings(self.run_iter, self.test_loss, 'test')
+        self.runner.call_hook('after_test_epoch', metrics=metrics)
+        self.runner.call_hook('after_test')
+        return metrics

@@ -1,0 +1,133 @@
+"""One-shot multi-precision QAT around any OpenMMLab model."""
+from collections import OrderedDict
+from typing import Callable, Dict, Optional, Union
+
+from mmengine.model import BaseModel, MMDistributedDataParallel
+from mmengine.optim import OptimWrapper
+from torch import nn
+
+from mmdrq.quantization import model_bits, quantize_model, set_bits
+from mmdrq.registry import MODEL_WRAPPERS, MODELS
+
+LOSS_MODES = ('per_bit', 'sum')
+
+
+def bit_tag(bit: int) -> str:
+    """Suffix of per-bit log and metric keys: ``loss@w4a4``."""
+    return f'@w{bit}a{bit}'
+
+
+@MODELS.register_module()
+class MultiPrecisionQAT(BaseModel):
+    """Trains one model at every bit-width of ``quantizer.bits`` at once.
+
+    The wrapped model (any mmpretrain, mmdet or mmseg model) is converted by
+    ``mmdrq.quantize_model``; its data preprocessor is reused. Each training
+    iteration walks the bits from highest to lowest: forward, backward,
+    optimizer step (method.md §3), or, with ``loss_mode='sum'``, one step on
+    the summed losses. Prediction and validation run at the current bit (the
+    per-bit loops switch it).
+
+    FP32 weights load through the usual ``load_from`` / ``init_cfg``: a
+    checkpoint of the bare model (keys without ``architecture.``, one BN per
+    layer) is mapped onto the converted one.
+
+    Args:
+        architecture: config of the model to quantize, or the model.
+        quantizer: ``quantize_model`` options (``bits``, ``skip``, ...).
+        loss_mode: ``per_bit`` (a step per bit) or ``sum``.
+        init_cfg: MMEngine init config of the wrapper.
+    """
+
+    def __init__(self,
+                 architecture: Union[dict, nn.Module],
+                 quantizer: Optional[dict] = None,
+                 loss_mode: str = 'per_bit',
+                 init_cfg: Optional[dict] = None):
+        if loss_mode not in LOSS_MODES:
+            raise ValueError(f'loss_mode must be one of {list(LOSS_MODES)}, '
+                             f'got {loss_mode!r}')
+        if isinstance(architecture, dict):
+            architecture = MODELS.build(architecture)
+        super().__init__(
+            data_preprocessor=getattr(architecture, 'data_preprocessor', None),
+            init_cfg=init_cfg)
+        quantize_model(architecture, dict(quantizer or {}))
+        self.architecture = architecture
+        self.loss_mode = loss_mode
+        self.bits = model_bits(architecture)
+        self._register_load_state_dict_pre_hook(_prefix_bare_checkpoint)
+
+    def forward(self, inputs, data_samples=None, mode: str = 'tensor'):
+        return self.architecture(inputs, data_samples, mode=mode)
+
+    def train_step(self, data, optim_wrapper: OptimWrapper) -> Dict:
+        return multi_bit_train_step(
+            self, lambda d: self._run_forward(d, mode='loss'), data,
+            optim_wrapper)
+
+
+def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
+                         data, optim_wrapper: OptimWrapper) -> Dict:
+    """The per-bit loop shared by the plain and the DDP wrapper.
+
+    ``forward`` runs the (possibly DDP-wrapped) model in loss mode; the data
+    is preprocessed once for all bits. If the optimizer wrapper has
+    ``set_bit`` (ALRS), it is told the bit before each step.
+    """
+    wrapper_bits = getattr(optim_wrapper, 'bits', None)
+    if wrapper_bits is not None and tuple(wrapper_bits) != module.bits:
+        raise ValueError(f'optim_wrapper.bits={list(wrapper_bits)} differs '
+                         f'from the quantizer bits={list(module.bits)}')
+    with optim_wrapper.optim_context(module):
+        data = module.data_preprocessor(data, True)
+    log_vars, total = OrderedDict(), 0
+    try:
+        for bit in module.bits:
+            set_bits(module.architecture, bit)
+            with optim_wrapper.optim_context(module):
+                losses = forward(data)
+            loss, bit_vars = module.parse_losses(losses)
+            log_vars.update((k + bit_tag(bit), v) for k, v in bit_vars.items())
+            if module.loss_mode == 'per_bit':
+                if hasattr(optim_wrapper, 'set_bit'):
+                    optim_wrapper.set_bit(bit)
+                optim_wrapper.update_params(loss)
+                total = total + loss.detach()
+            else:
+                total = total + loss
+    finally:
+        set_bits(module.architecture, module.bits[0])
+    if module.loss_mode == 'sum':
+        optim_wrapper.update_params(total)
+        total = total.detach()
+    log_vars['loss'] = total
+    return log_vars
+
+
+def _prefix_bare_checkpoint(state_dict, prefix, *args):
+    """Map a bare model's keys (``backbone.x``) to ``architecture.backbone.x``
+    so ``load_from`` can take stock FP32 checkpoints."""
+    keep = (prefix + 'architecture.', prefix + 'data_preprocessor.')
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if not key.startswith(keep):
+            state_dict[prefix + 'architecture.' + key[len(prefix):]] = \
+                state_dict.pop(key)
+
+
+@MODEL_WRAPPERS.register_module()
+class MultiPrecisionQATDDP(MMDistributedDataParallel):
+    """DDP for ``MultiPrecisionQAT``: MMEngine's DDP runs one forward per
+    step; this runs the per-bit loop, every forward through DDP so gradients
+    are reduced per bit. Per-bit BN copies are unused at other bits, hence
+    ``find_unused_parameters=True`` by default."""
+
+    def __init__(self, module, find_unused_parameters: bool = True, **kwargs):
+        super().__init__(module=module,
+                         find_unused_parameters=find_unused_parameters,
+                         **kwargs)
+
+    def train_step(self, data, optim_wrapper: OptimWrapper) -> Dict:
+        return multi_bit_train_step(
+            self.module, lambda d: self._run_forward(d, mode='loss'), data,
+            optim_wrapper)

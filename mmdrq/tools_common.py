@@ -1,0 +1,37 @@
+"""Config adjustments shared by tools/train.py and tools/test.py."""
+import torch
+from mmengine.config import Config
+
+
+def is_qat_config(cfg: Config) -> bool:
+    """Whether ``cfg.model`` is mmdrq's multi-precision wrapper."""
+    return str(cfg.model.get('type', '')).split('.')[-1] == \
+        'MultiPrecisionQAT'
+
+
+def prepare_launch(cfg: Config):
+    """Distributed settings that a plain OpenMMLab config lacks.
+
+    An mmdrq model needs its own DDP wrapper (the per-bit loop); on a
+    machine without CUDA, DDP runs on gloo with ``device_ids=None``.
+    """
+    if cfg.launcher == 'none':
+        return
+    wrapper = dict(cfg.get('model_wrapper_cfg') or {})
+    if is_qat_config(cfg):
+        wrapper.setdefault('type', 'mmdrq.MultiPrecisionQATDDP')
+    if not torch.cuda.is_available():
+        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
+        cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+        wrapper['device_ids'] = None
+        _init_cpu_process_group()
+    if wrapper:
+        cfg.model_wrapper_cfg = wrapper
+
+
+def _init_cpu_process_group():
+    """MMEngine's pytorch launcher calls torch.cuda.set_device; without a GPU
+    the group is started here on gloo, and MMEngine then finds it ready."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')

@@ -1,0 +1,75 @@
+"""Test a checkpoint at every bit-width (same CLI as mmdet's tools/test.py).
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--bits 8 4]
+        [--subnets a.json ...] [--out results.json] [--cfg-options k=v ...]
+        [--launcher pytorch]
+
+For an mmdrq model the test loop becomes MultiBitTestLoop: every bit (or
+--bits, and each --subnets file) is evaluated and a table is logged.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
+from mmdrq.tools_common import is_qat_config, prepare_launch
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Test a model per bit')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='the dir to save logs')
+    parser.add_argument('--bits', type=int, nargs='+',
+                        help='bit-widths to test (default: all)')
+    parser.add_argument('--subnets', nargs='+',
+                        help='SubNet JSON files (per-layer bits) to test')
+    parser.add_argument('--out', help='write the metrics as JSON here')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value')
+    parser.add_argument('--launcher', default='none',
+                        choices=['none', 'pytorch', 'slurm', 'mpi'])
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main():
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    if is_qat_config(cfg):
+        test_cfg = dict(cfg.get('test_cfg') or {})
+        test_cfg['type'] = 'mmdrq.MultiBitTestLoop'
+        if args.bits:
+            test_cfg['bits'] = args.bits
+        if args.subnets:
+            test_cfg['subnets'] = args.subnets
+        cfg.test_cfg = test_cfg
+    elif args.bits or args.subnets:
+        raise ValueError('--bits/--subnets need an mmdrq model config '
+                         f'(model.type={cfg.model.get("type")!r})')
+    prepare_launch(cfg)
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump({k: float(v) if hasattr(v, '__float__') else v
+                       for k, v in metrics.items()}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
