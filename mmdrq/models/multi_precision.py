@@ -36,6 +36,8 @@ class MultiPrecisionQAT(BaseModel):
         architecture: config of the model to quantize, or the model.
         quantizer: ``quantize_model`` options (``bits``, ``skip``, ...).
         loss_mode: ``per_bit`` (a step per bit) or ``sum``.
+        data_preprocessor: given to the architecture when its config has
+            none (the Runner passes a config's top-level one here).
         init_cfg: MMEngine init config of the wrapper.
     """
 
@@ -43,11 +45,15 @@ class MultiPrecisionQAT(BaseModel):
                  architecture: Union[dict, nn.Module],
                  quantizer: Optional[dict] = None,
                  loss_mode: str = 'per_bit',
+                 data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         if loss_mode not in LOSS_MODES:
             raise ValueError(f'loss_mode must be one of {list(LOSS_MODES)}, '
                              f'got {loss_mode!r}')
         if isinstance(architecture, dict):
+            architecture = dict(architecture)
+            if data_preprocessor is not None:
+                architecture.setdefault('data_preprocessor', data_preprocessor)
             architecture = MODELS.build(architecture)
         super().__init__(
             data_preprocessor=getattr(architecture, 'data_preprocessor', None),
