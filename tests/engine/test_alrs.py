@@ -1,0 +1,132 @@
+"""ALRS optimizer wrapper and its constructor."""
+import pytest
+import torch
+from mmengine.optim import build_optim_wrapper
+from torch import nn
+
+import mmdrq
+from mmdrq.engine import ALRSOptimWrapper, fixed_eta
+
+
+def alrs_cfg(**kwargs):
+    cfg = dict(type='mmdrq.ALRSOptimWrapper',
+               constructor='mmdrq.ALRSOptimWrapperConstructor',
+               optimizer=dict(type='SGD', lr=0.1, weight_decay=0.01))
+    cfg.update(kwargs)
+    return cfg
+
+
+@pytest.mark.parametrize('high, expected', [
+    (8, {8: 1.0, 6: 0.1, 4: 0.01, 2: 0.001}),
+    (4, {4: 1.0, 3: 0.5, 2: 0.1}),
+    (8, {7: 0.5, 5: 0.05, 3: 0.005}),
+])
+def test_fixed_eta_schedule(high, expected):
+    for bit, eta in expected.items():
+        assert fixed_eta(bit, high) == pytest.approx(eta, rel=1e-12)
+
+
+def test_constructor_groups(small_classifier):
+    model = mmdrq.quantize_model(small_classifier(), bits=[8, 6, 4, 2])
+    wrapper = build_optim_wrapper(model, alrs_cfg())
+    assert isinstance(wrapper, ALRSOptimWrapper)
+    assert wrapper.bits == (8, 6, 4, 2)
+    groups = wrapper.optimizer.param_groups
+    alrs = [g for g in groups if g.get('alrs')]
+    assert len(alrs) == 1 and alrs[0]['weight_decay'] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    alrs_names = {names[id(p)] for p in alrs[0]['params']}
+    assert alrs_names == {n for n in names.values() if n.endswith(
+        ('weight_quantizer.scale', 'act_quantizer.scale'))}
+    others = [p for g in groups if not g.get('alrs') for p in g['params']]
+    assert len(others) + len(alrs_names) == len(names)
+    assert all(g['weight_decay'] == 0.01 for g in groups if not g.get('alrs'))
+
+
+def test_constructor_norm_bias_scope(small_classifier):
+    model = mmdrq.quantize_model(small_classifier(), bits=[4, 3, 2])
+    wrapper = build_optim_wrapper(model, alrs_cfg(alrs_scope='scales_norm_bias'))
+    alrs = [g for g in wrapper.optimizer.param_groups if g.get('alrs')][0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    alrs_names = {names[id(p)] for p in alrs['params']}
+    assert any('.bns.' in n for n in alrs_names)
+    assert any(n.endswith('.bias') for n in alrs_names)
+    assert not any(n.endswith('conv1.weight') for n in alrs_names)
+
+
+def test_step_scales_only_alrs_lr_and_restores_it(small_classifier):
+    model = mmdrq.quantize_model(small_classifier(), bits=[8, 6, 4, 2])
+    wrapper = build_optim_wrapper(
+        model, alrs_cfg(optimizer=dict(type='SGD', lr=0.1)))
+    scale = model.backbone.layer1[0].conv1.weight_quantizer.scale
+    weight = model.backbone.layer1[0].conv1.weight
+    for bit in (8, 4):
+        wrapper.set_bit(bit)
+        scale.grad = torch.ones_like(scale)
+        weight.grad = torch.ones_like(weight)
+        s0, w0 = scale.detach().clone(), weight.detach().clone()
+        wrapper.step()
+        eta = fixed_eta(bit, 8)
+        torch.testing.assert_close(s0 - scale.detach(),
+                                   torch.full_like(s0, 0.1 * eta))
+        torch.testing.assert_close(w0 - weight.detach(),
+                                   torch.full_like(w0, 0.1))
+        assert all(g['lr'] == 0.1 for g in wrapper.optimizer.param_groups)
+
+
+def test_off_mode_is_plain_lr(small_classifier):
+    model = mmdrq.quantize_model(small_classifier(), bits=[8, 2])
+    wrapper = build_optim_wrapper(
+        model, alrs_cfg(mode='off', optimizer=dict(type='SGD', lr=0.1)))
+    wrapper.set_bit(2)
+    assert wrapper.eta() == 1.0
+
+
+def test_adaptive_mode_normalises_by_gradient_norms(small_classifier):
+    model = mmdrq.quantize_model(small_classifier(), bits=[8, 4])
+    wrapper = build_optim_wrapper(
+        model, alrs_cfg(mode='adaptive', momentum=0.0,
+                        optimizer=dict(type='SGD', lr=0.1)))
+    alrs = [p for g in wrapper.optimizer.param_groups if g.get('alrs')
+            for p in g['params']]
+    for bit, value in ((8, 1.0), (4, 8.0)):
+        wrapper.set_bit(bit)
+        for p in alrs:
+            p.grad = torch.full_like(p, value)
+        wrapper.step()
+    # the bit-4 gradient is 8x the bit-8 one: eta_4 = 1/8
+    assert wrapper.eta(4) == pytest.approx(1 / 8, rel=1e-6)
+    state = wrapper.state_dict()
+    fresh = build_optim_wrapper(
+        model, alrs_cfg(mode='adaptive', optimizer=dict(type='SGD', lr=0.1)))
+    fresh.load_state_dict(state)
+    assert fresh.eta(4) == pytest.approx(1 / 8, rel=1e-6)
+
+
+def test_bad_inputs_name_key_and_value(small_classifier):
+    plain = small_classifier()
+    with pytest.raises(ValueError, match='quantize_model'):
+        build_optim_wrapper(plain, alrs_cfg())
+    model = mmdrq.quantize_model(small_classifier(), bits=[8, 6, 4, 2])
+    with pytest.raises(ValueError, match=r'optim_wrapper.bits=\[8, 4\].*'
+                       r'\[8, 6, 4, 2\]'):
+        build_optim_wrapper(model, alrs_cfg(bits=[8, 4]))
+    with pytest.raises(ValueError, match="mode.*'fast'"):
+        build_optim_wrapper(model, alrs_cfg(mode='fast'))
+    with pytest.raises(ValueError, match="alrs_scope.*'all'"):
+        build_optim_wrapper(model, alrs_cfg(alrs_scope='all'))
+    wrapper = build_optim_wrapper(model, alrs_cfg())
+    with pytest.raises(ValueError, match='bit 3'):
+        wrapper.set_bit(3)
+    # a plain optimizer (no alrs group) handed to the wrapper directly
+    with pytest.raises(ValueError, match='no quantizer parameters'):
+        ALRSOptimWrapper(torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason='AmpOptimWrapper needs a GPU')
+def test_amp_variant_builds(small_classifier):
+    model = mmdrq.quantize_model(small_classifier(), bits=[8, 4]).cuda()
+    wrapper = build_optim_wrapper(
+        model, alrs_cfg(type='mmdrq.ALRSAmpOptimWrapper'))
+    assert wrapper.bits == (8, 4)

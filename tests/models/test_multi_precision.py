@@ -1,0 +1,115 @@
+"""The multi-precision QAT wrapper's training step and checkpoint loading."""
+import pytest
+import torch
+from mmengine.optim import OptimWrapper, build_optim_wrapper
+
+import mmdrq
+from mmdrq.models import MultiPrecisionQAT
+
+
+def batch(count=4, size=16):
+    from mmpretrain.structures import DataSample
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        inputs=[torch.randint(0, 256, (3, size, size), generator=g,
+                              dtype=torch.uint8) for _ in range(count)],
+        data_samples=[DataSample().set_gt_label(i % 10)
+                      for i in range(count)])
+
+
+class CountingWrapper(OptimWrapper):
+    """OptimWrapper recording the model's bit at every step."""
+
+    def __init__(self, optimizer, model):
+        super().__init__(optimizer)
+        self.model, self.step_bits = model, []
+
+    def step(self, **kwargs):
+        layer = self.model.architecture.backbone.layer1[0].conv1
+        self.step_bits.append(layer.bit)
+        super().step(**kwargs)
+
+
+@pytest.mark.parametrize('loss_mode, steps', [('per_bit', [8, 6, 4, 2]),
+                                              ('sum', [8])])
+def test_train_step_walks_bits(small_classifier, loss_mode, steps):
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 6, 4, 2]),
+                              loss_mode=loss_mode)
+    wrapper = CountingWrapper(torch.optim.SGD(model.parameters(), 0.01),
+                              model)
+    log_vars = model.train_step(batch(), wrapper)
+    assert wrapper.step_bits == steps  # sum: one step, after the loop
+    for bit in (8, 6, 4, 2):
+        assert torch.isfinite(log_vars[f'loss@w{bit}a{bit}'])
+    expected = sum(log_vars[f'loss@w{b}a{b}'] for b in (8, 6, 4, 2))
+    torch.testing.assert_close(log_vars['loss'], expected)
+    assert set(mmdrq.get_bits(model).values()) == {8}
+
+
+def test_per_bit_steps_use_alrs_rates(small_classifier):
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    wrapper = build_optim_wrapper(model, dict(
+        type='mmdrq.ALRSOptimWrapper',
+        constructor='mmdrq.ALRSOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.1)))
+    seen = []
+    original = wrapper.step
+
+    def spy(**kwargs):
+        seen.append((wrapper.bit, wrapper.eta()))
+        original(**kwargs)
+    wrapper.step = spy
+    model.train_step(batch(), wrapper)
+    assert seen == [(8, 1.0), (4, 0.01)]
+
+
+def test_bit_list_mismatch_is_an_error(small_classifier):
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 6, 4, 2]))
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), 0.01))
+    wrapper.bits = (8, 4)
+    with pytest.raises(ValueError, match=r'\[8, 4\].*\[8, 6, 4, 2\]'):
+        model.train_step(batch(), wrapper)
+
+
+def test_bad_loss_mode(small_classifier):
+    with pytest.raises(ValueError, match="loss_mode.*'mean'"):
+        MultiPrecisionQAT(small_classifier(), loss_mode='mean')
+
+
+def test_fp32_checkpoint_of_bare_model_loads(small_classifier):
+    torch.manual_seed(3)
+    fp32 = small_classifier()
+    state = {k: v.clone() for k, v in fp32.state_dict().items()}
+    torch.manual_seed(4)
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    assert all('quantizer' in k for k in result.missing_keys)
+    arch = model.architecture
+    torch.testing.assert_close(arch.backbone.conv1.weight,
+                               state['backbone.conv1.weight'])
+    bn = arch.backbone.layer1[0].bn1
+    for bit in (8, 4):
+        torch.testing.assert_close(bn.bns[str(bit)].running_var,
+                                   state['backbone.layer1.0.bn1.running_var'])
+    # the wrapper's own checkpoints round-trip as usual
+    again = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    again.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_takes_top_level_data_preprocessor():
+    from mmpretrain.models.utils import ClsDataPreprocessor
+    arch = dict(type='ImageClassifier',
+                backbone=dict(type='ResNet_CIFAR', depth=18),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(type='LinearClsHead', num_classes=10,
+                          in_channels=512))
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmpretrain')
+    model = MultiPrecisionQAT(
+        arch, dict(bits=[4, 2]),
+        data_preprocessor=dict(type='ClsDataPreprocessor', mean=[1.0] * 3,
+                               std=[2.0] * 3))
+    assert isinstance(model.data_preprocessor, ClsDataPreprocessor)
+    assert model.data_preprocessor is model.architecture.data_preprocessor
+    assert model.data_preprocessor.mean.flatten().tolist() == [1.0] * 3
