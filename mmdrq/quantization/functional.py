@@ -29,6 +29,12 @@ def requantize(q_h: torch.Tensor, shift: int, lo: int, hi: int,
     the dtype of ``q_h``'s float form. ``half_up`` equals the integer shift
     ``(q + 2**(shift-1)) >> shift``; ``floor`` equals ``q >> shift``.
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(
+            f'rounding must be one of {list(ROUNDINGS)}, got {rounding!r}')
+    if variant not in VARIANTS:
+        raise ValueError(
+            f'variant must be one of {list(VARIANTS)}, got {variant!r}')
     if shift == 0:
         return q_h.float() if not q_h.is_floating_point() else q_h
     q_h = q_h if q_h.is_floating_point() else q_h.float()

@@ -71,13 +71,19 @@ class _QuantLayer(BitSwitchable):
         """Fake-quantized weight of the current bit.
 
         In eval mode without autograd it is cached and recomputed only when
-        the bit, the weight or the scale changed (tensor version counters
-        track in-place updates such as optimizer steps and loads).
+        the bit, the weight or the scale changed: tensor version counters
+        catch in-place updates (optimizer steps, ``load_state_dict``) at no
+        cost. Writes through ``.data`` (MMEngine's EMA swap) bypass them;
+        ``train()`` / ``eval()`` drop the cache, and MMEngine's loops call
+        ``eval()`` after their hooks have swapped weights.
         """
         weight = self.weight
-        if self.training or (torch.is_grad_enabled() and weight.requires_grad):
-            return self.weight_quantizer(weight, self.bit)
         scale = self.weight_quantizer.scale
+        # a cached tensor must not carry a graph (frozen weights with a
+        # trainable scale would be backpropagated through twice)
+        if self.training or (torch.is_grad_enabled() and
+                             (weight.requires_grad or scale.requires_grad)):
+            return self.weight_quantizer(weight, self.bit)
         key = (self.bit, weight.data_ptr(), weight._version,
                scale.data_ptr(), scale._version)
         if key != self._cache_key:

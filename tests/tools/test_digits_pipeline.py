@@ -1,0 +1,165 @@
+"""The digits example through the real tools, on a subset of the data:
+FP32 training, QAT, --resume, per-bit testing, integer export and DDP on
+CPU (gloo). Each step is a subprocess, as a user runs it."""
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOLS = osp.join(ROOT, 'tools')
+DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
+
+
+def run_tool(*args, expect_ok=True, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep +
+               os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    done = subprocess.run([sys.executable] + [str(a) for a in args],
+                          capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+    output = done.stdout + done.stderr
+    if expect_ok:
+        assert done.returncode == 0, output[-4000:]
+    return done.returncode, output
+
+
+def write_config(folder, name, base, data_root, extra=''):
+    """A config inheriting ``base`` on a subset of the digits, with no
+    random augmentation (so a resumed run replays the same batches)."""
+    path = osp.join(folder, name)
+    with open(path, 'w') as f:
+        f.write(f"""_base_ = {base!r}
+data_root = {data_root!r}
+_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(16, 16)),
+    dict(type='PackInputs'),
+]
+train_dataloader = dict(batch_size=32, dataset=dict(
+    data_root=data_root, pipeline=_pipeline, indices=128))
+val_dataloader = dict(dataset=dict(data_root=data_root, indices=96))
+test_dataloader = dict(dataset=dict(data_root=data_root, indices=96))
+default_hooks = dict(logger=dict(interval=1))
+{extra}
+""")
+    return path
+
+
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory):
+    """Dataset, FP32 checkpoint and configs shared by the tests below."""
+    folder = tmp_path_factory.mktemp('digits')
+    data_root = str(folder / 'data')
+    run_tool(osp.join(TOOLS, 'prepare_digits.py'), '--root', data_root)
+    fp_cfg = write_config(
+        folder, 'fp32.py', osp.join(DIGITS, 'resnet_digits_fp32.py'),
+        data_root, 'train_cfg = dict(max_epochs=2, val_interval=2)\n'
+        'param_scheduler = dict(T_max=2)')
+    run_tool(osp.join(TOOLS, 'train.py'), fp_cfg, '--work-dir',
+             folder / 'fp32')
+    fp_ckpt = str(folder / 'fp32' / 'epoch_2.pth')
+    qat_cfg = write_config(
+        folder, 'qat.py', osp.join(DIGITS, 'resnet_digits_drq_8642.py'),
+        data_root, f'load_from = {fp_ckpt!r}\n'
+        'train_cfg = dict(max_epochs=2, val_interval=1)\n'
+        # an explicit end: a run cut short keeps the same schedule
+        'param_scheduler = dict(T_max=2, begin=0, end=2)\n'
+        "default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=3))")
+    return dict(folder=folder, qat_cfg=qat_cfg, fp_ckpt=fp_ckpt)
+
+
+@pytest.fixture(scope='module')
+def qat_run(digits):
+    work = digits['folder'] / 'qat'
+    _, log = run_tool(osp.join(TOOLS, 'train.py'), digits['qat_cfg'],
+                      '--work-dir', work)
+    return work, log
+
+
+def test_qat_trains_and_validates_every_bit(qat_run):
+    work, log = qat_run
+    for bit in (8, 6, 4, 2):
+        assert f'loss@w{bit}a{bit}' in log
+        assert f'accuracy/top1@w{bit}a{bit}' in log
+        assert f'w{bit}a{bit}_scale_lr' in log
+    assert 'val metrics per bit-width' in log
+    assert osp.exists(work / 'epoch_2.pth')
+
+
+def test_resume_reaches_the_same_weights(digits, qat_run):
+    work, _ = qat_run
+    resumed = digits['folder'] / 'qat_resumed'
+    # stop after epoch 1 of the same 2-epoch schedule, then resume
+    run_tool(osp.join(TOOLS, 'train.py'), digits['qat_cfg'], '--work-dir',
+             resumed, '--cfg-options', 'train_cfg.max_epochs=1')
+    _, log = run_tool(osp.join(TOOLS, 'train.py'), digits['qat_cfg'],
+                      '--work-dir', resumed, '--resume',
+                      resumed / 'epoch_1.pth')
+    assert 'resumed epoch: 1' in log
+    # torch.load's default weights_only=True reads both checkpoints
+    full = torch.load(work / 'epoch_2.pth', map_location='cpu')
+    again = torch.load(resumed / 'epoch_2.pth', map_location='cpu')
+    assert full['state_dict'].keys() == again['state_dict'].keys()
+    for key, value in full['state_dict'].items():
+        assert torch.equal(value, again['state_dict'][key]), key
+
+
+def test_test_tool_reports_every_bit(digits, qat_run):
+    work, _ = qat_run
+    out = digits['folder'] / 'metrics.json'
+    _, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
+                      work / 'epoch_2.pth', '--work-dir',
+                      digits['folder'] / 'test', '--out', out)
+    metrics = json.loads(out.read_text())
+    for bit in (8, 6, 4, 2):
+        assert 0 <= metrics[f'accuracy/top1@w{bit}a{bit}'] <= 100
+    assert '| w2a2 |' in log
+    _, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
+                      work / 'epoch_2.pth', '--work-dir',
+                      digits['folder'] / 'test', '--bits', '5',
+                      expect_ok=False)
+    assert 'test_cfg.bits names bit 5' in log
+
+
+def test_export_int_reloads_bit_exact(digits, qat_run):
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+    sys.path.insert(0, TOOLS)
+    from export_int import build_quantized
+    work, _ = qat_run
+    out = digits['folder'] / 'int8.pth'
+    _, log = run_tool(osp.join(TOOLS, 'export_int.py'), digits['qat_cfg'],
+                      work / 'epoch_2.pth', out)
+    assert 'wrote' in log
+    cfg = Config.fromfile(digits['qat_cfg'])
+    trained, _ = build_quantized(cfg)
+    load_checkpoint(trained, str(work / 'epoch_2.pth'), map_location='cpu')
+    loaded, arch = build_quantized(cfg)
+    mmdrq.load_int(arch, str(out))
+    x = torch.randn(3, 3, 16, 16)
+    trained.eval()
+    loaded.eval()
+    with torch.no_grad():
+        for bit in (8, 6, 4, 2):
+            with mmdrq.use_bits(trained, bit), mmdrq.use_bits(loaded, bit):
+                assert torch.equal(trained(x), loaded(x))
+
+
+def test_dist_train_on_cpu_with_gloo(digits):
+    work = digits['folder'] / 'dist'
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1',
+               PORT='29561')
+    done = subprocess.run(
+        ['bash', osp.join(TOOLS, 'dist_train.sh'), digits['qat_cfg'], '2',
+         '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=1'],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert 'accuracy/top1@w2a2' in log
+    assert osp.exists(work / 'epoch_1.pth')
