@@ -16,19 +16,45 @@ import time
 
 HERE = osp.dirname(osp.abspath(__file__))
 CONFIGS = osp.join(HERE, '..', 'configs', 'classification', 'digits')
+FP32_CONFIG = osp.join(CONFIGS, 'resnet_digits_fp32.py')
+QAT_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq_8642.py')
 
 
-def run(args, log_path):
-    """Run a tool, its output going to ``log_path``; fail loudly."""
+def run_tool(args, log_path) -> float:
+    """Run ``python tools/<args>`` with output to ``log_path``; seconds."""
     start = time.time()
     with open(log_path, 'w') as log:
-        done = subprocess.run([sys.executable] + args, stdout=log,
-                              stderr=subprocess.STDOUT)
+        done = subprocess.run([sys.executable] + [str(a) for a in args],
+                              stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
         with open(log_path) as f:
             tail = f.read()[-3000:]
-        raise SystemExit(f'{" ".join(args)} failed:\n{tail}')
+        raise SystemExit(f'{" ".join(map(str, args))} failed:\n{tail}')
     return time.time() - start
+
+
+def data_options(root):
+    return [f'{k}_dataloader.dataset.data_root={root}'
+            for k in ('train', 'val', 'test')]
+
+
+def train_and_test(config, work, root, epochs, seed, options=()):
+    """Train ``config`` for ``epochs`` then test it; returns (metrics,
+    checkpoint path, training seconds)."""
+    os.makedirs(work, exist_ok=True)
+    seconds = run_tool(
+        [osp.join(HERE, 'train.py'), config, '--work-dir', work,
+         '--cfg-options', f'train_cfg.max_epochs={epochs}',
+         f'train_cfg.val_interval={epochs}', f'param_scheduler.T_max={epochs}',
+         f'randomness.seed={seed}', *data_options(root), *options],
+        osp.join(work, 'train.log'))
+    ckpt = osp.join(work, f'epoch_{epochs}.pth')
+    out = osp.join(work, 'test_metrics.json')
+    run_tool([osp.join(HERE, 'test.py'), config, ckpt, '--work-dir', work,
+              '--out', out, '--cfg-options', *data_options(root)],
+             osp.join(work, 'test.log'))
+    with open(out) as f:
+        return json.load(f), ckpt, seconds
 
 
 def main():
@@ -40,54 +66,23 @@ def main():
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     work = osp.abspath(args.work_dir)
-    os.makedirs(work, exist_ok=True)
     root = osp.abspath(args.data_root)
-    data = [f'{k}={root}' for k in (
-        'train_dataloader.dataset.data_root', 'val_dataloader.dataset.'
-        'data_root', 'test_dataloader.dataset.data_root')]
-    seed = [f'randomness.seed={args.seed}']
 
     sys.path.insert(0, HERE)
     from prepare_digits import write_digits
-    print(f'[1/4] digits dataset in {root}: {write_digits(root)}')
-
-    fp_dir = osp.join(work, 'fp32')
-    t = run([osp.join(HERE, 'train.py'),
-             osp.join(CONFIGS, 'resnet_digits_fp32.py'), '--work-dir', fp_dir,
-             '--cfg-options', f'train_cfg.max_epochs={args.fp32_epochs}',
-             f'train_cfg.val_interval={args.fp32_epochs}',
-             f'param_scheduler.T_max={args.fp32_epochs}'] + data + seed,
-            osp.join(work, 'fp32.log'))
-    fp_ckpt = osp.join(fp_dir, f'epoch_{args.fp32_epochs}.pth')
-    fp_metrics = osp.join(work, 'fp32_test.json')
-    run([osp.join(HERE, 'test.py'),
-         osp.join(CONFIGS, 'resnet_digits_fp32.py'), fp_ckpt, '--work-dir',
-         fp_dir, '--out', fp_metrics, '--cfg-options'] + data,
-        osp.join(work, 'fp32_test.log'))
-    print(f'[2/4] FP32 training: {t:.0f} s')
-
-    qat_dir = osp.join(work, 'drq_8642')
-    qat_cfg = osp.join(CONFIGS, 'resnet_digits_drq_8642.py')
-    t = run([osp.join(HERE, 'train.py'), qat_cfg, '--work-dir', qat_dir,
-             '--cfg-options', f'load_from={fp_ckpt}',
-             f'train_cfg.max_epochs={args.qat_epochs}',
-             f'train_cfg.val_interval={args.qat_epochs}',
-             f'param_scheduler.T_max={args.qat_epochs}'] + data + seed,
-            osp.join(work, 'qat.log'))
-    print(f'[3/4] one-shot {{8,6,4,2}} QAT: {t:.0f} s')
-    qat_ckpt = osp.join(qat_dir, f'epoch_{args.qat_epochs}.pth')
-    qat_metrics = osp.join(work, 'qat_test.json')
-    run([osp.join(HERE, 'test.py'), qat_cfg, qat_ckpt, '--work-dir', qat_dir,
-         '--out', qat_metrics, '--cfg-options'] + data,
-        osp.join(work, 'qat_test.log'))
+    print(f'[1/4] digits dataset in {root}: {write_digits(root)}', flush=True)
+    fp, fp_ckpt, t = train_and_test(FP32_CONFIG, osp.join(work, 'fp32'), root,
+                                    args.fp32_epochs, args.seed)
+    print(f'[2/4] FP32 training: {t:.0f} s', flush=True)
+    qat, qat_ckpt, t = train_and_test(
+        QAT_CONFIG, osp.join(work, 'drq_8642'), root, args.qat_epochs,
+        args.seed, [f'load_from={fp_ckpt}'])
+    print(f'[3/4] one-shot {{8,6,4,2}} QAT: {t:.0f} s', flush=True)
     int_path = osp.join(work, 'digits_int8.pth')
-    run([osp.join(HERE, 'export_int.py'), qat_cfg, qat_ckpt, int_path],
-        osp.join(work, 'export.log'))
+    run_tool([osp.join(HERE, 'export_int.py'), QAT_CONFIG, qat_ckpt,
+              int_path], osp.join(work, 'export.log'))
 
-    with open(fp_metrics) as f:
-        fp_top1 = json.load(f)['accuracy/top1']
-    with open(qat_metrics) as f:
-        qat = json.load(f)
+    fp_top1 = fp['accuracy/top1']
     print('[4/4] test accuracy (top-1, %) per bit-width\n')
     print('| model | top-1 | vs FP32 |\n|---|---|---|')
     print(f'| FP32 | {fp_top1:.2f} | |')

@@ -2,12 +2,14 @@
 from collections import OrderedDict
 from typing import Callable, Dict, Optional, Union
 
+import torch
 from mmengine.model import BaseModel, MMDistributedDataParallel
 from mmengine.optim import OptimWrapper
 from torch import nn
 
 from mmdrq.quantization import model_bits, quantize_model, set_bits
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
+from .pskd import PSKDTargets, soft_cross_entropy
 
 LOSS_MODES = ('per_bit', 'sum')
 
@@ -36,6 +38,10 @@ class MultiPrecisionQAT(BaseModel):
         architecture: config of the model to quantize, or the model.
         quantizer: ``quantize_model`` options (``bits``, ``skip``, ...).
         loss_mode: ``per_bit`` (a step per bit) or ``sum``.
+        distill: ``dict(alpha=0.7)`` turns on PS-KD self-distillation
+            (classification only): every bit learns from soft targets built
+            with the highest bit's predictions of the previous epoch,
+            instead of the head's own loss.
         data_preprocessor: given to the architecture when its config has
             none (the Runner passes a config's top-level one here).
         init_cfg: MMEngine init config of the wrapper.
@@ -45,6 +51,7 @@ class MultiPrecisionQAT(BaseModel):
                  architecture: Union[dict, nn.Module],
                  quantizer: Optional[dict] = None,
                  loss_mode: str = 'per_bit',
+                 distill: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         if loss_mode not in LOSS_MODES:
@@ -62,22 +69,41 @@ class MultiPrecisionQAT(BaseModel):
         self.architecture = architecture
         self.loss_mode = loss_mode
         self.bits = model_bits(architecture)
+        self.pskd = None
+        if distill is not None:
+            num_classes = getattr(getattr(architecture, 'head', None),
+                                  'num_classes', None)
+            if num_classes is None:
+                raise ValueError(
+                    f'distill={dict(distill)} needs a classifier with '
+                    f'head.num_classes; {type(architecture).__name__} has none')
+            self.pskd = PSKDTargets(num_classes, **distill)
         self._register_load_state_dict_pre_hook(_prefix_bare_checkpoint)
 
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):
         return self.architecture(inputs, data_samples, mode=mode)
 
     def train_step(self, data, optim_wrapper: OptimWrapper) -> Dict:
-        return multi_bit_train_step(
-            self, lambda d: self._run_forward(d, mode='loss'), data,
-            optim_wrapper)
+        return multi_bit_train_step(self, self._run_forward, data,
+                                    optim_wrapper)
+
+
+def _pskd_losses(module, forward: Callable, data, targets, bit) -> Dict:
+    logits = forward(data, mode='tensor')
+    if bit == module.bits[0]:
+        module.pskd.record(logits, _sample_index(data))
+    return dict(loss=soft_cross_entropy(logits, targets))
+
+
+def _sample_index(data) -> torch.Tensor:
+    return torch.tensor([s.sample_idx for s in data['data_samples']])
 
 
 def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                          data, optim_wrapper: OptimWrapper) -> Dict:
     """The per-bit loop shared by the plain and the DDP wrapper.
 
-    ``forward`` runs the (possibly DDP-wrapped) model in loss mode; the data
+    ``forward(data, mode)`` runs the (possibly DDP-wrapped) model; the data
     is preprocessed once for all bits. If the optimizer wrapper has
     ``set_bit`` (ALRS), it is told the bit before each step.
     """
@@ -87,12 +113,19 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                          f'from the quantizer bits={list(module.bits)}')
     with optim_wrapper.optim_context(module):
         data = module.data_preprocessor(data, True)
+    targets = None
+    if module.pskd is not None:
+        labels = torch.cat([s.gt_label for s in data['data_samples']])
+        targets = module.pskd.targets(labels, _sample_index(data))
     log_vars, total = OrderedDict(), 0
     try:
         for bit in module.bits:
             set_bits(module.architecture, bit)
             with optim_wrapper.optim_context(module):
-                losses = forward(data)
+                if targets is None:
+                    losses = forward(data, mode='loss')
+                else:
+                    losses = _pskd_losses(module, forward, data, targets, bit)
             loss, bit_vars = module.parse_losses(losses)
             log_vars.update((k + bit_tag(bit), v) for k, v in bit_vars.items())
             if module.loss_mode == 'per_bit':
@@ -134,6 +167,5 @@ class MultiPrecisionQATDDP(MMDistributedDataParallel):
                          **kwargs)
 
     def train_step(self, data, optim_wrapper: OptimWrapper) -> Dict:
-        return multi_bit_train_step(
-            self.module, lambda d: self._run_forward(d, mode='loss'), data,
-            optim_wrapper)
+        return multi_bit_train_step(self.module, self._run_forward, data,
+                                    optim_wrapper)
