@@ -81,14 +81,18 @@ def save_int(model: nn.Module, path: str) -> dict:
 def _read(path: str) -> dict:
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
+    # torch's readers fail on damaged files in many ways: a truncated zip
+    # gives OSError(EINVAL), a text file KeyError from the safe unpickler
     except (RuntimeError, EOFError, pickle.UnpicklingError,
-            zipfile.BadZipFile, ValueError) as e:
+            zipfile.BadZipFile, ValueError, OSError, KeyError,
+            IndexError, AttributeError, TypeError) as e:
         raise ValueError(f'{path!r} is not a readable mmdrq integer '
                          f'checkpoint (truncated or corrupt?): {e}') from e
     if not isinstance(payload, dict) or \
-            payload.get('meta', {}).get('format') != FORMAT:
+            not isinstance(payload.get('meta'), dict) or \
+            payload['meta'].get('format') != FORMAT:
         raise ValueError(f'{path!r} is not an mmdrq integer checkpoint '
                          f'(no meta.format == {FORMAT!r})')
     return payload

@@ -147,10 +147,11 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
 
 def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
     """Switchable BN for every BN not named by a skip pattern. Its source is
-    the closest preceding quantized layer with matching channels."""
+    the closest preceding conv/linear layer when that layer is quantized and
+    has matching channels (a BN fed by an FP layer follows the global bit)."""
     rows, previous = [], None
     for name, module in list(model.named_modules()):
-        if isinstance(module, _QuantLayer):
+        if _is_weight_layer(module):  # quantized or kept FP
             previous = (name, module)
             continue
         if not isinstance(module, _BatchNorm) or isinstance(
@@ -160,8 +161,8 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
             rows.append((name, type(module).__name__, 'FP: skip pattern'))
             continue
         source: Optional[str] = None
-        if previous is not None and \
-                previous[1].weight.shape[0] == module.num_features:
+        if previous is not None and isinstance(previous[1], _QuantLayer) \
+                and previous[1].weight.shape[0] == module.num_features:
             source = previous[0]
         _replace(model, name, SwitchableBatchNorm(module, cfg.bits, source))
         rows.append((name, type(module).__name__,

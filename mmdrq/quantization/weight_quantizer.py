@@ -28,8 +28,10 @@ class DoubleRoundingQuantizer(nn.Module):
 
     Args:
         bits: bit-widths, highest first.
-        num_channels: output channels for per-channel scales (the default
-            for layers); None for one per-tensor scale.
+        num_channels: output channels (dim 0 of the weight); None means
+            one per-tensor scale.
+        per_channel: one scale per output channel (default) or, if False,
+            one for the whole tensor.
         variant: ``double_rounding`` (the method), ``floor`` (baseline:
             right-shift truncation of q_h) or ``unshared`` (baseline: an
             independent FP scale per bit, plain LSQ; keeps FP weights).
@@ -45,6 +47,7 @@ class DoubleRoundingQuantizer(nn.Module):
     def __init__(self,
                  bits: Sequence[int],
                  num_channels=None,
+                 per_channel: bool = True,
                  variant: str = 'double_rounding',
                  rounding: str = 'half_even',
                  scale_grad: str = 'lsq',
@@ -60,7 +63,7 @@ class DoubleRoundingQuantizer(nn.Module):
         self.rounding = rounding
         self.scale_grad = scale_grad
         self.scale_grad_reduce = scale_grad_reduce
-        self.per_channel = num_channels is not None
+        self.per_channel = per_channel and num_channels is not None
         channels = num_channels if self.per_channel else 1
         num_scales = len(self.bits) if variant == 'unshared' else 1
         self.scale = nn.Parameter(torch.ones(num_scales, channels))

@@ -1,0 +1,176 @@
+"""Shared helpers: OpenMMLab models built offline and a tiny plain-torch CNN.
+
+Nothing here downloads weights: every model config gets ``init_cfg=None`` on
+its backbone and ``pretrained=None`` where the key exists, and
+``init_weights`` is never called.
+"""
+import importlib
+import logging
+import os.path as osp
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+RESNET18_CFG = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
+RETINANET_CFG = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+DEEPLABV3_CFG = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-80k_ade20k-512x512.py'
+
+# mmseg configs use SyncBN, which needs a process group: plain BN on CPU.
+CPU_BN = dict(type='BN', requires_grad=True)
+DEEPLAB_CPU_OPTIONS = {
+    'model.backbone.norm_cfg': CPU_BN,
+    'model.decode_head.norm_cfg': CPU_BN,
+    'model.auxiliary_head.norm_cfg': CPU_BN,
+}
+
+
+def build_openmmlab_model(scope: str, base_cfg: str, cfg_options=None):
+    """Build the model of an OpenMMLab config offline.
+
+    Writes a temporary config whose ``_base_`` is ``base_cfg`` (e.g.
+    ``'mmpretrain::resnet/resnet18_8xb32_in1k.py'``), loads it with MMEngine,
+    applies ``cfg_options`` (dotted keys, as ``--cfg-options``), removes every
+    pretrained-weight reference, sets the default scope to ``scope`` and
+    builds ``cfg.model`` with ``scope``'s MODELS registry.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = osp.join(folder, 'model_cfg.py')
+        with open(path, 'w') as f:
+            f.write(f'_base_ = {base_cfg!r}\n')
+        cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options))
+    model_cfg = cfg.model
+    if model_cfg.get('backbone') is not None:
+        model_cfg.backbone.init_cfg = None
+        if 'pretrained' in model_cfg.backbone:
+            model_cfg.backbone.pretrained = None
+    if 'pretrained' in model_cfg:
+        model_cfg.pretrained = None
+    if 'init_cfg' in model_cfg and model_cfg.init_cfg is not None and \
+            'Pretrained' in str(model_cfg.init_cfg):
+        model_cfg.init_cfg = None
+    init_default_scope(scope)
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    return registry.build(model_cfg)
+
+
+@pytest.fixture
+def openmmlab_model():
+    """The builder above as a fixture: ``openmmlab_model(scope, base_cfg)``."""
+    return build_openmmlab_model
+
+
+class MyConv(nn.Conv2d):
+    """A user conv subclass with its own forward: must stay FP."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class TinyCNN(nn.Module):
+    """Small CNN covering conv (with and without bias, grouped), BN, linear.
+
+    ``conv1`` has 7 * width * 9 weights: odd for the default ``width=5``, so
+    int4x2 packing needs its pad nibble. ``stem`` (first) and ``fc2`` (last
+    layer) are the layers ``skip_first_last`` keeps FP.
+    """
+
+    def __init__(self, width: int = 5, num_classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, 7, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(7)
+        self.conv2 = nn.Conv2d(7, 8, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8, 9)
+        self.fc2 = nn.Linear(9, num_classes)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.relu(self.bn0(self.stem(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        x = x.mean(dim=(2, 3))
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+# One intra-op thread: on a small shared CPU box, OpenMP workers spinning
+# against other processes made these tests ~9x slower; the inputs here are
+# too small for a second thread to help.
+torch.set_num_threads(1)
+
+TINY_QUANT_LAYERS = ('conv1', 'conv2', 'conv3', 'fc1')
+
+
+@pytest.fixture
+def make_tiny_cnn():
+    """Factory of TinyCNN models with a given seed (different weights)."""
+
+    def make(seed: int = 0, **kwargs):
+        torch.manual_seed(seed)
+        return TinyCNN(**kwargs)
+
+    return make
+
+
+@pytest.fixture
+def mmengine_caplog(caplog):
+    """caplog that also sees MMEngine's current logger (it has no parent,
+    so its records never reach the root logger caplog listens to)."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def total_loss(losses: dict) -> torch.Tensor:
+    """Sum of the ``loss*`` entries of an OpenMMLab loss dict (values may be
+    tensors or lists of tensors)."""
+    total = 0
+    for key, value in losses.items():
+        if 'loss' not in key:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = sum(value)
+        total = total + value
+    return total
+
+
+@pytest.fixture
+def sum_losses():
+    return total_loss
+
+
+@pytest.fixture
+def small_classifier():
+    """Factory of a small real mmpretrain ImageClassifier (CIFAR-stem ResNet
+    with 16/32/64 channels, 10 classes): the digits example's model."""
+
+    def make():
+        from mmengine.registry import init_default_scope
+        from mmpretrain.registry import MODELS
+        init_default_scope('mmpretrain')
+        return MODELS.build(dict(
+            type='ImageClassifier',
+            backbone=dict(type='ResNet_CIFAR', depth=18, num_stages=3,
+                          stem_channels=16, base_channels=16,
+                          strides=(1, 2, 2), dilations=(1, 1, 1),
+                          out_indices=(2, )),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=10, in_channels=64)))
+
+    return make
