@@ -70,6 +70,7 @@ class MultiPrecisionQAT(BaseModel):
         self.loss_mode = loss_mode
         self.bits = model_bits(architecture)
         self.pskd = None
+        self.bit_sampler = None  # set by HASBHook for mixed precision
         if distill is not None:
             num_classes = getattr(getattr(architecture, 'head', None),
                                   'num_classes', None)
@@ -120,7 +121,11 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
     log_vars, total = OrderedDict(), 0
     try:
         for bit in module.bits:
-            set_bits(module.architecture, bit)
+            if module.bit_sampler is None:
+                set_bits(module.architecture, bit)
+            else:
+                log_vars['avg_bit' + bit_tag(bit)] = torch.tensor(
+                    module.bit_sampler.apply(module.architecture, bit))
             with optim_wrapper.optim_context(module):
                 if targets is None:
                     losses = forward(data, mode='loss')

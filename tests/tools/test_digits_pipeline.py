@@ -163,3 +163,26 @@ def test_dist_train_on_cpu_with_gloo(digits):
     assert done.returncode == 0, log[-4000:]
     assert 'accuracy/top1@w2a2' in log
     assert osp.exists(work / 'epoch_1.pth')
+
+
+def test_hasb_hook_switches_layers_after_warmup(digits):
+    import re
+    cfg = osp.join(digits['folder'], 'hasb.py')
+    with open(cfg, 'w') as f:
+        f.write(f"_base_ = {digits['qat_cfg']!r}\n"
+                "custom_hooks = [dict(type='mmdrq.HASBHook', uniform=True, "
+                "sigma=1.0, warmup_epochs=1)]\n"
+                "train_cfg = dict(max_epochs=2, val_interval=2)\n")
+    _, log = run_tool(osp.join(TOOLS, 'train.py'), cfg, '--work-dir',
+                      digits['folder'] / 'hasb')
+    epochs = {}
+    for line in log.splitlines():
+        match = re.search(r'Epoch\(train\)\s+\[(\d+)\].*avg_bit@w8a8: '
+                          r'([\d.]+)', line)
+        if match:
+            epochs.setdefault(int(match.group(1)), []).append(
+                float(match.group(2)))
+    assert set(epochs) == {1, 2}
+    assert all(v == 8.0 for v in epochs[1])  # warm-up: sigma 0
+    assert all(v < 8.0 for v in epochs[2])  # sigma 1: uniform draws
+    assert 'accuracy/top1@w2a2' in log

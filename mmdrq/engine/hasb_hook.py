@@ -1,0 +1,92 @@
+"""HASB: Hessian-aware stochastic bit switching during SuperNet training."""
+from typing import Optional
+
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+
+from mmdrq.quantization import get_bits
+from mmdrq.quantization.bit_sampler import BitSampler, hasb_probabilities
+from mmdrq.registry import HOOKS
+
+
+def sigma_schedule(epoch: int, max_epochs: int, sigma_max: float,
+                   warmup_epochs: int) -> float:
+    """sigma_t = 0 in the warm-up, then sigma_max * (epoch + 1) / E
+    (method.md §4; epochs count from 0)."""
+    if epoch < warmup_epochs:
+        return 0.0
+    return sigma_max * (epoch + 1) / max_epochs
+
+
+@HOOKS.register_module()
+class HASBHook(Hook):
+    """Drives per-layer bit sampling of an mmdrq ``MultiPrecisionQAT`` model.
+
+    Before training it reads per-layer Hessian traces (``traces``: a file of
+    ``tools/hessian.py``; ``uniform=True`` skips them: every layer samples
+    uniformly, the ablation), sets each layer's bit distribution and hands a
+    seeded ``BitSampler`` to the model. Each epoch sets sigma_t; each
+    iteration reseeds the sampler from (seed, iteration), so draws agree
+    across DDP ranks and after resume.
+
+    Args:
+        traces: path of the traces JSON.
+        sigma: sigma_max.
+        warmup_epochs: epochs with sigma_t = 0.
+        seed: base seed of the draws.
+        uniform: sample every layer uniformly (no traces needed).
+    """
+    priority = 'NORMAL'
+
+    def __init__(self, traces: Optional[str] = None, sigma: float = 0.5,
+                 warmup_epochs: int = 0, seed: int = 0,
+                 uniform: bool = False):
+        if traces is None and not uniform:
+            raise ValueError('HASBHook needs traces=<file from '
+                             'tools/hessian.py> (or uniform=True)')
+        if not 0.0 <= sigma <= 1.0:
+            raise ValueError(f'HASBHook sigma must lie in [0, 1], got {sigma}')
+        self.traces = traces
+        self.sigma = sigma
+        self.warmup_epochs = warmup_epochs
+        self.seed = seed
+        self.uniform = uniform
+
+    @staticmethod
+    def _qat_model(runner):
+        model = runner.model.module if is_model_wrapper(runner.model) \
+            else runner.model
+        if not hasattr(model, 'architecture'):
+            raise TypeError('HASBHook needs mmdrq.MultiPrecisionQAT, got '
+                            f'{type(model).__name__}')
+        return model
+
+    def before_train(self, runner):
+        model = self._qat_model(runner)
+        names = list(get_bits(model.architecture))
+        if self.uniform:
+            values = {name: 0.0 for name in names}
+        else:
+            from mmdrq.search.hessian import load_traces
+            loaded = load_traces(self.traces, model)
+            values = {n: loaded[n]['trace_per_param'] for n in names}
+        probabilities = hasb_probabilities(values, model.bits)
+        model.bit_sampler = BitSampler(probabilities, model.bits, self.seed)
+        sensitive = sum(1 for v in values.values()
+                        if v >= sum(values.values()) / len(values))
+        print_log(f'HASB: {sensitive if not self.uniform else 0} of '
+                  f'{len(names)} layers sensitive, sigma_max={self.sigma}, '
+                  f'warm-up {self.warmup_epochs} epochs', logger='current')
+
+    def before_train_epoch(self, runner):
+        sampler = self._qat_model(runner).bit_sampler
+        sampler.sigma = sigma_schedule(runner.epoch, runner.max_epochs,
+                                       self.sigma, self.warmup_epochs)
+        runner.message_hub.update_scalar('train/hasb_sigma', sampler.sigma)
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self._qat_model(runner).bit_sampler.reseed(runner.iter)
+
+    def after_train(self, runner):
+        self._qat_model(runner).bit_sampler = None
