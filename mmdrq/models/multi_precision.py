@@ -3,11 +3,13 @@ from collections import OrderedDict
 from typing import Callable, Dict, Optional, Union
 
 import torch
+from mmengine.logging import print_log
 from mmengine.model import BaseModel, MMDistributedDataParallel
 from mmengine.optim import OptimWrapper
 from torch import nn
 
 from mmdrq.quantization import model_bits, quantize_model, set_bits
+from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from .pskd import PSKDTargets, soft_cross_entropy
 
@@ -42,6 +44,10 @@ class MultiPrecisionQAT(BaseModel):
             (classification only): every bit learns from soft targets built
             with the highest bit's predictions of the previous epoch,
             instead of the head's own loss.
+        transitional_bn: ``dict(input_shape=(1, 3, H, W))`` replaces the
+            switchable BNs by transitional ones (one BN per pair of input
+            and own bit, mixed precision); the shape feeds one forward that
+            finds which layer feeds which.
         data_preprocessor: given to the architecture when its config has
             none (the Runner passes a config's top-level one here).
         init_cfg: MMEngine init config of the wrapper.
@@ -52,6 +58,7 @@ class MultiPrecisionQAT(BaseModel):
                  quantizer: Optional[dict] = None,
                  loss_mode: str = 'per_bit',
                  distill: Optional[dict] = None,
+                 transitional_bn: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         if loss_mode not in LOSS_MODES:
@@ -66,6 +73,13 @@ class MultiPrecisionQAT(BaseModel):
             data_preprocessor=getattr(architecture, 'data_preprocessor', None),
             init_cfg=init_cfg)
         quantize_model(architecture, dict(quantizer or {}))
+        if transitional_bn is not None:
+            shape = tuple(transitional_bn['input_shape'])
+            rows = to_transitional(architecture, lambda m: m(
+                torch.zeros(shape), mode='tensor'))
+            architecture.mmdrq_report += rows
+            print_log('mmdrq transitional BN:\n' + '\n'.join(
+                ' | '.join(r) for r in rows), logger='current')
         self.architecture = architecture
         self.loss_mode = loss_mode
         self.bits = model_bits(architecture)

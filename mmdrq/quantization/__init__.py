@@ -6,11 +6,12 @@ from .config import QuantizeConfig
 from .convert import quantize_model
 from .layers import BitSwitchable, QConv2d, QLinear
 from .switchable_bn import SwitchableBatchNorm
+from .transitional_bn import TransitionalBatchNorm, to_transitional
 from .weight_quantizer import DoubleRoundingQuantizer
 
 __all__ = [
     'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer', 'QConv2d',
-    'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm', 'check_bits',
+    'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm', 'TransitionalBatchNorm', 'check_bits',
     'get_bits', 'model_bits', 'quantize_model', 'set_bits', 'set_layer_bits',
-    'use_bits'
+    'to_transitional', 'use_bits'
 ]

@@ -8,7 +8,6 @@ from typing import Dict, Iterator, Tuple, Union
 from torch import nn
 
 from .layers import BitSwitchable, _QuantLayer
-from .switchable_bn import SwitchableBatchNorm
 
 
 def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -37,14 +36,17 @@ def set_bits(model: nn.Module, bit: int) -> nn.Module:
         raise ValueError(f'bit {bit!r} is not in the model\'s bits {list(bits)}')
     for _, module in modules:
         module.bit = bit
+        if hasattr(module, 'prev_bit'):
+            module.prev_bit = bit
     return model
 
 
 def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
     """Give the named quantized layers their own bits (mixed precision).
 
-    A switchable BN whose producing layer is named follows that layer's bit.
-    Names not given keep their current bit.
+    A switchable or transitional BN follows the bit of the layer feeding it
+    (and, if transitional, the bit of the layer before). Names not given
+    keep their current bit.
     """
     layers = {name: m for name, m in _switchables(model)
               if isinstance(m, _QuantLayer)}
@@ -60,9 +62,12 @@ def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
     for name, bit in layer_bits.items():
         layers[name].bit = bit
     for _, module in _switchables(model):
-        if isinstance(module, SwitchableBatchNorm) and \
-                module.source in layer_bits:
-            module.bit = layer_bits[module.source]
+        source = getattr(module, 'source', None)
+        if source in layers:
+            module.bit = layers[source].bit
+        previous = getattr(module, 'previous', None)
+        if previous in layers:
+            module.prev_bit = layers[previous].bit
     return model
 
 
@@ -76,7 +81,8 @@ def get_bits(model: nn.Module) -> Dict[str, int]:
 def use_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
     """Run ``model`` at ``bits`` (one int, or per-layer) inside the block and
     restore every module's previous bit afterwards."""
-    saved = [(m, m.bit) for _, m in _switchables(model)]
+    saved = [(m, m.bit, getattr(m, 'prev_bit', None))
+             for _, m in _switchables(model)]
     try:
         if isinstance(bits, dict):
             set_layer_bits(model, bits)
@@ -84,5 +90,7 @@ def use_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
             set_bits(model, bits)
         yield model
     finally:
-        for module, bit in saved:
+        for module, bit, prev_bit in saved:
             module.bit = bit
+            if prev_bit is not None:
+                module.prev_bit = prev_bit

@@ -1,0 +1,60 @@
+"""Which quantized layer feeds which: found from one forward's autograd graph.
+
+Forward hooks tag every quantized layer's output node; from each layer's
+input node the graph is walked backwards until tagged nodes are reached.
+Exactly one reached layer is that layer's producer; none (the input comes
+from FP layers only) or several (residual sums, concatenations) leave it
+unknown, and callers fall back to something that needs no producer.
+"""
+from collections import deque
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from .layers import _QuantLayer
+
+
+def input_producers(model: nn.Module,
+                    run_forward: Callable[[nn.Module], object]
+                    ) -> Dict[str, Optional[str]]:
+    """Layer name -> name of the unique quantized layer producing its input
+    (None when there is no unique one). ``run_forward(model)`` runs one
+    forward; gradients are enabled for it, nothing is updated."""
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, _QuantLayer)}
+    outputs, inputs, handles = {}, {}, []
+    for name, layer in layers.items():
+        def pre(module, args, name=name):
+            if args and isinstance(args[0], torch.Tensor):
+                inputs[name] = args[0].grad_fn
+
+        def post(module, args, out, name=name):
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                outputs[out.grad_fn] = name
+        handles += [layer.register_forward_pre_hook(pre),
+                    layer.register_forward_hook(post)]
+    try:
+        with torch.enable_grad():
+            run_forward(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: _unique_producer(inputs.get(name), outputs)
+            for name in layers}
+
+
+def _unique_producer(start, outputs) -> Optional[str]:
+    if start is None:
+        return None
+    found, seen, queue = set(), {start}, deque([start])
+    while queue:
+        node = queue.popleft()
+        if node in outputs:
+            found.add(outputs[node])
+            continue
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return found.pop() if len(found) == 1 else None
