@@ -12,6 +12,8 @@ from mmengine.registry import MODELS, init_default_scope
 
 import mmdrq
 from mmdrq.engine import ALRSOptimWrapper
+from mmdrq.quantization import TransitionalBatchNorm
+from mmdrq.quantization.bit_sampler import BitSampler
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = sorted(
@@ -55,7 +57,20 @@ def test_config_trains_and_validates_one_iteration(path):
     assert isinstance(optim_wrapper, ALRSOptimWrapper)
     assert optim_wrapper.bits == bits
     assert 'paper' in open(path).read()  # says which table row it targets
-    assert cfg.load_from.startswith('https://download.openmmlab.com/')
+    mixed = '-mp-' in osp.basename(path)
+    if mixed:  # from a multi-precision run, with HASB driven by its traces
+        assert cfg.load_from.startswith(cfg.multi_precision_dir)
+        hook = cfg.custom_hooks[0]
+        assert hook.type == 'mmdrq.HASBHook' and \
+            hook.traces.startswith(cfg.multi_precision_dir)
+        names = list(mmdrq.get_bits(model.architecture))
+        model.bit_sampler = BitSampler(
+            {n: [1 / len(bits)] * len(bits) for n in names}, bits)
+        model.bit_sampler.sigma = 1.0
+        assert any(isinstance(m, TransitionalBatchNorm)
+                   for m in model.modules())
+    else:
+        assert cfg.load_from.startswith('https://download.openmmlab.com/')
     alrs = [g for g in optim_wrapper.optimizer.param_groups if g.get('alrs')]
     assert len(alrs) == 1 and alrs[0]['weight_decay'] == 0.0
 
@@ -64,6 +79,8 @@ def test_config_trains_and_validates_one_iteration(path):
     log_vars = model.train_step(synthetic_batch(), optim_wrapper)
     for bit in bits:
         assert torch.isfinite(log_vars[f'loss@w{bit}a{bit}'])
+        assert not mixed or log_vars[f'avg_bit@w{bit}a{bit}'] in bits or \
+            min(bits) < log_vars[f'avg_bit@w{bit}a{bit}'] < max(bits)
     changed = [n for n, p in model.named_parameters()
                if not torch.equal(before[n], p)]
     assert any('weight_quantizer.scale' in n for n in changed)
