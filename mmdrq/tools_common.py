@@ -35,3 +35,31 @@ def _init_cpu_process_group():
     import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo')
+
+
+def build_model_from_config(cfg: Config):
+    """The model a config describes, built as the Runner builds it (a
+    top-level ``data_preprocessor`` goes into ``cfg.model``), plus the
+    converted architecture inside it. Weights are not loaded.
+
+    Either ``cfg.model`` is mmdrq's QAT wrapper, or it is a plain model and
+    ``quantizer=dict(...)`` at the top level says how to convert it.
+    """
+    from mmengine.registry import MODELS, init_default_scope
+
+    from mmdrq.quantization import quantize_model
+    init_default_scope(cfg.get('default_scope', 'mmdrq'))
+    model_cfg = cfg.model.copy()
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    model = MODELS.build(model_cfg)
+    architecture = getattr(model, 'architecture', None)
+    if architecture is not None and \
+            getattr(architecture, 'mmdrq_config', None) is not None:
+        return model, architecture
+    if 'quantizer' not in cfg:
+        raise KeyError(f'config model type {cfg.model.get("type")!r} is not '
+                       'an mmdrq wrapper and the config has no top-level '
+                       "'quantizer' key: nothing says how to quantize it")
+    quantize_model(model, cfg.quantizer)
+    return model, model

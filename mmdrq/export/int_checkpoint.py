@@ -11,6 +11,7 @@ import zipfile
 import torch
 from torch import nn
 
+from mmdrq.quantization.bit_control import set_layer_bits
 from mmdrq.quantization.layers import _QuantLayer
 from mmdrq.utils import atomic_torch_save
 from mmdrq.version import __version__
@@ -39,8 +40,12 @@ def _signature(model: nn.Module) -> list:
     return [[k, list(v.shape)] for k, v in model.state_dict().items()]
 
 
-def save_int(model: nn.Module, path: str) -> dict:
+def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
     """Write ``model``'s integer checkpoint to ``path`` atomically.
+
+    ``layer_bits`` (a SubNet: layer name -> bit) is recorded, and
+    ``load_int`` switches the model to it; the integers stay INT-h, so every
+    other SubNet remains derivable from the same file.
 
     Returns the size breakdown in bytes: ``int_bytes`` (packed integers),
     ``scale_bytes`` and ``fp32_bytes`` (the same layers' FP32 weights).
@@ -66,7 +71,16 @@ def save_int(model: nn.Module, path: str) -> dict:
         sizes['scale_bytes'] += scale.numel() * scale.element_size()
         sizes['fp32_bytes'] += module.weight.numel() * 4
     first = next(iter(layers.values()))
-    meta = dict(
+    if layer_bits is not None:
+        unknown = sorted(set(layer_bits) - set(layers))
+        if unknown:
+            raise KeyError(f'SubNet names layers the model lacks: {unknown}')
+        bad = {n: b for n, b in layer_bits.items() if b not in first.bits}
+        if bad:
+            raise ValueError(f'SubNet bits {bad} are not in the model\'s '
+                             f'bits {list(first.bits)}')
+        layer_bits = {n: int(b) for n, b in layer_bits.items()}
+    meta = dict(layer_bits=layer_bits,
         format=FORMAT, format_version=FORMAT_VERSION,
         mmdrq_version=__version__, bits=list(first.bits),
         options=_layer_options(first), model=type(model).__name__,
@@ -139,4 +153,6 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
         state[name + '.weight'] = q * view
         state[name + '.weight_quantizer.scale'] = scale
     model.load_state_dict(state, strict=True)
+    if meta.get('layer_bits'):
+        set_layer_bits(model, meta['layer_bits'])
     return model

@@ -348,3 +348,19 @@ def test_per_tensor_scales_from_config_round_trip(make_tiny_cnn, tmp_path):
         for bit in (8, 4, 2):
             with mmdrq.use_bits(model, bit), mmdrq.use_bits(again, bit):
                 assert torch.equal(model(x), again(x))
+
+
+def test_subnet_bits_are_recorded_and_applied(make_tiny_cnn, tmp_path):
+    import mmdrq
+    model = mmdrq.quantize_model(make_tiny_cnn(0), bits=[8, 4, 2])
+    model(torch.randn(2, 3, 8, 8))
+    subnet = {'conv1': 2, 'conv2': 8, 'conv3': 4, 'fc1': 2}
+    path = str(tmp_path / 'subnet.pth')
+    mmdrq.save_int(model, path, layer_bits=subnet)
+    again = mmdrq.quantize_model(make_tiny_cnn(1), bits=[8, 4, 2])
+    mmdrq.load_int(again, path)
+    assert mmdrq.get_bits(again) == subnet
+    with pytest.raises(KeyError, match='conv9'):
+        mmdrq.save_int(model, path, layer_bits={'conv9': 2})
+    with pytest.raises(ValueError, match='conv1.*6'):
+        mmdrq.save_int(model, path, layer_bits={'conv1': 6})

@@ -130,8 +130,7 @@ def test_test_tool_reports_every_bit(digits, qat_run):
 def test_export_int_reloads_bit_exact(digits, qat_run):
     from mmengine.config import Config
     from mmengine.runner import load_checkpoint
-    sys.path.insert(0, TOOLS)
-    from export_int import build_quantized
+    from mmdrq.tools_common import build_model_from_config as build_quantized
     work, _ = qat_run
     out = digits['folder'] / 'int8.pth'
     _, log = run_tool(osp.join(TOOLS, 'export_int.py'), digits['qat_cfg'],
