@@ -9,47 +9,30 @@ For an mmdrq model the test loop becomes MultiBitTestLoop: every bit (or
 """
 import argparse
 import json
-import os
-import os.path as osp
 
-from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
-from mmdrq.tools_common import is_qat_config, prepare_launch
+from mmdrq.tools_common import (add_common_args, is_qat_config, load_config,
+                                prepare_launch)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description='Test a model per bit')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='the dir to save logs')
     parser.add_argument('--bits', type=int, nargs='+',
                         help='bit-widths to test (default: all)')
     parser.add_argument('--subnets', nargs='+',
                         help='SubNet JSON files (per-layer bits) to test')
     parser.add_argument('--out', help='write the metrics as JSON here')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value')
-    parser.add_argument('--launcher', default='none',
-                        choices=['none', 'pytorch', 'slurm', 'mpi'])
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_common_args(parser)
+    return parser.parse_args()
 
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args)
     cfg.load_from = args.checkpoint
     if is_qat_config(cfg):
         test_cfg = dict(cfg.get('test_cfg') or {})

@@ -126,7 +126,7 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
         raise ValueError(f'{type(model).__name__} is already quantized with '
                          f'bits={list(model.mmdrq_config.bits)}')
     plan, supported = _plan(model, cfg)
-    rows, last_layer = [], {}
+    rows = []
     for name, module, reason in plan:
         if reason is None:
             new = supported[type(module)].from_float(

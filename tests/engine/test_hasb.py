@@ -1,6 +1,5 @@
 """HASB: sigma schedule, bit distributions, seeded sampling."""
 import pytest
-import torch
 from scipy.stats import chisquare
 
 import mmdrq
