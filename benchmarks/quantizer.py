@@ -39,7 +39,6 @@ def timeit(fn, device, repeat=10, warmup=3):
 
 def build(name):
     from mmengine.registry import init_default_scope
-    from mmpretrain.models import ImageClassifier  # noqa: F401 (registers)
     from mmpretrain.registry import MODELS
     init_default_scope('mmpretrain')
     depth = {'resnet18': 18, 'resnet50': 50}[name]
@@ -58,15 +57,19 @@ def bench_fake_quant(device, numel, bits):
     quantizer = DoubleRoundingQuantizer(bits, num_channels=weight.shape[0])
     quantizer.to(device)
     grad = torch.randn_like(weight)
-    copy_time = timeit(lambda: weight.detach().clone(), device)
+    target = torch.empty_like(weight)
+    # the bandwidth reference: read and write every element once
+    copy_time = timeit(lambda: target.copy_(weight.detach()), device,
+                       repeat=30)
     rows = []
     for bit in bits:
-        fwd = timeit(lambda: quantizer(weight.detach(), bit), device)
+        fwd = timeit(lambda: quantizer(weight.detach(), bit), device,
+                     repeat=30)
 
         def fwd_bwd():
             out = quantizer(weight, bit)
             out.backward(grad)
-        both = timeit(fwd_bwd, device)
+        both = timeit(fwd_bwd, device, repeat=30)
         rows.append(dict(bit=bit, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3,
                          copy_ms=copy_time * 1e3,
                          fwd_vs_copy=copy_time / fwd,

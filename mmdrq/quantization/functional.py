@@ -77,7 +77,9 @@ class _FakeQuant(torch.autograd.Function):
         lo, hi = ctx.l_range
         v = x / step
         inside = (v >= lo) & (v <= hi)
-        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        # where() instead of a float * bool product: no type promotion
+        grad_x = torch.where(inside, grad_out, 0.0) \
+            if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
             # d(q * step)/d step with STE: q - v inside the range, q (the
