@@ -1,0 +1,76 @@
+"""Per-layer costs of a converted model: MACs per image and weight counts,
+and the budgets they give a SubNet (average bits, BitOps, bytes)."""
+from typing import Callable, Dict, Union
+
+import torch
+from torch import nn
+
+from mmdrq.quantization.layers import _QuantLayer
+
+
+def layer_costs(model: nn.Module,
+                inputs: Union[torch.Tensor, Callable[[nn.Module], object]]
+                ) -> Dict[str, dict]:
+    """``{layer: dict(macs=..., params=...)}`` for every quantized layer,
+    MACs per image of one forward (``model(inputs)``, or ``inputs(model)``
+    when it is a callable); a layer run several times (shared detection
+    heads) sums its calls."""
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, _QuantLayer)}
+    costs = {n: dict(macs=0, params=m.weight.numel())
+             for n, m in layers.items()}
+    handles = []
+    for name, layer in layers.items():
+        def hook(module, args, out, name=name):
+            costs[name]['macs'] += _macs(module, args[0], out)
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            inputs(model) if callable(inputs) else model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return costs
+
+
+def _macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
+    batch = x.shape[0] if x.dim() > 1 else 1
+    if isinstance(module, nn.Conv2d):
+        per_output = (module.in_channels // module.groups) * \
+            module.kernel_size[0] * module.kernel_size[1]
+        return out.numel() // batch * per_output
+    # Linear: every output element is one dot product of in_features
+    return out.numel() // batch * module.in_features
+
+
+def fp_bytes(model: nn.Module) -> int:
+    """Bytes of everything stored as it is: parameters and persistent
+    buffers other than the quantized layers' weights."""
+    quantized = {id(m.weight) for m in model.modules()
+                 if isinstance(m, _QuantLayer)}
+    tensors = [p for p in model.parameters() if id(p) not in quantized]
+    tensors += list(model.state_dict(keep_vars=True).values())
+    seen, total = set(), 0
+    for t in tensors:
+        if id(t) in seen or id(t) in quantized:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def average_bits(layer_bits: Dict[str, int]) -> float:
+    """Plain mean over layers (the paper's average bit-width)."""
+    return sum(layer_bits.values()) / len(layer_bits)
+
+
+def bitops(layer_bits: Dict[str, int], costs: Dict[str, dict]) -> int:
+    """sum MACs * w-bits * a-bits; a layer's bit applies to both."""
+    return sum(costs[n]['macs'] * b * b for n, b in layer_bits.items())
+
+
+def model_size_bytes(layer_bits: Dict[str, int], costs: Dict[str, dict],
+                     fp: float = 0) -> float:
+    """Quantized weights at their bits plus the FP bytes ``fp``."""
+    return sum(costs[n]['params'] * b / 8
+               for n, b in layer_bits.items()) + fp
