@@ -34,6 +34,8 @@ class _MultiBitMixin:
     def _init_settings(self, bits, subnets, key):
         model = self.runner.model
         model = model.module if is_model_wrapper(model) else model
+        # SubNet files name layers of the converted model, not the wrapper
+        model = getattr(model, 'architecture', model)
         available = model_bits(model)
         if bits == 'all':
             bits = list(available)

@@ -185,3 +185,82 @@ def test_hasb_hook_switches_layers_after_warmup(digits):
     assert all(v == 8.0 for v in epochs[1])  # warm-up: sigma 0
     assert all(v < 8.0 for v in epochs[2])  # sigma 1: uniform draws
     assert 'accuracy/top1@w2a2' in log
+
+
+@pytest.fixture(scope='module')
+def traces(digits, qat_run):
+    work, _ = qat_run
+    out = digits['folder'] / 'traces.json'
+    _, log = run_tool(osp.join(TOOLS, 'hessian.py'), digits['qat_cfg'],
+                      work / 'epoch_2.pth', '--out', out, '--num-samples',
+                      '64', '--max-probes', '4')
+    assert 'most sensitive layers' in log
+    return out
+
+
+def test_search_evaluates_subnets_without_retraining(digits, qat_run,
+                                                     traces):
+    work, _ = qat_run
+    out_dir = digits['folder'] / 'search'
+    _, log = run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
+                      work / 'epoch_2.pth', '--traces', traces, '--kind',
+                      'avg_bits', '--budgets', '3', '5', '--input-shape', '1',
+                      '3', '16', '16', '--work-dir', out_dir)
+    results = json.loads((out_dir / 'search.json').read_text())
+    assert [s['name'] for s in results['subnets']] == [
+        'subnet_avg_bits_3', 'subnet_avg_bits_5']
+    for entry in results['subnets']:
+        assert entry['avg_bits'] <= entry['budget'] + 1e-9
+        assert 0 <= entry['accuracy/top1'] <= 100
+    assert [u['name'] for u in results['uniform']] == [
+        'w8a8', 'w6a6', 'w4a4', 'w2a2']
+    assert osp.exists(out_dir / 'pareto_avg_bits.png')
+    # the SubNet files go to tools/test.py and the integer export
+    subnet = out_dir / 'subnet_avg_bits_3.json'
+    _, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
+                      work / 'epoch_2.pth', '--work-dir', out_dir,
+                      '--bits', '8', '--subnets', subnet)
+    assert 'accuracy/top1@subnet_avg_bits_3' in log
+    run_tool(osp.join(TOOLS, 'export_int.py'), digits['qat_cfg'],
+             work / 'epoch_2.pth', out_dir / 'subnet3.pth', '--subnet',
+             subnet)
+    # infeasible budget and a SubNet naming layers the model lacks
+    _, log = run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
+                      work / 'epoch_2.pth', '--traces', traces, '--budgets',
+                      '1', '--no-eval', '--input-shape', '1', '3', '16',
+                      '16', '--work-dir', out_dir, expect_ok=False)
+    assert 'avg_bits budget 1 is infeasible' in log and '[2, 8]' in log
+    bad = out_dir / 'bad.json'
+    bad.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
+    _, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
+                      work / 'epoch_2.pth', '--work-dir', out_dir,
+                      '--subnets', bad, expect_ok=False)
+    assert 'backbone.nope' in log
+
+
+def test_mixed_precision_supernet_with_hasb(digits, qat_run, traces):
+    import re
+    work, _ = qat_run
+    cfg = osp.join(digits['folder'], 'mp.py')
+    with open(cfg, 'w') as f:
+        f.write(f"_base_ = {digits['qat_cfg']!r}\n"
+                "model = dict(transitional_bn=dict(input_shape=(1, 3, 16, "
+                "16)))\n"
+                f"load_from = {str(work / 'epoch_2.pth')!r}\n"
+                f"custom_hooks = [dict(type='mmdrq.HASBHook', traces="
+                f"{str(traces)!r}, sigma=1.0)]\n"
+                "train_cfg = dict(max_epochs=1, val_interval=1)\n")
+    _, log = run_tool(osp.join(TOOLS, 'train.py'), cfg, '--work-dir',
+                      digits['folder'] / 'mp')
+    assert 'TransitionalBatchNorm' in log and 'HASB:' in log
+    averages = [float(v) for v in re.findall(r'avg_bit@w8a8: ([\d.]+)', log)]
+    assert averages and all(v < 8.0 for v in averages)
+    # a traces file of another model is refused
+    other = digits['folder'] / 'other_traces.json'
+    content = json.loads(traces.read_text())
+    content['layers'].pop(next(iter(content['layers'])))
+    other.write_text(json.dumps(content))
+    _, log = run_tool(osp.join(TOOLS, 'train.py'), cfg, '--work-dir',
+                      digits['folder'] / 'mp_bad', '--cfg-options',
+                      f'custom_hooks.0.traces={other}', expect_ok=False)
+    assert 'another model' in log
