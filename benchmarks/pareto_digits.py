@@ -1,0 +1,104 @@
+"""Mixed precision on the digits example: Pareto fronts of SubNets searched
+in a HASB SuperNet vs a uniformly switched SuperNet, with the uniform-bit
+models alongside, over average bit-widths 2.5 to 7. Every step is a tool:
+train.py (FP32, multi-precision, two SuperNets), hessian.py,
+search_subnet.py (ILP + evaluation without retraining).
+
+    python benchmarks/pareto_digits.py [--work-dir ...] [--supernet-epochs 5]
+
+Prints a table and saves benchmarks/results/pareto_digits.json and .png.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+HERE = osp.dirname(osp.abspath(__file__))
+TOOLS = osp.join(HERE, '..', 'tools')
+sys.path.insert(0, TOOLS)
+from digits_example import (CONFIGS, FP32_CONFIG, QAT_CONFIG,  # noqa: E402
+                            data_options, run_tool, train_and_test)
+from prepare_digits import write_digits  # noqa: E402
+
+MP_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq-mp_8642.py')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--work-dir', default='work_dirs/pareto_digits')
+    parser.add_argument('--data-root', default='data/digits')
+    parser.add_argument('--fp32-epochs', type=int, default=30)
+    parser.add_argument('--qat-epochs', type=int, default=10)
+    parser.add_argument('--supernet-epochs', type=int, default=5)
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args()
+    work, root = osp.abspath(args.work_dir), osp.abspath(args.data_root)
+    write_digits(root)
+    _, fp_ckpt, _ = train_and_test(FP32_CONFIG, osp.join(work, 'fp32'), root,
+                                   args.fp32_epochs, args.seed)
+    multi, mp_ckpt, _ = train_and_test(
+        QAT_CONFIG, osp.join(work, 'multi'), root, args.qat_epochs, args.seed,
+        [f'load_from={fp_ckpt}'])
+    traces = osp.join(work, 'traces.json')
+    run_tool([osp.join(TOOLS, 'hessian.py'), QAT_CONFIG, mp_ckpt, '--out',
+              traces, '--num-samples', '512', '--cfg-options',
+              *data_options(root)], osp.join(work, 'hessian.log'))
+    fronts = {}
+    for name, hook in (('hasb', [f'custom_hooks.0.traces={traces}']),
+                       ('uniform', ['custom_hooks.0.uniform=True',
+                                    'custom_hooks.0.traces=None'])):
+        _, ckpt, _ = train_and_test(
+            MP_CONFIG, osp.join(work, name), root, args.supernet_epochs,
+            args.seed, [f'load_from={mp_ckpt}', *hook])
+        out = osp.join(work, name, 'search')
+        run_tool([osp.join(TOOLS, 'search_subnet.py'), MP_CONFIG, ckpt,
+                  '--traces', traces, '--kind', 'avg_bits', '--range', '2.5',
+                  '7', '--steps', '10', '--input-shape', '1', '3', '16',
+                  '16', '--work-dir', out, '--cfg-options',
+                  *data_options(root)], osp.join(work, f'search_{name}.log'))
+        with open(osp.join(out, 'search.json')) as f:
+            fronts[name] = json.load(f)
+    report(fronts, multi)
+
+
+def report(fronts, multi):
+    metric = fronts['hasb']['metric']
+    print(f'\n{metric} (%) of searched SubNets by average-bit budget\n')
+    print('| budget | HASB SuperNet | uniform-switching SuperNet |')
+    print('|---|---|---|')
+    for hasb, uni in zip(fronts['hasb']['subnets'],
+                         fronts['uniform']['subnets']):
+        print(f'| {hasb["budget"]:.2f} | {hasb[metric]:.2f} '
+              f'(avg {hasb["avg_bits"]:.2f}) | {uni[metric]:.2f} '
+              f'(avg {uni["avg_bits"]:.2f}) |')
+    print('\nuniform bits: ' + ', '.join(
+        f'{u["name"]} {u[metric]:.2f} (multi-precision model '
+        f'{multi[metric + "@" + u["name"]]:.2f})'
+        for u in fronts['hasb']['uniform']))
+    out = osp.join(HERE, 'results')
+    os.makedirs(out, exist_ok=True)
+    with open(osp.join(out, 'pareto_digits.json'), 'w') as f:
+        json.dump(dict(fronts=fronts, multi_precision=multi), f, indent=1)
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (('hasb', 'o-'), ('uniform', 's--')):
+        pts = sorted((e['avg_bits'], e[metric])
+                     for e in fronts[name]['subnets'])
+        ax.plot(*zip(*pts), style, label=f'{name} SuperNet SubNets')
+    pts = sorted((e['avg_bits'], e[metric])
+                 for e in fronts['hasb']['uniform'])
+    ax.plot(*zip(*pts), 'k^', label='uniform bits (HASB SuperNet)')
+    ax.set_xlabel('average bit-width')
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    ax.set_title('digits: mixed-precision Pareto fronts')
+    fig.tight_layout()
+    fig.savefig(osp.join(out, 'pareto_digits.png'), dpi=120)
+    print(f'saved {out}/pareto_digits.json and pareto_digits.png')
+
+
+if __name__ == '__main__':
+    main()
