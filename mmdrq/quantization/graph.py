@@ -20,7 +20,9 @@ def input_producers(model: nn.Module,
                     ) -> Dict[str, Optional[str]]:
     """Layer name -> name of the unique quantized layer producing its input
     (None when there is no unique one). ``run_forward(model)`` runs one
-    forward; gradients are enabled for it, nothing is updated."""
+    forward, in eval mode with gradients enabled; the model's state (BN
+    statistics, lazily initialised quantizer scales) is restored after it,
+    so a dummy input leaves no trace."""
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, _QuantLayer)}
     outputs, inputs, handles = {}, {}, []
@@ -34,12 +36,17 @@ def input_producers(model: nn.Module,
                 outputs[out.grad_fn] = name
         handles += [layer.register_forward_pre_hook(pre),
                     layer.register_forward_hook(post)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.eval()
     try:
         with torch.enable_grad():
             run_forward(model)
     finally:
         for handle in handles:
             handle.remove()
+        model.load_state_dict(state)
+        model.train(was_training)
     return {name: _unique_producer(inputs.get(name), outputs)
             for name in layers}
 

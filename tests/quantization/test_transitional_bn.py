@@ -102,3 +102,16 @@ def test_wrapper_option(small_classifier):
     pairs = [m for m in model.modules()
              if isinstance(m, TransitionalBatchNorm) and m.previous]
     assert pairs, 'a CIFAR ResNet has conv1 -> conv2 chains inside blocks'
+
+
+def test_tracing_forward_leaves_no_state_behind(make_tiny_cnn):
+    model = mmdrq.quantize_model(make_tiny_cnn(0), bits=BITS)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    to_transitional(model, lambda m: m(torch.zeros(2, 3, 8, 8)))
+    assert model.training
+    assert not model.conv2.act_quantizer.initialized.any()
+    assert torch.equal(model.bn2.bns['8_8'].running_mean,
+                       before['bn2.bns.8.running_mean'])
+    model(torch.randn(4, 3, 8, 8))  # the first real batch initialises
+    assert model.conv2.act_quantizer.scale[0] > 1e-6
