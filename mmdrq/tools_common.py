@@ -93,3 +93,18 @@ def build_model_from_config(cfg: Config):
                        "'quantizer' key: nothing says how to quantize it")
     quantize_model(model, cfg.quantizer)
     return model, model
+
+
+def load_trained(config: str, checkpoint: str, cfg_options=None):
+    """(cfg, model, converted architecture) of a config with the weights of
+    ``checkpoint`` loaded strictly (a checkpoint of another model is an
+    error, not a warning): what the export, Hessian and search tools start
+    from."""
+    from mmengine.runner import load_checkpoint
+    cfg = Config.fromfile(config)
+    cfg.launcher = 'none'
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    model, architecture = build_model_from_config(cfg)
+    load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
+    return cfg, model, architecture

@@ -12,12 +12,11 @@ recorded and applied on load.
 import argparse
 import os
 
-from mmengine.config import Config, DictAction
-from mmengine.runner import load_checkpoint
+from mmengine.config import DictAction
 
 import mmdrq
 from mmdrq.engine.loops import load_subnet
-from mmdrq.tools_common import build_model_from_config
+from mmdrq.tools_common import load_trained
 
 
 def main():
@@ -29,11 +28,8 @@ def main():
                         'load_int then switches to it')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    model, quantized = build_model_from_config(cfg)
-    load_checkpoint(model, args.checkpoint, map_location='cpu', strict=True)
+    _, _, quantized = load_trained(args.config, args.checkpoint,
+                                   args.cfg_options)
     layer_bits = load_subnet(args.subnet) if args.subnet else None
     sizes = mmdrq.save_int(quantized, args.out, layer_bits=layer_bits)
     stored = sizes['int_bytes'] + sizes['scale_bytes']

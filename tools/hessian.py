@@ -11,13 +11,13 @@ config's dataloader, at the highest bit, BN in eval mode; written as JSON
 import argparse
 
 import torch
-from mmengine.config import Config, DictAction
-from mmengine.runner import Runner, load_checkpoint
+from mmengine.config import DictAction
+from mmengine.runner import Runner
 from mmengine.utils import ProgressBar
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.search.hessian import model_traces, save_traces
-from mmdrq.tools_common import build_model_from_config
+from mmdrq.tools_common import load_trained
 
 
 def main():
@@ -33,11 +33,8 @@ def main():
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    model, _ = build_model_from_config(cfg)
-    load_checkpoint(model, args.checkpoint, map_location='cpu')
+    cfg, model, _ = load_trained(args.config, args.checkpoint,
+                                 args.cfg_options)
     if torch.cuda.is_available():
         model = model.cuda()
     loader = Runner.build_dataloader(cfg[f'{args.split}_dataloader'],

@@ -21,8 +21,8 @@ import os.path as osp
 
 import numpy as np
 import torch
-from mmengine.config import Config, DictAction
-from mmengine.runner import Runner, load_checkpoint
+from mmengine.config import DictAction
+from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.quantization import model_bits
@@ -30,7 +30,7 @@ from mmdrq.search.counting import (average_bits, bitops, fp_bytes,
                                    layer_costs, model_size_bytes)
 from mmdrq.search.hessian import load_traces
 from mmdrq.search.ilp import BUDGET_KINDS, feasible_range, search_subnet
-from mmdrq.tools_common import build_model_from_config, prepare_launch
+from mmdrq.tools_common import load_trained, prepare_launch
 
 
 def parse_args():
@@ -61,12 +61,8 @@ def measures(layer_bits, costs, fp):
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = 'none'
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    model, arch = build_model_from_config(cfg)
-    load_checkpoint(model, args.checkpoint, map_location='cpu')
+    cfg, model, arch = load_trained(args.config, args.checkpoint,
+                                    args.cfg_options)
     bits = model_bits(arch)
     traces = {n: v['trace_per_param']
               for n, v in load_traces(args.traces, model).items()}
