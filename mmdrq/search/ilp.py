@@ -71,7 +71,9 @@ def search_subnet(traces: Dict[str, float], costs: Dict[str, dict],
                   bounds=Bounds(0, 1),
                   constraints=[LinearConstraint(one_hot, 1, 1),
                                LinearConstraint(row[None], -np.inf,
-                                                budget - offset)])
+                                                budget - offset)],
+                  # the exact optimum, not HiGHS's default 0.01 % gap
+                  options=dict(mip_rel_gap=0))
     if not result.success:
         raise ValueError(f'{kind} budget {budget:g}: the solver found no '
                          f'SubNet ({result.message}); feasible range '

@@ -1,0 +1,95 @@
+"""Every detection and segmentation config builds its model and runs a
+forward in loss and in predict mode at every bit on synthetic input."""
+import copy
+import glob
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
+from mmengine.structures import InstanceData, PixelData
+
+import mmdrq
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'detection', '*.py')) +
+                 glob.glob(osp.join(ROOT, 'configs', 'segmentation', '*.py')))
+
+
+def offline(cfg):
+    """No pretrained files, plain BN instead of SyncBN (no process group)."""
+    if isinstance(cfg, dict):
+        for key in list(cfg):
+            if key in ('init_cfg', 'pretrained'):
+                cfg[key] = None
+            else:
+                offline(cfg[key])
+        if cfg.get('type') == 'SyncBN':
+            cfg['type'] = 'BN'
+    elif isinstance(cfg, list):
+        for item in cfg:
+            offline(item)
+
+
+def detection_batch(size=64):
+    from mmdet.structures import DetDataSample
+    samples = []
+    for i in range(2):
+        sample = DetDataSample(metainfo=dict(
+            img_shape=(size, size), ori_shape=(size, size),
+            scale_factor=(1.0, 1.0)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.tensor([[8., 12., 40., 50.], [20., 14., 60., 58.]]),
+            labels=torch.tensor([i, 2]))
+        samples.append(sample)
+    return dict(inputs=[torch.randint(0, 256, (3, size, size),
+                                      dtype=torch.uint8) for _ in range(2)],
+                data_samples=samples)
+
+
+def segmentation_batch(size=32):
+    from mmseg.structures import SegDataSample
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample(metainfo=dict(
+            img_shape=(size, size), ori_shape=(size, size),
+            pad_shape=(size, size)))
+        sample.gt_sem_seg = PixelData(
+            data=torch.randint(0, 150, (1, size, size)))
+        samples.append(sample)
+    return dict(inputs=[torch.randint(0, 256, (3, size, size),
+                                      dtype=torch.uint8) for _ in range(2)],
+                data_samples=samples)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
+def test_config_forward_at_every_bit(path):
+    torch.manual_seed(0)
+    cfg = Config.fromfile(path)
+    init_default_scope(cfg.default_scope)
+    model_cfg = copy.deepcopy(cfg.model)
+    offline(model_cfg)
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    model = MODELS.build(model_cfg)
+    bits = tuple(cfg.model.quantizer.bits)
+    assert model.bits == bits
+    assert cfg.val_cfg.type == 'mmdrq.MultiBitValLoop'
+    detection = '/detection/' in path
+    batch = detection_batch() if detection else segmentation_batch()
+    for bit in bits:
+        with mmdrq.use_bits(model.architecture, bit):
+            model.train()
+            data = model.data_preprocessor(batch, True)
+            with torch.no_grad():  # a forward is asked for; no backward
+                losses = model(**data, mode='loss')
+            loss, _ = model.parse_losses(losses)
+            assert torch.isfinite(loss), (bit, losses)
+            model.eval()
+            with torch.no_grad():
+                preds = model(**model.data_preprocessor(batch, False),
+                              mode='predict')
+            assert len(preds) == 2
+            key = 'pred_instances' if detection else 'pred_sem_seg'
+            assert key in preds[0]

@@ -1,0 +1,186 @@
+"""Detection (mmdet RetinaNet) and segmentation (mmseg DeepLabV3) through
+the real tools on tiny synthetic datasets: tools/make_tiny_datasets.py
+writes them, tools/train.py trains every bit for a few iterations and
+validates every bit, tools/test.py evaluates the checkpoint at every bit.
+Each step is a subprocess, as a user runs it. Both pipelines together take
+well under a minute on 2 CPU cores."""
+import hashlib
+import json
+import math
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOLS = osp.join(ROOT, 'tools')
+BITS = (8, 6, 4, 2)
+
+
+def run_tool(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep +
+               os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    done = subprocess.run([sys.executable] + [str(a) for a in args],
+                          capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('tiny_data')
+    coco, ade = str(folder / 'tiny_coco'), str(folder / 'tiny_ade20k')
+    log = run_tool(osp.join(TOOLS, 'make_tiny_datasets.py'), '--coco-root',
+                   coco, '--ade20k-root', ade)
+    assert 'tiny COCO written' in log and 'tiny ADE20K written' in log
+    return dict(coco=coco, ade20k=ade)
+
+
+def _digest(folder):
+    digest = hashlib.sha256()
+    for base, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            path = osp.join(base, name)
+            digest.update(osp.relpath(path, folder).encode())
+            with open(path, 'rb') as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def test_tiny_datasets_are_deterministic_and_consistent(data, tmp_path):
+    import cv2
+    sys.path.insert(0, TOOLS)
+    try:
+        import make_tiny_datasets as tiny
+    finally:
+        sys.path.remove(TOOLS)
+    # same seed: the same bytes; another seed: other images
+    tiny.write_tiny_coco(str(tmp_path / 'coco'))
+    tiny.write_tiny_ade20k(str(tmp_path / 'ade'))
+    assert _digest(tmp_path / 'coco') == _digest(data['coco'])
+    assert _digest(tmp_path / 'ade') == _digest(data['ade20k'])
+    tiny.write_tiny_coco(str(tmp_path / 'coco1'), seed=1)
+    assert _digest(tmp_path / 'coco1') != _digest(data['coco'])
+    assert not [n for _, _, files in os.walk(tmp_path) for n in files
+                if n.endswith('.tmp')]
+
+    for split in ('train', 'val'):
+        with open(osp.join(data['coco'], 'annotations',
+                           f'instances_{split}.json')) as f:
+            content = json.load(f)
+        assert len(content['images']) == 8
+        assert {a['category_id'] for a in content['annotations']} == {1, 2, 3}
+        images = {i['id']: i for i in content['images']}
+        for ann in content['annotations']:
+            info = images[ann['image_id']]
+            image = cv2.imread(osp.join(data['coco'], split,
+                                        info['file_name']))
+            assert image.shape == (info['height'], info['width'], 3) == \
+                (96, 128, 3)
+            x, y, w, h = ann['bbox']
+            assert ann['iscrowd'] == 0 and 0 < ann['area'] <= w * h
+            assert x >= 0 and y >= 0 and x + w <= 128 and y + h <= 96
+            mask = np.zeros(image.shape[:2], np.uint8)
+            polygon = np.array(ann['segmentation'][0]).reshape(-1, 2)
+            cv2.fillPoly(mask, [polygon.round().astype(np.int32)], 1)
+            assert mask.sum() == ann['area']
+            # the object is drawn in its category's colour (JPEG: roughly)
+            colour = image[mask.astype(bool)].mean(0)
+            expected = tiny._COLOURS[tiny.COCO_CLASSES[ann['category_id']
+                                                       - 1]]
+            assert np.abs(colour - expected).max() < 30, (ann, colour)
+
+    for split in ('training', 'validation'):
+        names = sorted(os.listdir(osp.join(data['ade20k'], 'images', split)))
+        assert len(names) == 8
+        for name in names:
+            image = cv2.imread(osp.join(data['ade20k'], 'images', split,
+                                        name))
+            label = cv2.imread(
+                osp.join(data['ade20k'], 'annotations', split,
+                         name.replace('.jpg', '.png')), cv2.IMREAD_UNCHANGED)
+            assert label.shape == image.shape[:2] == (64, 64)
+            assert label.dtype == np.uint8
+            assert set(np.unique(label)) <= {0, 1, 2, 3}
+            assert (label[0] == 0).all() and (label[2:-2, 2:-2] != 0).all()
+            for value, kind in ((2, 'rectangle'), (3, 'ellipse')):
+                inside = label == value
+                if inside.sum() > 20:
+                    colour = image[inside].mean(0)
+                    assert np.abs(colour - tiny._COLOURS[kind]).max() < 30
+
+
+def _det_options(root):
+    ann = osp.join(root, 'annotations', 'instances_val.json')
+    return [f'{loader}.dataset.data_root={root}/'
+            for loader in ('train_dataloader', 'val_dataloader',
+                           'test_dataloader')] + [
+        f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+
+
+def _seg_options(root):
+    return [f'{loader}.dataset.data_root={root}'
+            for loader in ('train_dataloader', 'val_dataloader',
+                           'test_dataloader')]
+
+
+CASES = {
+    # name: config, dataset, --cfg-options, checkpoint, metric, valid range
+    'retinanet': ('configs/detection/retinanet_r18_drq-8642_tiny.py',
+                  'coco', _det_options, 'epoch_1.pth', 'coco/bbox_mAP',
+                  (0.0, 1.0)),
+    'deeplabv3': ('configs/segmentation/deeplabv3_r18_drq-8642_tiny.py',
+                  'ade20k', _seg_options, 'iter_4.pth', 'mIoU',
+                  (0.0, 100.0)),
+}
+
+
+def _logged(log, key):
+    """Every value logged for ``key`` (``key: value``), in order."""
+    return [float(v) for v in re.findall(
+        re.escape(key) + r': (-?[\d.]+(?:e[+-]?\d+)?|nan|-?inf)', log)]
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_train_and_test_every_bit(name, data, tmp_path):
+    config, dataset, options, ckpt, metric, (low, high) = CASES[name]
+    cfg_options = ['--cfg-options'] + options(data[dataset])
+    work = tmp_path / 'work'
+    log = run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
+                   *cfg_options)
+
+    # every bit trains every iteration (logger interval 1, 4 iterations),
+    # with finite losses, and validation covers every bit
+    assert 'mmdrq conversion of' in log
+    for bit in BITS:
+        losses = _logged(log, f'loss@w{bit}a{bit}')
+        assert len(losses) == 4, (bit, losses)
+        assert all(math.isfinite(v) and v > 0 for v in losses), (bit, losses)
+        assert _logged(log, f'w{bit}a{bit}_scale_lr')
+    assert 'val metrics per bit-width' in log
+    val = {bit: _logged(log, f'{metric}@w{bit}a{bit}') for bit in BITS}
+    assert all(val.values()), val
+    assert osp.exists(work / ckpt)
+
+    out = tmp_path / 'metrics.json'
+    log = run_tool(osp.join(TOOLS, 'test.py'), config, work / ckpt,
+                   '--work-dir', tmp_path / 'test', '--out', out,
+                   *cfg_options)
+    assert 'test metrics per bit-width' in log and '| w2a2 |' in log
+    metrics = json.loads(out.read_text())
+    print(f'\n{name} per-bit {metric} (test.py): ' + ', '.join(
+        f'w{b}a{b}={metrics[f"{metric}@w{b}a{b}"]:.4f}' for b in BITS))
+    for bit in BITS:
+        value = metrics[f'{metric}@w{bit}a{bit}']
+        assert isinstance(value, float) and low <= value <= high, \
+            (bit, value)
+        # the checkpoint reproduces the end-of-training validation at every
+        # bit (weights, per-bit BN and activation scales all reloaded)
+        assert abs(value - val[bit][-1]) < 1e-3, (bit, value, val[bit])
