@@ -6,6 +6,7 @@ Exactly one reached layer is that layer's producer; none (the input comes
 from FP layers only) or several (residual sums, concatenations) leave it
 unknown, and callers fall back to something that needs no producer.
 """
+import contextlib
 from collections import deque
 from typing import Callable, Dict, Optional
 
@@ -36,19 +37,29 @@ def input_producers(model: nn.Module,
                 outputs[out.grad_fn] = name
         handles += [layer.register_forward_pre_hook(pre),
                     layer.register_forward_hook(post)]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
+        with probe_forward(model), torch.enable_grad():
             run_forward(model)
     finally:
         for handle in handles:
             handle.remove()
-        model.load_state_dict(state)
-        model.train(was_training)
     return {name: _unique_producer(inputs.get(name), outputs)
             for name in layers}
+
+
+@contextlib.contextmanager
+def probe_forward(model: nn.Module):
+    """Run a probing forward (a dummy input) without leaving a trace: eval
+    mode inside, and the state (BN statistics, lazily initialised quantizer
+    scales) and the training mode restored afterwards."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.load_state_dict(state)
+        model.train(was_training)
 
 
 def _unique_producer(start, outputs) -> Optional[str]:

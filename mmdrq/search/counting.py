@@ -5,6 +5,7 @@ from typing import Callable, Dict, Union
 import torch
 from torch import nn
 
+from mmdrq.quantization.graph import probe_forward
 from mmdrq.quantization.layers import _QuantLayer
 
 
@@ -13,8 +14,8 @@ def layer_costs(model: nn.Module,
                 ) -> Dict[str, dict]:
     """``{layer: dict(macs=..., params=...)}`` for every quantized layer,
     MACs per image of one forward (``model(inputs)``, or ``inputs(model)``
-    when it is a callable); a layer run several times (shared detection
-    heads) sums its calls."""
+    when it is a callable), which leaves the model's state as it was; a
+    layer run several times (shared detection heads) sums its calls."""
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, _QuantLayer)}
     costs = {n: dict(macs=0, params=m.weight.numel())
@@ -25,7 +26,7 @@ def layer_costs(model: nn.Module,
             costs[name]['macs'] += _macs(module, args[0], out)
         handles.append(layer.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with probe_forward(model), torch.no_grad():
             inputs(model) if callable(inputs) else model(inputs)
     finally:
         for handle in handles:

@@ -1,10 +1,15 @@
 """Per-layer Hessian traces by Hutchinson's estimator (method.md §4).
 
-tr(H_l) = E[v_l . (H v)_l] for Rademacher probes v; H v comes from a double
-backward. Through the quantizers' straight-through estimator the traces are
-those of the STE-linearised network at the bit it runs at.
+tr(H_l) = E[v_l . (H v)_l] for Rademacher probes v; ``H v`` comes from a
+double backward. mmdrq's fake quantization (``_FakeQuant``) is twice
+differentiable as it stands: its backward is ``where(inside, grad_out, 0)``,
+recorded under ``create_graph``, linear in ``grad_out`` with a piecewise
+constant mask. The traces are therefore exact traces of the STE-linearised
+network at the bit it runs at; weights clipped by their quantizer get zero
+rows and columns (they add nothing).
 """
 import json
+import math
 import os
 import tempfile
 from typing import Callable, Dict, Iterable, Optional
@@ -18,106 +23,214 @@ from mmdrq.quantization.layers import _QuantLayer
 FORMAT = 'mmdrq-traces'
 
 
-def hutchinson_traces(loss_fn: Callable, params: Dict[str, torch.Tensor],
-                      batches: Iterable, max_probes: int = 50,
-                      min_probes: int = 4, tol: float = 1e-3,
-                      generator: Optional[torch.Generator] = None,
-                      progress: Optional[Callable] = None) -> Dict[str, dict]:
-    """Trace of the loss Hessian w.r.t. each tensor of ``params``.
+def _check_options(max_probes, min_probes, tol):
+    if int(max_probes) < 1:
+        raise ValueError(f'max_probes must be >= 1, got {max_probes!r}')
+    if not 1 <= int(min_probes) <= int(max_probes):
+        raise ValueError(f'min_probes must lie in [1, max_probes='
+                         f'{max_probes}], got {min_probes!r}')
+    if not tol >= 0:
+        raise ValueError(f'tol must be >= 0, got {tol!r}')
 
-    Per batch, probes are added until the running mean of the total trace
-    moves by less than ``tol`` (relative) twice in a row (after
-    ``min_probes``), or ``max_probes`` is reached; batches are averaged.
-    Returns ``{name: dict(trace, numel, trace_per_param, probes)}``.
+
+def _probe_products(pairs, tensors, generator, per_tensor):
+    """``v_i . (H v)_i`` of one Rademacher probe, for each (index, grad)."""
+    vs = [torch.randint(0, 2, tensors[i].shape, generator=generator).to(
+        tensors[i]) * 2 - 1 for i, _ in pairs]
+    if per_tensor:  # v is zero outside tensor i: H_ii v_i alone
+        hvs = [torch.autograd.grad(g, tensors[i], v, retain_graph=True,
+                                   allow_unused=True)[0]
+               for (i, g), v in zip(pairs, vs)]
+    else:  # one product for all: the blocks H_ij v_j add to (H v)_i
+        every = torch.autograd.grad([g for _, g in pairs], tensors, vs,
+                                    retain_graph=True, allow_unused=True)
+        hvs = [every[i] for i, _ in pairs]
+    zero = torch.zeros((), dtype=torch.float64, device=vs[0].device)
+    return torch.stack([zero if hv is None else
+                        (v * hv).sum(dtype=torch.float64)
+                        for v, hv in zip(vs, hvs)]).cpu()
+
+
+def _batch_traces(loss, tensors, max_probes, min_probes, tol, generator,
+                  per_tensor):
+    """Per-tensor traces of one batch's loss (float64) and the probe count:
+    probes stop once the running mean of the total moved by less than
+    ``tol`` (relative) twice in a row, after ``min_probes``."""
+    grads = torch.autograd.grad(loss, tensors, create_graph=True,
+                                allow_unused=True)
+    # a tensor unused by the loss, or one the loss is linear in, has H = 0
+    pairs = [(i, g) for i, g in enumerate(grads)
+             if g is not None and g.requires_grad]
+    sums = torch.zeros(len(tensors), dtype=torch.float64)
+    if not pairs:
+        return sums, 0
+    mean, calm = None, 0
+    for k in range(1, max_probes + 1):
+        sums[[i for i, _ in pairs]] += _probe_products(
+            pairs, tensors, generator, per_tensor)
+        new_mean = float(sums.sum()) / k
+        change = math.inf if mean is None else abs(new_mean - mean)
+        calm = calm + 1 if change <= tol * abs(new_mean) else 0
+        mean = new_mean
+        if k >= min_probes and calm >= 2:
+            break
+    return sums / k, k
+
+
+def hutchinson_traces(loss_fn: Callable, params: Dict[str, torch.Tensor],
+                      batches: Iterable, max_probes: int = 10,
+                      min_probes: int = 2, tol: float = 1e-3,
+                      generator: Optional[torch.Generator] = None,
+                      progress: Optional[Callable] = None,
+                      per_tensor: bool = True) -> Dict[str, dict]:
+    """Trace of the Hessian of ``loss_fn(batch)`` w.r.t. each tensor.
+
+    One forward and backward per batch; its graph serves every probe (a
+    probe is one Hessian-vector product), so ``batches`` is iterated once
+    and may be a generator. Probes per batch stop at ``max_probes`` or when
+    the running mean of the total trace changes by less than ``tol``
+    (relative) for two probes in a row after ``min_probes``; the batch
+    estimates are averaged, so a few probes per batch suffice.
+
+    ``per_tensor=True`` takes one Hessian-vector product per tensor and
+    probe, the probe zero outside the tensor: each estimate then sees only
+    its own block H_ii (non-negative when H_ii is PSD). ``False`` takes one
+    product for all tensors: as many times cheaper, but the cross blocks
+    H_ij (large in deep nets) add their variance to every tensor's
+    estimate. ``progress(step, total)`` is called after each batch
+    (``total`` is None for unsized iterables).
+
+    Returns:
+        ``{name: dict(trace, numel, trace_per_param, probes)}``; ``probes``
+        counts the Hessian-vector products of all batches.
     """
-    names = list(params)
-    tensors = [params[n] for n in names]
+    _check_options(max_probes, min_probes, tol)
+    if not params:
+        raise ValueError('params is empty: no tensor to take traces of')
+    for name, tensor in params.items():
+        if not tensor.requires_grad:
+            raise ValueError(f'params[{name!r}] does not require grad')
+    names, tensors = list(params), list(params.values())
+    try:
+        total = len(batches)
+    except TypeError:
+        total = None
     sums = torch.zeros(len(names), dtype=torch.float64)
-    probes = 0
-    for step, batch in enumerate(batches):
-        loss = loss_fn(batch)
-        grads = torch.autograd.grad(loss, tensors, create_graph=True)
-        batch_sum = torch.zeros(len(names), dtype=torch.float64)
-        mean, calm = None, 0
-        for k in range(max_probes):
-            vs = [torch.randint(0, 2, t.shape, generator=generator).to(t) * 2
-                  - 1 for t in tensors]
-            hvs = torch.autograd.grad(grads, tensors, grad_outputs=vs,
-                                      retain_graph=True)
-            batch_sum += torch.stack([(v * hv).sum().double().cpu()
-                                      for v, hv in zip(vs, hvs)])
-            new_mean = float(batch_sum.sum()) / (k + 1)
-            if mean is not None and abs(new_mean - mean) <= tol * max(
-                    abs(new_mean), 1e-12):
-                calm += 1
-            else:
-                calm = 0
-            mean = new_mean
-            if k + 1 >= min_probes and calm >= 2:
-                break
-        sums += batch_sum / (k + 1)
-        probes += k + 1
+    steps = probes = 0
+    for batch in batches:
+        traces, used = _batch_traces(loss_fn(batch), tensors, int(max_probes),
+                                     int(min_probes), tol, generator,
+                                     per_tensor)
+        sums += traces
+        steps, probes = steps + 1, probes + used
         if progress is not None:
-            progress(step)
-    count = max(step + 1, 1)
-    return {n: dict(trace=float(sums[i] / count), numel=tensors[i].numel(),
-                    trace_per_param=float(sums[i] / count) /
-                    tensors[i].numel(), probes=probes)
-            for i, n in enumerate(names)}
+            progress(steps, total)
+    if steps == 0:
+        raise ValueError('batches is empty: no loss to take traces of')
+    result = {}
+    for name, tensor, value in zip(names, tensors, (sums / steps).tolist()):
+        result[name] = dict(trace=value, numel=tensor.numel(),
+                            trace_per_param=value / tensor.numel(),
+                            probes=probes)
+    return result
 
 
 def quantized_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """Quantized layers' weights, named as in the converted architecture."""
-    arch = getattr(model, 'architecture', model)
-    return {n: m.weight for n, m in arch.named_modules()
-            if isinstance(m, _QuantLayer)}
+    """The weights of ``model``'s quantized layers by module name, relative
+    to the converted architecture (no ``architecture.`` for the wrapper),
+    as ``mmdrq.get_bits`` and SubNet files name them."""
+    from mmdrq.models.multi_precision import MultiPrecisionQAT
+    arch = model.architecture if isinstance(model, MultiPrecisionQAT) \
+        else model
+    weights = {n: m.weight for n, m in arch.named_modules()
+               if isinstance(m, _QuantLayer)}
+    if not weights:
+        raise ValueError(f'{type(arch).__name__} has no mmdrq quantized '
+                         'layers: call mmdrq.quantize_model first')
+    return weights
+
+
+class _FirstSamples:
+    """Batches of ``loader`` until ``num_samples`` images (whole batches)."""
+
+    def __init__(self, loader: Iterable, num_samples: int):
+        self.loader, self.num_samples = loader, num_samples
+
+    def __len__(self):
+        size = getattr(self.loader, 'batch_size', None)
+        if not size or not hasattr(self.loader, '__len__'):
+            raise TypeError('unknown number of batches')
+        return min(len(self.loader), -(-self.num_samples // size))
+
+    def __iter__(self):
+        seen = 0
+        for batch in self.loader:
+            if seen >= self.num_samples:
+                return
+            seen += len(batch['inputs'])
+            yield batch
 
 
 def model_traces(model: nn.Module, data_loader: Iterable,
                  num_samples: int = 1000, **kwargs) -> Dict[str, dict]:
     """Traces of every quantized layer's weight through an OpenMMLab
-    model's own loss (classification, detection, segmentation alike), at
-    the highest bit, in eval mode (BN uses its running statistics), over
-    about ``num_samples`` images of ``data_loader``."""
-    arch = getattr(model, 'architecture', model)
-    params = quantized_weights(model)
-    frozen = [p for p in params.values() if not p.requires_grad]
+    model's own loss (any BaseModel, or mmdrq's MultiPrecisionQAT), over the
+    first batches of ``data_loader`` covering ``num_samples`` images.
 
-    def batches():
-        seen = 0
-        for batch in data_loader:
-            if seen >= num_samples:
-                return
-            seen += len(batch['inputs'])
-            yield batch
+    Runs at the highest bit in eval mode: BN uses its running statistics,
+    so the loss is a fixed function of the weights (batch statistics would
+    couple the samples and change with every batch). Only the traced
+    weights require grad meanwhile (no second-order graph for scales or
+    BN). Mode, bits and ``requires_grad`` flags are restored afterwards.
+    ``kwargs`` go to ``hutchinson_traces``.
+    """
+    if int(num_samples) < 1:
+        raise ValueError(f'num_samples must be >= 1, got {num_samples!r}')
+    params = quantized_weights(model)
+    arch = getattr(model, 'architecture', model)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def loss_fn(batch):
         data = model.data_preprocessor(batch, True)
-        loss, _ = model.parse_losses(model._run_forward(data, mode='loss'))
-        return loss
+        losses = model._run_forward(data, mode='loss')
+        return model.parse_losses(losses)[0]
 
     was_training = model.training
-    model.eval()
     try:
-        for p in frozen:  # frozen stages still get a sensitivity
-            p.requires_grad_(True)
-        with use_bits(arch, model_bits(arch)[0]), torch.enable_grad():
-            return hutchinson_traces(loss_fn, params, batches(), **kwargs)
-    finally:
-        for p in frozen:
+        for p, _ in flags:
             p.requires_grad_(False)
+        for p in params.values():  # frozen stages still get a trace
+            p.requires_grad_(True)
+        model.eval()
+        with use_bits(arch, model_bits(arch)[0]), torch.enable_grad():
+            return hutchinson_traces(
+                loss_fn, params, _FirstSamples(data_loader, num_samples),
+                **kwargs)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
         model.train(was_training)
 
 
-def save_traces(path: str, traces: Dict[str, dict], meta: dict):
-    """JSON, written to a temporary file and renamed."""
+def save_traces(path: str, traces: Dict[str, dict], meta: dict,
+                model: Optional[nn.Module] = None):
+    """Write the traces as JSON, atomically (temporary file, then rename).
+    ``model`` only records the architecture's type name."""
+    bad = sorted(n for n, t in traces.items()
+                 if not math.isfinite(t['trace_per_param']))
+    if bad:
+        raise ValueError(f'non-finite traces of layers {bad[:5]}: the loss '
+                         'is NaN/inf on these batches; nothing written')
+    name = None if model is None else \
+        type(getattr(model, 'architecture', model)).__name__
+    content = dict(format=FORMAT, model=name, layers=traces, meta=meta)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
+                               suffix='.tmp', dir=folder)
     try:
         with os.fdopen(fd, 'w') as f:
-            json.dump(dict(format=FORMAT, meta=meta, layers=traces), f,
-                      indent=1)
+            json.dump(content, f, indent=1)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -126,16 +239,30 @@ def save_traces(path: str, traces: Dict[str, dict], meta: dict):
 
 
 def load_traces(path: str, model: nn.Module) -> Dict[str, dict]:
-    """Read a traces file, refusing one made for another model."""
+    """The ``layers`` of a traces file, after checking they are exactly the
+    quantized layers of ``model`` (wrapper or converted architecture)."""
     with open(path) as f:
         content = json.load(f)
-    if content.get('format') != FORMAT:
-        raise ValueError(f'{path!r} is not an mmdrq traces file')
-    layers = content['layers']
+    if not isinstance(content, dict) or content.get('format') != FORMAT:
+        found = content.get('format') if isinstance(content, dict) else None
+        raise ValueError(f'{path!r} is not an mmdrq traces file: format '
+                         f'{found!r}, expected {FORMAT!r}')
+    layers = content.get('layers')
+    if not isinstance(layers, dict):
+        raise ValueError(f'{path!r}: "layers" must be a dict, got '
+                         f'{type(layers).__name__}')
     names = set(quantized_weights(model))
-    if set(layers) != names:
+    missing, extra = sorted(names - set(layers)), sorted(set(layers) - names)
+    if missing or extra:
         raise ValueError(
-            f'traces file {path!r} is for another model: layers missing '
-            f'from it {sorted(names - set(layers))[:5]}, layers the model '
-            f'lacks {sorted(set(layers) - names)[:5]}')
+            f'traces file {path!r} for another model (made for '
+            f'{content.get("model")!r}): layers missing from it '
+            f'{missing[:5]}{" ..." if len(missing) > 5 else ""}, layers the '
+            f'model lacks {extra[:5]}{" ..." if len(extra) > 5 else ""}')
+    for name, entry in layers.items():
+        value = entry.get('trace_per_param') if isinstance(entry, dict) \
+            else None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f'{path!r}: layer {name!r} has trace_per_param '
+                             f'{value!r}, expected a finite number')
     return layers

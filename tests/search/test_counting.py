@@ -76,3 +76,11 @@ def test_grouped_conv_and_linear_on_tokens():
     assert costs['grouped'] == dict(macs=3 * 3 * 8 * (8 // 4) * 9,
                                     params=8 * 2 * 9)
     assert costs['proj'] == dict(macs=9 * 6 * 8, params=48)
+
+
+def test_counting_leaves_no_state_behind():
+    model = mmdrq.quantize_model(Small(), bits=[4, 2])
+    model.train()
+    layer_costs(model, torch.zeros(1, 4, 8, 8))
+    assert model.training
+    assert not model.grouped.act_quantizer.initialized.any()
