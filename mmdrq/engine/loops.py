@@ -6,12 +6,15 @@ and a table of all settings is logged at the end.
 """
 import json
 import os.path as osp
+import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop, ValLoop
 from mmengine.runner.loops import _parse_losses
+
+import torch
 
 from mmdrq.models.multi_precision import bit_tag
 from mmdrq.quantization import model_bits, use_bits
@@ -31,7 +34,8 @@ def load_subnet(path: str) -> Dict[str, int]:
 class _MultiBitMixin:
     """Shared by both loops: which settings to run, and the run itself."""
 
-    def _init_settings(self, bits, subnets, key):
+    def _init_settings(self, bits, subnets, key, measure_speed=False):
+        self.measure_speed = measure_speed
         model = self.runner.model
         model = model.module if is_model_wrapper(model) else model
         # SubNet files name layers of the converted model, not the wrapper
@@ -57,16 +61,28 @@ class _MultiBitMixin:
         for tag, setting in self.settings:
             with use_bits(self._quant_model, setting):
                 losses.clear()
+                start = self._clock()
                 for idx, data_batch in enumerate(self.dataloader):
                     run_iter(idx, data_batch)
-                metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
+                seconds = self._clock() - start
+                images = len(self.dataloader.dataset)
+                metrics = self.evaluator.evaluate(images)
                 if losses:
                     metrics.update(_parse_losses(losses, phase))
+                if self.measure_speed:  # loading + model, not the metric
+                    metrics['images_per_s'] = images / max(seconds, 1e-9)
             rows.append((tag, metrics))
             all_metrics.update({k + tag: v for k, v in metrics.items()})
         print_log(f'{phase} metrics per bit-width:\n' + _table(rows),
                   logger='current')
         return all_metrics
+
+
+    @staticmethod
+    def _clock() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
 
 def _table(rows) -> str:
@@ -89,14 +105,17 @@ class MultiBitValLoop(_MultiBitMixin, ValLoop):
     Args:
         bits: ``'all'`` (default), one bit or a list of the model's bits.
         subnets: SubNet JSON files (per-layer bits) evaluated as well.
+        measure_speed: add ``images_per_s`` (data loading and model, not
+            the metric computation) to each setting's metrics.
         Other args as in ``ValLoop``.
     """
 
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
                  bits: Union[str, int, Sequence[int]] = 'all',
-                 subnets: Optional[Sequence[str]] = None):
+                 subnets: Optional[Sequence[str]] = None,
+                 measure_speed: bool = False):
         super().__init__(runner, dataloader, evaluator, fp16)
-        self._init_settings(bits, subnets, 'val_cfg')
+        self._init_settings(bits, subnets, 'val_cfg', measure_speed)
 
     def run(self) -> dict:
         self.runner.call_hook('before_val')
@@ -114,9 +133,10 @@ class MultiBitTestLoop(_MultiBitMixin, TestLoop):
 
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
                  bits: Union[str, int, Sequence[int]] = 'all',
-                 subnets: Optional[Sequence[str]] = None):
+                 subnets: Optional[Sequence[str]] = None,
+                 measure_speed: bool = False):
         super().__init__(runner, dataloader, evaluator, fp16)
-        self._init_settings(bits, subnets, 'test_cfg')
+        self._init_settings(bits, subnets, 'test_cfg', measure_speed)
 
     def run(self) -> dict:
         self.runner.call_hook('before_test')

@@ -184,3 +184,16 @@ def test_train_and_test_every_bit(name, data, tmp_path):
         # the checkpoint reproduces the end-of-training validation at every
         # bit (weights, per-bit BN and activation scales all reloaded)
         assert abs(value - val[bit][-1]) < 1e-3, (bit, value, val[bit])
+
+    # tools/benchmark.py: the same metrics plus images/s, as md and JSON
+    root = data[dataset] + ('/' if dataset == 'coco' else '')
+    bench = tmp_path / 'bench'
+    run_tool(osp.join(TOOLS, 'benchmark.py'), config, work / ckpt,
+             '--data-root', root, '--out-dir', bench, '--work-dir',
+             tmp_path / 'bench_work')
+    table = json.loads((bench / 'benchmark.json').read_text())
+    for bit in BITS:
+        assert abs(table[f'{metric}@w{bit}a{bit}'] -
+                   metrics[f'{metric}@w{bit}a{bit}']) < 1e-6
+        assert table[f'images_per_s@w{bit}a{bit}'] > 0
+    assert '| w4a4 |' in (bench / 'benchmark.md').read_text()
