@@ -10,6 +10,7 @@ a config needing pretrained files) is listed as not built, with the error.
 """
 import argparse
 import collections
+import copy
 import glob
 import importlib
 import os
@@ -58,8 +59,7 @@ def survey_one(package, path):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     cfg = Config.fromfile(path)
-    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') \
-        else dict(cfg.model)
+    model_cfg = copy.deepcopy(cfg.model)  # ConfigDict: mmdet reads attrs
     strip_pretrained(model_cfg)
     init_default_scope(SCOPES[package])
     registry = importlib.import_module(f'{package}.registry').MODELS

@@ -24,8 +24,6 @@ FORMAT = 'mmdrq-traces'
 
 
 def _check_options(max_probes, min_probes, tol):
-    if int(max_probes) < 1:
-        raise ValueError(f'max_probes must be >= 1, got {max_probes!r}')
     if not 1 <= int(min_probes) <= int(max_probes):
         raise ValueError(f'min_probes must lie in [1, max_probes='
                          f'{max_probes}], got {min_probes!r}')
@@ -113,7 +111,7 @@ def hutchinson_traces(loss_fn: Callable, params: Dict[str, torch.Tensor],
     names, tensors = list(params), list(params.values())
     try:
         total = len(batches)
-    except TypeError:
+    except TypeError:  # a generator, or a loader of unknown batch size
         total = None
     sums = torch.zeros(len(names), dtype=torch.float64)
     steps = probes = 0
@@ -135,13 +133,18 @@ def hutchinson_traces(loss_fn: Callable, params: Dict[str, torch.Tensor],
     return result
 
 
+def _architecture(model: nn.Module) -> nn.Module:
+    """The converted model: the wrapper's ``architecture``, else itself."""
+    from mmdrq.models.multi_precision import MultiPrecisionQAT
+    return model.architecture if isinstance(model, MultiPrecisionQAT) \
+        else model
+
+
 def quantized_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
     """The weights of ``model``'s quantized layers by module name, relative
     to the converted architecture (no ``architecture.`` for the wrapper),
     as ``mmdrq.get_bits`` and SubNet files name them."""
-    from mmdrq.models.multi_precision import MultiPrecisionQAT
-    arch = model.architecture if isinstance(model, MultiPrecisionQAT) \
-        else model
+    arch = _architecture(model)
     weights = {n: m.weight for n, m in arch.named_modules()
                if isinstance(m, _QuantLayer)}
     if not weights:
@@ -158,17 +161,17 @@ class _FirstSamples:
 
     def __len__(self):
         size = getattr(self.loader, 'batch_size', None)
-        if not size or not hasattr(self.loader, '__len__'):
-            raise TypeError('unknown number of batches')
+        if not size:
+            raise TypeError('unknown batch size')
         return min(len(self.loader), -(-self.num_samples // size))
 
     def __iter__(self):
         seen = 0
         for batch in self.loader:
+            yield batch
+            seen += len(batch['inputs'])
             if seen >= self.num_samples:
                 return
-            seen += len(batch['inputs'])
-            yield batch
 
 
 def model_traces(model: nn.Module, data_loader: Iterable,
@@ -186,8 +189,7 @@ def model_traces(model: nn.Module, data_loader: Iterable,
     """
     if int(num_samples) < 1:
         raise ValueError(f'num_samples must be >= 1, got {num_samples!r}')
-    params = quantized_weights(model)
-    arch = getattr(model, 'architecture', model)
+    params, arch = quantized_weights(model), _architecture(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def loss_fn(batch):
@@ -221,8 +223,7 @@ def save_traces(path: str, traces: Dict[str, dict], meta: dict,
     if bad:
         raise ValueError(f'non-finite traces of layers {bad[:5]}: the loss '
                          'is NaN/inf on these batches; nothing written')
-    name = None if model is None else \
-        type(getattr(model, 'architecture', model)).__name__
+    name = None if model is None else type(_architecture(model)).__name__
     content = dict(format=FORMAT, model=name, layers=traces, meta=meta)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -231,6 +232,9 @@ def save_traces(path: str, traces: Dict[str, dict], meta: dict,
     try:
         with os.fdopen(fd, 'w') as f:
             json.dump(content, f, indent=1)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -247,21 +251,16 @@ def load_traces(path: str, model: nn.Module) -> Dict[str, dict]:
         found = content.get('format') if isinstance(content, dict) else None
         raise ValueError(f'{path!r} is not an mmdrq traces file: format '
                          f'{found!r}, expected {FORMAT!r}')
-    layers = content.get('layers')
-    if not isinstance(layers, dict):
-        raise ValueError(f'{path!r}: "layers" must be a dict, got '
-                         f'{type(layers).__name__}')
+    layers = content.get('layers') or {}
     names = set(quantized_weights(model))
     missing, extra = sorted(names - set(layers)), sorted(set(layers) - names)
     if missing or extra:
         raise ValueError(
             f'traces file {path!r} for another model (made for '
             f'{content.get("model")!r}): layers missing from it '
-            f'{missing[:5]}{" ..." if len(missing) > 5 else ""}, layers the '
-            f'model lacks {extra[:5]}{" ..." if len(extra) > 5 else ""}')
+            f'{missing[:8]}, layers the model lacks {extra[:8]}')
     for name, entry in layers.items():
-        value = entry.get('trace_per_param') if isinstance(entry, dict) \
-            else None
+        value = dict(entry).get('trace_per_param')
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f'{path!r}: layer {name!r} has trace_per_param '
                              f'{value!r}, expected a finite number')

@@ -1,121 +1,285 @@
-"""Hutchinson traces against exact float64 traces; model traces; files."""
+"""Hutchinson traces against exact float64 Hessians, through the STE of the
+fake quantizers, through OpenMMLab models, and the traces file."""
+import json
+import math
+
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 import mmdrq
+from mmdrq.quantization import QLinear
 from mmdrq.search.hessian import (hutchinson_traces, load_traces,
-                                  model_traces, save_traces)
+                                  model_traces, quantized_weights,
+                                  save_traces)
 
 
-def small_problem():
+def rademacher_stderr(hessian, index, probes, per_tensor=True):
+    """Standard error of the mean of ``v_I . (H v)_I`` over probes: with v
+    Rademacher, Var = 2 * (sum of squared off-diagonal entries of H_II),
+    plus, when v is nonzero outside I, the squared entries of the rows I
+    outside the block."""
+    rows = hessian[index]
+    block = rows[:, index]
+    var = 2 * float((block ** 2).sum() - (block.diagonal() ** 2).sum())
+    if not per_tensor:
+        var += float((rows ** 2).sum() - (block ** 2).sum())
+    return math.sqrt(var / probes)
+
+
+def conv_net_problem():
+    """A conv + linear net of 264 float64 weights, its loss of the flat
+    weight vector, and each tensor's slice of that vector."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 5, generator=g, dtype=torch.float64)
-    y = torch.randn(16, 2, generator=g, dtype=torch.float64)
-    w1 = torch.randn(4, 5, generator=g, dtype=torch.float64,
-                     requires_grad=True)
-    w2 = torch.randn(2, 4, generator=g, dtype=torch.float64,
-                     requires_grad=True)
+    x = torch.randn(8, 2, 6, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (8, ), generator=g)
+    shapes = dict(conv=(4, 2, 3, 3), fc=(3, 64))
+    slices, start = {}, 0
+    for name, shape in shapes.items():
+        slices[name] = slice(start, start + math.prod(shape))
+        start += math.prod(shape)
 
-    def loss_of(a, b):
-        return ((torch.tanh(x @ a.T) @ b.T - y) ** 2).mean()
-    return w1, w2, loss_of
+    def loss_of(flat):
+        conv = flat[slices['conv']].reshape(shapes['conv'])
+        fc = flat[slices['fc']].reshape(shapes['fc'])
+        h = torch.tanh(F.conv2d(x, conv))  # (8, 4, 4, 4)
+        return F.cross_entropy(h.flatten(1) @ fc.T, labels)
 
-
-def exact_block(loss_of, w1, w2, which):
-    """Hessian block of one tensor, by autograd in float64."""
-    if which == 0:
-        h = torch.autograd.functional.hessian(lambda a: loss_of(a, w2), w1)
-        return h.reshape(w1.numel(), w1.numel())
-    h = torch.autograd.functional.hessian(lambda b: loss_of(w1, b), w2)
-    return h.reshape(w2.numel(), w2.numel())
+    point = torch.randn(start, generator=g, dtype=torch.float64) * 0.5
+    return point, slices, shapes, loss_of
 
 
-def test_hutchinson_matches_the_exact_trace():
-    w1, w2, loss_of = small_problem()
-    probes = 40 * 100
+@pytest.mark.parametrize('per_tensor', [True, False])
+def test_hutchinson_matches_the_exact_trace(per_tensor):
+    point, slices, shapes, loss_of = conv_net_problem()
+    hessian = torch.autograd.functional.hessian(loss_of, point)
+    params = {n: point[s].reshape(shapes[n]).clone().requires_grad_()
+              for n, s in slices.items()}
+    flat = lambda: torch.cat([p.flatten() for p in params.values()])  # noqa
+    batches, per_batch = 20, 100
     traces = hutchinson_traces(
-        lambda _: loss_of(w1, w2), {'w1': w1, 'w2': w2}, [None] * 40,
-        max_probes=100, min_probes=100,
-        generator=torch.Generator().manual_seed(1))
-    for i, name in enumerate(('w1', 'w2')):
-        h = exact_block(loss_of, w1, w2, i)
-        exact = float(h.diagonal().sum())
-        # Var(v.Hv) = 2 * sum of squared off-diagonal entries
-        off = float((h ** 2).sum() - (h.diagonal() ** 2).sum())
-        stderr = (2 * off / probes) ** 0.5
-        assert abs(traces[name]['trace'] - exact) < 4 * stderr + 1e-12, name
+        lambda _: loss_of(flat()), params, [None] * batches,
+        max_probes=per_batch, min_probes=per_batch,
+        generator=torch.Generator().manual_seed(1), per_tensor=per_tensor)
+    for name, index in slices.items():
+        index = torch.arange(index.start, index.stop)
+        exact = float(hessian[index][:, index].diagonal().sum())
+        stderr = rademacher_stderr(hessian, index, batches * per_batch,
+                                   per_tensor)
+        assert stderr < 0.2 * abs(exact), name  # the check is not vacuous
+        assert traces[name]['trace'] == pytest.approx(exact, abs=4 * stderr)
+        assert traces[name]['numel'] == len(index)
         assert traces[name]['trace_per_param'] == pytest.approx(
-            traces[name]['trace'] / traces[name]['numel'])
-    assert traces['w1']['numel'] == 20
+            traces[name]['trace'] / len(index), rel=1e-12)
+        assert traces[name]['probes'] == batches * per_batch
 
 
-def test_probe_products_are_exact_hessian_vector_products():
-    w1, w2, loss_of = small_problem()
-    h = exact_block(loss_of, w1, w2, 0)
-    grads = torch.autograd.grad(loss_of(w1, w2), [w1], create_graph=True)
-    v = torch.randint(0, 2, w1.shape,
-                      generator=torch.Generator().manual_seed(5)).double()
-    v = v * 2 - 1
-    (hv, ) = torch.autograd.grad(grads, [w1], grad_outputs=[v])
-    torch.testing.assert_close(hv.flatten(), h @ v.flatten(), rtol=1e-10,
-                               atol=1e-12)
-
-
-def test_diagonal_hessian_converges_after_the_minimum():
+def test_stops_early_when_probes_agree():
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, dtype=torch.float64, requires_grad=True)
     scale = torch.arange(1, 8, dtype=torch.float64)
-    traces = hutchinson_traces(lambda _: (scale * w * w).sum(), {'w': w},
-                               [None], max_probes=50, min_probes=3)
-    # v.Hv = sum 2*scale_i v_i^2 = exact for any Rademacher v
+    calls = []
+    # diagonal Hessian: v.Hv = sum 2 scale_i v_i^2 = the trace, every probe
+    traces = hutchinson_traces(
+        lambda _: (scale * w * w).sum() + u.sum(), {'w': w, 'u': u},
+        [None, None], max_probes=50, min_probes=1,
+        progress=lambda step, total: calls.append((step, total)))
     assert traces['w']['trace'] == pytest.approx(2 * float(scale.sum()))
-    assert traces['w']['probes'] == 3
+    assert traces['u']['trace'] == 0.0  # linear: no second derivative
+    assert traces['w']['probes'] == 2 * 3  # 1 + two unchanged, per batch
+    assert calls == [(1, 2), (2, 2)]
+    # off-diagonal terms make every probe differ: runs to max_probes
+    a = torch.randn(7, dtype=torch.float64)
+    noisy = hutchinson_traces(
+        lambda _: (a @ w) ** 2, {'w': w}, iter([None]), max_probes=12,
+        min_probes=1, tol=1e-6, generator=torch.Generator().manual_seed(0))
+    assert noisy['w']['probes'] == 12
 
 
-def classifier_batches(count=2, size=16):
+def test_bad_options_are_named():
+    w = torch.zeros(2, requires_grad=True)
+    for max_probes, min_probes in ((2, 3), (0, 0)):
+        with pytest.raises(ValueError, match='min_probes'):
+            hutchinson_traces(lambda _: w.sum(), {'w': w}, [None],
+                              max_probes=max_probes, min_probes=min_probes)
+    with pytest.raises(ValueError, match="params\\['v'\\]"):
+        hutchinson_traces(lambda _: w.sum(), {'v': torch.zeros(2)}, [None])
+    with pytest.raises(ValueError, match='batches is empty'):
+        hutchinson_traces(lambda _: w.sum(), {'w': w}, [])
+
+
+def quantized_problem():
+    """Two QLinear layers (weight and input quantized, 2 of bits (4, 2),
+    so weights clip) and the same function with the straight-through
+    estimator written out: constants plus mask * (w - w.detach())."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    first = QLinear(5, 6, bits=(4, 2)).double()
+    second = QLinear(6, 3, bits=(4, 2)).double()
+    x = torch.randn(16, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (16, ), generator=g)
+    for layer in (first, second):
+        layer.bit = 2
+    second(torch.tanh(first(x)))  # initialise the quantizer scales
+
+    def quantized(w1, w2):
+        first.weight, second.weight = w1, w2
+        return F.cross_entropy(second(torch.tanh(first(x))), labels)
+
+    def ste(fn, value):
+        value = value.detach().requires_grad_()
+        (mask, ) = torch.autograd.grad(fn(value).sum(), value)
+        return lambda t: fn(t.detach()).detach() + mask * (t - t.detach())
+
+    def linearised(w1, w2):
+        a1 = first.act_quantizer(x, 2)
+        h = torch.tanh(F.linear(
+            a1, ste(lambda t: first.weight_quantizer(t, 2), w1)(w1),
+            first.bias.detach()))
+        a2 = ste(lambda t: second.act_quantizer(t, 2), h)(h)
+        logits = F.linear(
+            a2, ste(lambda t: second.weight_quantizer(t, 2), w2)(w2),
+            second.bias.detach())
+        return F.cross_entropy(logits, labels)
+
+    weights = (torch.nn.Parameter(first.weight.detach().clone()),
+               torch.nn.Parameter(second.weight.detach().clone()))
+    return quantized, linearised, weights, first
+
+
+def test_double_backward_through_the_ste_is_the_linearised_hessian():
+    quantized, linearised, (w1, w2), first = quantized_problem()
+    blocks = torch.autograd.functional.hessian(linearised, (w1, w2))
+    hessian = torch.cat([torch.cat([b.reshape(w.numel(), -1) for b in row],
+                                   dim=1) for w, row in zip((w1, w2), blocks)])
+    assert quantized(w1, w2).item() == pytest.approx(
+        linearised(w1, w2).item(), rel=1e-12)
+    grads = torch.autograd.grad(quantized(w1, w2), (w1, w2),
+                                create_graph=True)
+    v = torch.randn(hessian.shape[0], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(4))
+    hv = torch.autograd.grad(grads, (w1, w2), grad_outputs=(
+        v[:30].view(6, 5), v[30:].view(3, 6)))
+    torch.testing.assert_close(torch.cat([h.flatten() for h in hv]),
+                               hessian @ v, rtol=1e-10, atol=1e-12)
+    # clipped weights: zero Hessian rows (the mask), so nothing in the trace
+    v1 = w1.detach() / (first.weight_quantizer.scale.detach().view(-1, 1) * 4)
+    clipped = ((v1 < -2) | (v1 > 1)).flatten()
+    assert clipped.any() and not clipped.all()
+    assert hessian[:30][clipped].abs().max() == 0
+    assert hessian[:30][~clipped].abs().max() > 0
+    traces = hutchinson_traces(
+        lambda _: quantized(w1, w2), {'w1': w1, 'w2': w2}, [None] * 10,
+        max_probes=100, min_probes=100,
+        generator=torch.Generator().manual_seed(5))
+    for name, index in (('w1', torch.arange(30)),
+                        ('w2', torch.arange(30, 48))):
+        exact = float(hessian[index][:, index].diagonal().sum())
+        assert traces[name]['trace'] == pytest.approx(
+            exact, abs=4 * rademacher_stderr(hessian, index, 1000))
+
+
+def classifier_batches(count, size=16, per_batch=4):
     from mmpretrain.structures import DataSample
     g = torch.Generator().manual_seed(2)
     return [dict(inputs=[torch.randint(0, 256, (3, size, size), generator=g,
-                                       dtype=torch.uint8) for _ in range(4)],
+                                       dtype=torch.uint8)
+                         for _ in range(per_batch)],
                  data_samples=[DataSample().set_gt_label(i % 10)
-                               for i in range(4)]) for _ in range(count)]
+                               for i in range(per_batch)])
+            for _ in range(count)]
 
 
-def test_model_traces_through_the_quantizers(small_classifier, tmp_path):
+@pytest.fixture
+def qat_classifier(small_classifier):
     from mmdrq.models import MultiPrecisionQAT
+    torch.manual_seed(0)
     model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    model.eval()
+    with torch.no_grad():  # initialise the quantizer scales
+        model(**model.data_preprocessor(classifier_batches(1)[0], False),
+              mode='tensor')
     model.train()
-    model.train_step(classifier_batches(1)[0], _NoStep())  # init scales
-    traces = model_traces(model, classifier_batches(), num_samples=8,
-                          max_probes=3, min_probes=2)
-    names = set(mmdrq.get_bits(model.architecture))
-    assert set(traces) == names
-    assert all(torch.isfinite(torch.tensor(t['trace']))
-               for t in traces.values())
-    assert sum(t['trace'] for t in traces.values()) > 0
-    assert model.training  # mode restored
+    return model
+
+
+def test_model_traces_are_the_models_own_loss_at_the_highest_bit(
+        qat_classifier):
+    model, arch = qat_classifier, qat_classifier.architecture
+    names = list(mmdrq.get_bits(arch))
+    assert names[0] == 'backbone.layer1.0.conv1'  # the stem stays FP
+    frozen = arch.backbone.layer1[0].conv1.weight
+    frozen.requires_grad_(False)
+    mmdrq.set_bits(arch, 4)
+    options = dict(max_probes=3, min_probes=3)
+    traces = model_traces(model, classifier_batches(5), num_samples=8,
+                          generator=torch.Generator().manual_seed(7),
+                          **options)
+    assert list(traces) == names  # no 'architecture.' prefix
+    assert {t['probes'] for t in traces.values()} == {2 * 3}  # 8 images
+    assert all(math.isfinite(t['trace']) for t in traces.values())
+    assert traces[names[0]]['trace'] != 0  # the frozen layer is traced
+    # everything restored
+    assert model.training and not frozen.requires_grad
+    assert set(mmdrq.get_bits(arch).values()) == {4}
+    assert arch.head.fc.weight.requires_grad
+
+    # the same estimate by hand: eval mode, bit 8, the model's own loss
+    frozen.requires_grad_(True)
+    model.eval()
+    mmdrq.set_bits(arch, 8)
+
+    def loss_fn(batch):
+        data = model.data_preprocessor(batch, True)
+        return model.parse_losses(model(**data, mode='loss'))[0]
+    by_hand = hutchinson_traces(loss_fn, quantized_weights(model),
+                                classifier_batches(2),
+                                generator=torch.Generator().manual_seed(7),
+                                **options)
+    for name in names:
+        assert traces[name]['trace'] == pytest.approx(
+            by_hand[name]['trace'], rel=1e-6, abs=1e-9), name
+
+
+def test_per_tensor_model_traces_are_positive(qat_classifier):
+    # in the STE-linearised ReLU net each layer's block is J^T H_CE J (PSD),
+    # so every per-tensor probe is >= 0; joint probes need not be
+    traces = model_traces(qat_classifier, classifier_batches(1),
+                          num_samples=4, max_probes=2, min_probes=2,
+                          generator=torch.Generator().manual_seed(0))
+    assert all(t['trace'] > 0 for t in traces.values()), traces
+
+
+def test_traces_file_round_trip_and_other_models(qat_classifier, tmp_path,
+                                                 small_classifier):
+    from mmdrq.models import MultiPrecisionQAT
+    names = list(mmdrq.get_bits(qat_classifier.architecture))
+    traces = {n: dict(trace=float(i), numel=10, trace_per_param=i / 10,
+                      probes=4) for i, n in enumerate(names)}
     path = str(tmp_path / 'traces.json')
-    save_traces(path, traces, dict(checkpoint='none'))
-    assert set(load_traces(path, model)) == names
-    other = MultiPrecisionQAT(_Other(), dict(bits=[8, 4]))
-    with pytest.raises(ValueError, match='another model'):
+    save_traces(path, traces, dict(num_samples=8), model=qat_classifier)
+    assert [p.name for p in tmp_path.iterdir()] == ['traces.json']
+    with open(path) as f:
+        content = json.load(f)
+    assert content['format'] == 'mmdrq-traces'
+    assert content['model'] == 'ImageClassifier'
+    assert content['meta'] == dict(num_samples=8)
+    assert load_traces(path, qat_classifier) == traces
+    bare = mmdrq.quantize_model(small_classifier(), dict(bits=[8, 4]))
+    assert load_traces(path, bare) == traces  # same names, no wrapper
+
+    other = MultiPrecisionQAT(small_classifier(), dict(
+        bits=[8, 4], skip=[r'backbone\.layer3\.1\.conv2']))
+    with pytest.raises(ValueError, match=r'another model.*missing from it '
+                       r"\[\].*lacks \['backbone.layer3.1.conv2'\]"):
         load_traces(path, other)
 
-
-class _NoStep:
-    """Stands in for an optimizer wrapper where only forwards matter."""
-
-    def optim_context(self, model):
-        import contextlib
-        return contextlib.nullcontext()
-
-    def update_params(self, loss):
-        pass
-
-
-class _Other(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3)
-        self.b = nn.Conv2d(4, 4, 3)
-        self.c = nn.Conv2d(4, 2, 1)
+    nan = dict(traces, **{names[1]: dict(traces[names[1]],
+                                         trace_per_param=float('nan'))})
+    with pytest.raises(ValueError, match=names[1]):
+        save_traces(path, nan, {})
+    assert load_traces(path, qat_classifier) == traces  # left intact
+    with open(path, 'w') as f:
+        json.dump(dict(format='other'), f)
+    with pytest.raises(ValueError, match="format 'other'"):
+        load_traces(path, qat_classifier)
