@@ -84,8 +84,11 @@ class _FakeQuant(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # d(q * step)/d step with STE: q - v inside the range, q (the
             # clipping limit) outside.
-            local = torch.where(inside, q - v, q)
-            grad = grad_out * local
+            if torch.is_grad_enabled():  # double backward: keep the graph
+                grad = grad_out * torch.where(inside, q - v, q)
+            else:  # in v's memory: fresh large buffers cost page faults
+                grad = v.masked_fill_(~inside, 0.0).neg_().add_(q).mul_(
+                    grad_out)
             if ctx.reduce_dims is None:
                 grad = grad.sum().expand(step.shape)
             else:
