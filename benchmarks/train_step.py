@@ -1,0 +1,133 @@
+"""Training-step cost of quantization: FP vs each bit vs a multi-precision
+iteration, for mmpretrain's ResNet-18, measured side by side in one run.
+
+    python benchmarks/train_step.py [--device cpu|cuda] [--batch N]
+        [--size PX] [--compile] [--quick]
+
+GPU runs use bf16 autocast. Prints a table of step times and the ratios of
+issue 6 (per-bit step / FP step, multi-precision iteration / (n x FP step),
+peak memory per bit / FP on CUDA) and saves JSON in benchmarks/results/.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import os
+import os.path as osp
+import statistics
+import time
+
+import torch
+
+import mmdrq
+from mmdrq.models import MultiPrecisionQAT
+
+BITS = (8, 6, 4, 2)
+
+
+def resnet18():
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')
+    return MODELS.build(dict(
+        type='ImageClassifier', backbone=dict(type='ResNet', depth=18),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=1000, in_channels=512)))
+
+
+def timed(step, device, repeat, warmup=2):
+    """Median seconds of ``step()`` and its peak CUDA memory."""
+    for _ in range(warmup):
+        step()
+    times, peak = [], 0
+    for _ in range(repeat):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+            peak = max(peak, torch.cuda.max_memory_allocated())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda'
+                        if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch', type=int)
+    parser.add_argument('--size', type=int)
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the network (both FP and QAT)')
+    parser.add_argument('--quick', action='store_true')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == 'cuda'
+    batch = args.batch or (256 if gpu else (2 if args.quick else 8))
+    size = args.size or (224 if gpu else (64 if args.quick else 112))
+    repeat = 3 if args.quick else 10
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch, ), device=device)
+    autocast = torch.autocast('cuda', torch.bfloat16) if gpu \
+        else contextlib.nullcontext()
+
+    fp = resnet18().to(device).train()
+    qat = MultiPrecisionQAT(copy.deepcopy(fp), dict(bits=list(BITS)))
+    qat = qat.to(device).train()
+    run_fp, run_q = fp, qat.architecture
+    if args.compile:
+        run_fp, run_q = torch.compile(fp), torch.compile(qat.architecture)
+    opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3)
+    opt_q = torch.optim.SGD(qat.parameters(), lr=1e-3)
+
+    def step(model, opt):
+        with autocast:
+            logits = model(x, mode='tensor')
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows = []
+    fp_time, fp_mem = timed(lambda: step(run_fp, opt_fp), device, repeat)
+    rows.append(dict(setting='FP', ms=fp_time * 1e3, ratio=1.0,
+                     mem_ratio=1.0 if gpu else None))
+    for bit in BITS:
+        mmdrq.set_bits(qat.architecture, bit)
+        t, mem = timed(lambda: step(run_q, opt_q), device, repeat)
+        rows.append(dict(setting=f'w{bit}a{bit}', ms=t * 1e3,
+                         ratio=t / fp_time,
+                         mem_ratio=mem / fp_mem if gpu else None))
+
+    def multi():
+        for bit in BITS:
+            mmdrq.set_bits(qat.architecture, bit)
+            step(run_q, opt_q)
+    t, _ = timed(multi, device, repeat)
+    rows.append(dict(setting=f'multi-precision {list(BITS)}', ms=t * 1e3,
+                     ratio=t / (len(BITS) * fp_time), mem_ratio=None))
+
+    mode = 'compiled' if args.compile else 'eager'
+    print(f'\nResNet-18 train step, {device}, batch {batch} x {size}px, '
+          f'{mode}{", bf16 autocast" if gpu else ""}\n')
+    print('| setting | ms | vs FP (multi: vs n x FP) | peak mem vs FP |')
+    print('|---|---|---|---|')
+    for r in rows:
+        mem = f'{r["mem_ratio"]:.2f}' if r['mem_ratio'] else '-'
+        print(f'| {r["setting"]} | {r["ms"]:.1f} | {r["ratio"]:.2f} | '
+              f'{mem} |')
+    out = osp.join(osp.dirname(osp.abspath(__file__)), 'results',
+                   f'train_step_{device.type}_{mode}'
+                   f'{"_quick" if args.quick else ""}.json')
+    os.makedirs(osp.dirname(out), exist_ok=True)
+    with open(out, 'w') as f:
+        json.dump(dict(device=str(device), batch=batch, size=size,
+                       mode=mode, rows=rows), f, indent=1)
+    print(f'\nsaved {out}')
+
+
+if __name__ == '__main__':
+    main()
