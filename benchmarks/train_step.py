@@ -21,18 +21,9 @@ import torch
 
 import mmdrq
 from mmdrq.models import MultiPrecisionQAT
+from quantizer import build  # benchmarks/quantizer.py beside this file
 
 BITS = (8, 6, 4, 2)
-
-
-def resnet18():
-    from mmengine.registry import init_default_scope
-    from mmpretrain.registry import MODELS
-    init_default_scope('mmpretrain')
-    return MODELS.build(dict(
-        type='ImageClassifier', backbone=dict(type='ResNet', depth=18),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=1000, in_channels=512)))
 
 
 def timed(step, device, repeat, warmup=2):
@@ -74,7 +65,7 @@ def main():
     autocast = torch.autocast('cuda', torch.bfloat16) if gpu \
         else contextlib.nullcontext()
 
-    fp = resnet18().to(device).train()
+    fp = build('resnet18').to(device).train()
     qat = MultiPrecisionQAT(copy.deepcopy(fp), dict(bits=list(BITS)))
     qat = qat.to(device).train()
     run_fp, run_q = fp, qat.architecture

@@ -25,12 +25,12 @@ temporary file in its folder and renamed.
 """
 import argparse
 import json
-import os
 import os.path as osp
-import tempfile
 from typing import Dict, List, Tuple
 
 import numpy as np
+
+from mmdrq.utils import atomic_write
 
 COCO_CATEGORIES = [
     dict(id=1, name='rectangle', supercategory='shape'),
@@ -52,19 +52,7 @@ _COLOURS = {
 
 
 def _write_bytes(path: str, data: bytes):
-    """Write ``data`` to a temporary file next to ``path``, then rename."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.',
-                               suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _write_image(path: str, image: np.ndarray, ext: str):

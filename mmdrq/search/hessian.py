@@ -10,8 +10,6 @@ rows and columns (they add nothing).
 """
 import json
 import math
-import os
-import tempfile
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 
 from mmdrq.quantization.bit_control import model_bits, use_bits
 from mmdrq.quantization.layers import _QuantLayer
+from mmdrq.utils import atomic_write
 
 FORMAT = 'mmdrq-traces'
 
@@ -225,21 +224,8 @@ def save_traces(path: str, traces: Dict[str, dict], meta: dict,
                          'is NaN/inf on these batches; nothing written')
     name = None if model is None else type(_architecture(model)).__name__
     content = dict(format=FORMAT, model=name, layers=traces, meta=meta)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
-                               suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(content, f, indent=1)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's private 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(
+        json.dumps(content, indent=1).encode()))
 
 
 def load_traces(path: str, model: nn.Module) -> Dict[str, dict]:

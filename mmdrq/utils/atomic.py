@@ -1,13 +1,16 @@
 """Write files so that a reader sees the old file or the new one, never half."""
 import os
 import tempfile
+from typing import BinaryIO, Callable
 
 import torch
 
 
-def atomic_torch_save(obj, path: str):
-    """``torch.save`` to a temporary file in the target folder, fsync, then
-    rename over ``path``; the temporary file is removed on any failure."""
+def atomic_write(path: str, write: Callable[[BinaryIO], object]):
+    """Call ``write(f)`` on a temporary file in the target folder, fsync, give
+    it the usual permissions (not mkstemp's private 0600), then rename it
+    over ``path``; on any failure the temporary file is removed and ``path``
+    keeps its old content."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -15,11 +18,19 @@ def atomic_torch_save(obj, path: str):
                                suffix='.tmp', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj, path: str):
+    """``torch.save`` through ``atomic_write``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
