@@ -2,7 +2,7 @@
 iteration, for mmpretrain's ResNet-18, measured side by side in one run.
 
     python benchmarks/train_step.py [--device cpu|cuda] [--batch N]
-        [--size PX] [--compile] [--quick]
+        [--size PX] [--compile] [--impl auto|torch|fused] [--quick]
 
 GPU runs use bf16 autocast. Prints a table of step times and the ratios of
 issue 6 (per-bit step / FP step, multi-precision iteration / (n x FP step),
@@ -21,6 +21,7 @@ import torch
 
 import mmdrq
 from mmdrq.models import MultiPrecisionQAT
+from mmdrq.quantization.functional import IMPLS, set_fake_quant_impl
 from quantizer import build  # benchmarks/quantizer.py beside this file
 
 BITS = (8, 6, 4, 2)
@@ -52,8 +53,11 @@ def main():
     parser.add_argument('--size', type=int)
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile the network (both FP and QAT)')
+    parser.add_argument('--impl', default='auto', choices=IMPLS,
+                        help='fake-quant implementation (eager runs)')
     parser.add_argument('--quick', action='store_true')
     args = parser.parse_args()
+    set_fake_quant_impl(args.impl)
     device = torch.device(args.device)
     gpu = device.type == 'cuda'
     batch = args.batch or (256 if gpu else (2 if args.quick else 8))
@@ -66,11 +70,10 @@ def main():
         else contextlib.nullcontext()
 
     fp = build('resnet18').to(device).train()
-    qat = MultiPrecisionQAT(copy.deepcopy(fp), dict(bits=list(BITS)))
+    qat = MultiPrecisionQAT(copy.deepcopy(fp), dict(bits=list(BITS)),
+                            compile=args.compile)
     qat = qat.to(device).train()
-    run_fp, run_q = fp, qat.architecture
-    if args.compile:
-        run_fp, run_q = torch.compile(fp), torch.compile(qat.architecture)
+    run_fp = torch.compile(fp) if args.compile else fp
     opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3)
     opt_q = torch.optim.SGD(qat.parameters(), lr=1e-3)
 
@@ -82,13 +85,16 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    for bit in BITS:  # initialise the scales, as the first iteration does
+        mmdrq.set_bits(qat.architecture, bit)
+        step(qat, opt_q)
     rows = []
     fp_time, fp_mem = timed(lambda: step(run_fp, opt_fp), device, repeat)
     rows.append(dict(setting='FP', ms=fp_time * 1e3, ratio=1.0,
                      mem_ratio=1.0 if gpu else None))
     for bit in BITS:
         mmdrq.set_bits(qat.architecture, bit)
-        t, mem = timed(lambda: step(run_q, opt_q), device, repeat)
+        t, mem = timed(lambda: step(qat, opt_q), device, repeat)
         rows.append(dict(setting=f'w{bit}a{bit}', ms=t * 1e3,
                          ratio=t / fp_time,
                          mem_ratio=mem / fp_mem if gpu else None))
@@ -96,12 +102,12 @@ def main():
     def multi():
         for bit in BITS:
             mmdrq.set_bits(qat.architecture, bit)
-            step(run_q, opt_q)
+            step(qat, opt_q)
     t, _ = timed(multi, device, repeat)
     rows.append(dict(setting=f'multi-precision {list(BITS)}', ms=t * 1e3,
                      ratio=t / (len(BITS) * fp_time), mem_ratio=None))
 
-    mode = 'compiled' if args.compile else 'eager'
+    mode = 'compiled' if args.compile else f'eager-{args.impl}'
     print(f'\nResNet-18 train step, {device}, batch {batch} x {size}px, '
           f'{mode}{", bf16 autocast" if gpu else ""}\n')
     print('| setting | ms | vs FP (multi: vs n x FP) | peak mem vs FP |')
@@ -116,7 +122,8 @@ def main():
     os.makedirs(osp.dirname(out), exist_ok=True)
     with open(out, 'w') as f:
         json.dump(dict(device=str(device), batch=batch, size=size,
-                       mode=mode, rows=rows), f, indent=1)
+                       mode=mode, torch=torch.__version__,
+                       threads=torch.get_num_threads(), rows=rows), f, indent=1)
     print(f'\nsaved {out}')
 
 

@@ -174,3 +174,15 @@ def small_classifier():
             head=dict(type='LinearClsHead', num_classes=10, in_channels=64)))
 
     return make
+
+
+@pytest.fixture(params=['torch', 'fused'])
+def fake_quant_path(request):
+    """Runs a test once per fake-quant implementation. ``fused`` raises
+    instead of falling back, so a test on it cannot pass through the torch
+    path by accident."""
+    from mmdrq.quantization import functional
+    with functional.fake_quant_impl(request.param):
+        yield request.param
+    if request.param == 'fused':
+        assert functional._fused_state['ok'] is not False

@@ -4,14 +4,15 @@ from .bit_control import (get_bits, model_bits, set_bits, set_layer_bits,
 from .bitwidths import check_bits
 from .config import QuantizeConfig
 from .convert import quantize_model
-from .layers import BitSwitchable, QConv2d, QLinear
+from .layers import BitSwitchable, QConv2d, QLinear, quantizers_ready
 from .switchable_bn import SwitchableBatchNorm
 from .transitional_bn import TransitionalBatchNorm, to_transitional
 from .weight_quantizer import DoubleRoundingQuantizer
 
 __all__ = [
     'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer', 'QConv2d',
-    'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm', 'TransitionalBatchNorm', 'check_bits',
-    'get_bits', 'model_bits', 'quantize_model', 'set_bits', 'set_layer_bits',
+    'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm',
+    'TransitionalBatchNorm', 'check_bits', 'get_bits', 'model_bits',
+    'quantize_model', 'quantizers_ready', 'set_bits', 'set_layer_bits',
     'to_transitional', 'use_bits'
 ]

@@ -49,15 +49,26 @@ class ActQuantizer(nn.Module):
         self.register_buffer('signed', torch.tensor(sign, dtype=torch.int8))
         self._ready = set()
         self._signed_py = None
-        self.register_load_state_dict_post_hook(self._forget_cache)
+        self.register_load_state_dict_post_hook(
+            lambda module, keys: module._read_ready())
 
-    @staticmethod
-    def _forget_cache(module, keys):
-        module._ready.clear()
-        module._signed_py = None
+    def _read_ready(self):
+        """After a load: the sign and the initialised bits as the loaded
+        buffers say (one read of the device here, none per forward)."""
+        self._ready = {i for i, done in enumerate(self.initialized.tolist())
+                       if done}
+        sign = int(self.signed)
+        self._signed_py = None if sign < 0 else bool(sign)
 
     def extra_repr(self):
         return f'bits={list(self.bits)}, signed={int(self.signed)}'
+
+    @property
+    def ready(self) -> bool:
+        """Sign decided and every bit's scale initialised and known to be
+        (no check left that reads the device)."""
+        return self._signed_py is not None and \
+            len(self._ready) == len(self.bits)
 
     def _range(self, bit):
         return signed_range(bit) if self._signed_py else unsigned_range(bit)

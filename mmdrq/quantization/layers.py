@@ -99,6 +99,18 @@ class _QuantLayer(BitSwitchable):
         return self.act_quantizer(x, self.bit)
 
 
+def quantizers_ready(model: nn.Module) -> bool:
+    """Whether every quantizer of ``model`` has initialised all its scales.
+
+    Until then a forward may read the device (lazy initialisation), which
+    breaks a ``torch.compile`` graph; callers run eagerly before that.
+    """
+    return all(getattr(quantizer, 'ready', True)
+               for module in model.modules() if isinstance(module, _QuantLayer)
+               for quantizer in (module.weight_quantizer, module.act_quantizer)
+               if quantizer is not None)
+
+
 @MODELS.register_module()
 class QConv2d(_QuantLayer, nn.Conv2d):
     """nn.Conv2d whose input and weight are fake-quantized at ``self.bit``.

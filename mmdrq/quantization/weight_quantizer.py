@@ -71,7 +71,7 @@ class DoubleRoundingQuantizer(nn.Module):
                              torch.zeros(num_scales, dtype=torch.bool))
         self._ready = set()  # scale rows known to be initialised (no sync)
         self.register_load_state_dict_post_hook(
-            lambda module, keys: module._ready.clear())
+            lambda module, keys: module._read_ready())
 
     @property
     def stored_bit(self) -> int:
@@ -80,6 +80,18 @@ class DoubleRoundingQuantizer(nn.Module):
     def extra_repr(self):
         return (f'bits={list(self.bits)}, variant={self.variant}, '
                 f'rounding={self.rounding}, per_channel={self.per_channel}')
+
+    def _read_ready(self):
+        """After a load: which rows the loaded buffer says are initialised
+        (one read of the device here, none per forward)."""
+        self._ready = {row for row, done in
+                       enumerate(self.initialized.tolist()) if done}
+
+    @property
+    def ready(self) -> bool:
+        """Every scale row initialised and known to be (no check left that
+        reads the device: what ``torch.compile`` needs to trace cleanly)."""
+        return len(self._ready) == self.scale.shape[0]
 
     def _row(self, bit: int) -> int:
         return self.bits.index(bit) if self.variant == 'unshared' else 0

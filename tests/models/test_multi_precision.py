@@ -113,3 +113,50 @@ def test_takes_top_level_data_preprocessor():
     assert isinstance(model.data_preprocessor, ClsDataPreprocessor)
     assert model.data_preprocessor is model.architecture.data_preprocessor
     assert model.data_preprocessor.mean.flatten().tolist() == [1.0] * 3
+
+
+def test_compile_option_trains_like_eager(small_classifier):
+    """compile=True: eager until every scale is initialised, then the
+    compiled architecture, whose losses follow the eager model's.
+
+    Not bit-exact: Inductor's fused BN differs from eager's in the last
+    bits, and an activation that close to a rounding tie can land on the
+    other integer; such flips are rare, so the losses agree to about 1e-3.
+    """
+    from mmdrq.models.multi_precision import _COMPILED
+    torch.manual_seed(0)
+    eager = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    compiled = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]),
+                                 compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    wrappers = [OptimWrapper(torch.optim.SGD(m.parameters(), 0.01))
+                for m in (eager, compiled)]
+    assert compiled._runner() is compiled.architecture  # scales not set yet
+    first = [m.train_step(batch(), w) for m, w in zip((eager, compiled),
+                                                       wrappers)]
+    assert first[0]['loss'] == first[1]['loss']  # both eager so far
+    assert compiled._runner() is _COMPILED[compiled] is not None
+    assert eager._runner() is eager.architecture
+    data = eager.data_preprocessor(batch(), True)
+    for bit in (8, 4):
+        losses = []
+        for model in (eager, compiled):
+            mmdrq.set_bits(model, bit)
+            losses.append(model(**data, mode='loss')['loss'])
+        torch.testing.assert_close(losses[1], losses[0], rtol=5e-3, atol=0)
+    logs = [compiled.train_step(batch(), wrappers[1]) for _ in range(2)]
+    assert all(torch.isfinite(log['loss']) for log in logs)
+    compiled.eval()
+    assert compiled._runner() is compiled.architecture  # eval stays eager
+
+
+def test_compile_option_stays_eager_under_a_bit_sampler(small_classifier,
+                                                         mmengine_caplog):
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]),
+                              compile=dict(mode='default'))
+    model.bit_sampler = object()  # any sampler: bits vary per layer
+    assert model._runner() is model.architecture
+    assert 'per-layer bit sampler' in mmengine_caplog.text
+    with pytest.raises(TypeError, match='compile'):
+        MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]),
+                          compile='yes')

@@ -7,6 +7,9 @@ import torch
 
 from mmdrq.quantization import ActQuantizer
 
+# every test here runs on each fake-quant path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures('fake_quant_path')
+
 F64 = torch.float64
 BIT_SETS = [(8, 6, 4, 2), (4, 3, 2)]
 

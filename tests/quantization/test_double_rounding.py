@@ -13,6 +13,9 @@ from mmdrq.quantization import DoubleRoundingQuantizer
 from mmdrq.quantization.functional import (fake_quant, quantize_int,
                                            requantize)
 
+# every test here runs on each fake-quant path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures('fake_quant_path')
+
 BIT_SETS = [(8, 6, 4, 2), (4, 3, 2), (16, 8, 4, 2)]
 F64 = torch.float64
 

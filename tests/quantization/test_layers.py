@@ -10,6 +10,9 @@ from torch import nn
 
 from mmdrq.quantization import QConv2d, QLinear
 
+# every test here runs on each fake-quant path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures('fake_quant_path')
+
 F64 = torch.float64
 BIT_SETS = [(8, 6, 4, 2), (4, 3, 2)]
 
