@@ -19,6 +19,7 @@ import torch
 
 import mmdrq
 from mmdrq.quantization import DoubleRoundingQuantizer
+from mmdrq.quantization.functional import fake_quant_impl
 
 
 def timeit(fn, device, repeat=10, warmup=3):
@@ -51,29 +52,40 @@ def build(name):
 
 
 def bench_fake_quant(device, numel, bits):
-    """Weight fake-quant throughput as a fraction of a plain copy's."""
+    """Weight fake-quant bandwidth as a fraction of a plain copy's, per
+    implementation: ``torch`` (plain ops), ``fused`` (mmdrq's kernels, the
+    eager default) and ``compiled`` (the quantizer call under
+    torch.compile, as inside a compiled model).
+
+    Bytes: a copy and the forward each read and write every element once;
+    the backward reads the gradient and the weight and writes the weight's
+    gradient, so forward+backward moves 5/2 of a copy's bytes.
+    """
     weight = torch.randn(numel // 1024, 1024, device=device,
                          requires_grad=True)
     quantizer = DoubleRoundingQuantizer(bits, num_channels=weight.shape[0])
     quantizer.to(device)
+    quantizer(weight, bits[0])  # initialise the scale outside the timing
     grad = torch.randn_like(weight)
     target = torch.empty_like(weight)
-    # the bandwidth reference: read and write every element once
     copy_time = timeit(lambda: target.copy_(weight.detach()), device,
                        repeat=30)
     rows = []
-    for bit in bits:
-        fwd = timeit(lambda: quantizer(weight.detach(), bit), device,
-                     repeat=30)
+    for impl in ('torch', 'fused', 'compiled'):
+        for bit in bits:
+            run = (torch.compile(lambda w, b=bit: quantizer(w, b))
+                   if impl == 'compiled' else lambda w, b=bit: quantizer(w, b))
 
-        def fwd_bwd():
-            out = quantizer(weight, bit)
-            out.backward(grad)
-        both = timeit(fwd_bwd, device, repeat=30)
-        rows.append(dict(bit=bit, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3,
-                         copy_ms=copy_time * 1e3,
-                         fwd_vs_copy=copy_time / fwd,
-                         fwd_bwd_vs_copy=copy_time / both))
+            def fwd_bwd():
+                weight.grad = quantizer.scale.grad = None
+                run(weight).backward(grad)
+            with fake_quant_impl('torch' if impl == 'torch' else 'auto'):
+                fwd = timeit(lambda: run(weight.detach()), device, repeat=30)
+                both = timeit(fwd_bwd, device, repeat=30)
+            rows.append(dict(impl=impl, bit=bit, fwd_ms=fwd * 1e3,
+                             fwd_bwd_ms=both * 1e3, copy_ms=copy_time * 1e3,
+                             fwd_vs_copy=copy_time / fwd,
+                             fwd_bwd_vs_copy=2.5 * copy_time / both))
     return rows
 
 
@@ -167,7 +179,7 @@ def main():
                    name=torch.cuda.get_device_name() if gpu else 'cpu',
                    threads=torch.get_num_threads())
     results['fake_quant'] = bench_fake_quant(device, numel, bits)
-    table(f'weight fake-quant, {numel:,} elements: throughput / copy',
+    table(f'weight fake-quant, {numel:,} elements: bandwidth / copy\'s',
           results['fake_quant'])
     results['eval'] = bench_eval(device, bits, batch, size)
     table(f'ResNet-18 eval forward, batch {batch}x{size}px: quantized / FP',

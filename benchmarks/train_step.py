@@ -6,7 +6,8 @@ iteration, for mmpretrain's ResNet-18, measured side by side in one run.
 
 GPU runs use bf16 autocast. Prints a table of step times and the ratios of
 issue 6 (per-bit step / FP step, multi-precision iteration / (n x FP step),
-peak memory per bit / FP on CUDA) and saves JSON in benchmarks/results/.
+peak memory allocated in a step per bit / FP) and saves JSON in
+benchmarks/results/.
 """
 import argparse
 import contextlib
@@ -28,7 +29,8 @@ BITS = (8, 6, 4, 2)
 
 
 def timed(step, device, repeat, warmup=2):
-    """Median seconds of ``step()`` and its peak CUDA memory."""
+    """Median seconds of ``step()`` and, on CUDA, its peak memory above
+    what was allocated before it."""
     for _ in range(warmup):
         step()
     times, peak = [], 0
@@ -36,13 +38,30 @@ def timed(step, device, repeat, warmup=2):
         if device.type == 'cuda':
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         start = time.perf_counter()
         step()
         if device.type == 'cuda':
             torch.cuda.synchronize()
-            peak = max(peak, torch.cuda.max_memory_allocated())
+            peak = max(peak, torch.cuda.max_memory_allocated() - before)
         times.append(time.perf_counter() - start)
     return statistics.median(times), peak
+
+
+def cpu_peak_bytes(step):
+    """Peak CPU bytes allocated during ``step()`` above what was live before
+    it, from the profiler's allocation events (torch has no CPU counterpart
+    of ``torch.cuda.max_memory_allocated``)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU],
+                 profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    events = [e for e in prof.events() if e.name == '[memory]']
+    for event in sorted(events, key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
 def main():
@@ -90,14 +109,18 @@ def main():
         step(qat, opt_q)
     rows = []
     fp_time, fp_mem = timed(lambda: step(run_fp, opt_fp), device, repeat)
+    if not gpu:
+        fp_mem = cpu_peak_bytes(lambda: step(run_fp, opt_fp))
     rows.append(dict(setting='FP', ms=fp_time * 1e3, ratio=1.0,
-                     mem_ratio=1.0 if gpu else None))
+                     peak_mb=fp_mem / 2**20, mem_ratio=1.0))
     for bit in BITS:
         mmdrq.set_bits(qat.architecture, bit)
         t, mem = timed(lambda: step(qat, opt_q), device, repeat)
+        if not gpu:
+            mem = cpu_peak_bytes(lambda: step(qat, opt_q))
         rows.append(dict(setting=f'w{bit}a{bit}', ms=t * 1e3,
-                         ratio=t / fp_time,
-                         mem_ratio=mem / fp_mem if gpu else None))
+                         ratio=t / fp_time, peak_mb=mem / 2**20,
+                         mem_ratio=mem / fp_mem))
 
     def multi():
         for bit in BITS:
@@ -105,17 +128,21 @@ def main():
             step(qat, opt_q)
     t, _ = timed(multi, device, repeat)
     rows.append(dict(setting=f'multi-precision {list(BITS)}', ms=t * 1e3,
-                     ratio=t / (len(BITS) * fp_time), mem_ratio=None))
+                     ratio=t / (len(BITS) * fp_time), peak_mb=None,
+                     mem_ratio=None))
 
     mode = 'compiled' if args.compile else f'eager-{args.impl}'
     print(f'\nResNet-18 train step, {device}, batch {batch} x {size}px, '
           f'{mode}{", bf16 autocast" if gpu else ""}\n')
-    print('| setting | ms | vs FP (multi: vs n x FP) | peak mem vs FP |')
-    print('|---|---|---|---|')
+    print('| setting | ms | vs FP (multi: vs n x FP) | peak MB in the step '
+          '| vs FP |')
+    print('|---|---|---|---|---|')
+
+    def cell(value, fmt):
+        return '-' if value is None else format(value, fmt)
     for r in rows:
-        mem = f'{r["mem_ratio"]:.2f}' if r['mem_ratio'] else '-'
         print(f'| {r["setting"]} | {r["ms"]:.1f} | {r["ratio"]:.2f} | '
-              f'{mem} |')
+              f'{cell(r["peak_mb"], ".1f")} | {cell(r["mem_ratio"], ".2f")} |')
     out = osp.join(osp.dirname(osp.abspath(__file__)), 'results',
                    f'train_step_{device.type}_{mode}'
                    f'{"_quick" if args.quick else ""}.json')

@@ -88,7 +88,10 @@ class ActQuantizer(nn.Module):
             dist.all_reduce(value)
             value /= dist.get_world_size()
         value = torch.where(value > 0, value, torch.full_like(value, 1e-8))
-        self.scale[index] = value.to(self.scale.dtype)
+        # through .data: initialising one bit's scale must not invalidate
+        # graphs that saved the parameter (loss_mode='sum' builds every
+        # bit's graph before one backward)
+        self.scale.data[index] = value.to(self.scale.dtype)
         self.initialized[index] = True
 
     def forward(self, x: torch.Tensor, bit: int) -> torch.Tensor:

@@ -162,8 +162,8 @@ def _fused_backward(grad, x, scale, h_lo, h_hi, down, l_lo, l_hi, up,
 def _fused_fns():
     if _fused_state['fns'] is None:
         _fused_state['fns'] = (
-            torch.compile(_forward, dynamic=True, fullgraph=True),
-            torch.compile(_fused_backward, dynamic=True, fullgraph=True))
+            torch.compile(_forward, dynamic=True),
+            torch.compile(_fused_backward, dynamic=True))
     return _fused_state['fns']
 
 
@@ -197,13 +197,30 @@ def _use_fused(x, scale, reduce_dims) -> bool:
         scale.shape[0] == x.shape[0]
 
 
+# Graphs each kernel may keep: dtypes x (one scale | one per row) x
+# Inductor's size classes; a model needs a handful, a test session more.
+_KERNEL_GRAPHS = 64
+
+
+def _call_kernel(which: int, args):
+    """Run a fused kernel with room for its own graphs, whatever Dynamo's
+    global recompile limit (meant for user code) is."""
+    config = torch._dynamo.config
+    limit = config.recompile_limit
+    config.recompile_limit = max(limit, _KERNEL_GRAPHS)
+    try:
+        return _fused_fns()[which](*args)
+    finally:
+        config.recompile_limit = limit
+
+
 def _run_fused(which: int, *args):
     """Call a fused kernel; the first failure to build one (no compiler)
     switches ``auto`` to the torch path for good, with a warning."""
     if _fused_state['ok']:
-        return _fused_fns()[which](*args)
+        return _call_kernel(which, args)
     try:
-        out = _fused_fns()[which](*args)
+        out = _call_kernel(which, args)
     except Exception as error:  # noqa: BLE001 - any build failure
         if _impl == 'fused':
             raise

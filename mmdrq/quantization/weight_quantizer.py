@@ -118,7 +118,9 @@ class DoubleRoundingQuantizer(nn.Module):
             value = 2 * w.abs().mean() / (2**(bit - 1) - 1)**0.5
             value = value.reshape(1)
         value = torch.where(value > 0, value, torch.full_like(value, 1e-8))
-        self.scale[row].copy_(value.to(self.scale.dtype))
+        # through .data: initialising one row must not invalidate graphs
+        # that saved the parameter (see ActQuantizer._init_scale)
+        self.scale.data[row].copy_(value.to(self.scale.dtype))
         self.initialized[row] = True
 
     def _ensure_init(self, weight: torch.Tensor, bit: int) -> int:
