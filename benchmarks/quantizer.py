@@ -73,7 +73,9 @@ def bench_fake_quant(device, numel, bits):
     rows = []
     for impl in ('torch', 'fused', 'compiled'):
         for bit in bits:
-            run = (torch.compile(lambda w, b=bit: quantizer(w, b))
+            # dynamic=False: bits stay constants, as module attributes do
+            run = (torch.compile(lambda w, b=bit: quantizer(w, b),
+                                 dynamic=False)
                    if impl == 'compiled' else lambda w, b=bit: quantizer(w, b))
 
             def fwd_bwd():

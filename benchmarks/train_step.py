@@ -16,7 +16,9 @@ import json
 import os
 import os.path as osp
 import statistics
+import tempfile
 import time
+import warnings
 
 import torch
 
@@ -49,19 +51,21 @@ def timed(step, device, repeat, warmup=2):
 
 
 def cpu_peak_bytes(step):
-    """Peak CPU bytes allocated during ``step()`` above what was live before
-    it, from the profiler's allocation events (torch has no CPU counterpart
-    of ``torch.cuda.max_memory_allocated``)."""
+    """Peak CPU bytes allocated during ``step()`` above what was live when
+    it started, from the profiler's memory timeline (torch has no CPU
+    counterpart of ``torch.cuda.max_memory_allocated``)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU],
-                 profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                 record_shapes=True, with_stack=True) as prof:
         step()
-    live = peak = 0
-    events = [e for e in prof.events() if e.name == '[memory]']
-    for event in sorted(events, key=lambda e: e.time_range.start):
-        live += event.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # deprecated, works
+        path = osp.join(folder, 'timeline.json')
+        prof.export_memory_timeline(path, device='cpu')
+        with open(path) as f:
+            _, sizes = json.load(f)
+    totals = [sum(categories) for categories in sizes]
+    return max(totals) - totals[0]
 
 
 def main():

@@ -99,39 +99,56 @@ class _QuantLayer(BitSwitchable):
             return x
         return self.act_quantizer(x, self.bit)
 
-    def recompute_input(self, x: torch.Tensor, x_q: torch.Tensor):
-        """Context for the layer's own op: autograd keeps a recipe for the
-        quantized input ``x_q`` instead of the tensor, and the backward
-        redoes the fake quantization from ``x`` (which the quantizer keeps
-        anyway). One activation less per layer in eager training, for one
-        extra fused kernel in the backward; a no-op where nothing is saved,
-        under torch.compile (Inductor chooses what to recompute there), or
-        when the op saves a cast of ``x_q`` (autocast) instead."""
-        if x_q is x or not self.training or not torch.is_grad_enabled() \
+    def saved_as_recipes(self, x: torch.Tensor, x_q: torch.Tensor,
+                         w_q: torch.Tensor):
+        """Context for the layer's own op: autograd keeps recipes for the
+        quantized input ``x_q`` and weight ``w_q`` instead of the tensors,
+        and the backward redoes the fake quantization from ``x`` (which the
+        act quantizer keeps anyway) and the weight. An activation and a
+        weight copy less per layer in eager training, for two extra fused
+        kernels in the backward. A no-op for what is not saved as such:
+        under torch.compile (Inductor chooses what to recompute) and for an
+        op that saves casts (autocast)."""
+        if not self.training or not torch.is_grad_enabled() \
                 or torch.compiler.is_compiling():
             return contextlib.nullcontext()
-        quantizer, bit = self.act_quantizer, self.bit
-        key = (x_q.data_ptr(), x_q.shape, x_q.stride(), x_q.dtype)
+        bit = self.bit
+        recipes = {}
+        if x_q is not x:
+            recipes[_tensor_key(x_q)] = (self.act_quantizer, x)
+        if w_q is not self.weight:
+            recipes[_tensor_key(w_q)] = (self.weight_quantizer, self.weight)
 
-        def pack(tensor):
-            if (tensor.data_ptr(), tensor.shape, tensor.stride(),
-                    tensor.dtype) == key:
-                return _Recipe(x)
-            return tensor
+        def pack(tensor):  # the tensor or a view of it (linear: w_q.t())
+            recipe = recipes.get(_tensor_key(tensor))
+            if recipe is None:
+                return tensor
+            return _Recipe(*recipe, tensor.shape, tensor.stride(),
+                           tensor.storage_offset())
 
         def unpack(saved):  # in the backward's grad mode: with a graph
-            if isinstance(saved, _Recipe):  # only under create_graph
-                return quantizer(saved.source, bit)
-            return saved
+            if not isinstance(saved, _Recipe):  # only under create_graph
+                return saved
+            return saved.quantizer(saved.source, bit).as_strided(
+                saved.shape, saved.stride, saved.offset)
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-class _Recipe:
-    """A saved quantized input, kept as the tensor it is computed from."""
-    __slots__ = ('source', )
+def _tensor_key(tensor):
+    """Storage identity: a recomputed tensor has the same layout, so views
+    of it are rebuilt with ``as_strided``."""
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes(), tensor.dtype
 
-    def __init__(self, source):
-        self.source = source
+
+class _Recipe:
+    """A saved fake-quantized tensor (or view), kept as its quantizer,
+    source and view geometry."""
+    __slots__ = ('quantizer', 'source', 'shape', 'stride', 'offset')
+
+    def __init__(self, quantizer, source, shape, stride, offset):
+        self.quantizer, self.source = quantizer, source
+        self.shape, self.stride, self.offset = shape, stride, offset
 
 
 def quantizers_ready(model: nn.Module) -> bool:
@@ -170,10 +187,9 @@ class QConv2d(_QuantLayer, nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = self.quantize_input(x)
-        with self.recompute_input(x, x_q):
-            return self._conv_forward(x_q, self.quantized_weight(),
-                                      self.bias)
+        x_q, w_q = self.quantize_input(x), self.quantized_weight()
+        with self.saved_as_recipes(x, x_q, w_q):
+            return self._conv_forward(x_q, w_q, self.bias)
 
     def extra_repr(self):
         return super().extra_repr() + f', bit={self.bit}'
@@ -197,9 +213,9 @@ class QLinear(_QuantLayer, nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = self.quantize_input(x)
-        with self.recompute_input(x, x_q):
-            return F.linear(x_q, self.quantized_weight(), self.bias)
+        x_q, w_q = self.quantize_input(x), self.quantized_weight()
+        with self.saved_as_recipes(x, x_q, w_q):
+            return F.linear(x_q, w_q, self.bias)
 
     def extra_repr(self):
         return super().extra_repr() + f', bit={self.bit}'

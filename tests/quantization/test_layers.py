@@ -227,3 +227,55 @@ def test_training_gradients(bit):
     index = (8, 6, 4, 2).index(bit)
     assert act_grad[index] != 0
     assert (act_grad[[i for i in range(4) if i != index]] == 0).all()
+
+
+@pytest.mark.parametrize('layer_type', ['conv', 'linear'])
+def test_quantized_operands_are_saved_as_recipes(layer_type, monkeypatch):
+    """Training keeps no copy of the fake-quantized input and weight for
+    the backward (they are recomputed there), with the same gradients as
+    keeping them, and double backward still sees them as functions of the
+    input (Hessian traces)."""
+    import contextlib
+    import gc
+    import weakref
+    gen = make_gen('recipes', layer_type)
+    if layer_type == 'conv':
+        layer = QConv2d.from_float(nn.Conv2d(4, 6, 3, padding=1), (8, 4))
+        x = torch.randn(3, 4, 7, 7, generator=gen)
+    else:
+        layer = QLinear.from_float(nn.Linear(5, 3), (8, 4))
+        x = torch.randn(6, 5, generator=gen)
+    layer.set_bit(4)
+    layer(x)  # initialise the scales
+    kept = []
+    for quantizer in (layer.act_quantizer, layer.weight_quantizer):
+        quantizer.register_forward_hook(
+            lambda m, args, out: kept.append(weakref.ref(out)))
+
+    def grads(recipes):
+        if not recipes:
+            monkeypatch.setattr(type(layer), 'saved_as_recipes',
+                                lambda *args: contextlib.nullcontext())
+        layer.zero_grad()
+        kept.clear()
+        xx = x.clone().requires_grad_()
+        out = layer(xx)
+        gc.collect()
+        alive = [ref() is not None for ref in kept]
+        out.square().sum().backward()
+        monkeypatch.undo()
+        return alive, [xx.grad] + [p.grad for p in layer.parameters()]
+    alive_with, with_recipes = grads(True)
+    alive_without, without = grads(False)
+    # without recipes the op keeps x_q (the weight may be kept as a view,
+    # w_q.t(), which does not keep w_q's Python object alive)
+    assert alive_with == [False, False] and alive_without[0]
+    for a, b in zip(with_recipes, without):
+        assert torch.equal(a, b)
+    # double backward: d/dx of (d loss / d weight) needs x_q(x) with a graph
+    layer.zero_grad()
+    xx = x.clone().requires_grad_()
+    g_w, = torch.autograd.grad(layer(xx).square().sum(), layer.weight,
+                               create_graph=True)
+    g_x, = torch.autograd.grad(g_w.sum(), xx)
+    assert g_x.abs().sum() > 0
