@@ -187,3 +187,25 @@ def test_cuda_training_step_has_no_host_sync(make_tiny_cnn):
         steps()
     finally:
         torch.cuda.set_sync_debug_mode('default')
+
+
+def test_auto_falls_back_to_torch_when_kernels_cannot_build(monkeypatch):
+    """No compiler: ``auto`` warns once, gives the torch path's numbers and
+    stays on it; ``fused`` raises instead."""
+    def broken(*args):
+        raise RuntimeError('no C++ compiler')
+    monkeypatch.setitem(functional._fused_state, 'fns', (broken, broken))
+    monkeypatch.setitem(functional._fused_state, 'ok', None)
+    x = torch.randn(3, 8)
+    scale = torch.full((1, ), 0.05)
+    with fake_quant_impl('fused'), pytest.raises(RuntimeError,
+                                                 match='compiler'):
+        fake_quant(x, scale, (-8, 7), 0, (-8, 7))
+    with fake_quant_impl('auto'):
+        with pytest.warns(UserWarning, match='no C\\+\\+ compiler'):
+            out = fake_quant(x, scale, (-8, 7), 0, (-8, 7))
+        assert functional._fused_state['ok'] is False
+        again = fake_quant(x, scale, (-8, 7), 0, (-8, 7))  # no second try
+    with fake_quant_impl('torch'):
+        ref = fake_quant(x, scale, (-8, 7), 0, (-8, 7))
+    assert torch.equal(out, ref) and torch.equal(again, ref)
