@@ -140,6 +140,9 @@ class MultiPrecisionQAT(BaseModel):
                 options['options'] = {**CPU_COMPILE_OPTIONS,
                                       **options.get('options', {})}
             _COMPILED[self] = torch.compile(self.architecture, **options)
+            print_log(f'mmdrq: scales initialised, training runs the '
+                      f'compiled architecture from now on ({options})',
+                      logger='current')
         return _COMPILED[self]
 
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):

@@ -264,3 +264,19 @@ def test_mixed_precision_supernet_with_hasb(digits, qat_run, traces):
                       digits['folder'] / 'mp_bad', '--cfg-options',
                       f'custom_hooks.0.traces={other}', expect_ok=False)
     assert 'another model' in log
+
+
+def test_compiled_training_through_the_runner(digits, qat_run):
+    """model.compile=True through tools/train.py: trains every bit,
+    validates, and saves a checkpoint with the plain run's keys."""
+    work = digits['folder'] / 'qat_compiled'
+    _, log = run_tool(osp.join(TOOLS, 'train.py'), digits['qat_cfg'],
+                      '--work-dir', work, '--cfg-options',
+                      'train_cfg.max_epochs=1', 'model.compile=True')
+    assert 'runs the compiled architecture' in log
+    for bit in (8, 6, 4, 2):
+        assert f'loss@w{bit}a{bit}' in log
+        assert f'accuracy/top1@w{bit}a{bit}' in log
+    plain = torch.load(qat_run[0] / 'epoch_1.pth', map_location='cpu')
+    compiled = torch.load(work / 'epoch_1.pth', map_location='cpu')
+    assert compiled['state_dict'].keys() == plain['state_dict'].keys()
