@@ -18,8 +18,9 @@ from .pskd import PSKDTargets, soft_cross_entropy
 
 LOSS_MODES = ('per_bit', 'sum')
 # Inductor's layout optimisation (channels-last convs) changed gradients of
-# act-quantized CPU models by up to 6 % relative against eager and
-# aot_eager (torch 2.14, a small CNN); without it they agree to float noise.
+# a small quantized CPU model by up to 6 % relative against eager and
+# aot_eager (torch 2.14), with plain-op straight-through quantizers too;
+# without it they agree to float noise. Unchecked on CUDA, so CPU only.
 CPU_COMPILE_OPTIONS = {'layout_optimization': False}
 # compiled architectures, kept off the module tree so that state dicts,
 # deepcopy (EMA) and pickling never see them
