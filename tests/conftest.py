@@ -6,13 +6,18 @@ its backbone and ``pretrained=None`` where the key exists, and
 """
 import importlib
 import logging
+import os
 import os.path as osp
+import subprocess
+import sys
 import tempfile
 
 import pytest
 import torch
 from torch import nn
 
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOLS = osp.join(ROOT, 'tools')
 RESNET18_CFG = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
 RETINANET_CFG = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 DEEPLABV3_CFG = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-80k_ade20k-512x512.py'
@@ -186,3 +191,17 @@ def fake_quant_path(request):
         yield request.param
     if request.param == 'fused':
         assert functional._fused_state['ok'] is not False
+
+
+def run_tool(*args, expect_ok=True, timeout=600):
+    """Run a script in a fresh Python (one OpenMP thread, the repo on the
+    path); returns (return code, stdout + stderr)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep +
+               os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    done = subprocess.run([sys.executable] + [str(a) for a in args],
+                          capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+    output = done.stdout + done.stderr
+    if expect_ok:
+        assert done.returncode == 0, output[-4000:]
+    return done.returncode, output

@@ -10,33 +10,21 @@ import math
 import os
 import os.path as osp
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOLS = osp.join(ROOT, 'tools')
+from conftest import TOOLS, run_tool
+
 BITS = (8, 6, 4, 2)
-
-
-def run_tool(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep +
-               os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    done = subprocess.run([sys.executable] + [str(a) for a in args],
-                          capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
-    return output
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp('tiny_data')
     coco, ade = str(folder / 'tiny_coco'), str(folder / 'tiny_ade20k')
-    log = run_tool(osp.join(TOOLS, 'make_tiny_datasets.py'), '--coco-root',
+    _, log = run_tool(osp.join(TOOLS, 'make_tiny_datasets.py'), '--coco-root',
                    coco, '--ade20k-root', ade)
     assert 'tiny COCO written' in log and 'tiny ADE20K written' in log
     return dict(coco=coco, ade20k=ade)
@@ -153,7 +141,7 @@ def test_train_and_test_every_bit(name, data, tmp_path):
     config, dataset, options, ckpt, metric, (low, high) = CASES[name]
     cfg_options = ['--cfg-options'] + options(data[dataset])
     work = tmp_path / 'work'
-    log = run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
+    _, log = run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
                    *cfg_options)
 
     # every bit trains every iteration (logger interval 1, 4 iterations),
@@ -170,7 +158,7 @@ def test_train_and_test_every_bit(name, data, tmp_path):
     assert osp.exists(work / ckpt)
 
     out = tmp_path / 'metrics.json'
-    log = run_tool(osp.join(TOOLS, 'test.py'), config, work / ckpt,
+    _, log = run_tool(osp.join(TOOLS, 'test.py'), config, work / ckpt,
                    '--work-dir', tmp_path / 'test', '--out', out,
                    *cfg_options)
     assert 'test metrics per bit-width' in log and '| w2a2 |' in log

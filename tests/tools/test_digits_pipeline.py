@@ -5,28 +5,14 @@ import json
 import os
 import os.path as osp
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
+from conftest import ROOT, TOOLS, run_tool
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOLS = osp.join(ROOT, 'tools')
 DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
-
-
-def run_tool(*args, expect_ok=True, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep +
-               os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    done = subprocess.run([sys.executable] + [str(a) for a in args],
-                          capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
-    output = done.stdout + done.stderr
-    if expect_ok:
-        assert done.returncode == 0, output[-4000:]
-    return done.returncode, output
 
 
 def write_config(folder, name, base, data_root, extra=''):
