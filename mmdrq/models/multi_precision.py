@@ -120,31 +120,37 @@ class MultiPrecisionQAT(BaseModel):
             self.pskd = PSKDTargets(num_classes, **distill)
         self.compile_options = ({} if compile is True else dict(compile)) \
             if compile else None
+        self._warned_sampler = False
         self._register_load_state_dict_pre_hook(_prefix_bare_checkpoint)
 
     def _runner(self) -> Callable:
         """The architecture, or its compiled form when compiling applies:
-        training, uniform bits, and no lazy scale initialisation left."""
-        if self.compile_options is not None and self.training and \
-                self.bit_sampler is not None and self not in _COMPILED:
-            print_log('mmdrq: compile is off under a per-layer bit sampler '
-                      '(HASB): each combination of bits would recompile',
-                      logger='current', level=logging.WARNING)
-            _COMPILED[self] = None
-        if self.compile_options is None or not self.training or \
-                self.bit_sampler is not None or \
-                not quantizers_ready(self.architecture):
+        training, uniform bits, and no lazy scale initialisation left
+        (checked only until the architecture is compiled)."""
+        if self.compile_options is None or not self.training:
             return self.architecture
-        if _COMPILED.get(self) is None:
+        if self.bit_sampler is not None:
+            if not self._warned_sampler:
+                print_log('mmdrq: compile is off under a per-layer bit '
+                          'sampler (HASB): each combination of bits would '
+                          'recompile', logger='current',
+                          level=logging.WARNING)
+                self._warned_sampler = True
+            return self.architecture
+        compiled = _COMPILED.get(self)
+        if compiled is None:
+            if not quantizers_ready(self.architecture):
+                return self.architecture
             options = dict(self.compile_options)
             if next(self.parameters()).device.type == 'cpu':
                 options['options'] = {**CPU_COMPILE_OPTIONS,
                                       **options.get('options', {})}
-            _COMPILED[self] = torch.compile(self.architecture, **options)
+            compiled = _COMPILED[self] = torch.compile(self.architecture,
+                                                       **options)
             print_log(f'mmdrq: scales initialised, training runs the '
                       f'compiled architecture from now on ({options})',
                       logger='current')
-        return _COMPILED[self]
+        return compiled
 
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):
         return self._runner()(inputs, data_samples, mode=mode)
