@@ -7,6 +7,7 @@ benchmarks/results/quantizer_<device>.json. Ratios are measured side by side
 in one run, so they compare across machines better than absolute times.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -18,7 +19,7 @@ import time
 import torch
 
 import mmdrq
-from mmdrq.quantization import DoubleRoundingQuantizer
+from mmdrq.quantization import DoubleRoundingQuantizer, shared_rounding
 from mmdrq.quantization.functional import fake_quant_impl
 
 
@@ -51,6 +52,16 @@ def build(name):
                   in_channels=512 if depth == 18 else 2048)))
 
 
+def weight_and_quantizer(device, numel, bits):
+    """A ``(numel / 1024, 1024)`` weight and its initialised quantizer."""
+    weight = torch.randn(numel // 1024, 1024, device=device,
+                         requires_grad=True)
+    quantizer = DoubleRoundingQuantizer(bits, num_channels=weight.shape[0])
+    quantizer.to(device)
+    quantizer(weight, bits[0])  # initialise the scale outside the timing
+    return weight, quantizer
+
+
 def bench_fake_quant(device, numel, bits):
     """Weight fake-quant bandwidth as a fraction of a plain copy's, per
     implementation: ``torch`` (plain ops), ``fused`` (mmdrq's kernels, the
@@ -61,11 +72,7 @@ def bench_fake_quant(device, numel, bits):
     the backward reads the gradient and the weight and writes the weight's
     gradient, so forward+backward moves 5/2 of a copy's bytes.
     """
-    weight = torch.randn(numel // 1024, 1024, device=device,
-                         requires_grad=True)
-    quantizer = DoubleRoundingQuantizer(bits, num_channels=weight.shape[0])
-    quantizer.to(device)
-    quantizer(weight, bits[0])  # initialise the scale outside the timing
+    weight, quantizer = weight_and_quantizer(device, numel, bits)
     grad = torch.randn_like(weight)
     target = torch.empty_like(weight)
     copy_time = timeit(lambda: target.copy_(weight.detach()), device,
@@ -88,6 +95,29 @@ def bench_fake_quant(device, numel, bits):
                              fwd_bwd_ms=both * 1e3, copy_ms=copy_time * 1e3,
                              fwd_vs_copy=copy_time / fwd,
                              fwd_bwd_vs_copy=2.5 * copy_time / both))
+    return rows
+
+
+def bench_summed_weights(device, numel, bits):
+    """Every bit's weight forward and one backward, as a summed loss over
+    the bits needs: one call per bit against one call for all bits
+    (``shared_rounding``, what ``loss_mode='sum'`` uses)."""
+    weight, quantizer = weight_and_quantizer(device, numel, bits)
+    grads = [torch.randn_like(weight) for _ in bits]
+
+    def run(share):
+        weight.grad = quantizer.scale.grad = None
+        with shared_rounding(quantizer) if share \
+                else contextlib.nullcontext():
+            outs = [quantizer(weight, bit) for bit in bits]
+        torch.autograd.backward(outs, grads)
+    rows = []
+    for share in (False, True):
+        t = timeit(lambda: run(share), device, repeat=20)
+        rows.append(dict(rounding='shared' if share else 'per bit',
+                         fwd_bwd_ms=t * 1e3))
+    for row in rows:
+        row['vs_per_bit'] = row['fwd_bwd_ms'] / rows[0]['fwd_bwd_ms']
     return rows
 
 
@@ -183,6 +213,9 @@ def main():
     results['fake_quant'] = bench_fake_quant(device, numel, bits)
     table(f'weight fake-quant, {numel:,} elements: bandwidth / copy\'s',
           results['fake_quant'])
+    results['summed'] = bench_summed_weights(device, numel, bits)
+    table(f'weights of {bits} forward + one backward (summed loss), '
+          f'{numel:,} elements', results['summed'])
     results['eval'] = bench_eval(device, bits, batch, size)
     table(f'ResNet-18 eval forward, batch {batch}x{size}px: quantized / FP',
           results['eval'])

@@ -6,8 +6,9 @@ iteration, for mmpretrain's ResNet-18, measured side by side in one run.
 
 GPU runs use bf16 autocast. Prints a table of step times and the ratios of
 issue 6 (per-bit step / FP step, multi-precision iteration / (n x FP step),
-peak memory allocated in a step per bit / FP) and saves JSON in
-benchmarks/results/.
+peak memory allocated in a step per bit / FP), and a summed-loss iteration
+with and without sharing the weights' rounding between bits, and saves JSON
+in benchmarks/results/.
 """
 import argparse
 import contextlib
@@ -24,6 +25,7 @@ import torch
 
 import mmdrq
 from mmdrq.models import MultiPrecisionQAT
+from mmdrq.quantization import shared_rounding
 from mmdrq.quantization.functional import IMPLS, set_fake_quant_impl
 from quantizer import build  # benchmarks/quantizer.py beside this file
 
@@ -134,6 +136,27 @@ def main():
     rows.append(dict(setting=f'multi-precision {list(BITS)}', ms=t * 1e3,
                      ratio=t / (len(BITS) * fp_time), peak_mb=None,
                      mem_ratio=None))
+
+    def summed(share):  # loss_mode='sum': one step on the bits' summed loss
+        sharing = shared_rounding(qat.architecture) if share \
+            else contextlib.nullcontext()
+        total = 0
+        with autocast, sharing:
+            for bit in BITS:
+                mmdrq.set_bits(qat.architecture, bit)
+                logits = qat(x, mode='tensor')
+                total = total + torch.nn.functional.cross_entropy(
+                    logits.float(), y)
+        total.backward()
+        opt_q.step()
+        opt_q.zero_grad(set_to_none=True)
+    for share in (False, True):
+        t, _ = timed(lambda: summed(share), device, repeat)
+        rows.append(dict(
+            setting=f'summed loss {list(BITS)}, '
+                    f'{"shared" if share else "per-bit"} weight rounding',
+            ms=t * 1e3, ratio=t / (len(BITS) * fp_time), peak_mb=None,
+            mem_ratio=None))
 
     mode = 'compiled' if args.compile else f'eager-{args.impl}'
     print(f'\nResNet-18 train step, {device}, batch {batch} x {size}px, '

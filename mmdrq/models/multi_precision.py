@@ -1,4 +1,5 @@
 """One-shot multi-precision QAT around any OpenMMLab model."""
+import contextlib
 import logging
 import weakref
 from collections import OrderedDict
@@ -11,7 +12,7 @@ from mmengine.optim import OptimWrapper
 from torch import nn
 
 from mmdrq.quantization import (model_bits, quantize_model,
-                                quantizers_ready, set_bits)
+                                quantizers_ready, set_bits, shared_rounding)
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from .pskd import PSKDTargets, soft_cross_entropy
@@ -189,28 +190,35 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
     if module.pskd is not None:
         labels = torch.cat([s.gt_label for s in data['data_samples']])
         targets = module.pskd.targets(labels, _sample_index(data))
+    # a summed loss: the weights stay put across the bits' forwards, so
+    # each weight is rounded once for all bits (and backpropagated once)
+    sharing = shared_rounding(module.architecture) \
+        if module.loss_mode == 'sum' else contextlib.nullcontext()
     log_vars, total = OrderedDict(), 0
     try:
-        for bit in module.bits:
-            if module.bit_sampler is None:
-                set_bits(module.architecture, bit)
-            else:
-                log_vars['avg_bit' + bit_tag(bit)] = torch.tensor(
-                    module.bit_sampler.apply(module.architecture, bit))
-            with optim_wrapper.optim_context(module):
-                if targets is None:
-                    losses = forward(data, mode='loss')
+        with sharing:
+            for bit in module.bits:
+                if module.bit_sampler is None:
+                    set_bits(module.architecture, bit)
                 else:
-                    losses = _pskd_losses(module, forward, data, targets, bit)
-            loss, bit_vars = module.parse_losses(losses)
-            log_vars.update((k + bit_tag(bit), v) for k, v in bit_vars.items())
-            if module.loss_mode == 'per_bit':
-                if hasattr(optim_wrapper, 'set_bit'):
-                    optim_wrapper.set_bit(bit)
-                optim_wrapper.update_params(loss)
-                total = total + loss.detach()
-            else:
-                total = total + loss
+                    log_vars['avg_bit' + bit_tag(bit)] = torch.tensor(
+                        module.bit_sampler.apply(module.architecture, bit))
+                with optim_wrapper.optim_context(module):
+                    if targets is None:
+                        losses = forward(data, mode='loss')
+                    else:
+                        losses = _pskd_losses(module, forward, data,
+                                              targets, bit)
+                loss, bit_vars = module.parse_losses(losses)
+                log_vars.update(
+                    (k + bit_tag(bit), v) for k, v in bit_vars.items())
+                if module.loss_mode == 'per_bit':
+                    if hasattr(optim_wrapper, 'set_bit'):
+                        optim_wrapper.set_bit(bit)
+                    optim_wrapper.update_params(loss)
+                    total = total + loss.detach()
+                else:
+                    total = total + loss
     finally:
         set_bits(module.architecture, module.bits[0])
     if module.loss_mode == 'sum':

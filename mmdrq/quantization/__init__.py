@@ -7,12 +7,12 @@ from .convert import quantize_model
 from .layers import BitSwitchable, QConv2d, QLinear, quantizers_ready
 from .switchable_bn import SwitchableBatchNorm
 from .transitional_bn import TransitionalBatchNorm, to_transitional
-from .weight_quantizer import DoubleRoundingQuantizer
+from .weight_quantizer import DoubleRoundingQuantizer, shared_rounding
 
 __all__ = [
     'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer', 'QConv2d',
     'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm',
     'TransitionalBatchNorm', 'check_bits', 'get_bits', 'model_bits',
     'quantize_model', 'quantizers_ready', 'set_bits', 'set_layer_bits',
-    'to_transitional', 'use_bits'
+    'shared_rounding', 'to_transitional', 'use_bits'
 ]

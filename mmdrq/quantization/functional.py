@@ -107,11 +107,16 @@ def requantize(q_h: torch.Tensor, shift: int, lo: int, hi: int,
     return _round_down(q_h, 2.0**-shift, lo, hi, rounding, variant)
 
 
+def _first_rounding(x, scale, h_lo, h_hi):
+    """The stored integers ``clip(round(x / scale), h)``."""
+    return torch.clamp((x / scale).round_(), h_lo, h_hi)
+
+
 def _quantize(x, scale, h_lo, h_hi, down, l_lo, l_hi, rounding, variant):
     """First rounding of ``x / scale`` to the stored grid, second rounding
     by ``down``; every kernel and reference path goes through here."""
-    q_h = torch.clamp((x / scale).round_(), h_lo, h_hi)
-    return _round_down(q_h, down, l_lo, l_hi, rounding, variant)
+    return _round_down(_first_rounding(x, scale, h_lo, h_hi), down, l_lo,
+                       l_hi, rounding, variant)
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
@@ -125,38 +130,50 @@ def quantize_int(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
                      l_range[0], l_range[1], rounding, variant)
 
 
-def _forward(x, scale, h_lo, h_hi, down, l_lo, l_hi, up, rounding, variant):
-    """``q_l * scale * 2**shift`` in ``x``'s dtype (computed in ``scale``'s
-    precision at least: bf16 activations are not rounded on a bf16 grid)."""
-    xf = x.to(torch.promote_types(x.dtype, scale.dtype))
-    q = _quantize(xf, scale, h_lo, h_hi, down, l_lo, l_hi, rounding, variant)
-    return (q * (scale * up)).to(x.dtype)
+def _promoted(x, scale):
+    """``x`` in ``scale``'s precision at least: bf16 activations are not
+    rounded on a bf16 grid."""
+    return x.to(torch.promote_types(x.dtype, scale.dtype))
 
 
-def _backward_parts(grad, x, scale, h_lo, h_hi, down, l_lo, l_hi, up,
-                    rounding, variant, with_graph=False):
-    """STE gradient of ``x`` and, per element, the LSQ scale gradient before
-    its factor: ``grad * (q - v)`` inside the range, ``grad * q`` outside
-    (the clipping limit). ``with_graph`` keeps it differentiable."""
-    xf = x.to(torch.promote_types(x.dtype, scale.dtype))
-    q = _quantize(xf.detach(), scale.detach(), h_lo, h_hi, down, l_lo, l_hi,
-                  rounding, variant)
-    v = xf / (scale * up)
-    inside = (v >= l_lo) & (v <= l_hi)
-    grad_x = torch.where(inside, grad, 0.0)
-    if with_graph:
-        return grad_x, grad * torch.where(inside, q - v, q)
-    # in v's memory: fresh large buffers cost page faults on the CPU
-    return grad_x, v.masked_fill_(~inside, 0.0).neg_().add_(q).mul_(grad)
+def _forward(x, scale, h_lo, h_hi, plans, rounding, variant):
+    """``q_l * scale * 2**shift`` in ``x``'s dtype for every target of
+    ``plans`` (``(down, l_lo, l_hi, up)`` each), all from one first
+    rounding."""
+    q_h = _first_rounding(_promoted(x, scale), scale, h_lo, h_hi)
+    return [(_round_down(q_h, down, lo, hi, rounding, variant) *
+             (scale * up)).to(x.dtype) for down, lo, hi, up in plans]
 
 
-def _fused_backward(grad, x, scale, h_lo, h_hi, down, l_lo, l_hi, up,
-                    rounding, variant):
-    """``_backward_parts`` with the scale gradient summed per row of the
-    2-d ``x``, in the same kernel."""
-    grad_x, contrib = _backward_parts(grad, x, scale, h_lo, h_hi, down, l_lo,
-                                      l_hi, up, rounding, variant)
-    return grad_x, contrib.sum(dim=1, keepdim=True)
+def _backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
+              with_graph=False):
+    """STE gradient of ``x`` summed over the targets, and per target and
+    element the LSQ scale gradient before its factor: ``grad * (q - v)``
+    inside the range, ``grad * q`` outside (the clipping limit).
+    ``with_graph`` keeps it differentiable."""
+    xf = _promoted(x, scale)
+    q_h = _first_rounding(xf.detach(), scale.detach(), h_lo, h_hi)
+    grad_x, contribs = None, []
+    for grad, (down, lo, hi, up) in zip(grads, plans):
+        q = _round_down(q_h, down, lo, hi, rounding, variant)
+        v = xf / (scale * up)
+        inside = (v >= lo) & (v <= hi)
+        part = torch.where(inside, grad, 0.0)
+        grad_x = part if grad_x is None else grad_x + part
+        if with_graph:
+            contribs.append(grad * torch.where(inside, q - v, q))
+        else:  # in v's memory: fresh buffers cost page faults on the CPU
+            contribs.append(v.masked_fill_(~inside, 0.0).neg_().add_(q)
+                            .mul_(grad))
+    return grad_x, contribs
+
+
+def _fused_backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant):
+    """``_backward`` with the scale gradients summed per row of the 2-d
+    ``x``, in the same kernel."""
+    grad_x, contribs = _backward(grads, x, scale, h_lo, h_hi, plans,
+                                 rounding, variant)
+    return grad_x, [c.sum(dim=1, keepdim=True) for c in contribs]
 
 
 def _fused_fns():
@@ -167,19 +184,16 @@ def _fused_fns():
     return _fused_state['fns']
 
 
-def _limits(h_range, shift, l_range, mode: int, like: torch.Tensor):
-    """The plan as 0-dim tensors on ``like``'s device, made once per plan
+def _as_tensors(numbers, like: torch.Tensor):
+    """Numbers as 0-dim tensors on ``like``'s device, made once per value
     and device: no host-to-device copy per call, and no recompiles, since
     the kernels see tensors rather than Python numbers."""
-    key = (tuple(h_range), shift, tuple(l_range), mode, like.device,
-           like.dtype)
-    limits = _limits_cache.get(key)
-    if limits is None:
-        values = torch.tensor([h_range[0], h_range[1], 2.0**-shift,
-                               l_range[0], l_range[1], 2.0**shift, mode],
-                              dtype=like.dtype, device=like.device)
-        limits = _limits_cache[key] = tuple(values.unbind())
-    return limits
+    key = (numbers, like.device, like.dtype)
+    tensors = _limits_cache.get(key)
+    if tensors is None:
+        tensors = _limits_cache[key] = tuple(torch.tensor(
+            numbers, dtype=like.dtype, device=like.device).unbind())
+    return tensors
 
 
 def _use_fused(x, scale, reduce_dims) -> bool:
@@ -197,8 +211,9 @@ def _use_fused(x, scale, reduce_dims) -> bool:
         scale.shape[0] == x.shape[0]
 
 
-# Graphs each kernel may keep: dtypes x (one scale | one per row) x
-# Inductor's size classes; a model needs a handful, a test session more.
+# Graphs each kernel may keep: dtypes x (one scale | one per row) x number
+# of targets x Inductor's size classes; a model needs a handful, a test
+# session more.
 _KERNEL_GRAPHS = 64
 
 
@@ -240,67 +255,90 @@ def _as_rows(x, scale):
     return x.reshape(rows, -1).detach(), scale.reshape(rows, 1).detach()
 
 
+_MODE_CODES = {'half_even': 0, 'half_up': 1, 'floor': 2}
+
+
+class _Plan:
+    """One call's grids: the stored range, then per target ``(shift,
+    l_range, grad_scale)``, as Python numbers for the torch path and as
+    cached 0-dim tensors for the kernels."""
+
+    def __init__(self, h_range, targets, rounding, variant):
+        self.h_range = tuple(h_range)
+        self.targets = tuple((int(shift), tuple(l_range), float(grad_scale))
+                             for shift, l_range, grad_scale in targets)
+        self.rounding, self.variant = rounding, variant
+
+    def numbers(self, keep=None):
+        """``(h_lo, h_hi, plans, rounding, variant)`` for ``_forward`` and
+        ``_backward``; ``keep`` selects targets by index."""
+        return (*self.h_range, [
+            (2.0**-shift, lo, hi, 2.0**shift)
+            for shift, (lo, hi), _ in self._select(keep)],
+            self.rounding, self.variant)
+
+    def tensors(self, like, keep=None):
+        """The same for the kernels: numbers and the rounding mode as
+        tensors, ``variant`` None (folded into the mode code)."""
+        mode = _MODE_CODES['floor' if self.variant == 'floor'
+                           else self.rounding]
+        h_lo, h_hi, code = _as_tensors((*self.h_range, mode), like)
+        plans = [_as_tensors((2.0**-shift, lo, hi, 2.0**shift), like)
+                 for shift, (lo, hi), _ in self._select(keep)]
+        return h_lo, h_hi, plans, code, None
+
+    def _select(self, keep):
+        return self.targets if keep is None else \
+            [self.targets[i] for i in keep]
+
+
 class _FakeQuant(torch.autograd.Function):
-    """Forward ``q * scale * 2**shift``; backward STE for ``x`` and LSQ for
-    ``scale`` (see ``fake_quant``). Saves only ``x`` and ``scale``: the
+    """Forward ``q * scale * 2**shift`` for each target; backward STE for
+    ``x`` and LSQ for ``scale``, summed over the targets that got a
+    gradient (see ``fake_quant``). Saves only ``x`` and ``scale``: the
     integers are recomputed in the backward, which costs less than keeping
     a tensor of them."""
 
     @staticmethod
-    def forward(ctx, x, scale, h_range, shift, l_range, rounding, variant,
-                grad_scale, reduce_dims):
+    def forward(ctx, x, scale, plan, reduce_dims):
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, scale)
-        ctx.plan = (h_range, shift, l_range, rounding, variant)
-        ctx.grad_scale = grad_scale
-        ctx.reduce_dims = reduce_dims
+        ctx.plan, ctx.reduce_dims = plan, reduce_dims
         if _use_fused(x, scale, reduce_dims):
             x2, s2 = _as_rows(x, scale)
-            out = _run_fused(0, x2, s2, *_fused_args(ctx.plan, s2))
-            if out is not None:
-                return out.view(x.shape)
-        return _forward(x, scale, *_number_args(ctx.plan))
+            outs = _run_fused(0, x2, s2, *plan.tensors(s2))
+            if outs is not None:
+                return tuple(out.view(x.shape) for out in outs)
+        return tuple(_forward(x, scale, *plan.numbers()))
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):
         x, scale = ctx.saved_tensors
+        plan, dims = ctx.plan, ctx.reduce_dims
+        keep = [i for i, grad in enumerate(grad_outs) if grad is not None]
+        grads = [grad_outs[i] for i in keep]
         fused = None
-        if not torch.is_grad_enabled() and \
-                _use_fused(x, scale, ctx.reduce_dims):
+        if not torch.is_grad_enabled() and _use_fused(x, scale, dims):
             x2, s2 = _as_rows(x, scale)
-            fused = _run_fused(1, grad_out.reshape(x2.shape).detach(), x2,
-                               s2, *_fused_args(ctx.plan, s2))
+            fused = _run_fused(1, [g.reshape(x2.shape).detach()
+                                   for g in grads], x2, s2,
+                               *plan.tensors(s2, keep))
         if fused is not None:  # per-row sums: one row per scale, or one row
-            grad_x, partial = fused[0].view(x.shape), fused[1]
-            if ctx.reduce_dims is None or partial.numel() == 1:
-                partial = partial.sum().expand(scale.shape)
+            grad_x, partials = fused[0].view(x.shape), fused[1]
+            if dims is None or partials[0].numel() == 1:
+                partials = [p.sum() for p in partials]
         else:  # torch path; with a graph under double backward
-            grad_x, contrib = _backward_parts(
-                grad_out, x, scale, *_number_args(ctx.plan),
-                with_graph=torch.is_grad_enabled())
-            dims = ctx.reduce_dims
-            partial = contrib.sum().expand(scale.shape) if dims is None \
-                else contrib.sum(dim=dims, keepdim=True)
-        grad_scale = (partial.to(scale.dtype) * ctx.grad_scale).reshape(
-            scale.shape)
+            grad_x, contribs = _backward(grads, x, scale,
+                                         *plan.numbers(keep),
+                                         with_graph=torch.is_grad_enabled())
+            partials = [c.sum() if dims is None else
+                        c.sum(dim=dims, keepdim=True) for c in contribs]
+        grad_scale = sum(p.to(scale.dtype) * plan.targets[i][2]
+                         for i, p in zip(keep, partials))
+        grad_scale = grad_scale.expand(scale.shape) if grad_scale.dim() == 0 \
+            else grad_scale.reshape(scale.shape)
         return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_scale if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None)
-
-
-def _number_args(plan):
-    (h_lo, h_hi), shift, (l_lo, l_hi), rounding, variant = plan
-    return h_lo, h_hi, 2.0**-shift, l_lo, l_hi, 2.0**shift, rounding, variant
-
-
-_MODE_CODES = {'half_even': 0, 'half_up': 1, 'floor': 2}
-
-
-def _fused_args(plan, scale):
-    """Arguments of the fused kernels after ``x`` and ``scale``: limits and
-    mode code as tensors, and ``variant`` None (folded into the code)."""
-    h_range, shift, l_range, rounding, variant = plan
-    mode = _MODE_CODES['floor' if variant == 'floor' else rounding]
-    return (*_limits(h_range, shift, l_range, mode, scale), None)
+                grad_scale if ctx.needs_input_grad[1] else None, None, None)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
@@ -327,10 +365,28 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
     Returns:
         ``q_l * scale * 2**shift``, same shape and dtype as ``x``.
     """
+    return fake_quant_bits(x, scale, h_range, [(shift, l_range, grad_scale)],
+                           rounding, variant, reduce_dims)[0]
+
+
+def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
+                    rounding: str = 'half_even',
+                    variant: str = 'double_rounding',
+                    reduce_dims=None) -> tuple:
+    """``fake_quant`` at several targets from one first rounding.
+
+    ``targets`` is a sequence of ``(shift, l_range, grad_scale)``. The
+    forward reads ``x`` once and writes one tensor per target; the backward
+    is one pass over ``x`` and the targets' gradients, giving ``x`` the sum
+    of their straight-through gradients. Equal to calling ``fake_quant``
+    per target and summing, for less memory traffic: what a summed loss over
+    bits needs while the weights do not change.
+    """
     _check_modes(rounding, variant)
-    return _FakeQuant.apply(x, scale, tuple(h_range), int(shift),
-                            tuple(l_range), rounding, variant,
-                            float(grad_scale), reduce_dims)
+    if not targets:
+        raise ValueError('fake_quant_bits needs at least one target')
+    return _FakeQuant.apply(x, scale, _Plan(h_range, targets, rounding,
+                                            variant), reduce_dims)
 
 
 def lsq_grad_scale(num_elements: int, q_max: int) -> float:

@@ -116,7 +116,9 @@ class _QuantLayer(BitSwitchable):
         recipes = {}
         if x_q is not x:
             recipes[_tensor_key(x_q)] = (self.act_quantizer, x)
-        if w_q is not self.weight:
+        # a weight shared between bits (``shared_rounding``) is kept anyway
+        if w_q is not self.weight and \
+                not getattr(self.weight_quantizer, 'sharing', False):
             recipes[_tensor_key(w_q)] = (self.weight_quantizer, self.weight)
 
         def pack(tensor):  # the tensor or a view of it (linear: w_q.t())

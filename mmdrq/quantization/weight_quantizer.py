@@ -1,4 +1,5 @@
 """The Double Rounding weight quantizer: one learned scale shared by all bits."""
+import contextlib
 from typing import Sequence
 
 import torch
@@ -6,7 +7,8 @@ from torch import nn
 
 from mmdrq.registry import MODELS
 from .bitwidths import check_bits, signed_range
-from .functional import (ROUNDINGS, fake_quant, lsq_grad_scale, quantize_int)
+from .functional import (ROUNDINGS, fake_quant_bits, lsq_grad_scale,
+                         quantize_int)
 
 VARIANTS = ('double_rounding', 'floor', 'unshared')
 SCALE_GRADS = ('lsq', 'exact')
@@ -70,6 +72,7 @@ class DoubleRoundingQuantizer(nn.Module):
         self.register_buffer('initialized',
                              torch.zeros(num_scales, dtype=torch.bool))
         self._ready = set()  # scale rows known to be initialised (no sync)
+        self._shared = None  # every bit's output, under shared_rounding
         self.register_load_state_dict_post_hook(
             lambda module, keys: module._read_ready())
 
@@ -86,6 +89,12 @@ class DoubleRoundingQuantizer(nn.Module):
         (one read of the device here, none per forward)."""
         self._ready = {row for row, done in
                        enumerate(self.initialized.tolist()) if done}
+
+    @property
+    def sharing(self) -> bool:
+        """Whether forwards hand out outputs shared between bits (inside
+        ``shared_rounding``)."""
+        return self._shared is not None
 
     @property
     def ready(self) -> bool:
@@ -144,21 +153,45 @@ class DoubleRoundingQuantizer(nn.Module):
 
     def forward(self, weight: torch.Tensor, bit: int) -> torch.Tensor:
         """Dequantised weight of ``bit``: ``q_l * s * 2**(h - l)``."""
-        h_range, shift, l_range = self._plan(bit)
-        row = self._ensure_init(weight, bit)
-        scale = self._scale_view(weight, row)
+        if not torch.compiler.is_compiling() and self._shared is not None \
+                and torch.is_grad_enabled():
+            return self._shared_output(weight, bit)
+        return self._fake_quant(weight, [bit])[0]
+
+    def _fake_quant(self, weight: torch.Tensor, bits) -> tuple:
+        """Dequantised weights of ``bits`` (one scale row between them)."""
+        rows = {self._ensure_init(weight, bit) for bit in bits}
+        assert len(rows) == 1, 'bits with their own scales go one at a time'
+        scale = self._scale_view(weight, rows.pop())
         per_scale = weight.numel() // scale.numel()
-        grad_scale = lsq_grad_scale(per_scale, l_range[1])
-        if self.scale_grad == 'exact':
-            grad_scale *= 2.0**shift
+        targets = []
+        for bit in bits:
+            h_range, shift, l_range = self._plan(bit)
+            grad_scale = lsq_grad_scale(per_scale, l_range[1])
+            if self.scale_grad == 'exact':
+                grad_scale *= 2.0**shift
+            targets.append((shift, l_range, grad_scale))
         reduce_dims = None
         if self.per_channel and self.scale_grad_reduce == 'channel':
             reduce_dims = tuple(range(1, weight.dim()))
         elif not self.per_channel:
             reduce_dims = tuple(range(weight.dim()))
         variant = 'floor' if self.variant == 'floor' else 'double_rounding'
-        return fake_quant(weight, scale, h_range, shift, l_range,
-                          self.rounding, variant, grad_scale, reduce_dims)
+        return fake_quant_bits(weight, scale, h_range, targets, self.rounding,
+                               variant, reduce_dims)
+
+    def _shared_output(self, weight: torch.Tensor, bit: int) -> torch.Tensor:
+        """``bit``'s output from one call for every bit, made at the first
+        forward under ``shared_rounding`` and kept while the weight and
+        the scale are unchanged (their version counters say so)."""
+        self._plan(bit)  # the usual error for a bit not in ``bits``
+        key = (weight.data_ptr(), weight._version, self.scale._version)
+        if self._shared.get('key') != key:
+            outputs = dict(zip(self.bits, self._fake_quant(weight, self.bits)))
+            # initialisation may have written the scale: key after the call
+            self._shared = dict(outputs=outputs, key=(
+                weight.data_ptr(), weight._version, self.scale._version))
+        return self._shared['outputs'][bit]
 
     @torch.no_grad()
     def integers(self, weight: torch.Tensor, bit=None) -> torch.Tensor:
@@ -170,3 +203,24 @@ class DoubleRoundingQuantizer(nn.Module):
         q = quantize_int(weight.float(), self._scale_view(weight, row).float(),
                          h_range, shift, l_range, self.rounding, variant)
         return q.to(torch.int32)
+
+
+@contextlib.contextmanager
+def shared_rounding(model: nn.Module):
+    """Within the block, each Double Rounding weight quantizer of ``model``
+    computes every bit's weight with one first rounding, at its first
+    training forward, and hands each bit its tensor; the backward is one
+    pass per weight for all bits. For several bits' forwards before one
+    backward (a summed loss), while the weights do not change. The
+    ``unshared`` baseline (a scale per bit) and compiled graphs (Inductor
+    fuses per graph) keep computing per call."""
+    quantizers = [m for m in model.modules()
+                  if isinstance(m, DoubleRoundingQuantizer)
+                  and m.variant != 'unshared']
+    for quantizer in quantizers:
+        quantizer._shared = {}
+    try:
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer._shared = None

@@ -1,4 +1,6 @@
 """The multi-precision QAT wrapper's training step and checkpoint loading."""
+import contextlib
+
 import pytest
 import torch
 from mmengine.optim import OptimWrapper, build_optim_wrapper
@@ -44,6 +46,54 @@ def test_train_step_walks_bits(small_classifier, loss_mode, steps):
     expected = sum(log_vars[f'loss@w{b}a{b}'] for b in (8, 6, 4, 2))
     torch.testing.assert_close(log_vars['loss'], expected)
     assert set(mmdrq.get_bits(model).values()) == {8}
+
+
+class GradRecorder(OptimWrapper):
+    """OptimWrapper keeping a copy of every gradient at its (one) step."""
+
+    def step(self, **kwargs):
+        self.grads = [None if p.grad is None else p.grad.clone()
+                      for g in self.optimizer.param_groups
+                      for p in g['params']]
+        super().step(**kwargs)
+
+
+def test_summed_loss_rounds_each_weight_once(small_classifier, monkeypatch):
+    """``loss_mode='sum'``: each weight quantizer computes every bit in one
+    call per step, with the gradients of a run that quantizes per bit."""
+    import copy
+
+    from mmdrq.models import multi_precision
+    from mmdrq.quantization import DoubleRoundingQuantizer
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 6, 4, 2]),
+                              loss_mode='sum')
+    reference = copy.deepcopy(model)
+    calls = []
+    original = DoubleRoundingQuantizer._fake_quant
+
+    def spy(self, weight, bits):
+        calls.append((id(self), tuple(bits)))
+        return original(self, weight, bits)
+    monkeypatch.setattr(DoubleRoundingQuantizer, '_fake_quant', spy)
+    wrapper = GradRecorder(torch.optim.SGD(model.parameters(), 0.01))
+    model.train_step(batch(), wrapper)
+    quantizers = [m for m in model.modules()
+                  if isinstance(m, DoubleRoundingQuantizer)]
+    assert sorted(calls) == sorted((id(q), (8, 6, 4, 2)) for q in quantizers)
+    assert all(q._shared is None for q in quantizers)
+
+    monkeypatch.setattr(multi_precision, 'shared_rounding',
+                        lambda model: contextlib.nullcontext())
+    calls.clear()
+    expected = GradRecorder(torch.optim.SGD(reference.parameters(), 0.01))
+    reference.train_step(batch(), expected)
+    # per bit and layer, again in the backward (recomputed, not kept)
+    assert len(calls) == 2 * 4 * len(quantizers)
+    assert sum(g is not None for g in wrapper.grads) > len(quantizers)
+    for got, want in zip(wrapper.grads, expected.grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_per_bit_steps_use_alrs_rates(small_classifier):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmdrq.quantization import DoubleRoundingQuantizer
-from mmdrq.quantization.functional import (fake_quant, quantize_int,
-                                           requantize)
+from mmdrq.quantization import DoubleRoundingQuantizer, shared_rounding
+from mmdrq.quantization.functional import (fake_quant, fake_quant_bits,
+                                           quantize_int, requantize)
 
 # every test here runs on each fake-quant path (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures('fake_quant_path')
@@ -210,6 +210,100 @@ def test_quantizer_forward_and_grads(bits, variant, rounding, scale_grad,
         gs = gs * 2**d if scale_grad == 'exact' else gs
         torch.testing.assert_close(quant.scale.grad[0], gs, rtol=1e-10,
                                    atol=1e-12)
+
+
+@pytest.mark.parametrize('bits', BIT_SETS)
+@pytest.mark.parametrize('variant,rounding', [('double_rounding', 'half_even'),
+                                              ('double_rounding', 'half_up'),
+                                              ('floor', 'half_even')])
+@pytest.mark.parametrize('scale_grad,reduce', [('lsq', 'channel'),
+                                               ('exact', 'tensor')])
+def test_shared_rounding_sums_every_bit(bits, variant, rounding, scale_grad,
+                                        reduce):
+    """Under ``shared_rounding`` one call serves every bit: each forward
+    is the reference of its bit, and one backward of a summed loss gives
+    the sums of the bits' reference gradients, with a bit used twice and
+    the lowest one unused."""
+    h = bits[0]
+    gen = make_gen('shared', bits, variant, rounding, scale_grad, reduce)
+    w, s = make_weight(gen, (5, 2, 3, 3), h, pow2=scale_grad == 'lsq')
+    quant = fresh_quantizer(bits, s, variant=variant, rounding=rounding,
+                            scale_grad=scale_grad, scale_grad_reduce=reduce)
+    mode = 'floor' if variant == 'floor' else rounding
+    x = w.clone().requires_grad_()
+    used = [*bits[:-1], bits[0]]
+    total, gw_ref, gs_ref = 0, 0, 0
+    with shared_rounding(quant):
+        for l in used:
+            d = h - l
+            step = (s * 2**d).view(-1, 1, 1, 1)
+            q_l = ref_q(w, s, h, l, mode)
+            out = quant(x, l)
+            assert out is quant(x, l)  # made once, handed out
+            torch.testing.assert_close(out, q_l * step, rtol=1e-14, atol=0)
+            g_out = torch.randn(w.shape, generator=gen, dtype=F64)
+            total = total + (out * g_out).sum()
+            gw, gs = ref_grads(w, step, l, q_l, g_out)
+            gs = gs.sum(dim=(1, 2, 3)) if reduce == 'channel' else \
+                gs.sum().expand(5)
+            gs = gs / (w[0].numel() * srange(l)[1])**0.5
+            gw_ref = gw_ref + gw
+            gs_ref = gs_ref + (gs * 2**d if scale_grad == 'exact' else gs)
+    assert quant._shared is None
+    total.backward()
+    # the same terms, added in another order
+    torch.testing.assert_close(x.grad, gw_ref, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(quant.scale.grad[0], gs_ref, rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_shared_rounding_follows_weight_updates():
+    """An in-place weight update in the block (version counter) makes new
+    outputs; a bit outside ``bits`` still raises; the unshared baseline
+    keeps computing per call."""
+    gen = make_gen('shared_update')
+    w, s = make_weight(gen, (4, 2, 3, 3), 8)
+    quant = fresh_quantizer((8, 4), s)
+    unshared = DoubleRoundingQuantizer((8, 4), num_channels=4,
+                                       variant='unshared').double()
+    with shared_rounding(torch.nn.ModuleList([quant, unshared])):
+        first = quant(w, 4)
+        w.mul_(0.5)
+        second = quant(w, 4)
+        assert second is not first
+        step = (s * 16).view(-1, 1, 1, 1)
+        torch.testing.assert_close(second, ref_q(w, s, 8, 4) * step,
+                                   rtol=1e-14, atol=0)
+        with pytest.raises(ValueError, match=r'\b5\b'):
+            quant(w, 5)
+        assert unshared(w, 4) is not unshared(w, 4)
+        assert unshared._shared is None
+
+
+@pytest.mark.parametrize('per_channel', [True, False])
+def test_fake_quant_bits_equals_calls_per_target(per_channel):
+    """``fake_quant_bits`` against one ``fake_quant`` per target: the same
+    outputs, and the summed gradients, for float32 data full of ties."""
+    gen = make_gen('bits_api', per_channel)
+    rows = 6 if per_channel else 1
+    w = torch.randint(-300, 300, (6, 40), generator=gen).float() / 8
+    s = torch.rand(rows, 1, generator=gen) * 0.2 + 0.05
+    targets = [(0, srange(8), 0.5), (2, srange(6), 0.25), (4, srange(4), 2.)]
+    dims = (1,) if per_channel else None
+    grads = [torch.randn(w.shape, generator=gen) for _ in targets]
+    x1, s1 = w.clone().requires_grad_(), s.clone().requires_grad_()
+    outs = fake_quant_bits(x1, s1, srange(8), targets, reduce_dims=dims)
+    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+    x2, s2 = w.clone().requires_grad_(), s.clone().requires_grad_()
+    for out, (shift, l_range, g), grad in zip(outs, targets, grads):
+        ref = fake_quant(x2, s2, srange(8), shift, l_range, grad_scale=g,
+                         reduce_dims=dims)
+        assert torch.equal(out, ref)
+        ref.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match='at least one target'):
+        fake_quant_bits(w, s, srange(8), [])
 
 
 @pytest.mark.parametrize('bits', [(8, 6, 4), (4, 3, 2)])
