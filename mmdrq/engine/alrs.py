@@ -36,7 +36,9 @@ class ALRSMixin:
             exponential moving average (``momentum``) of the L2 norm of the
             ALRS group's gradient at bit b and h the highest bit: each bit's
             scale update is normalised to the highest bit's gradient size.
-            Reads the norm on the host once per step.
+            The averages include the norms up to the previous iteration:
+            each norm reaches the host asynchronously, so no step waits
+            for the device (the fixed eta_b until every bit has one).
         ``off``: eta_b = 1 (the ablation).
     """
 
@@ -56,6 +58,7 @@ class ALRSMixin:
         self.min_eta = min_eta
         self.bit = self.bits[0]
         self.grad_norms: Dict[int, float] = {}
+        self._pending_norms: Dict[int, tuple] = {}  # bit: (norm, event)
 
     def set_bit(self, bit: int):
         if bit not in self.bits:
@@ -75,23 +78,47 @@ class ALRSMixin:
             return fixed_eta(bit, self.bits[0])
         return min(1.0, max(self.min_eta, high / this))
 
-    def _track_grad_norm(self, groups):
+    def _queue_grad_norm(self, groups):
+        """Start reading this bit's gradient norm: a device-side norm and,
+        on CUDA, an asynchronous copy to pinned host memory. It is folded
+        into the average at the same bit's next step, when the copy has
+        long landed, so the step never waits for the device."""
         grads = [p.grad for g in groups for p in g['params']
                  if p.grad is not None]
         if not grads:
             return
-        norm = float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        if not math.isfinite(norm):
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        event = None
+        if norm.is_cuda:
+            host = torch.empty((), dtype=norm.dtype, pin_memory=True)
+            host.copy_(norm, non_blocking=True)
+            norm, event = host, torch.cuda.Event()
+            event.record()
+        self._pending_norms[self.bit] = (norm, event)
+
+    def _pending_value(self, bit: int) -> Optional[float]:
+        norm, event = self._pending_norms.pop(bit, (None, None))
+        if event is not None and not event.query():
+            event.synchronize()  # only if the device is a step behind
+        return None if norm is None else float(norm)
+
+    def _fold_grad_norm(self, bit: int):
+        """Add the norm queued at ``bit``'s previous step to its moving
+        average: eta_b at iteration t uses the norms up to t - 1, the same
+        on every device."""
+        norm = self._pending_value(bit)
+        if norm is None or not math.isfinite(norm):
             return
-        old = self.grad_norms.get(self.bit)
-        self.grad_norms[self.bit] = norm if old is None else \
+        old = self.grad_norms.get(bit)
+        self.grad_norms[bit] = norm if old is None else \
             self.momentum * old + (1 - self.momentum) * norm
 
     def step(self, **kwargs):
         groups = [g for g in self.optimizer.param_groups if g.get('alrs')]
         if self.mode == 'adaptive':
-            self._track_grad_norm(groups)
+            self._fold_grad_norm(self.bit)
+            self._queue_grad_norm(groups)
         eta = self.eta()
         saved = [g['lr'] for g in groups]
         for group in groups:
@@ -108,12 +135,21 @@ class ALRSMixin:
     def state_dict(self) -> dict:
         state = super().state_dict()
         state['alrs_grad_norms'] = dict(self.grad_norms)
+        # read, not folded: a resumed run folds them where this one would
+        pending = {bit: self._pending_value(bit)
+                   for bit in list(self._pending_norms)}
+        self._pending_norms = {bit: (torch.tensor(norm), None)
+                               for bit, norm in pending.items()}
+        state['alrs_pending_norms'] = pending
         return state
 
     def load_state_dict(self, state_dict: dict):
         state_dict = dict(state_dict)
         self.grad_norms = {int(k): v for k, v in state_dict.pop(
             'alrs_grad_norms', {}).items()}
+        self._pending_norms = {int(k): (torch.tensor(v), None) for k, v in
+                               state_dict.pop('alrs_pending_norms',
+                                              {}).items()}
         super().load_state_dict(state_dict)
 
 

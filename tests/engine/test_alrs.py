@@ -82,25 +82,55 @@ def test_off_mode_is_plain_lr(small_classifier):
     assert wrapper.eta() == 1.0
 
 
-def test_adaptive_mode_normalises_by_gradient_norms(small_classifier):
-    model = mmdrq.quantize_model(small_classifier(), bits=[8, 4])
-    wrapper = build_optim_wrapper(
-        model, alrs_cfg(mode='adaptive', momentum=0.0,
-                        optimizer=dict(type='SGD', lr=0.1)))
-    alrs = [p for g in wrapper.optimizer.param_groups if g.get('alrs')
-            for p in g['params']]
-    for bit, value in ((8, 1.0), (4, 8.0)):
+def adaptive_iteration(wrapper, params, values, seen=None):
+    """One step per bit with every ALRS gradient set to ``values[bit]``."""
+    for bit, value in values.items():
         wrapper.set_bit(bit)
-        for p in alrs:
+        for p in params:
             p.grad = torch.full_like(p, value)
+        before = params[0].detach().clone()
         wrapper.step()
-    # the bit-4 gradient is 8x the bit-8 one: eta_4 = 1/8
-    assert wrapper.eta(4) == pytest.approx(1 / 8, rel=1e-6)
+        if seen is not None:  # the lr used: the step over the gradient
+            seen[bit] = float((before - params[0].detach()).mean() / value)
+
+
+def test_adaptive_mode_normalises_by_gradient_norms(small_classifier):
+    """eta_b = n_h / n_b from the previous iterations' norms (they reach
+    the host asynchronously); the fixed schedule until both exist; the
+    norms still in flight survive a state-dict round trip."""
+    model = mmdrq.quantize_model(small_classifier(), bits=[8, 4])
+
+    def build(momentum):
+        wrapper = build_optim_wrapper(model, alrs_cfg(
+            mode='adaptive', momentum=momentum,
+            optimizer=dict(type='SGD', lr=0.1)))
+        return wrapper, [p for g in wrapper.optimizer.param_groups
+                         if g.get('alrs') for p in g['params']]
+    wrapper, params = build(0.5)
+    seen = {}
+    adaptive_iteration(wrapper, params, {8: 1.0, 4: 8.0}, seen)
+    assert seen[4] == pytest.approx(0.1 * fixed_eta(4, 8), rel=1e-5)
     state = wrapper.state_dict()
-    fresh = build_optim_wrapper(
-        model, alrs_cfg(mode='adaptive', optimizer=dict(type='SGD', lr=0.1)))
+    assert state['alrs_pending_norms'] == {
+        8: pytest.approx(norm_of(params, 1.0)),
+        4: pytest.approx(norm_of(params, 8.0))}
+    fresh, fresh_params = build(0.5)
     fresh.load_state_dict(state)
-    assert fresh.eta(4) == pytest.approx(1 / 8, rel=1e-6)
+    for w, ps in ((wrapper, params), (fresh, fresh_params)):
+        seen = {}
+        # this iteration's norms: 2 and 4 (ratio 2), last one's: 1 and 8
+        adaptive_iteration(w, ps, {8: 2.0, 4: 4.0}, seen)
+        # the bit-4 step uses iteration 1 only: the bit-4 norm is 8x
+        assert seen[4] == pytest.approx(0.1 / 8, rel=1e-5)
+        assert w.eta(4) == pytest.approx(1 / 8, rel=1e-6)
+        adaptive_iteration(w, ps, {8: 2.0, 4: 4.0}, seen)
+        # moving averages (momentum 0.5): n_8 = 1.5, n_4 = 6 (x the norm
+        # of ones)
+        assert seen[4] == pytest.approx(0.1 * 1.5 / 6, rel=1e-5)
+
+
+def norm_of(params, value):
+    return sum(p.numel() for p in params) ** 0.5 * value
 
 
 def test_bad_inputs_name_key_and_value(small_classifier):

@@ -167,24 +167,42 @@ def test_cuda_fused_matches_cpu_reference(plan):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_cuda_training_step_has_no_host_sync(make_tiny_cnn):
-    """After the first step (lazy scale init reads the device once), a
-    training step at every bit never waits for the GPU."""
+@pytest.mark.parametrize('mode', ['fixed', 'adaptive', 'summed'])
+def test_cuda_training_step_has_no_host_sync(make_tiny_cnn, mode):
+    """After the first steps (lazy scale init reads the device once), an
+    iteration over every bit never waits for the GPU: per-bit steps with
+    ALRS fixed or adaptive, and one step on a summed loss with the weights
+    rounded once for all bits."""
+    from mmengine.optim import build_optim_wrapper
+
+    from mmdrq.quantization import shared_rounding
     model = mmdrq.quantize_model(make_tiny_cnn(), bits=(8, 4)).cuda().train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    wrapper = build_optim_wrapper(model, dict(
+        type='mmdrq.ALRSOptimWrapper',
+        constructor='mmdrq.ALRSOptimWrapperConstructor',
+        mode='fixed' if mode == 'summed' else mode,
+        optimizer=dict(type='SGD', lr=0.01)))
     x = torch.randn(4, 3, 8, 8, device='cuda')
 
-    def steps():
+    def loss_at(bit):
+        mmdrq.set_bits(model, bit)
+        return model(x).square().mean()
+
+    def iteration():
+        if mode == 'summed':
+            with shared_rounding(model):
+                total = loss_at(8) + loss_at(4)
+            wrapper.update_params(total)
+            return
         for bit in (8, 4):
-            mmdrq.set_bits(model, bit)
-            model(x).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-    steps()
+            wrapper.set_bit(bit)
+            wrapper.update_params(loss_at(bit))
+    for _ in range(2):  # init, then every adaptive norm queued once
+        iteration()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
     try:
-        steps()
+        iteration()
     finally:
         torch.cuda.set_sync_debug_mode('default')
 
