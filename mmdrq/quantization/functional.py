@@ -292,6 +292,16 @@ class _Plan:
             [self.targets[i] for i in keep]
 
 
+def _outputs(x, scale, plan, reduce_dims) -> tuple:
+    """The forward's tensors, by the fused kernel where it applies."""
+    if _use_fused(x, scale, reduce_dims):
+        x2, s2 = _as_rows(x, scale)
+        outs = _run_fused(0, x2, s2, *plan.tensors(s2))
+        if outs is not None:
+            return tuple(out.view(x.shape) for out in outs)
+    return tuple(_forward(x, scale, *plan.numbers()))
+
+
 class _FakeQuant(torch.autograd.Function):
     """Forward ``q * scale * 2**shift`` for each target; backward STE for
     ``x`` and LSQ for ``scale``, summed over the targets that got a
@@ -304,12 +314,7 @@ class _FakeQuant(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, scale)
         ctx.plan, ctx.reduce_dims = plan, reduce_dims
-        if _use_fused(x, scale, reduce_dims):
-            x2, s2 = _as_rows(x, scale)
-            outs = _run_fused(0, x2, s2, *plan.tensors(s2))
-            if outs is not None:
-                return tuple(out.view(x.shape) for out in outs)
-        return tuple(_forward(x, scale, *plan.numbers()))
+        return _outputs(x, scale, plan, reduce_dims)
 
     @staticmethod
     def backward(ctx, *grad_outs):
@@ -385,8 +390,11 @@ def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
     _check_modes(rounding, variant)
     if not targets:
         raise ValueError('fake_quant_bits needs at least one target')
-    return _FakeQuant.apply(x, scale, _Plan(h_range, targets, rounding,
-                                            variant), reduce_dims)
+    plan = _Plan(h_range, targets, rounding, variant)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _FakeQuant.apply(x, scale, plan, reduce_dims)
+    # no graph to build (evaluation, recomputation in a backward)
+    return _outputs(x, scale, plan, reduce_dims)
 
 
 def lsq_grad_scale(num_elements: int, q_max: int) -> float:
