@@ -32,24 +32,31 @@ from quantizer import build  # benchmarks/quantizer.py beside this file
 BITS = (8, 6, 4, 2)
 
 
-def timed(step, device, repeat, warmup=2):
-    """Median seconds of ``step()`` and, on CUDA, its peak memory above
-    what was allocated before it."""
+def timed_in_turns(steps: dict, device, repeat, warmup=2) -> dict:
+    """Median seconds of each ``steps[name]()`` and, on CUDA, its peak
+    memory above what was allocated before it. The steps run in turns (A,
+    B, C, A, B, C, ...), so a busy machine's drift hits them alike and the
+    ratios hold even when the absolute times wander."""
     for _ in range(warmup):
-        step()
-    times, peak = [], 0
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    peaks = dict.fromkeys(steps, 0)
     for _ in range(repeat):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-            peak = max(peak, torch.cuda.max_memory_allocated() - before)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), peak
+        for name, step in steps.items():
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            step()
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks[name],
+                                  torch.cuda.max_memory_allocated() - before)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), peaks[name])
+            for name in steps}
 
 
 def cpu_peak_bytes(step):
@@ -110,32 +117,23 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for bit in BITS:  # initialise the scales, as the first iteration does
-        mmdrq.set_bits(qat.architecture, bit)
-        step(qat, opt_q)
-    rows = []
-    fp_time, fp_mem = timed(lambda: step(run_fp, opt_fp), device, repeat)
-    if not gpu:
-        fp_mem = cpu_peak_bytes(lambda: step(run_fp, opt_fp))
-    rows.append(dict(setting='FP', ms=fp_time * 1e3, ratio=1.0,
-                     peak_mb=fp_mem / 2**20, mem_ratio=1.0))
-    for bit in BITS:
-        mmdrq.set_bits(qat.architecture, bit)
-        t, mem = timed(lambda: step(qat, opt_q), device, repeat)
-        if not gpu:
-            mem = cpu_peak_bytes(lambda: step(qat, opt_q))
-        rows.append(dict(setting=f'w{bit}a{bit}', ms=t * 1e3,
-                         ratio=t / fp_time, peak_mb=mem / 2**20,
-                         mem_ratio=mem / fp_mem))
+    # one real training iteration first: it initialises the scales and
+    # notes the layers' calls, after which compile=True takes over
+    from mmengine.optim import OptimWrapper
+    from mmpretrain.structures import DataSample
+    qat.train_step(dict(inputs=x, data_samples=[
+        DataSample().set_gt_label(int(label)) for label in y]),
+        OptimWrapper(opt_q))
+
+    def at_bit(bit):
+        def run():
+            mmdrq.set_bits(qat.architecture, bit)
+            step(qat, opt_q)
+        return run
 
     def multi():
         for bit in BITS:
-            mmdrq.set_bits(qat.architecture, bit)
-            step(qat, opt_q)
-    t, _ = timed(multi, device, repeat)
-    rows.append(dict(setting=f'multi-precision {list(BITS)}', ms=t * 1e3,
-                     ratio=t / (len(BITS) * fp_time), peak_mb=None,
-                     mem_ratio=None))
+            at_bit(bit)()
 
     def summed(share):  # loss_mode='sum': one step on the bits' summed loss
         sharing = shared_rounding(qat.architecture) if share \
@@ -150,13 +148,27 @@ def main():
         total.backward()
         opt_q.step()
         opt_q.zero_grad(set_to_none=True)
+
+    steps = {'FP': lambda: step(run_fp, opt_fp)}
+    steps.update((f'w{bit}a{bit}', at_bit(bit)) for bit in BITS)
+    steps[f'multi-precision {list(BITS)}'] = multi
     for share in (False, True):
-        t, _ = timed(lambda: summed(share), device, repeat)
+        steps[f'summed loss {list(BITS)}, {"shared" if share else "per-bit"}'
+              f' weight rounding'] = lambda share=share: summed(share)
+    timings = timed_in_turns(steps, device, repeat)
+    fp_time, fp_mem = timings['FP']
+    if not gpu:
+        fp_mem = cpu_peak_bytes(steps['FP'])
+    rows = []
+    for name, (t, mem) in timings.items():
+        per_step = name == 'FP' or name.startswith('w')
+        if per_step and not gpu:
+            mem = cpu_peak_bytes(steps[name])
         rows.append(dict(
-            setting=f'summed loss {list(BITS)}, '
-                    f'{"shared" if share else "per-bit"} weight rounding',
-            ms=t * 1e3, ratio=t / (len(BITS) * fp_time), peak_mb=None,
-            mem_ratio=None))
+            setting=name, ms=t * 1e3,
+            ratio=t / (fp_time if per_step else len(BITS) * fp_time),
+            peak_mb=mem / 2**20 if per_step else None,
+            mem_ratio=mem / fp_mem if per_step else None))
 
     mode = 'compiled' if args.compile else f'eager-{args.impl}'
     print(f'\nResNet-18 train step, {device}, batch {batch} x {size}px, '

@@ -12,7 +12,8 @@ from mmengine.optim import OptimWrapper
 from torch import nn
 
 from mmdrq.quantization import (model_bits, quantize_model,
-                                quantizers_ready, set_bits, shared_rounding)
+                                quantized_layer_names, quantizers_ready,
+                                recording_calls, set_bits, shared_rounding)
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from .pskd import PSKDTargets, soft_cross_entropy
@@ -122,6 +123,7 @@ class MultiPrecisionQAT(BaseModel):
         self.compile_options = ({} if compile is True else dict(compile)) \
             if compile else None
         self._warned_sampler = False
+        self.uncalled_layers = None  # known after the first training step
         self._register_load_state_dict_pre_hook(_prefix_bare_checkpoint)
 
     def _runner(self) -> Callable:
@@ -140,7 +142,8 @@ class MultiPrecisionQAT(BaseModel):
             return self.architecture
         compiled = _COMPILED.get(self)
         if compiled is None:
-            if not quantizers_ready(self.architecture):
+            if self.uncalled_layers is None or not quantizers_ready(
+                    self.architecture, ignore=self.uncalled_layers):
                 return self.architecture
             options = dict(self.compile_options)
             if next(self.parameters()).device.type == 'cpu':
@@ -152,6 +155,21 @@ class MultiPrecisionQAT(BaseModel):
                       f'compiled architecture from now on ({options})',
                       logger='current')
         return compiled
+
+    def note_called_layers(self, called: set):
+        """After the first training step: warn about quantized layers whose
+        forward never ran (they train and run in full precision)."""
+        self.uncalled_layers = [name for name in quantized_layer_names(
+            self.architecture) if name not in called]
+        if self.uncalled_layers:
+            print_log(
+                f'mmdrq: quantized layers whose forward never ran in the '
+                f'first training step stay in full precision: '
+                f'{", ".join(self.uncalled_layers)}. Their owners read the '
+                f'weight directly (e.g. F.linear(x, self.qkv.weight)) or do '
+                f'not use them in training; add them to quantizer.skip to '
+                f'keep them out of the conversion.', logger='current',
+                level=logging.WARNING)
 
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):
         return self._runner()(inputs, data_samples, mode=mode)
@@ -190,13 +208,16 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
     if module.pskd is not None:
         labels = torch.cat([s.gt_label for s in data['data_samples']])
         targets = module.pskd.targets(labels, _sample_index(data))
-    # a summed loss: the weights stay put across the bits' forwards, so
-    # each weight is rounded once for all bits (and backpropagated once)
-    sharing = shared_rounding(module.architecture) \
-        if module.loss_mode == 'sum' else contextlib.nullcontext()
-    log_vars, total = OrderedDict(), 0
+    log_vars, total, called = OrderedDict(), 0, None
     try:
-        with sharing:
+        with contextlib.ExitStack() as stack:
+            # a summed loss: the weights stay put across the bits' forwards,
+            # so each weight is rounded once for all bits
+            if module.loss_mode == 'sum':
+                stack.enter_context(shared_rounding(module.architecture))
+            if module.uncalled_layers is None:
+                called = stack.enter_context(
+                    recording_calls(module.architecture))
             for bit in module.bits:
                 if module.bit_sampler is None:
                     set_bits(module.architecture, bit)
@@ -221,6 +242,8 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                     total = total + loss
     finally:
         set_bits(module.architecture, module.bits[0])
+    if called is not None:
+        module.note_called_layers(called)
     if module.loss_mode == 'sum':
         optim_wrapper.update_params(total)
         total = total.detach()

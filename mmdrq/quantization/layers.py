@@ -153,16 +153,41 @@ class _Recipe:
         self.shape, self.stride, self.offset = shape, stride, offset
 
 
-def quantizers_ready(model: nn.Module) -> bool:
-    """Whether every quantizer of ``model`` has initialised all its scales.
+def quantizers_ready(model: nn.Module, ignore=()) -> bool:
+    """Whether every quantizer of ``model`` (but those of the layers named
+    in ``ignore``) has initialised all its scales.
 
     Until then a forward may read the device (lazy initialisation), which
     breaks a ``torch.compile`` graph; callers run eagerly before that.
     """
     return all(getattr(quantizer, 'ready', True)
-               for module in model.modules() if isinstance(module, _QuantLayer)
+               for name, module in model.named_modules()
+               if isinstance(module, _QuantLayer) and name not in ignore
                for quantizer in (module.weight_quantizer, module.act_quantizer)
                if quantizer is not None)
+
+
+@contextlib.contextmanager
+def recording_calls(model: nn.Module):
+    """Yields the set of quantized layers' names whose forward runs in the
+    block. A layer converted but never called runs in full precision: its
+    owner reads ``.weight`` directly (BEiT's ``F.linear(x, qkv.weight)``),
+    which only a forward can reveal."""
+    called = set()
+    handles = [module.register_forward_pre_hook(
+        lambda *args, name=name: called.add(name))
+        for name, module in model.named_modules()
+        if isinstance(module, _QuantLayer)]
+    try:
+        yield called
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def quantized_layer_names(model: nn.Module) -> list:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, _QuantLayer)]
 
 
 @MODELS.register_module()

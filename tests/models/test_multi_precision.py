@@ -46,6 +46,7 @@ def test_train_step_walks_bits(small_classifier, loss_mode, steps):
     expected = sum(log_vars[f'loss@w{b}a{b}'] for b in (8, 6, 4, 2))
     torch.testing.assert_close(log_vars['loss'], expected)
     assert set(mmdrq.get_bits(model).values()) == {8}
+    assert model.uncalled_layers == []  # every converted layer ran
 
 
 class GradRecorder(OptimWrapper):
@@ -94,6 +95,34 @@ def test_summed_loss_rounds_each_weight_once(small_classifier, monkeypatch):
         assert (got is None) == (want is None)
         if got is not None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_layers_never_called_are_reported(mmengine_caplog):
+    """mmpretrain's BEiT reads ``qkv.weight`` with F.linear: the converted
+    qkv layer never runs its forward, so the first training step names it,
+    and compile=True does not wait for its scales."""
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    from mmdrq.models.multi_precision import _COMPILED
+    init_default_scope('mmpretrain')
+    beit = MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type='BEiTViT', img_size=16, patch_size=8,
+                      arch=dict(embed_dims=16, num_layers=1, num_heads=2,
+                                feedforward_channels=32),
+                      use_abs_pos_emb=False, use_rel_pos_bias=True,
+                      out_type='avg_featmap'),
+        head=dict(type='LinearClsHead', num_classes=10, in_channels=16)))
+    model = MultiPrecisionQAT(beit, dict(bits=[8, 4]), compile=True)
+    assert model.uncalled_layers is None
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), 0.01))
+    model.train_step(batch(size=16), wrapper)
+    assert model.uncalled_layers == ['backbone.layers.0.attn.qkv']
+    assert 'backbone.layers.0.attn.qkv' in mmengine_caplog.text
+    assert 'quantizer.skip' in mmengine_caplog.text
+    assert not model.architecture.backbone.layers[0].attn.qkv \
+        .weight_quantizer.ready
+    assert model._runner() is _COMPILED[model]
 
 
 def test_per_bit_steps_use_alrs_rates(small_classifier):
