@@ -39,6 +39,33 @@ def timeit(fn, device, repeat=10, warmup=3):
     return statistics.median(times)
 
 
+def timed_in_turns(steps: dict, device, repeat, warmup=2) -> dict:
+    """Median seconds of each ``steps[name]()`` and, on CUDA, its peak
+    memory above what was allocated before it. The steps run in turns (A,
+    B, C, A, B, C, ...), so a busy machine's drift hits them alike and the
+    ratios hold even when the absolute times wander."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    peaks = dict.fromkeys(steps, 0)
+    for _ in range(repeat):
+        for name, step in steps.items():
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            step()
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks[name],
+                                  torch.cuda.max_memory_allocated() - before)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), peaks[name])
+            for name in steps}
+
+
 def build(name):
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
@@ -126,20 +153,19 @@ def bench_eval(device, bits, batch, size):
     fp = build('resnet18').to(device).eval()
     model = mmdrq.quantize_model(copy.deepcopy(fp), bits=bits).eval()
     x = torch.randn(batch, 3, size, size, device=device)
-    rows = []
+    wq_only = mmdrq.quantize_model(copy.deepcopy(fp), bits=bits,
+                                   act_quantizer=None).eval()
+
+    steps = {'FP': lambda: fp(x, mode='tensor')}
+    for bit in bits:  # a copy per bit: each keeps its cached weights
+        at_bit = mmdrq.set_bits(copy.deepcopy(model), bit)
+        steps[bit] = lambda at_bit=at_bit: at_bit(x, mode='tensor')
+    steps[f'{bits[0]} (weights only)'] = lambda: wq_only(x, mode='tensor')
     with torch.no_grad():
-        fp_time = timeit(lambda: fp(x, mode='tensor'), device)
-        for bit in bits:
-            mmdrq.set_bits(model, bit)
-            t = timeit(lambda: model(x, mode='tensor'), device)
-            rows.append(dict(bit=bit, fp_ms=fp_time * 1e3, q_ms=t * 1e3,
-                             ratio=t / fp_time))
-        mmdrq.set_bits(model, bits[0])
-        wq_only = mmdrq.quantize_model(copy.deepcopy(fp), bits=bits,
-                                       act_quantizer=None).eval()
-        t = timeit(lambda: wq_only(x, mode='tensor'), device)
-        rows.append(dict(bit=f'{bits[0]} (weights only)', fp_ms=fp_time * 1e3,
-                         q_ms=t * 1e3, ratio=t / fp_time))
+        timings = timed_in_turns(steps, device, repeat=10)
+    fp_time = timings.pop('FP')[0]
+    rows = [dict(bit=bit, fp_ms=fp_time * 1e3, q_ms=t * 1e3,
+                 ratio=t / fp_time) for bit, (t, _) in timings.items()]
     return rows
 
 

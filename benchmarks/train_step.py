@@ -16,9 +16,7 @@ import copy
 import json
 import os
 import os.path as osp
-import statistics
 import tempfile
-import time
 import warnings
 
 import torch
@@ -27,36 +25,9 @@ import mmdrq
 from mmdrq.models import MultiPrecisionQAT
 from mmdrq.quantization import shared_rounding
 from mmdrq.quantization.functional import IMPLS, set_fake_quant_impl
-from quantizer import build  # benchmarks/quantizer.py beside this file
+from quantizer import build, timed_in_turns  # benchmarks/quantizer.py
 
 BITS = (8, 6, 4, 2)
-
-
-def timed_in_turns(steps: dict, device, repeat, warmup=2) -> dict:
-    """Median seconds of each ``steps[name]()`` and, on CUDA, its peak
-    memory above what was allocated before it. The steps run in turns (A,
-    B, C, A, B, C, ...), so a busy machine's drift hits them alike and the
-    ratios hold even when the absolute times wander."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    peaks = dict.fromkeys(steps, 0)
-    for _ in range(repeat):
-        for name, step in steps.items():
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-            start = time.perf_counter()
-            step()
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-                peaks[name] = max(peaks[name],
-                                  torch.cuda.max_memory_allocated() - before)
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), peaks[name])
-            for name in steps}
 
 
 def cpu_peak_bytes(step):
