@@ -186,6 +186,7 @@ def recording_calls(model: nn.Module):
 
 
 def quantized_layer_names(model: nn.Module) -> list:
+    """Names of ``model``'s quantized layers, in module order."""
     return [name for name, module in model.named_modules()
             if isinstance(module, _QuantLayer)]
 
