@@ -1,6 +1,7 @@
 """Mixed precision on the digits example: Pareto fronts of SubNets searched
-in a HASB SuperNet vs a uniformly switched SuperNet, with the uniform-bit
-models alongside, over average bit-widths 2.5 to 7. Every step is a tool:
+in a HASB SuperNet (with the paper's trace * bits objective and with
+HAWQ-V2's trace * weight perturbation) vs a uniformly switched SuperNet,
+with the uniform-bit models alongside, over average bit-widths 2.5 to 7. Every step is a tool:
 train.py (FP32, multi-precision, two SuperNets), hessian.py,
 search_subnet.py (ILP + evaluation without retraining).
 
@@ -51,27 +52,35 @@ def main():
         _, ckpt, _ = train_and_test(
             MP_CONFIG, osp.join(work, name), root, args.supernet_epochs,
             args.seed, [f'load_from={mp_ckpt}', *hook])
-        out = osp.join(work, name, 'search')
-        run_tool([osp.join(TOOLS, 'search_subnet.py'), MP_CONFIG, ckpt,
-                  '--traces', traces, '--kind', 'avg_bits', '--range', '2.5',
-                  '7', '--steps', '10', '--input-shape', '1', '3', '16',
-                  '16', '--work-dir', out, '--cfg-options',
-                  *data_options(root)], osp.join(work, f'search_{name}.log'))
-        with open(osp.join(out, 'search.json')) as f:
-            fronts[name] = json.load(f)
+        objectives = ('trace_bits', 'perturbation') if name == 'hasb' \
+            else ('trace_bits', )
+        for objective in objectives:
+            front = name if objective == 'trace_bits' \
+                else f'{name}_{objective}'
+            out = osp.join(work, front, 'search')
+            run_tool([osp.join(TOOLS, 'search_subnet.py'), MP_CONFIG, ckpt,
+                      '--traces', traces, '--kind', 'avg_bits', '--range',
+                      '2.5', '7', '--steps', '10', '--objective', objective,
+                      '--input-shape', '1', '3', '16', '16', '--work-dir',
+                      out, '--cfg-options', *data_options(root)],
+                     osp.join(work, f'search_{front}.log'))
+            with open(osp.join(out, 'search.json')) as f:
+                fronts[front] = json.load(f)
     report(fronts, multi)
 
 
 def report(fronts, multi):
     metric = fronts['hasb']['metric']
     print(f'\n{metric} (%) of searched SubNets by average-bit budget\n')
-    print('| budget | HASB SuperNet | uniform-switching SuperNet |')
-    print('|---|---|---|')
-    for hasb, uni in zip(fronts['hasb']['subnets'],
-                         fronts['uniform']['subnets']):
-        print(f'| {hasb["budget"]:.2f} | {hasb[metric]:.2f} '
-              f'(avg {hasb["avg_bits"]:.2f}) | {uni[metric]:.2f} '
-              f'(avg {uni["avg_bits"]:.2f}) |')
+    print('| budget | HASB SuperNet | HASB SuperNet, perturbation '
+          'objective | uniform-switching SuperNet |')
+    print('|---|---|---|---|')
+    for hasb, hawq, uni in zip(fronts['hasb']['subnets'],
+                               fronts['hasb_perturbation']['subnets'],
+                               fronts['uniform']['subnets']):
+        print(f'| {hasb["budget"]:.2f} | ' + ' | '.join(
+            f'{e[metric]:.2f} (avg {e["avg_bits"]:.2f})'
+            for e in (hasb, hawq, uni)) + ' |')
     print('\nuniform bits: ' + ', '.join(
         f'{u["name"]} {u[metric]:.2f} (multi-precision model '
         f'{multi[metric + "@" + u["name"]]:.2f})'
@@ -84,7 +93,8 @@ def report(fronts, multi):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, style in (('hasb', 'o-'), ('uniform', 's--')):
+    for name, style in (('hasb', 'o-'), ('hasb_perturbation', 'd-'),
+                        ('uniform', 's--')):
         pts = sorted((e['avg_bits'], e[metric])
                      for e in fronts[name]['subnets'])
         ax.plot(*zip(*pts), style, label=f'{name} SuperNet SubNets')

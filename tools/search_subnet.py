@@ -2,12 +2,15 @@
 
     python tools/search_subnet.py CONFIG CKPT --traces traces.json \
         [--kind avg_bits|bitops|size] [--budgets 3 4 5 | --range 2.5 7 \
-        --steps 10] [--input-shape 1 3 224 224] [--work-dir DIR] \
+        --steps 10] [--objective trace_bits|perturbation] \
+        [--input-shape 1 3 224 224] [--work-dir DIR] \
         [--metric accuracy/top1] [--no-eval] [--cfg-options k=v ...]
 
 For each budget an integer linear program (scipy.optimize.milp) picks one
-bit per quantized layer, maximising sum(trace_l * bits_l) (Hessian traces per
-parameter from tools/hessian.py) under the budget. Each SubNet is written as
+bit per quantized layer under the budget, maximising sum(trace_l * bits_l)
+(the paper; Hessian traces per parameter from tools/hessian.py) or, with
+``--objective perturbation``, minimising sum(trace_l * ||Q_b(W_l) - W_l||^2)
+with the checkpoint's own quantized weights (HAWQ-V2). Each SubNet is written as
 ``subnet_<kind>_<budget>.json`` (``tools/test.py --subnets`` and
 ``tools/export_int.py --subnet`` take it). Unless --no-eval, every SubNet and
 every uniform bit-width is evaluated in one MultiBitTestLoop run, without
@@ -29,7 +32,9 @@ from mmdrq.quantization import model_bits
 from mmdrq.search.counting import (average_bits, bitops, fp_bytes,
                                    layer_costs, model_size_bytes)
 from mmdrq.search.hessian import load_traces
-from mmdrq.search.ilp import BUDGET_KINDS, feasible_range, search_subnet
+from mmdrq.search.ilp import (BUDGET_KINDS, OBJECTIVES, feasible_range,
+                              layer_scores, search_subnet)
+from mmdrq.search.perturbation import weight_perturbations
 from mmdrq.tools_common import load_trained, prepare_launch
 
 
@@ -40,6 +45,8 @@ def parse_args():
     parser.add_argument('checkpoint')
     parser.add_argument('--traces', required=True)
     parser.add_argument('--kind', default='avg_bits', choices=BUDGET_KINDS)
+    parser.add_argument('--objective', default='trace_bits',
+                        choices=OBJECTIVES)
     parser.add_argument('--budgets', type=float, nargs='+')
     parser.add_argument('--range', type=float, nargs=2, metavar=('LO', 'HI'))
     parser.add_argument('--steps', type=int, default=10)
@@ -70,6 +77,9 @@ def main():
     arch.eval()
     costs = layer_costs(arch, lambda m: m(torch.zeros(shape), mode='tensor'))
     fp = fp_bytes(arch)
+    perturbations = weight_perturbations(arch) \
+        if args.objective == 'perturbation' else None
+    scores = layer_scores(traces, bits, perturbations)
     lo, hi = feasible_range(costs, bits, args.kind, fp_bytes=fp)
     if args.budgets:
         budgets = args.budgets
@@ -80,11 +90,11 @@ def main():
     subnets, files = [], []
     for budget in budgets:
         layer_bits = search_subnet(traces, costs, bits, args.kind, budget,
-                                   fp_bytes=fp)
+                                   fp_bytes=fp, perturbations=perturbations)
         name = f'subnet_{args.kind}_{budget:g}'
         entry = dict(name=name, budget_kind=args.kind, budget=budget,
-                     layer_bits=layer_bits,
-                     objective=sum(traces[n] * b
+                     layer_bits=layer_bits, objective_kind=args.objective,
+                     objective=sum(scores[n][b]
                                    for n, b in layer_bits.items()),
                      **measures(layer_bits, costs, fp))
         path = osp.join(args.work_dir, name + '.json')

@@ -1,15 +1,21 @@
 """SubNet search as an integer linear program (scipy.optimize.milp).
 
-One-hot binaries x[l, b] choose each layer's bit; the objective maximises
-sum_l trace_l * bits_l (sensitive layers get more bits) under one budget:
-average bit-width, BitOps or model size.
+One-hot binaries x[l, b] choose each layer's bit under one budget (average
+bit-width, BitOps or model size). Objectives:
+
+- ``trace_bits`` (the paper): maximise sum_l trace_l * bits_l, sensitive
+  layers get more bits. Linear in the bits, so it picks extremes.
+- ``perturbation`` (HAWQ-V2's criterion): minimise sum_l trace_l *
+  ||Q_b(W_l) - W_l||^2, the loss increase a second-order expansion
+  predicts; each layer's return on a bit diminishes, as its error does.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 BUDGET_KINDS = ('avg_bits', 'bitops', 'size')
+OBJECTIVES = ('trace_bits', 'perturbation')
 
 
 def _cost_rows(names, costs, bits, kind, fp_bytes) -> Tuple[np.ndarray, float]:
@@ -50,18 +56,37 @@ def feasible_range(costs: Dict[str, dict], bits: Sequence[int], kind: str,
     return float(row.sum() + offset), float(high.sum() + offset)
 
 
+def layer_scores(traces: Dict[str, float], bits: Sequence[int],
+                 perturbations: Optional[Dict[str, Dict[int, float]]] = None
+                 ) -> Dict[str, Dict[int, float]]:
+    """What the ILP maximises per layer and bit: ``trace * bits``, or with
+    ``perturbations`` (``{layer: {bit: ||Q_b(W) - W||^2}}``) minus
+    ``trace * perturbation``."""
+    if perturbations is None:
+        return {n: {b: t * b for b in bits} for n, t in traces.items()}
+    missing = sorted(n for n in traces if set(bits) - set(
+        perturbations.get(n, {})))
+    if missing:
+        raise ValueError(f'perturbations lack bits {list(bits)} of layers '
+                         f'{missing}')
+    return {n: {b: -t * perturbations[n][b] for b in bits}
+            for n, t in traces.items()}
+
+
 def search_subnet(traces: Dict[str, float], costs: Dict[str, dict],
                   bits: Sequence[int], kind: str, budget: float,
-                  fp_bytes: float = 0) -> Dict[str, int]:
-    """Per-layer bits maximising sum(trace * bits) with budget <= ``budget``."""
+                  fp_bytes: float = 0, perturbations=None) -> Dict[str, int]:
+    """Per-layer bits with the best ``layer_scores`` (``trace * bits``
+    unless ``perturbations`` are given) under budget <= ``budget``."""
     _check(traces, costs, bits, kind)
     lo, hi = feasible_range(costs, bits, kind, fp_bytes)
     if not lo - 1e-9 * abs(lo) <= budget:
         raise ValueError(f'{kind} budget {budget:g} is infeasible: the '
                          f'feasible range is [{lo:g}, {hi:g}]')
     names, bits = list(costs), list(bits)
+    scores = layer_scores(traces, bits, perturbations)
     count = len(names) * len(bits)
-    objective = -np.array([traces[n] * b for n in names for b in bits],
+    objective = -np.array([scores[n][b] for n in names for b in bits],
                           dtype=np.float64)
     one_hot = np.zeros((len(names), count))
     for i in range(len(names)):
@@ -82,20 +107,21 @@ def search_subnet(traces: Dict[str, float], costs: Dict[str, dict],
     return {name: bits[c] for name, c in zip(names, choice)}
 
 
-def pareto_sweep(traces, costs, bits, kind, budgets,
-                 fp_bytes: float = 0) -> List[dict]:
+def pareto_sweep(traces, costs, bits, kind, budgets, fp_bytes: float = 0,
+                 perturbations=None) -> List[dict]:
     """``search_subnet`` at each budget, with what each SubNet achieves."""
     rows = []
     names = list(costs)
+    scores = layer_scores(traces, bits, perturbations)
     for budget in budgets:
         layer_bits = search_subnet(traces, costs, bits, kind, budget,
-                                   fp_bytes)
+                                   fp_bytes, perturbations)
         row, offset = _cost_rows(names, costs, bits, kind, fp_bytes)
         x = np.zeros(len(row))
         for i, name in enumerate(names):
             x[i * len(bits) + list(bits).index(layer_bits[name])] = 1
         rows.append(dict(budget=budget, layer_bits=layer_bits,
                          achieved=float(row @ x + offset),
-                         objective=sum(traces[n] * b
+                         objective=sum(scores[n][b]
                                        for n, b in layer_bits.items())))
     return rows

@@ -216,6 +216,15 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
                       '1', '--no-eval', '--input-shape', '1', '3', '16',
                       '16', '--work-dir', out_dir, expect_ok=False)
     assert 'avg_bits budget 1 is infeasible' in log and '[2, 8]' in log
+    # HAWQ-V2's objective: trace times the checkpoint's weight errors
+    hawq = out_dir / 'hawq'
+    run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
+             work / 'epoch_2.pth', '--traces', traces, '--budgets', '4',
+             '--objective', 'perturbation', '--no-eval', '--input-shape',
+             '1', '3', '16', '16', '--work-dir', hawq)
+    entry = json.loads((hawq / 'search.json').read_text())['subnets'][0]
+    assert entry['objective_kind'] == 'perturbation'
+    assert entry['objective'] < 0 and entry['avg_bits'] <= 4 + 1e-9
     bad = out_dir / 'bad.json'
     bad.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
     _, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
