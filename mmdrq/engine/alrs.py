@@ -93,8 +93,9 @@ class ALRSMixin:
         if norm.is_cuda:
             host = torch.empty((), dtype=norm.dtype, pin_memory=True)
             host.copy_(norm, non_blocking=True)
-            norm, event = host, torch.cuda.Event()
-            event.record()
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(norm.device))
+            norm = host
         self._pending_norms[self.bit] = (norm, event)
 
     def _pending_value(self, bit: int) -> Optional[float]:

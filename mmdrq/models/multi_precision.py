@@ -99,6 +99,15 @@ class MultiPrecisionQAT(BaseModel):
         super().__init__(
             data_preprocessor=getattr(architecture, 'data_preprocessor', None),
             init_cfg=init_cfg)
+        checkpointed = [name or type(architecture).__name__
+                        for name, m in architecture.named_modules()
+                        if getattr(m, 'with_cp', False)]
+        if loss_mode == 'sum' and checkpointed:
+            raise ValueError(
+                f"loss_mode='sum' runs every bit's forward before one "
+                f"backward, and activation checkpointing (with_cp=True in "
+                f"{checkpointed[0]}) would recompute those forwards at the "
+                f"last bit: set with_cp=False or loss_mode='per_bit'")
         quantize_model(architecture, dict(quantizer or {}))
         if transitional_bn is not None:
             shape = tuple(transitional_bn['input_shape'])
@@ -163,12 +172,12 @@ class MultiPrecisionQAT(BaseModel):
             self.architecture) if name not in called]
         if self.uncalled_layers:
             print_log(
-                f'mmdrq: quantized layers whose forward never ran in the '
-                f'first training step stay in full precision: '
-                f'{", ".join(self.uncalled_layers)}. Their owners read the '
-                f'weight directly (e.g. F.linear(x, self.qkv.weight)) or do '
-                f'not use them in training; add them to quantizer.skip to '
-                f'keep them out of the conversion.', logger='current',
+                f'mmdrq: quantized layers whose forward did not run in the '
+                f'first training step: {", ".join(self.uncalled_layers)}. '
+                f'If their owners read the weight directly (e.g. '
+                f'F.linear(x, self.qkv.weight)), they train and run in full '
+                f'precision: add them to quantizer.skip to keep them out of '
+                f'the conversion.', logger='current',
                 level=logging.WARNING)
 
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):

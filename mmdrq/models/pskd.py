@@ -7,7 +7,7 @@ index (``sample_idx`` of the data samples) in buffers, so they resume.
 """
 import torch
 import torch.nn.functional as F
-from mmengine.dist import all_gather
+from mmengine.dist import all_gather, get_world_size
 from mmengine.logging import MessageHub
 from torch import nn
 
@@ -41,7 +41,11 @@ class PSKDTargets(nn.Module):
         # buffers grow with the dataset: take the saved sizes
         for name in ('previous', 'current', 'previous_seen', 'current_seen'):
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+                saved = state_dict[prefix + name]
+                # float32 tables of older checkpoints load as float16
+                setattr(self, name, torch.empty_like(
+                    saved, dtype=torch.bool if saved.dtype == torch.bool
+                    else TABLE_DTYPE))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _grow(self, size: int):
@@ -83,13 +87,25 @@ class PSKDTargets(nn.Module):
         """Keep the softmax of ``logits`` for the samples ``index``. Under
         DDP every rank keeps every rank's samples: the sampler deals a
         sample to any rank in the next epoch."""
-        probs = logits.detach().float().softmax(1)
-        probs = torch.cat(all_gather(probs))
-        index = torch.cat(all_gather(index.to(probs.device))).cpu()
+        probs = logits.detach().float().softmax(1).to(TABLE_DTYPE)
+        probs = _gather_rows(probs)
+        index = _gather_rows(index.to(probs.device)).cpu()
         self._grow(int(index.max()) + 1)
         idx = index.to(self.current.device)
         self.current[idx] = probs.to(self.current)
         self.current_seen[idx] = True
+
+
+def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated; ranks may hold different numbers
+    (an uneven last batch), so each pads to the largest for the gather."""
+    if get_world_size() == 1:
+        return tensor
+    sizes = [int(n) for n in all_gather(torch.tensor(
+        [tensor.shape[0]], device=tensor.device))]
+    padded = tensor.new_zeros(max(sizes), *tensor.shape[1:])
+    padded[:tensor.shape[0]] = tensor
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes)])
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor):

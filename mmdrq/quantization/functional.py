@@ -1,8 +1,9 @@
 """Double Rounding as tensor functions, with their straight-through gradients.
 
-Everything here is stateless. ``fake_quant`` is the one autograd entry point:
-the weight quantizers, the unshared-scale baseline and the activation
-quantizer all call it with different integer limits and shifts.
+Everything here is stateless. ``fake_quant_bits`` (several bit-widths from
+one first rounding) is the one autograd entry point; ``fake_quant`` is its
+one-target form, which the activation quantizer, the weight quantizers and
+the unshared-scale baseline call with different integer limits and shifts.
 
 Two implementations compute the same numbers (``set_fake_quant_impl``):
 
@@ -321,6 +322,8 @@ class _FakeQuant(torch.autograd.Function):
         x, scale = ctx.saved_tensors
         plan, dims = ctx.plan, ctx.reduce_dims
         keep = [i for i, grad in enumerate(grad_outs) if grad is not None]
+        if not keep:  # no output reached the loss
+            return None, None, None, None
         grads = [grad_outs[i] for i in keep]
         fused = None
         if not torch.is_grad_enabled() and _use_fused(x, scale, dims):
@@ -338,12 +341,13 @@ class _FakeQuant(torch.autograd.Function):
                                          with_graph=torch.is_grad_enabled())
             partials = [c.sum() if dims is None else
                         c.sum(dim=dims, keepdim=True) for c in contribs]
-        grad_scale = sum(p.to(scale.dtype) * plan.targets[i][2]
-                         for i, p in zip(keep, partials))
-        grad_scale = grad_scale.expand(scale.shape) if grad_scale.dim() == 0 \
-            else grad_scale.reshape(scale.shape)
+        # each target's LSQ factor on its own partial sums
+        grad_s = sum(p.to(scale.dtype) * plan.targets[i][2]
+                     for i, p in zip(keep, partials))
+        grad_s = grad_s.expand(scale.shape) if grad_s.dim() == 0 \
+            else grad_s.reshape(scale.shape)
         return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_scale if ctx.needs_input_grad[1] else None, None, None)
+                grad_s if ctx.needs_input_grad[1] else None, None, None)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,

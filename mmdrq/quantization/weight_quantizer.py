@@ -161,7 +161,9 @@ class DoubleRoundingQuantizer(nn.Module):
     def _fake_quant(self, weight: torch.Tensor, bits) -> tuple:
         """Dequantised weights of ``bits`` (one scale row between them)."""
         rows = {self._ensure_init(weight, bit) for bit in bits}
-        assert len(rows) == 1, 'bits with their own scales go one at a time'
+        if len(rows) != 1:
+            raise ValueError(f'bits {list(bits)} have scales of their own '
+                             f'(variant={self.variant!r}): one at a time')
         scale = self._scale_view(weight, rows.pop())
         per_scale = weight.numel() // scale.numel()
         targets = []
@@ -183,14 +185,13 @@ class DoubleRoundingQuantizer(nn.Module):
     def _shared_output(self, weight: torch.Tensor, bit: int) -> torch.Tensor:
         """``bit``'s output from one call for every bit, made at the first
         forward under ``shared_rounding`` and kept while the weight and
-        the scale are unchanged (their version counters say so)."""
+        the scale are unchanged (their version counters say so; writes
+        through ``.data`` bypass them, as in ``quantized_weight``)."""
         self._plan(bit)  # the usual error for a bit not in ``bits``
         key = (weight.data_ptr(), weight._version, self.scale._version)
         if self._shared.get('key') != key:
             outputs = dict(zip(self.bits, self._fake_quant(weight, self.bits)))
-            # initialisation may have written the scale: key after the call
-            self._shared = dict(outputs=outputs, key=(
-                weight.data_ptr(), weight._version, self.scale._version))
+            self._shared = dict(outputs=outputs, key=key)
         return self._shared['outputs'][bit]
 
     @torch.no_grad()
@@ -217,10 +218,12 @@ def shared_rounding(model: nn.Module):
     quantizers = [m for m in model.modules()
                   if isinstance(m, DoubleRoundingQuantizer)
                   and m.variant != 'unshared']
+    outer = [quantizer._shared for quantizer in quantizers]
     for quantizer in quantizers:
-        quantizer._shared = {}
+        if quantizer._shared is None:
+            quantizer._shared = {}
     try:
         yield
     finally:
-        for quantizer in quantizers:
-            quantizer._shared = None
+        for quantizer, state in zip(quantizers, outer):
+            quantizer._shared = state

@@ -64,10 +64,11 @@ def layer_scores(traces: Dict[str, float], bits: Sequence[int],
     ``trace * perturbation``."""
     if perturbations is None:
         return {n: {b: t * b for b in bits} for n, t in traces.items()}
-    missing = sorted(n for n in traces if set(bits) - set(
-        perturbations.get(n, {})))
+    missing = {n: sorted(set(bits) - set(perturbations.get(n, {})))
+               for n in traces}
+    missing = {n: b for n, b in missing.items() if b}
     if missing:
-        raise ValueError(f'perturbations lack bits {list(bits)} of layers '
+        raise ValueError(f'perturbations lack these bits of these layers: '
                          f'{missing}')
     return {n: {b: -t * perturbations[n][b] for b in bits}
             for n, t in traces.items()}
@@ -88,6 +89,9 @@ def search_subnet(traces: Dict[str, float], costs: Dict[str, dict],
     count = len(names) * len(bits)
     objective = -np.array([scores[n][b] for n in names for b in bits],
                           dtype=np.float64)
+    # to order 1: HiGHS's absolute tolerances would blur tiny scores
+    # (traces times weight errors are often below 1e-6)
+    objective /= max(np.abs(objective).max(), np.finfo(np.float64).tiny)
     one_hot = np.zeros((len(names), count))
     for i in range(len(names)):
         one_hot[i, i * len(bits):(i + 1) * len(bits)] = 1

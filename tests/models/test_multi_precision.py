@@ -153,6 +153,11 @@ def test_bit_list_mismatch_is_an_error(small_classifier):
 def test_bad_loss_mode(small_classifier):
     with pytest.raises(ValueError, match="loss_mode.*'mean'"):
         MultiPrecisionQAT(small_classifier(), loss_mode='mean')
+    checkpointed = small_classifier()
+    checkpointed.backbone.with_cp = True
+    with pytest.raises(ValueError, match="with_cp=True in backbone"):
+        MultiPrecisionQAT(checkpointed, loss_mode='sum')
+    MultiPrecisionQAT(checkpointed, loss_mode='per_bit')  # bit stays put
 
 
 def test_fp32_checkpoint_of_bare_model_loads(small_classifier):

@@ -278,6 +278,10 @@ def test_shared_rounding_follows_weight_updates():
             quant(w, 5)
         assert unshared(w, 4) is not unshared(w, 4)
         assert unshared._shared is None
+        with shared_rounding(quant):  # nested: the outer block's outputs
+            assert quant(w, 4) is second
+        assert quant.sharing and quant(w, 4) is second
+    assert not quant.sharing
 
 
 @pytest.mark.parametrize('per_channel', [True, False])
@@ -304,6 +308,32 @@ def test_fake_quant_bits_equals_calls_per_target(per_channel):
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match='at least one target'):
         fake_quant_bits(w, s, srange(8), [])
+
+
+class _NoGrad(torch.autograd.Function):
+    """Passes its input on and gives it no gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_fake_quant_bits_when_no_output_gets_a_gradient():
+    """Outputs used only where no gradient flows back: the backward runs
+    and leaves ``x`` and ``scale`` without gradients."""
+    x = torch.randn(4, 6, requires_grad=True)
+    s = torch.full((4, 1), 0.1, requires_grad=True)
+    outs = fake_quant_bits(x, s, srange(8), [(0, srange(8), 1.0),
+                                              (2, srange(6), 1.0)],
+                           reduce_dims=(1,))
+    loss = sum(_NoGrad.apply(o).sum() for o in outs) + (x * 0).sum()
+    loss.backward()
+    assert s.grad is None
+    assert torch.equal(x.grad, torch.zeros_like(x))
 
 
 @pytest.mark.parametrize('bits', [(8, 6, 4), (4, 3, 2)])
