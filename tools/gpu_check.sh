@@ -42,7 +42,8 @@ for stage in $STAGES; do
             tests/quantization/test_fused_and_compile.py \
             tests/quantization/test_double_rounding.py \
             tests/quantization/test_act_quantizer.py \
-            tests/quantization/test_layers.py ;;
+            tests/quantization/test_layers.py \
+            tests/engine/test_alrs.py ;;
         quantizer) run quantizer python3 benchmarks/quantizer.py $QUICK_FLAG ;;
         train) run train_step python3 benchmarks/train_step.py $QUICK_FLAG ;;
         compiled) run train_step_compiled python3 benchmarks/train_step.py \

@@ -87,8 +87,8 @@ class ALRSMixin:
                  if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = self._unscaled(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])))
         event = None
         if norm.is_cuda:
             host = torch.empty((), dtype=norm.dtype, pin_memory=True)
@@ -97,6 +97,10 @@ class ALRSMixin:
             event.record(torch.cuda.current_stream(norm.device))
             norm = host
         self._pending_norms[self.bit] = (norm, event)
+
+    def _unscaled(self, norm: torch.Tensor) -> torch.Tensor:
+        """The norm of the true gradients (see the AMP variant)."""
+        return norm
 
     def _pending_value(self, bit: int) -> Optional[float]:
         norm, event = self._pending_norms.pop(bit, (None, None))
@@ -179,3 +183,10 @@ class ALRSAmpOptimWrapper(ALRSMixin, AmpOptimWrapper):
                  momentum=0.9, min_eta=1e-4, **kwargs):
         super().__init__(optimizer=optimizer, **kwargs)
         self._init_alrs(bits, mode, momentum, min_eta)
+
+    def _unscaled(self, norm: torch.Tensor) -> torch.Tensor:
+        """Before the step the gradients still carry the loss scale, which
+        changes on overflows and growth: divide it out, on the device."""
+        # GradScaler's tensor form of get_scale(), which would sync
+        scale = self.loss_scaler._get_scale_async()
+        return norm if scale is None else norm / scale.to(norm)
