@@ -129,6 +129,13 @@ class MultiPrecisionQAT(BaseModel):
                     f'distill={dict(distill)} needs a classifier with '
                     f'head.num_classes; {type(architecture).__name__} has none')
             self.pskd = PSKDTargets(num_classes, **distill)
+            # the tables grow per rank and are kept alike by all_gather:
+            # DDP must not broadcast them from rank 0 at every forward
+            # (sizes can differ, and ImageNet's take gigabytes)
+            MMDistributedDataParallel \
+                ._set_params_and_buffers_to_ignore_for_model(
+                    self, [f'pskd.{name}' for name, _ in
+                           self.pskd.named_buffers()])
         self.compile_options = ({} if compile is True else dict(compile)) \
             if compile else None
         self._warned_sampler = False

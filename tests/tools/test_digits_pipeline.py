@@ -150,6 +150,26 @@ def test_dist_train_on_cpu_with_gloo(digits):
     assert osp.exists(work / 'epoch_1.pth')
 
 
+def test_dist_train_with_pskd_on_cpu_with_gloo(digits):
+    """PS-KD under DDP: the tables grow per rank without DDP broadcasting
+    them, and every rank keeps every rank's predictions."""
+    work = digits['folder'] / 'dist_pskd'
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1',
+               PORT='29562')
+    done = subprocess.run(
+        ['bash', osp.join(TOOLS, 'dist_train.sh'), digits['qat_cfg'], '2',
+         '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=1',
+         'model.distill.alpha=0.7'],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    state = torch.load(work / 'epoch_1.pth', weights_only=False)
+    seen = state['state_dict']['pskd.current_seen']
+    # all 128 training images (write_config's indices), though each rank
+    # ran only its half
+    assert seen.all() and len(seen) == 128
+
+
 def test_hasb_hook_switches_layers_after_warmup(digits):
     import re
     cfg = osp.join(digits['folder'], 'hasb.py')
