@@ -187,6 +187,8 @@ class ALRSAmpOptimWrapper(ALRSMixin, AmpOptimWrapper):
     def _unscaled(self, norm: torch.Tensor) -> torch.Tensor:
         """Before the step the gradients still carry the loss scale, which
         changes on overflows and growth: divide it out, on the device."""
+        if not self.loss_scaler.is_enabled():  # bf16 AMP: no loss scale
+            return norm
         # GradScaler's tensor form of get_scale(), which would sync
         scale = self.loss_scaler._get_scale_async()
         return norm if scale is None else norm / scale.to(norm)

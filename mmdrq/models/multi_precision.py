@@ -106,8 +106,8 @@ class MultiPrecisionQAT(BaseModel):
             raise ValueError(
                 f"loss_mode='sum' runs every bit's forward before one "
                 f"backward, and activation checkpointing (with_cp=True in "
-                f"{checkpointed[0]}) would recompute those forwards at the "
-                f"last bit: set with_cp=False or loss_mode='per_bit'")
+                f"{checkpointed[0]}) would recompute them all at the highest "
+                f"bit: set with_cp=False or loss_mode='per_bit'")
         quantize_model(architecture, dict(quantizer or {}))
         if transitional_bn is not None:
             shape = tuple(transitional_bn['input_shape'])

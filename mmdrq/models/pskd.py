@@ -44,7 +44,8 @@ class PSKDTargets(nn.Module):
                 saved = state_dict[prefix + name]
                 # float32 tables of older checkpoints load as float16
                 setattr(self, name, torch.empty_like(
-                    saved, dtype=torch.bool if saved.dtype == torch.bool
+                    saved, device=getattr(self, name).device,
+                    dtype=torch.bool if saved.dtype == torch.bool
                     else TABLE_DTYPE))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -168,18 +168,20 @@ def test_amp_adaptive_norms_exclude_the_loss_scale(small_classifier):
     """The adaptive norms are those of the true gradients, whatever the
     loss scale was when they were taken."""
     model = mmdrq.quantize_model(small_classifier(), bits=[8, 4]).cuda()
-    wrapper = build_optim_wrapper(model, alrs_cfg(
-        type='mmdrq.ALRSAmpOptimWrapper', mode='adaptive', momentum=0.0,
-        loss_scale=dict(init_scale=1024.0),
-        optimizer=dict(type='SGD', lr=0.0)))
-    params = [p for g in wrapper.optimizer.param_groups if g.get('alrs')
-              for p in g['params']]
-    wrapper.loss_scaler.scale(torch.ones((), device='cuda'))  # lazy init
-    for bit in (8, 4, 8, 4):
-        wrapper.set_bit(bit)
-        for p in params:  # as scaled by the loss scale
-            p.grad = torch.full_like(p, 1024.0 * (1.0 if bit == 8 else 8.0))
-        wrapper.step()
-    expected = norm_of(params, 1.0)
-    assert wrapper.grad_norms[8] == pytest.approx(expected, rel=1e-4)
-    assert wrapper.grad_norms[4] == pytest.approx(8 * expected, rel=1e-4)
+    for loss_scale in (dict(init_scale=1024.0, growth_interval=1),
+                       dict(enabled=False)):  # the scale doubles each step
+        wrapper = build_optim_wrapper(model, alrs_cfg(
+            type='mmdrq.ALRSAmpOptimWrapper', mode='adaptive', momentum=0.0,
+            loss_scale=loss_scale, optimizer=dict(type='SGD', lr=0.0)))
+        params = [p for g in wrapper.optimizer.param_groups if g.get('alrs')
+                  for p in g['params']]
+        wrapper.loss_scaler.scale(torch.ones((), device='cuda'))  # init
+        for bit in (8, 4, 8, 4):
+            wrapper.set_bit(bit)
+            scale = wrapper.loss_scaler.get_scale()  # 1.0 when disabled
+            for p in params:  # as the scaled loss's backward leaves them
+                p.grad = torch.full_like(p, scale * (1.0 if bit == 8 else 8.))
+            wrapper.step()
+        expected = norm_of(params, 1.0)
+        assert wrapper.grad_norms[8] == pytest.approx(expected, rel=1e-4)
+        assert wrapper.grad_norms[4] == pytest.approx(8 * expected, rel=1e-4)

@@ -172,7 +172,9 @@ def test_cuda_training_step_has_no_host_sync(make_tiny_cnn, mode):
     """After the first steps (lazy scale init reads the device once), an
     iteration over every bit never waits for the GPU: per-bit steps with
     ALRS fixed or adaptive, and one step on a summed loss with the weights
-    rounded once for all bits."""
+    rounded once for all bits. (A wait on the ALRS norm's CUDA event,
+    only taken if the GPU ran a step behind, is not a check this mode
+    catches.)"""
     from mmengine.optim import build_optim_wrapper
 
     from mmdrq.quantization import shared_rounding
