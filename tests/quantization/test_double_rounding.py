@@ -96,6 +96,26 @@ def ref_grads(w, step, l, q_l, g_out):
     return g_out * inside, g_out * local
 
 
+def quantizer_case(tag, bits, variant, rounding, scale_grad, reduce):
+    """Fresh data (ties included) and a float64 quantizer for one case:
+    generator, weight ``(5, 2, 3, 3)``, scale, quantizer, rounding mode."""
+    gen = make_gen(tag, bits, variant, rounding, scale_grad, reduce)
+    w, s = make_weight(gen, (5, 2, 3, 3), bits[0], pow2=scale_grad == 'lsq')
+    quant = fresh_quantizer(bits, s, variant=variant, rounding=rounding,
+                            scale_grad=scale_grad, scale_grad_reduce=reduce)
+    return gen, w, s, quant, 'floor' if variant == 'floor' else rounding
+
+
+def ref_scale_grad(local, l, d, reduce, scale_grad):
+    """LSQ scale grad of the ``(5, 2, 3, 3)`` case from ``ref_grads``'s
+    un-reduced ``local``: summed per channel or over the whole tensor for
+    every channel, times g = 1 / sqrt(N * Qp), and 2**d if 'exact'."""
+    gs = local.sum(dim=(1, 2, 3)) if reduce == 'channel' else \
+        local.sum().expand(5)
+    gs = gs / (local[0].numel() * srange(l)[1])**0.5
+    return gs * 2**d if scale_grad == 'exact' else gs
+
+
 @pytest.mark.parametrize('h', [8, 4, 16])
 def test_first_rounding_half_even_and_clip(h):
     """q_h = clip(round_half_even(W / s)) on the signed h-bit grid."""
@@ -187,11 +207,8 @@ def test_quantizer_forward_and_grads(bits, variant, rounding, scale_grad,
     g = 1 / sqrt(N * Qp), times 2**d if 'exact', summed per channel or
     (reduce 'tensor') over the whole tensor for every channel."""
     h = bits[0]
-    gen = make_gen('fwd', bits, variant, rounding, scale_grad, reduce)
-    w, s = make_weight(gen, (5, 2, 3, 3), h, pow2=scale_grad == 'lsq')
-    quant = fresh_quantizer(bits, s, variant=variant, rounding=rounding,
-                            scale_grad=scale_grad, scale_grad_reduce=reduce)
-    mode = 'floor' if variant == 'floor' else rounding
+    gen, w, s, quant, mode = quantizer_case('fwd', bits, variant, rounding,
+                                            scale_grad, reduce)
     for l in bits:
         d = h - l
         step = (s * 2**d).view(-1, 1, 1, 1)
@@ -204,12 +221,9 @@ def test_quantizer_forward_and_grads(bits, variant, rounding, scale_grad,
         out.backward(g_out)
         gw, gs = ref_grads(w, step, l, q_l, g_out)
         torch.testing.assert_close(x.grad, gw, rtol=0, atol=0)
-        gs = gs.sum(dim=(1, 2, 3)) if reduce == 'channel' else \
-            gs.sum().expand(5)
-        gs = gs / (w[0].numel() * srange(l)[1])**0.5
-        gs = gs * 2**d if scale_grad == 'exact' else gs
-        torch.testing.assert_close(quant.scale.grad[0], gs, rtol=1e-10,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            quant.scale.grad[0], ref_scale_grad(gs, l, d, reduce, scale_grad),
+            rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('bits', BIT_SETS)
@@ -225,11 +239,8 @@ def test_shared_rounding_sums_every_bit(bits, variant, rounding, scale_grad,
     the sums of the bits' reference gradients, with a bit used twice and
     the lowest one unused."""
     h = bits[0]
-    gen = make_gen('shared', bits, variant, rounding, scale_grad, reduce)
-    w, s = make_weight(gen, (5, 2, 3, 3), h, pow2=scale_grad == 'lsq')
-    quant = fresh_quantizer(bits, s, variant=variant, rounding=rounding,
-                            scale_grad=scale_grad, scale_grad_reduce=reduce)
-    mode = 'floor' if variant == 'floor' else rounding
+    gen, w, s, quant, mode = quantizer_case('shared', bits, variant,
+                                            rounding, scale_grad, reduce)
     x = w.clone().requires_grad_()
     used = [*bits[:-1], bits[0]]
     total, gw_ref, gs_ref = 0, 0, 0
@@ -244,11 +255,8 @@ def test_shared_rounding_sums_every_bit(bits, variant, rounding, scale_grad,
             g_out = torch.randn(w.shape, generator=gen, dtype=F64)
             total = total + (out * g_out).sum()
             gw, gs = ref_grads(w, step, l, q_l, g_out)
-            gs = gs.sum(dim=(1, 2, 3)) if reduce == 'channel' else \
-                gs.sum().expand(5)
-            gs = gs / (w[0].numel() * srange(l)[1])**0.5
             gw_ref = gw_ref + gw
-            gs_ref = gs_ref + (gs * 2**d if scale_grad == 'exact' else gs)
+            gs_ref = gs_ref + ref_scale_grad(gs, l, d, reduce, scale_grad)
     assert quant._shared is None
     total.backward()
     # the same terms, added in another order
