@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mmdrq.quantization.bit_control import set_layer_bits
-from mmdrq.quantization.layers import _QuantLayer
+from mmdrq.quantization.layers import _QuantLayer, quantized_layers
 from mmdrq.utils import atomic_torch_save
 from mmdrq.version import __version__
 from .packing import pack, storage_of, unpack
@@ -22,8 +22,7 @@ FORMAT_VERSION = 1
 
 
 def _quant_layers(model: nn.Module):
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, _QuantLayer)}
+    layers = quantized_layers(model)
     if not layers:
         raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
                          'layers: call mmdrq.quantize_model first')

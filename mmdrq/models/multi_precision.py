@@ -12,7 +12,7 @@ from mmengine.optim import OptimWrapper
 from torch import nn
 
 from mmdrq.quantization import (model_bits, quantize_model,
-                                quantized_layer_names, quantizers_ready,
+                                quantized_layers, quantizers_ready,
                                 recording_calls, set_bits, shared_rounding)
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
@@ -175,7 +175,7 @@ class MultiPrecisionQAT(BaseModel):
     def note_called_layers(self, called: set):
         """After the first training step: warn about quantized layers whose
         forward never ran (they train and run in full precision)."""
-        self.uncalled_layers = [name for name in quantized_layer_names(
+        self.uncalled_layers = [name for name in quantized_layers(
             self.architecture) if name not in called]
         if self.uncalled_layers:
             print_log(

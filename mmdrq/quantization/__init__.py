@@ -4,7 +4,7 @@ from .bit_control import (get_bits, model_bits, set_bits, set_layer_bits,
 from .bitwidths import check_bits
 from .config import QuantizeConfig
 from .convert import quantize_model
-from .layers import (BitSwitchable, QConv2d, QLinear, quantized_layer_names,
+from .layers import (BitSwitchable, QConv2d, QLinear, quantized_layers,
                      quantizers_ready, recording_calls)
 from .switchable_bn import SwitchableBatchNorm
 from .transitional_bn import TransitionalBatchNorm, to_transitional
@@ -14,7 +14,7 @@ __all__ = [
     'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer', 'QConv2d',
     'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm',
     'TransitionalBatchNorm', 'check_bits', 'get_bits', 'model_bits',
-    'quantize_model', 'quantized_layer_names', 'quantizers_ready',
+    'quantize_model', 'quantized_layers', 'quantizers_ready',
     'recording_calls', 'set_bits', 'set_layer_bits', 'shared_rounding',
     'to_transitional', 'use_bits'
 ]

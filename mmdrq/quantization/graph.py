@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from .layers import _QuantLayer
+from .layers import quantized_layers
 
 
 def input_producers(model: nn.Module,
@@ -24,8 +24,7 @@ def input_producers(model: nn.Module,
     forward, in eval mode with gradients enabled; the model's state (BN
     statistics, lazily initialised quantizer scales) is restored after it,
     so a dummy input leaves no trace."""
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, _QuantLayer)}
+    layers = quantized_layers(model)
     outputs, inputs, handles = {}, {}, []
     for name, layer in layers.items():
         def pre(module, args, name=name):

@@ -161,8 +161,8 @@ def quantizers_ready(model: nn.Module, ignore=()) -> bool:
     breaks a ``torch.compile`` graph; callers run eagerly before that.
     """
     return all(getattr(quantizer, 'ready', True)
-               for name, module in model.named_modules()
-               if isinstance(module, _QuantLayer) and name not in ignore
+               for name, module in quantized_layers(model).items()
+               if name not in ignore
                for quantizer in (module.weight_quantizer, module.act_quantizer)
                if quantizer is not None)
 
@@ -176,8 +176,7 @@ def recording_calls(model: nn.Module):
     called = set()
     handles = [module.register_forward_pre_hook(
         lambda *args, name=name: called.add(name))
-        for name, module in model.named_modules()
-        if isinstance(module, _QuantLayer)]
+        for name, module in quantized_layers(model).items()]
     try:
         yield called
     finally:
@@ -185,10 +184,10 @@ def recording_calls(model: nn.Module):
             handle.remove()
 
 
-def quantized_layer_names(model: nn.Module) -> list:
-    """Names of ``model``'s quantized layers, in module order."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, _QuantLayer)]
+def quantized_layers(model: nn.Module) -> dict:
+    """``model``'s quantized layers by module name, in module order."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, _QuantLayer)}
 
 
 @MODELS.register_module()

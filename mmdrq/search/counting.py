@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mmdrq.quantization.graph import probe_forward
-from mmdrq.quantization.layers import _QuantLayer
+from mmdrq.quantization.layers import quantized_layers
 
 
 def layer_costs(model: nn.Module,
@@ -16,8 +16,7 @@ def layer_costs(model: nn.Module,
     MACs per image of one forward (``model(inputs)``, or ``inputs(model)``
     when it is a callable), which leaves the model's state as it was; a
     layer run several times (shared detection heads) sums its calls."""
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, _QuantLayer)}
+    layers = quantized_layers(model)
     costs = {n: dict(macs=0, params=m.weight.numel())
              for n, m in layers.items()}
     handles = []
@@ -47,8 +46,7 @@ def _macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
 def fp_bytes(model: nn.Module) -> int:
     """Bytes of everything stored as it is: parameters and persistent
     buffers other than the quantized layers' weights."""
-    quantized = {id(m.weight) for m in model.modules()
-                 if isinstance(m, _QuantLayer)}
+    quantized = {id(m.weight) for m in quantized_layers(model).values()}
     tensors = [p for p in model.parameters() if id(p) not in quantized]
     tensors += list(model.state_dict(keep_vars=True).values())
     seen, total = set(), 0

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmdrq.quantization.bit_control import model_bits, use_bits
-from mmdrq.quantization.layers import _QuantLayer
+from mmdrq.quantization.layers import quantized_layers
 from mmdrq.utils import atomic_write
 
 FORMAT = 'mmdrq-traces'
@@ -144,8 +144,7 @@ def quantized_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
     to the converted architecture (no ``architecture.`` for the wrapper),
     as ``mmdrq.get_bits`` and SubNet files name them."""
     arch = _architecture(model)
-    weights = {n: m.weight for n, m in arch.named_modules()
-               if isinstance(m, _QuantLayer)}
+    weights = {n: m.weight for n, m in quantized_layers(arch).items()}
     if not weights:
         raise ValueError(f'{type(arch).__name__} has no mmdrq quantized '
                          'layers: call mmdrq.quantize_model first')

@@ -9,7 +9,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from mmdrq.quantization.layers import _QuantLayer
+from mmdrq.quantization.layers import quantized_layers
 
 
 @torch.no_grad()
@@ -17,11 +17,10 @@ def weight_perturbations(model: nn.Module) -> Dict[str, Dict[int, float]]:
     """``{layer: {bit: ||Q_b(W) - W||^2}}`` for every quantized layer, with
     the layer's own (trained) scales, summed in float64."""
     result = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _QuantLayer):
-            weight = module.weight.detach()
-            result[name] = {
-                bit: float((module.weight_quantizer(weight, bit).double() -
-                            weight.double()).square().sum())
-                for bit in module.bits}
+    for name, module in quantized_layers(model).items():
+        weight = module.weight.detach()
+        result[name] = {
+            bit: float((module.weight_quantizer(weight, bit).double() -
+                        weight.double()).square().sum())
+            for bit in module.bits}
     return result
