@@ -122,6 +122,7 @@ def main():
 
     steps = {'FP': lambda: step(run_fp, opt_fp)}
     steps.update((f'w{bit}a{bit}', at_bit(bit)) for bit in BITS)
+    single_steps = set(steps)  # the rest run every bit: vs n x FP
     steps[f'multi-precision {list(BITS)}'] = multi
     for share in (False, True):
         steps[f'summed loss {list(BITS)}, {"shared" if share else "per-bit"}'
@@ -132,7 +133,7 @@ def main():
         fp_mem = cpu_peak_bytes(steps['FP'])
     rows = []
     for name, (t, mem) in timings.items():
-        per_step = name == 'FP' or name.startswith('w')
+        per_step = name in single_steps
         if per_step and not gpu:
             mem = cpu_peak_bytes(steps[name])
         rows.append(dict(

@@ -40,7 +40,7 @@ def _check_impl(impl: str) -> str:
 
 _impl = _check_impl(os.environ.get('MMDRQ_FAKE_QUANT', 'auto'))
 _fused_state = {'ok': None, 'fns': None}
-_limits_cache = {}
+_constants_cache = {}
 
 
 def set_fake_quant_impl(impl: str):
@@ -190,9 +190,9 @@ def _as_tensors(numbers, like: torch.Tensor):
     and device: no host-to-device copy per call, and no recompiles, since
     the kernels see tensors rather than Python numbers."""
     key = (numbers, like.device, like.dtype)
-    tensors = _limits_cache.get(key)
+    tensors = _constants_cache.get(key)
     if tensors is None:
-        tensors = _limits_cache[key] = tuple(torch.tensor(
+        tensors = _constants_cache[key] = tuple(torch.tensor(
             numbers, dtype=like.dtype, device=like.device).unbind())
     return tensors
 
