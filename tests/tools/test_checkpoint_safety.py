@@ -158,10 +158,12 @@ def test_resume_skips_a_truncated_last_checkpoint(digits, killed_run,
     assert resumed_epoch(log) == 1
 
 
-def test_resume_with_nothing_to_resume_is_an_error(digits, tmp_path):
+@pytest.mark.parametrize('how', [['--resume'],
+                                 ['--cfg-options', 'resume=True']])
+def test_resume_with_nothing_to_resume_is_an_error(digits, tmp_path, how):
     work = tmp_path / 'empty'
     code, log = run_tool(osp.join(TOOLS, 'train.py'), digits['cfg'],
-                         '--work-dir', work, '--resume', expect_ok=False)
+                         '--work-dir', work, *how, expect_ok=False)
     assert code != 0
     assert str(work / 'last_checkpoint') in log and 'does not exist' in log
     assert 'no complete checkpoint' in log
