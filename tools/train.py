@@ -8,6 +8,7 @@ import argparse
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
+from mmdrq.engine import resume_checkpoint
 from mmdrq.tools_common import add_common_args, load_config, prepare_launch
 
 
@@ -20,8 +21,9 @@ def parse_args():
                         help='scale the lr by total batch / base_batch_size')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
-        help='resume from CKPT, or from the latest checkpoint in the work '
-        'dir when no path is given')
+        help='resume from CKPT, or from the checkpoint last_checkpoint in the '
+        'work dir names (when it is missing or damaged: the newest complete '
+        'one there, with a warning; when there is none: an error)')
     add_common_args(parser)
     return parser.parse_args()
 
@@ -45,12 +47,13 @@ def main():
             raise KeyError('--auto-scale-lr needs auto_scale_lr='
                            'dict(base_batch_size=...) in the config')
         cfg.auto_scale_lr.enable = True
-    if args.resume == 'auto':
+    if args.resume is not None:
         cfg.resume = True
-        cfg.load_from = None
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
+        cfg.load_from = None if args.resume == 'auto' else args.resume
+    if cfg.get('resume'):
+        # MMEngine resumes load_from, else what last_checkpoint names, and
+        # trains from scratch when that is missing: choose and check here
+        cfg.load_from = resume_checkpoint(cfg.work_dir, cfg.get('load_from'))
     prepare_launch(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()

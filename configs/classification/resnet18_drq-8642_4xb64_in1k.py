@@ -34,5 +34,6 @@ test_dataloader = dict(batch_size=64)
 auto_scale_lr = dict(base_batch_size=256)
 model_wrapper_cfg = dict(type='mmdrq.MultiPrecisionQATDDP')
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3,
-                    save_best='accuracy/top1@w2a2', rule='greater'))
+    checkpoint=dict(
+        type='mmdrq.AtomicCheckpointHook', interval=1, max_keep_ckpts=3,
+        save_best='accuracy/top1@w2a2', rule='greater'))

@@ -99,7 +99,8 @@ auto_scale_lr = dict(enable=False, base_batch_size=2)
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=1),
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1))
+    checkpoint=dict(
+        type='mmdrq.AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
 log_processor = dict(window_size=1)
 randomness = dict(seed=0)
 load_from = None

@@ -26,5 +26,6 @@ val_cfg = dict(_delete_=True, type='mmdrq.MultiBitValLoop')
 test_cfg = dict(_delete_=True, type='mmdrq.MultiBitTestLoop')
 model_wrapper_cfg = dict(type='mmdrq.MultiPrecisionQATDDP')
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3,
-                    save_best='coco/bbox_mAP@w4a4', rule='greater'))
+    checkpoint=dict(
+        type='mmdrq.AtomicCheckpointHook', interval=1, max_keep_ckpts=3,
+        save_best='coco/bbox_mAP@w4a4', rule='greater'))

@@ -85,8 +85,9 @@ test_cfg = dict(_delete_=True, type='mmdrq.MultiBitTestLoop')
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=4,
-                    max_keep_ckpts=1))
+    checkpoint=dict(
+        type='mmdrq.AtomicCheckpointHook', by_epoch=False, interval=4,
+        max_keep_ckpts=1))
 log_processor = dict(by_epoch=False, window_size=1)
 env_cfg = dict(cudnn_benchmark=False)
 randomness = dict(seed=0)

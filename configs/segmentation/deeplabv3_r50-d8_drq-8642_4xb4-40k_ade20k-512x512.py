@@ -31,5 +31,6 @@ val_cfg = dict(_delete_=True, type='mmdrq.MultiBitValLoop')
 test_cfg = dict(_delete_=True, type='mmdrq.MultiBitTestLoop')
 model_wrapper_cfg = dict(type='mmdrq.MultiPrecisionQATDDP')
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=4000,
-                    max_keep_ckpts=3, save_best='mIoU@w4a4', rule='greater'))
+    checkpoint=dict(
+        type='mmdrq.AtomicCheckpointHook', by_epoch=False, interval=4000,
+        max_keep_ckpts=3, save_best='mIoU@w4a4', rule='greater'))

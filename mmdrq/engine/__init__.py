@@ -1,9 +1,12 @@
 from .alrs import (ALRSAmpOptimWrapper, ALRSOptimWrapper, fixed_eta)
 from .alrs_constructor import ALRSOptimWrapperConstructor
+from .checkpoint_hook import (AtomicCheckpointHook, check_resumable,
+                              resume_checkpoint)
 from .hasb_hook import HASBHook, sigma_schedule
 from .loops import MultiBitTestLoop, MultiBitValLoop
 
 __all__ = [
     'ALRSAmpOptimWrapper', 'ALRSOptimWrapper', 'ALRSOptimWrapperConstructor', 'HASBHook',
-    'MultiBitTestLoop', 'MultiBitValLoop', 'fixed_eta', 'sigma_schedule'
+    'MultiBitTestLoop', 'MultiBitValLoop', 'fixed_eta', 'sigma_schedule',
+    'AtomicCheckpointHook', 'check_resumable', 'resume_checkpoint'
 ]

@@ -111,6 +111,16 @@ def _read(path: str) -> dict:
     return payload
 
 
+def is_int_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a readable mmdrq integer checkpoint (by its
+    metadata, loaded with ``weights_only=True``)."""
+    try:
+        _read(path)
+    except ValueError:
+        return False
+    return True
+
+
 def load_int(model: nn.Module, path: str) -> nn.Module:
     """Load an integer checkpoint into a converted ``model`` of the same
     architecture and bit list; outputs then equal the saved model's at every

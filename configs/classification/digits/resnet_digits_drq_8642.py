@@ -25,5 +25,6 @@ train_cfg = dict(by_epoch=True, max_epochs=10, val_interval=10)
 val_cfg = dict(_delete_=True, type='mmdrq.MultiBitValLoop')
 test_cfg = dict(_delete_=True, type='mmdrq.MultiBitTestLoop')
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', interval=5, max_keep_ckpts=2,
-                    save_best='accuracy/top1@w2a2', rule='greater'))
+    checkpoint=dict(
+        type='mmdrq.AtomicCheckpointHook', interval=5, max_keep_ckpts=2,
+        save_best='accuracy/top1@w2a2', rule='greater'))

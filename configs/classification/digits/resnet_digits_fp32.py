@@ -2,6 +2,8 @@
 # stem, 3 stages of 16/32/64 channels) on scikit-learn's handwritten digits,
 # written by tools/prepare_digits.py. Runs on a laptop CPU in about a minute.
 _base_ = 'mmpretrain::_base_/default_runtime.py'
+# for mmdrq.AtomicCheckpointHook when run by another package's tools
+custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
 
 data_root = 'data/digits'
 model = dict(
@@ -51,5 +53,6 @@ test_cfg = dict()
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),
-    checkpoint=dict(type='CheckpointHook', interval=10, max_keep_ckpts=1))
+    checkpoint=dict(
+        type='mmdrq.AtomicCheckpointHook', interval=10, max_keep_ckpts=1))
 randomness = dict(seed=0, deterministic=False)

@@ -1,0 +1,227 @@
+"""Checkpoints that survive a kill: written atomically, replaced in order,
+and found again by ``--resume``.
+
+MMEngine's ``CheckpointHook`` deletes the oldest kept checkpoint (and the
+previous best one) before it writes the new one, writes it in place and
+rewrites ``last_checkpoint`` in place: a kill at the wrong moment leaves half
+a file, with ``max_keep_ckpts=1`` no complete checkpoint at all, and a
+``last_checkpoint`` naming a deleted file.
+"""
+import logging
+import os
+import os.path as osp
+import re
+from typing import Optional
+
+import torch
+from mmengine.dist import is_main_process
+from mmengine.fileio import LocalBackend, get_file_backend, register_backend
+from mmengine.hooks import CheckpointHook
+from mmengine.logging import print_log
+
+from mmdrq.registry import HOOKS
+from mmdrq.utils import atomic_write
+
+ATOMIC_BACKEND = 'mmdrq_atomic_local'
+# what atomic_write leaves of a checkpoint or last_checkpoint when the
+# process dies while writing it
+_TEMPORARY = re.compile(r'^\.(last_checkpoint|.+\.pth)\.\w+\.tmp$')
+
+
+@register_backend(ATOMIC_BACKEND, force=True)
+class AtomicLocalBackend(LocalBackend):
+    """MMEngine's local file backend whose ``put`` (the one write of a
+    checkpoint, see ``mmengine.runner.save_checkpoint``) goes to a temporary
+    file that is fsynced and renamed over the target."""
+
+    def put(self, obj: bytes, filepath) -> None:
+        atomic_write(filepath, lambda f: f.write(obj))
+
+
+@HOOKS.register_module()
+class AtomicCheckpointHook(CheckpointHook):
+    """``CheckpointHook`` (same arguments) that never loses the last
+    complete checkpoint: a checkpoint is written to a temporary file, fsynced
+    and renamed; then ``last_checkpoint`` is replaced the same way; only then
+    are the checkpoint that ``max_keep_ckpts`` drops and a replaced best
+    checkpoint deleted. Temporary files of a killed run are removed when
+    training starts again.
+
+    Writes are atomic when checkpoints go to a local folder and neither
+    ``backend_args`` nor ``file_client_args`` is given; with another backend
+    its own ``put`` is used and only the ordering applies.
+    """
+
+    def before_train(self, runner) -> None:
+        out_dir = self.out_dir if self.out_dir is not None else \
+            runner.work_dir
+        if self.backend_args is None and self.file_client_args is None and \
+                type(get_file_backend(out_dir)) is LocalBackend:
+            self.backend_args = dict(backend=ATOMIC_BACKEND)
+        super().before_train(runner)
+        if is_main_process():
+            self._remove_temporaries(runner)
+
+    def _remove_temporaries(self, runner) -> None:
+        folders = {runner.work_dir}
+        if isinstance(self.file_backend, AtomicLocalBackend):
+            folders.add(self.out_dir)
+        for folder in folders:
+            if not osp.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                path = osp.join(folder, name)
+                if _TEMPORARY.match(name) and osp.isfile(path):
+                    os.remove(path)
+                    runner.logger.warning(
+                        f'removed {path}, a checkpoint file left half '
+                        'written by an interrupted run')
+
+    def _remove(self, path: str) -> None:
+        if self.file_backend.isfile(path):
+            self.file_backend.remove(path)
+        elif self.file_backend.isdir(path):  # DeepSpeed saves folders
+            self.file_backend.rmtree(path)
+
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        """MMEngine's steps in a safe order: save, point ``last_checkpoint``
+        at the new file, then delete the one ``max_keep_ckpts`` drops."""
+        dropped = None
+        if self.max_keep_ckpts > 0 and not (
+                self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
+            # (a step saved twice, by the epoch and the best logic, counts
+            # once)
+            if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
+                dropped = self.keep_ckpt_ids.popleft()
+            self.keep_ckpt_ids.append(step)
+            runner.message_hub.update_info('keep_ckpt_ids',
+                                           list(self.keep_ckpt_ids))
+        filename = self.filename_tmpl.format(step)
+        self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
+        runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        runner.save_checkpoint(
+            self.out_dir, filename, self.file_client_args,
+            save_optimizer=self.save_optimizer,
+            save_param_scheduler=self.save_param_scheduler, meta=meta,
+            by_epoch=self.by_epoch, backend_args=self.backend_args,
+            **self.args)
+        if not is_main_process():
+            return
+        atomic_write(osp.join(runner.work_dir, 'last_checkpoint'),
+                     lambda f: f.write(self.last_ckpt.encode()))
+        if dropped is not None:
+            path = self.file_backend.join_path(
+                self.out_dir, self.filename_tmpl.format(dropped))
+            if path != self.last_ckpt:
+                self._remove(path)
+
+    def _best_paths(self) -> dict:
+        if len(self.key_indicators) == 1:
+            return {None: self.best_ckpt_path}
+        return dict(self.best_ckpt_path_dict)
+
+    def _set_best_paths(self, paths: dict) -> None:
+        if len(self.key_indicators) == 1:
+            self.best_ckpt_path = paths[None]
+        else:
+            self.best_ckpt_path_dict.update(paths)
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        """MMEngine's, but a replaced best checkpoint is deleted after the
+        new one (and the step's checkpoint that records it) is written.
+
+        MMEngine deletes the previous best file it knows of before writing;
+        hiding the paths from it and deleting afterwards keeps its logic."""
+        if not self.save_best:
+            return
+        previous = self._best_paths()
+        self._set_best_paths(dict.fromkeys(previous))
+        try:
+            super()._save_best_checkpoint(runner, metrics)
+        finally:
+            current = self._best_paths()
+            self._set_best_paths({
+                key: previous[key] if current[key] is None else current[key]
+                for key in previous})
+        if not is_main_process():
+            return
+        for key, path in previous.items():
+            if path is not None and current[key] not in (None, path):
+                self._remove(path)
+                runner.logger.info(
+                    f'The previous best checkpoint {path} is removed')
+
+
+def check_resumable(path: str) -> None:
+    """Raise an error naming ``path`` unless it is a complete checkpoint of
+    MMEngine's runner (``meta``, ``state_dict``, ``message_hub``). Cheap:
+    the file is memory-mapped and no tensor data is read."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    if osp.getsize(path) == 0:
+        raise ValueError(f'checkpoint {path!r} is empty')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True,
+                           mmap=True)
+    except Exception as e:  # torch fails on damaged files in many ways
+        raise ValueError(
+            f'checkpoint {path!r} cannot be read, truncated or corrupt? '
+            f'({type(e).__name__}: {e})') from e
+    missing = [key for key in ('meta', 'state_dict', 'message_hub')
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f'{path!r} is not a training checkpoint of '
+                         f"MMEngine's runner: it has no {missing}")
+
+
+def _resumable(path: str) -> Optional[str]:
+    """None if ``path`` can be resumed from, else why not."""
+    try:
+        check_resumable(path)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def resume_checkpoint(work_dir: str, requested: Optional[str] = None) -> str:
+    """The checkpoint ``tools/train.py --resume [CKPT]`` continues from.
+
+    ``requested`` must be resumable, or it is an error. Without it, the file
+    ``work_dir/last_checkpoint`` names; if that is missing, empty or
+    damaged, the newest (by modification time) complete checkpoint in
+    ``work_dir`` with a warning (``best_*`` ones, which lack the optimizer
+    state, excepted); if there is none, an error: never random weights.
+    """
+    if requested is not None:
+        check_resumable(requested)
+        return requested
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    named = None
+    if not osp.isfile(pointer):
+        problem = f'{pointer} does not exist'
+    else:
+        with open(pointer) as f:
+            named = f.read().strip() or None
+        if named is None:
+            problem = f'{pointer} is empty'
+        else:
+            why = _resumable(named)
+            if why is None:
+                return named
+            problem = f'{pointer} names a checkpoint that cannot be ' \
+                f'resumed: {why}'
+    others = []
+    if osp.isdir(work_dir):
+        others = [osp.join(work_dir, name) for name in os.listdir(work_dir)
+                  if name.endswith('.pth') and not name.startswith('best_')]
+    others = [p for p in others if osp.isfile(p) and (
+        named is None or osp.abspath(p) != osp.abspath(named))]
+    for path in sorted(others, key=osp.getmtime, reverse=True):
+        if _resumable(path) is None:
+            print_log(f'--resume: {problem}; resuming from {path}, the '
+                      'newest complete checkpoint in the work dir',
+                      logger='current', level=logging.WARNING)
+            return path
+    raise FileNotFoundError(
+        f'--resume: {problem}, and {work_dir} holds no complete checkpoint '
+        'to resume from; run without --resume to start training')
