@@ -123,7 +123,8 @@ def main():
     perturbations = weight_perturbations(arch) \
         if args.objective == 'perturbation' else None
     rows = pareto_sweep(traces, costs, bits, args.kind, budgets, fp_bytes=fp,
-                        perturbations=perturbations, mode=args.budget_mode)
+                        perturbations=perturbations,
+                        budget_mode=args.budget_mode)
     subnets, files = [], []
     for row in rows:
         name = f'subnet_{args.kind}_{row["budget"]:g}'

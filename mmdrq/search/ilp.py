@@ -52,12 +52,12 @@ class _CostRow:
         return (budget - self.offset) * self.per
 
 
-def _check(traces, costs, bits, kind, mode='max'):
+def _check(traces, costs, bits, kind, budget_mode='max'):
     if kind not in BUDGET_KINDS:
         raise ValueError(f'budget kind {kind!r} is unknown; valid kinds: '
                          f'{list(BUDGET_KINDS)}')
-    if mode not in BUDGET_MODES:
-        raise ValueError(f'budget mode {mode!r} is unknown; valid modes: '
+    if budget_mode not in BUDGET_MODES:
+        raise ValueError(f'budget_mode {budget_mode!r} is unknown; valid: '
                          f'{list(BUDGET_MODES)}')
     if not bits:
         raise ValueError(f'bits must not be empty, got {list(bits)}')
@@ -143,12 +143,13 @@ def _nearest_cost(row: np.ndarray, num_layers: int, target: float) -> float:
 def search_subnet(traces: Dict[str, float], costs: Dict[str, dict],
                   bits: Sequence[int], kind: str, budget: float,
                   fp_bytes: float = 0, perturbations=None,
-                  mode: str = 'max') -> Dict[str, int]:
+                  budget_mode: str = 'max') -> Dict[str, int]:
     """Per-layer bits with the best ``layer_scores`` (``trace * bits``
-    unless ``perturbations`` are given) at cost <= ``budget`` (``mode=
-    'max'``) or at the cost nearest ``budget`` (``'exact'``, see the
-    module's docstring). A budget outside ``feasible_range`` is an error."""
-    _check(traces, costs, bits, kind, mode)
+    unless ``perturbations`` are given) at cost <= ``budget``
+    (``budget_mode='max'``) or at the cost nearest ``budget`` (``'exact'``,
+    see the module's docstring). A budget outside ``feasible_range`` is an
+    error."""
+    _check(traces, costs, bits, kind, budget_mode)
     lo, hi = check_budgets(costs, bits, kind, [budget], fp_bytes)
     budget = min(max(budget, lo), hi)  # a range end, give or take noise
     names, bits = list(costs), list(bits)
@@ -157,7 +158,7 @@ def search_subnet(traces: Dict[str, float], costs: Dict[str, dict],
                     dtype=np.float64)
     cost = _CostRow(names, costs, bits, kind, fp_bytes)
     target = cost.units(budget)
-    if mode == 'max':
+    if budget_mode == 'max':
         lower, upper = -np.inf, target + RANGE_SLACK * abs(target)
     else:
         nearest = _nearest_cost(cost.row, len(names), target)
@@ -172,16 +173,17 @@ def search_subnet(traces: Dict[str, float], costs: Dict[str, dict],
 
 
 def pareto_sweep(traces, costs, bits, kind, budgets, fp_bytes: float = 0,
-                 perturbations=None, mode: str = 'max') -> List[dict]:
+                 perturbations=None, budget_mode: str = 'max'
+                 ) -> List[dict]:
     """``search_subnet`` at each budget (all checked first), with each
     SubNet's cost (``achieved``) and objective."""
-    _check(traces, costs, bits, kind, mode)
+    _check(traces, costs, bits, kind, budget_mode)
     check_budgets(costs, bits, kind, budgets, fp_bytes)
     scores = layer_scores(traces, bits, perturbations)
     rows = []
     for budget in budgets:
         layer_bits = search_subnet(traces, costs, bits, kind, budget,
-                                   fp_bytes, perturbations, mode)
+                                   fp_bytes, perturbations, budget_mode)
         rows.append(dict(budget=budget, layer_bits=layer_bits,
                          achieved=subnet_cost(kind, layer_bits, costs,
                                               fp_bytes),

@@ -97,11 +97,11 @@ def nearest_cost_brute_force(traces, costs, bits, kind, budget, fp,
 @pytest.mark.parametrize('seed', [0, 1, 2])
 @pytest.mark.parametrize('objective', ['trace_bits', 'perturbation'])
 def test_exact_budget_equals_brute_force(kind, bits, seed, objective):
-    """``mode='exact'``: the nearest cost any SubNet has (the budget itself
-    when some SubNet costs exactly that; the lower of two equally near), the
-    best objective among the SubNets of that cost. Budgets: spread over the
-    range, costs that SubNets have, and midpoints between two neighbouring
-    costs (ties)."""
+    """``budget_mode='exact'``: the nearest cost any SubNet has (the budget
+    itself when some SubNet costs exactly that; the lower of two equally
+    near), the best objective among the SubNets of that cost. Budgets:
+    spread over the range, costs that SubNets have, and midpoints between
+    two neighbouring costs (ties)."""
     traces, costs = instance(seed, layers=4)
     perturbations = perturbations_of(seed, traces, bits) \
         if objective == 'perturbation' else None
@@ -116,7 +116,7 @@ def test_exact_budget_equals_brute_force(kind, bits, seed, objective):
     budgets += [(achievable[i] + achievable[i + 1]) / 2 for i in picks]
     for budget in budgets:
         got = search_subnet(traces, costs, bits, kind, budget, fp_bytes=fp,
-                            perturbations=perturbations, mode='exact')
+                            perturbations=perturbations, budget_mode='exact')
         nearest, best = nearest_cost_brute_force(
             traces, costs, bits, kind, budget, fp, perturbations)
         assert measure(kind, got, costs, fp) == pytest.approx(
@@ -138,7 +138,7 @@ def test_exact_average_bits_is_the_papers_equality():
     flat = {n: {8: 0.0, 6: 0.0, 4: 1.0, 2: 4.0} for n in traces}
     for budget, expected in ((5.0, 5.0), (5.25, 5.0), (5.3, 5.5)):
         got = search_subnet(traces, costs, bits, 'avg_bits', budget,
-                            perturbations=flat, mode='exact')
+                            perturbations=flat, budget_mode='exact')
         assert sum(got.values()) / 4 == expected
 
 
@@ -155,16 +155,16 @@ def test_budgets_outside_the_range_are_errors(mode, kind):
                            r'infeasible: the feasible range is ' +
                            re.escape(f'[{lo:g}, {hi:g}]')):
             search_subnet(traces, costs, [8, 4, 2], kind, budget,
-                          fp_bytes=100.0, mode=mode)
+                          fp_bytes=100.0, budget_mode=mode)
     # the ends themselves, printed with %g and typed back in, are inside
     for budget in (lo, hi, float(f'{lo:.12g}'), float(f'{hi:.12g}')):
         got = search_subnet(traces, costs, [8, 4, 2], kind, budget,
-                            fp_bytes=100.0, mode=mode)
+                            fp_bytes=100.0, budget_mode=mode)
         assert len(set(got.values())) == 1
     # a sweep checks every budget before it solves any
     with pytest.raises(ValueError, match='infeasible'):
         pareto_sweep(traces, costs, [8, 4, 2], kind, [hi, hi * 1.1],
-                     fp_bytes=100.0, mode=mode)
+                     fp_bytes=100.0, budget_mode=mode)
 
 
 def test_range_ends_are_uniform_models():
@@ -187,8 +187,10 @@ def test_errors_name_the_budget_and_range():
         search_subnet(traces, costs, [8, 4, 2], 'avg_bits', 1.5)
     with pytest.raises(ValueError, match="'flops'.*avg_bits"):
         search_subnet(traces, costs, [8, 4, 2], 'flops', 3)
-    with pytest.raises(ValueError, match="mode 'equal'.*'max', 'exact'"):
-        search_subnet(traces, costs, [8, 4, 2], 'avg_bits', 3, mode='equal')
+    with pytest.raises(ValueError, match="budget_mode 'equal'.*'max', "
+                       "'exact'"):
+        search_subnet(traces, costs, [8, 4, 2], 'avg_bits', 3,
+                      budget_mode='equal')
     perturbations = perturbations_of(5, traces, [8, 4])
     with pytest.raises(ValueError, match=r"lack .*'l0': \[2\]"):
         search_subnet(traces, costs, [8, 4, 2], 'avg_bits', 3,
