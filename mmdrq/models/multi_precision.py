@@ -296,5 +296,14 @@ class MultiPrecisionQATDDP(MMDistributedDataParallel):
                          **kwargs)
 
     def train_step(self, data, optim_wrapper: OptimWrapper) -> Dict:
+        alrs_mode = getattr(optim_wrapper, 'mode', 'off')
+        if self.module.loss_mode == 'sum' and alrs_mode != 'off' and \
+                hasattr(optim_wrapper, 'update_summed_params'):
+            raise ValueError(
+                f"loss_mode='sum' with ALRS (optim_wrapper.mode="
+                f"{alrs_mode!r}) runs a backward per bit after all the "
+                f"bits' forwards, and DDP reduces gradients once per "
+                f"forward and backward: use loss_mode='per_bit', or "
+                f"optim_wrapper.mode='off'")
         return multi_bit_train_step(self.module, self._run_forward, data,
                                     optim_wrapper)

@@ -239,6 +239,37 @@ def test_summed_loss_alrs_counts_one_backward_per_iteration(
     assert steps == [1]
 
 
+def test_summed_loss_alrs_under_ddp_is_an_error(small_classifier):
+    """The per-bit backwards of the summed loss with ALRS cannot run under
+    DDP (one gradient reduction per forward and backward): a clear error
+    before any forward, instead of DDP's 'mark a variable ready only
+    once'. One gloo rank."""
+    import socket
+
+    import torch.distributed as dist
+
+    from mmdrq.models.multi_precision import MultiPrecisionQATDDP
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
+                            rank=0, world_size=1)
+    try:
+        model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]),
+                                  loss_mode='sum')
+        wrapper = build_optim_wrapper(model, dict(
+            type='mmdrq.ALRSOptimWrapper', mode='adaptive',
+            constructor='mmdrq.ALRSOptimWrapperConstructor',
+            optimizer=dict(type='SGD', lr=0.01)))
+        with pytest.raises(ValueError, match="loss_mode='sum' with ALRS "
+                           r"\(optim_wrapper.mode='adaptive'\).*DDP"):
+            MultiPrecisionQATDDP(model).train_step(batch(), wrapper)
+        assert not model.architecture.backbone.layer1[0].conv1 \
+            .weight_quantizer.initialized.any()  # before any forward
+    finally:
+        dist.destroy_process_group()
+
+
 def test_bit_list_mismatch_is_an_error(small_classifier):
     model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 6, 4, 2]))
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), 0.01))
