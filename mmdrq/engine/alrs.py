@@ -177,12 +177,12 @@ class ALRSMixin:
         earlier = [p.grad for p in params]  # accumulated, not stepped yet
         weighted = [None] * len(params)
         # scaled before any backward: the factor reads the inner count
-        losses = [(bit, self.scale_loss(loss)) for bit, loss in
+        scaled = [(bit, self.scale_loss(loss)) for bit, loss in
                   losses.items()]
-        for i, (bit, loss) in enumerate(losses):
+        for i, (bit, loss) in enumerate(scaled):
             for p in params:
                 p.grad = None
-            last = i == len(losses) - 1
+            last = i == len(scaled) - 1
             # the bits share shared_rounding's weight quantizer nodes
             self.backward(loss, retain_graph=not last)
             if not last:
