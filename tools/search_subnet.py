@@ -1,16 +1,20 @@
 """Search mixed-precision SubNets under a budget and evaluate them.
 
     python tools/search_subnet.py CONFIG CKPT --traces traces.json \
-        [--kind avg_bits|bitops|size] [--budgets 3 4 5 | --range 2.5 7 \
-        --steps 10] [--objective trace_bits|perturbation] \
+        [--kind avg_bits|bitops|size] [--budget-mode max|exact] \
+        [--budgets 3 4 5 | --range 2.5 7 --steps 10] \
+        [--objective trace_bits|perturbation] \
         [--input-shape 1 3 224 224] [--work-dir DIR] \
         [--metric accuracy/top1] [--no-eval] [--cfg-options k=v ...]
 
 For each budget an integer linear program (scipy.optimize.milp) picks one
-bit per quantized layer under the budget, maximising sum(trace_l * bits_l)
-(the paper; Hessian traces per parameter from tools/hessian.py) or, with
-``--objective perturbation``, minimising sum(trace_l * ||Q_b(W_l) - W_l||^2)
-with the checkpoint's own quantized weights (HAWQ-V2). Each SubNet is written as
+bit per quantized layer at a cost at most the budget (``--budget-mode max``)
+or equal to it (``exact``, the paper's: the nearest cost a SubNet has),
+maximising sum(trace_l * bits_l) (the paper; Hessian traces per parameter
+from tools/hessian.py) or, with ``--objective perturbation``, minimising
+sum(trace_l * ||Q_b(W_l) - W_l||^2) with the checkpoint's own quantized
+weights (HAWQ-V2). A budget outside the feasible range is an error that
+gives the range. Each SubNet is written as
 ``subnet_<kind>_<budget>.json`` (``tools/test.py --subnets`` and
 ``tools/export_int.py --subnet`` take it). Unless --no-eval, every SubNet and
 every uniform bit-width is evaluated in one MultiBitTestLoop run, without
@@ -19,23 +23,24 @@ retraining; the results go to ``search.json`` and a Pareto plot
 """
 import argparse
 import json
-import os
 import os.path as osp
 
 import numpy as np
 import torch
 from mmengine.config import DictAction
+from torch import nn
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.quantization import model_bits
-from mmdrq.search.counting import (average_bits, bitops, fp_bytes,
-                                   layer_costs, model_size_bytes)
+from mmdrq.search.counting import (BUDGET_KINDS, fp_bytes, layer_costs,
+                                   subnet_cost)
 from mmdrq.search.hessian import load_traces
-from mmdrq.search.ilp import (BUDGET_KINDS, OBJECTIVES, feasible_range,
-                              layer_scores, search_subnet)
+from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, feasible_range,
+                              pareto_sweep)
 from mmdrq.search.perturbation import weight_perturbations
 from mmdrq.tools_common import load_trained, prepare_launch
+from mmdrq.utils import atomic_write
 
 
 def parse_args():
@@ -45,75 +50,105 @@ def parse_args():
     parser.add_argument('checkpoint')
     parser.add_argument('--traces', required=True)
     parser.add_argument('--kind', default='avg_bits', choices=BUDGET_KINDS)
+    parser.add_argument(
+        '--budget-mode', default='max', choices=BUDGET_MODES,
+        help="max: cost <= budget. exact (the paper's equality): the cost "
+        'equals the budget or, where no SubNet has that cost, is the '
+        'nearest cost a SubNet has (the lower of two equally near); costs '
+        'compare exactly (sums of bits, BitOps, bytes). For bitops and '
+        'size nearly every SubNet has its own cost, so exact fixes the '
+        'SubNet almost alone: use max there')
     parser.add_argument('--objective', default='trace_bits',
                         choices=OBJECTIVES)
-    parser.add_argument('--budgets', type=float, nargs='+')
-    parser.add_argument('--range', type=float, nargs=2, metavar=('LO', 'HI'))
+    budgets = parser.add_mutually_exclusive_group()
+    budgets.add_argument('--budgets', type=float, nargs='+')
+    budgets.add_argument('--range', type=float, nargs=2,
+                         metavar=('LO', 'HI'),
+                         help='--steps budgets from LO to HI (default: the '
+                         'feasible range)')
     parser.add_argument('--steps', type=int, default=10)
-    parser.add_argument('--input-shape', type=int, nargs='+',
-                        default=[1, 3, 224, 224],
+    parser.add_argument('--input-shape', type=int, nargs=4,
+                        default=[1, 3, 224, 224], metavar=('N', 'C', 'H', 'W'),
                         help='input of the BitOps count (per image)')
     parser.add_argument('--work-dir', default='work_dirs/search')
     parser.add_argument('--metric', help='metric to plot (default: first)')
     parser.add_argument('--no-eval', action='store_true')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f'--steps must be at least 1, got {args.steps}')
+    if min(args.input_shape) < 1:
+        parser.error(f'--input-shape must be 4 positive sizes (N C H W), got '
+                     f'{" ".join(map(str, args.input_shape))}')
+    return args
 
 
 def measures(layer_bits, costs, fp):
-    return dict(avg_bits=average_bits(layer_bits),
-                bitops=bitops(layer_bits, costs),
-                size=model_size_bytes(layer_bits, costs, fp))
+    return {kind: subnet_cost(kind, layer_bits, costs, fp)
+            for kind in BUDGET_KINDS}
+
+
+def check_input_channels(arch: nn.Module, shape):
+    """The channels of ``--input-shape`` against the model's first conv,
+    before the cost count's forward would fail deep inside it."""
+    first = next((m for m in arch.modules() if isinstance(m, nn.Conv2d)),
+                 None)
+    if first is not None and shape[1] != first.in_channels:
+        raise ValueError(
+            f'--input-shape {" ".join(map(str, shape))} has {shape[1]} '
+            f'channels; the model expects {first.in_channels} (its first '
+            f'conv takes {first.in_channels} input channels)')
+
+
+def write_json(path, content):
+    atomic_write(path, lambda f: f.write(
+        json.dumps(content, indent=1).encode()))
 
 
 def main():
     args = parse_args()
     cfg, model, arch = load_trained(args.config, args.checkpoint,
                                     args.cfg_options)
+    shape = tuple(args.input_shape)
+    check_input_channels(arch, shape)
     bits = model_bits(arch)
     traces = {n: v['trace_per_param']
               for n, v in load_traces(args.traces, model).items()}
-    shape = tuple(args.input_shape)
     arch.eval()
     costs = layer_costs(arch, lambda m: m(torch.zeros(shape), mode='tensor'))
     fp = fp_bytes(arch)
+    lo, hi = feasible_range(costs, bits, args.kind, fp_bytes=fp)
+    budgets = args.budgets or [float(b) for b in np.linspace(
+        *(args.range or (lo, hi)), args.steps)]
     perturbations = weight_perturbations(arch) \
         if args.objective == 'perturbation' else None
-    scores = layer_scores(traces, bits, perturbations)
-    lo, hi = feasible_range(costs, bits, args.kind, fp_bytes=fp)
-    if args.budgets:
-        budgets = args.budgets
-    else:
-        start, stop = args.range or (lo, hi)
-        budgets = [float(b) for b in np.linspace(start, stop, args.steps)]
-    os.makedirs(args.work_dir, exist_ok=True)
+    rows = pareto_sweep(traces, costs, bits, args.kind, budgets, fp_bytes=fp,
+                        perturbations=perturbations,
+                        budget_mode=args.budget_mode)
     subnets, files = [], []
-    for budget in budgets:
-        layer_bits = search_subnet(traces, costs, bits, args.kind, budget,
-                                   fp_bytes=fp, perturbations=perturbations)
-        name = f'subnet_{args.kind}_{budget:g}'
-        entry = dict(name=name, budget_kind=args.kind, budget=budget,
-                     layer_bits=layer_bits, objective_kind=args.objective,
-                     objective=sum(scores[n][b]
-                                   for n, b in layer_bits.items()),
-                     **measures(layer_bits, costs, fp))
+    for row in rows:
+        name = f'subnet_{args.kind}_{row["budget"]:g}'
+        entry = dict(name=name, budget_kind=args.kind,
+                     budget_mode=args.budget_mode, budget=row['budget'],
+                     layer_bits=row['layer_bits'],
+                     objective_kind=args.objective,
+                     objective=row['objective'],
+                     **measures(row['layer_bits'], costs, fp))
         path = osp.join(args.work_dir, name + '.json')
-        with open(path, 'w') as f:
-            json.dump(entry, f, indent=1)
+        write_json(path, entry)
         subnets.append(entry)
         files.append(path)
         print(f'{name}: avg bits {entry["avg_bits"]:.2f}, BitOps '
               f'{entry["bitops"]:.3e}, size {entry["size"]:,.0f} B')
     uniform = [dict(name=f'w{b}a{b}', **measures(
         {n: b for n in costs}, costs, fp)) for b in bits]
-    results = dict(kind=args.kind, feasible_range=[lo, hi],
-                   subnets=subnets, uniform=uniform)
+    results = dict(kind=args.kind, budget_mode=args.budget_mode,
+                   feasible_range=[lo, hi], subnets=subnets, uniform=uniform)
     if not args.no_eval:
         results['metrics'] = evaluate(cfg, args, files)
         attach_metrics(results, args.metric)
         plot(results, osp.join(args.work_dir, f'pareto_{args.kind}.png'))
-    with open(osp.join(args.work_dir, 'search.json'), 'w') as f:
-        json.dump(results, f, indent=1)
+    write_json(osp.join(args.work_dir, 'search.json'), results)
     print(f'wrote {args.work_dir}/search.json')
 
 

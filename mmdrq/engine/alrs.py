@@ -3,13 +3,14 @@
 Scale gradients grow as the bit-width drops (about 10x at 2 bits), so each
 bit's optimizer step scales the lr of the ALRS parameter group by eta_b and
 restores it afterwards; weights keep the scheduled lr, and param schedulers
-never see the scaled value.
+never see the scaled value. The summed loss (one step for all bits) weighs
+each bit's gradient of the group by eta_b instead (``update_summed_params``).
 """
 import math
 from typing import Dict, Optional, Sequence
 
 import torch
-from mmengine.logging import MessageHub
+from mmengine.logging import MessageHub, print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
 from mmdrq.quantization import check_bits
@@ -59,6 +60,7 @@ class ALRSMixin:
         self.bit = self.bits[0]
         self.grad_norms: Dict[int, float] = {}
         self._pending_norms: Dict[int, tuple] = {}  # bit: (norm, event)
+        self._told_summed = False
 
     def set_bit(self, bit: int):
         if bit not in self.bits:
@@ -119,12 +121,20 @@ class ALRSMixin:
         self.grad_norms[bit] = norm if old is None else \
             self.momentum * old + (1 - self.momentum) * norm
 
-    def step(self, **kwargs):
-        groups = [g for g in self.optimizer.param_groups if g.get('alrs')]
+    def _alrs_groups(self) -> list:
+        return [g for g in self.optimizer.param_groups if g.get('alrs')]
+
+    def _current_eta(self, groups) -> float:
+        """eta of the current bit, whose gradient the ALRS params hold now
+        (the adaptive mode takes its norm here)."""
         if self.mode == 'adaptive':
             self._fold_grad_norm(self.bit)
             self._queue_grad_norm(groups)
-        eta = self.eta()
+        return self.eta()
+
+    def step(self, **kwargs):
+        groups = self._alrs_groups()
+        eta = self._current_eta(groups)
         saved = [g['lr'] for g in groups]
         for group in groups:
             group['lr'] = group['lr'] * eta
@@ -136,6 +146,63 @@ class ALRSMixin:
         if groups:
             MessageHub.get_current_instance().update_scalar(
                 f'train/w{self.bit}a{self.bit}_scale_lr', saved[0] * eta)
+
+    def update_summed_params(self, losses: Dict[int, torch.Tensor]):
+        """``update_params`` on the summed loss of ``loss_mode='sum'``
+        (``{bit: loss}``), where bit b's gradient of the ALRS params enters
+        the sum times eta_b: one backward per bit, one step.
+
+        With SGD (momentum included; the ALRS group has no weight decay)
+        that is the per-bit rate eta_b within the one step. Adam divides by
+        the gradient's running RMS, so a factor shared by all bits cancels:
+        there eta_b sets each bit's share of the scales' update direction
+        (the 2-bit gradients, about 10x larger, no longer dominate it), and
+        the step size stays the group's lr.
+        """
+        if self.mode == 'off':
+            self.update_params(sum(losses.values()))
+            return
+        if not self._told_summed:
+            self._told_summed = True
+            print_log(
+                f'ALRS with the summed loss: each bit\'s gradient of the '
+                f'ALRS params is weighted by eta_b before the one '
+                f'{type(self.optimizer).__name__} step' +
+                ('' if isinstance(self.optimizer, torch.optim.SGD) else
+                 ' (not SGD: the weights set the bits\' shares of the '
+                 'update direction, the step size stays the lr)'),
+                logger='current')
+        groups = self._alrs_groups()
+        params = [p for g in groups for p in g['params']]
+        earlier = [p.grad for p in params]  # accumulated, not stepped yet
+        weighted = [None] * len(params)
+        # scaled before any backward: the factor reads the inner count
+        scaled = [(bit, self.scale_loss(loss)) for bit, loss in
+                  losses.items()]
+        for i, (bit, loss) in enumerate(scaled):
+            for p in params:
+                p.grad = None
+            last = i == len(scaled) - 1
+            # the bits share shared_rounding's weight quantizer nodes
+            self.backward(loss, retain_graph=not last)
+            if not last:
+                self._inner_count -= 1  # one backward per iteration counts
+            self.set_bit(bit)
+            eta = self._current_eta(groups)
+            for j, p in enumerate(params):
+                if p.grad is not None:
+                    grad = p.grad.mul_(eta)
+                    weighted[j] = grad if weighted[j] is None else \
+                        weighted[j].add_(grad)
+            MessageHub.get_current_instance().update_scalar(
+                f'train/w{bit}a{bit}_alrs_eta', eta)
+        for p, old, new in zip(params, earlier, weighted):
+            p.grad = new if old is None else \
+                (old if new is None else old.add_(new))
+        self.set_bit(self.bits[0])
+        if self.should_update():
+            super().step()  # the plain step: the weights are in the grads
+            self.zero_grad()
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -212,7 +212,9 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
 
     ``forward(data, mode)`` runs the (possibly DDP-wrapped) model; the data
     is preprocessed once for all bits. If the optimizer wrapper has
-    ``set_bit`` (ALRS), it is told the bit before each step.
+    ``set_bit`` (ALRS), it is told the bit before each step; with the
+    summed loss, its ``update_summed_params`` gets the per-bit losses (the
+    per-bit rates then weigh each bit's gradient).
     """
     wrapper_bits = getattr(optim_wrapper, 'bits', None)
     if wrapper_bits is not None and tuple(wrapper_bits) != module.bits:
@@ -224,7 +226,7 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
     if module.pskd is not None:
         labels = torch.cat([s.gt_label for s in data['data_samples']])
         targets = module.pskd.targets(labels, _sample_index(data))
-    log_vars, total, called = OrderedDict(), 0, None
+    log_vars, total, called, bit_losses = OrderedDict(), 0, None, {}
     try:
         with contextlib.ExitStack() as stack:
             # a summed loss: the weights stay put across the bits' forwards,
@@ -255,13 +257,17 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                     optim_wrapper.update_params(loss)
                     total = total + loss.detach()
                 else:
+                    bit_losses[bit] = loss
                     total = total + loss
     finally:
         set_bits(module.architecture, module.bits[0])
     if called is not None:
         module.note_called_layers(called)
     if module.loss_mode == 'sum':
-        optim_wrapper.update_params(total)
+        if hasattr(optim_wrapper, 'update_summed_params'):  # ALRS
+            optim_wrapper.update_summed_params(bit_losses)
+        else:
+            optim_wrapper.update_params(total)
         total = total.detach()
     log_vars['loss'] = total
     return log_vars
@@ -290,5 +296,14 @@ class MultiPrecisionQATDDP(MMDistributedDataParallel):
                          **kwargs)
 
     def train_step(self, data, optim_wrapper: OptimWrapper) -> Dict:
+        alrs_mode = getattr(optim_wrapper, 'mode', 'off')
+        if self.module.loss_mode == 'sum' and alrs_mode != 'off' and \
+                hasattr(optim_wrapper, 'update_summed_params'):
+            raise ValueError(
+                f"loss_mode='sum' with ALRS (optim_wrapper.mode="
+                f"{alrs_mode!r}) runs a backward per bit after all the "
+                f"bits' forwards, and DDP reduces gradients once per "
+                f"forward and backward: use loss_mode='per_bit', or "
+                f"optim_wrapper.mode='off'")
         return multi_bit_train_step(self.module, self._run_forward, data,
                                     optim_wrapper)

@@ -8,6 +8,8 @@ from torch import nn
 from mmdrq.quantization.graph import probe_forward
 from mmdrq.quantization.layers import quantized_layers
 
+BUDGET_KINDS = ('avg_bits', 'bitops', 'size')
+
 
 def layer_costs(model: nn.Module,
                 inputs: Union[torch.Tensor, Callable[[nn.Module], object]]
@@ -73,3 +75,17 @@ def model_size_bytes(layer_bits: Dict[str, int], costs: Dict[str, dict],
     """Quantized weights at their bits plus the FP bytes ``fp``."""
     return sum(costs[n]['params'] * b / 8
                for n, b in layer_bits.items()) + fp
+
+
+def subnet_cost(kind: str, layer_bits: Dict[str, int],
+                costs: Dict[str, dict], fp: float = 0) -> float:
+    """A SubNet's budget of ``kind``: ``avg_bits``, ``bitops`` or ``size``
+    (bytes, with the FP bytes ``fp``)."""
+    if kind == 'avg_bits':
+        return average_bits(layer_bits)
+    if kind == 'bitops':
+        return bitops(layer_bits, costs)
+    if kind == 'size':
+        return model_size_bytes(layer_bits, costs, fp)
+    raise ValueError(f'budget kind {kind!r} is unknown; valid kinds: '
+                     f'{list(BUDGET_KINDS)}')

@@ -142,6 +142,134 @@ def test_per_bit_steps_use_alrs_rates(small_classifier):
     assert seen == [(8, 1.0), (4, 0.01)]
 
 
+def per_bit_gradients(model, data, bits):
+    """{bit: gradients of that bit's loss alone} on a copy of ``model``:
+    the reference of the summed-loss steps."""
+    import copy
+    reference = copy.deepcopy(model)
+    params = list(reference.parameters())
+    data = reference.data_preprocessor(data, True)
+    grads = {}
+    for bit in bits:
+        mmdrq.set_bits(reference.architecture, bit)
+        loss, _ = reference.parse_losses(reference(**data, mode='loss'))
+        grads[bit] = torch.autograd.grad(loss, params, allow_unused=True)
+    return grads
+
+
+@pytest.mark.parametrize('optimizer', ['SGD', 'Adam'])
+@pytest.mark.parametrize('mode', ['fixed', 'adaptive'])
+def test_summed_loss_weights_each_bits_scale_gradient_by_eta(
+        small_classifier, optimizer, mode):
+    """``loss_mode='sum'`` with ALRS: the one step sees sum_b eta_b g_b on
+    the scales (SGD: the per-bit rate eta_b; Adam normalises that sum) and
+    sum_b g_b on the other params. Adaptive: the fixed eta_b until each bit
+    has a norm, then n_8 / n_2 of the previous iteration (momentum 0).
+    Before, eta stayed 1 in this mode."""
+    bits = (8, 2)
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=list(bits)),
+                              loss_mode='sum')
+    # Adam's steps are about lr whatever the gradient: 0.01 would jump the
+    # scales (about 0.003 at 8 bits) out of the weights' range
+    lr = 0.01 if optimizer == 'SGD' else 1e-4
+    wrapper = build_optim_wrapper(model, dict(
+        type='mmdrq.ALRSOptimWrapper',
+        constructor='mmdrq.ALRSOptimWrapperConstructor', mode=mode,
+        momentum=0.0, optimizer=dict(type=optimizer, lr=lr)))
+    alrs = {id(p) for g in wrapper.optimizer.param_groups if g.get('alrs')
+            for p in g['params']}
+    params = list(model.parameters())
+    seen = []
+    wrapper.optimizer.register_step_pre_hook(lambda *_: seen.append(
+        [None if p.grad is None else p.grad.clone() for p in params]))
+    eta = {8: 1.0, 2: 0.001}  # fixed: 10^(-d/2), d = 6
+    for iteration in range(2):
+        grads = per_bit_gradients(model, batch(), bits)
+        before = [p.detach().clone() for p in params]
+        model.train_step(batch(), wrapper)
+        assert len(seen) == iteration + 1  # one step per iteration
+        checked = 0
+        for i, p in enumerate(params):
+            per_bit = [grads[b][i] for b in bits if grads[b][i] is not None]
+            if not per_bit:
+                assert seen[-1][i] is None
+                continue
+            weights = [eta[b] for b in bits if grads[b][i] is not None] \
+                if id(p) in alrs else [1.0] * len(per_bit)
+            expected = sum(w * g for w, g in zip(weights, per_bit))
+            torch.testing.assert_close(seen[-1][i], expected, rtol=1e-4,
+                                       atol=1e-7)
+            # the update, lr times that gradient (to the float32 resolution
+            # of the parameter), once the first forwards set the scales
+            if optimizer == 'SGD' and iteration == 1:
+                torch.testing.assert_close(
+                    before[i] - p.detach(), lr * expected, rtol=1e-3,
+                    atol=1e-6 * float(before[i].abs().max()))
+            if id(p) in alrs and len(per_bit) == 2:
+                checked += 1
+                # eta 1 would be far off: the test can fail
+                assert not torch.allclose(sum(per_bit), expected, rtol=0.1)
+        assert checked > 10  # the weight scales, used at both bits
+        if mode == 'adaptive':
+            norms = {b: float(torch.linalg.vector_norm(torch.stack([
+                torch.linalg.vector_norm(grads[b][i])
+                for i, p in enumerate(params)
+                if id(p) in alrs and grads[b][i] is not None])))
+                for b in bits}
+            eta[2] = min(1.0, max(1e-4, norms[8] / norms[2]))
+            assert eta[2] != pytest.approx(0.001, rel=0.1)
+
+
+def test_summed_loss_alrs_counts_one_backward_per_iteration(
+        small_classifier):
+    """Gradient accumulation over 2 iterations: one step, after the
+    second (the per-bit backwards count once)."""
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4, 2]),
+                              loss_mode='sum')
+    wrapper = build_optim_wrapper(model, dict(
+        type='mmdrq.ALRSOptimWrapper', accumulative_counts=2,
+        constructor='mmdrq.ALRSOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.01)))
+    wrapper.initialize_count_status(model, 0, 4)
+    steps = []
+    wrapper.optimizer.register_step_pre_hook(lambda *_: steps.append(1))
+    for count in (1, 2):
+        model.train_step(batch(), wrapper)
+        assert wrapper._inner_count == count
+    assert steps == [1]
+
+
+def test_summed_loss_alrs_under_ddp_is_an_error(small_classifier):
+    """The per-bit backwards of the summed loss with ALRS cannot run under
+    DDP (one gradient reduction per forward and backward): a clear error
+    before any forward, instead of DDP's 'mark a variable ready only
+    once'. One gloo rank."""
+    import socket
+
+    import torch.distributed as dist
+
+    from mmdrq.models.multi_precision import MultiPrecisionQATDDP
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
+                            rank=0, world_size=1)
+    try:
+        model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]),
+                                  loss_mode='sum')
+        wrapper = build_optim_wrapper(model, dict(
+            type='mmdrq.ALRSOptimWrapper', mode='adaptive',
+            constructor='mmdrq.ALRSOptimWrapperConstructor',
+            optimizer=dict(type='SGD', lr=0.01)))
+        with pytest.raises(ValueError, match="loss_mode='sum' with ALRS "
+                           r"\(optim_wrapper.mode='adaptive'\).*DDP"):
+            MultiPrecisionQATDDP(model).train_step(batch(), wrapper)
+        assert not model.architecture.backbone.layer1[0].conv1 \
+            .weight_quantizer.initialized.any()  # before any forward
+    finally:
+        dist.destroy_process_group()
+
+
 def test_bit_list_mismatch_is_an_error(small_classifier):
     model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 6, 4, 2]))
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), 0.01))

@@ -1,5 +1,6 @@
 """The SubNet ILP against brute force, and its errors."""
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -74,6 +75,98 @@ def test_optimum_equals_brute_force(kind, bits, seed, objective, magnitude):
             abs=0)
 
 
+def nearest_cost_brute_force(traces, costs, bits, kind, budget, fp,
+                             perturbations):
+    """(the cost nearest ``budget`` that any SubNet has, the lower of two
+    equally near; the best score among the SubNets of that cost)."""
+    names, subnets = list(costs), []
+    for combo in itertools.product(bits, repeat=len(names)):
+        layer_bits = dict(zip(names, combo))
+        subnets.append((measure(kind, layer_bits, costs, fp),
+                        sum(score(traces, perturbations, n, b)
+                            for n, b in layer_bits.items())))
+    tol = 1e-9 * max(abs(c) for c, _ in subnets)
+    distance = min(abs(c - budget) for c, _ in subnets)
+    near = [c for c, _ in subnets if abs(c - budget) <= distance + tol]
+    nearest = min(near)  # the lower one when two are equally near
+    return nearest, max(v for c, v in subnets if abs(c - nearest) <= tol)
+
+
+@pytest.mark.parametrize('kind', ['avg_bits', 'bitops', 'size'])
+@pytest.mark.parametrize('bits', [[8, 6, 4, 2], [4, 3, 2]])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('objective', ['trace_bits', 'perturbation'])
+def test_exact_budget_equals_brute_force(kind, bits, seed, objective):
+    """``budget_mode='exact'``: the nearest cost any SubNet has (the budget
+    itself when some SubNet costs exactly that; the lower of two equally
+    near), the best objective among the SubNets of that cost. Budgets:
+    spread over the range, costs that SubNets have, and midpoints between
+    two neighbouring costs (ties)."""
+    traces, costs = instance(seed, layers=4)
+    perturbations = perturbations_of(seed, traces, bits) \
+        if objective == 'perturbation' else None
+    fp = 1234.0
+    lo, hi = feasible_range(costs, bits, kind, fp_bytes=fp)
+    rng = np.random.default_rng(seed + 7)
+    achievable = sorted({measure(kind, dict(zip(costs, combo)), costs, fp)
+                         for combo in itertools.product(bits, repeat=4)})
+    picks = rng.choice(len(achievable) - 1, 3, replace=False)
+    budgets = [lo + f * (hi - lo) for f in (0.0, 0.3, 0.55, 1.0)]
+    budgets += [achievable[i] for i in picks]
+    budgets += [(achievable[i] + achievable[i + 1]) / 2 for i in picks]
+    for budget in budgets:
+        got = search_subnet(traces, costs, bits, kind, budget, fp_bytes=fp,
+                            perturbations=perturbations, budget_mode='exact')
+        nearest, best = nearest_cost_brute_force(
+            traces, costs, bits, kind, budget, fp, perturbations)
+        assert measure(kind, got, costs, fp) == pytest.approx(
+            nearest, rel=1e-12), budget
+        value = sum(score(traces, perturbations, n, b)
+                    for n, b in got.items())
+        assert value == pytest.approx(best, rel=1e-9, abs=0), budget
+
+
+def test_exact_average_bits_is_the_papers_equality():
+    """{8,6,4,2} over 4 layers: average 5 is a sum of 20, which SubNets
+    have (never the lower budget that ``max`` may settle for when a higher
+    cost scores no better); 5.25 (sum 21, odd) lies between 5 and 5.5 and
+    takes the lower."""
+    traces = {'a': 1.0, 'b': 1.0, 'c': 1.0, 'd': 1.0}
+    costs = {n: dict(macs=1, params=1) for n in traces}
+    bits = [8, 6, 4, 2]
+    # perturbations equal at 6 and 8 bits: max mode may stop below 5
+    flat = {n: {8: 0.0, 6: 0.0, 4: 1.0, 2: 4.0} for n in traces}
+    for budget, expected in ((5.0, 5.0), (5.25, 5.0), (5.3, 5.5)):
+        got = search_subnet(traces, costs, bits, 'avg_bits', budget,
+                            perturbations=flat, budget_mode='exact')
+        assert sum(got.values()) / 4 == expected
+
+
+@pytest.mark.parametrize('mode', ['max', 'exact'])
+@pytest.mark.parametrize('kind', ['avg_bits', 'bitops', 'size'])
+def test_budgets_outside_the_range_are_errors(mode, kind):
+    """Above the range too: ``max`` used to return the all-8-bit model for
+    an average of 10 bits."""
+    traces, costs = instance(3)
+    lo, hi = feasible_range(costs, [8, 4, 2], kind, fp_bytes=100.0)
+    for budget in (lo * 0.9, hi * 1.1, 10.0 if kind == 'avg_bits' else
+                   hi + 1):
+        with pytest.raises(ValueError, match=rf'{kind} budget .* is '
+                           r'infeasible: the feasible range is ' +
+                           re.escape(f'[{lo:g}, {hi:g}]')):
+            search_subnet(traces, costs, [8, 4, 2], kind, budget,
+                          fp_bytes=100.0, budget_mode=mode)
+    # the ends themselves, printed with %g and typed back in, are inside
+    for budget in (lo, hi, float(f'{lo:.12g}'), float(f'{hi:.12g}')):
+        got = search_subnet(traces, costs, [8, 4, 2], kind, budget,
+                            fp_bytes=100.0, budget_mode=mode)
+        assert len(set(got.values())) == 1
+    # a sweep checks every budget before it solves any
+    with pytest.raises(ValueError, match='infeasible'):
+        pareto_sweep(traces, costs, [8, 4, 2], kind, [hi, hi * 1.1],
+                     fp_bytes=100.0, budget_mode=mode)
+
+
 def test_range_ends_are_uniform_models():
     traces, costs = instance(4)
     lo, hi = feasible_range(costs, [8, 4, 2], 'bitops')
@@ -94,6 +187,10 @@ def test_errors_name_the_budget_and_range():
         search_subnet(traces, costs, [8, 4, 2], 'avg_bits', 1.5)
     with pytest.raises(ValueError, match="'flops'.*avg_bits"):
         search_subnet(traces, costs, [8, 4, 2], 'flops', 3)
+    with pytest.raises(ValueError, match="budget_mode 'equal'.*'max', "
+                       "'exact'"):
+        search_subnet(traces, costs, [8, 4, 2], 'avg_bits', 3,
+                      budget_mode='equal')
     perturbations = perturbations_of(5, traces, [8, 4])
     with pytest.raises(ValueError, match=r"lack .*'l0': \[2\]"):
         search_subnet(traces, costs, [8, 4, 2], 'avg_bits', 3,

@@ -1,0 +1,81 @@
+"""tools/search_subnet.py on the digits model (untrained weights, random
+traces, ``--no-eval``): budget modes and the errors that come before any
+work. The trained pipeline runs in test_digits_pipeline.py."""
+import json
+import os.path as osp
+
+import pytest
+import torch
+
+from conftest import ROOT, TOOLS, run_tool
+
+QAT_CFG = osp.join(ROOT, 'configs', 'classification', 'digits',
+                   'resnet_digits_drq_8642.py')
+SEARCH = osp.join(TOOLS, 'search_subnet.py')
+
+
+@pytest.fixture(scope='module')
+def model_files(tmp_path_factory):
+    """A checkpoint of the freshly built QAT model and traces for it."""
+    from mmengine.config import Config
+
+    from mmdrq.search.hessian import quantized_weights, save_traces
+    from mmdrq.tools_common import build_model_from_config
+    folder = tmp_path_factory.mktemp('search_tool')
+    model, _ = build_model_from_config(Config.fromfile(QAT_CFG))
+    checkpoint = folder / 'model.pth'
+    torch.save(dict(state_dict=model.state_dict()), checkpoint)
+    g = torch.Generator().manual_seed(0)
+    names = list(quantized_weights(model))
+    traces = {n: dict(trace_per_param=float(torch.rand((), generator=g)))
+              for n in names}
+    save_traces(folder / 'traces.json', traces, {}, model)
+    return folder, checkpoint, folder / 'traces.json', len(names)
+
+
+def search(model_files, work_dir, *args, expect_ok=True):
+    _, checkpoint, traces, _ = model_files
+    return run_tool(SEARCH, QAT_CFG, checkpoint, '--traces', traces,
+                    '--no-eval', '--work-dir', work_dir, *args,
+                    expect_ok=expect_ok)
+
+
+def test_exact_budget_mode(model_files, tmp_path):
+    """An average of 5 bits over the digits ResNet's layers: ``exact`` gives
+    the sum of bits nearest 5 L ({8,6,4,2}: even sums; the lower of two
+    equally near), ``max`` at most 5."""
+    layers = model_files[3]
+    target = 5 * layers
+    nearest = target if target % 2 == 0 else target - 1
+    for mode in ('exact', 'max'):
+        search(model_files, tmp_path / mode, '--budgets', '5', '4.5',
+               '--budget-mode', mode, '--input-shape', '1', '3', '16', '16')
+        results = json.loads((tmp_path / mode / 'search.json').read_text())
+        assert results['budget_mode'] == mode
+        entry = results['subnets'][0]
+        assert entry['budget_mode'] == mode
+        assert entry == json.loads(
+            (tmp_path / mode / 'subnet_avg_bits_5.json').read_text())
+        if mode == 'exact':
+            assert sum(entry['layer_bits'].values()) == nearest
+        else:
+            assert entry['avg_bits'] <= 5
+        assert [s['budget'] for s in results['subnets']] == [5, 4.5]
+
+
+def test_bad_budgets_steps_and_input_shape_fail_before_any_output(
+        model_files, tmp_path):
+    # above the range: max used to write the all-8-bit model for it
+    _, log = search(model_files, tmp_path, '--budgets', '4', '10',
+                    '--input-shape', '1', '3', '16', '16', expect_ok=False)
+    assert 'avg_bits budget 10 is infeasible: the feasible range is ' \
+        '[2, 8]' in log
+    # used to write an empty search.json and exit 0
+    _, log = search(model_files, tmp_path, '--steps', '0', expect_ok=False)
+    assert '--steps must be at least 1, got 0' in log
+    # used to fail inside the first conv
+    _, log = search(model_files, tmp_path, '--input-shape', '1', '1', '16',
+                    '16', expect_ok=False)
+    assert '--input-shape 1 1 16 16 has 1 channels; the model expects 3' \
+        in log
+    assert not list(tmp_path.iterdir())
