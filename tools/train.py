@@ -8,7 +8,8 @@ import argparse
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
-from mmdrq.tools_common import add_common_args, load_config, prepare_launch
+from mmdrq.tools_common import (add_common_args, load_config, prepare_launch,
+                                require_exact_checkpoint)
 
 
 def parse_args():
@@ -51,6 +52,8 @@ def main():
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
+    if cfg.get('resume'):
+        require_exact_checkpoint(cfg)
     prepare_launch(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()

@@ -2,8 +2,10 @@ from .alrs import (ALRSAmpOptimWrapper, ALRSOptimWrapper, fixed_eta)
 from .alrs_constructor import ALRSOptimWrapperConstructor
 from .hasb_hook import HASBHook, sigma_schedule
 from .loops import MultiBitTestLoop, MultiBitValLoop
+from .strict_load import StrictLoadHook, check_checkpoint
 
 __all__ = [
     'ALRSAmpOptimWrapper', 'ALRSOptimWrapper', 'ALRSOptimWrapperConstructor', 'HASBHook',
-    'MultiBitTestLoop', 'MultiBitValLoop', 'fixed_eta', 'sigma_schedule'
+    'MultiBitTestLoop', 'MultiBitValLoop', 'StrictLoadHook', 'check_checkpoint',
+    'fixed_eta', 'sigma_schedule'
 ]
