@@ -16,7 +16,7 @@ from mmengine.runner import find_latest_checkpoint
 from torch import nn
 
 from mmdrq.quantization import quantized_layers
-from mmdrq.quantization.meta import check_quantizer_meta
+from mmdrq.quantization.meta import check_quantizer_meta, decode_meta
 from mmdrq.registry import HOOKS
 
 EXTRA_STATE = '_extra_state'  # MultiPrecisionQAT's bits and options
@@ -43,10 +43,7 @@ def check_checkpoint(model: nn.Module, checkpoint, source: str) -> dict:
         if EXTRA_STATE not in state:
             raise ValueError(f'{source} has no {EXTRA_STATE!r} (the bit list '
                              'and quantizer options it was trained with)')
-        saved = state[EXTRA_STATE]
-        check_quantizer_meta(
-            saved.get('quantizer') if isinstance(saved, dict) else saved,
-            model, source)
+        check_quantizer_meta(decode_meta(state[EXTRA_STATE]), model, source)
     # MMEngine's load ignores these too (checkpoints of old BN layers)
     missing = [k for k in expected
                if k not in state and not k.endswith('num_batches_tracked')]

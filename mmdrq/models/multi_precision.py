@@ -14,7 +14,8 @@ from torch import nn
 from mmdrq.quantization import (model_bits, quantize_model,
                                 quantized_layers, quantizers_ready,
                                 recording_calls, set_bits, shared_rounding)
-from mmdrq.quantization.meta import check_quantizer_meta, quantizer_meta
+from mmdrq.quantization.meta import (check_quantizer_meta, decode_meta,
+                                     encode_meta, quantizer_meta)
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from .pskd import PSKDTargets, soft_cross_entropy
@@ -146,15 +147,16 @@ class MultiPrecisionQAT(BaseModel):
         self._register_load_state_dict_pre_hook(_prefix_bare_checkpoint,
                                                 with_module=True)
 
-    def get_extra_state(self) -> dict:
-        """Saved with the weights: what they were trained with."""
-        return dict(quantizer=quantizer_meta(self.architecture))
+    def get_extra_state(self) -> torch.Tensor:
+        """Saved with the weights: the ``quantizer_meta`` they were trained
+        with."""
+        return encode_meta(quantizer_meta(self.architecture))
 
-    def set_extra_state(self, state: dict):
+    def set_extra_state(self, state: torch.Tensor):
         """Weights of another bit list or quantizer options are refused:
         their scales would silently serve other bits."""
-        saved = state.get('quantizer') if isinstance(state, dict) else state
-        check_quantizer_meta(saved, self.architecture, 'the checkpoint')
+        check_quantizer_meta(decode_meta(state), self.architecture,
+                             'the checkpoint')
 
     def _runner(self) -> Callable:
         """The architecture, or its compiled form when compiling applies:

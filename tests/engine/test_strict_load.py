@@ -34,8 +34,7 @@ def test_matching_checkpoint_loads(trained):
     path, saved = trained
     _, model, _ = load_trained(QAT_CFG, path)
     for key, value in saved.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(model.state_dict()[key], value), key
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_fp32_checkpoint_is_refused(tmp_path):
