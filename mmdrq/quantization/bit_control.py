@@ -8,7 +8,7 @@ from typing import Dict, Iterator, Mapping, Tuple, Union
 from torch import nn
 
 from .bitwidths import check_bit
-from .layers import BitSwitchable, _QuantLayer
+from .layers import BitSwitchable, _QuantLayer, quantized_layers
 
 
 def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -48,7 +48,7 @@ def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
     keep their current bit.
     """
     layer_bits = check_layer_bits(model, layer_bits)
-    layers = _quant_layers(model)
+    layers = quantized_layers(model)
     for name, bit in layer_bits.items():
         layers[name].bit = bit
     for _, module in _switchables(model):
@@ -61,11 +61,6 @@ def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
     return model
 
 
-def _quant_layers(model: nn.Module) -> Dict[str, _QuantLayer]:
-    return {name: m for name, m in _switchables(model)
-            if isinstance(m, _QuantLayer)}
-
-
 def check_layer_bits(model: nn.Module, layer_bits,
                      source: str = 'layer_bits') -> Dict[str, int]:
     """``layer_bits`` (quantized layer name -> bit, a SubNet) with plain int
@@ -74,7 +69,7 @@ def check_layer_bits(model: nn.Module, layer_bits,
     if not isinstance(layer_bits, Mapping):
         raise TypeError(f'{source} must map quantized layer names to bits, '
                         f'got {layer_bits!r}')
-    layers = _quant_layers(model)
+    layers = quantized_layers(model)
     checked = {}
     for name, bit in layer_bits.items():
         if name not in layers:
