@@ -18,9 +18,12 @@ def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             found = True
             yield name, module
     if not found:
-        raise ValueError(
-            f'{type(model).__name__} has no mmdrq quantized layers: call '
-            'mmdrq.quantize_model(model, ...) first')
+        raise _not_quantized(model)
+
+
+def _not_quantized(model: nn.Module) -> ValueError:
+    return ValueError(f'{type(model).__name__} has no mmdrq quantized '
+                      'layers: call mmdrq.quantize_model(model, ...) first')
 
 
 def model_bits(model: nn.Module) -> tuple:
@@ -70,6 +73,8 @@ def check_layer_bits(model: nn.Module, layer_bits,
         raise TypeError(f'{source} must map quantized layer names to bits, '
                         f'got {layer_bits!r}')
     layers = quantized_layers(model)
+    if not layers:
+        raise _not_quantized(model)
     checked = {}
     for name, bit in layer_bits.items():
         if name not in layers:
