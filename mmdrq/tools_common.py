@@ -118,8 +118,7 @@ def load_trained(config: str, checkpoint: str, cfg_options=None):
         cfg.merge_from_dict(cfg_options)
     model, architecture = build_model_from_config(cfg)
     # weights_only=True: mmdrq registers it for MMEngine's local files
-    state = check_checkpoint(
-        model, CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu'),
-        f'checkpoint {checkpoint!r}')
+    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    state = check_checkpoint(model, loaded, f'checkpoint {checkpoint!r}')
     model.load_state_dict(state, strict=True)
     return cfg, model, architecture

@@ -6,6 +6,6 @@ from .strict_load import StrictLoadHook, check_checkpoint
 
 __all__ = [
     'ALRSAmpOptimWrapper', 'ALRSOptimWrapper', 'ALRSOptimWrapperConstructor', 'HASBHook',
-    'MultiBitTestLoop', 'MultiBitValLoop', 'StrictLoadHook', 'check_checkpoint',
-    'fixed_eta', 'sigma_schedule'
+    'MultiBitTestLoop', 'MultiBitValLoop', 'StrictLoadHook',
+    'check_checkpoint', 'fixed_eta', 'sigma_schedule'
 ]
