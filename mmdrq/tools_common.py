@@ -59,6 +59,15 @@ def prepare_launch(cfg: Config):
         cfg.model_wrapper_cfg = wrapper
 
 
+def require_exact_checkpoint(cfg: Config):
+    """Make the Runner refuse a checkpoint that does not fit the model
+    exactly (``mmdrq.StrictLoadHook``): for testing and resuming, where
+    MMEngine's non-strict load would go on with wrong weights."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    hooks.append(dict(type='mmdrq.StrictLoadHook'))
+    cfg.custom_hooks = hooks
+
+
 def _init_cpu_process_group():
     """MMEngine's pytorch launcher calls torch.cuda.set_device; without a GPU
     the group is started here on gloo, and MMEngine then finds it ready."""
@@ -97,14 +106,19 @@ def build_model_from_config(cfg: Config):
 
 def load_trained(config: str, checkpoint: str, cfg_options=None):
     """(cfg, model, converted architecture) of a config with the weights of
-    ``checkpoint`` loaded strictly (a checkpoint of another model is an
-    error, not a warning): what the export, Hessian and search tools start
-    from."""
-    from mmengine.runner import load_checkpoint
+    ``checkpoint`` loaded strictly (``check_checkpoint``: a checkpoint of
+    another model, of other bits, or an FP32 one is an error, not a warning):
+    what the export and search tools start from."""
+    from mmengine.runner import CheckpointLoader
+
+    from mmdrq.engine.strict_load import check_checkpoint
     cfg = Config.fromfile(config)
     cfg.launcher = 'none'
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     model, architecture = build_model_from_config(cfg)
-    load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
+    # weights_only=True: mmdrq registers it for MMEngine's local files
+    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    state = check_checkpoint(model, loaded, f'checkpoint {checkpoint!r}')
+    model.load_state_dict(state, strict=True)
     return cfg, model, architecture

@@ -15,7 +15,7 @@ from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.tools_common import (add_common_args, is_qat_config, load_config,
-                                prepare_launch)
+                                prepare_launch, require_exact_checkpoint)
 
 
 def point_at(cfg, data_root: str):
@@ -71,6 +71,7 @@ def main():
                          f'{cfg.model.get("type")!r} is not an mmdrq model')
     point_at(cfg, args.data_root)
     cfg.load_from = args.checkpoint
+    require_exact_checkpoint(cfg)
     cfg.test_cfg = dict(type='mmdrq.MultiBitTestLoop', measure_speed=True,
                         bits=args.bits or 'all', subnets=args.subnets)
     prepare_launch(cfg)

@@ -25,7 +25,8 @@ from mmdrq.quantization import model_bits
 from mmdrq.search.hessian import model_traces, save_traces
 from mmdrq.tools_common import build_model_from_config
 
-QUANTIZER_STATE = ('weight_quantizer.', 'act_quantizer.')
+# state an FP32 checkpoint lacks (MultiPrecisionQAT's bits and options too)
+QUANTIZER_STATE = ('weight_quantizer.', 'act_quantizer.', '_extra_state')
 
 
 def load_weights(model, path: str) -> bool:

@@ -9,12 +9,14 @@ For an mmdrq model the test loop becomes MultiBitTestLoop: every bit (or
 """
 import argparse
 import json
+import os.path as osp
 
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
 from mmdrq.tools_common import (add_common_args, is_qat_config, load_config,
-                                prepare_launch)
+                                prepare_launch, require_exact_checkpoint)
+from mmdrq.utils import atomic_write
 
 
 def parse_args():
@@ -32,8 +34,12 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.out and not osp.isdir(osp.dirname(osp.abspath(args.out))):
+        raise FileNotFoundError(f'--out {args.out!r}: its folder does not '
+                                'exist')
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
+    require_exact_checkpoint(cfg)
     if is_qat_config(cfg):
         test_cfg = dict(cfg.get('test_cfg') or {})
         test_cfg['type'] = 'mmdrq.MultiBitTestLoop'
@@ -49,9 +55,9 @@ def main():
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump({k: float(v) if hasattr(v, '__float__') else v
-                       for k, v in metrics.items()}, f, indent=1)
+        text = json.dumps({k: float(v) if hasattr(v, '__float__') else v
+                           for k, v in metrics.items()}, indent=1)
+        atomic_write(args.out, lambda f: f.write(text.encode()))
 
 
 if __name__ == '__main__':

@@ -9,7 +9,8 @@ from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
 from mmdrq.engine import resume_checkpoint
-from mmdrq.tools_common import add_common_args, load_config, prepare_launch
+from mmdrq.tools_common import (add_common_args, load_config, prepare_launch,
+                                require_exact_checkpoint)
 
 
 def parse_args():
@@ -54,6 +55,7 @@ def main():
         # MMEngine resumes load_from, else what last_checkpoint names, and
         # trains from scratch when that is missing: choose and check here
         cfg.load_from = resume_checkpoint(cfg.work_dir, cfg.get('load_from'))
+        require_exact_checkpoint(cfg)
     prepare_launch(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()

@@ -4,9 +4,11 @@ from .checkpoint_hook import (AtomicCheckpointHook, check_resumable,
                               resume_checkpoint)
 from .hasb_hook import HASBHook, sigma_schedule
 from .loops import MultiBitTestLoop, MultiBitValLoop
+from .strict_load import StrictLoadHook, check_checkpoint
 
 __all__ = [
     'ALRSAmpOptimWrapper', 'ALRSOptimWrapper', 'ALRSOptimWrapperConstructor', 'HASBHook',
-    'MultiBitTestLoop', 'MultiBitValLoop', 'fixed_eta', 'sigma_schedule',
+    'MultiBitTestLoop', 'MultiBitValLoop', 'StrictLoadHook',
+    'check_checkpoint', 'fixed_eta', 'sigma_schedule',
     'AtomicCheckpointHook', 'check_resumable', 'resume_checkpoint'
 ]

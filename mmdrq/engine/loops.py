@@ -15,20 +15,36 @@ from mmengine.runner import TestLoop, ValLoop
 from mmengine.runner.loops import _parse_losses
 
 import torch
+from torch import nn
 
 from mmdrq.models.multi_precision import bit_tag
-from mmdrq.quantization import model_bits, use_bits
+from mmdrq.quantization import (check_bit, check_layer_bits, model_bits,
+                                use_bits)
 from mmdrq.registry import LOOPS
 
 
-def load_subnet(path: str) -> Dict[str, int]:
-    """Per-layer bits of a SubNet file: JSON with ``layer_bits``."""
+def load_subnet(path: str, model: Optional[nn.Module] = None
+                ) -> Dict[str, int]:
+    """Per-layer bits of a SubNet file: JSON with ``layer_bits``; with
+    ``model``, checked against its quantized layers and bits."""
     with open(path) as f:
-        content = json.load(f)
+        try:
+            content = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'SubNet file {path!r} is not valid JSON: '
+                             f'{e}') from None
     if not isinstance(content, dict) or \
             not isinstance(content.get('layer_bits'), dict):
         raise ValueError(f'SubNet file {path!r} has no "layer_bits" mapping')
-    return {k: int(v) for k, v in content['layer_bits'].items()}
+    layer_bits = content['layer_bits']
+    for name, bit in layer_bits.items():
+        if isinstance(bit, bool) or not isinstance(bit, int):
+            raise ValueError(f'SubNet file {path!r}: layer_bits[{name!r}] '
+                             f'must be an integer bit, got {bit!r}')
+    if model is not None:
+        layer_bits = check_layer_bits(model, layer_bits,
+                                      f'SubNet file {path!r}')
+    return layer_bits
 
 
 class _MultiBitMixin:
@@ -45,15 +61,13 @@ class _MultiBitMixin:
             bits = list(available)
         elif isinstance(bits, int):
             bits = [bits]
-        for bit in bits:
-            if bit not in available:
-                raise ValueError(f'{key}.bits names bit {bit!r}, the model '
-                                 f'has bits {list(available)}')
+        bits = [check_bit(bit, available, f'{key}.bits') for bit in bits]
         self.settings: List[Tuple[str, Union[int, dict]]] = [
             (bit_tag(b), b) for b in bits]
+        # every SubNet checked here, before the first setting runs
         for path in subnets or []:
             name = osp.splitext(osp.basename(path))[0]
-            self.settings.append((f'@{name}', load_subnet(path)))
+            self.settings.append((f'@{name}', load_subnet(path, model)))
         self._quant_model = model
 
     def _run_settings(self, run_iter, losses, phase: str) -> dict:

@@ -11,14 +11,17 @@ import zipfile
 import torch
 from torch import nn
 
-from mmdrq.quantization.bit_control import set_layer_bits
-from mmdrq.quantization.layers import _QuantLayer, quantized_layers
-from mmdrq.utils import atomic_torch_save
+from mmdrq.quantization.bit_control import check_layer_bits, set_layer_bits
+from mmdrq.quantization.layers import quantized_layers
+from mmdrq.quantization.meta import check_quantizer_meta, quantizer_meta
+from mmdrq.utils import (UnsafeCheckpointError, atomic_torch_save,
+                         load_weights_only)
 from mmdrq.version import __version__
 from .packing import pack, storage_of, unpack
 
 FORMAT = 'mmdrq-int'
 FORMAT_VERSION = 1
+META_KEYS = ('bits', 'options', 'model', 'signature')
 
 
 def _quant_layers(model: nn.Module):
@@ -27,12 +30,6 @@ def _quant_layers(model: nn.Module):
         raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
                          'layers: call mmdrq.quantize_model first')
     return layers
-
-
-def _layer_options(module: _QuantLayer) -> dict:
-    quantizer = module.weight_quantizer
-    return dict(variant=quantizer.variant, rounding=quantizer.rounding,
-                per_channel=quantizer.per_channel)
 
 
 def _signature(model: nn.Module) -> list:
@@ -69,21 +66,12 @@ def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
         sizes['int_bytes'] += data.numel() * data.element_size()
         sizes['scale_bytes'] += scale.numel() * scale.element_size()
         sizes['fp32_bytes'] += module.weight.numel() * 4
-    first = next(iter(layers.values()))
     if layer_bits is not None:
-        unknown = sorted(set(layer_bits) - set(layers))
-        if unknown:
-            raise KeyError(f'SubNet names layers the model lacks: {unknown}')
-        bad = {n: b for n, b in layer_bits.items() if b not in first.bits}
-        if bad:
-            raise ValueError(f'SubNet bits {bad} are not in the model\'s '
-                             f'bits {list(first.bits)}')
-        layer_bits = {n: int(b) for n, b in layer_bits.items()}
+        layer_bits = check_layer_bits(model, layer_bits, 'SubNet')
     meta = dict(layer_bits=layer_bits,
         format=FORMAT, format_version=FORMAT_VERSION,
-        mmdrq_version=__version__, bits=list(first.bits),
-        options=_layer_options(first), model=type(model).__name__,
-        signature=_signature(model))
+        mmdrq_version=__version__, **quantizer_meta(model),
+        model=type(model).__name__, signature=_signature(model))
     atomic_torch_save(
         dict(meta=meta, int_weights=int_weights,
              state_dict={k: v.detach().cpu() for k, v in state.items()}),
@@ -93,8 +81,9 @@ def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
 
 def _read(path: str) -> dict:
     try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        payload = load_weights_only(path, map_location='cpu')
+    except (FileNotFoundError, IsADirectoryError, PermissionError,
+            UnsafeCheckpointError):
         raise
     # torch's readers fail on damaged files in many ways: a truncated zip
     # gives OSError(EINVAL), a text file KeyError from the safe unpickler
@@ -131,24 +120,18 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f'{path!r} has format_version='
                          f'{meta.get("format_version")}, this mmdrq reads '
                          f'{FORMAT_VERSION}')
+    lacking = [f'meta.{k}' for k in META_KEYS if k not in meta] + [
+        k for k in ('int_weights', 'state_dict')
+        if not isinstance(payload.get(k), dict)]
+    if lacking:
+        raise ValueError(f'{path!r} lacks {lacking}: an incomplete mmdrq '
+                         'integer checkpoint (edited by hand?)')
     layers = _quant_layers(model)
-    first = next(iter(layers.values()))
-    if list(first.bits) != meta['bits']:
-        raise ValueError(f'{path!r} was saved with bits={meta["bits"]}, the '
-                         f'model has bits={list(first.bits)}')
-    if _layer_options(first) != meta['options']:
-        raise ValueError(f'{path!r} was saved with quantizer options '
-                         f'{meta["options"]}, the model has '
-                         f'{_layer_options(first)}')
-    expected = dict((k, shape) for k, shape in meta['signature'])
-    actual = dict((k, shape) for k, shape in _signature(model))
-    for key in sorted(set(expected) | set(actual)):
-        if expected.get(key) != actual.get(key):
-            raise ValueError(
-                f'{path!r} is from another model ({meta["model"]}): state '
-                f'key {key!r} has shape {expected.get(key)} in the file and '
-                f'{actual.get(key)} in {type(model).__name__} '
-                '(None = missing)')
+    check_quantizer_meta(dict(bits=meta['bits'], options=meta['options']),
+                         model, repr(path))
+    _check_shapes(dict((k, shape) for k, shape in meta['signature']), model,
+                  f'{path!r} is from another model ({meta["model"]})')
+    _check_int_weights(payload['int_weights'], layers, path)
     state = dict(payload['state_dict'])
     for name, entry in payload['int_weights'].items():
         module = layers[name]
@@ -161,7 +144,57 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
         # far below half a step.
         state[name + '.weight'] = q * view
         state[name + '.weight_quantizer.scale'] = scale
+    _check_shapes({k: list(v.shape) for k, v in state.items()}, model,
+                  f'{path!r} does not hold what its signature says')
     model.load_state_dict(state, strict=True)
     if meta.get('layer_bits'):
         set_layer_bits(model, meta['layer_bits'])
     return model
+
+
+def _check_shapes(expected: dict, model: nn.Module, problem: str):
+    """Raise ``problem`` with the first state key whose shape (None:
+    missing) differs between ``expected`` and ``model``."""
+    actual = dict((k, shape) for k, shape in _signature(model))
+    for key in sorted(set(expected) | set(actual)):
+        if expected.get(key) != actual.get(key):
+            raise ValueError(
+                f'{problem}: state key {key!r} has shape {expected.get(key)} '
+                f'in the file and {actual.get(key)} in '
+                f'{type(model).__name__} (None = missing)')
+
+
+def _check_int_weights(int_weights: dict, layers: dict, path: str):
+    """Every quantized layer, and only those, with packed integers and a
+    scale of its own shapes."""
+    extra = sorted(set(int_weights) - set(layers))
+    missing = [name for name in layers if name not in int_weights]
+    if extra or missing:
+        found = [f'{what} {names}' for what, names in (
+            ('integer weights of layers the model lacks:', extra),
+            ("no integer weights of the model's layers", missing)) if names]
+        raise ValueError(f'{path!r} has ' + ' and '.join(found))
+    for name, module in layers.items():
+        entry = int_weights[name]
+        if not isinstance(entry, dict) or \
+                any(k not in entry for k in ('data', 'shape', 'scale')):
+            raise ValueError(f'{path!r}: int_weights[{name!r}] must be a dict '
+                             f"with 'data', 'shape' and 'scale'")
+        bit = module.weight_quantizer.stored_bit
+        packed = pack(torch.zeros(module.weight.shape, dtype=torch.int32), bit)
+        scale = module.weight_quantizer.scale
+        for key, value, want in (
+                ('shape', entry['shape'], list(module.weight.shape)),
+                ('data', _describe(entry['data']), _describe(packed)),
+                ('scale', _describe(entry['scale']), _describe(scale))):
+            if value != want:
+                raise ValueError(
+                    f'{path!r}: layer {name!r} has {key} {value}, the model '
+                    f'needs {want} (INT{bit}; truncated or edited?)')
+
+
+def _describe(value):
+    """dtype and shape of a tensor (anything else as it is)."""
+    if isinstance(value, torch.Tensor):
+        return f'{str(value.dtype).replace("torch.", "")}{list(value.shape)}'
+    return repr(value)

@@ -14,6 +14,8 @@ from torch import nn
 from mmdrq.quantization import (model_bits, quantize_model,
                                 quantized_layers, quantizers_ready,
                                 recording_calls, set_bits, shared_rounding)
+from mmdrq.quantization.meta import (check_quantizer_meta, decode_meta,
+                                     encode_meta, quantizer_meta)
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from .pskd import PSKDTargets, soft_cross_entropy
@@ -47,7 +49,9 @@ class MultiPrecisionQAT(BaseModel):
 
     FP32 weights load through the usual ``load_from`` / ``init_cfg``: a
     checkpoint of the bare model (keys without ``architecture.``, one BN per
-    layer) is mapped onto the converted one.
+    layer) is mapped onto the converted one. The wrapper's own state dicts
+    carry the bit list and quantizer options (``_extra_state``); loading one
+    into a model with others is an error.
 
     Args:
         architecture: config of the model to quantize, or the model.
@@ -140,7 +144,19 @@ class MultiPrecisionQAT(BaseModel):
             if compile else None
         self._warned_sampler = False
         self.uncalled_layers = None  # known after the first training step
-        self._register_load_state_dict_pre_hook(_prefix_bare_checkpoint)
+        self._register_load_state_dict_pre_hook(_prefix_bare_checkpoint,
+                                                with_module=True)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """Saved with the weights: the ``quantizer_meta`` they were trained
+        with."""
+        return encode_meta(quantizer_meta(self.architecture))
+
+    def set_extra_state(self, state: torch.Tensor):
+        """Weights of another bit list or quantizer options are refused:
+        their scales would silently serve other bits."""
+        check_quantizer_meta(decode_meta(state), self.architecture,
+                             'the checkpoint')
 
     def _runner(self) -> Callable:
         """The architecture, or its compiled form when compiling applies:
@@ -273,10 +289,12 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
     return log_vars
 
 
-def _prefix_bare_checkpoint(state_dict, prefix, *args):
+def _prefix_bare_checkpoint(module, state_dict, prefix, *args):
     """Map a bare model's keys (``backbone.x``) to ``architecture.backbone.x``
-    so ``load_from`` can take stock FP32 checkpoints."""
-    keep = (prefix + 'architecture.', prefix + 'data_preprocessor.')
+    so ``load_from`` can take stock FP32 checkpoints; the wrapper's own keys
+    (its children's, its extra state) stay."""
+    keep = tuple(f'{prefix}{name}.' for name in module._modules) + (
+        prefix + '_extra_state', )
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if not key.startswith(keep):
             state_dict[prefix + 'architecture.' + key[len(prefix):]] = \

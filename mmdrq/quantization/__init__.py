@@ -1,7 +1,7 @@
 from .act_quantizer import ActQuantizer
-from .bit_control import (get_bits, model_bits, set_bits, set_layer_bits,
-                          use_bits)
-from .bitwidths import check_bits
+from .bit_control import (check_layer_bits, get_bits, model_bits, set_bits,
+                          set_layer_bits, use_bits)
+from .bitwidths import check_bit, check_bits
 from .config import QuantizeConfig
 from .convert import quantize_model
 from .layers import (BitSwitchable, QConv2d, QLinear, quantized_layers,
@@ -13,7 +13,8 @@ from .weight_quantizer import DoubleRoundingQuantizer, shared_rounding
 __all__ = [
     'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer', 'QConv2d',
     'QLinear', 'QuantizeConfig', 'SwitchableBatchNorm',
-    'TransitionalBatchNorm', 'check_bits', 'get_bits', 'model_bits',
+    'TransitionalBatchNorm', 'check_bit', 'check_bits', 'check_layer_bits',
+    'get_bits', 'model_bits',
     'quantize_model', 'quantized_layers', 'quantizers_ready',
     'recording_calls', 'set_bits', 'set_layer_bits', 'shared_rounding',
     'to_transitional', 'use_bits'

@@ -3,11 +3,12 @@
 Switching writes one attribute per quantized module: no pass over weights.
 """
 import contextlib
-from typing import Dict, Iterator, Tuple, Union
+from typing import Dict, Iterator, Mapping, Tuple, Union
 
 from torch import nn
 
-from .layers import BitSwitchable, _QuantLayer
+from .bitwidths import check_bit
+from .layers import BitSwitchable, _QuantLayer, quantized_layers
 
 
 def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -17,9 +18,12 @@ def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             found = True
             yield name, module
     if not found:
-        raise ValueError(
-            f'{type(model).__name__} has no mmdrq quantized layers: call '
-            'mmdrq.quantize_model(model, ...) first')
+        raise _not_quantized(model)
+
+
+def _not_quantized(model: nn.Module) -> ValueError:
+    return ValueError(f'{type(model).__name__} has no mmdrq quantized '
+                      'layers: call mmdrq.quantize_model(model, ...) first')
 
 
 def model_bits(model: nn.Module) -> tuple:
@@ -31,9 +35,7 @@ def model_bits(model: nn.Module) -> tuple:
 def set_bits(model: nn.Module, bit: int) -> nn.Module:
     """Run every quantized layer and switchable BN of ``model`` at ``bit``."""
     modules = list(_switchables(model))
-    bits = modules[0][1].bits
-    if bit not in bits:
-        raise ValueError(f'bit {bit!r} is not in the model\'s bits {list(bits)}')
+    bit = check_bit(bit, modules[0][1].bits)
     for _, module in modules:
         module.bit = bit
         if hasattr(module, 'prev_bit'):
@@ -48,17 +50,8 @@ def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
     (and, if transitional, the bit of the layer before). Names not given
     keep their current bit.
     """
-    layers = {name: m for name, m in _switchables(model)
-              if isinstance(m, _QuantLayer)}
-    for name, bit in layer_bits.items():
-        if name not in layers:
-            close = [n for n in layers if n.endswith(name.split('.')[-1])][:3]
-            raise KeyError(
-                f'layer {name!r} is not a quantized layer of this model'
-                + (f' (similar: {close})' if close else ''))
-        if bit not in layers[name].bits:
-            raise ValueError(f'bit {bit!r} for layer {name!r} is not in '
-                             f'bits {list(layers[name].bits)}')
+    layer_bits = check_layer_bits(model, layer_bits)
+    layers = quantized_layers(model)
     for name, bit in layer_bits.items():
         layers[name].bit = bit
     for _, module in _switchables(model):
@@ -69,6 +62,31 @@ def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
         if previous in layers:
             module.prev_bit = layers[previous].bit
     return model
+
+
+def check_layer_bits(model: nn.Module, layer_bits,
+                     source: str = 'layer_bits') -> Dict[str, int]:
+    """``layer_bits`` (quantized layer name -> bit, a SubNet) with plain int
+    bits, after checking that every name is a quantized layer of ``model``
+    and every bit one of its bits; errors name ``source``."""
+    if not isinstance(layer_bits, Mapping):
+        raise TypeError(f'{source} must map quantized layer names to bits, '
+                        f'got {layer_bits!r}')
+    layers = quantized_layers(model)
+    if not layers:
+        raise _not_quantized(model)
+    checked = {}
+    for name, bit in layer_bits.items():
+        if name not in layers:
+            last = str(name).split('.')[-1]
+            close = [n for n in layers if n.endswith(last)][:3]
+            raise KeyError(
+                f'{source}: layer {name!r} is not a quantized layer of '
+                f'{type(model).__name__}'
+                + (f' (similar: {close})' if close else ''))
+        checked[name] = check_bit(bit, layers[name].bits,
+                                  f'{source}[{name!r}]')
+    return checked
 
 
 def get_bits(model: nn.Module) -> Dict[str, int]:

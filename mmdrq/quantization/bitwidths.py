@@ -1,4 +1,5 @@
 """Validation of bit-width lists and the integer ranges they imply."""
+import numbers
 from typing import Iterable, Tuple
 
 MIN_BIT = 2
@@ -33,6 +34,21 @@ def check_bits(bits: Iterable[int], key: str = 'bits') -> Tuple[int, ...]:
             f'{key} must be sorted from highest to lowest, got {list(bits)} '
             f'(did you mean {sorted(bits, reverse=True)}?)')
     return bits
+
+
+def check_bit(bit, bits: Iterable[int], key: str = 'bit') -> int:
+    """Return ``bit`` as an int after checking it is one of ``bits``.
+
+    The one check of a chosen bit (a model's, a layer's, a SubNet's): 8.0
+    or True equal 8 or 1 but would name no per-bit module (``bns['8.0']``).
+    """
+    bits = list(bits)
+    if isinstance(bit, bool) or not isinstance(bit, numbers.Integral):
+        raise ValueError(f'{key} must be an integer, one of {bits}; got '
+                         f'{bit!r} ({type(bit).__name__})')
+    if bit not in bits:
+        raise ValueError(f'{key}={bit!r} is not one of the bits {bits}')
+    return int(bit)
 
 
 def signed_range(bit: int) -> Tuple[int, int]:

@@ -1,6 +1,7 @@
 """The options of a conversion, as one small dataclass checked on creation."""
 import dataclasses
 import difflib
+import re
 from typing import Optional, Tuple
 
 from .bitwidths import check_bits
@@ -33,10 +34,11 @@ class QuantizeConfig:
 
     def __post_init__(self):
         object.__setattr__(self, 'bits', check_bits(self.bits))
-        skip = self.skip
-        if isinstance(skip, str):
-            skip = (skip, )
-        object.__setattr__(self, 'skip', tuple(skip))
+        object.__setattr__(self, 'skip', _check_skip(self.skip))
+        for key in ('skip_first_last', 'switchable_bn'):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f'{key} must be True or False, got '
+                                 f'{getattr(self, key)!r}')
         for key in ('weight_quantizer', 'act_quantizer'):
             value = getattr(self, key)
             if value is None and key == 'act_quantizer':
@@ -67,6 +69,24 @@ class QuantizeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_skip(skip) -> Tuple[str, ...]:
+    """``skip`` as a tuple of patterns, each a valid regular expression."""
+    patterns = (skip, ) if isinstance(skip, str) else skip
+    if not isinstance(patterns, (list, tuple)):
+        raise ValueError(f'skip must be a list of regular expressions, got '
+                         f'{skip!r}')
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f'skip must hold regular expressions (strings),'
+                             f' got {pattern!r} in {skip!r}')
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f'skip pattern {pattern!r} is not a valid '
+                             f'regular expression: {e}') from None
+    return tuple(patterns)
 
 
 def _plain(value):

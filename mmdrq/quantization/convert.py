@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import QuantizeConfig, make_config
-from .layers import QConv2d, QLinear, _QuantLayer
+from .layers import BitSwitchable, QConv2d, QLinear, _QuantLayer
 from .switchable_bn import SwitchableBatchNorm
 
 # Last name components of prediction layers in OpenMMLab heads (fc,
@@ -62,7 +62,7 @@ def _plan(model: nn.Module, cfg: QuantizeConfig):
     """Decide, for every conv/linear layer, quantize or keep FP (and why)."""
     supported = _supported_types()
     layers = [(n, m) for n, m in model.named_modules()
-              if n and _is_weight_layer(m) and not isinstance(m, _QuantLayer)]
+              if n and _is_weight_layer(m)]
     names = [n for n, _ in layers]
     used = {p: False for p in cfg.skip}
     auto = {}
@@ -122,10 +122,14 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
     ``model.mmdrq_report``). Start the bit at ``bits[0]``.
     """
     cfg = make_config(config, **kwargs)
-    if getattr(model, 'mmdrq_config', None) is not None:
-        raise ValueError(f'{type(model).__name__} is already quantized with '
-                         f'bits={list(model.mmdrq_config.bits)}')
+    _refuse_quantized(model)
     plan, supported = _plan(model, cfg)
+    if all(reason is not None for _, _, reason in plan):
+        found = ', '.join(f'{name} ({reason})' for name, _, reason in plan)
+        raise ValueError(
+            f'{type(model).__name__} has nothing to quantize: '
+            + (f'every conv/linear layer stays FP: {found}' if plan else
+               'it has no conv or linear layer'))
     rows = []
     for name, module, reason in plan:
         if reason is None:
@@ -143,6 +147,21 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
     print_log('mmdrq conversion of ' + type(model).__name__ + ':\n' +
               _format_table(rows), logger='current')
     return model
+
+
+def _refuse_quantized(model: nn.Module):
+    """A model, or a part of it, is converted once: a second conversion
+    would nest per-bit BNs and mix two bit lists in one model."""
+    for name, module in model.named_modules():
+        config = getattr(module, 'mmdrq_config', None)
+        if config is None and not isinstance(module, BitSwitchable):
+            continue
+        bits = list(config.bits if config is not None else module.bits)
+        where = f'its submodule {name!r} ({type(module).__name__})' \
+            if name else 'it'
+        raise ValueError(f'{type(model).__name__} is already quantized: '
+                         f'{where} has bits={bits}; convert the original '
+                         'model once, with one bit list')
 
 
 def _convert_bn(model: nn.Module, cfg: QuantizeConfig):

@@ -9,7 +9,7 @@ from torch import nn
 from mmengine.registry import DefaultScope
 
 from mmdrq.registry import MODELS
-from .bitwidths import check_bits
+from .bitwidths import check_bit, check_bits
 
 
 def build_in_scope(cfg: dict) -> nn.Module:
@@ -29,9 +29,7 @@ class BitSwitchable:
     bit: int
 
     def set_bit(self, bit: int):
-        if bit not in self.bits:
-            raise ValueError(f'bit {bit!r} is not in bits {list(self.bits)}')
-        self.bit = bit
+        self.bit = check_bit(bit, self.bits)
 
 
 class _QuantLayer(BitSwitchable):

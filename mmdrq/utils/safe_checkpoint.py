@@ -8,12 +8,20 @@ pickle as ``getattr(HistoryBuffer, 'min')`` and would need ``getattr``
 allow-listed. Rather than allow ``getattr`` (a general gadget), buffers are
 pickled without that table (MMEngine keeps it on the class and rebuilds it in
 ``__setstate__``), and only the data classes are allow-listed.
+
+torch's default can be turned off from the environment
+(``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``), which then runs any pickled code in
+a checkpoint: mmdrq passes ``weights_only=True`` explicitly, and makes
+MMEngine's loader of local files do the same.
 """
 import copyreg
+import os.path as osp
+import pickle
 
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
+from mmengine.runner import CheckpointLoader
 
 _installed = False
 
@@ -36,12 +44,48 @@ def _numpy_globals() -> list:
     return allowed
 
 
+class UnsafeCheckpointError(ValueError):
+    """A file that holds objects ``weights_only`` loading does not allow."""
+
+
+def load_weights_only(path: str, map_location=None):
+    """``torch.load(path, weights_only=True)``, whatever the environment says;
+    a file holding other objects (code a pickle would run) is refused with
+    their names."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(
+                path)
+        except Exception:  # not even a readable checkpoint: torch's error
+            unsafe = None
+        if not unsafe:
+            raise
+        raise UnsafeCheckpointError(
+            f'{path!r} holds objects that are not allowed in a checkpoint '
+            f'({", ".join(unsafe)}): refused, it is read with '
+            'weights_only=True (tensors, containers, numbers, strings and '
+            "MMEngine's log buffers only)") from None
+
+
+def load_from_local_weights_only(filename: str, map_location=None):
+    """MMEngine's ``load_from_local`` with ``weights_only=True``."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    return load_weights_only(filename, map_location)
+
+
 def allow_mmengine_checkpoints():
     """Make checkpoints written from now on, and MMEngine's loads of them,
-    work with ``weights_only=True``. Idempotent."""
+    work with ``weights_only=True``, and make MMEngine load local files
+    (``load_from``, ``resume``, ``load_checkpoint``) with it. Idempotent."""
     global _installed
     if _installed:
         return
     copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
     torch.serialization.add_safe_globals([HistoryBuffer] + _numpy_globals())
+    CheckpointLoader.register_scheme(
+        prefixes='', loader=load_from_local_weights_only, force=True)
     _installed = True

@@ -268,6 +268,86 @@ def test_not_an_mmdrq_file(tmp_path, make_tiny_cnn, content):
         load_int(model, str(path))
 
 
+def _edit_extra_layer(payload):
+    payload['int_weights']['conv9'] = payload['int_weights']['conv1']
+    return 'conv9'
+
+
+def _edit_missing_layer(payload):
+    del payload['int_weights']['conv2']
+    return 'conv2'
+
+
+def _edit_short_layer(payload):
+    entry = payload['int_weights']['conv3']
+    entry['data'] = entry['data'][:-3]
+    return 'conv3'
+
+
+def _edit_no_signature(payload):
+    del payload['meta']['signature']
+    return 'meta.signature'
+
+
+def _edit_extra_state_key(payload):
+    payload['state_dict']['bn9.weight'] = torch.ones(3)
+    return 'bn9.weight'
+
+
+def _edit_missing_scale(payload):
+    del payload['int_weights']['fc1']['scale']
+    return 'fc1'
+
+
+@pytest.mark.parametrize('edit', [
+    _edit_extra_layer, _edit_missing_layer, _edit_short_layer,
+    _edit_no_signature, _edit_extra_state_key, _edit_missing_scale])
+def test_hand_edited_file(tmp_path, make_tiny_cnn, edit):
+    """A file edited after saving is refused with its name and what is
+    wrong, never a bare KeyError or a reshape error from the unpacking."""
+    saved, _ = _trained(_tiny, 0, CONFIGS['int8'])
+    path = tmp_path / 'edited.pth'
+    save_int(saved, str(path))
+    payload = torch.load(path, weights_only=True)
+    what = edit(payload)
+    torch.save(payload, path)
+    model = quantize_model(make_tiny_cnn())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        load_int(model, str(path))
+    assert 'edited.pth' in str(info.value)
+    assert what in str(info.value)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+class _Payload:
+    """Unpickling it would create a folder: code run by the load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker, )
+
+
+def test_pickled_code_is_refused_by_name(tmp_path, make_tiny_cnn,
+                                         monkeypatch):
+    saved, _ = _trained(_tiny, 0, CONFIGS['int8'])
+    path = tmp_path / 'payload.pth'
+    save_int(saved, str(path))
+    payload = torch.load(path, weights_only=True)
+    marker = tmp_path / 'ran'
+    payload['meta']['note'] = _Payload(marker)
+    torch.save(payload, path)
+    # would turn torch's default weights_only=True off
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+    with pytest.raises(ValueError, match='holds objects that are not '
+                       r'allowed in a checkpoint \(\w+\.mkdir\)'):
+        load_int(quantize_model(make_tiny_cnn()), str(path))
+    assert not marker.exists()
+
+
 def test_missing_file(tmp_path, make_tiny_cnn):
     model = quantize_model(make_tiny_cnn())
     with pytest.raises(FileNotFoundError):

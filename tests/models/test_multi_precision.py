@@ -296,7 +296,8 @@ def test_fp32_checkpoint_of_bare_model_loads(small_classifier):
     model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
-    assert all('quantizer' in k for k in result.missing_keys)
+    assert all('quantizer' in k or k == '_extra_state'
+               for k in result.missing_keys)
     arch = model.architecture
     torch.testing.assert_close(arch.backbone.conv1.weight,
                                state['backbone.conv1.weight'])
@@ -307,6 +308,34 @@ def test_fp32_checkpoint_of_bare_model_loads(small_classifier):
     # the wrapper's own checkpoints round-trip as usual
     again = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
     again.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_state_dict_carries_bits_and_options(small_classifier):
+    """However loosely a state dict is loaded (MMEngine's load_from is
+    non-strict), one of another bit list or quantizer options is refused
+    before any weight moves: its scales would serve other bits."""
+    from mmengine.runner.checkpoint import load_state_dict
+
+    from mmdrq.quantization.meta import decode_meta
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    state = model.state_dict()
+    assert decode_meta(state['_extra_state']) == dict(
+        bits=[8, 4], options=dict(variant='double_rounding',
+                                  rounding='half_even', per_channel=True))
+    other = MultiPrecisionQAT(small_classifier(), dict(bits=[4, 2]))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    message = r'was saved with bits=\[8, 4\], the model has bits=\[4, 2\]'
+    with pytest.raises(ValueError, match=message):
+        other.load_state_dict(state, strict=False)
+    with pytest.raises(ValueError, match=message):
+        load_state_dict(other, state)
+    for key, value in before.items():
+        assert torch.equal(other.state_dict()[key], value), key
+    floor = MultiPrecisionQAT(small_classifier(), dict(
+        bits=[8, 4], weight_quantizer=dict(type='DoubleRoundingQuantizer',
+                                           variant='floor')))
+    with pytest.raises(ValueError, match="'variant': 'floor'"):
+        floor.load_state_dict(state, strict=False)
 
 
 def test_takes_top_level_data_preprocessor():

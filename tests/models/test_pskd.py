@@ -140,3 +140,19 @@ def test_distill_needs_a_classifier():
             self.conv3 = nn.Conv2d(3, 3, 3)
     with pytest.raises(ValueError, match='head.num_classes'):
         MultiPrecisionQAT(NoHead(), dict(bits=[8, 4]), distill=dict())
+
+
+def test_wrapper_state_dict_keeps_the_tables(small_classifier):
+    """The wrapper's own keys (pskd.*) stay where they are on load; only a
+    bare model's keys are moved under architecture. (a resumed PS-KD run
+    lost its tables as unexpected architecture.pskd.* keys)"""
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]),
+                              distill=dict(alpha=0.7))
+    set_epoch(0)
+    model.pskd.record(torch.randn(2, 10), torch.tensor([0, 3]))
+    state = model.state_dict()
+    again = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]),
+                              distill=dict(alpha=0.7))
+    again.load_state_dict(state, strict=True)
+    for key, value in model.pskd.state_dict().items():
+        assert torch.equal(again.pskd.state_dict()[key], value), key

@@ -36,6 +36,25 @@ def test_initial_bit_is_highest(model):
     assert model_bits(model) == BITS
 
 
+@pytest.mark.parametrize('bit', [8.0, True, '8', 5])
+def test_set_bits_takes_only_a_bit_of_the_model(model, bit):
+    """8.0 == 8, but would select no per-bit BN (bns['8.0'])."""
+    with pytest.raises(ValueError, match=r'bit.*\[8, 6, 4, 2\]') as info:
+        set_bits(model, bit)
+    assert repr(bit) in str(info.value)
+    with pytest.raises(ValueError, match=repr(bit)):
+        model.conv1.set_bit(bit)
+    with pytest.raises(ValueError, match=rf"layer_bits\['conv1'\]"):
+        set_layer_bits(model, {'conv1': bit})
+    assert set(_all_bits(model).values()) == {8}
+
+
+def test_set_layer_bits_needs_a_mapping(model):
+    with pytest.raises(TypeError, match='layer_bits must map quantized '
+                       'layer names to bits, got 4'):
+        set_layer_bits(model, 4)
+
+
 def test_set_and_get_bits(model):
     for bit in (4, 2, 6, 8):
         assert set_bits(model, bit) is model

@@ -419,6 +419,60 @@ def test_converting_twice_raises(make_tiny_cnn):
     assert dict(model.named_modules()) == layers_before
 
 
+def test_converting_a_model_with_a_converted_part_raises(make_tiny_cnn):
+    """A converted submodule (its BNs already per bit, its own bit list) is
+    refused, not nested: the forward would look up bns['8'] in a BN."""
+    model = nn.Sequential(make_tiny_cnn(), nn.Linear(4, 3), nn.Linear(3, 2))
+    quantize_model(model[0], bits=[4, 2])
+    layers_before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"submodule '0' \(TinyCNN\) has "
+                       r'bits=\[4, 2\]'):
+        quantize_model(model, bits=[8, 6, 4, 2])
+    assert dict(model.named_modules()) == layers_before
+    # a single converted layer inside a plain model too
+    plain = make_tiny_cnn()
+    plain.conv2 = QConv2d.from_float(plain.conv2, [8, 4])
+    with pytest.raises(ValueError, match=r"submodule 'conv2' \(QConv2d\)"):
+        quantize_model(plain)
+
+
+@pytest.mark.parametrize('case', ['first_last', 'skipped', 'no_layers'])
+def test_nothing_to_quantize_raises(case):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4, 2))
+    kwargs = {}
+    if case == 'skipped':
+        model.insert(2, nn.Conv2d(4, 4, 1))
+        kwargs = dict(skip=['2'])
+    elif case == 'no_layers':
+        model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match='nothing to quantize') as info:
+        quantize_model(model, **kwargs)
+    message = str(info.value)
+    if case == 'no_layers':
+        assert 'no conv or linear layer' in message
+    else:
+        assert "0 (first layer (skip_first_last))" in message
+        assert 'prediction layer' in message
+    if case == 'skipped':
+        assert "2 (matches skip pattern '2')" in message
+    assert getattr(model, 'mmdrq_config', None) is None
+
+
+@pytest.mark.parametrize('key,value,expected', [
+    ('switchable_bn', 'yes', "switchable_bn must be True or False, got 'yes'"),
+    ('skip_first_last', 1, 'skip_first_last must be True or False, got 1'),
+    ('skip', None, 'skip must be a list of regular expressions, got None'),
+    ('skip', [3], 'skip must hold regular expressions (strings), got 3'),
+    ('skip', ['['], "skip pattern '[' is not a valid regular expression"),
+])
+def test_config_options_are_type_checked(make_tiny_cnn, key, value,
+                                         expected):
+    with pytest.raises(ValueError) as info:
+        quantize_model(make_tiny_cnn(), **{key: value})
+    assert expected in str(info.value)
+
+
 def test_tiny_cnn_default_split(make_tiny_cnn):
     model = quantize_model(make_tiny_cnn())
     assert type(model.stem) is nn.Conv2d and type(model.fc2) is nn.Linear

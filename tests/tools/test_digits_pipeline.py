@@ -110,7 +110,81 @@ def test_test_tool_reports_every_bit(digits, qat_run):
                       work / 'epoch_2.pth', '--work-dir',
                       digits['folder'] / 'test', '--bits', '5',
                       expect_ok=False)
-    assert 'test_cfg.bits names bit 5' in log
+    assert 'test_cfg.bits=5 is not one of the bits' in log
+
+
+def test_test_tool_refuses_checkpoints_that_do_not_fit(digits, qat_run):
+    """An FP32 checkpoint, or the {8,6,4,2} one tested as [4, 2], stops
+    before the first test batch instead of giving a metric."""
+    work, _ = qat_run
+    for checkpoint, options, message in (
+            (digits['fp_ckpt'], [], 'holds no quantizer state: an FP32 '
+             'checkpoint'),
+            (work / 'epoch_2.pth', ['--cfg-options',
+                                    'model.quantizer.bits=[4,2]'],
+             'was saved with bits=[8, 6, 4, 2], the model has bits=[4, 2]')):
+        code, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
+                             checkpoint, '--work-dir',
+                             digits['folder'] / 'test_refused', *options,
+                             expect_ok=False)
+        assert code != 0 and message in log, log[-3000:]
+        assert 'per bit-width' not in log
+
+
+class _Payload:
+    """Unpickling it would create a folder: code run by the load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker, )
+
+
+def test_test_tool_never_unpickles_code(digits, qat_run, tmp_path,
+                                        monkeypatch):
+    work, _ = qat_run
+    checkpoint = torch.load(work / 'epoch_2.pth', map_location='cpu')
+    marker = tmp_path / 'ran'
+    checkpoint['meta']['note'] = _Payload(marker)
+    torch.save(checkpoint, tmp_path / 'payload.pth')
+    # turns torch's default weights_only=True off where none is passed
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+    code, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
+                         tmp_path / 'payload.pth', '--work-dir',
+                         tmp_path / 'work', expect_ok=False)
+    assert code != 0 and 'holds objects that are not allowed' in log, \
+        log[-3000:]
+    assert not marker.exists()
+
+
+def test_test_tool_checks_subnets_and_out_first(digits, qat_run, tmp_path):
+    """A SubNet naming an unknown layer and an --out in a missing folder
+    stop the run before the checkpoint is even read."""
+    work, _ = qat_run
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
+    for options, message in (
+            (['--subnets', bad], "bad.json': layer 'backbone.nope' is not "
+             'a quantized layer'),
+            (['--out', tmp_path / 'missing' / 'm.json'],
+             'its folder does not exist')):
+        code, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
+                             work / 'epoch_2.pth', '--work-dir',
+                             tmp_path / 'work', *options, expect_ok=False)
+        assert code != 0 and message in log, log[-3000:]
+        assert 'checkpoint by' not in log
+
+
+def test_resume_with_other_bits_names_both(digits, qat_run):
+    work, _ = qat_run
+    code, log = run_tool(osp.join(TOOLS, 'train.py'), digits['qat_cfg'],
+                         '--work-dir', digits['folder'] / 'resume_bits',
+                         '--resume', work / 'epoch_1.pth', '--cfg-options',
+                         'model.quantizer.bits=[4,2]', expect_ok=False)
+    assert code != 0, log[-3000:]
+    assert 'was saved with bits=[8, 6, 4, 2], the model has bits=[4, 2]' \
+        in log, log[-3000:]
 
 
 def test_export_int_reloads_bit_exact(digits, qat_run):
