@@ -1,4 +1,4 @@
-# Mixed precision (docs/method.md, HASB and SubNet search): ResNet50
+# Mixed precision (docs/method.md, HASB; SubNet search): ResNet50
 # {8,6,4,2} SuperNet with HASB, then SubNets by tools/search_subnet.py;
 # the paper's mixed-precision result is 75.06 top-1 at an
 # average of 3 bits. Needs the multi-precision checkpoint of
