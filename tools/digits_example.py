@@ -98,8 +98,9 @@ def main():
               int_path], osp.join(work, 'export.log'))
 
     fp_top1 = fp['accuracy/top1']
+    threads = f'{args.threads} thread' + ('s' if args.threads > 1 else '')
     print(f'[4/4] test accuracy (top-1, %) per bit-width (seed {args.seed}, '
-          f'{args.threads} threads)\n')
+          f'{threads})\n')
     print('| model | top-1 | vs FP32 |\n|---|---|---|')
     print(f'| FP32 | {fp_top1:.2f} | |')
     for bit in (8, 6, 4, 2):
