@@ -4,7 +4,13 @@ QAT from the FP32 checkpoint, then the per-bit test table and the integer
 export. Every step is the ordinary tool a user runs (tools/train.py,
 tools/test.py, tools/export_int.py).
 
-    python tools/digits_example.py [--work-dir work_dirs/digits]
+    python tools/digits_example.py [--work-dir work_dirs/digits] [--seed 0]
+        [--threads N]
+
+The numbers are bit-identical for the same seed and thread count on the
+same machine and software: every step runs with the thread count printed
+with the results (sums split over other thread counts round differently,
+and training carries such differences on).
 """
 import argparse
 import json
@@ -64,9 +70,18 @@ def main():
     parser.add_argument('--fp32-epochs', type=int, default=30)
     parser.add_argument('--qat-epochs', type=int, default=10)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--threads', type=int,
+                        help="intra-op threads of every step (default: "
+                        "torch's, i.e. OMP_NUM_THREADS or the cores)")
     args = parser.parse_args()
     work = osp.abspath(args.work_dir)
     root = osp.abspath(args.data_root)
+    if args.threads is None:
+        import torch
+        args.threads = torch.get_num_threads()
+    if args.threads < 1:
+        raise SystemExit(f'--threads must be >= 1, got {args.threads}')
+    os.environ['OMP_NUM_THREADS'] = str(args.threads)  # the tools inherit it
 
     sys.path.insert(0, HERE)
     from prepare_digits import write_digits
@@ -83,7 +98,9 @@ def main():
               int_path], osp.join(work, 'export.log'))
 
     fp_top1 = fp['accuracy/top1']
-    print('[4/4] test accuracy (top-1, %) per bit-width\n')
+    threads = f'{args.threads} thread' + ('s' if args.threads > 1 else '')
+    print(f'[4/4] test accuracy (top-1, %) per bit-width (seed {args.seed}, '
+          f'{threads})\n')
     print('| model | top-1 | vs FP32 |\n|---|---|---|')
     print(f'| FP32 | {fp_top1:.2f} | |')
     for bit in (8, 6, 4, 2):

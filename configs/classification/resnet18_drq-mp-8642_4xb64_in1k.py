@@ -1,5 +1,6 @@
-# Mixed precision (paper §4): ResNet18 {8,6,4,2} SuperNet with HASB, then
-# SubNets by tools/search_subnet.py; the paper reports 68.85 top-1 at an
+# Mixed precision (docs/method.md, HASB; SubNet search): ResNet18
+# {8,6,4,2} SuperNet with HASB, then SubNets by tools/search_subnet.py;
+# the paper's mixed-precision result is 68.85 top-1 at an
 # average of 3 bits. Starts from the multi-precision checkpoint of
 # resnet18_drq-8642_4xb64_in1k.py (its switchable BNs seed the transitional
 # ones) and the traces of tools/hessian.py on it:

@@ -1,5 +1,6 @@
-# Mixed precision (paper §4): ResNet50 {8,6,4,2} SuperNet with HASB, then
-# SubNets by tools/search_subnet.py; the paper reports 75.06 top-1 at an
+# Mixed precision (docs/method.md, HASB; SubNet search): ResNet50
+# {8,6,4,2} SuperNet with HASB, then SubNets by tools/search_subnet.py;
+# the paper's mixed-precision result is 75.06 top-1 at an
 # average of 3 bits. Needs the multi-precision checkpoint of
 # resnet50_drq-8642_4xb64_in1k.py and tools/hessian.py traces of it.
 _base_ = './resnet50_drq-8642_4xb64_in1k.py'

@@ -1,4 +1,5 @@
-"""ALRS: per-bit learning rates for the quantization scales (method.md §3).
+"""ALRS: per-bit learning rates for the quantization scales
+(docs/method.md, ALRS).
 
 Scale gradients grow as the bit-width drops (about 10x at 2 bits), so each
 bit's optimizer step scales the lr of the ALRS parameter group by eta_b and

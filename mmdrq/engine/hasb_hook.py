@@ -13,7 +13,7 @@ from mmdrq.registry import HOOKS
 def sigma_schedule(epoch: int, max_epochs: int, sigma_max: float,
                    warmup_epochs: int) -> float:
     """sigma_t = 0 in the warm-up, then sigma_max * (epoch + 1) / E
-    (method.md §4; epochs count from 0)."""
+    (docs/method.md, HASB), epochs counting from 0."""
     if epoch < warmup_epochs:
         return 0.0
     return sigma_max * (epoch + 1) / max_epochs

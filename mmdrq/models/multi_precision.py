@@ -43,9 +43,9 @@ class MultiPrecisionQAT(BaseModel):
     The wrapped model (any mmpretrain, mmdet or mmseg model) is converted by
     ``mmdrq.quantize_model``; its data preprocessor is reused. Each training
     iteration walks the bits from highest to lowest: forward, backward,
-    optimizer step (method.md §3), or, with ``loss_mode='sum'``, one step on
-    the summed losses. Prediction and validation run at the current bit (the
-    per-bit loops switch it).
+    optimizer step (docs/method.md, Multi-precision training), or, with
+    ``loss_mode='sum'``, one step on the summed losses. Prediction and
+    validation run at the current bit (the per-bit loops switch it).
 
     FP32 weights load through the usual ``load_from`` / ``init_cfg``: a
     checkpoint of the bare model (keys without ``architecture.``, one BN per

@@ -1,4 +1,5 @@
-"""PS-KD self-distillation targets for classification (method.md §3).
+"""PS-KD self-distillation targets for classification (docs/method.md,
+PS-KD).
 
 Soft target of a sample at epoch t: ``(1 - a_t) onehot(y) + a_t p_prev(x)``
 with ``p_prev`` the highest bit's softmax for that sample in the previous

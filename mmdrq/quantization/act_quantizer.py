@@ -1,4 +1,5 @@
-"""Per-bit activation quantizer: one learned scalar scale per bit-width."""
+"""Per-bit activation quantizer: one learned scalar scale per bit-width
+(docs/method.md, Activation quantizer)."""
 from typing import Sequence, Union
 
 import torch

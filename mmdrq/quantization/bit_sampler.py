@@ -1,4 +1,5 @@
-"""Per-layer stochastic bit switching for mixed-precision SuperNet training.
+"""Per-layer stochastic bit switching for mixed-precision SuperNet training
+(docs/method.md, HASB).
 
 Inside each forward of the multi-precision loop (global bit b), every layer
 keeps b with probability 1 - sigma_t, or draws a bit from its own

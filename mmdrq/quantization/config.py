@@ -16,7 +16,7 @@ class QuantizeConfig:
         skip: regular expressions (``re.fullmatch`` on module names) of
             layers to keep in FP; each must match at least one layer.
         skip_first_last: also keep the first layer and the prediction layers
-            in FP (method.md §2).
+            in FP (docs/method.md, Which layers are quantized).
         weight_quantizer: config of the weight quantizer
             (``DoubleRoundingQuantizer`` options).
         act_quantizer: config of the input quantizer, or None for

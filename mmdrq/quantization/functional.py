@@ -1,4 +1,5 @@
-"""Double Rounding as tensor functions, with their straight-through gradients.
+"""Double Rounding as tensor functions, with their straight-through gradients
+(docs/method.md, Weight quantizer; Gradients and the LSQ scale gradient).
 
 Everything here is stateless. ``fake_quant_bits`` (several bit-widths from
 one first rounding) is the one autograd entry point; ``fake_quant`` is its

@@ -1,4 +1,5 @@
-"""Switchable BatchNorm: one BN per bit-width (multi-precision training)."""
+"""Switchable BatchNorm: one BN per bit-width (multi-precision training;
+docs/method.md, Switchable and transitional BN)."""
 import copy
 from typing import Optional, Sequence
 

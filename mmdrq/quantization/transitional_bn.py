@@ -1,6 +1,7 @@
 """Transitional BatchNorm: one BN per (input bit, own bit) pair, for mixed
 precision, where a layer's output statistics depend on its own bit and on
-the bit of the layer that produced its input."""
+the bit of the layer that produced its input (docs/method.md, Switchable
+and transitional BN)."""
 import copy
 from typing import Callable, List, Optional, Sequence
 

@@ -1,4 +1,5 @@
-"""The Double Rounding weight quantizer: one learned scale shared by all bits."""
+"""The Double Rounding weight quantizer: one learned scale shared by all bits
+(formulas, options, defaults: docs/method.md, Weight quantizer)."""
 import contextlib
 from typing import Sequence
 

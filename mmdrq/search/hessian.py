@@ -1,4 +1,5 @@
-"""Per-layer Hessian traces by Hutchinson's estimator (method.md §4).
+"""Per-layer Hessian traces by Hutchinson's estimator (docs/method.md,
+Hessian traces).
 
 tr(H_l) = E[v_l . (H v)_l] for Rademacher probes v; ``H v`` comes from a
 double backward. mmdrq's fake quantization (``_FakeQuant``) is twice

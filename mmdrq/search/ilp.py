@@ -1,4 +1,5 @@
-"""SubNet search as an integer linear program (scipy.optimize.milp).
+"""SubNet search as an integer linear program (scipy.optimize.milp;
+docs/method.md, SubNet search).
 
 One-hot binaries x[l, b] choose each layer's bit under one budget (average
 bit-width, BitOps or model size, counted by ``mmdrq.search.counting``).

@@ -37,8 +37,9 @@ def synthetic_batch(num_classes=1000, size=64, count=2):
     return dict(
         inputs=[torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
                 for _ in range(count)],
-        data_samples=[DataSample().set_gt_label(i % num_classes)
-                      for i in range(count)])
+        # sample_idx, as datasets set it: PS-KD keeps predictions by it
+        data_samples=[DataSample(metainfo=dict(sample_idx=i))
+                      .set_gt_label(i % num_classes) for i in range(count)])
 
 
 def test_there_are_configs():
