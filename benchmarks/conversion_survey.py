@@ -22,7 +22,7 @@ import traceback
 import torch
 
 import mmdrq
-from mmdrq.quantization.layers import _QuantLayer
+from mmdrq.quantization.layers import QuantLayer
 
 SCOPES = {'mmpretrain': 'mmpretrain', 'mmdet': 'mmdet', 'mmseg': 'mmseg'}
 SKIP_DIRS = {'_base_', 'common', 'benchmarks', 'misc', 'legacy_1.x'}
@@ -65,7 +65,7 @@ def survey_one(package, path):
     registry = importlib.import_module(f'{package}.registry').MODELS
     model = registry.build(model_cfg)
     mmdrq.quantize_model(model, bits=[8, 4])
-    layers = [m for m in model.modules() if isinstance(m, _QuantLayer)]
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
     quantized = len(layers)
     reasons = collections.Counter()
     for _, kind, status in model.mmdrq_report:

@@ -86,16 +86,15 @@ def build_model_from_config(cfg: Config):
     """
     from mmengine.registry import MODELS, init_default_scope
 
+    from mmdrq.models import architecture_of
     from mmdrq.quantization import quantize_model
     init_default_scope(cfg.get('default_scope', 'mmdrq'))
     model_cfg = cfg.model.copy()
     if cfg.get('data_preprocessor') is not None:
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     model = MODELS.build(model_cfg)
-    architecture = getattr(model, 'architecture', None)
-    if architecture is not None and \
-            getattr(architecture, 'mmdrq_config', None) is not None:
-        return model, architecture
+    if architecture_of(model) is not model:  # mmdrq's QAT wrapper
+        return model, architecture_of(model)
     if 'quantizer' not in cfg:
         raise KeyError(f'config model type {cfg.model.get("type")!r} is not '
                        'an mmdrq wrapper and the config has no top-level '

@@ -14,7 +14,8 @@ import torch
 from mmengine.logging import MessageHub, print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
-from mmdrq.quantization import check_bits
+from mmdrq.models import PerBitOptimWrapper
+from mmdrq.quantization import check_bit, check_bits
 from mmdrq.registry import OPTIM_WRAPPERS
 
 ALRS_MODES = ('fixed', 'adaptive', 'off')
@@ -29,7 +30,7 @@ def fixed_eta(bit: int, highest: int) -> float:
     return 5 * 10.0**(-(d + 1) / 2)
 
 
-class ALRSMixin:
+class ALRSMixin(PerBitOptimWrapper):
     """Per-bit lr scaling of the param groups marked ``alrs=True``.
 
     Modes:
@@ -64,10 +65,7 @@ class ALRSMixin:
         self._told_summed = False
 
     def set_bit(self, bit: int):
-        if bit not in self.bits:
-            raise ValueError(f'bit {bit} is not in optim_wrapper.bits '
-                             f'{list(self.bits)}')
-        self.bit = bit
+        self.bit = check_bit(bit, self.bits, 'optim_wrapper.bit')
 
     def eta(self, bit: Optional[int] = None) -> float:
         bit = self.bit if bit is None else bit

@@ -7,6 +7,7 @@ from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmdrq.models import check_optim_bits, unwrap_model
 from mmdrq.quantization import model_bits
 from mmdrq.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
@@ -50,15 +51,14 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
 
     def __call__(self, model: nn.Module):
-        module = getattr(model, 'module', model)
+        module = unwrap_model(model)
         try:
             bits = model_bits(module)
         except ValueError as e:
             raise ValueError(f'ALRSOptimWrapperConstructor: {e}') from e
         given = self.optim_wrapper_cfg.get('bits')
-        if given is not None and tuple(given) != tuple(bits):
-            raise ValueError(f'optim_wrapper.bits={list(given)} differs from '
-                             f'the quantizer bits={list(bits)}')
+        if given is not None:
+            check_optim_bits(given, bits)
         alrs_ids = {id(p) for p in _alrs_params(module, self.alrs_scope)}
         if not alrs_ids:
             raise ValueError('ALRSOptimWrapperConstructor found no quantizer '

@@ -3,8 +3,8 @@ from typing import Optional
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 
+from mmdrq.models import qat_model_of
 from mmdrq.quantization import get_bits
 from mmdrq.quantization.bit_sampler import BitSampler, hasb_probabilities
 from mmdrq.registry import HOOKS
@@ -55,12 +55,7 @@ class HASBHook(Hook):
 
     @staticmethod
     def _qat_model(runner):
-        model = runner.model.module if is_model_wrapper(runner.model) \
-            else runner.model
-        if not hasattr(model, 'architecture'):
-            raise TypeError('HASBHook needs mmdrq.MultiPrecisionQAT, got '
-                            f'{type(model).__name__}')
-        return model
+        return qat_model_of(runner.model, 'HASBHook')
 
     def before_train(self, runner):
         model = self._qat_model(runner)

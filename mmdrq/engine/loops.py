@@ -10,14 +10,13 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop, ValLoop
 from mmengine.runner.loops import _parse_losses
 
 import torch
 from torch import nn
 
-from mmdrq.models.multi_precision import bit_tag
+from mmdrq.models import architecture_of, bit_tag
 from mmdrq.quantization import (check_bit, check_layer_bits, model_bits,
                                 use_bits)
 from mmdrq.registry import LOOPS
@@ -52,10 +51,8 @@ class _MultiBitMixin:
 
     def _init_settings(self, bits, subnets, key, measure_speed=False):
         self.measure_speed = measure_speed
-        model = self.runner.model
-        model = model.module if is_model_wrapper(model) else model
         # SubNet files name layers of the converted model, not the wrapper
-        model = getattr(model, 'architecture', model)
+        model = architecture_of(self.runner.model)
         available = model_bits(model)
         if bits == 'all':
             bits = list(available)

@@ -11,10 +11,10 @@ import re
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.runner import find_latest_checkpoint
 from torch import nn
 
+from mmdrq.models import unwrap_model
 from mmdrq.quantization import quantized_layers
 from mmdrq.quantization.meta import check_quantizer_meta, decode_meta
 from mmdrq.registry import HOOKS
@@ -74,8 +74,7 @@ class StrictLoadHook(Hook):
     priority = 'VERY_HIGH'  # before hooks that read the checkpoint (EMA)
 
     def after_load_checkpoint(self, runner, checkpoint: dict):
-        model = runner.model.module if is_model_wrapper(runner.model) \
-            else runner.model
+        model = unwrap_model(runner.model)
         path = runner.cfg.get('load_from') or \
             find_latest_checkpoint(runner.work_dir)
         check_checkpoint(model, checkpoint, f'checkpoint {path!r}')

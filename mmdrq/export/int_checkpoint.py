@@ -24,14 +24,6 @@ FORMAT_VERSION = 1
 META_KEYS = ('bits', 'options', 'model', 'signature')
 
 
-def _quant_layers(model: nn.Module):
-    layers = quantized_layers(model)
-    if not layers:
-        raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
-                         'layers: call mmdrq.quantize_model first')
-    return layers
-
-
 def _signature(model: nn.Module) -> list:
     return [[k, list(v.shape)] for k, v in model.state_dict().items()]
 
@@ -46,7 +38,7 @@ def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
     Returns the size breakdown in bytes: ``int_bytes`` (packed integers),
     ``scale_bytes`` and ``fp32_bytes`` (the same layers' FP32 weights).
     """
-    layers = _quant_layers(model)
+    layers = quantized_layers(model, required=True)
     state = model.state_dict()
     int_weights, sizes = {}, dict(int_bytes=0, scale_bytes=0, fp32_bytes=0)
     for name, module in layers.items():
@@ -126,7 +118,7 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
     if lacking:
         raise ValueError(f'{path!r} lacks {lacking}: an incomplete mmdrq '
                          'integer checkpoint (edited by hand?)')
-    layers = _quant_layers(model)
+    layers = quantized_layers(model, required=True)
     check_quantizer_meta(dict(bits=meta['bits'], options=meta['options']),
                          model, repr(path))
     _check_shapes(dict((k, shape) for k, shape in meta['signature']), model,

@@ -1,4 +1,5 @@
 """One-shot multi-precision QAT around any OpenMMLab model."""
+import abc
 import contextlib
 import logging
 import weakref
@@ -7,7 +8,8 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 from mmengine.logging import print_log
-from mmengine.model import BaseModel, MMDistributedDataParallel
+from mmengine.model import (BaseModel, MMDistributedDataParallel,
+                            is_model_wrapper)
 from mmengine.optim import OptimWrapper
 from torch import nn
 
@@ -29,6 +31,29 @@ CPU_COMPILE_OPTIONS = {'layout_optimization': False}
 # compiled architectures, kept off the module tree so that state dicts,
 # deepcopy (EMA) and pickling never see them
 _COMPILED = weakref.WeakKeyDictionary()
+
+
+class PerBitOptimWrapper(abc.ABC):
+    """What the per-bit train step asks of an optimizer wrapper that treats
+    bits differently (ALRS): told each bit before its step, and given the
+    per-bit losses of ``loss_mode='sum'``. Plain wrappers get neither."""
+    bits: tuple
+
+    @abc.abstractmethod
+    def set_bit(self, bit: int):
+        """The bit whose gradients the next ``update_params`` steps."""
+
+    @abc.abstractmethod
+    def update_summed_params(self, losses: Dict[int, torch.Tensor]):
+        """One step on the per-bit losses ``{bit: loss}`` of one iteration."""
+
+
+def check_optim_bits(optim_bits, model_bits):
+    """The optimizer wrapper's bits must be the model's (ALRS's rates are
+    per bit)."""
+    if tuple(optim_bits) != tuple(model_bits):
+        raise ValueError(f'optim_wrapper.bits={list(optim_bits)} differs '
+                         f'from the quantizer bits={list(model_bits)}')
 
 
 def bit_tag(bit: int) -> str:
@@ -222,20 +247,42 @@ def _sample_index(data) -> torch.Tensor:
     return torch.tensor([s.sample_idx for s in data['data_samples']])
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside an MMEngine model wrapper (DDP, FSDP), else itself."""
+    return model.module if is_model_wrapper(model) else model
+
+
+def qat_model_of(model: nn.Module, user: str) -> 'MultiPrecisionQAT':
+    """The ``MultiPrecisionQAT`` in ``model`` (or inside its wrapper);
+    anything else is an error naming ``user``, the part that needs it."""
+    model = unwrap_model(model)
+    if not isinstance(model, MultiPrecisionQAT):
+        raise TypeError(f'{user} needs mmdrq.MultiPrecisionQAT, got '
+                        f'{type(model).__name__}')
+    return model
+
+
+def architecture_of(model: nn.Module) -> nn.Module:
+    """The converted model that layer names and SubNets refer to: inside a
+    model wrapper and a ``MultiPrecisionQAT``; any other model is its own."""
+    model = unwrap_model(model)
+    return model.architecture if isinstance(model, MultiPrecisionQAT) \
+        else model
+
+
 def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                          data, optim_wrapper: OptimWrapper) -> Dict:
     """The per-bit loop shared by the plain and the DDP wrapper.
 
     ``forward(data, mode)`` runs the (possibly DDP-wrapped) model; the data
-    is preprocessed once for all bits. If the optimizer wrapper has
-    ``set_bit`` (ALRS), it is told the bit before each step; with the
-    summed loss, its ``update_summed_params`` gets the per-bit losses (the
-    per-bit rates then weigh each bit's gradient).
+    is preprocessed once for all bits. A ``PerBitOptimWrapper`` (ALRS) is
+    told the bit before each step; with the summed loss, its
+    ``update_summed_params`` gets the per-bit losses (the per-bit rates
+    then weigh each bit's gradient).
     """
-    wrapper_bits = getattr(optim_wrapper, 'bits', None)
-    if wrapper_bits is not None and tuple(wrapper_bits) != module.bits:
-        raise ValueError(f'optim_wrapper.bits={list(wrapper_bits)} differs '
-                         f'from the quantizer bits={list(module.bits)}')
+    per_bit = isinstance(optim_wrapper, PerBitOptimWrapper)
+    if getattr(optim_wrapper, 'bits', None) is not None:  # any that has them
+        check_optim_bits(optim_wrapper.bits, module.bits)
     with optim_wrapper.optim_context(module):
         data = module.data_preprocessor(data, True)
     targets = None
@@ -268,7 +315,7 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                 log_vars.update(
                     (k + bit_tag(bit), v) for k, v in bit_vars.items())
                 if module.loss_mode == 'per_bit':
-                    if hasattr(optim_wrapper, 'set_bit'):
+                    if per_bit:
                         optim_wrapper.set_bit(bit)
                     optim_wrapper.update_params(loss)
                     total = total + loss.detach()
@@ -280,7 +327,7 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
     if called is not None:
         module.note_called_layers(called)
     if module.loss_mode == 'sum':
-        if hasattr(optim_wrapper, 'update_summed_params'):  # ALRS
+        if per_bit:
             optim_wrapper.update_summed_params(bit_losses)
         else:
             optim_wrapper.update_params(total)
@@ -316,7 +363,7 @@ class MultiPrecisionQATDDP(MMDistributedDataParallel):
     def train_step(self, data, optim_wrapper: OptimWrapper) -> Dict:
         alrs_mode = getattr(optim_wrapper, 'mode', 'off')
         if self.module.loss_mode == 'sum' and alrs_mode != 'off' and \
-                hasattr(optim_wrapper, 'update_summed_params'):
+                isinstance(optim_wrapper, PerBitOptimWrapper):
             raise ValueError(
                 f"loss_mode='sum' with ALRS (optim_wrapper.mode="
                 f"{alrs_mode!r}) runs a backward per bit after all the "

@@ -1,6 +1,7 @@
 """Switch a converted model between bit-widths, globally or per layer.
 
-Switching writes one attribute per quantized module: no pass over weights.
+Switching calls each quantized module's ``set_bit`` (one attribute write):
+no pass over weights.
 """
 import contextlib
 from typing import Dict, Iterator, Mapping, Tuple, Union
@@ -8,7 +9,8 @@ from typing import Dict, Iterator, Mapping, Tuple, Union
 from torch import nn
 
 from .bitwidths import check_bit
-from .layers import BitSwitchable, _QuantLayer, quantized_layers
+from .layers import (BitSwitchable, QuantLayer, not_quantized_error,
+                     quantized_layers)
 
 
 def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -18,12 +20,7 @@ def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             found = True
             yield name, module
     if not found:
-        raise _not_quantized(model)
-
-
-def _not_quantized(model: nn.Module) -> ValueError:
-    return ValueError(f'{type(model).__name__} has no mmdrq quantized '
-                      'layers: call mmdrq.quantize_model(model, ...) first')
+        raise not_quantized_error(model)
 
 
 def model_bits(model: nn.Module) -> tuple:
@@ -34,12 +31,8 @@ def model_bits(model: nn.Module) -> tuple:
 
 def set_bits(model: nn.Module, bit: int) -> nn.Module:
     """Run every quantized layer and switchable BN of ``model`` at ``bit``."""
-    modules = list(_switchables(model))
-    bit = check_bit(bit, modules[0][1].bits)
-    for _, module in modules:
-        module.bit = bit
-        if hasattr(module, 'prev_bit'):
-            module.prev_bit = bit
+    for _, module in _switchables(model):
+        module.set_bit(bit)  # the first one refuses a bad bit
     return model
 
 
@@ -53,14 +46,15 @@ def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
     layer_bits = check_layer_bits(model, layer_bits)
     layers = quantized_layers(model)
     for name, bit in layer_bits.items():
-        layers[name].bit = bit
+        layers[name].set_bit(bit)
     for _, module in _switchables(model):
-        source = getattr(module, 'source', None)
-        if source in layers:
-            module.bit = layers[source].bit
-        previous = getattr(module, 'previous', None)
-        if previous in layers:
-            module.prev_bit = layers[previous].bit
+        source = layers.get(getattr(module, 'source', None))
+        previous = layers.get(getattr(module, 'previous', None))
+        if previous is not None:  # transitional: (previous, source) bits
+            module.set_bit(module.bit if source is None else source.bit,
+                           previous.bit)
+        elif source is not None:
+            module.set_bit(source.bit)
     return model
 
 
@@ -72,9 +66,7 @@ def check_layer_bits(model: nn.Module, layer_bits,
     if not isinstance(layer_bits, Mapping):
         raise TypeError(f'{source} must map quantized layer names to bits, '
                         f'got {layer_bits!r}')
-    layers = quantized_layers(model)
-    if not layers:
-        raise _not_quantized(model)
+    layers = quantized_layers(model, required=True)
     checked = {}
     for name, bit in layer_bits.items():
         if name not in layers:
@@ -92,7 +84,7 @@ def check_layer_bits(model: nn.Module, layer_bits,
 def get_bits(model: nn.Module) -> Dict[str, int]:
     """Current bit of every quantized layer, by module name."""
     return {name: m.bit for name, m in _switchables(model)
-            if isinstance(m, _QuantLayer)}
+            if isinstance(m, QuantLayer)}
 
 
 @contextlib.contextmanager
@@ -109,6 +101,7 @@ def use_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
         yield model
     finally:
         for module, bit, prev_bit in saved:
-            module.bit = bit
-            if prev_bit is not None:
-                module.prev_bit = prev_bit
+            if prev_bit is None:
+                module.set_bit(bit)
+            else:
+                module.set_bit(bit, prev_bit)

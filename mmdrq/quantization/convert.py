@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import QuantizeConfig, make_config
-from .layers import BitSwitchable, QConv2d, QLinear, _QuantLayer
+from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
 from .switchable_bn import SwitchableBatchNorm
 
 # Last name components of prediction layers in OpenMMLab heads (fc,
@@ -180,7 +180,7 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
             rows.append((name, type(module).__name__, 'FP: skip pattern'))
             continue
         source: Optional[str] = None
-        if previous is not None and isinstance(previous[1], _QuantLayer) \
+        if previous is not None and isinstance(previous[1], QuantLayer) \
                 and previous[1].weight.shape[0] == module.num_features:
             source = previous[0]
         _replace(model, name, SwitchableBatchNorm(module, cfg.bits, source))

@@ -29,10 +29,12 @@ class BitSwitchable:
     bit: int
 
     def set_bit(self, bit: int):
+        """Run at ``bit``, one of ``bits``: the one writer of ``self.bit``
+        (bit control calls it)."""
         self.bit = check_bit(bit, self.bits)
 
 
-class _QuantLayer(BitSwitchable):
+class QuantLayer(BitSwitchable):
     """Shared behaviour of quantized layers: build from a float layer,
     quantize the input and the weight, cache the weight in eval mode."""
 
@@ -182,14 +184,27 @@ def recording_calls(model: nn.Module):
             handle.remove()
 
 
-def quantized_layers(model: nn.Module) -> dict:
-    """``model``'s quantized layers by module name, in module order."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, _QuantLayer)}
+def not_quantized_error(model: nn.Module) -> ValueError:
+    """The one error for a model that has not been converted."""
+    return ValueError(f'{type(model).__name__} has no mmdrq quantized '
+                      'layers: call mmdrq.quantize_model(model, ...) first')
+
+
+def quantized_layers(model: nn.Module, required: bool = False) -> dict:
+    """``model``'s quantized layers by module name, in module order; with
+    ``required``, a model without any is an error."""
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(module, QuantLayer)}
+    if required and not layers:
+        raise not_quantized_error(model)
+    return layers
+
+
+_QuantLayer = QuantLayer  # the former private name (merging branches)
 
 
 @MODELS.register_module()
-class QConv2d(_QuantLayer, nn.Conv2d):
+class QConv2d(QuantLayer, nn.Conv2d):
     """nn.Conv2d whose input and weight are fake-quantized at ``self.bit``.
 
     Groups, dilation, padding modes and bias behave as in nn.Conv2d; the
@@ -221,7 +236,7 @@ class QConv2d(_QuantLayer, nn.Conv2d):
 
 
 @MODELS.register_module()
-class QLinear(_QuantLayer, nn.Linear):
+class QLinear(QuantLayer, nn.Linear):
     """nn.Linear whose input and weight are fake-quantized at ``self.bit``."""
 
     def __init__(self, *args, bits=(8, 6, 4, 2),

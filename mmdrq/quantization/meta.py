@@ -14,10 +14,7 @@ from .layers import quantized_layers
 def quantizer_meta(model: nn.Module) -> dict:
     """``dict(bits=[...], options=dict(variant, rounding, per_channel))`` of
     ``model``'s quantized layers (they share one conversion config)."""
-    layers = quantized_layers(model)
-    if not layers:
-        raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
-                         'layers: call mmdrq.quantize_model first')
+    layers = quantized_layers(model, required=True)
     first = next(iter(layers.values()))
     quantizer = first.weight_quantizer
     return dict(bits=list(first.bits),

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence
 from torch import nn
 
 from mmdrq.registry import MODELS
-from .bitwidths import check_bits
+from .bitwidths import check_bit, check_bits
 from .graph import input_producers
 from .layers import BitSwitchable
 from .switchable_bn import SwitchableBatchNorm
@@ -63,6 +63,13 @@ class TransitionalBatchNorm(BitSwitchable, nn.Module):
                     if value is not None:
                         state_dict.setdefault(f'{prefix}bns.{p}_{c}.{key}',
                                               value)
+
+    def set_bit(self, bit: int, prev_bit: Optional[int] = None):
+        """Run at ``bit`` after a layer at ``prev_bit`` (default: ``bit``,
+        one bit for the whole model)."""
+        super().set_bit(bit)
+        self.prev_bit = self.bit if prev_bit is None else \
+            check_bit(prev_bit, self.bits, 'prev_bit')
 
     def forward(self, x):
         key = f'{self.prev_bit}_{self.bit}' if self.previous is not None \

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from mmdrq.models import architecture_of
 from mmdrq.quantization.bit_control import model_bits, use_bits
 from mmdrq.quantization.layers import quantized_layers
 from mmdrq.utils import atomic_write
@@ -133,23 +134,12 @@ def hutchinson_traces(loss_fn: Callable, params: Dict[str, torch.Tensor],
     return result
 
 
-def _architecture(model: nn.Module) -> nn.Module:
-    """The converted model: the wrapper's ``architecture``, else itself."""
-    from mmdrq.models.multi_precision import MultiPrecisionQAT
-    return model.architecture if isinstance(model, MultiPrecisionQAT) \
-        else model
-
-
 def quantized_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
     """The weights of ``model``'s quantized layers by module name, relative
     to the converted architecture (no ``architecture.`` for the wrapper),
     as ``mmdrq.get_bits`` and SubNet files name them."""
-    arch = _architecture(model)
-    weights = {n: m.weight for n, m in quantized_layers(arch).items()}
-    if not weights:
-        raise ValueError(f'{type(arch).__name__} has no mmdrq quantized '
-                         'layers: call mmdrq.quantize_model first')
-    return weights
+    layers = quantized_layers(architecture_of(model), required=True)
+    return {name: module.weight for name, module in layers.items()}
 
 
 class _FirstSamples:
@@ -188,7 +178,7 @@ def model_traces(model: nn.Module, data_loader: Iterable,
     """
     if int(num_samples) < 1:
         raise ValueError(f'num_samples must be >= 1, got {num_samples!r}')
-    params, arch = quantized_weights(model), _architecture(model)
+    params, arch = quantized_weights(model), architecture_of(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def loss_fn(batch):
@@ -222,7 +212,7 @@ def save_traces(path: str, traces: Dict[str, dict], meta: dict,
     if bad:
         raise ValueError(f'non-finite traces of layers {bad[:5]}: the loss '
                          'is NaN/inf on these batches; nothing written')
-    name = None if model is None else type(_architecture(model)).__name__
+    name = None if model is None else type(architecture_of(model)).__name__
     content = dict(format=FORMAT, model=name, layers=traces, meta=meta)
     atomic_write(path, lambda f: f.write(
         json.dumps(content, indent=1).encode()))

@@ -146,7 +146,7 @@ def test_bad_inputs_name_key_and_value(small_classifier):
     with pytest.raises(ValueError, match="alrs_scope.*'all'"):
         build_optim_wrapper(model, alrs_cfg(alrs_scope='all'))
     wrapper = build_optim_wrapper(model, alrs_cfg())
-    with pytest.raises(ValueError, match='bit 3'):
+    with pytest.raises(ValueError, match='optim_wrapper.bit=3'):
         wrapper.set_bit(3)
     # a plain optimizer (no alrs group) handed to the wrapper directly
     with pytest.raises(ValueError, match='no quantizer parameters'):
