@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mmdrq.registry import MODELS
-from .bitwidths import check_bits, signed_range, unsigned_range
+from .bitwidths import check_bit, check_bits, signed_range, unsigned_range
 from .functional import fake_quant, lsq_grad_scale
 
 _MAX_INIT_SAMPLES = 1 << 20
@@ -96,9 +96,7 @@ class ActQuantizer(nn.Module):
         self.initialized[index] = True
 
     def forward(self, x: torch.Tensor, bit: int) -> torch.Tensor:
-        if bit not in self.bits:
-            raise ValueError(
-                f'bit {bit} is not in this quantizer\'s bits {list(self.bits)}')
+        check_bit(bit, self.bits)
         index = self.bits.index(bit)
         if self._signed_py is None:
             sign = int(self.signed)

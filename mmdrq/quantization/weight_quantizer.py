@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mmdrq.registry import MODELS
-from .bitwidths import check_bits, signed_range
+from .bitwidths import check_bit, check_bits, signed_range
 from .functional import (ROUNDINGS, fake_quant_bits, lsq_grad_scale,
                          quantize_int)
 
@@ -144,9 +144,7 @@ class DoubleRoundingQuantizer(nn.Module):
 
     def _plan(self, bit: int):
         """(stored range, shift, target range) of ``bit`` for this variant."""
-        if bit not in self.bits:
-            raise ValueError(
-                f'bit {bit} is not in this quantizer\'s bits {list(self.bits)}')
+        check_bit(bit, self.bits)
         if self.variant == 'unshared':
             return signed_range(bit), 0, signed_range(bit)
         return signed_range(self.bits[0]), self.bits[0] - bit, \
