@@ -13,13 +13,16 @@ import json
 import os
 import os.path as osp
 import statistics
-import sys
+
+from mmdrq.datasets import write_digits
+from mmdrq.utils.tool_runs import train_and_test
 
 HERE = osp.dirname(osp.abspath(__file__))
-sys.path.insert(0, osp.join(HERE, '..', 'tools'))
-from digits_example import (FP32_CONFIG, QAT_CONFIG,  # noqa: E402
-                            train_and_test)
-from prepare_digits import write_digits  # noqa: E402
+ROOT = osp.dirname(HERE)
+TOOLS = osp.join(ROOT, 'tools')
+DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
+FP32_CONFIG, QAT_CONFIG = (osp.join(DIGITS, f'resnet_digits_{name}.py')
+                           for name in ('fp32', 'drq_8642'))
 
 BITS = (8, 6, 4, 2)
 VARIANTS = {
@@ -73,12 +76,12 @@ def main():
     raw.update({name: {b: [] for b in BITS} for name in VARIANTS})
     for seed in args.seeds:
         fp, fp_ckpt, _ = train_and_test(
-            FP32_CONFIG, osp.join(work, f'seed{seed}', 'fp32'), root,
+            TOOLS, FP32_CONFIG, osp.join(work, f'seed{seed}', 'fp32'), root,
             args.fp32_epochs, seed)
         raw['fp32'].append(fp['accuracy/top1'])
         for name, options in VARIANTS.items():
             metrics, _, seconds = train_and_test(
-                QAT_CONFIG, osp.join(work, f'seed{seed}', name), root,
+                TOOLS, QAT_CONFIG, osp.join(work, f'seed{seed}', name), root,
                 args.qat_epochs, seed, [f'load_from={fp_ckpt}', *options])
             for b in BITS:
                 raw[name][b].append(metrics[f'accuracy/top1@w{b}a{b}'])

@@ -13,15 +13,16 @@ import argparse
 import json
 import os
 import os.path as osp
-import sys
+
+from mmdrq.datasets import write_digits
+from mmdrq.utils.tool_runs import data_options, run_tool, train_and_test
 
 HERE = osp.dirname(osp.abspath(__file__))
-TOOLS = osp.join(HERE, '..', 'tools')
-sys.path.insert(0, TOOLS)
-from digits_example import (CONFIGS, FP32_CONFIG, QAT_CONFIG,  # noqa: E402
-                            data_options, run_tool, train_and_test)
-from prepare_digits import write_digits  # noqa: E402
-
+ROOT = osp.dirname(HERE)
+TOOLS = osp.join(ROOT, 'tools')
+CONFIGS = osp.join(ROOT, 'configs', 'classification', 'digits')
+FP32_CONFIG = osp.join(CONFIGS, 'resnet_digits_fp32.py')
+QAT_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq_8642.py')
 MP_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq-mp_8642.py')
 
 
@@ -36,11 +37,12 @@ def main():
     args = parser.parse_args()
     work, root = osp.abspath(args.work_dir), osp.abspath(args.data_root)
     write_digits(root)
-    _, fp_ckpt, _ = train_and_test(FP32_CONFIG, osp.join(work, 'fp32'), root,
+    _, fp_ckpt, _ = train_and_test(TOOLS, FP32_CONFIG,
+                                   osp.join(work, 'fp32'), root,
                                    args.fp32_epochs, args.seed)
     multi, mp_ckpt, _ = train_and_test(
-        QAT_CONFIG, osp.join(work, 'multi'), root, args.qat_epochs, args.seed,
-        [f'load_from={fp_ckpt}'])
+        TOOLS, QAT_CONFIG, osp.join(work, 'multi'), root, args.qat_epochs,
+        args.seed, [f'load_from={fp_ckpt}'])
     traces = osp.join(work, 'traces.json')
     run_tool([osp.join(TOOLS, 'hessian.py'), QAT_CONFIG, mp_ckpt, '--out',
               traces, '--num-samples', '512', '--cfg-options',
@@ -50,7 +52,7 @@ def main():
                        ('uniform', ['custom_hooks.0.uniform=True',
                                     'custom_hooks.0.traces=None'])):
         _, ckpt, _ = train_and_test(
-            MP_CONFIG, osp.join(work, name), root, args.supernet_epochs,
+            TOOLS, MP_CONFIG, osp.join(work, name), root, args.supernet_epochs,
             args.seed, [f'load_from={mp_ckpt}', *hook])
         objectives = ('trace_bits', 'perturbation') if name == 'hasb' \
             else ('trace_bits', )

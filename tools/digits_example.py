@@ -13,54 +13,17 @@ with the results (sums split over other thread counts round differently,
 and training carries such differences on).
 """
 import argparse
-import json
 import os
 import os.path as osp
-import subprocess
-import sys
-import time
+
+from mmdrq.datasets import write_digits
+from mmdrq.quantization.bitwidths import bit_name, bit_tag
+from mmdrq.utils.tool_runs import run_tool, train_and_test
 
 HERE = osp.dirname(osp.abspath(__file__))
 CONFIGS = osp.join(HERE, '..', 'configs', 'classification', 'digits')
 FP32_CONFIG = osp.join(CONFIGS, 'resnet_digits_fp32.py')
 QAT_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq_8642.py')
-
-
-def run_tool(args, log_path) -> float:
-    """Run ``python tools/<args>`` with output to ``log_path``; seconds."""
-    start = time.time()
-    with open(log_path, 'w') as log:
-        done = subprocess.run([sys.executable] + [str(a) for a in args],
-                              stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode:
-        with open(log_path) as f:
-            tail = f.read()[-3000:]
-        raise SystemExit(f'{" ".join(map(str, args))} failed:\n{tail}')
-    return time.time() - start
-
-
-def data_options(root):
-    return [f'{k}_dataloader.dataset.data_root={root}'
-            for k in ('train', 'val', 'test')]
-
-
-def train_and_test(config, work, root, epochs, seed, options=()):
-    """Train ``config`` for ``epochs`` then test it; returns (metrics,
-    checkpoint path, training seconds)."""
-    os.makedirs(work, exist_ok=True)
-    seconds = run_tool(
-        [osp.join(HERE, 'train.py'), config, '--work-dir', work,
-         '--cfg-options', f'train_cfg.max_epochs={epochs}',
-         f'train_cfg.val_interval={epochs}', f'param_scheduler.T_max={epochs}',
-         f'randomness.seed={seed}', *data_options(root), *options],
-        osp.join(work, 'train.log'))
-    ckpt = osp.join(work, f'epoch_{epochs}.pth')
-    out = osp.join(work, 'test_metrics.json')
-    run_tool([osp.join(HERE, 'test.py'), config, ckpt, '--work-dir', work,
-              '--out', out, '--cfg-options', *data_options(root)],
-             osp.join(work, 'test.log'))
-    with open(out) as f:
-        return json.load(f), ckpt, seconds
 
 
 def main():
@@ -83,14 +46,12 @@ def main():
         raise SystemExit(f'--threads must be >= 1, got {args.threads}')
     os.environ['OMP_NUM_THREADS'] = str(args.threads)  # the tools inherit it
 
-    sys.path.insert(0, HERE)
-    from prepare_digits import write_digits
     print(f'[1/4] digits dataset in {root}: {write_digits(root)}', flush=True)
-    fp, fp_ckpt, t = train_and_test(FP32_CONFIG, osp.join(work, 'fp32'), root,
-                                    args.fp32_epochs, args.seed)
+    fp, fp_ckpt, t = train_and_test(HERE, FP32_CONFIG, osp.join(work, 'fp32'),
+                                    root, args.fp32_epochs, args.seed)
     print(f'[2/4] FP32 training: {t:.0f} s', flush=True)
     qat, qat_ckpt, t = train_and_test(
-        QAT_CONFIG, osp.join(work, 'drq_8642'), root, args.qat_epochs,
+        HERE, QAT_CONFIG, osp.join(work, 'drq_8642'), root, args.qat_epochs,
         args.seed, [f'load_from={fp_ckpt}'])
     print(f'[3/4] one-shot {{8,6,4,2}} QAT: {t:.0f} s', flush=True)
     int_path = osp.join(work, 'digits_int8.pth')
@@ -104,8 +65,8 @@ def main():
     print('| model | top-1 | vs FP32 |\n|---|---|---|')
     print(f'| FP32 | {fp_top1:.2f} | |')
     for bit in (8, 6, 4, 2):
-        top1 = qat[f'accuracy/top1@w{bit}a{bit}']
-        print(f'| w{bit}a{bit} | {top1:.2f} | {top1 - fp_top1:+.2f} |')
+        top1 = qat['accuracy/top1' + bit_tag(bit)]
+        print(f'| {bit_name(bit)} | {top1:.2f} | {top1 - fp_top1:+.2f} |')
     print(f'\ninteger checkpoint: {int_path} '
           f'({osp.getsize(int_path):,} bytes); logs in {work}')
 

@@ -16,9 +16,9 @@ import os
 from mmengine.config import DictAction
 
 import mmdrq
-from mmdrq.engine.loops import load_subnet
 from mmdrq.export.int_checkpoint import is_int_checkpoint
-from mmdrq.tools_common import load_trained
+from mmdrq.search.subnet import load_subnet
+from mmdrq.apis import load_trained
 
 
 def check_output(checkpoint: str, out: str, force: bool):
@@ -55,7 +55,8 @@ def main():
     check_output(args.checkpoint, args.out, args.force)
     _, _, quantized = load_trained(args.config, args.checkpoint,
                                    args.cfg_options)
-    layer_bits = load_subnet(args.subnet) if args.subnet else None
+    layer_bits = load_subnet(args.subnet, quantized) \
+        if args.subnet else None
     sizes = mmdrq.save_int(quantized, args.out, layer_bits=layer_bits)
     stored = sizes['int_bytes'] + sizes['scale_bytes']
     print(f'wrote {args.out}: {os.path.getsize(args.out):,} bytes; quantized '

@@ -23,7 +23,7 @@ from mmengine.utils import ProgressBar
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.quantization import model_bits
 from mmdrq.search.hessian import model_traces, save_traces
-from mmdrq.tools_common import build_model_from_config
+from mmdrq.apis import build_model_from_config
 
 # state an FP32 checkpoint lacks (MultiPrecisionQAT's bits and options too)
 QUANTIZER_STATE = ('weight_quantizer.', 'act_quantizer.', '_extra_state')

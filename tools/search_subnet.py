@@ -22,7 +22,6 @@ retraining; the results go to ``search.json`` and a Pareto plot
 ``pareto_<kind>.png`` (metric vs budget, uniform bits alongside).
 """
 import argparse
-import json
 import os.path as osp
 
 import numpy as np
@@ -33,14 +32,17 @@ from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.quantization import model_bits
+from mmdrq.quantization.bitwidths import bit_name, split_tag, tag
 from mmdrq.search.counting import (BUDGET_KINDS, fp_bytes, layer_costs,
                                    subnet_cost)
 from mmdrq.search.hessian import load_traces
 from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, feasible_range,
                               pareto_sweep)
 from mmdrq.search.perturbation import weight_perturbations
-from mmdrq.tools_common import load_trained, prepare_launch
-from mmdrq.utils import atomic_write
+from mmdrq.search.subnet import save_subnet
+from mmdrq.apis import load_trained
+from mmdrq.tools_common import prepare_launch
+from mmdrq.utils import atomic_write_json
 
 
 def parse_args():
@@ -100,11 +102,6 @@ def check_input_channels(arch: nn.Module, shape):
             f'conv takes {first.in_channels} input channels)')
 
 
-def write_json(path, content):
-    atomic_write(path, lambda f: f.write(
-        json.dumps(content, indent=1).encode()))
-
-
 def main():
     args = parse_args()
     cfg, model, arch = load_trained(args.config, args.checkpoint,
@@ -135,12 +132,12 @@ def main():
                      objective=row['objective'],
                      **measures(row['layer_bits'], costs, fp))
         path = osp.join(args.work_dir, name + '.json')
-        write_json(path, entry)
+        save_subnet(path, model=arch, **entry)
         subnets.append(entry)
         files.append(path)
         print(f'{name}: avg bits {entry["avg_bits"]:.2f}, BitOps '
               f'{entry["bitops"]:.3e}, size {entry["size"]:,.0f} B')
-    uniform = [dict(name=f'w{b}a{b}', **measures(
+    uniform = [dict(name=bit_name(b), **measures(
         {n: b for n in costs}, costs, fp)) for b in bits]
     results = dict(kind=args.kind, budget_mode=args.budget_mode,
                    feasible_range=[lo, hi], subnets=subnets, uniform=uniform)
@@ -148,7 +145,7 @@ def main():
         results['metrics'] = evaluate(cfg, args, files)
         attach_metrics(results, args.metric)
         plot(results, osp.join(args.work_dir, f'pareto_{args.kind}.png'))
-    write_json(osp.join(args.work_dir, 'search.json'), results)
+    atomic_write_json(osp.join(args.work_dir, 'search.json'), results)
     print(f'wrote {args.work_dir}/search.json')
 
 
@@ -164,11 +161,11 @@ def evaluate(cfg, args, files):
 
 
 def attach_metrics(results, metric):
-    names = sorted({k.rsplit('@', 1)[0] for k in results['metrics']})
+    names = sorted({split_tag(k)[0] for k in results['metrics']})
     metric = metric or names[0]
     results['metric'] = metric
     for entry in results['subnets'] + results['uniform']:
-        entry[metric] = results['metrics'].get(f'{metric}@{entry["name"]}')
+        entry[metric] = results['metrics'].get(metric + tag(entry['name']))
 
 
 def plot(results, path):

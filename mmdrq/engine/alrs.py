@@ -16,6 +16,7 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
 from mmdrq.models import PerBitOptimWrapper
 from mmdrq.quantization import check_bit, check_bits
+from mmdrq.quantization.bitwidths import bit_name
 from mmdrq.registry import OPTIM_WRAPPERS
 
 ALRS_MODES = ('fixed', 'adaptive', 'off')
@@ -144,7 +145,7 @@ class ALRSMixin(PerBitOptimWrapper):
                 group['lr'] = lr
         if groups:
             MessageHub.get_current_instance().update_scalar(
-                f'train/w{self.bit}a{self.bit}_scale_lr', saved[0] * eta)
+                f'train/{bit_name(self.bit)}_scale_lr', saved[0] * eta)
 
     def update_summed_params(self, losses: Dict[int, torch.Tensor]):
         """``update_params`` on the summed loss of ``loss_mode='sum'``
@@ -194,7 +195,7 @@ class ALRSMixin(PerBitOptimWrapper):
                     weighted[j] = grad if weighted[j] is None else \
                         weighted[j].add_(grad)
             MessageHub.get_current_instance().update_scalar(
-                f'train/w{bit}a{bit}_alrs_eta', eta)
+                f'train/{bit_name(bit)}_alrs_eta', eta)
         for p, old, new in zip(params, earlier, weighted):
             p.grad = new if old is None else \
                 (old if new is None else old.add_(new))

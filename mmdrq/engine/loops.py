@@ -4,50 +4,44 @@ Metrics come back keyed per setting (``accuracy/top1@w4a4``, a SubNet file's
 ``@<name>``), so ``CheckpointHook(save_best='accuracy/top1@w4a4')`` works,
 and a table of all settings is logged at the end.
 """
-import json
-import os.path as osp
 import time
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from mmengine.logging import print_log
 from mmengine.runner import TestLoop, ValLoop
 from mmengine.runner.loops import _parse_losses
 
 import torch
-from torch import nn
 
-from mmdrq.models import architecture_of, bit_tag
-from mmdrq.quantization import (check_bit, check_layer_bits, model_bits,
-                                use_bits)
+from mmdrq.models import architecture_of
+from mmdrq.quantization import check_bit, model_bits, use_bits
+from mmdrq.quantization.bitwidths import bit_tag, split_tag, tag
+from mmdrq.search.subnet import load_subnet, subnet_name
 from mmdrq.registry import LOOPS
 
 
-def load_subnet(path: str, model: Optional[nn.Module] = None
-                ) -> Dict[str, int]:
-    """Per-layer bits of a SubNet file: JSON with ``layer_bits``; with
-    ``model``, checked against its quantized layers and bits."""
-    with open(path) as f:
-        try:
-            content = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'SubNet file {path!r} is not valid JSON: '
-                             f'{e}') from None
-    if not isinstance(content, dict) or \
-            not isinstance(content.get('layer_bits'), dict):
-        raise ValueError(f'SubNet file {path!r} has no "layer_bits" mapping')
-    layer_bits = content['layer_bits']
-    for name, bit in layer_bits.items():
-        if isinstance(bit, bool) or not isinstance(bit, int):
-            raise ValueError(f'SubNet file {path!r}: layer_bits[{name!r}] '
-                             f'must be an integer bit, got {bit!r}')
-    if model is not None:
-        layer_bits = check_layer_bits(model, layer_bits,
-                                      f'SubNet file {path!r}')
-    return layer_bits
-
-
 class _MultiBitMixin:
-    """Shared by both loops: which settings to run, and the run itself."""
+    """Both loops: which settings to run, and the run itself (MMEngine's
+    hooks of ``phase``, 'val' or 'test', around all settings)."""
+    phase: str
+
+    def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
+                 bits: Union[str, int, Sequence[int]] = 'all',
+                 subnets: Optional[Sequence[str]] = None,
+                 measure_speed: bool = False):
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self._init_settings(bits, subnets, f'{self.phase}_cfg', measure_speed)
+
+    def run(self) -> dict:
+        phase = self.phase
+        self.runner.call_hook(f'before_{phase}')
+        self.runner.call_hook(f'before_{phase}_epoch')
+        self.runner.model.eval()
+        metrics = self._run_settings(self.run_iter,
+                                     getattr(self, f'{phase}_loss'), phase)
+        self.runner.call_hook(f'after_{phase}_epoch', metrics=metrics)
+        self.runner.call_hook(f'after_{phase}')
+        return metrics
 
     def _init_settings(self, bits, subnets, key, measure_speed=False):
         self.measure_speed = measure_speed
@@ -63,13 +57,13 @@ class _MultiBitMixin:
             (bit_tag(b), b) for b in bits]
         # every SubNet checked here, before the first setting runs
         for path in subnets or []:
-            name = osp.splitext(osp.basename(path))[0]
-            self.settings.append((f'@{name}', load_subnet(path, model)))
+            self.settings.append((tag(subnet_name(path)),
+                                  load_subnet(path, model)))
         self._quant_model = model
 
     def _run_settings(self, run_iter, losses, phase: str) -> dict:
         all_metrics, rows = {}, []
-        for tag, setting in self.settings:
+        for suffix, setting in self.settings:
             with use_bits(self._quant_model, setting):
                 losses.clear()
                 start = self._clock()
@@ -82,8 +76,8 @@ class _MultiBitMixin:
                     metrics.update(_parse_losses(losses, phase))
                 if self.measure_speed:  # loading + model, not the metric
                     metrics['images_per_s'] = images / max(seconds, 1e-9)
-            rows.append((tag, metrics))
-            all_metrics.update({k + tag: v for k, v in metrics.items()})
+            rows.append((suffix, metrics))
+            all_metrics.update({k + suffix: v for k, v in metrics.items()})
         print_log(f'{phase} metrics per bit-width:\n' + _table(rows),
                   logger='current')
         return all_metrics
@@ -102,10 +96,11 @@ def _table(rows) -> str:
         keys += [k for k in metrics if k not in keys]
     lines = ['| setting | ' + ' | '.join(keys) + ' |',
              '|---' * (len(keys) + 1) + '|']
-    for tag, metrics in rows:
+    for suffix, metrics in rows:
         cells = [f'{metrics[k]:.4f}' if isinstance(metrics.get(k), float)
                  else str(metrics.get(k, '')) for k in keys]
-        lines.append(f'| {tag.lstrip("@")} | ' + ' | '.join(cells) + ' |')
+        name = split_tag(suffix)[1]
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -120,40 +115,10 @@ class MultiBitValLoop(_MultiBitMixin, ValLoop):
             the metric computation) to each setting's metrics.
         Other args as in ``ValLoop``.
     """
-
-    def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
-                 bits: Union[str, int, Sequence[int]] = 'all',
-                 subnets: Optional[Sequence[str]] = None,
-                 measure_speed: bool = False):
-        super().__init__(runner, dataloader, evaluator, fp16)
-        self._init_settings(bits, subnets, 'val_cfg', measure_speed)
-
-    def run(self) -> dict:
-        self.runner.call_hook('before_val')
-        self.runner.call_hook('before_val_epoch')
-        self.runner.model.eval()
-        metrics = self._run_settings(self.run_iter, self.val_loss, 'val')
-        self.runner.call_hook('after_val_epoch', metrics=metrics)
-        self.runner.call_hook('after_val')
-        return metrics
+    phase = 'val'
 
 
 @LOOPS.register_module()
 class MultiBitTestLoop(_MultiBitMixin, TestLoop):
     """TestLoop over bit-widths and SubNets (args as MultiBitValLoop)."""
-
-    def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
-                 bits: Union[str, int, Sequence[int]] = 'all',
-                 subnets: Optional[Sequence[str]] = None,
-                 measure_speed: bool = False):
-        super().__init__(runner, dataloader, evaluator, fp16)
-        self._init_settings(bits, subnets, 'test_cfg', measure_speed)
-
-    def run(self) -> dict:
-        self.runner.call_hook('before_test')
-        self.runner.call_hook('before_test_epoch')
-        self.runner.model.eval()
-        metrics = self._run_settings(self.run_iter, self.test_loss, 'test')
-        self.runner.call_hook('after_test_epoch', metrics=metrics)
-        self.runner.call_hook('after_test')
-        return metrics
+    phase = 'test'

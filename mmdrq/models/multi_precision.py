@@ -16,6 +16,7 @@ from torch import nn
 from mmdrq.quantization import (model_bits, quantize_model,
                                 quantized_layers, quantizers_ready,
                                 recording_calls, set_bits, shared_rounding)
+from mmdrq.quantization.bitwidths import bit_tag
 from mmdrq.quantization.meta import (check_quantizer_meta, decode_meta,
                                      encode_meta, quantizer_meta)
 from mmdrq.quantization.transitional_bn import to_transitional
@@ -54,11 +55,6 @@ def check_optim_bits(optim_bits, model_bits):
     if tuple(optim_bits) != tuple(model_bits):
         raise ValueError(f'optim_wrapper.bits={list(optim_bits)} differs '
                          f'from the quantizer bits={list(model_bits)}')
-
-
-def bit_tag(bit: int) -> str:
-    """Suffix of per-bit log and metric keys: ``loss@w4a4``."""
-    return f'@w{bit}a{bit}'
 
 
 @MODELS.register_module()

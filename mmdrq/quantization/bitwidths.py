@@ -1,4 +1,5 @@
-"""Validation of bit-width lists and the integer ranges they imply."""
+"""Validation of bit-width lists, the integer ranges they imply, and the
+names of settings in log and metric keys."""
 import numbers
 from typing import Iterable, Tuple
 
@@ -59,3 +60,25 @@ def signed_range(bit: int) -> Tuple[int, int]:
 def unsigned_range(bit: int) -> Tuple[int, int]:
     """Integer limits of an unsigned ``bit``-bit grid."""
     return 0, 2**bit - 1
+
+
+def bit_name(bit: int) -> str:
+    """Name of the uniform setting ``bit``: ``w4a4``."""
+    return f'w{bit}a{bit}'
+
+
+def tag(name: str) -> str:
+    """Suffix of a setting's log and metric keys: ``loss@w4a4``, or
+    ``accuracy/top1@<SubNet name>``."""
+    return '@' + name
+
+
+def bit_tag(bit: int) -> str:
+    """``tag`` of the uniform setting ``bit``: ``@w4a4``."""
+    return tag(bit_name(bit))
+
+
+def split_tag(key: str) -> Tuple[str, str]:
+    """``(metric, setting name)`` of a tagged key: the inverse of ``tag``."""
+    metric, _, name = key.rpartition('@')
+    return metric, name

@@ -19,7 +19,7 @@ from torch import nn
 from mmdrq.models import architecture_of
 from mmdrq.quantization.bit_control import model_bits, use_bits
 from mmdrq.quantization.layers import quantized_layers
-from mmdrq.utils import atomic_write
+from mmdrq.utils import atomic_write_json
 
 FORMAT = 'mmdrq-traces'
 
@@ -214,8 +214,7 @@ def save_traces(path: str, traces: Dict[str, dict], meta: dict,
                          'is NaN/inf on these batches; nothing written')
     name = None if model is None else type(architecture_of(model)).__name__
     content = dict(format=FORMAT, model=name, layers=traces, meta=meta)
-    atomic_write(path, lambda f: f.write(
-        json.dumps(content, indent=1).encode()))
+    atomic_write_json(path, content)
 
 
 def load_traces(path: str, model: nn.Module) -> Dict[str, dict]:

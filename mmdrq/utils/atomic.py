@@ -1,4 +1,5 @@
 """Write files so that a reader sees the old file or the new one, never half."""
+import json
 import os
 import tempfile
 from typing import BinaryIO, Callable
@@ -34,3 +35,9 @@ def atomic_write(path: str, write: Callable[[BinaryIO], object]):
 def atomic_torch_save(obj, path: str):
     """``torch.save`` through ``atomic_write``."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(path: str, content):
+    """``content`` as indented JSON through ``atomic_write``."""
+    atomic_write(path, lambda f: f.write(
+        json.dumps(content, indent=1).encode()))

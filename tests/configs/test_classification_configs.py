@@ -8,9 +8,9 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
-from mmengine.registry import MODELS, init_default_scope
 
 import mmdrq
+from mmdrq.apis import build_model_from_config
 from mmdrq.engine import ALRSOptimWrapper
 from mmdrq.quantization import TransitionalBatchNorm
 from mmdrq.quantization.bit_sampler import BitSampler
@@ -23,12 +23,8 @@ CONFIGS = sorted(
 def build_from_config(path):
     """Model and optimizer wrapper as the Runner builds them, offline."""
     cfg = Config.fromfile(path)
-    init_default_scope(cfg.get('default_scope', 'mmdrq'))
-    model_cfg = cfg.model
-    model_cfg.architecture.backbone.init_cfg = None
-    if cfg.get('data_preprocessor') is not None:
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
+    cfg.model.architecture.backbone.init_cfg = None
+    model, _ = build_model_from_config(cfg)
     return cfg, model, build_optim_wrapper(model, cfg.optim_wrapper)
 
 

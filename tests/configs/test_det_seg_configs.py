@@ -1,16 +1,15 @@
 """Every detection and segmentation config builds its model and runs a
 forward in loss and in predict mode at every bit on synthetic input."""
-import copy
 import glob
 import os.path as osp
 
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
 from mmengine.structures import InstanceData, PixelData
 
 import mmdrq
+from mmdrq.apis import build_model_from_config
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'detection', '*.py')) +
@@ -67,12 +66,8 @@ def segmentation_batch(size=32):
 def test_config_forward_at_every_bit(path):
     torch.manual_seed(0)
     cfg = Config.fromfile(path)
-    init_default_scope(cfg.default_scope)
-    model_cfg = copy.deepcopy(cfg.model)
-    offline(model_cfg)
-    if cfg.get('data_preprocessor') is not None:
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
+    offline(cfg.model)
+    model, _ = build_model_from_config(cfg)
     bits = tuple(cfg.model.quantizer.bits)
     assert model.bits == bits
     assert cfg.val_cfg.type == 'mmdrq.MultiBitValLoop'

@@ -11,7 +11,7 @@ from mmengine.registry import MODELS, init_default_scope
 
 import mmdrq  # noqa: F401 (weights-only loading of MMEngine's local files)
 from conftest import ROOT
-from mmdrq.tools_common import build_model_from_config, load_trained
+from mmdrq.apis import build_model_from_config, load_trained
 
 DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
 QAT_CFG = osp.join(DIGITS, 'resnet_digits_drq_8642.py')

@@ -193,7 +193,7 @@ def qat_state(digits):
     """A bare state dict of the digits QAT model (untrained: enough for
     export_int) and its integer file."""
     from mmengine.config import Config
-    from mmdrq.tools_common import build_model_from_config
+    from mmdrq.apis import build_model_from_config
     cfg = osp.join(DIGITS, 'resnet_digits_drq_8642.py')
     model, architecture = build_model_from_config(Config.fromfile(cfg))
     path = digits['folder'] / 'qat_state.pth'

@@ -190,7 +190,7 @@ def test_resume_with_other_bits_names_both(digits, qat_run):
 def test_export_int_reloads_bit_exact(digits, qat_run):
     from mmengine.config import Config
     from mmengine.runner import load_checkpoint
-    from mmdrq.tools_common import build_model_from_config as build_quantized
+    from mmdrq.apis import build_model_from_config as build_quantized
     work, _ = qat_run
     out = digits['folder'] / 'int8.pth'
     _, log = run_tool(osp.join(TOOLS, 'export_int.py'), digits['qat_cfg'],

@@ -6,16 +6,14 @@ import glob
 import json
 import os
 import os.path as osp
-import sys
 
 import pytest
 import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
+from mmdrq.datasets import write_digits
 from conftest import ROOT, TOOLS, run_tool
 
-sys.path.insert(0, TOOLS)
-from prepare_digits import write_digits  # noqa: E402
 
 DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
 # what changes from run to run by design: wall-clock times

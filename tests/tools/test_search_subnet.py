@@ -20,7 +20,7 @@ def model_files(tmp_path_factory):
     from mmengine.config import Config
 
     from mmdrq.search.hessian import quantized_weights, save_traces
-    from mmdrq.tools_common import build_model_from_config
+    from mmdrq.apis import build_model_from_config
     folder = tmp_path_factory.mktemp('search_tool')
     model, _ = build_model_from_config(Config.fromfile(QAT_CFG))
     checkpoint = folder / 'model.pth'

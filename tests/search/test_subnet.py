@@ -1,11 +1,12 @@
-"""SubNet files (tools/test.py --subnets, export --subnet): read and checked
-against the model with errors that name the file, the layer and the bit."""
+"""SubNet files (tools/test.py --subnets, export --subnet): written, read
+and checked against the model with errors that name the file, the layer and
+the bit."""
 import json
 
 import pytest
 
 from mmdrq import quantize_model
-from mmdrq.engine.loops import load_subnet
+from mmdrq.search.subnet import load_subnet, save_subnet
 
 
 def _write(tmp_path, content):
@@ -47,3 +48,20 @@ def test_checked_against_the_model(tmp_path, make_tiny_cnn):
     with pytest.raises(ValueError, match=r"subnet.json'\['conv1'\]=6 is "
                        r'not one of the bits \[8, 4, 2\]'):
         load_subnet(path, model)
+
+
+def test_save_then_load(tmp_path, make_tiny_cnn):
+    model = quantize_model(make_tiny_cnn(), bits=[8, 4, 2])
+    path = str(tmp_path / 'subnet_avg_bits_3.json')
+    save_subnet(path, {'conv1': 4, 'fc1': 2}, model, budget=3.0)
+    assert json.loads(open(path).read())['budget'] == 3.0
+    assert load_subnet(path, model) == {'conv1': 4, 'fc1': 2}
+
+
+def test_bad_subnet_is_not_written(tmp_path, make_tiny_cnn):
+    model = quantize_model(make_tiny_cnn(), bits=[8, 4, 2])
+    path = tmp_path / 'subnet.json'
+    with pytest.raises(ValueError, match=r"SubNet 'subnet'\['conv1'\]=6 "
+                       r'is not one of the bits'):
+        save_subnet(str(path), {'conv1': 6}, model)
+    assert list(tmp_path.iterdir()) == []
