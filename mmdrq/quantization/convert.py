@@ -58,7 +58,7 @@ def _prediction_layers(names: List[str]) -> List[str]:
     return found or names[-1:]
 
 
-def _plan(model: nn.Module, cfg: QuantizeConfig):
+def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
     """Decide, for every conv/linear layer, quantize or keep FP (and why)."""
     supported = _supported_types()
     layers = [(n, m) for n, m in model.named_modules()
@@ -70,7 +70,7 @@ def _plan(model: nn.Module, cfg: QuantizeConfig):
         auto[names[0]] = 'first layer (skip_first_last)'
         for n in _prediction_layers(names):
             auto.setdefault(n, 'prediction layer (skip_first_last)')
-    plan = []
+    decisions = []
     for name, module in layers:
         reason = None
         for pattern in cfg.skip:
@@ -80,7 +80,7 @@ def _plan(model: nn.Module, cfg: QuantizeConfig):
         if type(module) not in supported:
             reason = f'unsupported type {type(module).__name__}'
         reason = reason or auto.get(name)
-        plan.append((name, module, reason))
+        decisions.append((name, module, reason))
     # BN layers named by a skip pattern stay FP too.
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm):
@@ -93,7 +93,7 @@ def _plan(model: nn.Module, cfg: QuantizeConfig):
             f'skip pattern(s) {unused} match no layer of '
             f'{type(model).__name__} (patterns are re.fullmatch on names '
             f'such as {names[:3]})')
-    return plan, supported
+    return decisions, supported
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module):
@@ -123,15 +123,16 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
     """
     cfg = make_config(config, **kwargs)
     _refuse_quantized(model)
-    plan, supported = _plan(model, cfg)
-    if all(reason is not None for _, _, reason in plan):
-        found = ', '.join(f'{name} ({reason})' for name, _, reason in plan)
+    decisions, supported = _decide_layers(model, cfg)
+    if all(reason is not None for _, _, reason in decisions):
+        found = ', '.join(f'{name} ({reason})'
+                          for name, _, reason in decisions)
         raise ValueError(
             f'{type(model).__name__} has nothing to quantize: '
-            + (f'every conv/linear layer stays FP: {found}' if plan else
+            + (f'every conv/linear layer stays FP: {found}' if decisions else
                'it has no conv or linear layer'))
     rows = []
-    for name, module, reason in plan:
+    for name, module, reason in decisions:
         if reason is None:
             new = supported[type(module)].from_float(
                 module, cfg.bits, cfg.weight_quantizer, cfg.act_quantizer)

@@ -36,7 +36,18 @@ class BitSwitchable:
 
 class QuantLayer(BitSwitchable):
     """Shared behaviour of quantized layers: build from a float layer,
-    quantize the input and the weight, cache the weight in eval mode."""
+    quantize the input and the weight, cache the weight in eval mode.
+    Subclasses put it before the torch layer (``QConv2d(QuantLayer,
+    nn.Conv2d)``) and add ``forward`` and ``_empty_like``."""
+
+    def __init__(self, *args, bits=(8, 6, 4, 2),
+                 weight_quantizer=dict(type='DoubleRoundingQuantizer'),
+                 act_quantizer=dict(type='ActQuantizer'), **kwargs):
+        super().__init__(*args, **kwargs)  # the torch layer's
+        self._setup(bits, weight_quantizer, act_quantizer)
+
+    def extra_repr(self):
+        return super().extra_repr() + f', bit={self.bit}'
 
     def _setup(self, bits, weight_quantizer: dict,
                act_quantizer: Optional[dict]):
@@ -211,12 +222,6 @@ class QConv2d(QuantLayer, nn.Conv2d):
     bias stays FP.
     """
 
-    def __init__(self, *args, bits=(8, 6, 4, 2),
-                 weight_quantizer=dict(type='DoubleRoundingQuantizer'),
-                 act_quantizer=dict(type='ActQuantizer'), **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(bits, weight_quantizer, act_quantizer)
-
     @staticmethod
     def _empty_like(conv: nn.Conv2d) -> nn.Conv2d:
         new = nn.Conv2d.__new__(QConv2d)
@@ -231,19 +236,10 @@ class QConv2d(QuantLayer, nn.Conv2d):
         with self.saved_as_recipes(x, x_q, w_q):
             return self._conv_forward(x_q, w_q, self.bias)
 
-    def extra_repr(self):
-        return super().extra_repr() + f', bit={self.bit}'
-
 
 @MODELS.register_module()
 class QLinear(QuantLayer, nn.Linear):
     """nn.Linear whose input and weight are fake-quantized at ``self.bit``."""
-
-    def __init__(self, *args, bits=(8, 6, 4, 2),
-                 weight_quantizer=dict(type='DoubleRoundingQuantizer'),
-                 act_quantizer=dict(type='ActQuantizer'), **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(bits, weight_quantizer, act_quantizer)
 
     @staticmethod
     def _empty_like(linear: nn.Linear) -> nn.Linear:
@@ -256,6 +252,3 @@ class QLinear(QuantLayer, nn.Linear):
         x_q, w_q = self.quantize_input(x), self.quantized_weight()
         with self.saved_as_recipes(x, x_q, w_q):
             return F.linear(x_q, w_q, self.bias)
-
-    def extra_repr(self):
-        return super().extra_repr() + f', bit={self.bit}'
