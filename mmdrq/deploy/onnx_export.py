@@ -5,9 +5,14 @@ the model whose quantized layers are plain layers; every bit then rewrites
 that graph:
 
 - each quantized conv/linear gets an int8 weight initializer holding the
-  bit's integers (the stored INT-h integers after the second rounding),
-  per-output-channel scale ``s * 2**d`` times the folded BN factor, zero
-  point 0, into DequantizeLinear; the BN shift goes into the bias;
+  bit's integers (the stored INT-h integers after the second rounding)
+  aligned to the container's top bits, ``q * 2**(8 - b)``, with
+  per-output-channel scale ``s * 2**d * 2**-(8 - b)`` times the folded BN
+  factor (the same weights exactly; ``q`` is the initializer ``>> (8 -
+  b)``), zero point 0, into DequantizeLinear; the BN shift goes into the
+  bias. The alignment matters to integer kernels: ONNX Runtime rounds a
+  float bias to units of input scale times weight scale, which at 2 bits
+  without it flipped many predictions;
 - its input passes QuantizeLinear/DequantizeLinear at the layer's
   activation scale of that bit (uint8 for an unsigned quantizer, int8 for a
   signed one, zero point 0). Below 8 bits an integer Clip to the bit's
@@ -348,9 +353,15 @@ class _Rewrite:
         q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
                        'floor' if quantizer.variant == 'floor'
                        else 'double_rounding')
-        scale = quantizer.scale[0].detach().double().expand(out) * 2.0**(h - bit)
+        # q * 2**align with scale * 2**-align: the same weights exactly,
+        # and ONNX Runtime's int32 bias (in units of input scale times
+        # weight scale) as fine as at 8 bits
+        align = MAX_ONNX_BIT - bit
+        scale = quantizer.scale[0].detach().double().expand(out) * \
+            2.0**(h - bit - align)
         prefix = f'{name}@w{bit}'
-        self.set_init(prefix + '.weight_q', q.to(torch.int8).numpy())
+        self.set_init(prefix + '.weight_q',
+                      (q * 2**align).to(torch.int8).numpy())
         self.set_init(prefix + '.weight_scale',
                       (scale * factor).float().numpy())
         self.set_init(prefix + '.weight_zero_point',
