@@ -2,7 +2,7 @@
 
     python tools/export_onnx.py CONFIG CKPT --out-dir DIR [--bits 8 4 2]
         [--subnet s.json ...] [--input-shape 1 3 224 224]
-        [--cfg-options k=v ...]
+        [--target onnxruntime|tensorrt] [--cfg-options k=v ...]
 
 CKPT is an MMEngine checkpoint of the converted model or an integer file
 (tools/export_int.py). Each bit's weights are the stored INT-h integers
@@ -10,6 +10,7 @@ after the second rounding, in int8 initializers; DIR receives
 ``w<b>a<b>.onnx`` per bit, ``<subnet>.onnx`` per SubNet and ``meta.json``.
 The graph input is the tensor after the model's data preprocessor, with a
 dynamic batch; the outputs are the model's ``mode='tensor'`` outputs.
+``--target tensorrt`` writes int8-only Q/DQ (see docs/deploy.md).
 """
 import argparse
 import os.path as osp
@@ -35,6 +36,8 @@ def main():
                         help='SubNet JSON files (layer_bits) to export')
     parser.add_argument('--input-shape', type=int, nargs=4,
                         default=[1, 3, 224, 224], metavar=('N', 'C', 'H', 'W'))
+    parser.add_argument('--target', default='onnxruntime',
+                        choices=['onnxruntime', 'tensorrt'])
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
     check_out_dir(args.out_dir)
@@ -46,7 +49,8 @@ def main():
         ([] if subnets else list(model_bits(model)))
     meta = export_to_folder(model, args.out_dir, bits, subnets,
                             args.input_shape,
-                            info=checkpoint_info(args.config, args.checkpoint))
+                            info=checkpoint_info(args.config, args.checkpoint),
+                            target=args.target)
     for entry in meta['exports']:
         size = osp.getsize(osp.join(args.out_dir, entry['file']))
         print(f'{entry["file"]}: {size:,} bytes, largest |ORT - PyTorch| on '

@@ -40,6 +40,7 @@ from mmdrq.quantization.functional import requantize
 from mmdrq.quantization.layers import BitSwitchable, _QuantLayer
 
 OPSET = 20
+TARGETS = ('onnxruntime', 'tensorrt')
 MAX_ONNX_BIT = 8  # int8/uint8 containers
 _PREFIX = 'model.'
 
@@ -196,11 +197,20 @@ class OnnxExporter:
         input_shape: (N, C, H, W) of the tensor after the data preprocessor.
         forward: ``forward(model, inputs)`` giving the tensors to export
             (default ``model(inputs, mode='tensor')``).
+        target: ``onnxruntime`` (uint8 activations after ReLU, which its
+            integer kernels need; the bit's range by an integer Clip
+            between Q and DQ) or ``tensorrt`` (int8 only, Q right before
+            DQ, the range by a float Clip before Q; unsigned 8-bit
+            activations cannot be expressed).
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int],
-                 forward=None):
+                 forward=None, target: str = 'onnxruntime'):
         check_exportable(model)
+        if target not in TARGETS:
+            raise ValueError(f'target must be one of {list(TARGETS)}, got '
+                             f'{target!r}')
+        self.target = target
         self.model = model.eval()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.forward = forward
@@ -379,20 +389,40 @@ class _Rewrite:
         return nodes
 
     def input_qdq(self, node, prefix: str, act, bit: int) -> list:
-        """QuantizeLinear (-> Clip) -> DequantizeLinear on the input."""
+        """QuantizeLinear (-> Clip) -> DequantizeLinear on the input; for
+        TensorRT, Clip -> QuantizeLinear -> DequantizeLinear in int8."""
         signed = bool(int(act.signed))
         lo, hi = signed_range(bit) if signed else unsigned_range(bit)
         scale = act.scale[act.bits.index(bit)].detach().float()
-        dtype = np.int8 if signed else np.uint8
-        container = signed_range(8) if signed else unsigned_range(8)
+        tensorrt = self.exporter.target == 'tensorrt'
+        if tensorrt and hi > signed_range(8)[1]:
+            raise ValueError(
+                f'layer {prefix!r}: unsigned {bit}-bit activations (0..{hi}) '
+                'do not fit TensorRT\'s int8 Q/DQ; export that bit with '
+                "target='onnxruntime'")
+        dtype = np.int8 if signed or tensorrt else np.uint8
+        container = signed_range(8) if dtype == np.int8 else \
+            unsigned_range(8)
         self.set_init(prefix + '.input_scale', scale.numpy())
         self.set_init(prefix + '.input_zero_point', np.zeros((), dtype))
         quant = [prefix + '.input_scale', prefix + '.input_zero_point']
-        nodes = [helper.make_node(
-            'QuantizeLinear', [node.input[0]] + quant, [prefix + '.input_q'],
-            name=prefix + '.input_quantize')]
+        source, nodes = node.input[0], []
+        if tensorrt and (lo, hi) != container:
+            # float bounds fl(lo * s), fl(hi * s): x / s is monotonic and
+            # fl(hi * s) / s rounds to hi, so the integers are unchanged
+            bounds = (torch.tensor([lo, hi], dtype=torch.float32) *
+                      scale).numpy()
+            self.set_init(prefix + '.input_min', bounds[0])
+            self.set_init(prefix + '.input_max', bounds[1])
+            nodes.append(helper.make_node(
+                'Clip', [source, prefix + '.input_min', prefix + '.input_max'],
+                [prefix + '.input_clipped'], name=prefix + '.input_clip'))
+            source = prefix + '.input_clipped'
+        nodes.append(helper.make_node(
+            'QuantizeLinear', [source] + quant, [prefix + '.input_q'],
+            name=prefix + '.input_quantize'))
         integers = prefix + '.input_q'
-        if (lo, hi) != container:
+        if not tensorrt and (lo, hi) != container:
             self.set_init(prefix + '.input_min', np.array(lo, dtype))
             self.set_init(prefix + '.input_max', np.array(hi, dtype))
             nodes.append(helper.make_node(

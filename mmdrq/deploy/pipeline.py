@@ -52,10 +52,12 @@ def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
 def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
                      subnets: Optional[Dict[str, Dict[str, int]]] = None,
                      input_shape=(1, 3, 224, 224), forward=None,
-                     info: Optional[dict] = None) -> dict:
+                     info: Optional[dict] = None,
+                     target: str = 'onnxruntime') -> dict:
     """Export ``model`` at each of ``bits`` and each SubNet (name -> layer
     bits) into ``out_dir``; every input is checked before anything is
-    exported or written. Returns the folder's meta."""
+    exported or written (``target``: see ``OnnxExporter``). Returns the
+    folder's meta."""
     check_exportable(model)
     settings = [(export_name(bit=b), b) for b in bits]
     settings += [(name, layer_bits)
@@ -65,7 +67,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
     for _, setting in settings:
         check_bits_setting(model, setting)
     check_out_dir(out_dir)
-    exporter = OnnxExporter(model, input_shape, forward)
+    exporter = OnnxExporter(model, input_shape, forward, target)
     models, exports = {}, []
     for name, setting in settings:
         proto = exporter.export(setting)
@@ -80,7 +82,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
         example = exporter.run_torch(torch.zeros(exporter.input_shape))
     outputs = pytree.tree_flatten(example)[1]
     meta = dict(info or {}, model=type(model).__name__,
-                model_bits=list(model_bits(model)),
+                model_bits=list(model_bits(model)), target=target,
                 quantized_layers=len(quantized_layers(model)),
                 input_name='input', input_shape=list(exporter.input_shape),
                 output_tree=pytree.treespec_dumps(outputs),

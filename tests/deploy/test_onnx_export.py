@@ -56,9 +56,10 @@ def run_with_output(proto, name, x):
     return session.run([name], {'input': x.numpy()})[0]
 
 
+@pytest.mark.parametrize('target', ['onnxruntime', 'tensorrt'])
 @pytest.mark.parametrize('signed', [False, True])
 @pytest.mark.parametrize('bit', BITS)
-def test_input_integers_equal_pytorch_ties_included(signed, bit):
+def test_input_integers_equal_pytorch_ties_included(signed, bit, target):
     torch.manual_seed(bit)
     model = single_conv(signed)
     layer = model[0]
@@ -71,12 +72,19 @@ def test_input_integers_equal_pytorch_ties_included(signed, bit):
     ties = (torch.arange(2 * lo - 3, 2 * hi + 4) + 0.5) * 2.0**-4
     x = torch.cat([ties, torch.randn(200 - ties.numel() % 100) * hi / 16])
     x = x[:(x.numel() // 100) * 100].reshape(-1, 4, 5, 5)
-    proto = OnnxExporter(model, x.shape, plain).export(bit)
-    name = f'0@w{bit}.input_q' + ('_clipped' if bit < 8 else '')
-    got = run_with_output(proto, name, x)
+    exporter = OnnxExporter(model, x.shape, plain, target)
+    if target == 'tensorrt' and not signed and bit == 8:
+        with pytest.raises(ValueError, match='do not fit TensorRT'):
+            exporter.export(bit)
+        return
+    proto = exporter.export(bit)
+    clipped = target == 'onnxruntime' and bit < 8
+    got = run_with_output(proto, f'0@w{bit}.input_q' +
+                          ('_clipped' if clipped else ''), x)
     reference = np.clip(np.rint(x.numpy().astype(np.float32) /
                                 np.float32(2.0**-4)), lo, hi)
-    assert got.dtype == (np.int8 if signed else np.uint8)
+    signed_container = signed or target == 'tensorrt'
+    assert got.dtype == (np.int8 if signed_container else np.uint8)
     np.testing.assert_array_equal(got.astype(np.float64), reference)
     with torch.no_grad():
         torch_q = act(x, bit) / act.scale[index]
@@ -227,3 +235,26 @@ def test_bits_beyond_int8_refused(make_tiny_cnn):
         exporter.export(16)
     ops = [n.op_type for n in exporter.export(8).graph.node]
     assert ops.count('QuantizeLinear') == 4
+
+
+def test_tensorrt_rules(small_classifier):
+    from mmdrq.deploy.tensorrt_rules import check_tensorrt_rules
+    model = small_classifier()
+    quantize_model(model, bits=list(BITS))
+    calibrate(model, (2, 3, 16, 16))
+
+    def tensor(m, x):
+        return m(x, mode='tensor')
+
+    ort_graph = OnnxExporter(model, (1, 3, 16, 16), tensor).export(4)
+    trt = OnnxExporter(model, (1, 3, 16, 16), tensor, 'tensorrt')
+    broken = {rule for rule, nodes in check_tensorrt_rules(ort_graph).items()
+              if nodes}
+    # uint8 after ReLU, an integer Clip between Q and DQ, float residuals
+    assert broken == {'signed_int8', 'q_then_dq', 'add_inputs_dequantized'}
+    found = check_tensorrt_rules(trt.export(4))
+    assert {rule for rule, nodes in found.items() if nodes} == \
+        {'add_inputs_dequantized'}
+    assert len(found['add_inputs_dequantized']) == 6  # one per block
+    with pytest.raises(ValueError, match='do not fit TensorRT'):
+        trt.export(8)
