@@ -10,11 +10,14 @@ images. The models are timed in turns (each round runs every model once
 per batch size), and the median per model is reported, so load on the
 machine hits all of them alike. Which convolutions ran as integer kernels
 comes from ONNX Runtime's optimized graph: a QLinearConv is an integer
-kernel, a Conv/FusedConv a float one. Writes ``deploy.md`` and
-``deploy.json``.
+kernel, a Conv/FusedConv a float one. A ``SwitchableSession`` over the
+export folder gives the cost of a bit's first use (session creation), of
+a later switch, and the resident memory each loaded bit adds. Writes
+``deploy.md`` and ``deploy.json``.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import os.path as osp
 import statistics
@@ -26,7 +29,8 @@ import onnx
 import torch
 
 from mmdrq import quantize_model, set_bits
-from mmdrq.deploy import OnnxExporter, make_session
+from mmdrq.deploy import (OnnxExporter, SwitchableSession,
+                          export_to_folder, make_session)
 from mmdrq.deploy.onnx_export import _TensorForward
 from mmdrq.utils.atomic import atomic_write
 
@@ -104,6 +108,32 @@ def time_in_turns(paths: dict, batches, rounds: int, threads: int) -> dict:
             for key, values in times.items()}
 
 
+def resident_mb() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def switch_costs(folder: str, threads: int) -> dict:
+    """First use of each bit (session made lazily), then switches between
+    loaded bits, with the resident memory after each first use."""
+    session = SwitchableSession(folder, threads, 'integer')
+    image = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    costs = dict(rss_mb_before=resident_mb())
+    for bit in session.available:
+        start = time.perf_counter()
+        session.set_bits(bit).session()
+        costs[f'first_use_ms_w{bit}'] = (time.perf_counter() - start) * 1e3
+        session.run(image)
+        costs[f'rss_mb_after_w{bit}'] = resident_mb()
+    start = time.perf_counter()
+    for _ in range(100):
+        for bit in session.available:
+            session.set_bits(bit).session()
+    costs['switch_us'] = (time.perf_counter() - start) / (
+        100 * len(session.available)) * 1e6
+    return costs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out-dir', default='work_dirs/deploy_bench')
@@ -122,6 +152,11 @@ def main():
         paths[name] = osp.join(args.out_dir, f'resnet18_{name}.onnx')
         data = proto.SerializeToString()
         atomic_write(paths[name], lambda f: f.write(data))
+    folder = osp.join(args.out_dir, 'resnet18_export')
+    export_to_folder(quantized, folder, [8, 4], None, (1, 3, SIZE, SIZE))
+    # in a fresh process: the memory numbers are the sessions' own
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        switching = pool.apply(switch_costs, (folder, args.threads))
     latency = time_in_turns(paths, args.batches, args.rounds, args.threads)
     quantized_convs = sum(1 for name in exporter.layers
                           if 'conv' in name or 'downsample' in name)
@@ -153,10 +188,20 @@ def main():
     note = (f'ONNX Runtime {__import__("onnxruntime").__version__}, '
             f'{args.threads} thread(s), median of {args.rounds} rounds '
             'timed in turns')
+    bits = [k.split('_w')[-1] for k in switching if k.startswith('first')]
+    note += ('. SwitchableSession: first use (session made) ' +
+             ', '.join(f'w{b}: {switching["first_use_ms_w" + b]:.0f} ms'
+                       for b in bits) +
+             f'; a switch between loaded bits {switching["switch_us"]:.1f} '
+             'us; resident memory ' + ' -> '.join(
+                 [f'{switching["rss_mb_before"]:.0f}'] +
+                 [f'{switching["rss_mb_after_w" + b]:.0f}' for b in bits]) +
+             ' MB (before, after each bit)')
     text = f'{table}\n\n{note}\n'
     atomic_write(osp.join(args.out_dir, 'deploy.md'),
                  lambda f: f.write(text.encode()))
-    data = json.dumps(dict(results=results, note=note), indent=1).encode()
+    data = json.dumps(dict(results=results, switching=switching,
+                           note=note), indent=1).encode()
     atomic_write(osp.join(args.out_dir, 'deploy.json'),
                  lambda f: f.write(data))
     print(text)
