@@ -174,7 +174,9 @@ def _fold_bn_nodes(proto: onnx.ModelProto) -> Dict[str, str]:
     for node in graph.node:
         conv = producers.get(node.input[0]) if node.op_type == \
             'BatchNormalization' else None
+        # a conv called more than once (shared weights) is not folded
         if conv is not None and conv.op_type == 'Conv' and \
+                len(consumers[conv.input[1]]) == 1 and \
                 len(consumers[conv.output[0]]) == 1 and \
                 all(not consumers.get(o) for o in node.output[1:]):
             conv_name = _module_of(conv.input[1], '.weight')
@@ -293,6 +295,7 @@ class _Rewrite:
         self.layer_bits, self.active = layer_bits, active
         self.inits = {init.name: init for init in self.graph.initializer}
         self.modules = dict(exporter.model.named_modules())
+        self.weights, self.calls = {}, {}  # per layer: weight DQ, calls
 
     def set_init(self, name: str, array: np.ndarray):
         tensor = numpy_helper.from_array(array, name)
@@ -357,6 +360,25 @@ class _Rewrite:
             self.set_init(node.input[1], weight.float().numpy())
             return []
         bit = self.layer_bits[name]
+        prefix = f'{name}@w{bit}'
+        nodes = []
+        if name not in self.weights:  # a layer called again shares it
+            nodes.append(self.quantized_weight(module, name, prefix, bit,
+                                               factor))
+            self.graph.initializer.remove(self.inits.pop(node.input[1]))
+            self.weights[name] = prefix + '.weight'
+        node.input[1] = self.weights[name]
+        call = self.calls[name] = self.calls.get(name, -1) + 1
+        if module.act_quantizer is not None:
+            nodes += self.input_qdq(node, prefix, module.act_quantizer, bit,
+                                    prefix if call == 0 else
+                                    f'{prefix}.call{call}')
+        return nodes
+
+    def quantized_weight(self, module, name, prefix, bit, factor):
+        """The int8 initializer and scales of ``name``'s weight at ``bit``,
+        and the DequantizeLinear node giving ``prefix.weight``."""
+        out = module.weight.shape[0]
         quantizer = module.weight_quantizer
         q_h = quantizer.integers(module.weight)  # the stored INT-h integers
         h = quantizer.stored_bit
@@ -369,26 +391,18 @@ class _Rewrite:
         align = MAX_ONNX_BIT - bit
         scale = quantizer.scale[0].detach().double().expand(out) * \
             2.0**(h - bit - align)
-        prefix = f'{name}@w{bit}'
         self.set_init(prefix + '.weight_q',
                       (q * 2**align).to(torch.int8).numpy())
         self.set_init(prefix + '.weight_scale',
                       (scale * factor).float().numpy())
         self.set_init(prefix + '.weight_zero_point',
                       np.zeros(out, dtype=np.int8))
-        weight_dq = prefix + '.weight'
-        nodes = [helper.make_node(
+        return helper.make_node(
             'DequantizeLinear', [prefix + '.weight_q', prefix + '.weight_scale',
                                  prefix + '.weight_zero_point'],
-            [weight_dq], axis=0, name=prefix + '.weight_dq')]
-        self.graph.initializer.remove(self.inits.pop(node.input[1]))
-        node.input[1] = weight_dq
-        act = module.act_quantizer
-        if act is not None:
-            nodes += self.input_qdq(node, prefix, act, bit)
-        return nodes
+            [prefix + '.weight'], axis=0, name=prefix + '.weight_dq')
 
-    def input_qdq(self, node, prefix: str, act, bit: int) -> list:
+    def input_qdq(self, node, prefix: str, act, bit: int, tag: str) -> list:
         """QuantizeLinear (-> Clip) -> DequantizeLinear on the input; for
         TensorRT, Clip -> QuantizeLinear -> DequantizeLinear in int8."""
         signed = bool(int(act.signed))
@@ -416,22 +430,22 @@ class _Rewrite:
             self.set_init(prefix + '.input_max', bounds[1])
             nodes.append(helper.make_node(
                 'Clip', [source, prefix + '.input_min', prefix + '.input_max'],
-                [prefix + '.input_clipped'], name=prefix + '.input_clip'))
-            source = prefix + '.input_clipped'
+                [tag + '.input_clipped'], name=tag + '.input_clip'))
+            source = tag + '.input_clipped'
         nodes.append(helper.make_node(
-            'QuantizeLinear', [source] + quant, [prefix + '.input_q'],
-            name=prefix + '.input_quantize'))
-        integers = prefix + '.input_q'
+            'QuantizeLinear', [source] + quant, [tag + '.input_q'],
+            name=tag + '.input_quantize'))
+        integers = tag + '.input_q'
         if not tensorrt and (lo, hi) != container:
             self.set_init(prefix + '.input_min', np.array(lo, dtype))
             self.set_init(prefix + '.input_max', np.array(hi, dtype))
             nodes.append(helper.make_node(
                 'Clip', [integers, prefix + '.input_min',
                          prefix + '.input_max'],
-                [prefix + '.input_q_clipped'], name=prefix + '.input_clip'))
-            integers = prefix + '.input_q_clipped'
+                [tag + '.input_q_clipped'], name=tag + '.input_clip'))
+            integers = tag + '.input_q_clipped'
         nodes.append(helper.make_node(
-            'DequantizeLinear', [integers] + quant, [prefix + '.input'],
-            name=prefix + '.input_dequantize'))
-        node.input[0] = prefix + '.input'
+            'DequantizeLinear', [integers] + quant, [tag + '.input'],
+            name=tag + '.input_dequantize'))
+        node.input[0] = tag + '.input'
         return nodes
