@@ -31,7 +31,7 @@ import torch
 from mmdrq import quantize_model, set_bits
 from mmdrq.deploy import (OnnxExporter, SwitchableSession,
                           export_to_folder, make_session)
-from mmdrq.deploy.onnx_export import _TensorForward
+from mmdrq.deploy.onnx_export import TensorForward
 from mmdrq.utils.atomic import atomic_write
 
 SIZE = 224
@@ -69,7 +69,7 @@ def quantized_copy(model, bits=(8, 4)):
 def fp32_onnx(model) -> onnx.ModelProto:
     """The FP32 model by the same exporter (BN folded by its optimizer)."""
     program = torch.onnx.export(
-        _TensorForward(model).eval(), (torch.zeros(1, 3, SIZE, SIZE), ),
+        TensorForward(model).eval(), (torch.zeros(1, 3, SIZE, SIZE), ),
         dynamo=True, opset_version=20, input_names=['input'],
         dynamic_shapes=({0: torch.export.Dim('batch')}, ), verbose=False)
     return program.model_proto

@@ -45,7 +45,7 @@ MAX_ONNX_BIT = 8  # int8/uint8 containers
 _PREFIX = 'model.'
 
 
-class _TensorForward(nn.Module):
+class TensorForward(nn.Module):
     """The model's tensor forward (after the data preprocessor) as one
     module for the exporter; ``forward`` picks what to call."""
 
@@ -61,30 +61,39 @@ class _TensorForward(nn.Module):
 
 
 def check_exportable(model: nn.Module):
-    """Refuse, before any work, a model that is not converted or whose
-    scales were never trained or initialised."""
+    """Refuse, before any work, a model that is not converted or was never
+    trained (no quantizer scale initialised)."""
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
                          'layers: export needs a converted model '
                          '(mmdrq.quantize_model or a MultiPrecisionQAT config)')
     for name, module in layers.items():
-        quantizer = module.weight_quantizer
-        if quantizer.variant == 'unshared':
+        if module.weight_quantizer.variant == 'unshared':
             raise ValueError(
                 f'layer {name!r} uses variant=\'unshared\': its bits have no '
                 'common integers; ONNX export needs double_rounding or floor')
-        for part in (quantizer, module.act_quantizer):
-            if part is not None and not bool(part.initialized.all()):
-                raise ValueError(
-                    f'layer {name!r} has uninitialised quantizer scales '
-                    f'({type(part).__name__}.initialized='
-                    f'{part.initialized.tolist()}): the checkpoint is not a '
-                    'trained mmdrq model')
-        act = module.act_quantizer
-        if act is not None and int(act.signed) < 0:
-            raise ValueError(f'layer {name!r}: activation sign undecided '
-                             '(the model never ran a forward)')
+    if not any(bool(m.weight_quantizer.initialized.any())
+               for m in layers.values()):
+        raise ValueError(f'{type(model).__name__} has no initialised '
+                         'quantizer scales: the checkpoint is not a trained '
+                         'mmdrq model')
+
+
+def _check_layer_ready(name: str, module: _QuantLayer):
+    """A layer the graph uses needs its scales (a layer converted but never
+    called may lack them, and is not in the graph)."""
+    for part in (module.weight_quantizer, module.act_quantizer):
+        if part is not None and not bool(part.initialized.all()):
+            raise ValueError(
+                f'layer {name!r} has uninitialised quantizer scales '
+                f'({type(part).__name__}.initialized='
+                f'{part.initialized.tolist()}): the checkpoint is not a '
+                'trained mmdrq model')
+    act = module.act_quantizer
+    if act is not None and int(act.signed) < 0:
+        raise ValueError(f'layer {name!r}: activation sign undecided (the '
+                         'model never ran a forward)')
 
 
 def check_bits_setting(model: nn.Module, bits: Union[int, Dict[str, int]]):
@@ -226,7 +235,7 @@ class OnnxExporter:
         """The float graph with BN folded where it can be (exported once)."""
         if self._skeleton is None:
             import onnxscript.optimizer
-            wrapper = _TensorForward(_float_skeleton(self.model),
+            wrapper = TensorForward(_float_skeleton(self.model),
                                      self.forward).eval()
             example = torch.zeros(self.input_shape)
             program = torch.onnx.export(
@@ -259,13 +268,19 @@ class OnnxExporter:
     def run_torch(self, inputs: torch.Tensor):
         """The PyTorch model's tensor outputs at its current bits."""
         with torch.no_grad():
-            return _TensorForward(self.model, self.forward)(inputs)
+            return TensorForward(self.model, self.forward)(inputs)
 
     def export(self, bits: Union[int, Dict[str, int]]) -> onnx.ModelProto:
         """The QDQ model of one bit, or of a SubNet (layer name -> bit;
         other layers keep the highest bit)."""
         check_bits_setting(self.model, bits)
         proto = copy.deepcopy(self.skeleton())
+        # before any PyTorch forward: it would initialise missing scales
+        used = {_module_of(i, '.weight') for n in proto.graph.node
+                for i in n.input}
+        for name, module in self.layers.items():
+            if name in used:
+                _check_layer_ready(name, module)
         active = self._active_bns(bits)
         with use_bits(self.model, bits), torch.no_grad():
             layer_bits = {n: m.bit for n, m in self.layers.items()}

@@ -133,8 +133,8 @@ def test_model_equals_pytorch_every_bit_and_subnet(make_tiny_cnn):
     exporter = OnnxExporter(model, (1, 3, 6, 6), plain)
     subnet = {'conv1': 2, 'conv2': 8, 'conv3': 4, 'fc1': 6}
     x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(3))
-    assert set(exporter.skeleton() and exporter.folded) == {
-        'stem', 'conv1', 'conv2', 'conv3'}
+    exporter.skeleton()
+    assert set(exporter.folded) == {'stem', 'conv1', 'conv2', 'conv3'}
     for setting in list(BITS) + [subnet]:
         proto = exporter.export(setting)
         ops = [n.op_type for n in proto.graph.node]
@@ -203,7 +203,7 @@ def test_bad_input_refused_before_writing(make_tiny_cnn, tmp_path, case):
                   subnet_bit=(ValueError, 'bit 5 is not in'),
                   folder=(FileExistsError, 'holds other files'),
                   unconverted=(ValueError, 'no mmdrq quantized layers'),
-                  uninitialised=(ValueError, 'uninitialised quantizer'))
+                  uninitialised=(ValueError, 'no initialised quantizer'))
     if case == 'bit':
         bits = [8, 3]
     elif case == 'subnet':
@@ -258,3 +258,14 @@ def test_tensorrt_rules(small_classifier):
     assert len(found['add_inputs_dequantized']) == 6  # one per block
     with pytest.raises(ValueError, match='do not fit TensorRT'):
         trt.export(8)
+
+
+def test_layer_without_scales_in_the_graph_refused(make_tiny_cnn):
+    model = make_tiny_cnn()
+    quantize_model(model, bits=list(BITS))
+    calibrate(model, (4, 3, 6, 6))
+    model.conv2.act_quantizer.initialized[1] = False
+    model.conv2.act_quantizer._read_ready()
+    exporter = OnnxExporter(model, (1, 3, 6, 6), plain)
+    with pytest.raises(ValueError, match="layer 'conv2' has uninitialised"):
+        exporter.export(6)
