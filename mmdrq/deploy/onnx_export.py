@@ -24,14 +24,14 @@ that graph:
   consumer) is folded into it, any other BN stays a BatchNormalization
   with the bit's statistics.
 """
+import contextlib
 import copy
-import os.path as osp
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from torch import nn
 
 from mmdrq.quantization import quantized_layers, use_bits
@@ -67,7 +67,8 @@ def check_exportable(model: nn.Module):
     if not layers:
         raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
                          'layers: export needs a converted model '
-                         '(mmdrq.quantize_model or a MultiPrecisionQAT config)')
+                         '(mmdrq.quantize_model or a MultiPrecisionQAT '
+                         'config)')
     for name, module in layers.items():
         if module.weight_quantizer.variant == 'unshared':
             raise ValueError(
@@ -116,6 +117,19 @@ def check_bits_setting(model: nn.Module, bits: Union[int, Dict[str, int]]):
         if bit > MAX_ONNX_BIT:
             raise ValueError(f'bit {bit} does not fit ONNX int8/uint8 '
                              f'containers (at most {MAX_ONNX_BIT})')
+
+
+@contextlib.contextmanager
+def at_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
+    """``use_bits``, a SubNet's unnamed layers at the highest bit (as
+    the test loop runs it on a freshly loaded model)."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(bits, dict):
+            layers = quantized_layers(model)
+            stack.enter_context(
+                use_bits(model, next(iter(layers.values())).bits[0]))
+        stack.enter_context(use_bits(model, bits))
+        yield model
 
 
 def _plain_layer(module: _QuantLayer) -> nn.Module:
@@ -258,7 +272,7 @@ class OnnxExporter:
                 hooks.append(child.register_forward_hook(
                     lambda m, i, o, name=name: active.__setitem__(name, m)))
         try:
-            with use_bits(self.model, bits), torch.no_grad():
+            with at_bits(self.model, bits), torch.no_grad():
                 self.run_torch(torch.zeros(self.input_shape))
         finally:
             for hook in hooks:
@@ -282,7 +296,7 @@ class OnnxExporter:
             if name in used:
                 _check_layer_ready(name, module)
         active = self._active_bns(bits)
-        with use_bits(self.model, bits), torch.no_grad():
+        with at_bits(self.model, bits), torch.no_grad():
             layer_bits = {n: m.bit for n, m in self.layers.items()}
             _Rewrite(self, proto, layer_bits, active).run()
         onnx.checker.check_model(proto, full_check=True)
@@ -378,8 +392,7 @@ class _Rewrite:
         prefix = f'{name}@w{bit}'
         nodes = []
         if name not in self.weights:  # a layer called again shares it
-            nodes.append(self.quantized_weight(module, name, prefix, bit,
-                                               factor))
+            nodes.append(self.quantized_weight(module, prefix, bit, factor))
             self.graph.initializer.remove(self.inits.pop(node.input[1]))
             self.weights[name] = prefix + '.weight'
         node.input[1] = self.weights[name]
@@ -390,8 +403,8 @@ class _Rewrite:
                                     f'{prefix}.call{call}')
         return nodes
 
-    def quantized_weight(self, module, name, prefix, bit, factor):
-        """The int8 initializer and scales of ``name``'s weight at ``bit``,
+    def quantized_weight(self, module, prefix, bit, factor):
+        """The int8 initializer and scales of the layer's weight at ``bit``,
         and the DequantizeLinear node giving ``prefix.weight``."""
         out = module.weight.shape[0]
         quantizer = module.weight_quantizer
@@ -413,8 +426,9 @@ class _Rewrite:
         self.set_init(prefix + '.weight_zero_point',
                       np.zeros(out, dtype=np.int8))
         return helper.make_node(
-            'DequantizeLinear', [prefix + '.weight_q', prefix + '.weight_scale',
-                                 prefix + '.weight_zero_point'],
+            'DequantizeLinear',
+            [prefix + '.weight_q', prefix + '.weight_scale',
+             prefix + '.weight_zero_point'],
             [prefix + '.weight'], axis=0, name=prefix + '.weight_dq')
 
     def input_qdq(self, node, prefix: str, act, bit: int, tag: str) -> list:

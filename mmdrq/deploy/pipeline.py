@@ -7,9 +7,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mmdrq.export.int_checkpoint import is_int_checkpoint, load_int
-from mmdrq.quantization import model_bits, quantized_layers, use_bits
+from mmdrq.quantization import model_bits, quantized_layers
 from .folder import check_out_dir, export_name, write_folder
-from .onnx_export import OnnxExporter, check_bits_setting, check_exportable
+from .onnx_export import (OnnxExporter, at_bits, check_bits_setting,
+                          check_exportable)
 
 
 def load_for_export(config: str, checkpoint: str, cfg_options=None):
@@ -32,7 +33,8 @@ def load_for_export(config: str, checkpoint: str, cfg_options=None):
 
 
 def _flat(outputs) -> list:
-    return [t.detach().float().numpy() for t in pytree.tree_flatten(outputs)[0]]
+    return [t.detach().float().numpy()
+            for t in pytree.tree_flatten(outputs)[0]]
 
 
 def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
@@ -44,7 +46,7 @@ def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(exporter.input_shape, generator=generator)
     got = session.run(None, {'input': inputs.numpy()})
-    with use_bits(exporter.model, bits):
+    with at_bits(exporter.model, bits):
         want = _flat(exporter.run_torch(inputs))
     return max(float(np.abs(g - w).max()) for g, w in zip(got, want))
 
@@ -78,7 +80,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
             name=name, file=file,
             bit=None if layer_bits else setting, layer_bits=layer_bits,
             probe_max_abs_diff=probe_difference(exporter, proto, setting)))
-    with use_bits(model, bits[0] if bits else settings[0][1]):
+    with at_bits(model, settings[0][1]):
         example = exporter.run_torch(torch.zeros(exporter.input_shape))
     outputs = pytree.tree_flatten(example)[1]
     meta = dict(info or {}, model=type(model).__name__,
