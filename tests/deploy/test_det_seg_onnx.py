@@ -1,6 +1,7 @@
 """Detection (mmdet RetinaNet) and segmentation (mmseg DeepLabV3) exported
 per bit and as a SubNet, run by ONNX Runtime with mmdet's / mmseg's own
-post-processing: bbox mAP and mIoU equal tools/test.py's at every bit."""
+post-processing: bbox mAP and mIoU equal tools/test.py's at every bit, and
+tools/benchmark.py --backend onnxruntime reports them with images/s."""
 import json
 import os.path as osp
 
@@ -81,3 +82,15 @@ def test_onnxruntime_metrics_equal_pytorch(name, data, tmp_path):
         report.append(f'{tag}: PyTorch {want}, ONNX Runtime {got}')
         assert abs(got - want) * points <= 0.1, report[-1]
     print(f'\n{name} {metric}: ' + '; '.join(report))
+    # tools/benchmark.py on the export: the same metrics plus images/s
+    bench = tmp_path / 'bench'
+    run_tool(osp.join(TOOLS, 'benchmark.py'), config, onnx_dir,
+             '--data-root', data[dataset] + ('/' if dataset == 'coco' else ''),
+             '--out-dir', bench, '--work-dir', tmp_path / 'bench_work',
+             '--backend', 'onnxruntime', '--bits', *BITS)
+    table = json.loads((bench / 'benchmark.json').read_text())
+    for bit in BITS:
+        tag = f'w{bit}a{bit}'
+        assert table[f'{metric}@{tag}'] == \
+            metrics['onnxruntime'][f'{metric}@{tag}']
+        assert table[f'images_per_s@{tag}'] > 0
