@@ -9,7 +9,9 @@ Prints mean and spread (sample std) of top-1 per bit, saves
 benchmarks/results/fidelity_digits.json and fidelity_digits.png. With
 ``--variants``, only those QAT variants run (FP32 always does: they start
 from it); the other variants' rows are kept from the JSON if it holds the
-same seeds, epochs and FP32 results, and dropped otherwise.
+same seeds, epochs and FP32 results, and dropped otherwise;
+``--reuse-fp32`` takes the FP32 runs already in ``--work-dir`` (so a later
+run of other variants starts from the same checkpoints).
 """
 import argparse
 import json
@@ -40,6 +42,17 @@ def summarize(values):
     mean = statistics.mean(values)
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return mean, spread
+
+
+def finished_run(work, epochs):
+    """(metrics, checkpoint) of a run ``train_and_test`` finished in
+    ``work``, or (None, None)."""
+    metrics, ckpt = osp.join(work, 'test_metrics.json'), \
+        osp.join(work, f'epoch_{epochs}.pth')
+    if not (osp.exists(metrics) and osp.exists(ckpt)):
+        return None, None
+    with open(metrics) as f:
+        return json.load(f), ckpt
 
 
 def kept_rows(json_path, results, variants) -> dict:
@@ -97,6 +110,8 @@ def main():
     parser.add_argument('--variants', nargs='+', choices=list(VARIANTS),
                         default=list(VARIANTS),
                         help='QAT variants to run (default: all)')
+    parser.add_argument('--reuse-fp32', action='store_true',
+                        help='use the FP32 runs already in --work-dir')
     args = parser.parse_args()
     work, root = osp.abspath(args.work_dir), osp.abspath(args.data_root)
     write_digits(root)
@@ -104,9 +119,12 @@ def main():
     raw = {'fp32': []}
     raw.update({name: {b: [] for b in BITS} for name in variants})
     for seed in args.seeds:
-        fp, fp_ckpt, _ = train_and_test(
-            FP32_CONFIG, osp.join(work, f'seed{seed}', 'fp32'), root,
-            args.fp32_epochs, seed)
+        fp_work = osp.join(work, f'seed{seed}', 'fp32')
+        fp, fp_ckpt = finished_run(fp_work, args.fp32_epochs) \
+            if args.reuse_fp32 else (None, None)
+        if fp is None:
+            fp, fp_ckpt, _ = train_and_test(FP32_CONFIG, fp_work, root,
+                                            args.fp32_epochs, seed)
         raw['fp32'].append(fp['accuracy/top1'])
         for name, options in variants.items():
             metrics, _, seconds = train_and_test(

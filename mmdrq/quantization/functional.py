@@ -384,9 +384,10 @@ class _FakeQuant(torch.autograd.Function):
                                          with_graph=torch.is_grad_enabled())
             partials = [c.sum() if dims is None else
                         c.sum(dim=dims, keepdim=True) for c in contribs]
-        # each target's LSQ factor on its own partial sums
-        grad_s = sum(p.to(scale.dtype) * plan.targets[i][2]
-                     for i, p in zip(keep, partials))
+        # each target's LSQ factor on its own partial sums, in the compute
+        # dtype: a bf16 scale's gradient is rounded once, at the end
+        grad_s = sum(p * plan.targets[i][2]
+                     for i, p in zip(keep, partials)).to(scale.dtype)
         grad_s = grad_s.expand(scale.shape) if grad_s.dim() == 0 \
             else grad_s.reshape(scale.shape)
         return (grad_x if ctx.needs_input_grad[0] else None,
