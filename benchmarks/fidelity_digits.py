@@ -32,9 +32,9 @@ VARIANTS = {
     'floor': ['model.quantizer.weight_quantizer.variant=floor'],
     'unshared_scales': ['model.quantizer.weight_quantizer.variant=unshared'],
     'alrs_off': ['optim_wrapper.mode=off'],
-    'first_rounding_residual': [
+    'double_rounded_residual': [
         'model.quantizer.weight_quantizer.scale_grad_residual='
-        'first_rounding'],
+        'double_rounded'],
 }
 
 

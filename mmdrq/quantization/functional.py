@@ -67,11 +67,7 @@ def fake_quant_impl(impl: str):
         set_fake_quant_impl(old)
 
 
-def _check_modes(rounding: str, variant: str,
-                 residual: str = 'double_rounded'):
-    if residual not in RESIDUALS:
-        raise ValueError(
-            f'residual must be one of {list(RESIDUALS)}, got {residual!r}')
+def _check_modes(rounding: str, variant: str):
     if rounding not in ROUNDINGS:
         raise ValueError(
             f'rounding must be one of {list(ROUNDINGS)}, got {rounding!r}')
@@ -398,7 +394,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
                l_range, rounding: str = 'half_even',
                variant: str = 'double_rounding', grad_scale: float = 1.0,
                reduce_dims=None,
-               residual: str = 'double_rounded') -> torch.Tensor:
+               residual: str = 'first_rounding') -> torch.Tensor:
     """Quantize-dequantize ``x`` with Double Rounding, differentiably.
 
     Args:
@@ -416,9 +412,8 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
         reduce_dims: dims summed for the scale gradient, or None to give
             every channel the sum over the whole tensor.
         residual: the integer of the scale gradient's ``int - v`` inside
-            the range, ``double_rounded`` (q_l) or ``first_rounding``
-            (round(v), the authors' code); they differ only when
-            ``shift > 0``.
+            the range, ``first_rounding`` (round(v), the authors' code) or
+            ``double_rounded`` (q_l); they differ only when ``shift > 0``.
 
     Returns:
         ``q_l * scale * 2**shift``, same shape and dtype as ``x``.
@@ -431,7 +426,7 @@ def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
                     rounding: str = 'half_even',
                     variant: str = 'double_rounding',
                     reduce_dims=None,
-                    residual: str = 'double_rounded') -> tuple:
+                    residual: str = 'first_rounding') -> tuple:
     """``fake_quant`` at several targets from one first rounding.
 
     ``targets`` is a sequence of ``(shift, l_range, grad_scale)``. The
@@ -441,7 +436,10 @@ def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
     per target and summing, for less memory traffic: what a summed loss over
     bits needs while the weights do not change.
     """
-    _check_modes(rounding, variant, residual)
+    _check_modes(rounding, variant)
+    if residual not in RESIDUALS:
+        raise ValueError(
+            f'residual must be one of {list(RESIDUALS)}, got {residual!r}')
     if not targets:
         raise ValueError('fake_quant_bits needs at least one target')
     plan = _Plan(h_range, targets, rounding, variant, residual)

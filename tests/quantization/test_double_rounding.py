@@ -414,7 +414,8 @@ def test_fake_quant_bits_when_no_output_gets_a_gradient():
 
 @pytest.mark.parametrize('bits', [(8, 6, 4), (4, 3, 2)])
 def test_per_tensor_scale(bits):
-    """One scale for the tensor: g = 1 / sqrt(numel * Qp), whole sum."""
+    """One scale for the tensor: g = 1 / sqrt(numel * Qp), whole sum; the
+    default residual round(v) - v."""
     h = bits[0]
     gen = make_gen('per_tensor', bits)
     w = torch.randn(3, 4, 5, generator=gen, dtype=F64)
@@ -432,7 +433,7 @@ def test_per_tensor_scale(bits):
         torch.testing.assert_close(out, q_l * step, rtol=1e-14, atol=0)
         g_out = torch.randn(w.shape, generator=gen, dtype=F64)
         out.backward(g_out)
-        gw, gs = ref_grads(w, step, l, q_l, g_out)
+        gw, gs = ref_grads(w, step, l, q_l, g_out, 'first_rounding')
         torch.testing.assert_close(x.grad, gw, rtol=0, atol=0)
         gs = gs.sum().view(1, 1) / (60 * srange(l)[1])**0.5
         torch.testing.assert_close(quant.scale.grad, gs, rtol=1e-10,

@@ -268,15 +268,16 @@ def half_run(quant, x, bit, grad, impl):
 
 
 def half_reference(x, s, h_range, shift, l_range, grad, g):
-    """Float64: output, x grad and un-reduced scale grad (times g) of the
-    Double Rounding of bf16/fp16 ``x`` (integers by float64 ops: the
-    float32 quotient of two 16-bit floats rounds the same way)."""
+    """Float64: output, x grad and un-reduced scale grad (times g, with the
+    default residual round(v) - v) of the Double Rounding of bf16/fp16
+    ``x`` (integers by float64 ops: the float32 quotient of two 16-bit
+    floats rounds the same way)."""
     x64, s64, grad64 = x.double(), s.double(), grad.double()
     q_h = torch.clamp(torch.round(x64 / s64), *h_range)
     q_l = torch.clamp(torch.round(q_h / 2**shift), *l_range)
     v = x64 / (s64 * 2**shift)
     inside = (v >= l_range[0]) & (v <= l_range[1])
-    local = torch.where(inside, q_l - v, q_l)
+    local = torch.where(inside, torch.round(v) - v, q_l)
     out = (q_l * s64 * 2**shift).to(x.dtype)
     return out, torch.where(inside, grad, 0).to(x.dtype), grad64 * local * g
 
