@@ -29,7 +29,8 @@ import torch
 ROUNDINGS = ('half_even', 'half_up')
 VARIANTS = ('double_rounding', 'floor')
 # integer of the scale gradient's residual ``int - v`` inside the range:
-# the target's double-rounded q_l, or round(v) as in the authors' code
+# the target's double-rounded q_l, or v rounded once (round(v) as in the
+# authors' code)
 RESIDUALS = ('double_rounded', 'first_rounding')
 IMPLS = ('auto', 'torch', 'fused')
 
@@ -161,15 +162,18 @@ def _forward(x, scale, h_lo, h_hi, plans, rounding, variant):
              (sf * up)).to(x.dtype) for down, lo, hi, up in plans]
 
 
-def _residual_int(q, v, inside, residual):
+def _residual_int(q, v, inside, residual, lo, hi, rounding, variant):
     """The integer of the scale gradient's residual: ``q`` (the target's
     clipped, double-rounded integer) or, for ``first_rounding`` (tensor
-    code 1 in the kernels), ``round(v)`` inside the range (half to even,
-    ``v`` rounded once to the target grid, as in the authors' code)."""
+    code 1 in the kernels), ``v`` rounded once inside the range by the
+    second rounding's rule: round(v) as in the authors' code, floor(v)
+    for the floor variant (whose forward round(v) would contradict)."""
     if isinstance(residual, torch.Tensor):
-        return torch.where(inside & (residual == 1), torch.round(v), q)
+        once = _round_down(v, 1.0, lo, hi, rounding, variant)
+        return torch.where(inside & (residual == 1), once, q)
     if residual == 'first_rounding':
-        return torch.where(inside, torch.round(v), q)
+        once = _round_down(v, 1.0, lo, hi, rounding, variant)
+        return torch.where(inside, once, q)
     return q
 
 
@@ -187,7 +191,8 @@ def _backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
         q = _round_down(q_h, down, lo, hi, rounding, variant)
         v = xf / (sf * up)
         inside = (v >= lo) & (v <= hi)
-        q = _residual_int(q, v.detach(), inside, residual)
+        q = _residual_int(q, v.detach(), inside, residual, lo, hi,
+                          rounding, variant)
         part = torch.where(inside, grad, 0.0)
         grad_x = part if grad_x is None else grad_x + part
         if with_graph:
@@ -412,8 +417,10 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
         reduce_dims: dims summed for the scale gradient, or None to give
             every channel the sum over the whole tensor.
         residual: the integer of the scale gradient's ``int - v`` inside
-            the range, ``first_rounding`` (round(v), the authors' code) or
-            ``double_rounded`` (q_l); they differ only when ``shift > 0``.
+            the range, ``first_rounding`` (v rounded once by the second
+            rounding's rule: round(v), the authors' code; floor(v) for
+            ``floor``) or ``double_rounded`` (q_l); they differ only when
+            ``shift > 0``.
 
     Returns:
         ``q_l * scale * 2**shift``, same shape and dtype as ``x``.

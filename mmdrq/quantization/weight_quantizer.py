@@ -48,8 +48,9 @@ class DoubleRoundingQuantizer(nn.Module):
             ``int - v`` (v = W / (s * 2**d)) inside the range at a lower
             bit: ``first_rounding`` (round(v), the authors' code and the
             spec; the default, 0.9 points better at w2a2 on the digits
-            benchmark) or ``double_rounded`` (the target's q_l, the value
-            the forward uses). They differ where the two roundings do not
+            benchmark; v rounded once by ``rounding``'s tie rule, and
+            floor(v) for ``floor``) or ``double_rounded`` (the target's
+            q_l, the value the forward uses). They differ where the two roundings do not
             commute (12% of in-range weights at w6 of {8,6,4,2}), and the
             sign can flip; at the stored bit they agree.
     """

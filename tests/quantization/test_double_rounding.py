@@ -86,15 +86,20 @@ def fresh_quantizer(bits, s, **kwargs):
     return q
 
 
-def ref_grads(w, step, l, q_l, g_out, residual='double_rounded'):
+ROUND_ONCE = {'half_even': np.rint, 'half_up': lambda v: np.floor(v + 0.5),
+              'floor': np.floor}
+
+
+def ref_grads(w, step, l, q_l, g_out, residual='double_rounded',
+              mode='half_even'):
     """STE weight grad and the un-reduced LSQ scale grad of bit l: inside
-    the range ``q_l - v`` (double_rounded) or ``round(v) - v`` (numpy's
-    half-to-even rint of v itself: first_rounding)."""
+    the range ``q_l - v`` (double_rounded) or, for first_rounding, v
+    rounded once by ``mode`` minus v (numpy's rint for half_even)."""
     lo, hi = srange(l)
     v = w / step
     inside = (v >= lo) & (v <= hi)
     integer = q_l if residual == 'double_rounded' else \
-        torch.from_numpy(np.rint(v.numpy()))
+        torch.from_numpy(ROUND_ONCE[mode](v.numpy()))
     local = torch.where(inside, integer - v,
                         torch.where(v < lo, float(lo), float(hi)))
     return g_out * inside, g_out * local
@@ -228,7 +233,7 @@ def test_quantizer_forward_and_grads(bits, variant, rounding, scale_grad,
         torch.testing.assert_close(out, q_l * step, rtol=1e-14, atol=0)
         g_out = torch.randn(w.shape, generator=gen, dtype=F64)
         out.backward(g_out)
-        gw, gs = ref_grads(w, step, l, q_l, g_out, residual)
+        gw, gs = ref_grads(w, step, l, q_l, g_out, residual, mode)
         torch.testing.assert_close(x.grad, gw, rtol=0, atol=0)
         torch.testing.assert_close(
             quant.scale.grad[0], ref_scale_grad(gs, l, d, reduce, scale_grad),
@@ -264,7 +269,7 @@ def test_shared_rounding_sums_every_bit(bits, variant, rounding, scale_grad,
             torch.testing.assert_close(out, q_l * step, rtol=1e-14, atol=0)
             g_out = torch.randn(w.shape, generator=gen, dtype=F64)
             total = total + (out * g_out).sum()
-            gw, gs = ref_grads(w, step, l, q_l, g_out, residual)
+            gw, gs = ref_grads(w, step, l, q_l, g_out, residual, mode)
             gw_ref = gw_ref + gw
             gs_ref = gs_ref + ref_scale_grad(gs, l, d, reduce, scale_grad)
     assert quant._shared is None
