@@ -57,5 +57,6 @@ if __name__ == '__main__':
             'mm': ['mmcv>=2.0.0,<2.2.0', 'mmpretrain>=1.0.0',
                    'mmdet>=3.0.0', 'mmsegmentation>=1.0.0', 'ftfy', 'regex'],
             'tests': ['pytest', 'scikit-learn'],
+            'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.5'],
         },
         zip_safe=False)

@@ -1,12 +1,17 @@
 """Fidelity on the digits example: FP32 vs Double Rounding {8,6,4,2} vs the
-floor (right-shift) variant vs unshared per-bit scales vs ALRS off, over
-several seeds, in one harness. Each run is the real tools/train.py and
-tools/test.py.
+floor (right-shift) variant vs unshared per-bit scales vs ALRS off vs the
+other scale-gradient residual, over several seeds, in one harness. Each run
+is the real tools/train.py and tools/test.py.
 
-    python benchmarks/fidelity_digits.py [--seeds 0 1 2] [--work-dir ...]
+    python benchmarks/fidelity_digits.py [--seeds 0 1 2] [--variants ...]
 
 Prints mean and spread (sample std) of top-1 per bit, saves
-benchmarks/results/fidelity_digits.json and fidelity_digits.png.
+benchmarks/results/fidelity_digits.json and fidelity_digits.png. With
+``--variants``, only those QAT variants run (FP32 always does: they start
+from it); the other variants' rows are kept from the JSON if it holds the
+same seeds, epochs and FP32 results, and dropped otherwise;
+``--reuse-fp32`` takes the FP32 runs already in ``--work-dir`` (so a later
+run of other variants starts from the same checkpoints).
 """
 import argparse
 import json
@@ -30,6 +35,9 @@ VARIANTS = {
     'floor': ['model.quantizer.weight_quantizer.variant=floor'],
     'unshared_scales': ['model.quantizer.weight_quantizer.variant=unshared'],
     'alrs_off': ['optim_wrapper.mode=off'],
+    'double_rounded_residual': [
+        'model.quantizer.weight_quantizer.scale_grad_residual='
+        'double_rounded'],
 }
 
 
@@ -37,6 +45,38 @@ def summarize(values):
     mean = statistics.mean(values)
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return mean, spread
+
+
+def finished_run(work, epochs):
+    """(metrics, checkpoint) of a run ``train_and_test`` finished in
+    ``work``, or (None, None)."""
+    metrics, ckpt = osp.join(work, 'test_metrics.json'), \
+        osp.join(work, f'epoch_{epochs}.pth')
+    if not (osp.exists(metrics) and osp.exists(ckpt)):
+        return None, None
+    with open(metrics) as f:
+        return json.load(f), ckpt
+
+
+def kept_rows(json_path, results, variants) -> dict:
+    """Rows of the variants not run now, from the last JSON, if it was made
+    with the same seeds, epochs and FP32 results (so the same FP32
+    checkpoints); each keeps its own ``options``."""
+    if not osp.exists(json_path):
+        return {}
+    with open(json_path) as f:
+        last = json.load(f)
+    same = all(last.get(key) == results[key] for key in ('seeds',
+                                                          'qat_epochs'))
+    same = same and last.get('fp32', {}).get('values') == \
+        results['fp32']['values']
+    if not same:
+        print(f'{json_path}: other seeds, epochs or FP32 results; '
+              'its other rows are dropped')
+        return {}
+    return {name: dict(last[name], options=last[name].get(
+        'options', VARIANTS[name])) for name in VARIANTS
+            if name in last and name not in variants}
 
 
 def plot(results, path):
@@ -47,9 +87,10 @@ def plot(results, path):
     fp_mean, fp_std = results['fp32']['mean'], results['fp32']['std']
     ax.axhspan(fp_mean - fp_std, fp_mean + fp_std, color='grey', alpha=0.2)
     ax.axhline(fp_mean, color='grey', label='FP32')
-    for offset, name in enumerate(VARIANTS):
+    names = [name for name in VARIANTS if name in results]
+    for offset, name in enumerate(names):
         rows = results[name]
-        xs = [b + (offset - 1.5) * 0.08 for b in BITS]
+        xs = [b + (offset - (len(names) - 1) / 2) * 0.08 for b in BITS]
         ax.errorbar(xs, [rows[str(b)]['mean'] for b in BITS],
                     yerr=[rows[str(b)]['std'] for b in BITS], marker='o',
                     capsize=3, label=name)
@@ -69,17 +110,26 @@ def main():
     parser.add_argument('--data-root', default='data/digits')
     parser.add_argument('--fp32-epochs', type=int, default=30)
     parser.add_argument('--qat-epochs', type=int, default=10)
+    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS),
+                        default=list(VARIANTS),
+                        help='QAT variants to run (default: all)')
+    parser.add_argument('--reuse-fp32', action='store_true',
+                        help='use the FP32 runs already in --work-dir')
     args = parser.parse_args()
     work, root = osp.abspath(args.work_dir), osp.abspath(args.data_root)
     write_digits(root)
+    variants = {name: VARIANTS[name] for name in args.variants}
     raw = {'fp32': []}
-    raw.update({name: {b: [] for b in BITS} for name in VARIANTS})
+    raw.update({name: {b: [] for b in BITS} for name in variants})
     for seed in args.seeds:
-        fp, fp_ckpt, _ = train_and_test(
-            TOOLS, FP32_CONFIG, osp.join(work, f'seed{seed}', 'fp32'), root,
-            args.fp32_epochs, seed)
+        fp_work = osp.join(work, f'seed{seed}', 'fp32')
+        fp, fp_ckpt = finished_run(fp_work, args.fp32_epochs) \
+            if args.reuse_fp32 else (None, None)
+        if fp is None:
+            fp, fp_ckpt, _ = train_and_test(TOOLS, FP32_CONFIG, fp_work, root,
+                                            args.fp32_epochs, seed)
         raw['fp32'].append(fp['accuracy/top1'])
-        for name, options in VARIANTS.items():
+        for name, options in variants.items():
             metrics, _, seconds = train_and_test(
                 TOOLS, QAT_CONFIG, osp.join(work, f'seed{seed}', name), root,
                 args.qat_epochs, seed, [f'load_from={fp_ckpt}', *options])
@@ -92,24 +142,34 @@ def main():
     mean, std = summarize(raw['fp32'])
     results = dict(seeds=args.seeds, qat_epochs=args.qat_epochs,
                    fp32=dict(mean=mean, std=std, values=raw['fp32']))
+    out = osp.join(HERE, 'results')
+    json_path = osp.join(out, 'fidelity_digits.json')
+    kept = kept_rows(json_path, results, variants)
+    for name in VARIANTS:
+        if name in variants:
+            results[name] = {str(b): dict(zip(
+                ('mean', 'std'), summarize(raw[name][b])),
+                values=raw[name][b]) for b in BITS}
+            results[name]['options'] = variants[name]
+        elif name in kept:
+            results[name] = kept[name]
     print(f'\ntop-1 (%) over seeds {args.seeds}: mean ± std\n')
     print('| variant | ' + ' | '.join(f'w{b}a{b}' for b in BITS) + ' |')
     print('|---' * (len(BITS) + 1) + '|')
     print(f'| FP32 | {mean:.2f} ± {std:.2f} |' + ' |' * (len(BITS) - 1))
     for name in VARIANTS:
-        results[name] = {}
-        cells = []
-        for b in BITS:
-            m, s = summarize(raw[name][b])
-            results[name][str(b)] = dict(mean=m, std=s, values=raw[name][b])
-            cells.append(f'{m:.2f} ± {s:.2f}')
-        print(f'| {name} | ' + ' | '.join(cells) + ' |')
-    wins = [b for b in BITS if results['double_rounding'][str(b)]['mean'] >=
-            results['floor'][str(b)]['mean']]
-    print(f'\nDouble Rounding >= floor (mean) at bits: {wins}')
-    out = osp.join(HERE, 'results')
+        if name not in results:
+            continue
+        cells = [f'{results[name][str(b)]["mean"]:.2f} ± '
+                 f'{results[name][str(b)]["std"]:.2f}' for b in BITS]
+        note = '' if name in variants else ' (kept from the last run)'
+        print(f'| {name}{note} | ' + ' | '.join(cells) + ' |')
+    if 'double_rounding' in results and 'floor' in results:
+        wins = [b for b in BITS if results['double_rounding'][str(b)]['mean']
+                >= results['floor'][str(b)]['mean']]
+        print(f'\nDouble Rounding >= floor (mean) at bits: {wins}')
     os.makedirs(out, exist_ok=True)
-    with open(osp.join(out, 'fidelity_digits.json'), 'w') as f:
+    with open(json_path, 'w') as f:
         json.dump(results, f, indent=1)
     plot(results, osp.join(out, 'fidelity_digits.png'))
     print(f'saved {out}/fidelity_digits.json and fidelity_digits.png')

@@ -6,9 +6,6 @@ import os.path as osp
 import torch
 from mmengine.config import Config, DictAction
 
-# moved to mmdrq.apis; kept here for branches that import them from here
-from mmdrq.apis import build_model_from_config, load_trained  # noqa: F401
-
 
 def add_common_args(parser: argparse.ArgumentParser):
     """--work-dir, --cfg-options, --launcher, --local-rank (as mmdet's)."""

@@ -5,6 +5,10 @@ write a markdown table and JSON with the metrics and images/s per bit.
     python tools/benchmark.py CONFIG CKPT --data-root data/coco/ \
         [--subnets a.json ...] [--bits 8 4] [--out-dir DIR] \
         [--cfg-options k=v ...] [--launcher pytorch]
+        [--backend onnxruntime [--ort-kernels integer]]
+
+With ``--backend onnxruntime`` CKPT is an export folder
+(tools/export_onnx.py) and its ONNX files run in ONNX Runtime.
 """
 import argparse
 import json
@@ -63,6 +67,10 @@ def main():
     parser.add_argument('--bits', type=int, nargs='+')
     parser.add_argument('--subnets', nargs='+')
     parser.add_argument('--out-dir', default='work_dirs/benchmark')
+    parser.add_argument('--backend', default='pytorch',
+                        choices=['pytorch', 'onnxruntime'])
+    parser.add_argument('--ort-kernels', default='exact',
+                        choices=['exact', 'integer'])
     add_common_args(parser)
     args = parser.parse_args()
     cfg = load_config(args)
@@ -74,6 +82,11 @@ def main():
     require_exact_checkpoint(cfg)
     cfg.test_cfg = dict(type='mmdrq.MultiBitTestLoop', measure_speed=True,
                         bits=args.bits or 'all', subnets=args.subnets)
+    if args.backend == 'onnxruntime':
+        from mmdrq.deploy.loop import onnxruntime_test_cfg
+        onnxruntime_test_cfg(cfg, args.checkpoint, args.bits, args.subnets,
+                             args.ort_kernels)
+        cfg.test_cfg['measure_speed'] = True
     prepare_launch(cfg)
     metrics = Runner.from_cfg(cfg).test()
     metrics = {k: float(v) for k, v in metrics.items()

@@ -3,7 +3,8 @@
 # Python (a venv or conda env is recommended). Pinned, tested versions:
 #   torch 2.14.1 + torchvision 0.29.1, mmengine 0.10.7, mmcv 2.1.0 (built
 #   from the sdist with its CPU ops), mmpretrain 1.2.0, mmdet 3.3.0,
-#   mmsegmentation 1.2.2 (+ ftfy, regex), then mmdrq itself.
+#   mmsegmentation 1.2.2 (+ ftfy, regex), onnx 1.23.2 + onnxruntime 1.32.0
+#   + onnxscript 0.7.2 (ONNX export and runtime), then mmdrq itself.
 # If PIP_FIND_LINKS points at a folder holding a matching mmcv 2.1.0 wheel,
 # that wheel is used instead of the ~30 minute build.
 set -euo pipefail
@@ -46,5 +47,7 @@ fi
 echo '[mmdrq] mmengine, mmpretrain, mmdet, mmseg, test tools, mmdrq'
 pip_install -c "$constraints" mmengine==0.10.7 mmpretrain==1.2.0 mmdet==3.3.0 \
   mmsegmentation==1.2.2 ftfy regex scipy matplotlib scikit-learn pytest
+echo '[mmdrq] onnx, onnxruntime, onnxscript (torch.onnx dynamo exporter)'
+pip_install -c "$constraints" onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
 pip_install -c "$constraints" --no-deps --no-build-isolation --force-reinstall .
-"$PY" -c 'import mmcv.ops, mmpretrain, mmdet, mmseg, mmdrq; print("[mmdrq] installed", mmdrq.__version__)'
+"$PY" -c 'import mmcv.ops, mmpretrain, mmdet, mmseg, onnxruntime, mmdrq; print("[mmdrq] installed", mmdrq.__version__)'

@@ -2,10 +2,12 @@
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--bits 8 4]
         [--subnets a.json ...] [--out results.json] [--cfg-options k=v ...]
-        [--launcher pytorch]
+        [--launcher pytorch] [--backend onnxruntime]
 
 For an mmdrq model the test loop becomes MultiBitTestLoop: every bit (or
---bits, and each --subnets file) is evaluated and a table is logged.
+--bits, and each --subnets file) is evaluated and a table is logged. With
+``--backend onnxruntime`` CHECKPOINT is an export folder
+(tools/export_onnx.py) whose ONNX files run instead (--subnets: names).
 """
 import argparse
 import json
@@ -28,6 +30,12 @@ def parse_args():
     parser.add_argument('--subnets', nargs='+',
                         help='SubNet JSON files (per-layer bits) to test')
     parser.add_argument('--out', help='write the metrics as JSON here')
+    parser.add_argument('--backend', default='pytorch',
+                        choices=['pytorch', 'onnxruntime'])
+    parser.add_argument('--ort-kernels', default='exact',
+                        choices=['exact', 'integer'],
+                        help='onnxruntime: float convs equal to PyTorch, or '
+                        'fused integer kernels (see mmdrq.deploy)')
     add_common_args(parser)
     return parser.parse_args()
 
@@ -39,18 +47,23 @@ def main():
                                 'exist')
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
-    require_exact_checkpoint(cfg)
-    if is_qat_config(cfg):
-        test_cfg = dict(cfg.get('test_cfg') or {})
-        test_cfg['type'] = 'mmdrq.MultiBitTestLoop'
-        if args.bits:
-            test_cfg['bits'] = args.bits
-        if args.subnets:
-            test_cfg['subnets'] = args.subnets
-        cfg.test_cfg = test_cfg
-    elif args.bits or args.subnets:
+    if (args.bits or args.subnets) and not is_qat_config(cfg):
         raise ValueError('--bits/--subnets need an mmdrq model config '
                          f'(model.type={cfg.model.get("type")!r})')
+    if args.backend == 'onnxruntime':
+        from mmdrq.deploy.loop import onnxruntime_test_cfg
+        onnxruntime_test_cfg(cfg, args.checkpoint, args.bits, args.subnets,
+                             args.ort_kernels)
+    else:
+        require_exact_checkpoint(cfg)
+        if is_qat_config(cfg):
+            test_cfg = dict(cfg.get('test_cfg') or {})
+            test_cfg['type'] = 'mmdrq.MultiBitTestLoop'
+            if args.bits:
+                test_cfg['bits'] = args.bits
+            if args.subnets:
+                test_cfg['subnets'] = args.subnets
+            cfg.test_cfg = test_cfg
     prepare_launch(cfg)
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()

@@ -29,6 +29,10 @@ import torch
 
 ROUNDINGS = ('half_even', 'half_up')
 VARIANTS = ('double_rounding', 'floor')
+# integer of the scale gradient's residual ``int - v`` inside the range:
+# the target's double-rounded q_l, or v rounded once (round(v) as in the
+# authors' code)
+RESIDUALS = ('double_rounded', 'first_rounding')
 IMPLS = ('auto', 'torch', 'fused')
 
 
@@ -126,40 +130,70 @@ def quantize_int(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
                  variant: str = 'double_rounding') -> torch.Tensor:
     """Integers of the target precision (as floats): first rounding of
     ``x / scale`` to the stored grid ``h_range``, then the second rounding by
-    ``shift`` bits to ``l_range``. ``scale`` broadcasts against ``x``."""
+    ``shift`` bits to ``l_range``. ``scale`` broadcasts against ``x``.
+    Computed as the forward does (``_compute_dtype``), so a float64 model's
+    integers are its forward's."""
     _check_modes(rounding, variant)
-    return _quantize(x, scale, h_range[0], h_range[1], 2.0**-shift,
-                     l_range[0], l_range[1], rounding, variant)
+    return _quantize(*_promoted(x, scale), h_range[0], h_range[1],
+                     2.0**-shift, l_range[0], l_range[1], rounding, variant)
+
+
+def _compute_dtype(x, scale) -> torch.dtype:
+    """The precision of every step before the output: ``x``'s and
+    ``scale``'s, and float32 at least, so bf16/fp16 values are not divided
+    and rounded on their own coarse grid (Inductor upcasts them the same
+    way inside the fused kernels)."""
+    return torch.promote_types(torch.promote_types(x.dtype, scale.dtype),
+                               torch.float32)
 
 
 def _promoted(x, scale):
-    """``x`` in ``scale``'s precision at least: bf16 activations are not
-    rounded on a bf16 grid."""
-    return x.to(torch.promote_types(x.dtype, scale.dtype))
+    """``x`` and ``scale`` in ``_compute_dtype``."""
+    dtype = _compute_dtype(x, scale)
+    return x.to(dtype), scale.to(dtype)
 
 
 def _forward(x, scale, h_lo, h_hi, plans, rounding, variant):
     """``q_l * scale * 2**shift`` in ``x``'s dtype for every target of
     ``plans`` (``(down, l_lo, l_hi, up)`` each), all from one first
     rounding."""
-    q_h = _first_rounding(_promoted(x, scale), scale, h_lo, h_hi)
+    xf, sf = _promoted(x, scale)
+    q_h = _first_rounding(xf, sf, h_lo, h_hi)
     return [(_round_down(q_h, down, lo, hi, rounding, variant) *
-             (scale * up)).to(x.dtype) for down, lo, hi, up in plans]
+             (sf * up)).to(x.dtype) for down, lo, hi, up in plans]
+
+
+def _residual_int(q, v, inside, residual, lo, hi, rounding, variant):
+    """The integer of the scale gradient's residual: ``q`` (the target's
+    clipped, double-rounded integer) or, for ``first_rounding`` (tensor
+    code 1 in the kernels), ``v`` rounded once inside the range by the
+    second rounding's rule: round(v) as in the authors' code, floor(v)
+    for the floor variant (whose forward round(v) would contradict)."""
+    if isinstance(residual, torch.Tensor):
+        once = _round_down(v, 1.0, lo, hi, rounding, variant)
+        return torch.where(inside & (residual == 1), once, q)
+    if residual == 'first_rounding':
+        once = _round_down(v, 1.0, lo, hi, rounding, variant)
+        return torch.where(inside, once, q)
+    return q
 
 
 def _backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
-              with_graph=False):
+              residual, with_graph=False):
     """STE gradient of ``x`` summed over the targets, and per target and
-    element the LSQ scale gradient before its factor: ``grad * (q - v)``
-    inside the range, ``grad * q`` outside (the clipping limit).
-    ``with_graph`` keeps it differentiable."""
-    xf = _promoted(x, scale)
-    q_h = _first_rounding(xf.detach(), scale.detach(), h_lo, h_hi)
+    element the LSQ scale gradient before its factor: ``grad * (r - v)``
+    inside the range, with ``r`` the ``residual``'s integer (q or
+    round(v)), ``grad * q`` outside (the clipping limit). ``with_graph``
+    keeps it differentiable."""
+    xf, sf = _promoted(x, scale)
+    q_h = _first_rounding(xf.detach(), sf.detach(), h_lo, h_hi)
     grad_x, contribs = None, []
     for grad, (down, lo, hi, up) in zip(grads, plans):
         q = _round_down(q_h, down, lo, hi, rounding, variant)
-        v = xf / (scale * up)
+        v = xf / (sf * up)
         inside = (v >= lo) & (v <= hi)
+        q = _residual_int(q, v.detach(), inside, residual, lo, hi,
+                          rounding, variant)
         part = torch.where(inside, grad, 0.0)
         grad_x = part if grad_x is None else grad_x + part
         if with_graph:
@@ -170,11 +204,12 @@ def _backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
     return grad_x, contribs
 
 
-def _fused_backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant):
+def _fused_backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
+                    residual):
     """``_backward`` with the scale gradients summed per row of the 2-d
     ``x``, in the same kernel."""
     grad_x, contribs = _backward(grads, x, scale, h_lo, h_hi, plans,
-                                 rounding, variant)
+                                 rounding, variant, residual)
     return grad_x, [c.sum(dim=1, keepdim=True) for c in contribs]
 
 
@@ -186,15 +221,15 @@ def _fused_fns():
     return _fused_state['fns']
 
 
-def _as_tensors(numbers, like: torch.Tensor):
-    """Numbers as 0-dim tensors on ``like``'s device, made once per value
-    and device: no host-to-device copy per call, and no recompiles, since
-    the kernels see tensors rather than Python numbers."""
-    key = (numbers, like.device, like.dtype)
+def _as_tensors(numbers, device, dtype):
+    """Numbers as 0-dim tensors, made once per value, device and dtype: no
+    host-to-device copy per call, and no recompiles, since the kernels see
+    tensors rather than Python numbers."""
+    key = (numbers, device, dtype)
     tensors = _constants_cache.get(key)
     if tensors is None:
         tensors = _constants_cache[key] = tuple(torch.tensor(
-            numbers, dtype=like.dtype, device=like.device).unbind())
+            numbers, dtype=dtype, device=device).unbind())
     return tensors
 
 
@@ -265,11 +300,12 @@ class _Plan:
     l_range, grad_scale)``, as Python numbers for the torch path and as
     cached 0-dim tensors for the kernels."""
 
-    def __init__(self, h_range, targets, rounding, variant):
+    def __init__(self, h_range, targets, rounding, variant, residual):
         self.h_range = tuple(h_range)
         self.targets = tuple((int(shift), tuple(l_range), float(grad_scale))
                              for shift, l_range, grad_scale in targets)
         self.rounding, self.variant = rounding, variant
+        self.residual = residual
 
     def numbers(self, keep=None):
         """``(h_lo, h_hi, plans, rounding, variant)`` for ``_forward`` and
@@ -279,15 +315,22 @@ class _Plan:
             for shift, (lo, hi), _ in self._select(keep)],
             self.rounding, self.variant)
 
-    def tensors(self, like, keep=None):
+    def tensors(self, x, scale, keep=None):
         """The same for the kernels: numbers and the rounding mode as
-        tensors, ``variant`` None (folded into the mode code)."""
+        tensors in the compute dtype (float32 limits for bf16 data: 16-bit
+        grids need them), ``variant`` None (folded into the mode code)."""
         mode = _MODE_CODES['floor' if self.variant == 'floor'
                            else self.rounding]
-        h_lo, h_hi, code = _as_tensors((*self.h_range, mode), like)
-        plans = [_as_tensors((2.0**-shift, lo, hi, 2.0**shift), like)
+        like = (scale.device, _compute_dtype(x, scale))
+        h_lo, h_hi, code = _as_tensors((*self.h_range, mode), *like)
+        plans = [_as_tensors((2.0**-shift, lo, hi, 2.0**shift), *like)
                  for shift, (lo, hi), _ in self._select(keep)]
         return h_lo, h_hi, plans, code, None
+
+    def residual_code(self, scale):
+        """``residual`` as the kernels' 0-dim tensor code (its index)."""
+        return _as_tensors((RESIDUALS.index(self.residual), ),
+                           scale.device, torch.int32)[0]
 
     def _select(self, keep):
         return self.targets if keep is None else \
@@ -298,7 +341,7 @@ def _outputs(x, scale, plan, reduce_dims) -> tuple:
     """The forward's tensors, by the fused kernel where it applies."""
     if _use_fused(x, scale, reduce_dims):
         x2, s2 = _as_rows(x, scale)
-        outs = _run_fused(0, x2, s2, *plan.tensors(s2))
+        outs = _run_fused(0, x2, s2, *plan.tensors(x2, s2))
         if outs is not None:
             return tuple(out.view(x.shape) for out in outs)
     return tuple(_forward(x, scale, *plan.numbers()))
@@ -331,20 +374,22 @@ class _FakeQuant(torch.autograd.Function):
             x2, s2 = _as_rows(x, scale)
             fused = _run_fused(1, [g.reshape(x2.shape).detach()
                                    for g in grads], x2, s2,
-                               *plan.tensors(s2, keep))
+                               *plan.tensors(x2, s2, keep),
+                               plan.residual_code(s2))
         if fused is not None:  # per-row sums: one row per scale, or one row
             grad_x, partials = fused[0].view(x.shape), fused[1]
             if dims is None or partials[0].numel() == 1:
                 partials = [p.sum() for p in partials]
         else:  # torch path; with a graph under double backward
             grad_x, contribs = _backward(grads, x, scale,
-                                         *plan.numbers(keep),
+                                         *plan.numbers(keep), plan.residual,
                                          with_graph=torch.is_grad_enabled())
             partials = [c.sum() if dims is None else
                         c.sum(dim=dims, keepdim=True) for c in contribs]
-        # each target's LSQ factor on its own partial sums
-        grad_s = sum(p.to(scale.dtype) * plan.targets[i][2]
-                     for i, p in zip(keep, partials))
+        # each target's LSQ factor on its own partial sums, in the compute
+        # dtype: a bf16 scale's gradient is rounded once, at the end
+        grad_s = sum(p * plan.targets[i][2]
+                     for i, p in zip(keep, partials)).to(scale.dtype)
         grad_s = grad_s.expand(scale.shape) if grad_s.dim() == 0 \
             else grad_s.reshape(scale.shape)
         return (grad_x if ctx.needs_input_grad[0] else None,
@@ -354,7 +399,8 @@ class _FakeQuant(torch.autograd.Function):
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
                l_range, rounding: str = 'half_even',
                variant: str = 'double_rounding', grad_scale: float = 1.0,
-               reduce_dims=None) -> torch.Tensor:
+               reduce_dims=None,
+               residual: str = 'first_rounding') -> torch.Tensor:
     """Quantize-dequantize ``x`` with Double Rounding, differentiably.
 
     Args:
@@ -371,18 +417,24 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, h_range, shift: int,
             ``2**shift`` for the exact chain rule).
         reduce_dims: dims summed for the scale gradient, or None to give
             every channel the sum over the whole tensor.
+        residual: the integer of the scale gradient's ``int - v`` inside
+            the range, ``first_rounding`` (v rounded once by the second
+            rounding's rule: round(v), the authors' code; floor(v) for
+            ``floor``) or ``double_rounded`` (q_l); they differ only when
+            ``shift > 0``.
 
     Returns:
         ``q_l * scale * 2**shift``, same shape and dtype as ``x``.
     """
     return fake_quant_bits(x, scale, h_range, [(shift, l_range, grad_scale)],
-                           rounding, variant, reduce_dims)[0]
+                           rounding, variant, reduce_dims, residual)[0]
 
 
 def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
                     rounding: str = 'half_even',
                     variant: str = 'double_rounding',
-                    reduce_dims=None) -> tuple:
+                    reduce_dims=None,
+                    residual: str = 'first_rounding') -> tuple:
     """``fake_quant`` at several targets from one first rounding.
 
     ``targets`` is a sequence of ``(shift, l_range, grad_scale)``. The
@@ -393,9 +445,12 @@ def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
     bits needs while the weights do not change.
     """
     _check_modes(rounding, variant)
+    if residual not in RESIDUALS:
+        raise ValueError(
+            f'residual must be one of {list(RESIDUALS)}, got {residual!r}')
     if not targets:
         raise ValueError('fake_quant_bits needs at least one target')
-    plan = _Plan(h_range, targets, rounding, variant)
+    plan = _Plan(h_range, targets, rounding, variant, residual)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return _FakeQuant.apply(x, scale, plan, reduce_dims)
     # no graph to build (evaluation, recomputation in a backward)

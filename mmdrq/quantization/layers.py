@@ -211,9 +211,6 @@ def quantized_layers(model: nn.Module, required: bool = False) -> dict:
     return layers
 
 
-_QuantLayer = QuantLayer  # the former private name (merging branches)
-
-
 @MODELS.register_module()
 class QConv2d(QuantLayer, nn.Conv2d):
     """nn.Conv2d whose input and weight are fake-quantized at ``self.bit``.

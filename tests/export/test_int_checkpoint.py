@@ -116,6 +116,71 @@ def test_round_trip_exact_at_every_bit(tmp_path, model_name, config_name):
         assert math.prod(odd['shape']) % 2 == 1
 
 
+def _near_ties(model, gen):
+    """Give every quantized weight of a float64 model W / s values near
+    and at k + 0.5 (ties, and 1e-9 or 1e-12 off them: float32 cannot tell
+    them apart), plus the known case W = 1.4500000000000002, s = 0.1."""
+    layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
+    with torch.no_grad():
+        for module in layers:
+            quantizer = module.weight_quantizer
+            s = quantizer.scale[0].view(-1, *[1] * (module.weight.dim() - 1))
+            v = (module.weight / s).view(s.shape[0], -1)
+            k = torch.randint(-100, 100, v.shape, generator=gen).double()
+            eps = torch.tensor([0, 1e-9, -1e-9, 1e-12, -1e-12],
+                               dtype=torch.float64)
+            pick = torch.randint(0, 5, v.shape, generator=gen)
+            near = torch.rand(v.shape, generator=gen) < 0.5
+            v[near] = (k + 0.5 + eps[pick])[near]
+            module.weight.copy_(v.view(module.weight.shape) * s)
+        first = layers[0]
+        first.weight_quantizer.scale[0, 0] = 0.1
+        first.weight.view(first.weight.shape[0], -1)[0, 0] = \
+            1.4500000000000002
+    return layers
+
+
+def test_float64_model_stores_its_forwards_integers(tmp_path):
+    """The integers of a float64 model are rounded in float64, as its
+    forward rounds them: stored q_h equals round(forward at h / s)
+    (1.4500000000000002 / 0.1 gives 15, float32 gives 14), and export ->
+    load_int -> forward is bit-exact at every bit."""
+    bits = CONFIGS['int8']['bits']
+    saved, x = _trained(_tiny, 0, CONFIGS['int8'])
+    saved.double()
+    x = x.double()
+    layers = _near_ties(saved, torch.Generator().manual_seed(5))
+    expected = _outputs(saved, x, bits)
+    path = str(tmp_path / 'model.int.pth')
+    save_int(saved, path)
+    payload = torch.load(path, map_location='cpu', weights_only=True)
+    differs = 0
+    for name in _quant_names(saved):
+        module = saved.get_submodule(name)
+        quantizer = module.weight_quantizer
+        s = quantizer.scale[0].view(-1, *[1] * (module.weight.dim() - 1))
+        with torch.no_grad():
+            forward = torch.round(quantizer(module.weight, bits[0]) / s)
+        entry = payload['int_weights'][name]
+        stored = unpack(entry['data'], bits[0], entry['shape'])
+        assert torch.equal(stored.double(), forward), name
+        in_float32 = torch.clamp(torch.round(
+            module.weight.float() / s.float()), -128, 127)
+        differs += int((in_float32.double() != forward).sum())
+    assert differs >= 10  # the data tells float32 rounding apart
+    first = layers[0].weight.view(layers[0].weight.shape[0], -1)
+    assert payload['int_weights'][_quant_names(saved)[0]]['data'][0] == 15
+    assert first[0, 0] == 1.4500000000000002
+
+    fresh, _ = _trained(_tiny, 1, CONFIGS['int8'])
+    fresh.double()
+    load_int(fresh, path)
+    after = _outputs(fresh, x, bits)
+    for bit in bits:
+        assert after[bit].dtype == torch.float64
+        assert torch.equal(after[bit], expected[bit]), f'bit {bit}'
+
+
 def test_loaded_model_trains_on(tmp_path, make_tiny_cnn):
     """A loaded model is an ordinary converted model: it trains."""
     saved, x = _trained(_tiny, 0, CONFIGS['int4x2'])

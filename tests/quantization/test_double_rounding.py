@@ -86,23 +86,35 @@ def fresh_quantizer(bits, s, **kwargs):
     return q
 
 
-def ref_grads(w, step, l, q_l, g_out):
-    """STE weight grad and the un-reduced LSQ scale grad of bit l."""
+ROUND_ONCE = {'half_even': np.rint, 'half_up': lambda v: np.floor(v + 0.5),
+              'floor': np.floor}
+
+
+def ref_grads(w, step, l, q_l, g_out, residual='double_rounded',
+              mode='half_even'):
+    """STE weight grad and the un-reduced LSQ scale grad of bit l: inside
+    the range ``q_l - v`` (double_rounded) or, for first_rounding, v
+    rounded once by ``mode`` minus v (numpy's rint for half_even)."""
     lo, hi = srange(l)
     v = w / step
     inside = (v >= lo) & (v <= hi)
-    local = torch.where(inside, q_l - v,
+    integer = q_l if residual == 'double_rounded' else \
+        torch.from_numpy(ROUND_ONCE[mode](v.numpy()))
+    local = torch.where(inside, integer - v,
                         torch.where(v < lo, float(lo), float(hi)))
     return g_out * inside, g_out * local
 
 
-def quantizer_case(tag, bits, variant, rounding, scale_grad, reduce):
+def quantizer_case(tag, bits, variant, rounding, scale_grad, reduce,
+                   residual='double_rounded'):
     """Fresh data (ties included) and a float64 quantizer for one case:
     generator, weight ``(5, 2, 3, 3)``, scale, quantizer, rounding mode."""
-    gen = make_gen(tag, bits, variant, rounding, scale_grad, reduce)
+    gen = make_gen(tag, bits, variant, rounding, scale_grad, reduce,
+                   residual)
     w, s = make_weight(gen, (5, 2, 3, 3), bits[0], pow2=scale_grad == 'lsq')
     quant = fresh_quantizer(bits, s, variant=variant, rounding=rounding,
-                            scale_grad=scale_grad, scale_grad_reduce=reduce)
+                            scale_grad=scale_grad, scale_grad_reduce=reduce,
+                            scale_grad_residual=residual)
     return gen, w, s, quant, 'floor' if variant == 'floor' else rounding
 
 
@@ -201,14 +213,16 @@ def test_second_rounding_ties(d):
                                               ('floor', 'half_even')])
 @pytest.mark.parametrize('scale_grad', ['lsq', 'exact'])
 @pytest.mark.parametrize('reduce', ['channel', 'tensor'])
+@pytest.mark.parametrize('residual', ['double_rounded', 'first_rounding'])
 def test_quantizer_forward_and_grads(bits, variant, rounding, scale_grad,
-                                     reduce):
+                                     reduce, residual):
     """Forward q_l * s * 2**d; STE weight grad; LSQ scale grad with
     g = 1 / sqrt(N * Qp), times 2**d if 'exact', summed per channel or
-    (reduce 'tensor') over the whole tensor for every channel."""
+    (reduce 'tensor') over the whole tensor for every channel, with the
+    residual's integer q_l or round(v)."""
     h = bits[0]
     gen, w, s, quant, mode = quantizer_case('fwd', bits, variant, rounding,
-                                            scale_grad, reduce)
+                                            scale_grad, reduce, residual)
     for l in bits:
         d = h - l
         step = (s * 2**d).view(-1, 1, 1, 1)
@@ -219,7 +233,7 @@ def test_quantizer_forward_and_grads(bits, variant, rounding, scale_grad,
         torch.testing.assert_close(out, q_l * step, rtol=1e-14, atol=0)
         g_out = torch.randn(w.shape, generator=gen, dtype=F64)
         out.backward(g_out)
-        gw, gs = ref_grads(w, step, l, q_l, g_out)
+        gw, gs = ref_grads(w, step, l, q_l, g_out, residual, mode)
         torch.testing.assert_close(x.grad, gw, rtol=0, atol=0)
         torch.testing.assert_close(
             quant.scale.grad[0], ref_scale_grad(gs, l, d, reduce, scale_grad),
@@ -230,17 +244,18 @@ def test_quantizer_forward_and_grads(bits, variant, rounding, scale_grad,
 @pytest.mark.parametrize('variant,rounding', [('double_rounding', 'half_even'),
                                               ('double_rounding', 'half_up'),
                                               ('floor', 'half_even')])
-@pytest.mark.parametrize('scale_grad,reduce', [('lsq', 'channel'),
-                                               ('exact', 'tensor')])
+@pytest.mark.parametrize('scale_grad,reduce,residual', [
+    ('lsq', 'channel', 'first_rounding'), ('exact', 'tensor', 'double_rounded')])
 def test_shared_rounding_sums_every_bit(bits, variant, rounding, scale_grad,
-                                        reduce):
+                                        reduce, residual):
     """Under ``shared_rounding`` one call serves every bit: each forward
     is the reference of its bit, and one backward of a summed loss gives
     the sums of the bits' reference gradients, with a bit used twice and
     the lowest one unused."""
     h = bits[0]
     gen, w, s, quant, mode = quantizer_case('shared', bits, variant,
-                                            rounding, scale_grad, reduce)
+                                            rounding, scale_grad, reduce,
+                                            residual)
     x = w.clone().requires_grad_()
     used = [*bits[:-1], bits[0]]
     total, gw_ref, gs_ref = 0, 0, 0
@@ -254,7 +269,7 @@ def test_shared_rounding_sums_every_bit(bits, variant, rounding, scale_grad,
             torch.testing.assert_close(out, q_l * step, rtol=1e-14, atol=0)
             g_out = torch.randn(w.shape, generator=gen, dtype=F64)
             total = total + (out * g_out).sum()
-            gw, gs = ref_grads(w, step, l, q_l, g_out)
+            gw, gs = ref_grads(w, step, l, q_l, g_out, residual, mode)
             gw_ref = gw_ref + gw
             gs_ref = gs_ref + ref_scale_grad(gs, l, d, reduce, scale_grad)
     assert quant._shared is None
@@ -263,6 +278,64 @@ def test_shared_rounding_sums_every_bit(bits, variant, rounding, scale_grad,
     torch.testing.assert_close(x.grad, gw_ref, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(quant.scale.grad[0], gs_ref, rtol=1e-10,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize('bits', [(8, 6, 4, 2), (4, 3, 2)])
+@pytest.mark.parametrize('reduce', ['channel', 'tensor'])
+def test_first_rounding_residual_at_every_lower_bit(bits, reduce):
+    """``scale_grad_residual='first_rounding'``: at every l < h the scale
+    gradient is g * sum(grad * (round(v) - v)) inside the range (limit
+    outside), v = W / (s * 2**d), against float64 numpy on fresh data with
+    ties of round(v) built for that d; the data also has weights where
+    round(v) != q_l, so the double-rounded residual would fail here."""
+    h = bits[0]
+    for l in bits[1:]:
+        d = h - l
+        gen = make_gen('residual', bits, reduce, l)
+        w, s = make_weight(gen, (5, 2, 3, 3), h)
+        flat = (w / s.view(-1, 1, 1, 1)).view(5, -1)  # W / s, exact (pow2 s)
+        m = torch.randint(-2**(l - 1), 2**(l - 1) - 1, (5, 4), generator=gen)
+        flat[:, -4:] = (m.to(F64) + 0.5) * 2**d  # v = m + 0.5: ties
+        # even m, v = m + 0.5 + 0.25 / 2**d: q_h = 2**d (m + 0.5) goes to
+        # q_l = m (the even neighbour), round(v) = m + 1
+        m = 2 * torch.randint(-2**(l - 2), 2**(l - 2), (5, 4), generator=gen)
+        flat[:, -8:-4] = (m.to(F64) + 0.5) * 2**d + 0.25
+        w = flat.view(w.shape) * s.view(-1, 1, 1, 1)
+        quant = fresh_quantizer(bits, s, scale_grad_reduce=reduce,
+                                scale_grad_residual='first_rounding')
+        step = (s * 2**d).view(-1, 1, 1, 1)
+        v = (w / step).numpy()
+        q_l = ref_q(w, s, h, l)
+        inside = (v >= srange(l)[0]) & (v <= srange(l)[1])
+        assert (inside & (v - np.floor(v) == 0.5)).sum() >= 20
+        assert (inside & (np.rint(v) != q_l.numpy())).any()
+        x = w.clone().requires_grad_()
+        out = quant(x, l)
+        g_out = torch.randn(w.shape, generator=gen, dtype=F64)
+        out.backward(g_out)
+        gw, gs = ref_grads(w, step, l, q_l, g_out, 'first_rounding')
+        torch.testing.assert_close(x.grad, gw, rtol=0, atol=0)
+        torch.testing.assert_close(
+            quant.scale.grad[0], ref_scale_grad(gs, l, d, reduce, 'lsq'),
+            rtol=1e-10, atol=1e-12)
+
+
+def test_residuals_of_one_weight_differ_in_sign():
+    """h=8, l=6, s=1, W=2.2, exact: v = 0.55, q_h = 2 re-rounds to q_l = 0
+    (half to even) while round(v) = 1, so the scale gradients are
+    -0.55 * 4 / sqrt(31) and +0.45 * 4 / sqrt(31)."""
+    grads = {}
+    for residual in ('double_rounded', 'first_rounding'):
+        quant = DoubleRoundingQuantizer((8, 6), scale_grad='exact',
+                                        scale_grad_residual=residual)
+        quant.double()
+        with torch.no_grad():
+            quant.scale.fill_(1.0)
+            quant.initialized.fill_(True)
+        quant(torch.tensor([2.2], dtype=F64), 6).sum().backward()
+        grads[residual] = quant.scale.grad.item()
+    assert grads['double_rounded'] == pytest.approx(-0.55 * 4 / 31**0.5)
+    assert grads['first_rounding'] == pytest.approx(0.45 * 4 / 31**0.5)
 
 
 def test_shared_rounding_follows_weight_updates():
@@ -346,7 +419,8 @@ def test_fake_quant_bits_when_no_output_gets_a_gradient():
 
 @pytest.mark.parametrize('bits', [(8, 6, 4), (4, 3, 2)])
 def test_per_tensor_scale(bits):
-    """One scale for the tensor: g = 1 / sqrt(numel * Qp), whole sum."""
+    """One scale for the tensor: g = 1 / sqrt(numel * Qp), whole sum; the
+    default residual round(v) - v."""
     h = bits[0]
     gen = make_gen('per_tensor', bits)
     w = torch.randn(3, 4, 5, generator=gen, dtype=F64)
@@ -364,7 +438,7 @@ def test_per_tensor_scale(bits):
         torch.testing.assert_close(out, q_l * step, rtol=1e-14, atol=0)
         g_out = torch.randn(w.shape, generator=gen, dtype=F64)
         out.backward(g_out)
-        gw, gs = ref_grads(w, step, l, q_l, g_out)
+        gw, gs = ref_grads(w, step, l, q_l, g_out, 'first_rounding')
         torch.testing.assert_close(x.grad, gw, rtol=0, atol=0)
         gs = gs.sum().view(1, 1) / (60 * srange(l)[1])**0.5
         torch.testing.assert_close(quant.scale.grad, gs, rtol=1e-10,
@@ -441,7 +515,8 @@ def test_bad_inputs_name_the_value():
         quant.integers(w, 3)
     for key, value in [('variant', 'round'), ('rounding', 'nearest'),
                        ('scale_grad', 'approx'),
-                       ('scale_grad_reduce', 'global')]:
+                       ('scale_grad_reduce', 'global'),
+                       ('scale_grad_residual', 'rounded')]:
         with pytest.raises(ValueError, match=value):
             DoubleRoundingQuantizer((8, 4), **{key: value})
     for key, value in [('rounding', 'half_down'), ('variant', 'truncate')]:
@@ -450,5 +525,7 @@ def test_bad_inputs_name_the_value():
                        **{key: value})
         with pytest.raises(ValueError, match=value):
             requantize(torch.arange(4.), 0, -2, 1, **{key: value})
+    with pytest.raises(ValueError, match='q_l'):
+        fake_quant(w, torch.ones(1), srange(8), 2, srange(6), residual='q_l')
     with pytest.raises(ValueError, match='1'):
         DoubleRoundingQuantizer((4, 1))

@@ -6,6 +6,8 @@ not: that the fused kernels really run, agree with the torch path in float32
 and bfloat16, are built once for every bit and layer, and that a compiled
 model trains like the eager one.
 """
+import zlib
+
 import pytest
 import torch
 
@@ -229,3 +231,122 @@ def test_auto_falls_back_to_torch_when_kernels_cannot_build(monkeypatch):
     with fake_quant_impl('torch'):
         ref = fake_quant(x, scale, (-8, 7), 0, (-8, 7))
     assert torch.equal(out, ref) and torch.equal(again, ref)
+
+
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def half_case(gen, rows, dtype):
+    """``rows`` scales in ``dtype``: arbitrary values on even rows and
+    powers of two (exact ties) on odd rows."""
+    s = (torch.rand(rows, generator=gen, dtype=torch.float64) * 0.05 + 0.01)
+    s[1::2] = torch.exp2(torch.round(torch.log2(s[1::2])))
+    return s.to(dtype)
+
+
+def half_inputs(gen, s, shape, lo, hi, dtype):
+    """``v * s`` in ``dtype`` with v spanning past [lo, hi], some v = k + 0.5
+    and v = hi + 1 exactly (one past the top: inside under a 16-bit limit
+    that rounds up)."""
+    v = torch.randn(shape, generator=gen, dtype=torch.float64) * hi * 0.8
+    flat = v.view(shape[0], -1)
+    flat[:, :6] = torch.randint(-60, 60, (shape[0], 6), generator=gen) + 0.5
+    flat[:, 6] = hi + 1.0
+    flat[:, 7] = lo
+    s64 = s.double().view(-1, *[1] * (len(shape) - 1)) if s.numel() > 1 \
+        else s.double()
+    return (v * s64).to(dtype)
+
+
+def half_run(quant, x, bit, grad, impl):
+    quant.scale.grad = None
+    x = x.detach().clone().requires_grad_()
+    with fake_quant_impl(impl):
+        out = quant(x, bit)
+        out.backward(grad)
+    return out.detach(), x.grad, quant.scale.grad.clone()
+
+
+def half_reference(x, s, h_range, shift, l_range, grad, g):
+    """Float64: output, x grad and un-reduced scale grad (times g, with the
+    default residual round(v) - v) of the Double Rounding of bf16/fp16
+    ``x`` (integers by float64 ops: the float32 quotient of two 16-bit
+    floats rounds the same way)."""
+    x64, s64, grad64 = x.double(), s.double(), grad.double()
+    q_h = torch.clamp(torch.round(x64 / s64), *h_range)
+    q_l = torch.clamp(torch.round(q_h / 2**shift), *l_range)
+    v = x64 / (s64 * 2**shift)
+    inside = (v >= l_range[0]) & (v <= l_range[1])
+    local = torch.where(inside, torch.round(v) - v, q_l)
+    out = (q_l * s64 * 2**shift).to(x.dtype)
+    return out, torch.where(inside, grad, 0).to(x.dtype), grad64 * local * g
+
+
+def check_half(got, ref, scale_ref, dtype):
+    """Output and x grad bit-equal; scale grad within one ``dtype`` step."""
+    assert got[0].dtype == got[1].dtype == got[2].dtype == dtype
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[1], ref[1])
+    torch.testing.assert_close(got[2].double(), scale_ref.to(dtype).double(),
+                               rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', HALF_DTYPES)
+@pytest.mark.parametrize('bits', [(8, 6, 4, 2), (12, 8, 4)])
+def test_half_precision_weights_match_float64(dtype, bits):
+    """A bf16/fp16 weight quantizer (weight and scale in that dtype) on
+    both paths: x / s divided and rounded in float32, so every bit's
+    output and x grad equal the float64 reference and each other, and the
+    per-channel scale grad is the reference within one step of the
+    dtype."""
+    from mmdrq.quantization import DoubleRoundingQuantizer
+    gen = torch.Generator().manual_seed(
+        zlib.crc32(repr(('half_w', dtype, bits)).encode()))
+    h = bits[0]
+    h_range = (-2**(h - 1), 2**(h - 1) - 1)
+    s = half_case(gen, 6, dtype)
+    x = half_inputs(gen, s, (6, 4, 3, 3), *h_range, dtype)
+    quant = DoubleRoundingQuantizer(bits, num_channels=6).to(dtype)
+    with torch.no_grad():
+        quant.scale.copy_(s.view(1, 6))
+        quant.initialized.fill_(True)
+    for l in bits:
+        l_range = (-2**(l - 1), 2**(l - 1) - 1)
+        grad = torch.randn(x.shape, generator=gen).to(dtype)
+        ref = half_reference(x, s.view(-1, 1, 1, 1), h_range, h - l,
+                             l_range, grad, (36 * l_range[1])**-0.5)
+        scale_ref = ref[2].sum(dim=(1, 2, 3)).view(1, 6)
+        paths = [half_run(quant, x, l, grad, impl)
+                 for impl in ('torch', 'fused')]
+        for got in paths:
+            check_half(got, ref, scale_ref, dtype)
+        check_half(paths[1], paths[0][:2], paths[0][2], dtype)
+
+
+@pytest.mark.parametrize('dtype', HALF_DTYPES)
+@pytest.mark.parametrize('signed', [True, False])
+def test_half_precision_activations_match_float64(dtype, signed):
+    """The same for a bf16/fp16 activation quantizer (input and scales in
+    that dtype), signed and unsigned, at every bit."""
+    from mmdrq.quantization import ActQuantizer
+    bits = (8, 4)
+    gen = torch.Generator().manual_seed(
+        zlib.crc32(repr(('half_a', dtype, signed)).encode()))
+    quant = ActQuantizer(bits, signed=signed).to(dtype)
+    scales = half_case(gen, len(bits), dtype)
+    with torch.no_grad():
+        quant.scale.copy_(scales)
+        quant.initialized.fill_(True)
+    for i, b in enumerate(bits):
+        lo, hi = (-2**(b - 1), 2**(b - 1) - 1) if signed else (0, 2**b - 1)
+        x = half_inputs(gen, scales[i:i + 1], (4, 8, 5, 5), lo, hi, dtype)
+        grad = torch.randn(x.shape, generator=gen).to(dtype)
+        ref = half_reference(x, scales[i], (lo, hi), 0, (lo, hi), grad,
+                             (200 * hi)**-0.5)
+        paths = [half_run(quant, x, b, grad, impl)
+                 for impl in ('torch', 'fused')]
+        for got in paths:
+            check_half((got[0], got[1], got[2][i:i + 1]), ref,
+                       ref[2].sum().view(1), dtype)
+            assert (got[2][[j for j in range(len(bits)) if j != i]] == 0).all()
+        check_half(paths[1], paths[0][:2], paths[0][2], dtype)

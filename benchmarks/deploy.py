@@ -1,0 +1,211 @@
+"""ONNX Runtime on this CPU: mmpretrain ResNet-18 at 224 px, FP32 against
+the mmdrq QDQ exports at w8a8 and w4a4 (int8 containers).
+
+    python benchmarks/deploy.py [--out-dir work_dirs/deploy_bench]
+        [--threads 1] [--rounds 5] [--batches 1 8]
+
+Random weights (latency and structure do not depend on them); the
+quantizer scales are initialised by training-mode forwards on random
+images. The models are timed in turns (each round runs every model once
+per batch size), and the median per model is reported, so load on the
+machine hits all of them alike. Which convolutions ran as integer kernels
+comes from ONNX Runtime's optimized graph: a QLinearConv is an integer
+kernel, a Conv/FusedConv a float one. A ``SwitchableSession`` over the
+export folder gives the cost of a bit's first use (session creation), of
+a later switch, and the resident memory each loaded bit adds. Writes
+``deploy.md`` and ``deploy.json``.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import os.path as osp
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import torch
+
+from mmdrq import quantize_model, set_bits
+from mmdrq.deploy import (OnnxExporter, SwitchableSession,
+                          export_to_folder, make_session)
+from mmdrq.deploy.onnx_export import TensorForward
+from mmdrq.utils.atomic import atomic_write
+
+SIZE = 224
+CONFIG = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
+
+
+def build_resnet18():
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    with tempfile.TemporaryDirectory() as folder:
+        path = osp.join(folder, 'cfg.py')
+        with open(path, 'w') as f:
+            f.write(f'_base_ = {CONFIG!r}\n')
+        cfg = Config.fromfile(path)
+    cfg.model.backbone.init_cfg = None
+    init_default_scope('mmpretrain')
+    torch.manual_seed(0)
+    return MODELS.build(cfg.model).eval()
+
+
+def quantized_copy(model, bits=(8, 4)):
+    import copy
+    quantized = quantize_model(copy.deepcopy(model), bits=list(bits))
+    quantized.train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bit in bits:
+            set_bits(quantized, bit)
+            quantized(torch.randn(4, 3, SIZE, SIZE, generator=generator),
+                      mode='tensor')
+    return quantized.eval()
+
+
+def fp32_onnx(model) -> onnx.ModelProto:
+    """The FP32 model by the same exporter (BN folded by its optimizer)."""
+    program = torch.onnx.export(
+        TensorForward(model).eval(), (torch.zeros(1, 3, SIZE, SIZE), ),
+        dynamo=True, opset_version=20, input_names=['input'],
+        dynamic_shapes=({0: torch.export.Dim('batch')}, ), verbose=False)
+    return program.model_proto
+
+
+def kernel_report(path: str, threads: int) -> dict:
+    """Convolutions by kind in ONNX Runtime's optimized graph."""
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = osp.join(folder, 'optimized.onnx')
+        make_session(path, threads, 'integer', optimized_path=optimized)
+        nodes = onnx.load(optimized).graph.node
+    counts = {}
+    for node in nodes:
+        if node.op_type in ('QLinearConv', 'Conv', 'FusedConv',
+                            'QLinearAdd', 'Add', 'Sum'):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def time_in_turns(paths: dict, batches, rounds: int, threads: int) -> dict:
+    sessions = {name: make_session(path, threads, 'integer')
+                for name, path in paths.items()}
+    inputs = {b: np.random.default_rng(0).standard_normal(
+        (b, 3, SIZE, SIZE), dtype=np.float32) for b in batches}
+    times = {(name, b): [] for name in sessions for b in batches}
+    for name, session in sessions.items():  # warm-up
+        for b in batches:
+            session.run(None, {'input': inputs[b]})
+    for _ in range(rounds):
+        for b in batches:
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, {'input': inputs[b]})
+                times[(name, b)].append(time.perf_counter() - start)
+    return {key: statistics.median(values) * 1000
+            for key, values in times.items()}
+
+
+def resident_mb() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def switch_costs(folder: str, threads: int) -> dict:
+    """First use of each bit (session made lazily), then switches between
+    loaded bits, with the resident memory after each first use."""
+    session = SwitchableSession(folder, threads, 'integer')
+    image = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    costs = dict(rss_mb_before=resident_mb())
+    for bit in session.available:
+        start = time.perf_counter()
+        session.set_bits(bit).session()
+        costs[f'first_use_ms_w{bit}'] = (time.perf_counter() - start) * 1e3
+        session.run(image)
+        costs[f'rss_mb_after_w{bit}'] = resident_mb()
+    start = time.perf_counter()
+    for _ in range(100):
+        for bit in session.available:
+            session.set_bits(bit).session()
+    costs['switch_us'] = (time.perf_counter() - start) / (
+        100 * len(session.available)) * 1e6
+    return costs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out-dir', default='work_dirs/deploy_bench')
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    model = build_resnet18()
+    quantized = quantized_copy(model)
+    exporter = OnnxExporter(quantized, (1, 3, SIZE, SIZE))
+    protos = {'FP32': fp32_onnx(model), 'w8a8': exporter.export(8),
+              'w4a4': exporter.export(4)}
+    paths = {}
+    for name, proto in protos.items():
+        paths[name] = osp.join(args.out_dir, f'resnet18_{name}.onnx')
+        data = proto.SerializeToString()
+        atomic_write(paths[name], lambda f: f.write(data))
+    folder = osp.join(args.out_dir, 'resnet18_export')
+    export_to_folder(quantized, folder, [8, 4], None, (1, 3, SIZE, SIZE))
+    # in a fresh process: the memory numbers are the sessions' own
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        switching = pool.apply(switch_costs, (folder, args.threads))
+    latency = time_in_turns(paths, args.batches, args.rounds, args.threads)
+    quantized_convs = sum(1 for name in exporter.layers
+                          if 'conv' in name or 'downsample' in name)
+    rows, results = [], {}
+    fp_size = osp.getsize(paths['FP32'])
+    for name, path in paths.items():
+        kernels = kernel_report(path, args.threads)
+        size = osp.getsize(path)
+        result = dict(bytes=size, size_ratio=size / fp_size,
+                      kernels=kernels)
+        for b in args.batches:
+            result[f'ms_batch{b}'] = latency[(name, b)]
+            result[f'ratio_batch{b}'] = latency[(name, b)] / \
+                latency[('FP32', b)]
+        results[name] = result
+        cells = [name, f'{size / 1e6:.1f} MB ({size / fp_size:.2f})']
+        cells += [f'{latency[(name, b)]:.1f} ({result[f"ratio_batch{b}"]:.2f})'
+                  for b in args.batches]
+        integer = kernels.get('QLinearConv', 0)
+        cells.append('-' if name == 'FP32' else
+                     f'{integer} of {quantized_convs}')
+        rows.append(cells)
+    header = ['model', 'file (vs FP32)'] + \
+        [f'ms, batch {b} (vs FP32)' for b in args.batches] + \
+        ['quantized convs as integer kernels']
+    table = '\n'.join(['| ' + ' | '.join(header) + ' |',
+                       '|---' * len(header) + '|'] +
+                      ['| ' + ' | '.join(r) + ' |' for r in rows])
+    note = (f'ONNX Runtime {__import__("onnxruntime").__version__}, '
+            f'{args.threads} thread(s), median of {args.rounds} rounds '
+            'timed in turns')
+    bits = [k.split('_w')[-1] for k in switching if k.startswith('first')]
+    note += ('. SwitchableSession: first use (session made) ' +
+             ', '.join(f'w{b}: {switching["first_use_ms_w" + b]:.0f} ms'
+                       for b in bits) +
+             f'; a switch between loaded bits {switching["switch_us"]:.1f} '
+             'us; resident memory ' + ' -> '.join(
+                 [f'{switching["rss_mb_before"]:.0f}'] +
+                 [f'{switching["rss_mb_after_w" + b]:.0f}' for b in bits]) +
+             ' MB (before, after each bit)')
+    text = f'{table}\n\n{note}\n'
+    atomic_write(osp.join(args.out_dir, 'deploy.md'),
+                 lambda f: f.write(text.encode()))
+    data = json.dumps(dict(results=results, switching=switching,
+                           note=note), indent=1).encode()
+    atomic_write(osp.join(args.out_dir, 'deploy.json'),
+                 lambda f: f.write(data))
+    print(text)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,131 @@
+"""Test loop that runs an export folder's ONNX files in ONNX Runtime.
+
+The model of the config is kept for what surrounds the network: its data
+preprocessor before, and its own post-processing after (the classifier
+head's predictions, a detector head's ``predict_by_feat``, a segmentor's
+resize and argmax), the split mmdeploy makes.
+"""
+import time
+from typing import Optional, Sequence, Union
+
+import torch
+from mmengine.logging import print_log
+from mmengine.runner import TestLoop
+from torch.utils import _pytree as pytree
+
+from mmdrq.engine.loops import _table
+from mmdrq.models import architecture_of
+from mmdrq.quantization.bitwidths import bit_tag, tag
+from mmdrq.registry import LOOPS
+from .runtime import SwitchableSession
+
+
+def postprocess(model, outputs, data_samples):
+    """Data samples with predictions from the network's tensor outputs
+    (the structure ``model(inputs, mode='tensor')`` returns)."""
+    metas = [sample.metainfo for sample in data_samples]
+    if hasattr(model, 'bbox_head') and not hasattr(model, 'roi_head'):
+        results = model.bbox_head.predict_by_feat(
+            *outputs, batch_img_metas=metas, rescale=True)
+        return model.add_pred_to_datasample(data_samples, results)
+    if hasattr(model, 'decode_head'):
+        logits = model.decode_head.predict_by_feat(outputs, metas)
+        return model.postprocess_result(logits, data_samples)
+    if hasattr(model, 'head') and hasattr(model.head, '_get_predictions'):
+        return model.head._get_predictions(outputs, data_samples)
+    raise TypeError(f'no ONNX post-processing for {type(model).__name__}: '
+                    'classifiers (mmpretrain heads), single-stage detectors '
+                    'and mmseg segmentors are supported')
+
+
+def run_session(session: SwitchableSession, inputs: torch.Tensor):
+    """The session's outputs in the structure of the PyTorch outputs."""
+    arrays = session.run(inputs.detach().float().cpu().numpy())
+    spec = pytree.treespec_loads(session.meta['output_tree'])
+    return pytree.tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
+
+
+@LOOPS.register_module()
+class OnnxRuntimeTestLoop(TestLoop):
+    """Every export of ``export_dir`` (or ``bits`` and ``subnets`` of it)
+    through ONNX Runtime, with a metric table keyed as
+    ``MultiBitTestLoop``'s (``accuracy/top1@w4a4``, ``...@<subnet>``).
+
+    Args:
+        export_dir: folder written by tools/export_onnx.py.
+        bits: ``'all'`` or bits to run; subnets: SubNet names to run (all
+            exported ones by default when ``bits`` is ``'all'``).
+        threads: ONNX Runtime intra-op threads (default: its own choice).
+        kernels: ``exact`` or ``integer`` (see ``make_session``).
+        measure_speed: add ``images_per_s`` per setting.
+    """
+
+    def __init__(self, runner, dataloader, evaluator, export_dir: str,
+                 bits: Union[str, Sequence[int]] = 'all',
+                 subnets: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None, kernels: str = 'exact',
+                 measure_speed: bool = False, fp16: bool = False):
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self.session = SwitchableSession(export_dir, threads, kernels)
+        available = self.session.available
+        exported_bits = [k for k in available if isinstance(k, int)]
+        if bits == 'all':
+            bits = exported_bits
+            subnets = [k for k in available if isinstance(k, str)] \
+                if subnets is None else subnets
+        for key in list(bits) + list(subnets or []):
+            if key not in available:
+                raise ValueError(f'{key!r} is not exported in {export_dir!r} '
+                                 f'(available: {available})')
+        self.settings = [(bit_tag(b), b) for b in bits] + \
+            [(tag(name), name) for name in subnets or []]
+        self.measure_speed = measure_speed
+
+    @property
+    def _model(self):
+        return architecture_of(self.runner.model)
+
+    def run(self) -> dict:
+        self.runner.call_hook('before_test')
+        self.runner.call_hook('before_test_epoch')
+        self.runner.model.eval()
+        all_metrics, rows = {}, []
+        for tag, setting in self.settings:
+            self.session.set_bits(setting)
+            start = time.perf_counter()
+            for idx, data_batch in enumerate(self.dataloader):
+                self.run_iter(idx, data_batch)
+            seconds = time.perf_counter() - start
+            images = len(self.dataloader.dataset)
+            metrics = self.evaluator.evaluate(images)
+            if self.measure_speed:
+                metrics['images_per_s'] = images / max(seconds, 1e-9)
+            rows.append((tag, metrics))
+            all_metrics.update({k + tag: v for k, v in metrics.items()})
+        print_log('test metrics per bit-width (ONNX Runtime):\n' +
+                  _table(rows), logger='current')
+        self.runner.call_hook('after_test_epoch', metrics=all_metrics)
+        self.runner.call_hook('after_test')
+        return all_metrics
+
+    @torch.no_grad()
+    def run_iter(self, idx, data_batch):
+        self.runner.call_hook('before_test_iter', batch_idx=idx,
+                              data_batch=data_batch)
+        model = self._model
+        data = model.data_preprocessor(data_batch, False)
+        outputs = run_session(self.session, data['inputs'])
+        samples = postprocess(model, outputs, data['data_samples'])
+        self.evaluator.process(data_samples=samples, data_batch=data_batch)
+        self.runner.call_hook('after_test_iter', batch_idx=idx,
+                              data_batch=data_batch, outputs=samples)
+
+
+def onnxruntime_test_cfg(cfg, export_dir: str, bits=None, subnets=None,
+                         kernels: str = 'exact'):
+    """Make ``cfg`` test ``export_dir``'s ONNX files (no weights loaded:
+    the model only pre- and post-processes)."""
+    cfg.load_from = None
+    cfg.test_cfg = dict(type='mmdrq.OnnxRuntimeTestLoop',
+                        export_dir=export_dir, bits=bits or 'all',
+                        subnets=subnets, kernels=kernels)

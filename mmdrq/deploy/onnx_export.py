@@ -1,0 +1,479 @@
+"""A converted model at one bit (or a SubNet's bits) as an ONNX QDQ graph.
+
+The float graph is exported once by torch's dynamo exporter from a copy of
+the model whose quantized layers are plain layers; every bit then rewrites
+that graph:
+
+- each quantized conv/linear gets an int8 weight initializer holding the
+  bit's integers (the stored INT-h integers after the second rounding)
+  aligned to the container's top bits, ``q * 2**(8 - b)``, with
+  per-output-channel scale ``s * 2**d * 2**-(8 - b)`` times the folded BN
+  factor (the same weights exactly; ``q`` is the initializer ``>> (8 -
+  b)``), zero point 0, into DequantizeLinear; the BN shift goes into the
+  bias. The alignment matters to integer kernels: ONNX Runtime rounds a
+  float bias to units of input scale times weight scale, which at 2 bits
+  without it flipped many predictions;
+- its input passes QuantizeLinear/DequantizeLinear at the layer's
+  activation scale of that bit (uint8 for an unsigned quantizer, int8 for a
+  signed one, zero point 0). Below 8 bits an integer Clip to the bit's
+  range sits between the two: the integers are PyTorch's
+  ``clamp(round(x / s), lo, hi)`` exactly (QuantizeLinear divides and
+  rounds half to even as torch does), and the producer's QuantizeLinear
+  stays next to it, so ONNX Runtime can still fuse the producer;
+- layers kept FP stay FP; a BN that directly follows a conv (its only
+  consumer) is folded into it, any other BN stays a BatchNormalization
+  with the bit's statistics.
+"""
+import contextlib
+import copy
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from mmdrq.quantization import quantized_layers, use_bits
+from mmdrq.quantization.bitwidths import (check_bit, signed_range,
+                                         unsigned_range)
+from mmdrq.quantization.functional import requantize
+from mmdrq.quantization.layers import BitSwitchable, QuantLayer
+
+OPSET = 20
+TARGETS = ('onnxruntime', 'tensorrt')
+MAX_ONNX_BIT = 8  # int8/uint8 containers
+_PREFIX = 'model.'
+
+
+class TensorForward(nn.Module):
+    """The model's tensor forward (after the data preprocessor) as one
+    module for the exporter; ``forward`` picks what to call."""
+
+    def __init__(self, model: nn.Module, forward=None):
+        super().__init__()
+        self.model = model
+        self._forward = forward
+
+    def forward(self, inputs):
+        if self._forward is not None:
+            return self._forward(self.model, inputs)
+        return self.model(inputs, mode='tensor')
+
+
+def check_exportable(model: nn.Module):
+    """Refuse, before any work, a model that is not converted or was never
+    trained (no quantizer scale initialised)."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
+                         'layers: export needs a converted model '
+                         '(mmdrq.quantize_model or a MultiPrecisionQAT '
+                         'config)')
+    for name, module in layers.items():
+        if module.weight_quantizer.variant == 'unshared':
+            raise ValueError(
+                f'layer {name!r} uses variant=\'unshared\': its bits have no '
+                'common integers; ONNX export needs double_rounding or floor')
+    if not any(bool(m.weight_quantizer.initialized.any())
+               for m in layers.values()):
+        raise ValueError(f'{type(model).__name__} has no initialised '
+                         'quantizer scales: the checkpoint is not a trained '
+                         'mmdrq model')
+
+
+def _check_layer_ready(name: str, module: QuantLayer):
+    """A layer the graph uses needs its scales (a layer converted but never
+    called may lack them, and is not in the graph)."""
+    for part in (module.weight_quantizer, module.act_quantizer):
+        if part is not None and not bool(part.initialized.all()):
+            raise ValueError(
+                f'layer {name!r} has uninitialised quantizer scales '
+                f'({type(part).__name__}.initialized='
+                f'{part.initialized.tolist()}): the checkpoint is not a '
+                'trained mmdrq model')
+    act = module.act_quantizer
+    if act is not None and int(act.signed) < 0:
+        raise ValueError(f'layer {name!r}: activation sign undecided (the '
+                         'model never ran a forward)')
+
+
+def check_bits_setting(model: nn.Module, bits: Union[int, Dict[str, int]]):
+    """A bit the model has and ONNX's 8-bit containers hold, or a SubNet
+    naming only the model's quantized layers."""
+    layers = quantized_layers(model)
+    model_bits = list(next(iter(layers.values())).bits)
+    if isinstance(bits, dict):
+        unknown = sorted(set(bits) - set(layers))
+        if unknown:
+            raise KeyError(f'SubNet names layers the model lacks: {unknown} '
+                           f'(quantized layers: {list(layers)[:3]} ...)')
+        values = set(bits.values())
+    else:
+        values = {bits}
+    for bit in values:
+        check_bit(bit, model_bits)
+        if bit > MAX_ONNX_BIT:
+            raise ValueError(f'bit {bit} does not fit ONNX int8/uint8 '
+                             f'containers (at most {MAX_ONNX_BIT})')
+
+
+@contextlib.contextmanager
+def at_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
+    """``use_bits``, a SubNet's unnamed layers at the highest bit (as
+    the test loop runs it on a freshly loaded model)."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(bits, dict):
+            layers = quantized_layers(model)
+            stack.enter_context(
+                use_bits(model, next(iter(layers.values())).bits[0]))
+        stack.enter_context(use_bits(model, bits))
+        yield model
+
+
+def _plain_layer(module: QuantLayer) -> nn.Module:
+    """The float layer of a quantized one (same parameters, no quantizers);
+    the rewrite replaces its weight anyway."""
+    if isinstance(module, nn.Conv2d):
+        new = nn.Conv2d.__new__(nn.Conv2d)
+        nn.Conv2d.__init__(new, module.in_channels, module.out_channels,
+                           module.kernel_size, module.stride, module.padding,
+                           module.dilation, module.groups, True,
+                           module.padding_mode, device='meta')
+    else:
+        new = nn.Linear(module.in_features, module.out_features, True,
+                        device='meta')
+    new.weight = nn.Parameter(module.weight.detach().clone())
+    return new
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition('.')
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _float_skeleton(model: nn.Module) -> nn.Module:
+    """A float copy of ``model``'s structure: quantized layers plain, each
+    switchable BN its first copy, every conv/linear with a bias (for the
+    fold). Placeholder values are distinct so no pass merges them."""
+    skeleton = copy.deepcopy(model).eval()
+    for name, module in quantized_layers(skeleton).items():
+        _replace(skeleton, name, _plain_layer(module))
+    for name, module in list(skeleton.named_modules()):
+        if isinstance(module, BitSwitchable) and hasattr(module, 'bns'):
+            _replace(skeleton, name, next(iter(module.bns.values())))
+    generator = torch.Generator().manual_seed(0)
+    for module in skeleton.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.bias = nn.Parameter(torch.rand(
+                module.weight.shape[0], generator=generator) + 1)
+    return skeleton
+
+
+def _consumers(graph) -> Dict[str, list]:
+    found = {}
+    for node in graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    for output in graph.output:
+        found.setdefault(output.name, []).append(None)
+    return found
+
+
+def _module_of(init_name: str, suffix: str) -> Optional[str]:
+    if init_name.startswith(_PREFIX) and init_name.endswith(suffix):
+        return init_name[len(_PREFIX):-len(suffix)]
+    return None
+
+
+def _fold_bn_nodes(proto: onnx.ModelProto) -> Dict[str, str]:
+    """Remove every BatchNormalization whose input is a Conv's output used
+    by nothing else; returns conv module -> BN module name."""
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    folded, keep = {}, []
+    for node in graph.node:
+        conv = producers.get(node.input[0]) if node.op_type == \
+            'BatchNormalization' else None
+        # a conv called more than once (shared weights) is not folded
+        if conv is not None and conv.op_type == 'Conv' and \
+                len(consumers[conv.input[1]]) == 1 and \
+                len(consumers[conv.output[0]]) == 1 and \
+                all(not consumers.get(o) for o in node.output[1:]):
+            conv_name = _module_of(conv.input[1], '.weight')
+            bn_name = _module_of(node.input[1], '.weight')
+            if conv_name and bn_name:
+                folded[conv_name] = bn_name
+                conv.output[0] = node.output[0]
+                continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return folded
+
+
+class OnnxExporter:
+    """Exports ``model`` (a converted architecture in eval mode) per bit.
+
+    Args:
+        model: the converted model (the architecture, not the QAT wrapper).
+        input_shape: (N, C, H, W) of the tensor after the data preprocessor.
+        forward: ``forward(model, inputs)`` giving the tensors to export
+            (default ``model(inputs, mode='tensor')``).
+        target: ``onnxruntime`` (uint8 activations after ReLU, which its
+            integer kernels need; the bit's range by an integer Clip
+            between Q and DQ) or ``tensorrt`` (int8 only, Q right before
+            DQ, the range by a float Clip before Q; unsigned 8-bit
+            activations cannot be expressed).
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int],
+                 forward=None, target: str = 'onnxruntime'):
+        check_exportable(model)
+        if target not in TARGETS:
+            raise ValueError(f'target must be one of {list(TARGETS)}, got '
+                             f'{target!r}')
+        self.target = target
+        self.model = model.eval()
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.forward = forward
+        self.layers = quantized_layers(model)
+        self.switchable = {n: m for n, m in model.named_modules()
+                           if isinstance(m, BitSwitchable)
+                           and hasattr(m, 'bns')}
+        self._skeleton = None
+
+    def skeleton(self) -> onnx.ModelProto:
+        """The float graph with BN folded where it can be (exported once)."""
+        if self._skeleton is None:
+            import onnxscript.optimizer
+            wrapper = TensorForward(_float_skeleton(self.model),
+                                     self.forward).eval()
+            example = torch.zeros(self.input_shape)
+            program = torch.onnx.export(
+                wrapper, (example, ), dynamo=True, optimize=False,
+                opset_version=OPSET, input_names=['input'], verbose=False,
+                dynamic_shapes=({0: torch.export.Dim('batch')}, ))
+            proto = program.model_proto
+            self.folded = _fold_bn_nodes(proto)
+            proto = onnxscript.optimizer.optimize(proto)
+            self._skeleton = proto
+        return self._skeleton
+
+    def _active_bns(self, bits) -> Dict[str, nn.Module]:
+        """Which BN copy each switchable BN runs at ``bits``: recorded from
+        a forward, so the modules' own choice (switchable or transitional)
+        decides."""
+        hooks, active = [], {}
+        for name, module in self.switchable.items():
+            for child in module.bns.values():
+                hooks.append(child.register_forward_hook(
+                    lambda m, i, o, name=name: active.__setitem__(name, m)))
+        try:
+            with at_bits(self.model, bits), torch.no_grad():
+                self.run_torch(torch.zeros(self.input_shape))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return active
+
+    def run_torch(self, inputs: torch.Tensor):
+        """The PyTorch model's tensor outputs at its current bits."""
+        with torch.no_grad():
+            return TensorForward(self.model, self.forward)(inputs)
+
+    def export(self, bits: Union[int, Dict[str, int]]) -> onnx.ModelProto:
+        """The QDQ model of one bit, or of a SubNet (layer name -> bit;
+        other layers keep the highest bit)."""
+        check_bits_setting(self.model, bits)
+        proto = copy.deepcopy(self.skeleton())
+        # before any PyTorch forward: it would initialise missing scales
+        used = {_module_of(i, '.weight') for n in proto.graph.node
+                for i in n.input}
+        for name, module in self.layers.items():
+            if name in used:
+                _check_layer_ready(name, module)
+        active = self._active_bns(bits)
+        with at_bits(self.model, bits), torch.no_grad():
+            layer_bits = {n: m.bit for n, m in self.layers.items()}
+            _Rewrite(self, proto, layer_bits, active).run()
+        onnx.checker.check_model(proto, full_check=True)
+        return proto
+
+
+def _bn_affine(bn: nn.Module):
+    """(factor, shift) of an eval BN in float64: ``y * factor + shift``."""
+    var = bn.running_var.double()
+    factor = 1.0 / torch.sqrt(var + bn.eps)
+    if bn.weight is not None:
+        factor = factor * bn.weight.double()
+    shift = -bn.running_mean.double() * factor
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return factor, shift
+
+
+class _Rewrite:
+    """One bit's rewrite of a copy of the skeleton graph."""
+
+    def __init__(self, exporter: OnnxExporter, proto, layer_bits, active):
+        self.exporter, self.proto = exporter, proto
+        self.graph = proto.graph
+        self.layer_bits, self.active = layer_bits, active
+        self.inits = {init.name: init for init in self.graph.initializer}
+        self.modules = dict(exporter.model.named_modules())
+        self.weights, self.calls = {}, {}  # per layer: weight DQ, calls
+
+    def set_init(self, name: str, array: np.ndarray):
+        tensor = numpy_helper.from_array(array, name)
+        if name in self.inits:
+            self.inits[name].CopyFrom(tensor)
+        else:
+            self.graph.initializer.append(tensor)
+            self.inits[name] = self.graph.initializer[-1]
+
+    def run(self):
+        new_nodes = []
+        for node in self.graph.node:
+            name = _module_of(node.input[1], '.weight') \
+                if node.op_type in ('Conv', 'Gemm') and \
+                len(node.input) > 1 else None
+            if name is not None and name in self.modules:
+                new_nodes += self.weight_layer(node, name)
+            elif node.op_type == 'BatchNormalization':
+                self.batch_norm(node)
+            new_nodes.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(new_nodes)
+
+    def batch_norm(self, node):
+        """A BN not folded: the bit's copy's parameters."""
+        name = _module_of(node.input[1], '.weight')
+        bn = self.active.get(name)
+        if bn is None:
+            return
+        for index, key in enumerate(
+                ('weight', 'bias', 'running_mean', 'running_var'), 1):
+            self.set_init(node.input[index],
+                          getattr(bn, key).detach().float().numpy())
+
+    def _fold(self, name: str, weight_out: int):
+        """(factor, shift) of the BN folded into layer ``name`` (1, 0 if
+        none), float64."""
+        bn_name = self.exporter.folded.get(name)
+        if bn_name is None:
+            return torch.ones(weight_out, dtype=torch.float64), \
+                torch.zeros(weight_out, dtype=torch.float64)
+        bn = self.active.get(bn_name, self.modules[bn_name])
+        return _bn_affine(bn)
+
+    def weight_layer(self, node, name: str) -> list:
+        """Set the layer's weight and bias; for a quantized layer, the int8
+        weight into DequantizeLinear and the input through Q/DQ. Returns
+        the nodes to put before ``node``."""
+        module = self.modules[name]
+        if node.op_type == 'Gemm' and not any(
+                a.name == 'transB' and a.i == 1 for a in node.attribute):
+            raise ValueError(f'layer {name!r}: Gemm without transB=1 '
+                             '(weight not in its PyTorch layout)')
+        out = module.weight.shape[0]
+        factor, shift = self._fold(name, out)
+        bias = module.bias.detach().double() if module.bias is not None \
+            else torch.zeros(out, dtype=torch.float64)
+        self.set_init(node.input[2], (bias * factor + shift).float().numpy())
+        view = (-1, ) + (1, ) * (module.weight.dim() - 1)
+        if not isinstance(module, QuantLayer):
+            weight = module.weight.detach().double() * factor.view(view)
+            self.set_init(node.input[1], weight.float().numpy())
+            return []
+        bit = self.layer_bits[name]
+        prefix = f'{name}@w{bit}'
+        nodes = []
+        if name not in self.weights:  # a layer called again shares it
+            nodes.append(self.quantized_weight(module, prefix, bit, factor))
+            self.graph.initializer.remove(self.inits.pop(node.input[1]))
+            self.weights[name] = prefix + '.weight'
+        node.input[1] = self.weights[name]
+        call = self.calls[name] = self.calls.get(name, -1) + 1
+        if module.act_quantizer is not None:
+            nodes += self.input_qdq(node, prefix, module.act_quantizer, bit,
+                                    prefix if call == 0 else
+                                    f'{prefix}.call{call}')
+        return nodes
+
+    def quantized_weight(self, module, prefix, bit, factor):
+        """The int8 initializer and scales of the layer's weight at ``bit``,
+        and the DequantizeLinear node giving ``prefix.weight``."""
+        out = module.weight.shape[0]
+        quantizer = module.weight_quantizer
+        q_h = quantizer.integers(module.weight)  # the stored INT-h integers
+        h = quantizer.stored_bit
+        q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
+                       'floor' if quantizer.variant == 'floor'
+                       else 'double_rounding')
+        # q * 2**align with scale * 2**-align: the same weights exactly,
+        # and ONNX Runtime's int32 bias (in units of input scale times
+        # weight scale) as fine as at 8 bits
+        align = MAX_ONNX_BIT - bit
+        scale = quantizer.scale[0].detach().double().expand(out) * \
+            2.0**(h - bit - align)
+        self.set_init(prefix + '.weight_q',
+                      (q * 2**align).to(torch.int8).numpy())
+        self.set_init(prefix + '.weight_scale',
+                      (scale * factor).float().numpy())
+        self.set_init(prefix + '.weight_zero_point',
+                      np.zeros(out, dtype=np.int8))
+        return helper.make_node(
+            'DequantizeLinear',
+            [prefix + '.weight_q', prefix + '.weight_scale',
+             prefix + '.weight_zero_point'],
+            [prefix + '.weight'], axis=0, name=prefix + '.weight_dq')
+
+    def input_qdq(self, node, prefix: str, act, bit: int, tag: str) -> list:
+        """QuantizeLinear (-> Clip) -> DequantizeLinear on the input; for
+        TensorRT, Clip -> QuantizeLinear -> DequantizeLinear in int8."""
+        signed = bool(int(act.signed))
+        lo, hi = signed_range(bit) if signed else unsigned_range(bit)
+        scale = act.scale[act.bits.index(bit)].detach().float()
+        tensorrt = self.exporter.target == 'tensorrt'
+        if tensorrt and hi > signed_range(8)[1]:
+            raise ValueError(
+                f'layer {prefix!r}: unsigned {bit}-bit activations (0..{hi}) '
+                'do not fit TensorRT\'s int8 Q/DQ; export that bit with '
+                "target='onnxruntime'")
+        dtype = np.int8 if signed or tensorrt else np.uint8
+        container = signed_range(8) if dtype == np.int8 else \
+            unsigned_range(8)
+        self.set_init(prefix + '.input_scale', scale.numpy())
+        self.set_init(prefix + '.input_zero_point', np.zeros((), dtype))
+        quant = [prefix + '.input_scale', prefix + '.input_zero_point']
+        source, nodes = node.input[0], []
+        if tensorrt and (lo, hi) != container:
+            # float bounds fl(lo * s), fl(hi * s): x / s is monotonic and
+            # fl(hi * s) / s rounds to hi, so the integers are unchanged
+            bounds = (torch.tensor([lo, hi], dtype=torch.float32) *
+                      scale).numpy()
+            self.set_init(prefix + '.input_min', bounds[0])
+            self.set_init(prefix + '.input_max', bounds[1])
+            nodes.append(helper.make_node(
+                'Clip', [source, prefix + '.input_min', prefix + '.input_max'],
+                [tag + '.input_clipped'], name=tag + '.input_clip'))
+            source = tag + '.input_clipped'
+        nodes.append(helper.make_node(
+            'QuantizeLinear', [source] + quant, [tag + '.input_q'],
+            name=tag + '.input_quantize'))
+        integers = tag + '.input_q'
+        if not tensorrt and (lo, hi) != container:
+            self.set_init(prefix + '.input_min', np.array(lo, dtype))
+            self.set_init(prefix + '.input_max', np.array(hi, dtype))
+            nodes.append(helper.make_node(
+                'Clip', [integers, prefix + '.input_min',
+                         prefix + '.input_max'],
+                [tag + '.input_q_clipped'], name=tag + '.input_clip'))
+            integers = tag + '.input_q_clipped'
+        nodes.append(helper.make_node(
+            'DequantizeLinear', [integers] + quant, [tag + '.input'],
+            name=tag + '.input_dequantize'))
+        node.input[0] = tag + '.input'
+        return nodes

@@ -1,0 +1,96 @@
+"""Detection (mmdet RetinaNet) and segmentation (mmseg DeepLabV3) exported
+per bit and as a SubNet, run by ONNX Runtime with mmdet's / mmseg's own
+post-processing: bbox mAP and mIoU equal tools/test.py's at every bit, and
+tools/benchmark.py --backend onnxruntime reports them with images/s."""
+import json
+import os.path as osp
+
+import pytest
+
+pytest.importorskip('onnxruntime')
+
+from conftest import ROOT, TOOLS, run_tool  # noqa: E402
+
+BITS = (8, 6, 4, 2)
+SUBNET = {'backbone.layer1.0.conv1': 2, 'backbone.layer2.0.conv2': 4,
+          'backbone.layer3.1.conv1': 6}
+
+
+def det_options(root):
+    ann = osp.join(root, 'annotations', 'instances_val.json')
+    return [f'{loader}.dataset.data_root={root}/'
+            for loader in ('train_dataloader', 'val_dataloader',
+                           'test_dataloader')] + [
+        f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+
+
+def seg_options(root):
+    return [f'{loader}.dataset.data_root={root}'
+            for loader in ('train_dataloader', 'val_dataloader',
+                           'test_dataloader')]
+
+
+CASES = {
+    # config, dataset, options, checkpoint, metric, input shape
+    'retinanet': ('configs/detection/retinanet_r18_drq-8642_tiny.py', 'coco',
+                  det_options, 'epoch_1.pth', 'coco/bbox_mAP',
+                  (1, 3, 96, 128)),
+    'deeplabv3': ('configs/segmentation/deeplabv3_r18_drq-8642_tiny.py',
+                  'ade20k', seg_options, 'iter_4.pth', 'mIoU',
+                  (1, 3, 64, 64)),
+}
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('tiny_data_onnx')
+    coco, ade = str(folder / 'tiny_coco'), str(folder / 'tiny_ade20k')
+    run_tool(osp.join(TOOLS, 'make_tiny_datasets.py'), '--coco-root', coco,
+             '--ade20k-root', ade)
+    return dict(coco=coco, ade20k=ade)
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_onnxruntime_metrics_equal_pytorch(name, data, tmp_path):
+    config, dataset, options, ckpt, metric, shape = CASES[name]
+    config = osp.join(ROOT, config)
+    cfg_options = ['--cfg-options'] + options(data[dataset])
+    run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir',
+             tmp_path / 'work', *cfg_options)
+    ckpt = tmp_path / 'work' / ckpt
+    subnet = tmp_path / 'mixed.json'
+    subnet.write_text(json.dumps(dict(layer_bits=SUBNET)))
+    onnx_dir = tmp_path / 'onnx'
+    run_tool(osp.join(TOOLS, 'export_onnx.py'), config, ckpt, '--out-dir',
+             onnx_dir, '--bits', *BITS, '--subnet', subnet,
+             '--input-shape', *shape)
+    metrics = {}
+    for backend, source, subnets in (('pytorch', ckpt, subnet),
+                                     ('onnxruntime', onnx_dir, 'mixed')):
+        out = tmp_path / f'{backend}.json'
+        run_tool(osp.join(TOOLS, 'test.py'), config, source, '--work-dir',
+                 tmp_path / backend, '--out', out, '--backend', backend,
+                 '--subnets', subnets, *cfg_options)
+        metrics[backend] = json.loads(out.read_text())
+    tags = [f'w{b}a{b}' for b in BITS] + ['mixed']
+    report = []
+    for tag in tags:
+        want = metrics['pytorch'][f'{metric}@{tag}']
+        got = metrics['onnxruntime'][f'{metric}@{tag}']
+        # mAP is a fraction, mIoU a percentage: 0.1 points either way
+        points = 100 if metric.startswith('coco') else 1
+        report.append(f'{tag}: PyTorch {want}, ONNX Runtime {got}')
+        assert abs(got - want) * points <= 0.1, report[-1]
+    print(f'\n{name} {metric}: ' + '; '.join(report))
+    # tools/benchmark.py on the export: the same metrics plus images/s
+    bench = tmp_path / 'bench'
+    run_tool(osp.join(TOOLS, 'benchmark.py'), config, onnx_dir,
+             '--data-root', data[dataset] + ('/' if dataset == 'coco' else ''),
+             '--out-dir', bench, '--work-dir', tmp_path / 'bench_work',
+             '--backend', 'onnxruntime', '--bits', *BITS)
+    table = json.loads((bench / 'benchmark.json').read_text())
+    for bit in BITS:
+        tag = f'w{bit}a{bit}'
+        assert table[f'{metric}@{tag}'] == \
+            metrics['onnxruntime'][f'{metric}@{tag}']
+        assert table[f'images_per_s@{tag}'] > 0

@@ -1,0 +1,172 @@
+"""The digits model through the real tools: QAT checkpoint -> ONNX per bit
+(from the training checkpoint and from its integer file) -> ONNX Runtime
+metrics and predictions equal to PyTorch's on the whole validation set."""
+import json
+import os
+import os.path as osp
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+pytest.importorskip('onnxruntime')
+
+from conftest import ROOT, TOOLS, run_tool  # noqa: E402
+
+DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
+BITS = (8, 6, 4, 2)
+
+
+def write_config(folder, name, base, data_root, extra=''):
+    path = osp.join(folder, name)
+    with open(path, 'w') as f:
+        f.write(f"""_base_ = {base!r}
+data_root = {data_root!r}
+train_dataloader = dict(dataset=dict(data_root=data_root, indices=512))
+val_dataloader = dict(dataset=dict(data_root=data_root))
+test_dataloader = dict(dataset=dict(data_root=data_root))
+{extra}
+""")
+    return path
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A digits QAT checkpoint (3 FP32 epochs, 1 QAT epoch on 512 images),
+    its integer file and an export folder of every bit."""
+    folder = tmp_path_factory.mktemp('digits_onnx')
+    data_root = str(folder / 'data')
+    run_tool(osp.join(TOOLS, 'prepare_digits.py'), '--root', data_root)
+    fp_cfg = write_config(folder, 'fp32.py',
+                          osp.join(DIGITS, 'resnet_digits_fp32.py'), data_root,
+                          'train_cfg = dict(max_epochs=3, val_interval=3)\n'
+                          'param_scheduler = dict(T_max=3)')
+    run_tool(osp.join(TOOLS, 'train.py'), fp_cfg, '--work-dir',
+             folder / 'fp32')
+    fp_ckpt = str(folder / 'fp32' / 'epoch_3.pth')
+    qat_cfg = write_config(
+        folder, 'qat.py', osp.join(DIGITS, 'resnet_digits_drq_8642.py'),
+        data_root, f'load_from = {fp_ckpt!r}\n'
+        'train_cfg = dict(max_epochs=1, val_interval=1)\n'
+        'param_scheduler = dict(T_max=1)')
+    run_tool(osp.join(TOOLS, 'train.py'), qat_cfg, '--work-dir',
+             folder / 'qat')
+    ckpt = str(folder / 'qat' / 'epoch_1.pth')
+    int_path = str(folder / 'digits_int.pth')
+    run_tool(osp.join(TOOLS, 'export_int.py'), qat_cfg, ckpt, int_path)
+    onnx_dir = str(folder / 'onnx')
+    run_tool(osp.join(TOOLS, 'export_onnx.py'), qat_cfg, ckpt, '--out-dir',
+             onnx_dir, '--input-shape', 1, 3, 16, 16)
+    return dict(folder=folder, cfg=qat_cfg, ckpt=ckpt, int_path=int_path,
+                onnx_dir=onnx_dir, fp_ckpt=fp_ckpt)
+
+
+def initializers(path):
+    return {i.name: numpy_helper.to_array(i)
+            for i in onnx.load(path).graph.initializer}
+
+
+def test_integer_file_gives_the_same_onnx(trained):
+    out = str(trained['folder'] / 'onnx_from_int')
+    run_tool(osp.join(TOOLS, 'export_onnx.py'), trained['cfg'],
+             trained['int_path'], '--out-dir', out, '--input-shape',
+             1, 3, 16, 16)
+    meta = json.load(open(osp.join(out, 'meta.json')))
+    assert meta['integer_checkpoint'] is True
+    assert [e['bit'] for e in meta['exports']] == list(BITS)
+    for bit in BITS:
+        a = initializers(osp.join(out, f'w{bit}a{bit}.onnx'))
+        b = initializers(osp.join(trained['onnx_dir'], f'w{bit}a{bit}.onnx'))
+        assert a.keys() == b.keys()
+        for name in a:
+            if name.endswith('.weight_q'):
+                np.testing.assert_array_equal(a[name], b[name])
+            else:  # FP weights through the float32 round trip of load_int
+                np.testing.assert_allclose(a[name], b[name], rtol=1e-6)
+
+
+def test_test_tool_metrics_equal_per_bit(trained):
+    folder = trained['folder']
+    metrics = {}
+    for backend, ckpt in (('pytorch', trained['ckpt']),
+                          ('onnxruntime', trained['onnx_dir'])):
+        out = folder / f'{backend}.json'
+        _, log = run_tool(osp.join(TOOLS, 'test.py'), trained['cfg'], ckpt,
+                          '--work-dir', folder / f'test_{backend}', '--out',
+                          out, '--backend', backend)
+        metrics[backend] = json.load(open(out))
+    assert 'ONNX Runtime' in log
+    keys = [f'accuracy/top1@w{b}a{b}' for b in BITS]
+    assert {k: metrics['pytorch'][k] for k in keys} == \
+        {k: metrics['onnxruntime'][k] for k in keys}
+
+
+def test_predictions_identical_on_the_validation_set(trained):
+    from mmengine.runner import Runner
+
+    from mmdrq.deploy import SwitchableSession
+    from mmdrq.deploy.pipeline import load_for_export
+    from mmdrq.quantization import use_bits
+    cfg, model = load_for_export(trained['cfg'], trained['ckpt'])
+    loader = Runner.build_dataloader(cfg.test_dataloader)
+    exact = SwitchableSession(trained['onnx_dir'])
+    integer = SwitchableSession(trained['onnx_dir'], kernels='integer')
+    report = []
+    for bit in BITS:
+        exact.set_bits(bit)
+        integer.set_bits(bit)
+        diffs, same, agree_int, total = [], 0, 0, 0
+        for data in loader:
+            inputs = model.data_preprocessor(data, False)['inputs']
+            with use_bits(model, bit), torch.no_grad():
+                want = model(inputs, mode='tensor').numpy()
+            got = exact.run(inputs.numpy())[0]
+            diffs.append(np.abs(got - want).max())
+            same += int((got.argmax(1) == want.argmax(1)).sum())
+            agree_int += int((integer.run(inputs.numpy())[0].argmax(1) ==
+                              want.argmax(1)).sum())
+            total += len(want)
+        report.append(f'w{bit}a{bit}: {same}/{total} identical, largest '
+                      f'logit difference {max(diffs):.3g}; integer kernels '
+                      f'{agree_int}/{total}')
+        assert total == len(loader.dataset) and same == total, report[-1]
+    print('\n' + '\n'.join(report))
+
+
+def test_wrong_checkpoints_refused_before_writing(trained):
+    folder = trained['folder']
+    # an FP32 checkpoint: no quantizer scales (strict load)
+    out = folder / 'from_fp32'
+    code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'), trained['cfg'],
+                         trained['fp_ckpt'], '--out-dir', out,
+                         expect_ok=False)
+    assert code != 0 and 'holds no quantizer state: an FP32 checkpoint' in log
+    assert not osp.exists(out)
+    # another model's integer file (a narrower network)
+    out = folder / 'other_model'
+    code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'), trained['cfg'],
+                         trained['int_path'], '--out-dir', out,
+                         '--cfg-options',
+                         'model.architecture.backbone.base_channels=8',
+                         expect_ok=False)
+    assert code != 0 and 'is from another model' in log
+    assert not osp.exists(out)
+    # a bit the model lacks, a SubNet naming an unknown layer
+    subnet = folder / 'bad_subnet.json'
+    subnet.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
+    for extra, message in ((['--bits', '8', '3'], 'bit=3 is not one of'),
+                           (['--subnet', subnet], 'backbone.nope')):
+        code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'),
+                             trained['cfg'], trained['ckpt'], '--out-dir',
+                             out, *extra, expect_ok=False)
+        assert code != 0 and message in log
+        assert not osp.exists(out)
+    # a folder holding other files
+    out.mkdir()
+    (out / 'keep.txt').write_text('x')
+    code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'), trained['cfg'],
+                         trained['ckpt'], '--out-dir', out, expect_ok=False)
+    assert code != 0 and 'holds other files' in log
+    assert os.listdir(out) == ['keep.txt']
