@@ -9,14 +9,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdrq.models import check_optim_bits, unwrap_model
 from mmdrq.quantization import model_bits
+from mmdrq.quantization.learned_scale import LearnedScaleQuantizer
 from mmdrq.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
 ALRS_SCOPES = ('scales', 'scales_norm_bias')
 
 
 def _alrs_params(model: nn.Module, scope: str) -> List[nn.Parameter]:
-    names = ('weight_quantizer.scale', 'act_quantizer.scale')
-    params = [p for n, p in model.named_parameters() if n.endswith(names)]
+    params = [m.scale for m in model.modules()
+              if isinstance(m, LearnedScaleQuantizer)]
     if scope == 'scales_norm_bias':
         seen = {id(p) for p in params}
         for module in model.modules():

@@ -130,8 +130,7 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
         h = module.weight_quantizer.stored_bit
         q = unpack(entry['data'], h, entry['shape']).float()
         scale = entry['scale']
-        view = scale[0].view(-1, *([1] * (q.dim() - 1))) \
-            if module.weight_quantizer.per_channel else scale[0]
+        view = module.weight_quantizer.scale_view(q.dim(), 0, scale)
         # q * s re-rounds to q exactly: |q| < 2**15 keeps the float error
         # far below half a step.
         state[name + '.weight'] = q * view

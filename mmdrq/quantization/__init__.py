@@ -4,6 +4,7 @@ from .bit_control import (check_layer_bits, get_bits, model_bits, set_bits,
 from .bitwidths import check_bit, check_bits
 from .config import QuantizeConfig
 from .convert import quantize_model
+from .learned_scale import LearnedScaleQuantizer
 from .layers import (BitSwitchable, QConv2d, QLinear, QuantLayer,
                      quantized_layers, quantizers_ready, recording_calls)
 from .switchable_bn import SwitchableBatchNorm
@@ -11,7 +12,8 @@ from .transitional_bn import TransitionalBatchNorm, to_transitional
 from .weight_quantizer import DoubleRoundingQuantizer, shared_rounding
 
 __all__ = [
-    'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer', 'QConv2d',
+    'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer',
+    'LearnedScaleQuantizer', 'QConv2d',
     'QLinear', 'QuantLayer', 'QuantizeConfig', 'SwitchableBatchNorm',
     'TransitionalBatchNorm', 'check_bit', 'check_bits', 'check_layer_bits',
     'get_bits', 'model_bits',

@@ -4,17 +4,17 @@ from typing import Sequence, Union
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from mmdrq.registry import MODELS
 from .bitwidths import check_bit, check_bits, signed_range, unsigned_range
 from .functional import fake_quant, lsq_grad_scale
+from .learned_scale import LearnedScaleQuantizer
 
 _MAX_INIT_SAMPLES = 1 << 20
 
 
 @MODELS.register_module()
-class ActQuantizer(nn.Module):
+class ActQuantizer(LearnedScaleQuantizer):
     """Fake-quantizes activations, unsigned after ReLU or signed otherwise.
 
     Unlike weights, activations are not stored, so every bit gets its own
@@ -33,8 +33,7 @@ class ActQuantizer(nn.Module):
                  bits: Sequence[int],
                  signed: Union[bool, str] = 'auto',
                  init_percentile: float = 99.9):
-        super().__init__()
-        self.bits = check_bits(bits)
+        super().__init__(bits, (len(check_bits(bits)), ))
         if signed not in (True, False, 'auto'):
             raise ValueError(
                 f"signed must be True, False or 'auto', got {signed!r}")
@@ -42,22 +41,14 @@ class ActQuantizer(nn.Module):
             raise ValueError(
                 f'init_percentile must lie in (50, 100], got {init_percentile}')
         self.init_percentile = init_percentile
-        self.scale = nn.Parameter(torch.ones(len(self.bits)))
-        self.register_buffer('initialized',
-                             torch.zeros(len(self.bits), dtype=torch.bool))
         # -1: undecided ('auto' before the first forward), 0 unsigned, 1 signed
         sign = -1 if signed == 'auto' else int(signed)
         self.register_buffer('signed', torch.tensor(sign, dtype=torch.int8))
-        self._ready = set()
         self._signed_py = None
-        self.register_load_state_dict_post_hook(
-            lambda module, keys: module._read_ready())
 
     def _read_ready(self):
-        """After a load: the sign and the initialised bits as the loaded
-        buffers say (one read of the device here, none per forward)."""
-        self._ready = {i for i, done in enumerate(self.initialized.tolist())
-                       if done}
+        """After a load: also the sign as the loaded buffer says."""
+        super()._read_ready()
         sign = int(self.signed)
         self._signed_py = None if sign < 0 else bool(sign)
 
@@ -66,16 +57,13 @@ class ActQuantizer(nn.Module):
 
     @property
     def ready(self) -> bool:
-        """Sign decided and every bit's scale initialised and known to be
-        (no check left that reads the device)."""
-        return self._signed_py is not None and \
-            len(self._ready) == len(self.bits)
+        """Sign decided and every bit's scale initialised and known to be."""
+        return self._signed_py is not None and super().ready
 
     def _range(self, bit):
         return signed_range(bit) if self._signed_py else unsigned_range(bit)
 
-    @torch.no_grad()
-    def _init_scale(self, x: torch.Tensor, index: int, bit: int):
+    def _initial_scale(self, x: torch.Tensor, bit: int) -> torch.Tensor:
         flat = x.detach().float().flatten()
         if flat.numel() > _MAX_INIT_SAMPLES:
             flat = flat[::flat.numel() // _MAX_INIT_SAMPLES + 1]
@@ -88,12 +76,7 @@ class ActQuantizer(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(value)
             value /= dist.get_world_size()
-        value = torch.where(value > 0, value, torch.full_like(value, 1e-8))
-        # through .data: initialising one bit's scale must not invalidate
-        # graphs that saved the parameter (loss_mode='sum' builds every
-        # bit's graph before one backward)
-        self.scale.data[index] = value.to(self.scale.dtype)
-        self.initialized[index] = True
+        return value
 
     def forward(self, x: torch.Tensor, bit: int) -> torch.Tensor:
         check_bit(bit, self.bits)
@@ -107,13 +90,10 @@ class ActQuantizer(nn.Module):
                 sign = int(negative)
                 self.signed.fill_(sign)
             self._signed_py = bool(sign)
-        if index not in self._ready:
-            if not bool(self.initialized[index]):
-                self._init_scale(x, index, bit)
-            self._ready.add(index)
+        self._ensure_init(x, index, bit)
         lo, hi = self._range(bit)
         grad_scale = lsq_grad_scale(x[0].numel() if x.dim() > 1 else
                                     x.numel(), hi)
-        return fake_quant(x, self.scale[index].view(1), (lo, hi), 0,
+        return fake_quant(x, self.scale_view(x.dim(), index), (lo, hi), 0,
                           (lo, hi), 'half_even', 'double_rounding',
                           grad_scale, None)

@@ -10,6 +10,7 @@ from mmdrq.registry import MODELS
 from .bitwidths import check_bit, check_bits, signed_range
 from .functional import (RESIDUALS, ROUNDINGS, fake_quant_bits,
                          lsq_grad_scale, quantize_int)
+from .learned_scale import LearnedScaleQuantizer
 
 VARIANTS = ('double_rounding', 'floor', 'unshared')
 SCALE_GRADS = ('lsq', 'exact')
@@ -22,7 +23,7 @@ def _check_choice(key, value, choices):
 
 
 @MODELS.register_module()
-class DoubleRoundingQuantizer(nn.Module):
+class DoubleRoundingQuantizer(LearnedScaleQuantizer):
     """Fake-quantizes a weight at any bit of ``bits`` from one stored grid.
 
     The stored integers are ``q_h = clip(round(W / s), h)`` with h =
@@ -65,29 +66,23 @@ class DoubleRoundingQuantizer(nn.Module):
                  scale_grad: str = 'lsq',
                  scale_grad_reduce: str = 'channel',
                  scale_grad_residual: str = 'first_rounding'):
-        super().__init__()
-        self.bits = check_bits(bits)
+        bits = check_bits(bits)
         _check_choice('variant', variant, VARIANTS)
         _check_choice('rounding', rounding, ROUNDINGS)
         _check_choice('scale_grad', scale_grad, SCALE_GRADS)
         _check_choice('scale_grad_reduce', scale_grad_reduce,
                       SCALE_GRAD_REDUCES)
         _check_choice('scale_grad_residual', scale_grad_residual, RESIDUALS)
+        per_channel = per_channel and num_channels is not None
+        num_scales = len(bits) if variant == 'unshared' else 1
+        super().__init__(bits, (num_scales, num_channels if per_channel
+                                else 1), per_channel)
         self.variant = variant
         self.rounding = rounding
         self.scale_grad = scale_grad
         self.scale_grad_reduce = scale_grad_reduce
         self.scale_grad_residual = scale_grad_residual
-        self.per_channel = per_channel and num_channels is not None
-        channels = num_channels if self.per_channel else 1
-        num_scales = len(self.bits) if variant == 'unshared' else 1
-        self.scale = nn.Parameter(torch.ones(num_scales, channels))
-        self.register_buffer('initialized',
-                             torch.zeros(num_scales, dtype=torch.bool))
-        self._ready = set()  # scale rows known to be initialised (no sync)
         self._shared = None  # every bit's output, under shared_rounding
-        self.register_load_state_dict_post_hook(
-            lambda module, keys: module._read_ready())
 
     @property
     def stored_bit(self) -> int:
@@ -97,35 +92,16 @@ class DoubleRoundingQuantizer(nn.Module):
         return (f'bits={list(self.bits)}, variant={self.variant}, '
                 f'rounding={self.rounding}, per_channel={self.per_channel}')
 
-    def _read_ready(self):
-        """After a load: which rows the loaded buffer says are initialised
-        (one read of the device here, none per forward)."""
-        self._ready = {row for row, done in
-                       enumerate(self.initialized.tolist()) if done}
-
     @property
     def sharing(self) -> bool:
         """Whether forwards hand out outputs shared between bits (inside
         ``shared_rounding``)."""
         return self._shared is not None
 
-    @property
-    def ready(self) -> bool:
-        """Every scale row initialised and known to be (no check left that
-        reads the device: what ``torch.compile`` needs to trace cleanly)."""
-        return len(self._ready) == self.scale.shape[0]
-
     def _row(self, bit: int) -> int:
         return self.bits.index(bit) if self.variant == 'unshared' else 0
 
-    def _scale_view(self, weight: torch.Tensor, row: int) -> torch.Tensor:
-        scale = self.scale[row]
-        if self.per_channel:
-            return scale.view(-1, *([1] * (weight.dim() - 1)))
-        return scale
-
-    @torch.no_grad()
-    def _init_scale(self, weight: torch.Tensor, row: int, bit: int):
+    def _initial_scale(self, weight: torch.Tensor, bit: int) -> torch.Tensor:
         """Per channel ``max(|mu - 3 sigma|, |mu + 3 sigma|) / 2**(b-1)``;
         per tensor ``2 mean|W| / sqrt(Qp)`` (LSQ's rule)."""
         w = weight.detach().float()
@@ -135,23 +111,16 @@ class DoubleRoundingQuantizer(nn.Module):
             sigma = flat.std(dim=1, unbiased=False)
             bound = torch.maximum((mu - 3 * sigma).abs(),
                                   (mu + 3 * sigma).abs())
-            value = bound / 2**(bit - 1)
-        else:
-            value = 2 * w.abs().mean() / (2**(bit - 1) - 1)**0.5
-            value = value.reshape(1)
-        value = torch.where(value > 0, value, torch.full_like(value, 1e-8))
-        # through .data: initialising one row must not invalidate graphs
-        # that saved the parameter (see ActQuantizer._init_scale)
-        self.scale.data[row].copy_(value.to(self.scale.dtype))
-        self.initialized[row] = True
+            return bound / 2**(bit - 1)
+        value = 2 * w.abs().mean() / (2**(bit - 1) - 1)**0.5
+        return value.reshape(1)
 
-    def _ensure_init(self, weight: torch.Tensor, bit: int) -> int:
+    def _initialised_row(self, weight: torch.Tensor, bit: int) -> int:
+        """The scale row of ``bit``, initialised (the shared row from the
+        stored bit)."""
         row = self._row(bit)
-        if row not in self._ready:
-            if not bool(self.initialized[row]):
-                init_bit = bit if self.variant == 'unshared' else self.bits[0]
-                self._init_scale(weight, row, init_bit)
-            self._ready.add(row)
+        init_bit = bit if self.variant == 'unshared' else self.bits[0]
+        self._ensure_init(weight, row, init_bit)
         return row
 
     def _plan(self, bit: int):
@@ -171,11 +140,11 @@ class DoubleRoundingQuantizer(nn.Module):
 
     def _fake_quant(self, weight: torch.Tensor, bits) -> tuple:
         """Dequantised weights of ``bits`` (one scale row between them)."""
-        rows = {self._ensure_init(weight, bit) for bit in bits}
+        rows = {self._initialised_row(weight, bit) for bit in bits}
         if len(rows) != 1:
             raise ValueError(f'bits {list(bits)} have scales of their own '
                              f'(variant={self.variant!r}): one at a time')
-        scale = self._scale_view(weight, rows.pop())
+        scale = self.scale_view(weight.dim(), rows.pop())
         per_scale = weight.numel() // scale.numel()
         targets = []
         for bit in bits:
@@ -212,9 +181,9 @@ class DoubleRoundingQuantizer(nn.Module):
         model), so they are the forward's integers."""
         bit = self.bits[0] if bit is None else bit
         h_range, shift, l_range = self._plan(bit)
-        row = self._ensure_init(weight, bit)
+        row = self._initialised_row(weight, bit)
         variant = 'floor' if self.variant == 'floor' else 'double_rounding'
-        q = quantize_int(weight, self._scale_view(weight, row), h_range,
+        q = quantize_int(weight, self.scale_view(weight.dim(), row), h_range,
                          shift, l_range, self.rounding, variant)
         return q.to(torch.int32)
 
