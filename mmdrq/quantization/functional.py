@@ -28,7 +28,9 @@ import warnings
 import torch
 
 ROUNDINGS = ('half_even', 'half_up')
-VARIANTS = ('double_rounding', 'floor')
+# the variants of one stored grid (weight_quantizer.VARIANTS adds the
+# 'unshared' baseline, which needs none of this: a shift of 0)
+SHARED_GRID_VARIANTS = ('double_rounding', 'floor')
 # integer of the scale gradient's residual ``int - v`` inside the range:
 # the target's double-rounded q_l, or v rounded once (round(v) as in the
 # authors' code)
@@ -73,9 +75,10 @@ def _check_modes(rounding: str, variant: str):
     if rounding not in ROUNDINGS:
         raise ValueError(
             f'rounding must be one of {list(ROUNDINGS)}, got {rounding!r}')
-    if variant not in VARIANTS:
+    if variant not in SHARED_GRID_VARIANTS:
         raise ValueError(
-            f'variant must be one of {list(VARIANTS)}, got {variant!r}')
+            f'variant must be one of {list(SHARED_GRID_VARIANTS)}, '
+            f'got {variant!r}')
 
 
 def _round_down(q, down, lo, hi, rounding, variant):
