@@ -18,6 +18,7 @@ from torch import nn
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
+DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
 RESNET18_CFG = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
 RETINANET_CFG = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 DEEPLABV3_CFG = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-80k_ade20k-512x512.py'
@@ -205,3 +206,39 @@ def run_tool(*args, expect_ok=True, timeout=600):
     if expect_ok:
         assert done.returncode == 0, output[-4000:]
     return done.returncode, output
+
+
+def write_digits_config(folder, name, base, data_root, extra='',
+                        train_images=128, eval_images=96):
+    """A config inheriting ``base`` on a subset of the digits at
+    ``data_root``, with no random augmentation (so a resumed run replays the
+    same batches); ``extra`` is appended as config text."""
+    path = osp.join(folder, name)
+    with open(path, 'w') as f:
+        f.write(f"""_base_ = {base!r}
+data_root = {data_root!r}
+_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(16, 16)),
+    dict(type='PackInputs'),
+]
+train_dataloader = dict(batch_size=32, dataset=dict(
+    data_root=data_root, pipeline=_pipeline, indices={train_images}))
+val_dataloader = dict(dataset=dict(data_root=data_root, indices={eval_images}))
+test_dataloader = dict(dataset=dict(data_root=data_root, indices={eval_images}))
+default_hooks = dict(logger=dict(interval=1))
+{extra}
+""")
+    return path
+
+
+def tiny_data_options(kind: str, root: str) -> list:
+    """``--cfg-options`` pointing a ``*_tiny`` config at the dataset that
+    tools/make_tiny_datasets.py wrote to ``root`` (``kind``: ``coco`` or
+    ``ade20k``; COCO's evaluators read the annotation file too)."""
+    from mmdrq.utils.tool_runs import data_options
+    if kind == 'ade20k':
+        return data_options(root)
+    ann = osp.join(root, 'annotations', 'instances_val.json')
+    return data_options(root + '/') + [f'val_evaluator.ann_file={ann}',
+                                       f'test_evaluator.ann_file={ann}']

@@ -9,34 +9,20 @@ import pytest
 
 pytest.importorskip('onnxruntime')
 
-from conftest import ROOT, TOOLS, run_tool  # noqa: E402
+from conftest import ROOT, TOOLS, run_tool, tiny_data_options  # noqa: E402,E501
 
 BITS = (8, 6, 4, 2)
 SUBNET = {'backbone.layer1.0.conv1': 2, 'backbone.layer2.0.conv2': 4,
           'backbone.layer3.1.conv1': 6}
 
 
-def det_options(root):
-    ann = osp.join(root, 'annotations', 'instances_val.json')
-    return [f'{loader}.dataset.data_root={root}/'
-            for loader in ('train_dataloader', 'val_dataloader',
-                           'test_dataloader')] + [
-        f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
-
-
-def seg_options(root):
-    return [f'{loader}.dataset.data_root={root}'
-            for loader in ('train_dataloader', 'val_dataloader',
-                           'test_dataloader')]
-
-
 CASES = {
-    # config, dataset, options, checkpoint, metric, input shape
+    # config, dataset, checkpoint, metric, input shape
     'retinanet': ('configs/detection/retinanet_r18_drq-8642_tiny.py', 'coco',
-                  det_options, 'epoch_1.pth', 'coco/bbox_mAP',
+                   'epoch_1.pth', 'coco/bbox_mAP',
                   (1, 3, 96, 128)),
     'deeplabv3': ('configs/segmentation/deeplabv3_r18_drq-8642_tiny.py',
-                  'ade20k', seg_options, 'iter_4.pth', 'mIoU',
+                  'ade20k', 'iter_4.pth', 'mIoU',
                   (1, 3, 64, 64)),
 }
 
@@ -52,9 +38,9 @@ def data(tmp_path_factory):
 
 @pytest.mark.parametrize('name', list(CASES))
 def test_onnxruntime_metrics_equal_pytorch(name, data, tmp_path):
-    config, dataset, options, ckpt, metric, shape = CASES[name]
+    config, dataset, ckpt, metric, shape = CASES[name]
     config = osp.join(ROOT, config)
-    cfg_options = ['--cfg-options'] + options(data[dataset])
+    cfg_options = ['--cfg-options'] + tiny_data_options(dataset, data[dataset])
     run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir',
              tmp_path / 'work', *cfg_options)
     ckpt = tmp_path / 'work' / ckpt

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
-from conftest import ROOT, TOOLS, run_tool
-
-DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
+from conftest import DIGITS, TOOLS, run_tool, write_digits_config
 KILLED = 86  # exit status of the killed run, to tell it from a crash
 
 # Runs tools/train.py (argv[1:]) in this process with the file writes of
@@ -74,23 +72,13 @@ def digits(tmp_path_factory):
     folder = tmp_path_factory.mktemp('ckpt_safety')
     data_root = str(folder / 'data')
     run_tool(osp.join(TOOLS, 'prepare_digits.py'), '--root', data_root)
-    cfg = folder / 'fp32.py'
-    cfg.write_text(f"""_base_ = {osp.join(DIGITS, 'resnet_digits_fp32.py')!r}
-data_root = {data_root!r}
-_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(16, 16)),
-    dict(type='PackInputs'),
-]
-train_dataloader = dict(batch_size=32, dataset=dict(
-    data_root=data_root, pipeline=_pipeline, indices=64))
-val_dataloader = dict(dataset=dict(data_root=data_root, indices=32))
-test_dataloader = val_dataloader
-train_cfg = dict(max_epochs=2, val_interval=10)
-param_scheduler = dict(T_max=2, begin=0, end=2)
-default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=1))
-""")
-    return dict(folder=folder, cfg=str(cfg))
+    cfg = write_digits_config(
+        folder, 'fp32.py', osp.join(DIGITS, 'resnet_digits_fp32.py'),
+        data_root, 'train_cfg = dict(max_epochs=2, val_interval=10)\n'
+        'param_scheduler = dict(T_max=2, begin=0, end=2)\n'
+        'default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=1))',
+        train_images=64, eval_images=32)
+    return dict(folder=folder, cfg=cfg)
 
 
 @pytest.fixture(scope='module')

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import TOOLS, run_tool
+from conftest import TOOLS, run_tool, tiny_data_options
 
 BITS = (8, 6, 4, 2)
 
@@ -100,27 +100,13 @@ def test_tiny_datasets_are_deterministic_and_consistent(data, tmp_path):
                     assert np.abs(colour - tiny._COLOURS[kind]).max() < 30
 
 
-def _det_options(root):
-    ann = osp.join(root, 'annotations', 'instances_val.json')
-    return [f'{loader}.dataset.data_root={root}/'
-            for loader in ('train_dataloader', 'val_dataloader',
-                           'test_dataloader')] + [
-        f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
-
-
-def _seg_options(root):
-    return [f'{loader}.dataset.data_root={root}'
-            for loader in ('train_dataloader', 'val_dataloader',
-                           'test_dataloader')]
-
-
 CASES = {
-    # name: config, dataset, --cfg-options, checkpoint, metric, valid range
+    # name: config, dataset, checkpoint, metric, valid range
     'retinanet': ('configs/detection/retinanet_r18_drq-8642_tiny.py',
-                  'coco', _det_options, 'epoch_1.pth', 'coco/bbox_mAP',
+                  'coco', 'epoch_1.pth', 'coco/bbox_mAP',
                   (0.0, 1.0)),
     'deeplabv3': ('configs/segmentation/deeplabv3_r18_drq-8642_tiny.py',
-                  'ade20k', _seg_options, 'iter_4.pth', 'mIoU',
+                  'ade20k', 'iter_4.pth', 'mIoU',
                   (0.0, 100.0)),
 }
 
@@ -133,8 +119,8 @@ def _logged(log, key):
 
 @pytest.mark.parametrize('name', list(CASES))
 def test_train_and_test_every_bit(name, data, tmp_path):
-    config, dataset, options, ckpt, metric, (low, high) = CASES[name]
-    cfg_options = ['--cfg-options'] + options(data[dataset])
+    config, dataset, ckpt, metric, (low, high) = CASES[name]
+    cfg_options = ['--cfg-options'] + tiny_data_options(dataset, data[dataset])
     work = tmp_path / 'work'
     _, log = run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
                    *cfg_options)

@@ -10,31 +10,8 @@ import pytest
 import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
-from conftest import ROOT, TOOLS, run_tool
-
-DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
-
-
-def write_config(folder, name, base, data_root, extra=''):
-    """A config inheriting ``base`` on a subset of the digits, with no
-    random augmentation (so a resumed run replays the same batches)."""
-    path = osp.join(folder, name)
-    with open(path, 'w') as f:
-        f.write(f"""_base_ = {base!r}
-data_root = {data_root!r}
-_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(16, 16)),
-    dict(type='PackInputs'),
-]
-train_dataloader = dict(batch_size=32, dataset=dict(
-    data_root=data_root, pipeline=_pipeline, indices=128))
-val_dataloader = dict(dataset=dict(data_root=data_root, indices=96))
-test_dataloader = dict(dataset=dict(data_root=data_root, indices=96))
-default_hooks = dict(logger=dict(interval=1))
-{extra}
-""")
-    return path
+from conftest import DIGITS, ROOT, TOOLS, run_tool
+from conftest import write_digits_config as write_config
 
 
 @pytest.fixture(scope='module')
