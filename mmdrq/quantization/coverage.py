@@ -11,14 +11,15 @@ its conv. ``tracing_weight_uses`` watches every aten op of a forward (a
 - a tracked weight (the ``weight`` of a conv- or linear-like module, the
   projection weights of ``nn.MultiheadAttention``, also under
   ``torch.nn.utils.parametrize``) starts as FP of itself;
-- an op whose inputs are all weights, parameters, buffers or constants
+- an op whose inputs are all weights, parameters, buffers or numbers
   (``w.t()``, ``torch.cat`` of q/k/v weights, ``(w - mean) / std``) gives
   an output derived from the same weights, with the same kind;
 - the output of an mmdrq quantizer (``LearnedScaleQuantizer``) fed a weight
   is that weight quantized;
 - an op where a weight-derived tensor meets an activation (anything not
-  known as weight, parameter, buffer or constant: the model's inputs and
-  what is computed from them) is a use of the weight, FP or quantized. This
+  known as weight, parameter, buffer or number: the model's inputs, random
+  draws, buffers made in the forward, and what is computed from them) is a
+  use of the weight, FP or quantized. This
   is the conv, the matmul, the deformable conv's matmul inside mmcv's
   extension, whatever the op is called; its output is an activation.
 
@@ -50,7 +51,10 @@ _SHAPE_ONLY = {'zeros_like', 'ones_like', 'empty_like', 'full_like',
                'rand_like', 'randn_like', 'new_zeros', 'new_ones',
                'new_empty', 'new_full', 'fill_', 'zero_',
                'lift_fresh', 'lift_fresh_copy'}
-# random draws are data (DETR's denoising noise, a test's input)
+# data, not constants: random draws (DETR's denoising noise, a test's
+# input) and tensors made from shapes alone (zeros, empty, arange), which
+# extension ops such as mmcv's deformable conv fill from their input outside
+# the dispatcher
 _RANDOM = {'rand', 'randn', 'randint', 'randperm', 'normal', 'bernoulli',
            'uniform_', 'normal_', 'bernoulli_', 'multinomial'}
 ACT = 'activation'
@@ -132,7 +136,7 @@ class _WeightUseMode(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in _SHAPE_ONLY:
             status = CONST
-        elif name in _RANDOM:
+        elif name in _RANDOM or not inputs:
             status = ACT
         elif name == 'copy_':  # the destination holds the source's values
             status = self.provenance.get(inputs[1])
