@@ -270,8 +270,10 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
         else:
             out = F.scaled_dot_product_attention(q, k, v, mask, dropout)
             weights = None
-        out = out.transpose(0, 1).reshape(length * batch, embed)
-        return self.out_proj(out).view(length, batch, embed), weights
+        # (N, L, E) into out_proj: its MACs count per image (dim 0)
+        out = out.view(batch, heads, length, head_dim).permute(0, 2, 1, 3) \
+            .reshape(batch, length, embed)
+        return self.out_proj(out).transpose(0, 1), weights
 
 
 def _additive_mask(mask, dtype):
