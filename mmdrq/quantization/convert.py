@@ -139,12 +139,6 @@ def _replace_all(model: nn.Module, new_of: Dict[int, nn.Module]):
                 setattr(parent, child_name, new)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module):
-    parent_name, _, child = name.rpartition('.')
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _format_table(rows: List[Tuple[str, str, str]]) -> str:
     header = ('layer', 'type', 'status')
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
@@ -213,12 +207,15 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
     """Switchable BN for every BN not named by a skip pattern. Its source is
     the closest preceding conv/linear layer when that layer is quantized and
     has matching channels (a BN fed by an FP layer follows the global bit)."""
-    rows, previous = [], None
-    for name, module in list(model.named_modules()):
+    rows, previous, first_name, new_of = [], None, {}, {}
+    # every reference: a BN after a shared conv's later use follows it
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        repeated = id(module) in first_name
+        name = first_name.setdefault(id(module), name)
         if _is_weight_layer(module):  # quantized or kept FP
             previous = (name, module)
             continue
-        if not isinstance(module, _BatchNorm) or isinstance(
+        if repeated or not isinstance(module, _BatchNorm) or isinstance(
                 module, SwitchableBatchNorm):
             continue
         if any(re.fullmatch(p, name) for p in cfg.skip):
@@ -228,9 +225,10 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
         if previous is not None and isinstance(previous[1], QuantLayer) \
                 and _output_channels(previous[1]) == module.num_features:
             source = previous[0]
-        _replace(model, name, SwitchableBatchNorm(module, cfg.bits, source))
+        new_of[id(module)] = SwitchableBatchNorm(module, cfg.bits, source)
         rows.append((name, type(module).__name__,
                      f'switchable BN (follows {source or "global bit"})'))
+    _replace_all(model, new_of)
     return rows
 
 
