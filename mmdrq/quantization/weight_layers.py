@@ -1,6 +1,6 @@
 """Quantized forms of layers other than exact Conv2d/Linear: any module whose
-forward reads its weight, plus the ones that transform it first
-(docs/method.md, Which layers are quantized; design: docs/layers.md).
+forward reads its weight, plus the ones that transform it first (the table
+and the design: docs/method.md, Which layers are quantized).
 
 A module is converted in place: its class becomes a generated subclass of
 its own (``QConvTranspose2d(SwappedWeightLayer, nn.ConvTranspose2d)``), so
