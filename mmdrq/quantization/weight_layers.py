@@ -1,0 +1,339 @@
+"""Quantized forms of layers other than exact Conv2d/Linear: any module whose
+forward reads its weight, plus the ones that transform it first (the table
+and the design: docs/method.md, Which layers are quantized).
+
+A module is converted in place: its class becomes a generated subclass of
+its own (``QConvTranspose2d(SwappedWeightLayer, nn.ConvTranspose2d)``), so
+every reference to it (shared heads) is converted at once, its state-dict
+keys stay, and ``isinstance`` checks in the owner's code still hold.
+"""
+import contextlib
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import QuantLayer, build_in_scope
+
+
+class SwappedWeightLayer(QuantLayer):
+    """A module whose own forward reads its weight: during that forward the
+    weight parameter is replaced by its fake-quantized tensor (what
+    ``torch.func.functional_call`` does), and the first input (each tensor
+    of a list: TridentConv) is fake-quantized.
+
+    The FP parameter stays registered under its name, so checkpoints,
+    optimizers and init code (``nn.init.*_(module.weight)`` after the
+    conversion, as MMEngine's runner calls ``init_weights``) see it as
+    before; only the layer's own forward sees the quantized weight.
+    """
+
+    @classmethod
+    def from_float(cls, module: nn.Module, bits, weight_quantizer: dict,
+                   act_quantizer: Optional[dict]):
+        """Convert ``module`` in place (no copy) and return it."""
+        module.__class__ = quantized_class(cls, type(module))
+        with torch.device(module._parameters[cls.weight_name].device):
+            module._setup(bits, weight_quantizer, act_quantizer)
+        return module
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
+        """Why ``module`` cannot take this form (None: it can)."""
+        return None
+
+    @contextlib.contextmanager
+    def quantized_parameter(self):
+        """Within the block, the weight attribute is the fake-quantized
+        weight of the current bit."""
+        quantized = self.quantized_weight()
+        param = self._parameters[self.weight_name]
+        self._parameters[self.weight_name] = quantized
+        try:
+            yield quantized
+        finally:
+            self._parameters[self.weight_name] = param
+
+    def forward(self, x, *args, **kwargs):
+        x = self.quantize_input(x)
+        with self.quantized_parameter():
+            return super().forward(x, *args, **kwargs)
+
+
+class TransposedConvLayer(SwappedWeightLayer):
+    """ConvTranspose1d/2d/3d: the weight is ``(in, out / groups, *k)``;
+    per-output-channel scales need output channels first, per group."""
+
+    def to_channel_major(self, weight):
+        groups, (c_in, out_per_group), kernel = \
+            self.groups, weight.shape[:2], weight.shape[2:]
+        return weight.reshape(groups, c_in // groups, out_per_group, *kernel) \
+            .transpose(1, 2).reshape(groups * out_per_group,
+                                     c_in // groups, *kernel)
+
+    def from_channel_major(self, weight):
+        groups, (c_out, in_per_group), kernel = \
+            self.groups, weight.shape[:2], weight.shape[2:]
+        return weight.reshape(groups, c_out // groups, in_per_group, *kernel) \
+            .transpose(1, 2).reshape(groups * in_per_group,
+                                     c_out // groups, *kernel)
+
+
+class DeformConvPackLayer(SwappedWeightLayer):
+    """mmcv DeformConv2dPack: the offsets come from ``conv_offset`` (a plain
+    conv, quantized as any other, reading the FP input with its own
+    scale); the deformable conv reads the quantized input and weight."""
+
+    def forward(self, x):
+        from mmcv.ops import DeformConv2d
+        offset = self.conv_offset(x)
+        x_q = self.quantize_input(x)
+        with self.quantized_parameter():
+            return DeformConv2d.forward(self, x_q, offset)
+
+
+class ModulatedDeformConvPackLayer(SwappedWeightLayer):
+    """mmcv ModulatedDeformConv2dPack (DCNv2): as ``DeformConvPackLayer``,
+    with the mask from the same offset conv."""
+
+    def forward(self, x):
+        from mmcv.ops import ModulatedDeformConv2d
+        o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
+        offset, mask = torch.cat((o1, o2), dim=1), torch.sigmoid(mask)
+        x_q = self.quantize_input(x)
+        with self.quantized_parameter():
+            return ModulatedDeformConv2d.forward(self, x_q, offset, mask)
+
+
+class TransformedWeightLayer(SwappedWeightLayer):
+    """A layer whose forward computes the weight it uses from the parameter
+    (standardization, normalization): the quantizer sees that computed
+    weight, the one the conv or matmul uses. Its integers do not give the
+    parameter back, so an integer checkpoint keeps the FP parameter."""
+    integer_weight = False
+
+    def weight_to_quantize(self):
+        return self.used_weight(self.float_weight)
+
+    def used_weight(self, weight):
+        """The weight the float layer's op uses, from the parameter."""
+        raise NotImplementedError
+
+
+class ConvWSLayer(TransformedWeightLayer):
+    """mmcv ConvWS2d: the standardized weight (``conv_ws_2d``'s)."""
+
+    def used_weight(self, weight):
+        flat = weight.view(weight.size(0), -1)
+        view = (-1, ) + (1, ) * (weight.dim() - 1)
+        mean = flat.mean(dim=1, keepdim=True).view(view)
+        std = flat.std(dim=1, keepdim=True).view(view)
+        return (weight - mean) / (std + self.eps)
+
+    def forward(self, x):
+        return F.conv2d(self.quantize_input(x), self.quantized_weight(),
+                        self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class ConvAWSLayer(ConvWSLayer):
+    """mmcv ConvAWS2d: the standardized weight after its affine buffers."""
+
+    def used_weight(self, weight):
+        return self._get_weight(weight)
+
+
+class NormedLayer(TransformedWeightLayer):
+    """mmdet NormedLinear / NormedConv2d (cosine classifiers): the
+    normalized weight, and the normalized, temperature-scaled input."""
+
+    def used_weight(self, weight):
+        if getattr(self, 'norm_over_kernel', False):
+            norm = weight.view(weight.size(0), -1).norm(dim=1, keepdim=True)
+            norm = norm.view(-1, *([1] * (weight.dim() - 1)))
+        else:
+            norm = weight.norm(dim=1, keepdim=True)
+        return weight / (norm.pow(self.power) + self.eps)
+
+    def forward(self, x):
+        x = x / (x.norm(dim=1, keepdim=True).pow(self.power) + self.eps)
+        x = self.quantize_input(x * self.tempearture)
+        weight = self.quantized_weight()
+        if isinstance(self, nn.Linear):
+            return F.linear(x, weight, self.bias)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class MultiheadAttentionLayer(SwappedWeightLayer):
+    """nn.MultiheadAttention with a packed ``in_proj_weight`` (what mmcv,
+    mmdet, mmseg and mmpretrain build): the q, k and v projections share the
+    weight quantizer (one scale per row, so per projection and output
+    channel) and each reads its input through its own act quantizer, as
+    three Linear layers would; ``out_proj`` is a QLinear of its own, called
+    here on the attention output (``F.multi_head_attention_forward`` reads
+    ``out_proj.weight`` and would skip its input quantizer).
+
+    The attention products (q k^T, softmax v) stay FP: the paper quantizes
+    conv and linear layers.
+    """
+    weight_name = 'in_proj_weight'
+
+    @classmethod
+    def unsupported_reason(cls, module):
+        if not module._qkv_same_embed_dim:
+            return ('separate q/k/v projection weights (kdim/vdim != '
+                    'embed_dim) are not supported')
+        return None
+
+    def _setup(self, bits, weight_quantizer, act_quantizer):
+        super()._setup(bits, weight_quantizer, act_quantizer)
+        for name in ('key_act_quantizer', 'value_act_quantizer'):
+            setattr(self, name, None if act_quantizer is None else
+                    build_in_scope(dict(act_quantizer, bits=self.bits)))
+
+    def _quantize(self, quantizer, x):
+        return x if quantizer is None else quantizer(x, self.bit)
+
+    def forward(self, query, key, value, key_padding_mask=None,
+                need_weights=True, attn_mask=None, average_attn_weights=True,
+                is_causal=False):
+        if is_causal and attn_mask is None:
+            raise RuntimeError('Need attn_mask if specifying the is_causal '
+                               'hint (as nn.MultiheadAttention)')
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1)
+                                 for t in (query, key, value))
+        out, weights = self._attention(
+            self._quantize(self.act_quantizer, query),
+            self._quantize(self.key_act_quantizer, key),
+            self._quantize(self.value_act_quantizer, value),
+            _additive_mask(key_padding_mask, query.dtype),
+            _additive_mask(attn_mask, query.dtype), need_weights)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            return out.squeeze(1), \
+                None if weights is None else weights.squeeze(0)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _attention(self, query, key, value, key_padding_mask, attn_mask,
+                   need_weights):
+        """``F.multi_head_attention_forward``'s math on (L, N, E) inputs
+        with additive masks; weights per head (N, H, L, S) or None."""
+        length, batch, embed = query.shape
+        heads = self.num_heads
+        head_dim = embed // heads
+        biases = (None, ) * 3 if self.in_proj_bias is None else \
+            self.in_proj_bias.chunk(3)
+        q, k, v = (F.linear(x, w, b) for x, w, b in zip(
+            (query, key, value), self.quantized_weight().chunk(3), biases))
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.repeat(1, batch, 1)])
+            v = torch.cat([v, self.bias_v.repeat(1, batch, 1)])
+            attn_mask, key_padding_mask = (
+                None if m is None else F.pad(m, (0, 1))
+                for m in (attn_mask, key_padding_mask))
+        q, k, v = (t.reshape(t.shape[0], batch * heads, head_dim)
+                   .transpose(0, 1) for t in (q, k, v))
+        if self.add_zero_attn:
+            zeros = k.new_zeros(batch * heads, 1, head_dim)
+            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+            attn_mask, key_padding_mask = (
+                None if m is None else F.pad(m, (0, 1))
+                for m in (attn_mask, key_padding_mask))
+        source = k.shape[1]
+        mask = None if attn_mask is None else \
+            attn_mask.reshape(-1, length, source)
+        if key_padding_mask is not None:
+            padding = key_padding_mask.reshape(batch, 1, 1, source).expand(
+                -1, heads, -1, -1).reshape(batch * heads, 1, source)
+            mask = padding if mask is None else mask + padding
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            q = q * math.sqrt(1.0 / head_dim)
+            scores = torch.bmm(q, k.transpose(1, 2)) if mask is None else \
+                torch.baddbmm(mask, q, k.transpose(1, 2))
+            weights = F.softmax(scores, dim=-1)
+            if dropout > 0:
+                weights = F.dropout(weights, p=dropout)
+            out = torch.bmm(weights, v)
+            weights = weights.view(batch, heads, length, source)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, mask, dropout)
+            weights = None
+        # (N, L, E) into out_proj: its MACs count per image (dim 0)
+        out = out.view(batch, heads, length, head_dim).permute(0, 2, 1, 3) \
+            .reshape(batch, length, embed)
+        return self.out_proj(out).transpose(0, 1), weights
+
+
+def _additive_mask(mask, dtype):
+    """A boolean mask (True: not attended) as 0 / -inf; a float one as is."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype,
+                       device=mask.device).masked_fill_(mask, float('-inf'))
+
+
+_CLASSES: Dict[tuple, type] = {}
+
+
+def quantized_class(form: type, float_type: type) -> type:
+    """``Q<float_type>``: ``form``'s behaviour on ``float_type``, made once
+    and kept as a module attribute (pickle finds it by name)."""
+    key = (form, float_type)
+    if key not in _CLASSES:
+        name = 'Q' + float_type.__name__
+        if name in globals():  # another type of the same name
+            name += '_' + float_type.__module__.replace('.', '_')
+        cls = type(name, (form, float_type), dict(__module__=__name__,
+                                                  __qualname__=name))
+        _CLASSES[key] = globals()[name] = cls
+    return _CLASSES[key]
+
+
+def weight_layer_forms() -> Dict[type, type]:
+    """Float layer type -> the form that quantizes it in place, for the
+    types whose forward is known: torch's, and mmcv's and mmdet's where
+    installed. Exact types only: a subclass may use its weight otherwise."""
+    swapped = (nn.Conv1d, nn.Conv3d)
+    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    forms = {t: SwappedWeightLayer for t in swapped}
+    forms.update({t: TransposedConvLayer for t in transposed})
+    forms[nn.MultiheadAttention] = MultiheadAttentionLayer
+    try:
+        from mmcv.cnn.bricks import ConvAWS2d, ConvWS2d, wrappers
+        from mmcv.cnn.bricks.conv2d_adaptive_padding import \
+            Conv2dAdaptivePadding
+        from mmcv.ops import (DeformConv2d, DeformConv2dPack,
+                              ModulatedDeformConv2d,
+                              ModulatedDeformConv2dPack)
+        forms.update({
+            wrappers.Conv3d: SwappedWeightLayer,
+            wrappers.ConvTranspose2d: TransposedConvLayer,
+            wrappers.ConvTranspose3d: TransposedConvLayer,
+            Conv2dAdaptivePadding: SwappedWeightLayer,
+            DeformConv2d: SwappedWeightLayer,
+            ModulatedDeformConv2d: SwappedWeightLayer,
+            DeformConv2dPack: DeformConvPackLayer,
+            ModulatedDeformConv2dPack: ModulatedDeformConvPackLayer,
+            ConvWS2d: ConvWSLayer, ConvAWS2d: ConvAWSLayer})
+    except ImportError:  # mmcv is optional for plain torch models
+        pass
+    try:
+        from mmdet.models.backbones.trident_resnet import TridentConv
+        from mmdet.models.layers import NormedConv2d, NormedLinear
+        forms.update({TridentConv: SwappedWeightLayer,
+                      NormedLinear: NormedLayer, NormedConv2d: NormedLayer})
+    except ImportError:
+        pass
+    return forms
