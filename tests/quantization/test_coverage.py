@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mmdrq import DoubleRoundingQuantizer, quantize_model
+from mmdrq import DoubleRoundingQuantizer, QConv2d, quantize_model
 from mmdrq.quantization.coverage import tracing_weight_uses
 
 BITS = (8, 4)
@@ -61,17 +61,23 @@ class _Attention(nn.Module):
         return self.head(x + q)
 
 
-def test_packed_attention_and_direct_reads_are_fp():
-    model = quantize_model(_Attention(), bits=BITS)
-    uses = _uses(model, torch.randn(5, 2, 4))
+def test_packed_attention_and_direct_reads():
+    model = _Attention()
+    x = torch.randn(5, 2, 4)
+    uses = _uses(model, x)
+    assert set(_by_use(uses).values()) == {'fp'}
+    assert uses.fp_layers()['attn.in_proj_weight'] == \
+        'not converted (MultiheadAttention)'
+
+    quantize_model(model, bits=BITS)
+    uses = _uses(model, x)
     assert _by_use(uses) == {
-        'stem.weight': 'fp', 'attn.in_proj_weight': 'fp',
-        'attn.out_proj.weight': 'fp', 'qkv.weight': 'fp', 'head.weight': 'fp'}
+        'stem.weight': 'fp', 'attn.in_proj_weight': 'quantized',
+        'attn.out_proj.weight': 'quantized', 'qkv.weight': 'fp',
+        'head.weight': 'fp'}
     assert uses.fp_layers() == {
-        'attn.in_proj_weight': 'not converted (MultiheadAttention)',
-        'attn.out_proj.weight':
-            'unsupported type NonDynamicallyQuantizableLinear',
         'qkv.weight': 'converted, but the forward reads the weight directly'}
+    assert set(uses.fp_layers(kept=True)) == {'stem.weight', 'head.weight'}
 
 
 class _QuantizedAttention(nn.Module):
@@ -119,11 +125,16 @@ class _Shared(nn.Module):
 
 
 def test_shared_module_converted_once_is_mixed():
-    model = quantize_model(_Shared(), bits=BITS)
-    uses = _uses(model, torch.randn(1, 3, 6, 6))
+    model = _Shared()
+    x = torch.randn(1, 3, 6, 6)
+    # one reference replaced by a quantized layer, the other left FP
+    model.first[0] = QConv2d.from_float(model.first[0], BITS)
+    uses = _uses(model, x)
     assert uses.weights['first.0.weight'].use == 'mixed'
     assert 'shared' in uses.fp_layers()['first.0.weight']
-    assert uses.share(('quantized', )) == 0.0
+    # quantize_model converts a shared module at every reference
+    uses = _uses(quantize_model(_Shared(), bits=BITS), x)
+    assert uses.weights['first.0.weight'].use == 'quantized'
 
 
 class _Standardized(nn.Module):
