@@ -3,10 +3,11 @@
 # one decoder layer (256 dims: DINO's query positions are 2 x 128 sine
 # features), 256-channel FFNs, 20 queries, 10 denoising queries, random
 # init) on the tiny synthetic COCO-format dataset that
-# tools/make_tiny_datasets.py writes (3 shape classes, 96x128 images). Its attention layers are mmcv's
-# MultiScaleDeformableAttention (run by its pytorch fallback on the CPU)
-# and nn.MultiheadAttention: this run tests that every bit trains and
-# evaluates through them; its mAP numbers mean nothing.
+# tools/make_tiny_datasets.py writes (3 shape classes, 96x128 images). Its
+# attention layers are mmcv's MultiScaleDeformableAttention (run by its
+# pytorch fallback on the CPU) and nn.MultiheadAttention: this run tests
+# that every bit trains and evaluates through them; its mAP numbers mean
+# nothing.
 #
 #     python tools/make_tiny_datasets.py
 #     python tools/train.py configs/detection/dino-4scale_r18_drq-8642_tiny.py

@@ -7,7 +7,8 @@
 # every bit) in seconds on a CPU; its mAP numbers mean nothing.
 #
 #     python tools/make_tiny_datasets.py
-#     python tools/train.py configs/detection/mask-rcnn_r18_fpn_drq-8642_tiny.py
+#     python tools/train.py \
+#         configs/detection/mask-rcnn_r18_fpn_drq-8642_tiny.py
 #
 # Another dataset folder: override the data roots and the evaluators'
 # ann_file as in retinanet_r18_drq-8642_tiny.py.

@@ -9,7 +9,8 @@
 # evaluates through them; its mIoU numbers mean nothing.
 #
 #     python tools/make_tiny_datasets.py
-#     python tools/train.py configs/segmentation/mask2former_r18_drq-8642_tiny.py
+#     python tools/train.py \
+#         configs/segmentation/mask2former_r18_drq-8642_tiny.py
 #
 # Another dataset folder: override each dataloader's data_root, e.g.
 # --cfg-options train_dataloader.dataset.data_root=R

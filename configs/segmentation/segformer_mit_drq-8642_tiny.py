@@ -30,8 +30,9 @@ model = dict(
         backbone=dict(_base_.model.backbone, embed_dims=16,
                       num_heads=[1, 1, 2, 2], num_layers=[1, 1, 1, 1],
                       drop_path_rate=0.0, init_cfg=None),
-        decode_head=dict(_base_.model.decode_head, in_channels=[16, 16, 32, 32],
-                         channels=32, norm_cfg=norm_cfg)),
+        decode_head=dict(_base_.model.decode_head,
+                         in_channels=[16, 16, 32, 32], channels=32,
+                         norm_cfg=norm_cfg)),
     quantizer=dict(bits=[8, 6, 4, 2]),
     loss_mode='per_bit')
 

@@ -30,7 +30,7 @@ import contextlib
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple
 
 import torch
 from torch import nn
@@ -52,9 +52,9 @@ _SHAPE_ONLY = {'zeros_like', 'ones_like', 'empty_like', 'full_like',
                'new_empty', 'new_full', 'fill_', 'zero_',
                'lift_fresh', 'lift_fresh_copy'}
 # data, not constants: random draws (DETR's denoising noise, a test's
-# input) and tensors made from shapes alone (zeros, empty, arange), which
-# extension ops such as mmcv's deformable conv fill from their input outside
-# the dispatcher
+# input); so are tensors made from shapes alone (zeros, empty, arange: an op
+# without tensor inputs), which extension ops such as mmcv's deformable conv
+# fill from their input outside the dispatcher
 _RANDOM = {'rand', 'randn', 'randint', 'randperm', 'normal', 'bernoulli',
            'uniform_', 'normal_', 'bernoulli_', 'multinomial'}
 ACT = 'activation'
@@ -74,8 +74,9 @@ class WeightUse(NamedTuple):
 
 
 def tracked_weights(model: nn.Module) -> Dict[str, tuple]:
-    """``{name: (module name, module, parameter)}`` of ``model``'s conv, linear and
-    attention weights (a parameter shared between modules once)."""
+    """``{name: (module name, module, parameter)}`` of ``model``'s conv,
+    linear and attention weights (a parameter shared between modules
+    once)."""
     found, seen = {}, set()
     for module_name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
