@@ -18,7 +18,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from .config import QuantizeConfig, make_config
 from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
 from .switchable_bn import SwitchableBatchNorm
-from .weight_layers import weight_layer_forms
+from .weight_layers import MultiheadAttentionLayer, weight_layer_forms
 
 # Last name components of prediction layers in OpenMMLab heads (fc,
 # retina_cls, rpn_reg, conv_seg, conv_logits, convs_pred, ...).
@@ -172,8 +172,11 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
     for name, module, reason in decisions:
         float_type = type(module).__name__
         if reason is None:
-            new_of[id(module)] = supported[type(module)].from_float(
+            new = new_of[id(module)] = supported[type(module)].from_float(
                 module, cfg.bits, cfg.weight_quantizer, cfg.act_quantizer)
+            if cfg.attention_matmuls and \
+                    isinstance(new, MultiheadAttentionLayer):
+                new.quantize_matmuls(cfg.act_quantizer)
             status = f'quantized {list(cfg.bits)}'
         else:
             status = f'FP: {reason}'

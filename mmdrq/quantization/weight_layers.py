@@ -175,10 +175,13 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
     here on the attention output (``F.multi_head_attention_forward`` reads
     ``out_proj.weight`` and would skip its input quantizer).
 
-    The attention products (q k^T, softmax v) stay FP: the paper quantizes
-    conv and linear layers.
+    The attention products (q k^T, softmax v) stay FP unless
+    ``quantize_matmuls`` (``attention_matmuls=True`` in the config) gives
+    their inputs act quantizers: the paper quantizes conv and linear layers.
     """
     weight_name = 'in_proj_weight'
+    MATMUL_QUANTIZERS = ('q_matmul_quantizer', 'k_matmul_quantizer',
+                         'softmax_quantizer', 'v_matmul_quantizer')
 
     @classmethod
     def unsupported_reason(cls, module):
@@ -192,6 +195,18 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
         for name in ('key_act_quantizer', 'value_act_quantizer'):
             setattr(self, name, None if act_quantizer is None else
                     build_in_scope(dict(act_quantizer, bits=self.bits)))
+
+    def quantize_matmuls(self, act_quantizer: Optional[dict]):
+        """Quantize the inputs of q k^T and softmax(.) v at the layer's bit
+        too, each with its own per-bit scale (no-op without act
+        quantizers)."""
+        with torch.device(self.float_weight.device):
+            for name in self.MATMUL_QUANTIZERS:
+                setattr(self, name, None if act_quantizer is None else
+                        build_in_scope(dict(act_quantizer, bits=self.bits)))
+
+    def _matmul_quantizer(self, name):
+        return getattr(self, name, None)
 
     def _quantize(self, quantizer, x):
         return x if quantizer is None else quantizer(x, self.bit)
@@ -258,14 +273,18 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
                 -1, heads, -1, -1).reshape(batch * heads, 1, source)
             mask = padding if mask is None else mask + padding
         dropout = self.dropout if self.training else 0.0
-        if need_weights:
-            q = q * math.sqrt(1.0 / head_dim)
+        quantize = [self._matmul_quantizer(n) for n in self.MATMUL_QUANTIZERS]
+        if need_weights or any(quantize):
+            q_quantizer, k_quantizer, softmax_quantizer, v_quantizer = quantize
+            q = self._quantize(q_quantizer, q * math.sqrt(1.0 / head_dim))
+            k = self._quantize(k_quantizer, k)
             scores = torch.bmm(q, k.transpose(1, 2)) if mask is None else \
                 torch.baddbmm(mask, q, k.transpose(1, 2))
             weights = F.softmax(scores, dim=-1)
             if dropout > 0:
                 weights = F.dropout(weights, p=dropout)
-            out = torch.bmm(weights, v)
+            out = torch.bmm(self._quantize(softmax_quantizer, weights),
+                            self._quantize(v_quantizer, v))
             weights = weights.view(batch, heads, length, source)
         else:
             out = F.scaled_dot_product_attention(q, k, v, mask, dropout)

@@ -329,19 +329,32 @@ def attention_ref(layer, bit, query, key, value):
         projected.append(y.reshape(y.shape[0], batch, heads, dim)
                          .permute(1, 2, 0, 3))
     q, k, v = projected
-    weights = torch.softmax(q @ k.transpose(-1, -2) / dim**0.5, dim=-1)
-    out = (weights @ v).permute(2, 0, 1, 3).reshape(length, batch, embed)
+    q = q / dim**0.5
+    matmul = getattr(layer, 'softmax_quantizer', None) is not None
+    if matmul:  # each product's inputs quantized with their own scales
+        q, k, v = (act_ref(t, getattr(layer, name), bit) for t, name in zip(
+            (q, k, v), ('q_matmul_quantizer', 'k_matmul_quantizer',
+                        'v_matmul_quantizer')))
+    weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+    probs = act_ref(weights, layer.softmax_quantizer, bit) if matmul \
+        else weights
+    out = (probs @ v).permute(2, 0, 1, 3).reshape(length, batch, embed)
     out = act_ref(out, out_proj.act_quantizer, bit) @ w_out.T + out_proj.bias
     return out, weights.mean(dim=1)
 
 
-def test_attention_matches_float64_reference():
+@pytest.mark.parametrize('matmuls', [False, True])
+def test_attention_matches_float64_reference(matmuls):
     """Self- and cross-attention at every bit, ties included; the packed
-    in_proj rows get their own scales, out_proj is a QLinear of its own."""
-    gen = make_gen('attention')
+    in_proj rows get their own scales, out_proj is a QLinear of its own;
+    with ``attention_matmuls`` the products' inputs are quantized too."""
+    gen = make_gen('attention', matmuls)
     torch.manual_seed(1)
-    wrapper = convert(nn.MultiheadAttention(8, 2).double())
+    wrapper = nn.Sequential(nn.MultiheadAttention(8, 2).double())
+    quantize_model(wrapper, bits=BITS, skip_first_last=False,
+                   attention_matmuls=matmuls)
     layer = wrapper[0]
+    assert len(layer.quantizers()) == (8 if matmuls else 4)
     assert isinstance(layer, nn.MultiheadAttention)
     assert isinstance(layer.out_proj, QLinear)
     assert set(quantized_layers(wrapper)) == {'0', '0.out_proj'}
