@@ -547,3 +547,37 @@ def test_quantized_class_pickles_and_copies():
     assert type(copied.up) is type(model.up)
     torch.testing.assert_close(copied.up(copied.stem(x)), out)
     assert pickle.loads(pickle.dumps(type(model.up))) is type(model.up)
+
+
+def test_mmcv_multihead_attention_wrapper():
+    """mmcv's MultiheadAttention (DETR-style heads) calls the converted
+    nn.MultiheadAttention with keyword arguments, batch first, a padding
+    mask and positions: its output is the float wrapper's on the Double
+    Rounded weights (no input quantizers here)."""
+    from mmcv.cnn.bricks.transformer import MultiheadAttention
+    gen = make_gen('mmcv-attention')
+    torch.manual_seed(2)
+    float_module = MultiheadAttention(8, 2, batch_first=True).double().eval()
+    wrapper = nn.Sequential(copy.deepcopy(float_module))
+    quantize_model(wrapper, bits=BITS, skip_first_last=False,
+                   act_quantizer=None)
+    assert set(quantized_layers(wrapper)) == {'0.attn', '0.attn.out_proj'}
+    attn = wrapper[0].attn
+    query, key = rand(gen, 2, 5, 8), rand(gen, 2, 6, 8)
+    call = dict(query=query, key=key, value=key, query_pos=rand(gen, 2, 5, 8),
+                key_padding_mask=torch.rand(2, 6, generator=gen) < 0.3)
+    wrapper.eval()
+    for bit in (8, 2):
+        set_bits(wrapper, bit)
+        with recording_calls(wrapper) as called, torch.no_grad():
+            out = wrapper[0](**call)
+        assert called == {'0.attn', '0.attn.out_proj'}
+        w_in, _ = ref_weight(attn.in_proj_weight,
+                             attn.weight_quantizer.scale[0], 8, bit)
+        w_out, _ = ref_weight(attn.out_proj.weight,
+                              attn.out_proj.weight_quantizer.scale[0], 8, bit)
+        with torch.no_grad():
+            ref = functional_call(float_module, {
+                'attn.in_proj_weight': w_in, 'attn.out_proj.weight': w_out},
+                (), call)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
