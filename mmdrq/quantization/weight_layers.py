@@ -67,18 +67,18 @@ class TransposedConvLayer(SwappedWeightLayer):
     per-output-channel scales need output channels first, per group."""
 
     def to_channel_major(self, weight):
-        groups, (c_in, out_per_group), kernel = \
-            self.groups, weight.shape[:2], weight.shape[2:]
-        return weight.reshape(groups, c_in // groups, out_per_group, *kernel) \
-            .transpose(1, 2).reshape(groups * out_per_group,
-                                     c_in // groups, *kernel)
+        return _swap_group_axes(weight, self.groups)
 
     def from_channel_major(self, weight):
-        groups, (c_out, in_per_group), kernel = \
-            self.groups, weight.shape[:2], weight.shape[2:]
-        return weight.reshape(groups, c_out // groups, in_per_group, *kernel) \
-            .transpose(1, 2).reshape(groups * in_per_group,
-                                     c_out // groups, *kernel)
+        return _swap_group_axes(weight, self.groups)
+
+
+def _swap_group_axes(weight, groups):
+    """``(a, b, *k)`` -> ``(groups * b, a / groups, *k)``: dims 0 and 1
+    swapped within each group; its own inverse between the two layouts."""
+    (rows, cols), kernel = weight.shape[:2], weight.shape[2:]
+    return weight.reshape(groups, rows // groups, cols, *kernel) \
+        .transpose(1, 2).reshape(groups * cols, rows // groups, *kernel)
 
 
 class DeformConvPackLayer(SwappedWeightLayer):

@@ -39,14 +39,9 @@ def act_ref(x, quantizer, bit):
                    bit)
 
 
-def transposed_to_channel_major(w, groups):
-    """(in, out/g, *k) -> (out, in/g, *k), group by group."""
-    per_group = w.shape[0] // groups
-    return torch.cat([w[g * per_group:(g + 1) * per_group].transpose(0, 1)
-                      for g in range(groups)])
-
-
-def transposed_from_channel_major(w, groups):
+def transpose_per_group(w, groups):
+    """(in, out/g, *k) -> (out, in/g, *k) and back: dims 0 and 1 swapped
+    group by group."""
     per_group = w.shape[0] // groups
     return torch.cat([w[g * per_group:(g + 1) * per_group].transpose(0, 1)
                       for g in range(groups)])
@@ -75,8 +70,7 @@ def rand(gen, *shape):
 # name: (build float64 module, inputs(gen), channel-major of the weight and
 # back, or None for the parameter's own layout)
 IDENTITY = (lambda w, m: w, lambda w, m: w)
-TRANSPOSED = (lambda w, m: transposed_to_channel_major(w, m.groups),
-              lambda w, m: transposed_from_channel_major(w, m.groups))
+TRANSPOSED = (lambda w, m: transpose_per_group(w, m.groups), ) * 2
 CASES = {
     'conv1d': (lambda: nn.Conv1d(4, 6, 3, padding=1, groups=2),
                lambda g: (rand(g, 2, 4, 7), )),
