@@ -8,7 +8,10 @@ every reference to it (shared heads) is converted at once, its state-dict
 keys stay, and ``isinstance`` checks in the owner's code still hold.
 """
 import contextlib
+import functools
+import inspect
 import math
+import re
 from typing import Dict, Optional
 
 import torch
@@ -43,18 +46,6 @@ class SwappedWeightLayer(QuantLayer):
     def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
         """Why ``module`` cannot take this form (None: it can)."""
         return None
-
-    @contextlib.contextmanager
-    def quantized_parameter(self):
-        """Within the block, the weight attribute is the fake-quantized
-        weight of the current bit."""
-        quantized = self.quantized_weight()
-        param = self._parameters[self.weight_name]
-        self._parameters[self.weight_name] = quantized
-        try:
-            yield quantized
-        finally:
-            self._parameters[self.weight_name] = param
 
     def forward(self, x, *args, **kwargs):
         x = self.quantize_input(x)
@@ -293,6 +284,59 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
         out = out.view(batch, heads, length, head_dim).permute(0, 2, 1, 3) \
             .reshape(batch, length, embed)
         return self.out_proj(out).transpose(0, 1), weights
+
+
+class WeightReadingOwner:
+    """An owner whose code reads quantized children's weights directly
+    (BEiT's ``F.linear(x, self.qkv.weight)``): during its forward those
+    weights are their fake-quantized tensors. What it feeds them is not
+    known here, so their inputs stay FP. ``mmdrq_weight_reads`` names the
+    children."""
+    mmdrq_weight_reads: tuple = ()
+
+    @classmethod
+    def from_owner(cls, owner: nn.Module, children) -> nn.Module:
+        owner.__class__ = quantized_class(cls, type(owner))
+        owner.mmdrq_weight_reads = tuple(children)
+        return owner
+
+    def forward(self, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for child in self.mmdrq_weight_reads:
+                stack.enter_context(self._modules[child].quantized_parameter())
+            return super().forward(*args, **kwargs)
+
+
+_WEIGHT_READ = re.compile(r'self\.(\w+)\.weight\b')
+
+
+def weight_reads(owner: nn.Module) -> list:
+    """Children of ``owner`` that its class's methods (or a base's, short
+    of torch's, MMEngine's and mmdrq's) read as ``self.<child>.weight``;
+    ``init*`` methods are left out (they run outside a forward)."""
+    found = []
+    for cls in type(owner).__mro__:
+        for name in _class_weight_reads(cls):
+            if name in owner._modules and name not in found:
+                found.append(name)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _class_weight_reads(cls: type) -> tuple:
+    if cls.__module__.split('.')[0] in ('torch', 'mmengine', 'mmdrq',
+                                        'builtins'):
+        return ()
+    names = []
+    for attr, function in vars(cls).items():
+        if 'init' in attr or not inspect.isfunction(function):
+            continue
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):  # no source to read
+            continue
+        names += _WEIGHT_READ.findall(source)
+    return tuple(dict.fromkeys(names))
 
 
 def _additive_mask(mask, dtype):

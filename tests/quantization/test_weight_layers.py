@@ -575,3 +575,37 @@ def test_mmcv_multihead_attention_wrapper():
                 'attn.in_proj_weight': w_in, 'attn.out_proj.weight': w_out},
                 (), call)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_owner_reading_a_weight_gets_the_quantized_one():
+    """BEiT's attention reads ``qkv.weight`` with F.linear: in its forward
+    that weight is the quantized one, and the layer counts as used."""
+    from mmpretrain.models.utils.attention import BEiTAttention
+    gen = make_gen('beit')
+    torch.manual_seed(3)
+    float_module = BEiTAttention(8, 2, window_size=None,
+                                 use_rel_pos_bias=False,
+                                 bias='qv_bias').double().eval()
+    with torch.no_grad():
+        float_module.q_bias.normal_(), float_module.v_bias.normal_()
+    wrapper = nn.Sequential(copy.deepcopy(float_module))
+    quantize_model(wrapper, bits=BITS, skip_first_last=False,
+                   act_quantizer=None)
+    rows = dict((r[0], r[2]) for r in wrapper.mmdrq_report)
+    assert rows['0'] == 'reads qkv.weight directly: quantized weight, FP input'
+    owner = wrapper[0].eval()
+    x = rand(gen, 2, 5, 8)
+    for bit in BITS:
+        set_bits(wrapper, bit)
+        with recording_calls(wrapper) as called, torch.no_grad():
+            out = owner(x)
+        assert called == {'0.qkv', '0.proj'}
+        w_qkv, _ = ref_weight(owner.qkv.weight,
+                              owner.qkv.weight_quantizer.scale[0], 8, bit)
+        w_proj, _ = ref_weight(owner.proj.weight,
+                               owner.proj.weight_quantizer.scale[0], 8, bit)
+        with torch.no_grad():
+            ref = functional_call(float_module, {
+                'qkv.weight': w_qkv, 'proj.weight': w_proj}, (x, ))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert isinstance(owner.qkv.weight, nn.Parameter)  # restored after
