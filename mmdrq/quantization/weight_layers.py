@@ -36,10 +36,21 @@ class SwappedWeightLayer(QuantLayer):
     @classmethod
     def from_float(cls, module: nn.Module, bits, weight_quantizer: dict,
                    act_quantizer: Optional[dict]):
-        """Convert ``module`` in place (no copy) and return it."""
-        module.__class__ = quantized_class(cls, type(module))
-        with torch.device(module._parameters[cls.weight_name].device):
-            module._setup(bits, weight_quantizer, act_quantizer)
+        """Convert ``module`` in place (no copy) and return it; if the
+        quantizers cannot be built, ``module`` keeps its float class."""
+        float_type, attributes = type(module), set(vars(module))
+        children = dict(module._modules)
+        module.__class__ = quantized_class(cls, float_type)
+        try:
+            with torch.device(module._parameters[cls.weight_name].device):
+                module._setup(bits, weight_quantizer, act_quantizer)
+        except BaseException:
+            module.__class__ = float_type
+            for name in set(vars(module)) - attributes:
+                delattr(module, name)
+            module._modules.clear()
+            module._modules.update(children)
+            raise
         return module
 
     @classmethod

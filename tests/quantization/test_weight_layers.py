@@ -609,3 +609,14 @@ def test_owner_reading_a_weight_gets_the_quantized_one():
                 'qkv.weight': w_qkv, 'proj.weight': w_proj}, (x, ))
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert isinstance(owner.qkv.weight, nn.Parameter)  # restored after
+
+
+def test_bad_quantizer_config_leaves_the_layer_float():
+    """A quantizer that cannot be built fails the conversion naming it, and
+    a layer converted in place keeps its float class."""
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 2), nn.Conv2d(4, 2, 1))
+    with pytest.raises(KeyError, match='NoSuchQuantizer'):
+        quantize_model(model, skip_first_last=False,
+                       act_quantizer=dict(type='NoSuchQuantizer'))
+    assert type(model[0]) is nn.ConvTranspose2d
+    assert not hasattr(model[0], 'weight_quantizer')
