@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import re
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -377,8 +378,10 @@ def quantized_class(form: type, float_type: type) -> type:
 
 def weight_layer_forms() -> Dict[type, type]:
     """Float layer type -> the form that quantizes it in place, for the
-    types whose forward is known: torch's, and mmcv's and mmdet's where
-    installed. Exact types only: a subclass may use its weight otherwise."""
+    types whose forward is known: torch's, mmcv's, and mmcv's ops and
+    mmdet's layers once imported (a model holding them has imported them;
+    importing them here would cost every other model seconds). Exact types
+    only: a subclass may use its weight otherwise."""
     swapped = (nn.Conv1d, nn.Conv3d)
     transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     forms = {t: SwappedWeightLayer for t in swapped}
@@ -388,26 +391,26 @@ def weight_layer_forms() -> Dict[type, type]:
         from mmcv.cnn.bricks import ConvAWS2d, ConvWS2d, wrappers
         from mmcv.cnn.bricks.conv2d_adaptive_padding import \
             Conv2dAdaptivePadding
+    except ImportError:  # mmcv is optional for plain torch models
+        return forms
+    forms.update({
+        wrappers.Conv3d: SwappedWeightLayer,
+        wrappers.ConvTranspose2d: TransposedConvLayer,
+        wrappers.ConvTranspose3d: TransposedConvLayer,
+        Conv2dAdaptivePadding: SwappedWeightLayer,
+        ConvWS2d: ConvWSLayer, ConvAWS2d: ConvAWSLayer})
+    if 'mmcv.ops' in sys.modules:
         from mmcv.ops import (DeformConv2d, DeformConv2dPack,
                               ModulatedDeformConv2d,
                               ModulatedDeformConv2dPack)
         forms.update({
-            wrappers.Conv3d: SwappedWeightLayer,
-            wrappers.ConvTranspose2d: TransposedConvLayer,
-            wrappers.ConvTranspose3d: TransposedConvLayer,
-            Conv2dAdaptivePadding: SwappedWeightLayer,
             DeformConv2d: SwappedWeightLayer,
             ModulatedDeformConv2d: SwappedWeightLayer,
             DeformConv2dPack: DeformConvPackLayer,
-            ModulatedDeformConv2dPack: ModulatedDeformConvPackLayer,
-            ConvWS2d: ConvWSLayer, ConvAWS2d: ConvAWSLayer})
-    except ImportError:  # mmcv is optional for plain torch models
-        pass
-    try:
+            ModulatedDeformConv2dPack: ModulatedDeformConvPackLayer})
+    if 'mmdet.models' in sys.modules:
         from mmdet.models.backbones.trident_resnet import TridentConv
         from mmdet.models.layers import NormedConv2d, NormedLinear
         forms.update({TridentConv: SwappedWeightLayer,
                       NormedLinear: NormedLayer, NormedConv2d: NormedLayer})
-    except ImportError:
-        pass
     return forms
