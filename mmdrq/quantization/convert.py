@@ -18,7 +18,8 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from .config import QuantizeConfig, make_config
 from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
 from .switchable_bn import SwitchableBatchNorm
-from .weight_layers import weight_layer_forms
+from .weight_layers import (MultiheadAttentionLayer, WeightReadingOwner,
+                            weight_layer_forms, weight_reads)
 
 # Last name components of prediction layers in OpenMMLab heads (fc,
 # retina_cls, rpn_reg, conv_seg, conv_logits, convs_pred, ...).
@@ -172,13 +173,17 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
     for name, module, reason in decisions:
         float_type = type(module).__name__
         if reason is None:
-            new_of[id(module)] = supported[type(module)].from_float(
+            new = new_of[id(module)] = supported[type(module)].from_float(
                 module, cfg.bits, cfg.weight_quantizer, cfg.act_quantizer)
+            if cfg.attention_matmuls and \
+                    isinstance(new, MultiheadAttentionLayer):
+                new.quantize_matmuls(cfg.act_quantizer)
             status = f'quantized {list(cfg.bits)}'
         else:
             status = f'FP: {reason}'
         rows.append((name, float_type, status))
     _replace_all(model, new_of)
+    rows += _convert_weight_readers(model)
     if cfg.switchable_bn:
         rows += _convert_bn(model, cfg)
     model.mmdrq_config = cfg
@@ -229,6 +234,24 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
         rows.append((name, type(module).__name__,
                      f'switchable BN (follows {source or "global bit"})'))
     _replace_all(model, new_of)
+    return rows
+
+
+def _convert_weight_readers(model: nn.Module) -> list:
+    """Owners whose code reads a quantized child's weight directly
+    (``F.linear(x, self.qkv.weight)``) read its quantized weight in their
+    forward (``WeightReadingOwner``); a table row names what they read."""
+    rows = []
+    for name, owner in list(model.named_modules()):
+        if isinstance(owner, (QuantLayer, WeightReadingOwner)):
+            continue
+        reads = [child for child in weight_reads(owner)
+                 if isinstance(owner._modules[child], QuantLayer)]
+        if reads:
+            rows.append((name or '(model)', type(owner).__name__,
+                         f'reads {", ".join(c + ".weight" for c in reads)} '
+                         'directly: quantized weight, FP input'))
+            WeightReadingOwner.from_owner(owner, reads)
     return rows
 
 

@@ -106,6 +106,20 @@ class QuantLayer(BitSwitchable):
         """Inverse of ``to_channel_major``."""
         return weight
 
+    @contextlib.contextmanager
+    def quantized_parameter(self):
+        """Within the block, the weight attribute is the fake-quantized
+        weight of the current bit (what a forward reading ``self.weight``,
+        or an owner reading ``child.weight``, then uses), as
+        ``torch.func.functional_call`` swaps parameters."""
+        quantized = self.quantized_weight()
+        param = self._parameters[self.weight_name]
+        self._parameters[self.weight_name] = quantized
+        try:
+            yield quantized
+        finally:
+            self._parameters[self.weight_name] = param
+
     def quantizers(self) -> list:
         """This layer's own quantizers (not those of quantized children)."""
         from .learned_scale import LearnedScaleQuantizer
@@ -229,6 +243,14 @@ def recording_calls(model: nn.Module):
     handles = [module.register_forward_pre_hook(
         lambda *args, name=name: called.add(name))
         for name, module in quantized_layers(model).items()]
+    # an owner reading a layer's quantized weight directly uses the layer
+    layers = {id(m): n for n, m in quantized_layers(model).items()}
+    for module in model.modules():
+        used = {layers[id(module._modules[child])]
+                for child in getattr(module, 'mmdrq_weight_reads', ())}
+        if used:
+            handles.append(module.register_forward_pre_hook(
+                lambda *args, used=used: called.update(used)))
     try:
         yield called
     finally:

@@ -8,7 +8,11 @@ every reference to it (shared heads) is converted at once, its state-dict
 keys stay, and ``isinstance`` checks in the owner's code still hold.
 """
 import contextlib
+import functools
+import inspect
 import math
+import re
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -33,28 +37,27 @@ class SwappedWeightLayer(QuantLayer):
     @classmethod
     def from_float(cls, module: nn.Module, bits, weight_quantizer: dict,
                    act_quantizer: Optional[dict]):
-        """Convert ``module`` in place (no copy) and return it."""
-        module.__class__ = quantized_class(cls, type(module))
-        with torch.device(module._parameters[cls.weight_name].device):
-            module._setup(bits, weight_quantizer, act_quantizer)
+        """Convert ``module`` in place (no copy) and return it; if the
+        quantizers cannot be built, ``module`` keeps its float class."""
+        float_type, attributes = type(module), set(vars(module))
+        children = dict(module._modules)
+        module.__class__ = quantized_class(cls, float_type)
+        try:
+            with torch.device(module._parameters[cls.weight_name].device):
+                module._setup(bits, weight_quantizer, act_quantizer)
+        except BaseException:
+            module.__class__ = float_type
+            for name in set(vars(module)) - attributes:
+                delattr(module, name)
+            module._modules.clear()
+            module._modules.update(children)
+            raise
         return module
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
         """Why ``module`` cannot take this form (None: it can)."""
         return None
-
-    @contextlib.contextmanager
-    def quantized_parameter(self):
-        """Within the block, the weight attribute is the fake-quantized
-        weight of the current bit."""
-        quantized = self.quantized_weight()
-        param = self._parameters[self.weight_name]
-        self._parameters[self.weight_name] = quantized
-        try:
-            yield quantized
-        finally:
-            self._parameters[self.weight_name] = param
 
     def forward(self, x, *args, **kwargs):
         x = self.quantize_input(x)
@@ -67,18 +70,18 @@ class TransposedConvLayer(SwappedWeightLayer):
     per-output-channel scales need output channels first, per group."""
 
     def to_channel_major(self, weight):
-        groups, (c_in, out_per_group), kernel = \
-            self.groups, weight.shape[:2], weight.shape[2:]
-        return weight.reshape(groups, c_in // groups, out_per_group, *kernel) \
-            .transpose(1, 2).reshape(groups * out_per_group,
-                                     c_in // groups, *kernel)
+        return _swap_group_axes(weight, self.groups)
 
     def from_channel_major(self, weight):
-        groups, (c_out, in_per_group), kernel = \
-            self.groups, weight.shape[:2], weight.shape[2:]
-        return weight.reshape(groups, c_out // groups, in_per_group, *kernel) \
-            .transpose(1, 2).reshape(groups * in_per_group,
-                                     c_out // groups, *kernel)
+        return _swap_group_axes(weight, self.groups)
+
+
+def _swap_group_axes(weight, groups):
+    """``(a, b, *k)`` -> ``(groups * b, a / groups, *k)``: dims 0 and 1
+    swapped within each group; its own inverse between the two layouts."""
+    (rows, cols), kernel = weight.shape[:2], weight.shape[2:]
+    return weight.reshape(groups, rows // groups, cols, *kernel) \
+        .transpose(1, 2).reshape(groups * cols, rows // groups, *kernel)
 
 
 class DeformConvPackLayer(SwappedWeightLayer):
@@ -175,10 +178,13 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
     here on the attention output (``F.multi_head_attention_forward`` reads
     ``out_proj.weight`` and would skip its input quantizer).
 
-    The attention products (q k^T, softmax v) stay FP: the paper quantizes
-    conv and linear layers.
+    The attention products (q k^T, softmax v) stay FP unless
+    ``quantize_matmuls`` (``attention_matmuls=True`` in the config) gives
+    their inputs act quantizers: the paper quantizes conv and linear layers.
     """
     weight_name = 'in_proj_weight'
+    MATMUL_QUANTIZERS = ('q_matmul_quantizer', 'k_matmul_quantizer',
+                         'softmax_quantizer', 'v_matmul_quantizer')
 
     @classmethod
     def unsupported_reason(cls, module):
@@ -192,6 +198,18 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
         for name in ('key_act_quantizer', 'value_act_quantizer'):
             setattr(self, name, None if act_quantizer is None else
                     build_in_scope(dict(act_quantizer, bits=self.bits)))
+
+    def quantize_matmuls(self, act_quantizer: Optional[dict]):
+        """Quantize the inputs of q k^T and softmax(.) v at the layer's bit
+        too, each with its own per-bit scale (no-op without act
+        quantizers)."""
+        with torch.device(self.float_weight.device):
+            for name in self.MATMUL_QUANTIZERS:
+                setattr(self, name, None if act_quantizer is None else
+                        build_in_scope(dict(act_quantizer, bits=self.bits)))
+
+    def _matmul_quantizer(self, name):
+        return getattr(self, name, None)
 
     def _quantize(self, quantizer, x):
         return x if quantizer is None else quantizer(x, self.bit)
@@ -258,14 +276,18 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
                 -1, heads, -1, -1).reshape(batch * heads, 1, source)
             mask = padding if mask is None else mask + padding
         dropout = self.dropout if self.training else 0.0
-        if need_weights:
-            q = q * math.sqrt(1.0 / head_dim)
+        quantize = [self._matmul_quantizer(n) for n in self.MATMUL_QUANTIZERS]
+        if need_weights or any(quantize):
+            q_quantizer, k_quantizer, softmax_quantizer, v_quantizer = quantize
+            q = self._quantize(q_quantizer, q * math.sqrt(1.0 / head_dim))
+            k = self._quantize(k_quantizer, k)
             scores = torch.bmm(q, k.transpose(1, 2)) if mask is None else \
                 torch.baddbmm(mask, q, k.transpose(1, 2))
             weights = F.softmax(scores, dim=-1)
             if dropout > 0:
                 weights = F.dropout(weights, p=dropout)
-            out = torch.bmm(weights, v)
+            out = torch.bmm(self._quantize(softmax_quantizer, weights),
+                            self._quantize(v_quantizer, v))
             weights = weights.view(batch, heads, length, source)
         else:
             out = F.scaled_dot_product_attention(q, k, v, mask, dropout)
@@ -274,6 +296,59 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
         out = out.view(batch, heads, length, head_dim).permute(0, 2, 1, 3) \
             .reshape(batch, length, embed)
         return self.out_proj(out).transpose(0, 1), weights
+
+
+class WeightReadingOwner:
+    """An owner whose code reads quantized children's weights directly
+    (BEiT's ``F.linear(x, self.qkv.weight)``): during its forward those
+    weights are their fake-quantized tensors. What it feeds them is not
+    known here, so their inputs stay FP. ``mmdrq_weight_reads`` names the
+    children."""
+    mmdrq_weight_reads: tuple = ()
+
+    @classmethod
+    def from_owner(cls, owner: nn.Module, children) -> nn.Module:
+        owner.__class__ = quantized_class(cls, type(owner))
+        owner.mmdrq_weight_reads = tuple(children)
+        return owner
+
+    def forward(self, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for child in self.mmdrq_weight_reads:
+                stack.enter_context(self._modules[child].quantized_parameter())
+            return super().forward(*args, **kwargs)
+
+
+_WEIGHT_READ = re.compile(r'self\.(\w+)\.weight\b')
+
+
+def weight_reads(owner: nn.Module) -> list:
+    """Children of ``owner`` that its class's methods (or a base's, short
+    of torch's, MMEngine's and mmdrq's) read as ``self.<child>.weight``;
+    ``init*`` methods are left out (they run outside a forward)."""
+    found = []
+    for cls in type(owner).__mro__:
+        for name in _class_weight_reads(cls):
+            if name in owner._modules and name not in found:
+                found.append(name)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _class_weight_reads(cls: type) -> tuple:
+    if cls.__module__.split('.')[0] in ('torch', 'mmengine', 'mmdrq',
+                                        'builtins'):
+        return ()
+    names = []
+    for attr, function in vars(cls).items():
+        if 'init' in attr or not inspect.isfunction(function):
+            continue
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):  # no source to read
+            continue
+        names += _WEIGHT_READ.findall(source)
+    return tuple(dict.fromkeys(names))
 
 
 def _additive_mask(mask, dtype):
@@ -303,8 +378,10 @@ def quantized_class(form: type, float_type: type) -> type:
 
 def weight_layer_forms() -> Dict[type, type]:
     """Float layer type -> the form that quantizes it in place, for the
-    types whose forward is known: torch's, and mmcv's and mmdet's where
-    installed. Exact types only: a subclass may use its weight otherwise."""
+    types whose forward is known: torch's, mmcv's, and mmcv's ops and
+    mmdet's layers once imported (a model holding them has imported them;
+    importing them here would cost every other model seconds). Exact types
+    only: a subclass may use its weight otherwise."""
     swapped = (nn.Conv1d, nn.Conv3d)
     transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     forms = {t: SwappedWeightLayer for t in swapped}
@@ -314,26 +391,26 @@ def weight_layer_forms() -> Dict[type, type]:
         from mmcv.cnn.bricks import ConvAWS2d, ConvWS2d, wrappers
         from mmcv.cnn.bricks.conv2d_adaptive_padding import \
             Conv2dAdaptivePadding
+    except ImportError:  # mmcv is optional for plain torch models
+        return forms
+    forms.update({
+        wrappers.Conv3d: SwappedWeightLayer,
+        wrappers.ConvTranspose2d: TransposedConvLayer,
+        wrappers.ConvTranspose3d: TransposedConvLayer,
+        Conv2dAdaptivePadding: SwappedWeightLayer,
+        ConvWS2d: ConvWSLayer, ConvAWS2d: ConvAWSLayer})
+    if 'mmcv.ops' in sys.modules:
         from mmcv.ops import (DeformConv2d, DeformConv2dPack,
                               ModulatedDeformConv2d,
                               ModulatedDeformConv2dPack)
         forms.update({
-            wrappers.Conv3d: SwappedWeightLayer,
-            wrappers.ConvTranspose2d: TransposedConvLayer,
-            wrappers.ConvTranspose3d: TransposedConvLayer,
-            Conv2dAdaptivePadding: SwappedWeightLayer,
             DeformConv2d: SwappedWeightLayer,
             ModulatedDeformConv2d: SwappedWeightLayer,
             DeformConv2dPack: DeformConvPackLayer,
-            ModulatedDeformConv2dPack: ModulatedDeformConvPackLayer,
-            ConvWS2d: ConvWSLayer, ConvAWS2d: ConvAWSLayer})
-    except ImportError:  # mmcv is optional for plain torch models
-        pass
-    try:
+            ModulatedDeformConv2dPack: ModulatedDeformConvPackLayer})
+    if 'mmdet.models' in sys.modules:
         from mmdet.models.backbones.trident_resnet import TridentConv
         from mmdet.models.layers import NormedConv2d, NormedLinear
         forms.update({TridentConv: SwappedWeightLayer,
                       NormedLinear: NormedLayer, NormedConv2d: NormedLayer})
-    except ImportError:
-        pass
     return forms

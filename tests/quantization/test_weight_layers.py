@@ -39,14 +39,9 @@ def act_ref(x, quantizer, bit):
                    bit)
 
 
-def transposed_to_channel_major(w, groups):
-    """(in, out/g, *k) -> (out, in/g, *k), group by group."""
-    per_group = w.shape[0] // groups
-    return torch.cat([w[g * per_group:(g + 1) * per_group].transpose(0, 1)
-                      for g in range(groups)])
-
-
-def transposed_from_channel_major(w, groups):
+def transpose_per_group(w, groups):
+    """(in, out/g, *k) -> (out, in/g, *k) and back: dims 0 and 1 swapped
+    group by group."""
     per_group = w.shape[0] // groups
     return torch.cat([w[g * per_group:(g + 1) * per_group].transpose(0, 1)
                       for g in range(groups)])
@@ -75,8 +70,7 @@ def rand(gen, *shape):
 # name: (build float64 module, inputs(gen), channel-major of the weight and
 # back, or None for the parameter's own layout)
 IDENTITY = (lambda w, m: w, lambda w, m: w)
-TRANSPOSED = (lambda w, m: transposed_to_channel_major(w, m.groups),
-              lambda w, m: transposed_from_channel_major(w, m.groups))
+TRANSPOSED = (lambda w, m: transpose_per_group(w, m.groups), ) * 2
 CASES = {
     'conv1d': (lambda: nn.Conv1d(4, 6, 3, padding=1, groups=2),
                lambda g: (rand(g, 2, 4, 7), )),
@@ -329,19 +323,32 @@ def attention_ref(layer, bit, query, key, value):
         projected.append(y.reshape(y.shape[0], batch, heads, dim)
                          .permute(1, 2, 0, 3))
     q, k, v = projected
-    weights = torch.softmax(q @ k.transpose(-1, -2) / dim**0.5, dim=-1)
-    out = (weights @ v).permute(2, 0, 1, 3).reshape(length, batch, embed)
+    q = q / dim**0.5
+    matmul = getattr(layer, 'softmax_quantizer', None) is not None
+    if matmul:  # each product's inputs quantized with their own scales
+        q, k, v = (act_ref(t, getattr(layer, name), bit) for t, name in zip(
+            (q, k, v), ('q_matmul_quantizer', 'k_matmul_quantizer',
+                        'v_matmul_quantizer')))
+    weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+    probs = act_ref(weights, layer.softmax_quantizer, bit) if matmul \
+        else weights
+    out = (probs @ v).permute(2, 0, 1, 3).reshape(length, batch, embed)
     out = act_ref(out, out_proj.act_quantizer, bit) @ w_out.T + out_proj.bias
     return out, weights.mean(dim=1)
 
 
-def test_attention_matches_float64_reference():
+@pytest.mark.parametrize('matmuls', [False, True])
+def test_attention_matches_float64_reference(matmuls):
     """Self- and cross-attention at every bit, ties included; the packed
-    in_proj rows get their own scales, out_proj is a QLinear of its own."""
-    gen = make_gen('attention')
+    in_proj rows get their own scales, out_proj is a QLinear of its own;
+    with ``attention_matmuls`` the products' inputs are quantized too."""
+    gen = make_gen('attention', matmuls)
     torch.manual_seed(1)
-    wrapper = convert(nn.MultiheadAttention(8, 2).double())
+    wrapper = nn.Sequential(nn.MultiheadAttention(8, 2).double())
+    quantize_model(wrapper, bits=BITS, skip_first_last=False,
+                   attention_matmuls=matmuls)
     layer = wrapper[0]
+    assert len(layer.quantizers()) == (8 if matmuls else 4)
     assert isinstance(layer, nn.MultiheadAttention)
     assert isinstance(layer.out_proj, QLinear)
     assert set(quantized_layers(wrapper)) == {'0', '0.out_proj'}
@@ -534,3 +541,82 @@ def test_quantized_class_pickles_and_copies():
     assert type(copied.up) is type(model.up)
     torch.testing.assert_close(copied.up(copied.stem(x)), out)
     assert pickle.loads(pickle.dumps(type(model.up))) is type(model.up)
+
+
+def test_mmcv_multihead_attention_wrapper():
+    """mmcv's MultiheadAttention (DETR-style heads) calls the converted
+    nn.MultiheadAttention with keyword arguments, batch first, a padding
+    mask and positions: its output is the float wrapper's on the Double
+    Rounded weights (no input quantizers here)."""
+    from mmcv.cnn.bricks.transformer import MultiheadAttention
+    gen = make_gen('mmcv-attention')
+    torch.manual_seed(2)
+    float_module = MultiheadAttention(8, 2, batch_first=True).double().eval()
+    wrapper = nn.Sequential(copy.deepcopy(float_module))
+    quantize_model(wrapper, bits=BITS, skip_first_last=False,
+                   act_quantizer=None)
+    assert set(quantized_layers(wrapper)) == {'0.attn', '0.attn.out_proj'}
+    attn = wrapper[0].attn
+    query, key = rand(gen, 2, 5, 8), rand(gen, 2, 6, 8)
+    call = dict(query=query, key=key, value=key, query_pos=rand(gen, 2, 5, 8),
+                key_padding_mask=torch.rand(2, 6, generator=gen) < 0.3)
+    wrapper.eval()
+    for bit in (8, 2):
+        set_bits(wrapper, bit)
+        with recording_calls(wrapper) as called, torch.no_grad():
+            out = wrapper[0](**call)
+        assert called == {'0.attn', '0.attn.out_proj'}
+        w_in, _ = ref_weight(attn.in_proj_weight,
+                             attn.weight_quantizer.scale[0], 8, bit)
+        w_out, _ = ref_weight(attn.out_proj.weight,
+                              attn.out_proj.weight_quantizer.scale[0], 8, bit)
+        with torch.no_grad():
+            ref = functional_call(float_module, {
+                'attn.in_proj_weight': w_in, 'attn.out_proj.weight': w_out},
+                (), call)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_owner_reading_a_weight_gets_the_quantized_one():
+    """BEiT's attention reads ``qkv.weight`` with F.linear: in its forward
+    that weight is the quantized one, and the layer counts as used."""
+    from mmpretrain.models.utils.attention import BEiTAttention
+    gen = make_gen('beit')
+    torch.manual_seed(3)
+    float_module = BEiTAttention(8, 2, window_size=None,
+                                 use_rel_pos_bias=False,
+                                 bias='qv_bias').double().eval()
+    with torch.no_grad():
+        float_module.q_bias.normal_(), float_module.v_bias.normal_()
+    wrapper = nn.Sequential(copy.deepcopy(float_module))
+    quantize_model(wrapper, bits=BITS, skip_first_last=False,
+                   act_quantizer=None)
+    rows = dict((r[0], r[2]) for r in wrapper.mmdrq_report)
+    assert rows['0'] == 'reads qkv.weight directly: quantized weight, FP input'
+    owner = wrapper[0].eval()
+    x = rand(gen, 2, 5, 8)
+    for bit in BITS:
+        set_bits(wrapper, bit)
+        with recording_calls(wrapper) as called, torch.no_grad():
+            out = owner(x)
+        assert called == {'0.qkv', '0.proj'}
+        w_qkv, _ = ref_weight(owner.qkv.weight,
+                              owner.qkv.weight_quantizer.scale[0], 8, bit)
+        w_proj, _ = ref_weight(owner.proj.weight,
+                               owner.proj.weight_quantizer.scale[0], 8, bit)
+        with torch.no_grad():
+            ref = functional_call(float_module, {
+                'qkv.weight': w_qkv, 'proj.weight': w_proj}, (x, ))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert isinstance(owner.qkv.weight, nn.Parameter)  # restored after
+
+
+def test_bad_quantizer_config_leaves_the_layer_float():
+    """A quantizer that cannot be built fails the conversion naming it, and
+    a layer converted in place keeps its float class."""
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 2), nn.Conv2d(4, 2, 1))
+    with pytest.raises(KeyError, match='NoSuchQuantizer'):
+        quantize_model(model, skip_first_last=False,
+                       act_quantizer=dict(type='NoSuchQuantizer'))
+    assert type(model[0]) is nn.ConvTranspose2d
+    assert not hasattr(model[0], 'weight_quantizer')
