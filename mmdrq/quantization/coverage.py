@@ -66,11 +66,13 @@ KEPT_REASONS = ('first layer (skip_first_last)',
 class WeightUse(NamedTuple):
     """What a forward did with one weight: ``use`` is ``quantized``,
     ``fp``, ``mixed`` (quantized in one place, FP in another: counts as
-    FP) or ``unused``."""
+    FP) or ``unused``; ``converted``: whether the layer is a quantized
+    one."""
     layer: str
     layer_type: str
     numel: int
     use: str
+    converted: bool
 
 
 def tracked_weights(model: nn.Module) -> Dict[str, tuple]:
@@ -197,11 +199,11 @@ class WeightUses:
         if weight.use == 'mixed':
             return 'read quantized in one place and FP in another ' \
                 '(a module shared between places, converted once)'
-        if status is None:
-            return f'not converted ({weight.layer_type})'
-        if status.startswith('FP: '):
+        if status is not None and status.startswith('FP: '):
             return status[4:]
-        return 'converted, but the forward reads the weight directly'
+        if weight.converted:
+            return 'converted, but the forward reads the weight directly'
+        return f'not converted ({weight.layer_type})'
 
     def unused(self) -> List[str]:
         return [n for n, w in self.weights.items() if w.use == 'unused']
@@ -263,5 +265,6 @@ def tracing_weight_uses(model: nn.Module):
         kinds = uses[name]
         use = 'mixed' if len(kinds) == 2 else kinds.pop() if kinds \
             else 'unused'
-        result.weights[name] = WeightUse(layer, type(module).__name__,
-                                         param.numel(), use)
+        result.weights[name] = WeightUse(
+            layer, type(module).__name__, param.numel(), use,
+            isinstance(module, QuantLayer))

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mmdrq import DoubleRoundingQuantizer, QConv2d, quantize_model
+from mmdrq import (DoubleRoundingQuantizer, QConv2d, QLinear,
+                   quantize_model)
 from mmdrq.quantization.coverage import tracing_weight_uses
 
 BITS = (8, 4)
@@ -62,21 +63,25 @@ class _Attention(nn.Module):
 
 
 def test_packed_attention_and_direct_reads():
-    model = _Attention()
     x = torch.randn(5, 2, 4)
+    model = _Attention()
     uses = _uses(model, x)
     assert set(_by_use(uses).values()) == {'fp'}
     assert uses.fp_layers()['attn.in_proj_weight'] == \
         'not converted (MultiheadAttention)'
 
-    quantize_model(model, bits=BITS)
-    uses = _uses(model, x)
+    # a quantized layer whose owner reads its FP weight directly
+    model.qkv = QLinear.from_float(model.qkv, BITS)
+    assert _uses(model, x).fp_layers()['qkv.weight'] == \
+        'converted, but the forward reads the weight directly'
+
+    # quantize_model: the packed projections and the direct read quantized
+    uses = _uses(quantize_model(_Attention(), bits=BITS), x)
     assert _by_use(uses) == {
         'stem.weight': 'fp', 'attn.in_proj_weight': 'quantized',
-        'attn.out_proj.weight': 'quantized', 'qkv.weight': 'fp',
+        'attn.out_proj.weight': 'quantized', 'qkv.weight': 'quantized',
         'head.weight': 'fp'}
-    assert uses.fp_layers() == {
-        'qkv.weight': 'converted, but the forward reads the weight directly'}
+    assert uses.fp_layers() == {}
     assert set(uses.fp_layers(kept=True)) == {'stem.weight', 'head.weight'}
 
 
