@@ -8,7 +8,7 @@ share the defaults keep FP (first and prediction layers), and every other
 weight it uses FP, grouped by reason.
 
     python benchmarks/conversion_survey.py [--packages mmpretrain mmdet mmseg]
-        [--families dcnv2 segformer ...] [--limit N]
+        [--families dcnv2 segformer ...] [--limit N] [--forward-timeout S]
         [--out benchmarks/results/conversion_survey.md]
 
 A family whose model cannot be built offline (missing optional dependency,
@@ -22,6 +22,7 @@ import importlib
 import os
 import os.path as osp
 import re
+import signal
 import tempfile
 import traceback
 
@@ -62,7 +63,7 @@ def strip_pretrained(cfg):
             strip_pretrained(item)
 
 
-def survey_one(package, path):
+def survey_one(package, path, timeout):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     cfg = Config.fromfile(path)
@@ -80,7 +81,7 @@ def survey_one(package, path):
             if 'first layer' in reason or 'prediction' in reason:
                 continue
             reasons[reason] += 1
-    return quantized, reasons, forward_coverage(model, package)
+    return quantized, reasons, forward_coverage(model, package, timeout)
 
 
 def _predict_inputs(package):
@@ -102,19 +103,31 @@ def _predict_inputs(package):
     return inputs, [Sample(metainfo=meta)]
 
 
-def forward_coverage(model, package):
-    """The traced weight uses of one predict forward (None with the error's
-    name when the forward does not run on a bare random image)."""
+def _out_of_time(signum, frame):
+    raise TimeoutError
+
+
+def forward_coverage(model, package, timeout):
+    """The traced weight uses of one predict forward (or why there are none:
+    the forward does not run on a bare random image, or takes more than
+    ``timeout`` seconds: mmseg's SAN ran over 10 minutes)."""
     inputs, samples = _predict_inputs(package)
     model.eval()
+    handler = signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(timeout)
     try:
         with torch.no_grad(), tracing_weight_uses(model) as uses:
             if samples is None:
                 model(inputs, mode='tensor')
             else:
                 model(inputs, samples, mode='predict')
+    except TimeoutError:
+        return f'forward not run (over {timeout} s)'
     except Exception as e:  # a survey: say the forward did not run
         return f'forward not run ({type(e).__name__})'
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, handler)
     return uses
 
 
@@ -147,6 +160,8 @@ def main():
     parser.add_argument('--families', nargs='+',
                         help='only these family directories')
     parser.add_argument('--limit', type=int, default=0)
+    parser.add_argument('--forward-timeout', type=int, default=300,
+                        help='seconds for the traced forward of one family')
     parser.add_argument('--out', default=osp.join(
         osp.dirname(osp.abspath(__file__)), 'results',
         'conversion_survey.md'))
@@ -164,7 +179,8 @@ def main():
                 break
             name = osp.basename(path)
             try:
-                quantized, reasons, uses = survey_one(package, path)
+                quantized, reasons, uses = survey_one(package, path,
+                                                      args.forward_timeout)
                 fp = ', '.join(f'{n} x {r}' for r, n in reasons.items()) \
                     or 'none: converts fully'
                 row = ' | '.join([f'| {package}', family, name,
