@@ -164,14 +164,20 @@ def test_transitional_pairs_for_gn():
     assert (model.ln.prev_bit, model.ln.bit) == (2, 4)
 
 
-def test_checkpoint_and_integer_export_round_trip(tmp_path):
+def trained():
+    """A converted model with every bit's scales initialised, in eval mode,
+    and its input."""
     model = converted()
     x = torch.randn(2, 3, 5, 5)
     model.train()
-    for bit in BITS:  # initialise every scale
+    for bit in BITS:
         set_bits(model, bit)
         model(x)
-    model.eval()
+    return model.eval(), x
+
+
+def test_checkpoint_and_integer_export_round_trip(tmp_path):
+    model, x = trained()
     expected = {}
     with torch.no_grad():
         for bit in BITS:
@@ -200,13 +206,7 @@ def test_onnx_export_uses_each_bits_norm():
     knew switchable GN/LN, every bit ran the highest bit's)."""
     pytest.importorskip('onnxruntime')
     from mmdrq.deploy import OnnxExporter, make_session
-    model = converted()
-    x = torch.randn(2, 3, 5, 5)
-    model.train()
-    for bit in BITS:  # initialise every scale
-        set_bits(model, bit)
-        model(x)
-    model.eval()
+    model, x = trained()
     exporter = OnnxExporter(model, (2, 3, 5, 5),
                             forward=lambda module, inputs: module(inputs))
     for bit in BITS:
