@@ -56,31 +56,50 @@ def _unsigned(name: str, producers) -> bool:
     return node is not None and node.op_type in _UNSIGNED_PRODUCERS
 
 
-def residual_tensors(graph) -> Dict[str, bool]:
-    """Tensor name -> unsigned, for each tensor of the residual stream that
-    needs a Q/DQ (inputs not already dequantized, and outputs)."""
+def _float_tensors(proto: onnx.ModelProto) -> set:
+    """Names of the graph's float32 tensors (shape inference's types), so
+    shape arithmetic (int64 Adds) is left alone."""
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    return {v.name for v in list(inferred.value_info) +
+            list(inferred.output) + list(inferred.input)
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+
+def residual_tensors(proto: onnx.ModelProto):
+    """Where the residual stream needs Q/DQ, as two dicts tensor name ->
+    unsigned: ``outputs`` (an Add's output, or its ReLU's) quantized for
+    every consumer, and ``operands`` (Add inputs not already dequantized)
+    quantized on the edges into residual adds only. The edge keeps a
+    tensor's other consumers reading float: a pooled stem output read by
+    a conv's own Q as well stays a float MaxPool (ONNX Runtime would move a
+    lone Q in front of it, and its uint8 MaxPool is slow)."""
+    graph = proto.graph
     producers = _producers(graph)
+    floats = _float_tensors(proto)
     inits = {i.name for i in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
     consumers = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    found = {}
+    outputs, operands = {}, {}
     for node in graph.node:
         if node.op_type != 'Add' or len(node.input) != 2 or \
+                node.output[0] not in floats or \
                 any(i in inits or i not in producers for i in node.input):
             continue
         for name in node.input:
             if producers[name].op_type != 'DequantizeLinear':
-                found[name] = _unsigned(name, producers)
+                operands[name] = _unsigned(name, producers)
         users = consumers.get(node.output[0], [])
-        graph_outputs = {o.name for o in graph.output}
         if len(users) == 1 and users[0].op_type == 'Relu' and \
                 node.output[0] not in graph_outputs:
-            found[users[0].output[0]] = True
+            outputs[users[0].output[0]] = True
         else:
-            found[node.output[0]] = False
-    return found
+            outputs[node.output[0]] = False
+    # a block's output is the next block's identity operand: quantized once
+    operands = {k: v for k, v in operands.items() if k not in outputs}
+    return outputs, operands
 
 
 def activation_container(graph, target: str):
@@ -122,32 +141,38 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
     """Insert the calibrated Q/DQ pairs into ``proto`` (in place); returns
     tensor name -> scale."""
     graph = proto.graph
-    tensors = residual_tensors(graph)
-    if not tensors:
+    outputs, operands = residual_tensors(proto)
+    if not outputs:
         return {}
-    ranges = calibrate_ranges(proto, list(tensors), inputs)
+    ranges = calibrate_ranges(proto, list(outputs) + list(operands), inputs)
     dtype = activation_container(graph, target)
     position = {out: index for index, node in enumerate(graph.node)
                 for out in node.output}
     after, scales = {}, {}
-    for name, unsigned in tensors.items():
+    for name, unsigned in list(outputs.items()) + list(operands.items()):
         wide = unsigned and dtype == np.uint8
         scale = np.float32(max(ranges[name], 1e-8) / (255 if wide else 127))
         zero = 0 if unsigned or dtype == np.int8 else 128
         scales[name] = float(scale)
-        float_name = name + '.float'
         producer = graph.node[position[name]]
-        producer.output[list(producer.output).index(name)] = float_name
+        if name in outputs:  # every consumer reads the dequantized tensor
+            source, target_name = name + '.float', name
+            producer.output[list(producer.output).index(name)] = source
+        else:  # only the residual adds do
+            source, target_name = name, name + '.residual'
+            for node in graph.node:
+                if node.op_type == 'Add' and name in node.input:
+                    node.input[list(node.input).index(name)] = target_name
         graph.initializer.extend([
             numpy_helper.from_array(np.array(scale), name + '.scale'),
             numpy_helper.from_array(np.array(zero, dtype),
                                     name + '.zero_point')])
         quant = [name + '.scale', name + '.zero_point']
         after.setdefault(position[name], []).extend([
-            helper.make_node('QuantizeLinear', [float_name] + quant,
+            helper.make_node('QuantizeLinear', [source] + quant,
                              [name + '.q'], name=name + '.quantize'),
             helper.make_node('DequantizeLinear', [name + '.q'] + quant,
-                             [name], name=name + '.dequantize')])
+                             [target_name], name=name + '.dequantize')])
     nodes = []
     for index, node in enumerate(graph.node):
         nodes.append(node)

@@ -183,7 +183,7 @@ def test_residual_tensors_of_a_plain_chain_are_none(make_tiny_cnn):
     proto = OnnxExporter(model, (1, 3, 6, 6), plain,
                          residual_qdq='calibrated',
                          calibration=[torch.randn(2, 3, 6, 6)]).export(4)
-    assert residual_tensors(proto.graph) == {}
+    assert residual_tensors(proto) == ({}, {})
     assert not any(n.name.endswith('.quantize') for n in proto.graph.node)
 
 
