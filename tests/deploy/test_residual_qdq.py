@@ -148,18 +148,64 @@ def test_calibrated_graph_passes_every_tensorrt_rule(classifier):
         assert found == {rule: [] for rule in found}, bit
 
 
-def test_calibrated_graph_stays_close_to_pytorch(classifier, calibrated):
-    """8-bit residual rounding: at w8a8 the logits move by little against
-    their spread, and exact and integer kernels agree on the top class."""
-    model, exporter = classifier, calibrated
+def fake_quant(x, scale, signed):
+    """Q -> DQ at 8 bits, zero point 0 (signed uint8 with zero point 128
+    is the same integers shifted), rounding half to even as ONNX does."""
+    lo, hi = (-128, 127) if signed else (0, 255)
+    return torch.clamp(torch.round(x / scale), lo, hi) * scale
+
+
+def residual_reference(model, inputs, calibration, bit):
+    """What the calibrated graph computes, written on mmpretrain's
+    BasicBlock: each block's conv side and (downsampled or first-block)
+    identity rounded signed / unsigned on the way into the add, its output
+    after the ReLU unsigned; scales max|x| / 127 or / 255 over
+    ``calibration`` from the unrounded model."""
+    blocks = [m for m in model.backbone.modules()
+              if type(m).__name__ == 'BasicBlock']
+    ranges, scales = {}, None
+
+    def point(key, x, signed):
+        if scales is None:
+            ranges[key] = max(ranges.get(key, 0.0), float(x.abs().max()))
+            return x
+        return fake_quant(x, scales[key], signed)
+
+    def forward(index, block, x):
+        out = block.relu(block.norm1(block.conv1(x)))
+        out = point((index, 'conv'), block.norm2(block.conv2(out)), True)
+        if block.downsample is not None:
+            identity = point((index, 'identity'), block.downsample(x), True)
+        else:  # the first block's identity is the stem's (unsigned) output
+            identity = x if index else point((index, 'identity'), x, False)
+        return point((index, 'out'), block.relu(out + identity), False)
+
+    for index, block in enumerate(blocks):
+        block.forward = lambda x, i=index, b=block: forward(i, b, x)
+    try:
+        with use_bits(model, bit), torch.no_grad():
+            for x in calibration:
+                tensor(model, x)
+            scales = {key: torch.tensor(np.float32(max(value, 1e-8) / (
+                255 if key[1] == 'out' or key == (0, 'identity') else 127)))
+                for key, value in ranges.items()}
+            return tensor(model, inputs).numpy()
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+@pytest.mark.parametrize('bit', [8, 4])
+def test_calibrated_graph_equals_its_reference(classifier, calibrated, bit):
     x = torch.randn(16, *SHAPE[1:], generator=torch.Generator().manual_seed(9))
-    proto = exporter.export(8)
+    proto = calibrated.export(bit)
     got = make_session(proto.SerializeToString()).run(
         None, {'input': x.numpy()})[0]
-    with use_bits(model, 8), torch.no_grad():
-        want = tensor(model, x).numpy()
-    assert np.abs(got - want).max() < 0.05 * np.ptp(want)
-    assert np.abs(got - want).max() > 0  # it does round
+    want = residual_reference(classifier, x, calibration_inputs(), bit)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with use_bits(classifier, bit), torch.no_grad():
+        plain_model = tensor(classifier, x).numpy()
+    assert np.abs(plain_model - want).max() > 1e-3  # the rounding shows
 
 
 def test_bad_options_refused(classifier):
