@@ -9,7 +9,8 @@ a float kernel. ``add_residual_qdq`` quantizes that stream at 8 bits per
 tensor, symmetric:
 
 - every input of a residual Add (both operands activations) that is not
-  already dequantized: a conv's output, a pooled stem output;
+  already dequantized (a conv's output, a pooled stem output), on the edge
+  into the add only;
 - the Add's output, after its ReLU when the ReLU is its only consumer
   (then unsigned: zero point 0, so ONNX Runtime drops the ReLU into the
   QuantizeLinear and the block's output is quantized once for every
