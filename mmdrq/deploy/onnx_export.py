@@ -26,6 +26,7 @@ that graph:
 """
 import contextlib
 import copy
+import re
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
@@ -38,7 +39,8 @@ from mmdrq.quantization import quantized_layers, use_bits
 from mmdrq.quantization.bitwidths import (check_bit, signed_range,
                                          unsigned_range)
 from mmdrq.quantization.functional import requantize
-from mmdrq.quantization.layers import BitSwitchable, QuantLayer
+from mmdrq.quantization.layers import (BitSwitchable, QConv2d, QLinear,
+                                       QuantLayer)
 from .residual import add_residual_qdq, check_residual_mode
 
 OPSET = 20
@@ -74,6 +76,12 @@ def check_exportable(model: nn.Module):
                          '(mmdrq.quantize_model or a MultiPrecisionQAT '
                          'config)')
     for name, module in layers.items():
+        if not isinstance(module, (QConv2d, QLinear)):
+            raise ValueError(
+                f'layer {name!r} ({type(module).__name__}) cannot be '
+                'exported to ONNX yet: the export rewrites quantized '
+                'Conv2d and Linear layers only; keep it FP with '
+                f'quantizer.skip=[{re.escape(name)!r}] to export the model')
         if module.weight_quantizer.variant == 'unshared':
             raise ValueError(
                 f'layer {name!r} uses variant=\'unshared\': its bits have no '

@@ -1,7 +1,9 @@
 """Integer checkpoints: the quantized layers as INT-h plus scales.
 
 What a deployed model needs: every lower bit is re-derived from the stored
-integers, so the file holds no FP copy of a quantized layer's weight. The
+integers, so the file holds no FP copy of a quantized layer's weight (but
+for layers that standardize or normalize it before use: their integers do
+not give the parameter back, so it is kept as it is). The
 rest of the state dict (activation scales, per-bit BN, FP layers, biases) is
 kept as it is, and the metadata lets a load refuse another model or bit set.
 """
@@ -38,7 +40,7 @@ def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
     Returns the size breakdown in bytes: ``int_bytes`` (packed integers),
     ``scale_bytes`` and ``fp32_bytes`` (the same layers' FP32 weights).
     """
-    layers = quantized_layers(model, required=True)
+    layers = _integer_layers(model)
     state = model.state_dict()
     int_weights, sizes = {}, dict(int_bytes=0, scale_bytes=0, fp32_bytes=0)
     for name, module in layers.items():
@@ -49,15 +51,16 @@ def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
                 'independent scales and cannot be derived from one set of '
                 'integers; integer export needs double_rounding or floor')
         h = quantizer.stored_bit
-        data = pack(quantizer.integers(module.weight).cpu(), h)
+        weight = module.weight_to_quantize()
+        data = pack(quantizer.integers(weight).cpu(), h)
         scale = quantizer.scale.detach().cpu().clone()
-        int_weights[name] = dict(data=data, shape=list(module.weight.shape),
+        int_weights[name] = dict(data=data, shape=list(weight.shape),
                                  scale=scale, storage=storage_of(h))
-        state.pop(name + '.weight')
+        state.pop(name + '.' + module.weight_name)
         state.pop(name + '.weight_quantizer.scale')
         sizes['int_bytes'] += data.numel() * data.element_size()
         sizes['scale_bytes'] += scale.numel() * scale.element_size()
-        sizes['fp32_bytes'] += module.weight.numel() * 4
+        sizes['fp32_bytes'] += weight.numel() * 4
     if layer_bits is not None:
         layer_bits = check_layer_bits(model, layer_bits, 'SubNet')
     meta = dict(layer_bits=layer_bits,
@@ -118,7 +121,7 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
     if lacking:
         raise ValueError(f'{path!r} lacks {lacking}: an incomplete mmdrq '
                          'integer checkpoint (edited by hand?)')
-    layers = quantized_layers(model, required=True)
+    layers = _integer_layers(model)
     check_quantizer_meta(dict(bits=meta['bits'], options=meta['options']),
                          model, repr(path))
     _check_shapes(dict((k, shape) for k, shape in meta['signature']), model,
@@ -133,7 +136,8 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
         view = module.weight_quantizer.scale_view(q.dim(), 0, scale)
         # q * s re-rounds to q exactly: |q| < 2**15 keeps the float error
         # far below half a step.
-        state[name + '.weight'] = q * view
+        state[name + '.' + module.weight_name] = \
+            module.from_channel_major(q * view)
         state[name + '.weight_quantizer.scale'] = scale
     _check_shapes({k: list(v.shape) for k, v in state.items()}, model,
                   f'{path!r} does not hold what its signature says')
@@ -141,6 +145,15 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
     if meta.get('layer_bits'):
         set_layer_bits(model, meta['layer_bits'])
     return model
+
+
+def _integer_layers(model: nn.Module) -> dict:
+    """The quantized layers whose integers give their parameter back (not
+    those that standardize or normalize it first: those keep the FP
+    parameter in the file), by name."""
+    return {name: module for name, module in
+            quantized_layers(model, required=True).items()
+            if module.integer_weight}
 
 
 def _check_shapes(expected: dict, model: nn.Module, problem: str):
@@ -172,10 +185,11 @@ def _check_int_weights(int_weights: dict, layers: dict, path: str):
             raise ValueError(f'{path!r}: int_weights[{name!r}] must be a dict '
                              f"with 'data', 'shape' and 'scale'")
         bit = module.weight_quantizer.stored_bit
-        packed = pack(torch.zeros(module.weight.shape, dtype=torch.int32), bit)
+        shape = list(module.weight_to_quantize().shape)
+        packed = pack(torch.zeros(shape, dtype=torch.int32), bit)
         scale = module.weight_quantizer.scale
         for key, value, want in (
-                ('shape', entry['shape'], list(module.weight.shape)),
+                ('shape', entry['shape'], shape),
                 ('data', _describe(entry['data']), _describe(packed)),
                 ('scale', _describe(entry['scale']), _describe(scale))):
             if value != want:

@@ -9,15 +9,17 @@ from .layers import (BitSwitchable, QConv2d, QLinear, QuantLayer,
                      quantized_layers, quantizers_ready, recording_calls)
 from .switchable_bn import SwitchableBatchNorm
 from .transitional_bn import TransitionalBatchNorm, to_transitional
+from .weight_layers import SwappedWeightLayer, weight_layer_forms
 from .weight_quantizer import DoubleRoundingQuantizer, shared_rounding
 
 __all__ = [
     'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer',
     'LearnedScaleQuantizer', 'QConv2d',
-    'QLinear', 'QuantLayer', 'QuantizeConfig', 'SwitchableBatchNorm',
+    'QLinear', 'QuantLayer', 'QuantizeConfig', 'SwappedWeightLayer',
+    'SwitchableBatchNorm',
     'TransitionalBatchNorm', 'check_bit', 'check_bits', 'check_layer_bits',
     'get_bits', 'model_bits',
     'quantize_model', 'quantized_layers', 'quantizers_ready',
     'recording_calls', 'set_bits', 'set_layer_bits', 'shared_rounding',
-    'to_transitional', 'use_bits'
+    'to_transitional', 'use_bits', 'weight_layer_forms'
 ]

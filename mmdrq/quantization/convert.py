@@ -1,19 +1,25 @@
-"""Convert any nn.Module: Conv2d/Linear -> quantized layers, BN -> per bit.
+"""Convert any nn.Module: conv, linear and attention layers -> quantized
+layers, BN -> per bit.
 
-Only layers whose forward is exactly torch's (plus mmcv's thin wrappers) are
-converted; every other conv-like or linear-like layer stays FP and the
-conversion table says why, so no model crashes the conversion.
+Only layer types whose forward is known are converted (``_supported_types``:
+exact Conv2d/Linear and mmcv's thin wrappers, plus weight_layers.py's);
+every other conv-like or linear-like layer stays FP and the conversion table
+says why, so no model crashes the conversion.
 """
 import re
 from typing import Dict, List, Optional, Tuple
 
 from mmengine.logging import print_log
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .config import QuantizeConfig, make_config
 from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
 from .switchable_bn import SwitchableBatchNorm, SwitchableNorm, norm_channels
+from .weight_layers import (MultiheadAttentionLayer, WeightReadingOwner,
+                            weight_layer_forms, weight_reads)
 
 # Last name components of prediction layers in OpenMMLab heads (fc,
 # retina_cls, rpn_reg, conv_seg, conv_logits, convs_pred, ...).
@@ -22,21 +28,27 @@ _PREDICTION_NAME = re.compile(
 
 
 def _supported_types() -> Dict[type, type]:
-    """Float layer type -> quantized type, for types whose forward is
-    exactly torch's (mmcv's wrappers only add empty-input handling)."""
-    mapping = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
+    """Float layer type -> quantized type (its ``from_float`` converts):
+    exact Conv2d/Linear (and mmcv's wrappers, which only add empty-input
+    handling, and MultiheadAttention's out_proj) take the fused QConv2d /
+    QLinear; the other known layers are quantized in place
+    (weight_layers.py)."""
+    mapping = {nn.Conv2d: QConv2d, nn.Linear: QLinear,
+               NonDynamicallyQuantizableLinear: QLinear}
     try:
         from mmcv.cnn.bricks import wrappers
         mapping[wrappers.Conv2d] = QConv2d
         mapping[wrappers.Linear] = QLinear
     except ImportError:  # mmcv is optional for plain torch models
         pass
+    mapping.update(weight_layer_forms())
     return mapping
 
 
 def _is_weight_layer(module: nn.Module) -> bool:
     """Conv- or linear-like layers: the ones a user expects to see listed."""
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear,
+                           nn.MultiheadAttention, QuantLayer)):
         return True
     name = type(module).__name__
     return ('Conv' in name or 'Linear' in name) and isinstance(
@@ -79,8 +91,13 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
                 reason = reason or f'matches skip pattern {pattern!r}'
         if type(module) not in supported:
             reason = f'unsupported type {type(module).__name__}'
+        else:
+            check = getattr(supported[type(module)], 'unsupported_reason',
+                            None)
+            reason = (check and check(module)) or reason
         reason = reason or auto.get(name)
         decisions.append((name, module, reason))
+    decisions = _out_proj_follows_attention(decisions)
     # BN layers named by a skip pattern stay FP too.
     for name, module in model.named_modules():
         if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
@@ -96,10 +113,31 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
     return decisions, supported
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module):
-    parent_name, _, child = name.rpartition('.')
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _out_proj_follows_attention(decisions):
+    """The out_proj of a MultiheadAttention kept FP stays FP too: torch's
+    attention reads its weight and never calls it."""
+    fp_attention = [name for name, module, reason in decisions
+                    if reason is not None and
+                    isinstance(module, nn.MultiheadAttention)]
+    result = []
+    for name, module, reason in decisions:
+        owner = name.rpartition('.')[0]
+        if reason is None and owner in fp_attention and \
+                name.endswith('.out_proj'):
+            reason = f'out_proj of {owner}, which stays FP'
+        result.append((name, module, reason))
+    return result
+
+
+def _replace_all(model: nn.Module, new_of: Dict[int, nn.Module]):
+    """Replace every reference to a converted module (by identity: a conv
+    shared between heads, RTMDet's ``share_conv``, is one object under
+    several names) by its quantized form."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            new = new_of.get(id(child))
+            if new is not None and new is not child:
+                setattr(parent, child_name, new)
 
 
 def _format_table(rows: List[Tuple[str, str, str]]) -> str:
@@ -131,16 +169,21 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
             f'{type(model).__name__} has nothing to quantize: '
             + (f'every conv/linear layer stays FP: {found}' if decisions else
                'it has no conv or linear layer'))
-    rows = []
+    rows, new_of = [], {}
     for name, module, reason in decisions:
+        float_type = type(module).__name__
         if reason is None:
-            new = supported[type(module)].from_float(
+            new = new_of[id(module)] = supported[type(module)].from_float(
                 module, cfg.bits, cfg.weight_quantizer, cfg.act_quantizer)
-            _replace(model, name, new)
+            if cfg.attention_matmuls and \
+                    isinstance(new, MultiheadAttentionLayer):
+                new.quantize_matmuls(cfg.act_quantizer)
             status = f'quantized {list(cfg.bits)}'
         else:
             status = f'FP: {reason}'
-        rows.append((name, type(module).__name__, status))
+        rows.append((name, float_type, status))
+    _replace_all(model, new_of)
+    rows += _convert_weight_readers(model)
     if cfg.switchable_bn or cfg.switchable_gn_ln:
         rows += _convert_bn(model, cfg)
     model.mmdrq_config = cfg
@@ -175,24 +218,53 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
         types[_BatchNorm] = SwitchableBatchNorm
     if cfg.switchable_gn_ln:
         types[nn.GroupNorm] = types[nn.LayerNorm] = SwitchableNorm
-    rows, previous = [], None
-    for name, module in list(model.named_modules()):
+    rows, previous, first_name, new_of = [], None, {}, {}
+    # every reference: a norm after a shared conv's later use follows it
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        repeated = id(module) in first_name
+        name = first_name.setdefault(id(module), name)
         if _is_weight_layer(module):  # quantized or kept FP
             previous = (name, module)
             continue
         switchable = next((new for old, new in types.items()
                            if isinstance(module, old)), None)
-        if switchable is None:
+        if repeated or switchable is None:
             continue
         if any(re.fullmatch(p, name) for p in cfg.skip):
             rows.append((name, type(module).__name__, 'FP: skip pattern'))
             continue
         source: Optional[str] = None
         if previous is not None and isinstance(previous[1], QuantLayer) \
-                and previous[1].weight.shape[0] == norm_channels(module):
+                and _output_channels(previous[1]) == norm_channels(module):
             source = previous[0]
-        _replace(model, name, switchable(module, cfg.bits, source))
+        new_of[id(module)] = switchable(module, cfg.bits, source)
         kind = 'BN' if switchable is SwitchableBatchNorm else 'norm'
         rows.append((name, type(module).__name__,
                      f'switchable {kind} (follows {source or "global bit"})'))
+    _replace_all(model, new_of)
     return rows
+
+
+def _convert_weight_readers(model: nn.Module) -> list:
+    """Owners whose code reads a quantized child's weight directly
+    (``F.linear(x, self.qkv.weight)``) read its quantized weight in their
+    forward (``WeightReadingOwner``); a table row names what they read."""
+    rows = []
+    for name, owner in list(model.named_modules()):
+        if isinstance(owner, (QuantLayer, WeightReadingOwner)):
+            continue
+        reads = [child for child in weight_reads(owner)
+                 if isinstance(owner._modules[child], QuantLayer)]
+        if reads:
+            rows.append((name or '(model)', type(owner).__name__,
+                         f'reads {", ".join(c + ".weight" for c in reads)} '
+                         'directly: quantized weight, FP input'))
+            WeightReadingOwner.from_owner(owner, reads)
+    return rows
+
+
+def _output_channels(layer: QuantLayer) -> int:
+    """Output channels of a quantized layer (dim 0 of the weight its
+    quantizer sees)."""
+    with torch.no_grad():
+        return layer.weight_to_quantize().shape[0]

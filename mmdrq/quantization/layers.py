@@ -53,9 +53,10 @@ class QuantLayer(BitSwitchable):
                act_quantizer: Optional[dict]):
         self.bits = check_bits(bits)
         self.bit = self.bits[0]
+        with torch.no_grad():
+            channels = self.weight_to_quantize().shape[0]
         self.weight_quantizer = build_in_scope(
-            dict(weight_quantizer, bits=self.bits,
-                 num_channels=self.weight.shape[0]))
+            dict(weight_quantizer, bits=self.bits, num_channels=channels))
         self.act_quantizer = None if act_quantizer is None else \
             build_in_scope(dict(act_quantizer, bits=self.bits))
         self._cache_key = None
@@ -79,8 +80,59 @@ class QuantLayer(BitSwitchable):
         self._cache_key = self._cache_weight = None
         return super().train(mode)
 
+    # The parameter the weight quantizer reads (its state-dict name), and
+    # whether the integers of ``weight_to_quantize`` restore it exactly
+    # (``from_channel_major`` of them is the parameter): not so for a
+    # weight the layer transforms before use (weight standardization).
+    weight_name = 'weight'
+    integer_weight = True
+
+    @property
+    def float_weight(self) -> nn.Parameter:
+        """The stored FP parameter the quantizer reads (whatever a forward
+        of the layer sees as its weight)."""
+        return self._parameters[self.weight_name]
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The FP tensor the weight quantizer sees, output channels on dim
+        0 (per-channel scales)."""
+        return self.to_channel_major(self.float_weight)
+
+    def to_channel_major(self, weight: torch.Tensor) -> torch.Tensor:
+        """The parameter's layout -> output channels on dim 0."""
+        return weight
+
+    def from_channel_major(self, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``to_channel_major``."""
+        return weight
+
+    @contextlib.contextmanager
+    def quantized_parameter(self):
+        """Within the block, the weight attribute is the fake-quantized
+        weight of the current bit (what a forward reading ``self.weight``,
+        or an owner reading ``child.weight``, then uses), as
+        ``torch.func.functional_call`` swaps parameters."""
+        quantized = self.quantized_weight()
+        param = self._parameters[self.weight_name]
+        self._parameters[self.weight_name] = quantized
+        try:
+            yield quantized
+        finally:
+            self._parameters[self.weight_name] = param
+
+    def quantizers(self) -> list:
+        """This layer's own quantizers (not those of quantized children)."""
+        from .learned_scale import LearnedScaleQuantizer
+        return [m for m in self.children()
+                if isinstance(m, LearnedScaleQuantizer)]
+
+    def _quantize_weight(self) -> torch.Tensor:
+        return self.from_channel_major(
+            self.weight_quantizer(self.weight_to_quantize(), self.bit))
+
     def quantized_weight(self) -> torch.Tensor:
-        """Fake-quantized weight of the current bit.
+        """Fake-quantized weight of the current bit, in the layout the
+        layer's op uses.
 
         In eval mode without autograd it is cached and recomputed only when
         the bit, the weight or the scale changed: tensor version counters
@@ -89,25 +141,29 @@ class QuantLayer(BitSwitchable):
         ``train()`` / ``eval()`` drop the cache, and MMEngine's loops call
         ``eval()`` after their hooks have swapped weights.
         """
-        weight = self.weight
+        weight = self.float_weight
         scale = self.weight_quantizer.scale
         # a cached tensor must not carry a graph (frozen weights with a
         # trainable scale would be backpropagated through twice)
         if self.training or (torch.is_grad_enabled() and
                              (weight.requires_grad or scale.requires_grad)):
-            return self.weight_quantizer(weight, self.bit)
+            return self._quantize_weight()
         key = (self.bit, weight.data_ptr(), weight._version,
                scale.data_ptr(), scale._version)
         if key != self._cache_key:
-            self._cache_weight = self.weight_quantizer(weight, self.bit)
+            self._cache_weight = self._quantize_weight()
             # initialisation may have written the scale: key after the call
             self._cache_key = (self.bit, weight.data_ptr(), weight._version,
                                scale.data_ptr(), scale._version)
         return self._cache_weight
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_input(self, x):
+        """``x`` fake-quantized at the layer's bit (each tensor of a list
+        or tuple: TridentConv's branches)."""
         if self.act_quantizer is None:
             return x
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.act_quantizer(t, self.bit) for t in x)
         return self.act_quantizer(x, self.bit)
 
     def saved_as_recipes(self, x: torch.Tensor, x_q: torch.Tensor,
@@ -171,11 +227,10 @@ def quantizers_ready(model: nn.Module, ignore=()) -> bool:
     Until then a forward may read the device (lazy initialisation), which
     breaks a ``torch.compile`` graph; callers run eagerly before that.
     """
-    return all(getattr(quantizer, 'ready', True)
+    return all(quantizer.ready
                for name, module in quantized_layers(model).items()
                if name not in ignore
-               for quantizer in (module.weight_quantizer, module.act_quantizer)
-               if quantizer is not None)
+               for quantizer in module.quantizers())
 
 
 @contextlib.contextmanager
@@ -188,6 +243,14 @@ def recording_calls(model: nn.Module):
     handles = [module.register_forward_pre_hook(
         lambda *args, name=name: called.add(name))
         for name, module in quantized_layers(model).items()]
+    # an owner reading a layer's quantized weight directly uses the layer
+    layers = {id(m): n for n, m in quantized_layers(model).items()}
+    for module in model.modules():
+        used = {layers[id(module._modules[child])]
+                for child in getattr(module, 'mmdrq_weight_reads', ())}
+        if used:
+            handles.append(module.register_forward_pre_hook(
+                lambda *args, used=used: called.update(used)))
     try:
         yield called
     finally:

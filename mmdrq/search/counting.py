@@ -19,13 +19,13 @@ def layer_costs(model: nn.Module,
     when it is a callable), which leaves the model's state as it was; a
     layer run several times (shared detection heads) sums its calls."""
     layers = quantized_layers(model)
-    costs = {n: dict(macs=0, params=m.weight.numel())
+    costs = {n: dict(macs=0, params=m.float_weight.numel())
              for n, m in layers.items()}
     handles = []
     for name, layer in layers.items():
-        def hook(module, args, out, name=name):
-            costs[name]['macs'] += _macs(module, args[0], out)
-        handles.append(layer.register_forward_hook(hook))
+        def hook(module, args, kwargs, out, name=name):
+            costs[name]['macs'] += _macs(module, args, kwargs, out)
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
         with probe_forward(model), torch.no_grad():
             inputs(model) if callable(inputs) else model(inputs)
@@ -35,20 +35,35 @@ def layer_costs(model: nn.Module,
     return costs
 
 
-def _macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
-    batch = x.shape[0] if x.dim() > 1 else 1
-    if isinstance(module, nn.Conv2d):
-        per_output = (module.in_channels // module.groups) * \
-            module.kernel_size[0] * module.kernel_size[1]
-        return out.numel() // batch * per_output
-    # Linear: every output element is one dot product of in_features
-    return out.numel() // batch * module.in_features
+def _macs(module: nn.Module, args: tuple, kwargs: dict, out) -> int:
+    """MACs per image of one call. A weight row (dim 0 of the parameter)
+    is one output element's dot product for convs (deformable ones too)
+    and linear layers, and one input element's scatter for transposed
+    convs; attention counts its q, k and v projections (its out_proj is a
+    layer of its own)."""
+    per_row = module.float_weight[0].numel()
+    if isinstance(module, nn.MultiheadAttention):
+        names = ('query', 'key', 'value')
+        inputs = [args[i] if i < len(args) else kwargs[n]
+                  for i, n in enumerate(names)]
+        query = inputs[0]
+        batch = 1 if query.dim() < 3 else \
+            query.shape[0 if module.batch_first else 1]
+        rows = sum(t.numel() // module.embed_dim for t in inputs)
+        return rows * module.embed_dim * per_row // batch
+    x = args[0] if args else next(iter(kwargs.values()))
+    xs = x if isinstance(x, (list, tuple)) else [x]  # TridentConv branches
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    batch = xs[0].shape[0] if xs[0].dim() > 1 else 1
+    counted = xs if isinstance(module, nn.modules.conv._ConvTransposeNd) \
+        else outs
+    return sum(t.numel() for t in counted) // batch * per_row
 
 
 def fp_bytes(model: nn.Module) -> int:
     """Bytes of everything stored as it is: parameters and persistent
     buffers other than the quantized layers' weights."""
-    quantized = {id(m.weight) for m in quantized_layers(model).values()}
+    quantized = {id(m.float_weight) for m in quantized_layers(model).values()}
     tensors = [p for p in model.parameters() if id(p) not in quantized]
     tensors += list(model.state_dict(keep_vars=True).values())
     seen, total = set(), 0

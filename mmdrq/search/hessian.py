@@ -139,7 +139,7 @@ def quantized_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
     to the converted architecture (no ``architecture.`` for the wrapper),
     as ``mmdrq.get_bits`` and SubNet files name them."""
     layers = quantized_layers(architecture_of(model), required=True)
-    return {name: module.weight for name, module in layers.items()}
+    return {name: module.float_weight for name, module in layers.items()}
 
 
 class _FirstSamples:

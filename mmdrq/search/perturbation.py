@@ -18,7 +18,7 @@ def weight_perturbations(model: nn.Module) -> Dict[str, Dict[int, float]]:
     the layer's own (trained) scales, summed in float64."""
     result = {}
     for name, module in quantized_layers(model).items():
-        weight = module.weight.detach()
+        weight = module.weight_to_quantize().detach()
         result[name] = {
             bit: float((module.weight_quantizer(weight, bit).double() -
                         weight.double()).square().sum())

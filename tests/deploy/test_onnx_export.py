@@ -270,3 +270,22 @@ def test_layer_without_scales_in_the_graph_refused(make_tiny_cnn):
     exporter = OnnxExporter(model, (1, 3, 6, 6), plain)
     with pytest.raises(ValueError, match="layer 'conv2' has uninitialised"):
         exporter.export(6)
+
+
+def test_layer_beyond_conv_and_linear_refused_by_name():
+    """A transposed conv (quantized in place) is refused before any export
+    work, with its name and the skip pattern that keeps it FP."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 2),
+                          nn.Conv2d(4, 2, 1))
+    quantize_model(model, bits=BITS)
+    model(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"layer '1' \(QConvTranspose2d\) "
+                       r"cannot be exported.*skip=\['1'\]"):
+        OnnxExporter(model, (1, 3, 4, 4))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 2),
+                          nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1))
+    quantize_model(model, bits=BITS, skip=['1'])
+    for bit in BITS:
+        set_bits(model, bit)
+        model(torch.randn(1, 3, 4, 4))
+    OnnxExporter(model, (1, 3, 4, 4), plain).export(4)

@@ -13,6 +13,7 @@ from conftest import (DEEPLAB_CPU_OPTIONS, DEEPLABV3_CFG, RESNET18_CFG,
                       total_loss)
 from mmdrq import (QConv2d, QLinear, QuantizeConfig, SwitchableBatchNorm,
                    quantize_model, set_bits)
+from mmdrq.quantization import QuantLayer
 
 BITS = (8, 6, 4, 2)
 
@@ -381,8 +382,10 @@ def test_custom_conv_subclass_stays_fp(mmengine_caplog):
     status = _status(model)
     assert type(model[6]) is MyConv
     assert status['6'] == 'FP: unsupported type MyConv'
-    assert type(model[8]) is nn.ConvTranspose2d
-    assert status['8'] == 'FP: unsupported type ConvTranspose2d'
+    # a transposed conv is quantized in place (weight_layers.py)
+    assert isinstance(model[8], nn.ConvTranspose2d) and \
+        isinstance(model[8], QuantLayer)
+    assert status['8'] == 'quantized [8, 6, 4, 2]'
     assert isinstance(model[3], QConv2d)
     assert status['3'] == 'quantized [8, 6, 4, 2]'
     assert type(model[0]) is nn.Conv2d   # first layer

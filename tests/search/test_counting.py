@@ -84,3 +84,38 @@ def test_counting_leaves_no_state_behind():
     layer_costs(model, torch.zeros(1, 4, 8, 8))
     assert model.training
     assert not model.grouped.act_quantizer.initialized.any()
+
+
+class NewLayers(nn.Module):
+    """A transposed conv, a DCNv2 and attention between FP ends."""
+
+    def __init__(self):
+        super().__init__()
+        from mmcv.ops import ModulatedDeformConv2dPack
+        self.first = nn.Conv2d(3, 8, 1)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2)
+        self.dcn = ModulatedDeformConv2dPack(6, 4, 3, padding=1)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.last = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.dcn(self.up(self.first(x)))  # 3x3 -> 6x6
+        tokens = y.flatten(2).transpose(1, 2)  # (N, 36, 4)
+        memory = tokens[:, :10]
+        out, _ = self.attn(query=tokens, key=memory, value=memory)
+        return self.last(out)
+
+
+def test_transposed_deformable_and_attention_macs():
+    """Transposed conv: every input element scattered to out/groups x k x k
+    outputs; DCN as a conv (its offset conv is a conv of its own);
+    attention: the q, k, v projections of every token (out_proj is a
+    layer of its own)."""
+    model = mmdrq.quantize_model(NewLayers(), bits=[4, 2])
+    costs = layer_costs(model, torch.zeros(2, 3, 3, 3))
+    assert costs['up'] == dict(macs=9 * 8 * (6 // 2) * 4, params=8 * 3 * 4)
+    assert costs['dcn'] == dict(macs=36 * 4 * 6 * 9, params=4 * 6 * 9)
+    assert costs['dcn.conv_offset'] == dict(macs=36 * 27 * 6 * 9,
+                                            params=27 * 6 * 9)
+    assert costs['attn'] == dict(macs=(36 + 10 + 10) * 4 * 4, params=48)
+    assert costs['attn.out_proj'] == dict(macs=36 * 4 * 4, params=16)

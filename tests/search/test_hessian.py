@@ -283,3 +283,39 @@ def test_traces_file_round_trip_and_other_models(qat_classifier, tmp_path,
         json.dump(dict(format='other'), f)
     with pytest.raises(ValueError, match="format 'other'"):
         load_traces(path, qat_classifier)
+
+
+def test_traces_reach_transposed_conv_and_attention():
+    """The traced tensors are the new layers' own parameters (attention:
+    the packed in_proj_weight; out_proj a layer of its own), and the
+    double backward runs through their forwards."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Conv2d(2, 4, 1)
+            self.up = torch.nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2)
+            self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+            self.last = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            tokens = self.up(self.first(x)).flatten(2).transpose(1, 2)
+            return self.last(torch.tanh(self.attn(tokens, tokens,
+                                                  tokens)[0]).mean(1))
+
+    model = mmdrq.quantize_model(Net().double(), bits=[4, 2])
+    params = quantized_weights(model)
+    assert params['up'] is model.up.weight
+    assert params['attn'] is model.attn.in_proj_weight
+    assert params['attn.out_proj'] is model.attn.out_proj.weight
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (4, ), generator=g)
+    model(x)  # scales initialised before the traces
+    traces = hutchinson_traces(
+        lambda batch: F.cross_entropy(model(batch), labels), params, [x],
+        max_probes=4, generator=g)
+    assert set(traces) == set(params)
+    for entry in traces.values():
+        assert math.isfinite(entry['trace']) and entry['trace'] != 0
