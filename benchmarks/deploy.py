@@ -1,12 +1,15 @@
 """ONNX Runtime on this CPU: mmpretrain ResNet-18 at 224 px, FP32 against
-the mmdrq QDQ exports at w8a8 and w4a4 (int8 containers).
+the mmdrq QDQ exports at w8a8 and w4a4 (int8 containers): the default
+(residual adds float, bit-equal to PyTorch), ``residual_qdq='calibrated'``
+(8-bit Q/DQ on the residual adds), and that with the layers kept FP (stem,
+classifier) stored as float16 or int8 (``fp_weights``).
 
     python benchmarks/deploy.py [--out-dir work_dirs/deploy_bench]
-        [--threads 1] [--rounds 5] [--batches 1 8]
+        [--threads 1] [--rounds 7] [--batches 1 8]
 
 Random weights (latency and structure do not depend on them); the
 quantizer scales are initialised by training-mode forwards on random
-images. The models are timed in turns (each round runs every model once
+images, and the residual scales calibrated on 8 other random images. The models are timed in turns (each round runs every model once
 per batch size), and the median per model is reported, so load on the
 machine hits all of them alike. Which convolutions ran as integer kernels
 comes from ONNX Runtime's optimized graph: a QLinearConv is an integer
@@ -138,18 +141,30 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out-dir', default='work_dirs/deploy_bench')
     parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     model = build_resnet18()
     quantized = quantized_copy(model)
-    exporter = OnnxExporter(quantized, (1, 3, SIZE, SIZE))
+    shape = (1, 3, SIZE, SIZE)
+    calibration = [torch.randn(8, 3, SIZE, SIZE,
+                               generator=torch.Generator().manual_seed(2))]
+    exporter = OnnxExporter(quantized, shape)
     protos = {'FP32': fp32_onnx(model), 'w8a8': exporter.export(8),
               'w4a4': exporter.export(4)}
+    for fp_weights in ('float32', 'float16', 'int8'):
+        residual = OnnxExporter(quantized, shape, residual_qdq='calibrated',
+                                calibration=calibration,
+                                fp_weights=fp_weights)
+        suffix = '' if fp_weights == 'float32' else \
+            f', FP layers {fp_weights}'
+        for bit in ((8, 4) if fp_weights == 'float32' else (8, )):
+            protos[f'w{bit}a{bit} residual{suffix}'] = residual.export(bit)
     paths = {}
     for name, proto in protos.items():
-        paths[name] = osp.join(args.out_dir, f'resnet18_{name}.onnx')
+        file = name.replace(', ', '_').replace(' ', '_')
+        paths[name] = osp.join(args.out_dir, f'resnet18_{file}.onnx')
         data = proto.SerializeToString()
         atomic_write(paths[name], lambda f: f.write(data))
     folder = osp.join(args.out_dir, 'resnet18_export')
@@ -187,7 +202,8 @@ def main():
                       ['| ' + ' | '.join(r) + ' |' for r in rows])
     note = (f'ONNX Runtime {__import__("onnxruntime").__version__}, '
             f'{args.threads} thread(s), median of {args.rounds} rounds '
-            'timed in turns')
+            'timed in turns (OMP_NUM_THREADS=1 for PyTorch). "residual": '
+            'residual adds quantized (--residual-qdq calibrated)')
     bits = [k.split('_w')[-1] for k in switching if k.startswith('first')]
     note += ('. SwitchableSession: first use (session made) ' +
              ', '.join(f'w{b}: {switching["first_use_ms_w" + b]:.0f} ms'

@@ -68,6 +68,35 @@ def require_exact_checkpoint(cfg: Config):
     cfg.custom_hooks = hooks
 
 
+def configure_test(cfg: Config, checkpoint: str, bits=None, subnets=None,
+                   backend: str = 'pytorch', kernels: str = 'exact',
+                   **loop_options):
+    """Make ``cfg``'s test run evaluate ``checkpoint`` per setting.
+
+    ``pytorch``: the checkpoint's weights, loaded exactly; an mmdrq model is
+    tested by ``MultiBitTestLoop`` at ``bits`` (default: the config's, else
+    all) and each ``subnets`` file. ``onnxruntime``: ``checkpoint`` is an
+    export folder run by ``OnnxRuntimeTestLoop`` (``subnets``: names).
+    ``loop_options`` (e.g. ``measure_speed=True``) go to the loop.
+    """
+    if backend == 'onnxruntime':
+        from mmdrq.deploy.loop import onnxruntime_test_cfg
+        onnxruntime_test_cfg(cfg, checkpoint, bits, subnets, kernels)
+        cfg.test_cfg.update(loop_options)
+        return
+    cfg.load_from = checkpoint
+    require_exact_checkpoint(cfg)
+    if not is_qat_config(cfg):
+        return
+    test_cfg = dict(cfg.get('test_cfg') or {}, **loop_options)
+    test_cfg['type'] = 'mmdrq.MultiBitTestLoop'
+    if bits:
+        test_cfg['bits'] = bits
+    if subnets:
+        test_cfg['subnets'] = subnets
+    cfg.test_cfg = test_cfg
+
+
 def _init_cpu_process_group():
     """MMEngine's pytorch launcher calls torch.cuda.set_device; without a GPU
     the group is started here on gloo, and MMEngine then finds it ready."""

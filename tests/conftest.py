@@ -161,25 +161,26 @@ def sum_losses():
     return total_loss
 
 
+def build_small_classifier():
+    """A small real mmpretrain ImageClassifier (CIFAR-stem ResNet with
+    16/32/64 channels, 10 classes): the digits example's model."""
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')
+    return MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type='ResNet_CIFAR', depth=18, num_stages=3,
+                      stem_channels=16, base_channels=16,
+                      strides=(1, 2, 2), dilations=(1, 1, 1),
+                      out_indices=(2, )),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=10, in_channels=64)))
+
+
 @pytest.fixture
 def small_classifier():
-    """Factory of a small real mmpretrain ImageClassifier (CIFAR-stem ResNet
-    with 16/32/64 channels, 10 classes): the digits example's model."""
-
-    def make():
-        from mmengine.registry import init_default_scope
-        from mmpretrain.registry import MODELS
-        init_default_scope('mmpretrain')
-        return MODELS.build(dict(
-            type='ImageClassifier',
-            backbone=dict(type='ResNet_CIFAR', depth=18, num_stages=3,
-                          stem_channels=16, base_channels=16,
-                          strides=(1, 2, 2), dilations=(1, 1, 1),
-                          out_indices=(2, )),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=10, in_channels=64)))
-
-    return make
+    """Factory of ``build_small_classifier`` models."""
+    return build_small_classifier
 
 
 @pytest.fixture(params=['torch', 'fused'])

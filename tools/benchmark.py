@@ -18,8 +18,8 @@ import os.path as osp
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
-from mmdrq.tools_common import (add_common_args, is_qat_config, load_config,
-                                prepare_launch, require_exact_checkpoint)
+from mmdrq.tools_common import (add_common_args, configure_test,
+                                is_qat_config, load_config, prepare_launch)
 
 
 def point_at(cfg, data_root: str):
@@ -78,15 +78,8 @@ def main():
         raise ValueError(f'{args.config}: model.type '
                          f'{cfg.model.get("type")!r} is not an mmdrq model')
     point_at(cfg, args.data_root)
-    cfg.load_from = args.checkpoint
-    require_exact_checkpoint(cfg)
-    cfg.test_cfg = dict(type='mmdrq.MultiBitTestLoop', measure_speed=True,
-                        bits=args.bits or 'all', subnets=args.subnets)
-    if args.backend == 'onnxruntime':
-        from mmdrq.deploy.loop import onnxruntime_test_cfg
-        onnxruntime_test_cfg(cfg, args.checkpoint, args.bits, args.subnets,
-                             args.ort_kernels)
-        cfg.test_cfg['measure_speed'] = True
+    configure_test(cfg, args.checkpoint, args.bits or 'all', args.subnets,
+                   args.backend, args.ort_kernels, measure_speed=True)
     prepare_launch(cfg)
     metrics = Runner.from_cfg(cfg).test()
     metrics = {k: float(v) for k, v in metrics.items()

@@ -41,7 +41,7 @@ from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, feasible_range,
 from mmdrq.search.perturbation import weight_perturbations
 from mmdrq.search.subnet import save_subnet
 from mmdrq.apis import load_trained
-from mmdrq.tools_common import prepare_launch
+from mmdrq.tools_common import configure_test, prepare_launch
 from mmdrq.utils import atomic_write_json
 
 
@@ -151,10 +151,8 @@ def main():
 
 def evaluate(cfg, args, files):
     """One test run over every uniform bit and every SubNet file."""
-    cfg.load_from = args.checkpoint
     cfg.work_dir = args.work_dir
-    cfg.test_cfg = dict(type='mmdrq.MultiBitTestLoop', bits='all',
-                        subnets=files)
+    configure_test(cfg, args.checkpoint, 'all', files)
     prepare_launch(cfg)
     metrics = Runner.from_cfg(cfg).test()
     return {k: float(v) for k, v in metrics.items()}

@@ -16,8 +16,8 @@ import os.path as osp
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
-from mmdrq.tools_common import (add_common_args, is_qat_config, load_config,
-                                prepare_launch, require_exact_checkpoint)
+from mmdrq.tools_common import (add_common_args, configure_test,
+                                is_qat_config, load_config, prepare_launch)
 from mmdrq.utils import atomic_write
 
 
@@ -46,24 +46,11 @@ def main():
         raise FileNotFoundError(f'--out {args.out!r}: its folder does not '
                                 'exist')
     cfg = load_config(args)
-    cfg.load_from = args.checkpoint
     if (args.bits or args.subnets) and not is_qat_config(cfg):
         raise ValueError('--bits/--subnets need an mmdrq model config '
                          f'(model.type={cfg.model.get("type")!r})')
-    if args.backend == 'onnxruntime':
-        from mmdrq.deploy.loop import onnxruntime_test_cfg
-        onnxruntime_test_cfg(cfg, args.checkpoint, args.bits, args.subnets,
-                             args.ort_kernels)
-    else:
-        require_exact_checkpoint(cfg)
-        if is_qat_config(cfg):
-            test_cfg = dict(cfg.get('test_cfg') or {})
-            test_cfg['type'] = 'mmdrq.MultiBitTestLoop'
-            if args.bits:
-                test_cfg['bits'] = args.bits
-            if args.subnets:
-                test_cfg['subnets'] = args.subnets
-            cfg.test_cfg = test_cfg
+    configure_test(cfg, args.checkpoint, args.bits, args.subnets,
+                   args.backend, args.ort_kernels)
     prepare_launch(cfg)
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()

@@ -8,6 +8,6 @@ multi_precision_dir = 'work_dirs/resnet18_drq-432_4xb64_in1k'
 model = dict(quantizer=dict(bits=[4, 3, 2]))
 load_from = multi_precision_dir + '/epoch_90.pth'
 custom_hooks = [
-    dict(type='mmdrq.HASBHook', traces=multi_precision_dir + '/traces.json',
-         sigma=0.5, warmup_epochs=5),
+    dict(_base_.mmdrq.hasb_hook, traces=multi_precision_dir + '/traces.json',
+         warmup_epochs=5),
 ]

@@ -9,6 +9,6 @@ multi_precision_dir = 'work_dirs/resnet50_drq-8642_4xb64_in1k'
 model = dict(transitional_bn=dict(input_shape=(1, 3, 224, 224)))
 load_from = multi_precision_dir + '/epoch_90.pth'
 custom_hooks = [
-    dict(type='mmdrq.HASBHook', traces=multi_precision_dir + '/traces.json',
-         sigma=0.5, warmup_epochs=5),
+    dict(_base_.mmdrq.hasb_hook, traces=multi_precision_dir + '/traces.json',
+         warmup_epochs=5),
 ]

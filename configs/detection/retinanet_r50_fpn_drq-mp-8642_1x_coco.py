@@ -8,6 +8,6 @@ multi_precision_dir = 'work_dirs/retinanet_r50_fpn_drq-8642_1x_coco'
 model = dict(transitional_bn=dict(input_shape=(1, 3, 256, 256)))
 load_from = multi_precision_dir + '/epoch_12.pth'
 custom_hooks = [
-    dict(type='mmdrq.HASBHook', traces=multi_precision_dir + '/traces.json',
-         sigma=0.5, warmup_epochs=1),
+    dict(_base_.mmdrq.hasb_hook, traces=multi_precision_dir + '/traces.json',
+         warmup_epochs=1),
 ]

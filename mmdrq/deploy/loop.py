@@ -13,7 +13,7 @@ from mmengine.logging import print_log
 from mmengine.runner import TestLoop
 from torch.utils import _pytree as pytree
 
-from mmdrq.engine.loops import _table
+from mmdrq.engine.loops import metrics_table
 from mmdrq.models import architecture_of
 from mmdrq.quantization.bitwidths import bit_tag, tag
 from mmdrq.registry import LOOPS
@@ -103,7 +103,7 @@ class OnnxRuntimeTestLoop(TestLoop):
             rows.append((tag, metrics))
             all_metrics.update({k + tag: v for k, v in metrics.items()})
         print_log('test metrics per bit-width (ONNX Runtime):\n' +
-                  _table(rows), logger='current')
+                  metrics_table(rows), logger='current')
         self.runner.call_hook('after_test_epoch', metrics=all_metrics)
         self.runner.call_hook('after_test')
         return all_metrics

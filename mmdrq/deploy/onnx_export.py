@@ -41,9 +41,12 @@ from mmdrq.quantization.bitwidths import (check_bit, signed_range,
 from mmdrq.quantization.functional import requantize
 from mmdrq.quantization.layers import (BitSwitchable, QConv2d, QLinear,
                                        QuantLayer)
+from .residual import add_residual_qdq, check_residual_mode
 
 OPSET = 20
 TARGETS = ('onnxruntime', 'tensorrt')
+# storage of the weights of layers kept FP (the stem, the classifier)
+FP_WEIGHTS = ('float32', 'float16', 'int8')
 MAX_ONNX_BIT = 8  # int8/uint8 containers
 _PREFIX = 'model.'
 
@@ -169,13 +172,33 @@ def _float_skeleton(model: nn.Module) -> nn.Module:
         _replace(skeleton, name, _plain_layer(module))
     for name, module in list(skeleton.named_modules()):
         if isinstance(module, BitSwitchable) and hasattr(module, 'bns'):
-            _replace(skeleton, name, next(iter(module.bns.values())))
+            norm = next(iter(module.bns.values()))
+            if isinstance(norm, nn.GroupNorm):
+                norm = _GroupNormAffine(norm)
+            _replace(skeleton, name, norm)
     generator = torch.Generator().manual_seed(0)
     for module in skeleton.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             module.bias = nn.Parameter(torch.rand(
                 module.weight.shape[0], generator=generator) + 1)
     return skeleton
+
+
+class _GroupNormAffine(nn.Module):
+    """GroupNorm with its affine as a Mul and an Add on named parameters:
+    exported as is, GN's affine becomes anonymous folded constants, which
+    the per-bit rewrite could not find (switchable GN sets them per bit)."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        shape = (norm.num_channels, 1, 1)
+        self.weight = nn.Parameter(norm.weight.detach().reshape(shape))
+        self.bias = nn.Parameter(norm.bias.detach().reshape(shape))
+
+    def forward(self, x):
+        x = nn.functional.group_norm(x, self.num_groups, eps=self.eps)
+        return x * self.weight + self.bias
 
 
 def _consumers(graph) -> Dict[str, list]:
@@ -234,15 +257,41 @@ class OnnxExporter:
             between Q and DQ) or ``tensorrt`` (int8 only, Q right before
             DQ, the range by a float Clip before Q; unsigned 8-bit
             activations cannot be expressed).
+        residual_qdq: ``none`` (the residual stream float, as PyTorch
+            computes it: with ONNX Runtime's exact kernels the outputs
+            equal PyTorch's) or ``calibrated`` (8-bit Q/DQ on residual
+            adds, scales from ``calibration``, so every conv fuses into an
+            integer kernel; not bit-equal, see ``mmdrq.deploy.residual``).
+        calibration: input batches (after the data preprocessor) for
+            ``calibrated``.
+        fp_weights: how layers kept FP store their weights: ``float32``
+            (as trained), ``float16`` (a Cast to float32 in the graph) or
+            ``int8`` (post-training, symmetric per output channel
+            ``max|w| / 127``, into DequantizeLinear; the layer's input and
+            computation stay float). Only ``float32`` is bit-equal.
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int],
-                 forward=None, target: str = 'onnxruntime'):
+                 forward=None, target: str = 'onnxruntime',
+                 residual_qdq: str = 'none', calibration=None,
+                 fp_weights: str = 'float32'):
         check_exportable(model)
         if target not in TARGETS:
             raise ValueError(f'target must be one of {list(TARGETS)}, got '
                              f'{target!r}')
-        self.target = target
+        if fp_weights not in FP_WEIGHTS:
+            raise ValueError(f'fp_weights must be one of {list(FP_WEIGHTS)}'
+                             f', got {fp_weights!r}')
+        if fp_weights == 'int8' and target == 'tensorrt':
+            raise ValueError("fp_weights='int8' (weight-only int8 layers "
+                             'with float inputs) breaks TensorRT\'s rule '
+                             'that a conv with a dequantized weight has a '
+                             "dequantized input; use 'float16'")
+        self.fp_weights = fp_weights
+        check_residual_mode(residual_qdq, calibration)
+        self.target, self.residual_qdq = target, residual_qdq
+        self.calibration = [np.asarray(torch.as_tensor(b).float())
+                            for b in calibration or ()]
         self.model = model.eval()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.forward = forward
@@ -306,6 +355,8 @@ class OnnxExporter:
         with at_bits(self.model, bits), torch.no_grad():
             layer_bits = {n: m.bit for n, m in self.layers.items()}
             _Rewrite(self, proto, layer_bits, active).run()
+        if self.residual_qdq == 'calibrated':
+            add_residual_qdq(proto, self.calibration, self.target)
         onnx.checker.check_model(proto, full_check=True)
         return proto
 
@@ -354,6 +405,18 @@ class _Rewrite:
             new_nodes.append(node)
         del self.graph.node[:]
         self.graph.node.extend(new_nodes)
+        self.group_and_layer_norms()
+
+    def group_and_layer_norms(self):
+        """Switchable GN/LN: the bit's copy's affine, wherever the graph
+        holds it (LN's node inputs, the Mul/Add of ``_GroupNormAffine``)."""
+        for key in ('weight', 'bias'):
+            for init in list(self.inits):
+                norm = self.active.get(_module_of(init, '.' + key))
+                if isinstance(norm, (nn.GroupNorm, nn.LayerNorm)):
+                    shape = tuple(self.inits[init].dims)
+                    value = getattr(norm, key).detach().float().reshape(shape)
+                    self.set_init(init, value.numpy())
 
     def batch_norm(self, node):
         """A BN not folded: the bit's copy's parameters."""
@@ -393,8 +456,9 @@ class _Rewrite:
         view = (-1, ) + (1, ) * (module.weight.dim() - 1)
         if not isinstance(module, QuantLayer):
             weight = module.weight.detach().double() * factor.view(view)
-            self.set_init(node.input[1], weight.float().numpy())
-            return []
+            if node.input[1] not in self.inits:  # a layer called again
+                return []
+            return self.fp_weight(node.input[1], weight)
         bit = self.layer_bits[name]
         prefix = f'{name}@w{bit}'
         nodes = []
@@ -409,6 +473,32 @@ class _Rewrite:
                                     prefix if call == 0 else
                                     f'{prefix}.call{call}')
         return nodes
+
+    def fp_weight(self, name: str, weight: torch.Tensor) -> list:
+        """A float layer's (BN-folded) weight stored as the exporter's
+        ``fp_weights`` says; the nodes that give ``name`` back in float."""
+        storage = self.exporter.fp_weights
+        if storage == 'float32':
+            self.set_init(name, weight.float().numpy())
+            return []
+        self.graph.initializer.remove(self.inits.pop(name))
+        if storage == 'float16':
+            self.set_init(name + '_fp16', weight.half().numpy())
+            return [helper.make_node(
+                'Cast', [name + '_fp16'], [name],
+                to=onnx.TensorProto.FLOAT, name=name + '_cast')]
+        view = (-1, ) + (1, ) * (weight.dim() - 1)
+        scale = weight.abs().flatten(1).amax(1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+        q = torch.round(weight / scale.double().view(view)).clamp(-127, 127)
+        self.set_init(name + '_q', q.to(torch.int8).numpy())
+        self.set_init(name + '_scale', scale.numpy())
+        self.set_init(name + '_zero_point',
+                      np.zeros(len(scale), dtype=np.int8))
+        return [helper.make_node(
+            'DequantizeLinear', [name + '_q', name + '_scale',
+                                 name + '_zero_point'], [name], axis=0,
+            name=name + '_dq')]
 
     def quantized_weight(self, module, prefix, bit, factor):
         """The int8 initializer and scales of the layer's weight at ``bit``,

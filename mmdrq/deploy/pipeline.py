@@ -11,6 +11,7 @@ from mmdrq.quantization import model_bits, quantized_layers
 from .folder import check_out_dir, export_name, write_folder
 from .onnx_export import (OnnxExporter, at_bits, check_bits_setting,
                           check_exportable)
+from .residual import check_residual_mode
 
 
 def load_for_export(config: str, checkpoint: str, cfg_options=None):
@@ -30,6 +31,37 @@ def load_for_export(config: str, checkpoint: str, cfg_options=None):
         cfg, _, architecture = load_trained(config, checkpoint, cfg_options)
     check_exportable(architecture)
     return cfg, architecture.eval()
+
+
+def calibration_batches(cfg, model, batches: int,
+                        input_shape: Sequence[int]) -> list:
+    """``batches`` batches of training images through the test pipeline
+    (deploy-time transforms, images the metrics never see), shuffled with
+    a fixed seed, after the model's data preprocessor."""
+    import copy
+
+    from mmengine.runner import Runner
+    loader_cfg = copy.deepcopy(cfg.train_dataloader)
+    if 'pipeline' not in loader_cfg.dataset:
+        raise ValueError('calibration reads train_dataloader.dataset.'
+                         'pipeline, which this config does not have (a '
+                         'dataset wrapper?)')
+    loader_cfg.dataset.pipeline = cfg.test_dataloader.dataset.pipeline
+    loader_cfg.sampler = dict(type='DefaultSampler', shuffle=True, seed=0)
+    loader_cfg.update(num_workers=0, persistent_workers=False)
+    loader = Runner.build_dataloader(loader_cfg, seed=0)
+    found = []
+    for data in loader:
+        inputs = model.data_preprocessor(data, False)['inputs']
+        if tuple(inputs.shape[1:]) != tuple(input_shape[1:]):
+            raise ValueError(
+                f'calibration batch of shape {tuple(inputs.shape)} does not '
+                f'match the export input shape {tuple(input_shape)}: give '
+                '--input-shape as the test pipeline makes it')
+        found.append(inputs.detach().float())
+        if len(found) == batches:
+            break
+    return found
 
 
 def _flat(outputs) -> list:
@@ -55,12 +87,14 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
                      subnets: Optional[Dict[str, Dict[str, int]]] = None,
                      input_shape=(1, 3, 224, 224), forward=None,
                      info: Optional[dict] = None,
-                     target: str = 'onnxruntime') -> dict:
+                     target: str = 'onnxruntime', residual_qdq: str = 'none',
+                     calibration=None, fp_weights: str = 'float32') -> dict:
     """Export ``model`` at each of ``bits`` and each SubNet (name -> layer
     bits) into ``out_dir``; every input is checked before anything is
-    exported or written (``target``: see ``OnnxExporter``). Returns the
-    folder's meta."""
+    exported or written (``target``, ``residual_qdq``, ``calibration``,
+    ``fp_weights``: see ``OnnxExporter``). Returns the folder's meta."""
     check_exportable(model)
+    check_residual_mode(residual_qdq, calibration)
     settings = [(export_name(bit=b), b) for b in bits]
     settings += [(name, layer_bits)
                  for name, layer_bits in (subnets or {}).items()]
@@ -69,7 +103,8 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
     for _, setting in settings:
         check_bits_setting(model, setting)
     check_out_dir(out_dir)
-    exporter = OnnxExporter(model, input_shape, forward, target)
+    exporter = OnnxExporter(model, input_shape, forward, target,
+                            residual_qdq, calibration, fp_weights)
     models, exports = {}, []
     for name, setting in settings:
         proto = exporter.export(setting)
@@ -85,6 +120,8 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
     outputs = pytree.tree_flatten(example)[1]
     meta = dict(info or {}, model=type(model).__name__,
                 model_bits=list(model_bits(model)), target=target,
+                residual_qdq=residual_qdq, fp_weights=fp_weights,
+                calibration_images=sum(len(b) for b in calibration or ()),
                 quantized_layers=len(quantized_layers(model)),
                 input_name='input', input_shape=list(exporter.input_shape),
                 output_tree=pytree.treespec_dumps(outputs),

@@ -78,7 +78,7 @@ class _MultiBitMixin:
                     metrics['images_per_s'] = images / max(seconds, 1e-9)
             rows.append((suffix, metrics))
             all_metrics.update({k + suffix: v for k, v in metrics.items()})
-        print_log(f'{phase} metrics per bit-width:\n' + _table(rows),
+        print_log(f'{phase} metrics per bit-width:\n' + metrics_table(rows),
                   logger='current')
         return all_metrics
 
@@ -90,7 +90,9 @@ class _MultiBitMixin:
         return time.perf_counter()
 
 
-def _table(rows) -> str:
+def metrics_table(rows) -> str:
+    """Markdown table of ``(tag, metrics)`` rows, one per setting (bit or
+    SubNet), as the multi-bit loops log it."""
     keys = []
     for _, metrics in rows:
         keys += [k for k in metrics if k not in keys]

@@ -17,7 +17,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .config import QuantizeConfig, make_config
 from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
-from .switchable_bn import SwitchableBatchNorm
+from .switchable_bn import SwitchableBatchNorm, SwitchableNorm, norm_channels
 from .weight_layers import (MultiheadAttentionLayer, WeightReadingOwner,
                             weight_layer_forms, weight_reads)
 
@@ -100,7 +100,7 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
     decisions = _out_proj_follows_attention(decisions)
     # BN layers named by a skip pattern stay FP too.
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
             for pattern in cfg.skip:
                 if re.fullmatch(pattern, name):
                     used[pattern] = True
@@ -184,7 +184,7 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
         rows.append((name, float_type, status))
     _replace_all(model, new_of)
     rows += _convert_weight_readers(model)
-    if cfg.switchable_bn:
+    if cfg.switchable_bn or cfg.switchable_gn_ln:
         rows += _convert_bn(model, cfg)
     model.mmdrq_config = cfg
     model.mmdrq_report = rows
@@ -209,30 +209,38 @@ def _refuse_quantized(model: nn.Module):
 
 
 def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
-    """Switchable BN for every BN not named by a skip pattern. Its source is
-    the closest preceding conv/linear layer when that layer is quantized and
-    has matching channels (a BN fed by an FP layer follows the global bit)."""
+    """Switchable BN (``switchable_bn``) and GN/LN (``switchable_gn_ln``)
+    for every such norm not named by a skip pattern. Its source is the
+    closest preceding conv/linear layer when that layer is quantized and has
+    matching channels (a norm fed by an FP layer follows the global bit)."""
+    types = {}
+    if cfg.switchable_bn:
+        types[_BatchNorm] = SwitchableBatchNorm
+    if cfg.switchable_gn_ln:
+        types[nn.GroupNorm] = types[nn.LayerNorm] = SwitchableNorm
     rows, previous, first_name, new_of = [], None, {}, {}
-    # every reference: a BN after a shared conv's later use follows it
+    # every reference: a norm after a shared conv's later use follows it
     for name, module in list(model.named_modules(remove_duplicate=False)):
         repeated = id(module) in first_name
         name = first_name.setdefault(id(module), name)
         if _is_weight_layer(module):  # quantized or kept FP
             previous = (name, module)
             continue
-        if repeated or not isinstance(module, _BatchNorm) or isinstance(
-                module, SwitchableBatchNorm):
+        switchable = next((new for old, new in types.items()
+                           if isinstance(module, old)), None)
+        if repeated or switchable is None:
             continue
         if any(re.fullmatch(p, name) for p in cfg.skip):
             rows.append((name, type(module).__name__, 'FP: skip pattern'))
             continue
         source: Optional[str] = None
         if previous is not None and isinstance(previous[1], QuantLayer) \
-                and _output_channels(previous[1]) == module.num_features:
+                and _output_channels(previous[1]) == norm_channels(module):
             source = previous[0]
-        new_of[id(module)] = SwitchableBatchNorm(module, cfg.bits, source)
+        new_of[id(module)] = switchable(module, cfg.bits, source)
+        kind = 'BN' if switchable is SwitchableBatchNorm else 'norm'
         rows.append((name, type(module).__name__,
-                     f'switchable BN (follows {source or "global bit"})'))
+                     f'switchable {kind} (follows {source or "global bit"})'))
     _replace_all(model, new_of)
     return rows
 

@@ -156,14 +156,14 @@ def _promoted(x, scale):
     return x.to(dtype), scale.to(dtype)
 
 
-def _forward(x, scale, h_lo, h_hi, plans, rounding, variant):
+def _forward(x, scale, h_lo, h_hi, grids, rounding, variant):
     """``q_l * scale * 2**shift`` in ``x``'s dtype for every target of
-    ``plans`` (``(down, l_lo, l_hi, up)`` each), all from one first
+    ``grids`` (``(down, l_lo, l_hi, up)`` each), all from one first
     rounding."""
     xf, sf = _promoted(x, scale)
     q_h = _first_rounding(xf, sf, h_lo, h_hi)
     return [(_round_down(q_h, down, lo, hi, rounding, variant) *
-             (sf * up)).to(x.dtype) for down, lo, hi, up in plans]
+             (sf * up)).to(x.dtype) for down, lo, hi, up in grids]
 
 
 def _residual_int(q, v, inside, residual, lo, hi, rounding, variant):
@@ -181,7 +181,7 @@ def _residual_int(q, v, inside, residual, lo, hi, rounding, variant):
     return q
 
 
-def _backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
+def _backward(grads, x, scale, h_lo, h_hi, grids, rounding, variant,
               residual, with_graph=False):
     """STE gradient of ``x`` summed over the targets, and per target and
     element the LSQ scale gradient before its factor: ``grad * (r - v)``
@@ -191,7 +191,7 @@ def _backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
     xf, sf = _promoted(x, scale)
     q_h = _first_rounding(xf.detach(), sf.detach(), h_lo, h_hi)
     grad_x, contribs = None, []
-    for grad, (down, lo, hi, up) in zip(grads, plans):
+    for grad, (down, lo, hi, up) in zip(grads, grids):
         q = _round_down(q_h, down, lo, hi, rounding, variant)
         v = xf / (sf * up)
         inside = (v >= lo) & (v <= hi)
@@ -207,11 +207,11 @@ def _backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
     return grad_x, contribs
 
 
-def _fused_backward(grads, x, scale, h_lo, h_hi, plans, rounding, variant,
+def _fused_backward(grads, x, scale, h_lo, h_hi, grids, rounding, variant,
                     residual):
     """``_backward`` with the scale gradients summed per row of the 2-d
     ``x``, in the same kernel."""
-    grad_x, contribs = _backward(grads, x, scale, h_lo, h_hi, plans,
+    grad_x, contribs = _backward(grads, x, scale, h_lo, h_hi, grids,
                                  rounding, variant, residual)
     return grad_x, [c.sum(dim=1, keepdim=True) for c in contribs]
 
@@ -298,7 +298,7 @@ def _as_rows(x, scale):
 _MODE_CODES = {'half_even': 0, 'half_up': 1, 'floor': 2}
 
 
-class _Plan:
+class _QuantSpec:
     """One call's grids: the stored range, then per target ``(shift,
     l_range, grad_scale)``, as Python numbers for the torch path and as
     cached 0-dim tensors for the kernels."""
@@ -311,7 +311,7 @@ class _Plan:
         self.residual = residual
 
     def numbers(self, keep=None):
-        """``(h_lo, h_hi, plans, rounding, variant)`` for ``_forward`` and
+        """``(h_lo, h_hi, grids, rounding, variant)`` for ``_forward`` and
         ``_backward``; ``keep`` selects targets by index."""
         return (*self.h_range, [
             (2.0**-shift, lo, hi, 2.0**shift)
@@ -326,9 +326,9 @@ class _Plan:
                            else self.rounding]
         like = (scale.device, _compute_dtype(x, scale))
         h_lo, h_hi, code = _as_tensors((*self.h_range, mode), *like)
-        plans = [_as_tensors((2.0**-shift, lo, hi, 2.0**shift), *like)
+        grids = [_as_tensors((2.0**-shift, lo, hi, 2.0**shift), *like)
                  for shift, (lo, hi), _ in self._select(keep)]
-        return h_lo, h_hi, plans, code, None
+        return h_lo, h_hi, grids, code, None
 
     def residual_code(self, scale):
         """``residual`` as the kernels' 0-dim tensor code (its index)."""
@@ -340,14 +340,14 @@ class _Plan:
             [self.targets[i] for i in keep]
 
 
-def _outputs(x, scale, plan, reduce_dims) -> tuple:
+def _outputs(x, scale, spec, reduce_dims) -> tuple:
     """The forward's tensors, by the fused kernel where it applies."""
     if _use_fused(x, scale, reduce_dims):
         x2, s2 = _as_rows(x, scale)
-        outs = _run_fused(0, x2, s2, *plan.tensors(x2, s2))
+        outs = _run_fused(0, x2, s2, *spec.tensors(x2, s2))
         if outs is not None:
             return tuple(out.view(x.shape) for out in outs)
-    return tuple(_forward(x, scale, *plan.numbers()))
+    return tuple(_forward(x, scale, *spec.numbers()))
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -358,16 +358,16 @@ class _FakeQuant(torch.autograd.Function):
     a tensor of them."""
 
     @staticmethod
-    def forward(ctx, x, scale, plan, reduce_dims):
+    def forward(ctx, x, scale, spec, reduce_dims):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, scale)
-        ctx.plan, ctx.reduce_dims = plan, reduce_dims
-        return _outputs(x, scale, plan, reduce_dims)
+        ctx.spec, ctx.reduce_dims = spec, reduce_dims
+        return _outputs(x, scale, spec, reduce_dims)
 
     @staticmethod
     def backward(ctx, *grad_outs):
         x, scale = ctx.saved_tensors
-        plan, dims = ctx.plan, ctx.reduce_dims
+        spec, dims = ctx.spec, ctx.reduce_dims
         keep = [i for i, grad in enumerate(grad_outs) if grad is not None]
         if not keep:  # no output reached the loss
             return None, None, None, None
@@ -377,21 +377,21 @@ class _FakeQuant(torch.autograd.Function):
             x2, s2 = _as_rows(x, scale)
             fused = _run_fused(1, [g.reshape(x2.shape).detach()
                                    for g in grads], x2, s2,
-                               *plan.tensors(x2, s2, keep),
-                               plan.residual_code(s2))
+                               *spec.tensors(x2, s2, keep),
+                               spec.residual_code(s2))
         if fused is not None:  # per-row sums: one row per scale, or one row
             grad_x, partials = fused[0].view(x.shape), fused[1]
             if dims is None or partials[0].numel() == 1:
                 partials = [p.sum() for p in partials]
         else:  # torch path; with a graph under double backward
             grad_x, contribs = _backward(grads, x, scale,
-                                         *plan.numbers(keep), plan.residual,
+                                         *spec.numbers(keep), spec.residual,
                                          with_graph=torch.is_grad_enabled())
             partials = [c.sum() if dims is None else
                         c.sum(dim=dims, keepdim=True) for c in contribs]
         # each target's LSQ factor on its own partial sums, in the compute
         # dtype: a bf16 scale's gradient is rounded once, at the end
-        grad_s = sum(p * plan.targets[i][2]
+        grad_s = sum(p * spec.targets[i][2]
                      for i, p in zip(keep, partials)).to(scale.dtype)
         grad_s = grad_s.expand(scale.shape) if grad_s.dim() == 0 \
             else grad_s.reshape(scale.shape)
@@ -453,11 +453,11 @@ def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
             f'residual must be one of {list(RESIDUALS)}, got {residual!r}')
     if not targets:
         raise ValueError('fake_quant_bits needs at least one target')
-    plan = _Plan(h_range, targets, rounding, variant, residual)
+    spec = _QuantSpec(h_range, targets, rounding, variant, residual)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        return _FakeQuant.apply(x, scale, plan, reduce_dims)
+        return _FakeQuant.apply(x, scale, spec, reduce_dims)
     # no graph to build (evaluation, recomputation in a backward)
-    return _outputs(x, scale, plan, reduce_dims)
+    return _outputs(x, scale, spec, reduce_dims)
 
 
 def lsq_grad_scale(num_elements: int, q_max: int) -> float:

@@ -123,7 +123,7 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
         self._ensure_init(weight, row, init_bit)
         return row
 
-    def _plan(self, bit: int):
+    def _bit_grid(self, bit: int):
         """(stored range, shift, target range) of ``bit`` for this variant."""
         check_bit(bit, self.bits)
         if self.variant == 'unshared':
@@ -148,7 +148,7 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
         per_scale = weight.numel() // scale.numel()
         targets = []
         for bit in bits:
-            h_range, shift, l_range = self._plan(bit)
+            h_range, shift, l_range = self._bit_grid(bit)
             grad_scale = lsq_grad_scale(per_scale, l_range[1])
             if self.scale_grad == 'exact':
                 grad_scale *= 2.0**shift
@@ -167,7 +167,7 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
         forward under ``shared_rounding`` and kept while the weight and
         the scale are unchanged (their version counters say so; writes
         through ``.data`` bypass them, as in ``quantized_weight``)."""
-        self._plan(bit)  # the usual error for a bit not in ``bits``
+        self._bit_grid(bit)  # the usual error for a bit not in ``bits``
         key = (weight.data_ptr(), weight._version, self.scale._version)
         if self._shared.get('key') != key:
             outputs = dict(zip(self.bits, self._fake_quant(weight, self.bits)))
@@ -180,7 +180,7 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
         rounded in the precision of the forward (float64 for a float64
         model), so they are the forward's integers."""
         bit = self.bits[0] if bit is None else bit
-        h_range, shift, l_range = self._plan(bit)
+        h_range, shift, l_range = self._bit_grid(bit)
         row = self._initialised_row(weight, bit)
         variant = 'floor' if self.variant == 'floor' else 'double_rounding'
         q = quantize_int(weight, self.scale_view(weight.dim(), row), h_range,

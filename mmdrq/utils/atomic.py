@@ -10,8 +10,9 @@ import torch
 def atomic_write(path: str, write: Callable[[BinaryIO], object]):
     """Call ``write(f)`` on a temporary file in the target folder, fsync, give
     it the usual permissions (not mkstemp's private 0600), then rename it
-    over ``path``; on any failure the temporary file is removed and ``path``
-    keeps its old content."""
+    over ``path`` and fsync the folder, so the rename itself survives a
+    crash; on any failure the temporary file is removed and ``path`` keeps
+    its old content."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -30,6 +31,20 @@ def atomic_write(path: str, write: Callable[[BinaryIO], object]):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str):
+    """Flush the folder entry of a rename (POSIX; a no-op where folders
+    cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj, path: str):

@@ -509,3 +509,27 @@ def test_subnet_bits_are_recorded_and_applied(make_tiny_cnn, tmp_path):
         mmdrq.save_int(model, path, layer_bits={'conv9': 2})
     with pytest.raises(ValueError, match='conv1.*6'):
         mmdrq.save_int(model, path, layer_bits={'conv1': 6})
+
+
+def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """A crash right after the rename must not lose it: the folder entry is
+    fsynced once the file has its final name."""
+    atomic = importlib.import_module('mmdrq.utils.atomic')
+    path = tmp_path / 'x.bin'
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = 'folder' if os.path.isdir(f'/proc/self/fd/{fd}') else 'file'
+        events.append(kind)
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append('rename')
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, 'fsync', fsync)
+    monkeypatch.setattr(atomic.os, 'replace', replace)
+    atomic.atomic_write(str(path), lambda f: f.write(b'data'))
+    assert events == ['file', 'rename', 'folder']
+    assert path.read_bytes() == b'data'

@@ -6,6 +6,6 @@ _base_ = './resnet_digits_drq_8642.py'
 
 model = dict(transitional_bn=dict(input_shape=(1, 3, 16, 16)))
 custom_hooks = [
-    dict(type='mmdrq.HASBHook', traces='work_dirs/digits/traces.json',
-         sigma=0.5, warmup_epochs=1, seed=0),
+    dict(_base_.mmdrq.hasb_hook, traces='work_dirs/digits/traces.json',
+         warmup_epochs=1, seed=0),
 ]

@@ -1,0 +1,183 @@
+"""Q/DQ around residual adds, with scales calibrated on real inputs.
+
+ONNX Runtime fuses ``DQ -> Conv -> Q`` into an integer convolution only
+when the conv's output goes straight into a QuantizeLinear of the type its
+input has, and ``DQ, DQ -> Add -> Q`` into QLinearAdd only when all three
+share a type. A trained mmdrq model's residual stream is float, so a
+ResNet block's last conv (and its downsample) feeds a float Add and stays
+a float kernel. ``add_residual_qdq`` quantizes that stream at 8 bits per
+tensor, symmetric:
+
+- every input of a residual Add (both operands activations) that is not
+  already dequantized (a conv's output, a pooled stem output), on the edge
+  into the add only;
+- the Add's output, after its ReLU when the ReLU is its only consumer
+  (then unsigned: zero point 0, so ONNX Runtime drops the ReLU into the
+  QuantizeLinear and the block's output is quantized once for every
+  consumer: the next block's convs and its identity path).
+
+Signed tensors go in the graph's activation container: uint8 with zero
+point 128 where the convs' inputs are uint8 (ONNX Runtime, unsigned
+activation quantizers), else int8 with zero point 0 (``tensorrt``). Scales
+are ``max|x| / 127`` (signed) or ``max|x| / 255`` (unsigned uint8) over
+the calibration inputs, measured on the graph before the insertion (which
+computes what PyTorch computes at that bit). The trained model has no such
+rounding: this graph is not bit-equal to PyTorch.
+"""
+from typing import Dict, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+RESIDUAL_MODES = ('none', 'calibrated')
+_UNSIGNED_PRODUCERS = ('Relu', )
+_PASS_SIGN = ('MaxPool', )  # keep their input's sign
+
+
+def check_residual_mode(mode: str, calibration) -> None:
+    """Refuse an unknown mode, or 'calibrated' without inputs, before any
+    work."""
+    if mode not in RESIDUAL_MODES:
+        raise ValueError(f'residual_qdq must be one of {list(RESIDUAL_MODES)}'
+                         f', got {mode!r}')
+    if mode == 'calibrated' and not calibration:
+        raise ValueError("residual_qdq='calibrated' needs calibration inputs "
+                         '(a few batches after the data preprocessor)')
+
+
+def _producers(graph) -> Dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _unsigned(name: str, producers) -> bool:
+    node = producers.get(name)
+    while node is not None and node.op_type in _PASS_SIGN:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type in _UNSIGNED_PRODUCERS
+
+
+def _float_tensors(proto: onnx.ModelProto) -> set:
+    """Names of the graph's float32 tensors (shape inference's types), so
+    shape arithmetic (int64 Adds) is left alone."""
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    return {v.name for v in list(inferred.value_info) +
+            list(inferred.output) + list(inferred.input)
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+
+def residual_tensors(proto: onnx.ModelProto):
+    """Where the residual stream needs Q/DQ, as two dicts tensor name ->
+    unsigned: ``outputs`` (an Add's output, or its ReLU's) quantized for
+    every consumer, and ``operands`` (Add inputs not already dequantized)
+    quantized on the edges into residual adds only. The edge keeps a
+    tensor's other consumers reading float: a pooled stem output read by
+    a conv's own Q as well stays a float MaxPool (ONNX Runtime would move a
+    lone Q in front of it, and its uint8 MaxPool is slow)."""
+    graph = proto.graph
+    producers = _producers(graph)
+    floats = _float_tensors(proto)
+    inits = {i.name for i in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs, operands = {}, {}
+    for node in graph.node:
+        if node.op_type != 'Add' or len(node.input) != 2 or \
+                node.output[0] not in floats or \
+                any(i in inits or i not in producers for i in node.input):
+            continue
+        for name in node.input:
+            if producers[name].op_type != 'DequantizeLinear':
+                operands[name] = _unsigned(name, producers)
+        users = consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == 'Relu' and \
+                node.output[0] not in graph_outputs:
+            outputs[users[0].output[0]] = True
+        else:
+            outputs[node.output[0]] = False
+    # a block's output is the next block's identity operand: quantized once
+    operands = {k: v for k, v in operands.items() if k not in outputs}
+    return outputs, operands
+
+
+def activation_container(graph, target: str):
+    """uint8 when ONNX Runtime's convs read uint8 (types around a fused
+    conv and add must match), else int8."""
+    if target == 'onnxruntime':
+        inits = {i.name: i for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == 'QuantizeLinear' and len(node.input) > 2 and \
+                    node.input[2] in inits and inits[node.input[2]]\
+                    .data_type == onnx.TensorProto.UINT8:
+                return np.uint8
+    return np.int8
+
+
+def calibrate_ranges(proto: onnx.ModelProto, names: Sequence[str],
+                     inputs: Sequence[np.ndarray]) -> Dict[str, float]:
+    """max|x| of each named tensor over ``inputs``, run by ONNX Runtime
+    with QDQ fusion off (the graph's float computation)."""
+    from .runtime import make_session
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            probe.graph.output.append(
+                helper.make_empty_tensor_value_info(name))
+    session = make_session(probe.SerializeToString(), kernels='exact')
+    input_name = session.get_inputs()[0].name
+    ranges = dict.fromkeys(names, 0.0)
+    for batch in inputs:
+        values = session.run(list(names), {input_name: batch})
+        for name, value in zip(names, values):
+            ranges[name] = max(ranges[name], float(np.abs(value).max()))
+    return ranges
+
+
+def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
+                     target: str) -> Dict[str, float]:
+    """Insert the calibrated Q/DQ pairs into ``proto`` (in place); returns
+    tensor name -> scale."""
+    graph = proto.graph
+    outputs, operands = residual_tensors(proto)
+    if not outputs:
+        return {}
+    ranges = calibrate_ranges(proto, list(outputs) + list(operands), inputs)
+    dtype = activation_container(graph, target)
+    position = {out: index for index, node in enumerate(graph.node)
+                for out in node.output}
+    after, scales = {}, {}
+    for name, unsigned in list(outputs.items()) + list(operands.items()):
+        wide = unsigned and dtype == np.uint8
+        scale = np.float32(max(ranges[name], 1e-8) / (255 if wide else 127))
+        zero = 0 if unsigned or dtype == np.int8 else 128
+        scales[name] = float(scale)
+        producer = graph.node[position[name]]
+        if name in outputs:  # every consumer reads the dequantized tensor
+            source, target_name = name + '.float', name
+            producer.output[list(producer.output).index(name)] = source
+        else:  # only the residual adds do
+            source, target_name = name, name + '.residual'
+            for node in graph.node:
+                if node.op_type == 'Add' and name in node.input:
+                    node.input[list(node.input).index(name)] = target_name
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array(scale), name + '.scale'),
+            numpy_helper.from_array(np.array(zero, dtype),
+                                    name + '.zero_point')])
+        quant = [name + '.scale', name + '.zero_point']
+        after.setdefault(position[name], []).extend([
+            helper.make_node('QuantizeLinear', [source] + quant,
+                             [name + '.q'], name=name + '.quantize'),
+            helper.make_node('DequantizeLinear', [name + '.q'] + quant,
+                             [target_name], name=name + '.dequantize')])
+    nodes = []
+    for index, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes += after.get(index, [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return scales
