@@ -12,7 +12,8 @@
 #
 # Another dataset folder: override the data roots and the evaluators'
 # ann_file as in retinanet_r18_drq-8642_tiny.py.
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+_base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+          '../_base_/mmdrq_qat.py']
 custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
 
 data_root = 'data/tiny_coco/'
@@ -21,8 +22,7 @@ metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'),
 
 _roi = _base_.model.roi_head
 model = dict(
-    _delete_=True,
-    type='mmdrq.MultiPrecisionQAT',
+    _base_.mmdrq.model,
     architecture=dict(
         _base_.model,
         backbone=dict(_base_.model.backbone, depth=18, frozen_stages=-1,
@@ -100,23 +100,21 @@ test_evaluator = val_evaluator
 
 # ALRS: Adam for everything, the quantization scales' lr scaled per bit
 optim_wrapper = dict(
-    _delete_=True,
-    type='mmdrq.ALRSOptimWrapper',
-    constructor='mmdrq.ALRSOptimWrapperConstructor',
+    _base_.mmdrq.optim_wrapper,
     mode='fixed',
     optimizer=dict(type='Adam', lr=1e-4, weight_decay=5e-5))
 # a constant lr: the stock 500-iteration warm-up and 12-epoch steps assume a
 # long schedule
 param_scheduler = []
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
-val_cfg = dict(_delete_=True, type='mmdrq.MultiBitValLoop')
-test_cfg = dict(_delete_=True, type='mmdrq.MultiBitTestLoop')
+val_cfg = _base_.mmdrq.val_cfg
+test_cfg = _base_.mmdrq.test_cfg
 auto_scale_lr = dict(enable=False, base_batch_size=2)
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=1),
     checkpoint=dict(
-        type='mmdrq.AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
+        _base_.mmdrq.checkpoint, interval=1, max_keep_ckpts=1))
 log_processor = dict(window_size=1)
 randomness = dict(seed=0)
 load_from = None

@@ -15,7 +15,8 @@
 # Another dataset folder: override each dataloader's data_root, e.g.
 # --cfg-options train_dataloader.dataset.data_root=R
 #   val_dataloader.dataset.data_root=R test_dataloader.dataset.data_root=R
-_base_ = 'mmseg::mask2former/mask2former_r50_8xb2-160k_ade20k-512x512.py'
+_base_ = ['mmseg::mask2former/mask2former_r50_8xb2-160k_ade20k-512x512.py',
+          '../_base_/mmdrq_qat.py']
 custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
 
 data_root = 'data/tiny_ade20k'
@@ -30,8 +31,7 @@ _decoder = _head.transformer_decoder
 _attn = dict(embed_dims=_dims, num_heads=8)
 _ffn = dict(embed_dims=_dims, feedforward_channels=128)
 model = dict(
-    _delete_=True,
-    type='mmdrq.MultiPrecisionQAT',
+    _base_.mmdrq.model,
     architecture=dict(
         _base_.model,
         data_preprocessor=dict(_base_.model.data_preprocessor,
@@ -97,22 +97,20 @@ test_evaluator = val_evaluator
 
 # ALRS: Adam for everything, the quantization scales' lr scaled per bit
 optim_wrapper = dict(
-    _delete_=True,
-    type='mmdrq.ALRSOptimWrapper',
-    constructor='mmdrq.ALRSOptimWrapperConstructor',
+    _base_.mmdrq.optim_wrapper,
     mode='fixed',
     optimizer=dict(type='Adam', lr=1e-4, weight_decay=5e-5))
 # a constant lr: the stock poly decay spans 80k iterations
 param_scheduler = []
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=4, val_interval=4)
-val_cfg = dict(_delete_=True, type='mmdrq.MultiBitValLoop')
-test_cfg = dict(_delete_=True, type='mmdrq.MultiBitTestLoop')
+val_cfg = _base_.mmdrq.val_cfg
+test_cfg = _base_.mmdrq.test_cfg
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
     # save_best=None: the stock 'mIoU' is logged per bit (mIoU@w8a8, ...)
     checkpoint=dict(
-        type='mmdrq.AtomicCheckpointHook', by_epoch=False, interval=4,
+        _base_.mmdrq.checkpoint, by_epoch=False, interval=4,
         max_keep_ckpts=1, save_best=None))
 log_processor = dict(by_epoch=False, window_size=1)
 env_cfg = dict(cudnn_benchmark=False)
