@@ -1,9 +1,15 @@
 """Which OpenMMLab model families mmdrq converts fully, and which layers it
 leaves FP and why: builds one config per family directory of mmpretrain,
 mmdet and mmseg (random init, no download), converts it, and tabulates.
+Besides the conversion table, one predict forward (eval mode, a random
+image) is traced (mmdrq.quantization.coverage): the share of the conv,
+linear and attention weights (by parameter count) it uses quantized, the
+share the defaults keep FP (first and prediction layers), and every other
+weight it uses FP, grouped by reason.
 
     python benchmarks/conversion_survey.py [--packages mmpretrain mmdet mmseg]
-        [--limit N] [--out benchmarks/results/conversion_survey.md]
+        [--families dcnv2 segformer ...] [--limit N] [--forward-timeout S]
+        [--out benchmarks/results/conversion_survey.md]
 
 A family whose model cannot be built offline (missing optional dependency,
 a config needing pretrained files) is listed as not built, with the error.
@@ -16,12 +22,14 @@ import importlib
 import os
 import os.path as osp
 import re
+import signal
 import tempfile
 import traceback
 
 import torch
 
 import mmdrq
+from mmdrq.quantization.coverage import tracing_weight_uses
 from mmdrq.quantization.layers import QuantLayer
 
 SCOPES = {'mmpretrain': 'mmpretrain', 'mmdet': 'mmdet', 'mmseg': 'mmseg'}
@@ -55,7 +63,7 @@ def strip_pretrained(cfg):
             strip_pretrained(item)
 
 
-def survey_one(package, path):
+def survey_one(package, path, timeout):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     cfg = Config.fromfile(path)
@@ -65,8 +73,7 @@ def survey_one(package, path):
     registry = importlib.import_module(f'{package}.registry').MODELS
     model = registry.build(model_cfg)
     mmdrq.quantize_model(model, bits=[8, 4])
-    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
-    quantized = len(layers)
+    quantized = sum(isinstance(m, QuantLayer) for m in model.modules())
     reasons = collections.Counter()
     for _, kind, status in model.mmdrq_report:
         if status.startswith('FP: '):
@@ -74,56 +81,115 @@ def survey_one(package, path):
             if 'first layer' in reason or 'prediction' in reason:
                 continue
             reasons[reason] += 1
-    reasons.update(bypassed_layers(model, layers, package))
-    return quantized, reasons
+    return quantized, reasons, forward_coverage(model, package, timeout)
 
 
-def bypassed_layers(model, layers, package):
-    """Quantized layers that one forward never calls: their weights are
-    read directly (``F.linear(x, self.qkv.weight)``), so they run FP."""
-    called = set()
-    handles = [m.register_forward_hook(lambda m, a, o: called.add(id(m)))
-               for m in layers]
-    size = 224 if package == 'mmpretrain' else 128
+def _predict_inputs(package):
+    """A random image and, for mmdet and mmseg, its data sample, as the
+    models' ``predict`` reads them."""
+    # 256: DINO's 900 queries are picked among the 4 levels' positions
+    size = dict(mmpretrain=224, mmdet=256, mmseg=128)[package]
+    inputs = torch.randn(1, 3, size, size)
+    if package == 'mmpretrain':
+        return inputs, None
+    shape = (size, size)
+    meta = dict(img_shape=shape, ori_shape=shape, pad_shape=shape,
+                batch_input_shape=shape, scale_factor=(1.0, 1.0), img_id=0,
+                padding_size=[0, 0, 0, 0], flip=False)
+    if package == 'mmdet':
+        from mmdet.structures import DetDataSample as Sample
+    else:
+        from mmseg.structures import SegDataSample as Sample
+    return inputs, [Sample(metainfo=meta)]
+
+
+def _out_of_time(signum, frame):
+    raise TimeoutError
+
+
+def forward_coverage(model, package, timeout):
+    """The traced weight uses of one predict forward (or why there are none:
+    the forward does not run on a bare random image, or takes more than
+    ``timeout`` seconds: mmseg's SAN ran over 10 minutes)."""
+    inputs, samples = _predict_inputs(package)
+    model.eval()
+    handler = signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(timeout)
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.randn(1, 3, size, size), mode='tensor')
-    except Exception as e:  # a survey: say the check did not run
-        return {f'forward check not run ({type(e).__name__})': 1}
+        with torch.no_grad(), tracing_weight_uses(model) as uses:
+            if samples is None:
+                model(inputs, mode='tensor')
+            else:
+                model(inputs, samples, mode='predict')
+    except TimeoutError:
+        return f'forward not run (over {timeout} s)'
+    except Exception as e:  # a survey: say the forward did not run
+        return f'forward not run ({type(e).__name__})'
     finally:
-        for handle in handles:
-            handle.remove()
-    missed = sum(id(m) not in called for m in layers)
-    return {'converted but not called in forward (weights read '
-            'directly, or unused)': missed} if missed else {}
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, handler)
+    return uses
+
+
+def _coverage_cells(uses):
+    """The three forward columns: quantized share (and how many weights
+    the forward did not use: eval-mode auxiliary heads, branches without
+    detections), share kept FP by skip_first_last, the other FP weights by
+    reason (a few names each)."""
+    if isinstance(uses, str):
+        return [uses, '', '']
+    fp = ('fp', 'mixed')
+    by_reason = collections.defaultdict(list)
+    for name, reason in uses.fp_layers().items():
+        by_reason[reason].append(name)
+    others = '; '.join(
+        f'{len(names)} x {reason}'
+        f' ({", ".join(names[:2])}{", ..." if len(names) > 2 else ""})'
+        for reason, names in by_reason.items())
+    unused = len(uses.unused())
+    return [f'{uses.share(("quantized", )):.1%}' +
+            (f' ({unused} weights unused)' if unused else ''),
+            f'{uses.share(fp, kept=True):.1%}',
+            f'{uses.share(fp, kept=False):.1%}' + (f': {others}'
+                                                   if others else '')]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--packages', nargs='+', default=list(SCOPES))
+    parser.add_argument('--families', nargs='+',
+                        help='only these family directories')
     parser.add_argument('--limit', type=int, default=0)
+    parser.add_argument('--forward-timeout', type=int, default=300,
+                        help='seconds for the traced forward of one family')
     parser.add_argument('--out', default=osp.join(
         osp.dirname(osp.abspath(__file__)), 'results',
         'conversion_survey.md'))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lines = ['| package | family | config | quantized layers | left FP '
-             '(beyond first/prediction layers) |', '|---|---|---|---|---|']
+    lines = ['| package | family | config | quantized layers | left FP by '
+             'conversion (beyond first/prediction layers) | forward: weights '
+             'quantized | forward: FP kept by skip_first_last | forward: '
+             'other FP weights (why) |', '|---|---|---|---|---|---|---|---|']
     for package in args.packages:
         for count, (family, path) in enumerate(family_configs(package)):
+            if args.families and family not in args.families:
+                continue
             if args.limit and count >= args.limit:
                 break
             name = osp.basename(path)
             try:
-                quantized, reasons = survey_one(package, path)
+                quantized, reasons, uses = survey_one(package, path,
+                                                      args.forward_timeout)
                 fp = ', '.join(f'{n} x {r}' for r, n in reasons.items()) \
                     or 'none: converts fully'
-                row = f'| {package} | {family} | {name} | {quantized} | {fp} |'
+                row = ' | '.join([f'| {package}', family, name,
+                                  str(quantized), fp] +
+                                 _coverage_cells(uses)) + ' |'
             except Exception as e:  # a survey: report, go on
                 last = traceback.format_exception_only(type(e), e)[-1]
                 row = (f'| {package} | {family} | {name} | not built | '
-                       f'{last.strip()[:120]} |')
+                       f'{last.strip()[:120]} | | | |')
             print(row, flush=True)
             lines.append(row)
     os.makedirs(osp.dirname(args.out), exist_ok=True)

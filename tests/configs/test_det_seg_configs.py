@@ -3,6 +3,7 @@ forward in loss and in predict mode at every bit on synthetic input."""
 import glob
 import os.path as osp
 
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
@@ -32,15 +33,23 @@ def offline(cfg):
 
 
 def detection_batch(size=64):
+    """Two images with two boxes each and their masks (the boxes filled:
+    Mask R-CNN's loss reads them, the others ignore them)."""
     from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    boxes = [[8, 12, 40, 50], [20, 14, 60, 58]]
+    masks = np.zeros((2, size, size), np.uint8)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+        mask[y0:y1, x0:x1] = 1
     samples = []
     for i in range(2):
         sample = DetDataSample(metainfo=dict(
             img_shape=(size, size), ori_shape=(size, size),
             scale_factor=(1.0, 1.0)))
         sample.gt_instances = InstanceData(
-            bboxes=torch.tensor([[8., 12., 40., 50.], [20., 14., 60., 58.]]),
-            labels=torch.tensor([i, 2]))
+            bboxes=torch.tensor(boxes, dtype=torch.float32),
+            labels=torch.tensor([i, 2]),
+            masks=BitmapMasks(masks, size, size))
         samples.append(sample)
     return dict(inputs=[torch.randint(0, 256, (3, size, size),
                                       dtype=torch.uint8) for _ in range(2)],

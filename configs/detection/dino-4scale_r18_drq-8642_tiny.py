@@ -1,0 +1,107 @@
+# A SMALL TEST VARIANT, NOT A BENCHMARK: one-shot {8,6,4,2} Double Rounding
+# QAT of a shrunken DINO (ResNet-18, a transformer with one encoder and
+# one decoder layer (256 dims: DINO's query positions are 2 x 128 sine
+# features), 256-channel FFNs, 20 queries, 10 denoising queries, random
+# init) on the tiny synthetic COCO-format dataset that
+# tools/make_tiny_datasets.py writes (3 shape classes, 96x128 images). Its
+# attention layers are mmcv's MultiScaleDeformableAttention (run by its
+# pytorch fallback on the CPU) and nn.MultiheadAttention: this run tests
+# that every bit trains and evaluates through them; its mAP numbers mean
+# nothing.
+#
+#     python tools/make_tiny_datasets.py
+#     python tools/train.py configs/detection/dino-4scale_r18_drq-8642_tiny.py
+#
+# Another dataset folder: override the data roots and the evaluators'
+# ann_file as in retinanet_r18_drq-8642_tiny.py.
+_base_ = ['mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py',
+          '../_base_/mmdrq_qat.py']
+custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
+
+data_root = 'data/tiny_coco/'
+metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'),
+                palette=[(220, 40, 40), (40, 60, 220), (60, 200, 40)])
+
+_ffn = dict(embed_dims=256, feedforward_channels=256, ffn_drop=0.0)
+model = dict(
+    _base_.mmdrq.model,
+    architecture=dict(
+        _base_.model,
+        num_queries=20,
+        backbone=dict(_base_.model.backbone, depth=18, frozen_stages=-1,
+                      norm_eval=False, init_cfg=None),
+        neck=dict(_base_.model.neck, in_channels=[128, 256, 512]),
+        encoder=dict(_base_.model.encoder, num_layers=1, layer_cfg=dict(
+            _base_.model.encoder.layer_cfg, ffn_cfg=_ffn)),
+        decoder=dict(_base_.model.decoder, num_layers=1, layer_cfg=dict(
+            _base_.model.decoder.layer_cfg, ffn_cfg=_ffn)),
+        bbox_head=dict(_base_.model.bbox_head, num_classes=3),
+        dn_cfg=dict(_base_.model.dn_cfg, group_cfg=dict(
+            _base_.model.dn_cfg.group_cfg, num_dn_queries=10)),
+        test_cfg=dict(max_per_img=20)),
+    quantizer=dict(bits=[8, 6, 4, 2]),
+    loss_mode='per_bit')
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', scale=(128, 96), keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(128, 96), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                    'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=2,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='train/'),
+        filter_cfg=dict(filter_empty_gt=True, min_size=8),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=2,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_val.json',
+        data_prefix=dict(img='val/'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(
+    type='CocoMetric',
+    ann_file=data_root + 'annotations/instances_val.json',
+    metric='bbox')
+test_evaluator = val_evaluator
+
+# ALRS: Adam for everything, the quantization scales' lr scaled per bit
+optim_wrapper = dict(
+    _base_.mmdrq.optim_wrapper,
+    mode='fixed',
+    optimizer=dict(type='Adam', lr=1e-4, weight_decay=5e-5))
+# a constant lr: the stock 500-iteration warm-up and 12-epoch steps assume a
+# long schedule
+param_scheduler = []
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
+val_cfg = _base_.mmdrq.val_cfg
+test_cfg = _base_.mmdrq.test_cfg
+auto_scale_lr = dict(enable=False, base_batch_size=2)
+
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval=1),
+    checkpoint=dict(
+        _base_.mmdrq.checkpoint, interval=1, max_keep_ckpts=1))
+log_processor = dict(window_size=1)
+randomness = dict(seed=0)
+load_from = None
