@@ -89,8 +89,8 @@ def train_and_test(config, work, seed, options):
     # no validation while training: tools/test.py measures every bit after
     seconds = run_tool(
         [osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
-         '--cfg-options', f'randomness.seed={seed}',
-         'train_cfg.val_interval=1000000000', *options],
+         '--cfg-options', f'randomness.seed={seed}', *options,
+         'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None'],
         osp.join(work, 'train.log'))
     ckpt = last_checkpoint(work)
     out = osp.join(work, 'test_metrics.json')
@@ -166,8 +166,8 @@ def kept_rows(last, task, fp_values, rows):
 def run_task(task, args, rows, last):
     spec = TASKS[task]
     root = osp.join(osp.abspath(args.data_dir), spec['data'])
-    spec['write'](root, seed=args.data_seed)
-    options = data_options(task, root)
+    spec['write'](root, *args.crops or (), seed=args.data_seed)
+    options = data_options(task, root) + list(args.options)
     fp_values, raw, seconds = [], {row: {b: [] for b in BITS}
                                    for row in rows}, {row: [] for row in rows}
     for seed in args.seeds:
@@ -212,6 +212,12 @@ def main():
     parser.add_argument('--data-seed', type=int, default=0,
                         help='seed of the datasets\' crops (fixed across '
                         'training seeds)')
+    parser.add_argument('--crops', type=int, nargs=2, metavar=('TRAIN', 'VAL'),
+                        help='crops per source in each split (default: the '
+                        'writers\')')
+    parser.add_argument('--options', nargs='+', default=[],
+                        help='more --cfg-options for every run, e.g. '
+                        'train_cfg.max_iters=2 for a smoke test')
     parser.add_argument('--out-dir', default=osp.join(HERE, 'results'))
     args = parser.parse_args()
     json_path = osp.join(args.out_dir, 'lowbit_detseg.json')

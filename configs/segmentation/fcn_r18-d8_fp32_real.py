@@ -3,8 +3,8 @@
 # (ResNetV1c-18 at quarter width, from scratch, plain BN; 32-channel FCN
 # head, 16-channel auxiliary head), on the real-image mmseg-layout dataset that
 # tools/make_real_datasets.py writes from scikit-image's sample images
-# (background, coins, Hubble galaxies, IHC nuclei; 64x64 crops). Minutes on a
-# CPU.
+# (background, coins, Hubble galaxies, IHC nuclei; 64x64 crops of the
+# images enlarged twice). Minutes on a CPU.
 #
 #     python tools/make_real_datasets.py
 #     python tools/train.py configs/segmentation/fcn_r18-d8_fp32_real.py
@@ -71,7 +71,7 @@ test_evaluator = val_evaluator
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4))
-max_iters = 300
+max_iters = 600
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=30),
     dict(type='CosineAnnealingLR', by_epoch=False, begin=0, T_max=max_iters),

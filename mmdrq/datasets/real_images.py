@@ -16,7 +16,8 @@ Sources and their labels, from classical segmentation of each image:
   (512x512 IHC stain); Otsu threshold of the haematoxylin channel
   (``rgb2hed``), opened, holes filled, components of at least 30 pixels.
 
-Samples are random square crops with random flips and 90 degree turns.
+Samples are random square crops (of the images enlarged ``scale`` times)
+with random flips and 90 degree turns.
 Train crops come from the left two thirds of each image, val crops from the
 right third, so no object pixel is in both splits.
 
@@ -95,12 +96,19 @@ SOURCES: Dict[str, Callable[[], Tuple[np.ndarray, np.ndarray]]] = {
     'coin': _coins, 'galaxy': _galaxies, 'nucleus': _nuclei}
 
 
-def _load_source(name: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(BGR uint8 image, int32 component labels) of source ``name``."""
+def _load_source(name: str, scale: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(BGR uint8 image, int32 component labels) of source ``name``,
+    enlarged ``scale`` times (bilinear; labels nearest)."""
+    import cv2
     image, labels = SOURCES[name]()
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
-    return np.ascontiguousarray(image[..., ::-1]), labels
+    image = np.ascontiguousarray(image[..., ::-1])
+    if scale != 1:
+        size = (image.shape[1] * scale, image.shape[0] * scale)
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+    return image, labels
 
 
 def _crops(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
@@ -166,14 +174,15 @@ def _write_folder(root: str, settings: dict, build: Callable[[str], dict]):
     return counts
 
 
-def _check_counts(counts: Dict[str, int], size: int):
-    for key, value in (*counts.items(), ('size', size)):
+def _check_sizes(**sizes: int):
+    for key, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f'{key} must be a positive int, got {value!r}')
 
 
 def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
-                         size: int = 96, seed: int = 0) -> Dict[str, int]:
+                         size: int = 96, seed: int = 0,
+                         scale: int = 1) -> Dict[str, int]:
     """Write the COCO-format detection dataset (classes ``DET_CLASSES``).
 
     Args:
@@ -181,18 +190,20 @@ def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
         num_train, num_val: crops per class (source image) in each split.
         size: side of the square crops (pixels).
         seed: seed of the crops, flips and turns.
+        scale: enlargement of the source images before cropping.
 
     Returns:
         objects per split: ``{'train': n, 'val': n}``.
     """
     splits = {'train': num_train, 'val': num_val}
-    _check_counts(splits, size)
+    _check_sizes(num_train=num_train, num_val=num_val, size=size,
+                 scale=scale)
     settings = dict(kind='detection', splits=splits, size=size, seed=seed,
-                    version=_FORMAT_VERSION)
+                    scale=scale, version=_FORMAT_VERSION)
 
     def build(folder):
         rng = np.random.default_rng(seed)
-        sources = {name: _load_source(name) for name in DET_CLASSES}
+        sources = {name: _load_source(name, scale) for name in DET_CLASSES}
         categories = [dict(id=i + 1, name=name, supercategory='object')
                       for i, name in enumerate(DET_CLASSES)]
         counts = {}
@@ -232,7 +243,7 @@ def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
 
 def write_real_segmentation(root: str, num_train: int = 32,
                             num_val: int = 16, size: int = 64,
-                            seed: int = 0) -> Dict[str, int]:
+                            seed: int = 0, scale: int = 2) -> Dict[str, int]:
     """Write the mmseg-layout semantic segmentation dataset (classes
     ``SEG_CLASSES``; label 0 is the background of every source).
 
@@ -241,20 +252,23 @@ def write_real_segmentation(root: str, num_train: int = 32,
         num_train, num_val: crops per source image in each split.
         size: side of the square crops (pixels).
         seed: seed of the crops, flips and turns.
+        scale: enlargement of the source images before cropping (the
+            default 2 keeps galaxies and nuclei above FCN-D8's stride).
 
     Returns:
         images per split: ``{'train': n, 'val': n}``.
     """
     splits = {'train': num_train, 'val': num_val}
-    _check_counts(splits, size)
-    settings = dict(kind='segmentation', splits=splits, size=size, seed=seed,
-                    version=_FORMAT_VERSION)
+    _check_sizes(num_train=num_train, num_val=num_val, size=size,
+                 scale=scale)
+    settings = dict(kind='segmentation', splits=splits, size=size,
+                    seed=seed, scale=scale, version=_FORMAT_VERSION)
 
     def build(folder):
         rng = np.random.default_rng(seed)
         counts = {}
         for name in SEG_CLASSES[1:]:
-            image, labels = _load_source(name)
+            image, labels = _load_source(name, scale)
             classes = (labels > 0).astype(np.uint8) * SEG_CLASSES.index(name)
             for split, count in splits.items():
                 for index, (crop, crop_classes) in enumerate(
