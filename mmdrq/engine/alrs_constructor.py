@@ -1,5 +1,7 @@
 """Builds the ALRS param group: quantizer scales (and optionally the
-no-decay BN/bias params) with weight decay 0, tagged ``alrs=True``."""
+no-decay BN/bias params) with weight decay 0, tagged ``alrs=True``; and,
+optionally, every parameter of named modules (a detection or segmentation
+head) with their own weight decay, also tagged ``alrs=True``."""
 from typing import List
 
 from mmengine.optim import DefaultOptimWrapperConstructor
@@ -7,7 +9,7 @@ from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdrq.models import check_optim_bits, unwrap_model
+from mmdrq.models import architecture_of, check_optim_bits, unwrap_model
 from mmdrq.quantization import model_bits
 from mmdrq.quantization.learned_scale import LearnedScaleQuantizer
 from mmdrq.registry import OPTIM_WRAPPER_CONSTRUCTORS
@@ -40,6 +42,10 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     scales) or ``scales_norm_bias`` (also BN affine params and biases, as the
     authors' code does). ``optim_wrapper.bits`` defaults to the model's bits
     and must equal them when given.
+
+    ``optim_wrapper.alrs_modules``: names of modules of the quantized
+    architecture (e.g. ``['bbox_head']``) whose parameters also get the
+    per-bit lr; they keep their weight decay (docs/lowbit.md).
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg=None):
@@ -48,6 +54,11 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if self.alrs_scope not in ALRS_SCOPES:
             raise ValueError(f'optim_wrapper.alrs_scope must be one of '
                              f'{list(ALRS_SCOPES)}, got {self.alrs_scope!r}')
+        self.alrs_modules = optim_wrapper_cfg.pop('alrs_modules', ())
+        if isinstance(self.alrs_modules, str) or not all(
+                isinstance(n, str) for n in self.alrs_modules):
+            raise ValueError(f'optim_wrapper.alrs_modules must be a list of '
+                             f'module names, got {self.alrs_modules!r}')
         optim_wrapper_cfg.setdefault('type', 'mmdrq.ALRSOptimWrapper')
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
 
@@ -64,11 +75,14 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if not alrs_ids:
             raise ValueError('ALRSOptimWrapperConstructor found no quantizer '
                              'scale parameters in the model')
+        extra_ids = {id(p) for p in _module_params(module, self.alrs_modules)}
         groups: List[dict] = []
         self.add_params(groups, module)  # one group per param, paramwise_cfg
         for group in groups:
             if id(group['params'][0]) in alrs_ids:
                 group.update(weight_decay=0.0, alrs=True)
+            elif id(group['params'][0]) in extra_ids:
+                group.update(alrs=True)
         optimizer_cfg = self.optimizer_cfg.copy()
         optimizer_cfg['params'] = _merge_groups(groups)
         optimizer = OPTIMIZERS.build(optimizer_cfg)
@@ -76,6 +90,23 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         wrapper_cfg['bits'] = list(bits)
         return OPTIM_WRAPPERS.build(
             wrapper_cfg, default_args=dict(optimizer=optimizer))
+
+
+def _module_params(model: nn.Module, names) -> List[nn.Parameter]:
+    """Parameters of the architecture's modules ``names``; a name that is
+    not a module is an error listing the architecture's children."""
+    architecture = architecture_of(model)
+    params = []
+    for name in names:
+        try:
+            params += list(architecture.get_submodule(name).parameters())
+        except AttributeError:
+            children = [n for n, _ in architecture.named_children()]
+            raise ValueError(
+                f'optim_wrapper.alrs_modules entry {name!r} is no module of '
+                f'{type(architecture).__name__} (its children: {children})'
+            ) from None
+    return params
 
 
 def _merge_groups(groups: List[dict]) -> List[dict]:

@@ -16,11 +16,13 @@ from torch import nn
 from mmdrq.quantization import (model_bits, quantize_model,
                                 quantized_layers, quantizers_ready,
                                 recording_calls, set_bits, shared_rounding)
-from mmdrq.quantization.bitwidths import bit_tag
+from mmdrq.quantization.bitwidths import bit_tag, check_bit
 from mmdrq.quantization.meta import (check_quantizer_meta, decode_meta,
                                      encode_meta, quantizer_meta)
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
+from .head_distill import build_head_distill
+from .level_norm import to_level_norms
 from .pskd import PSKDTargets, soft_cross_entropy
 
 LOSS_MODES = ('per_bit', 'sum')
@@ -86,6 +88,16 @@ class MultiPrecisionQAT(BaseModel):
             switchable BNs by transitional ones (one BN per pair of input
             and own bit, mixed precision); the shape feeds one forward that
             finds which layer feeds which.
+        head_distill: ``dict(target='logits', weight=1.0, temperature=1.0)``
+            turns on distillation from the highest bit for detection and
+            segmentation: the lower bits also learn the highest bit's head
+            logits (or ``target='features'``: FPN outputs) of the same
+            iteration (``loss_distill``; see ``HeadDistill``).
+        bit_loss_weights: ``{bit: factor}`` multiplies each listed bit's
+            loss (e.g. ``{2: 2.0}``); other bits keep 1.
+        multi_level_norm: give every norm of a single-stage detector's shared
+            head one copy per FPN level (AQD's multi-level BN; see
+            ``to_level_norms``).
         data_preprocessor: given to the architecture when its config has
             none (the Runner passes a config's top-level one here).
         compile: True or ``torch.compile`` options to compile the
@@ -107,6 +119,9 @@ class MultiPrecisionQAT(BaseModel):
                  loss_mode: str = 'per_bit',
                  distill: Optional[dict] = None,
                  transitional_bn: Optional[dict] = None,
+                 head_distill: Optional[dict] = None,
+                 bit_loss_weights: Optional[dict] = None,
+                 multi_level_norm: bool = False,
                  data_preprocessor: Optional[dict] = None,
                  compile: Union[bool, dict] = False,
                  init_cfg: Optional[dict] = None):
@@ -133,7 +148,15 @@ class MultiPrecisionQAT(BaseModel):
                 f"backward, and activation checkpointing (with_cp=True in "
                 f"{checkpointed[0]}) would recompute them all at the highest "
                 f"bit: set with_cp=False or loss_mode='per_bit'")
+        if not isinstance(multi_level_norm, bool):
+            raise ValueError(f'multi_level_norm must be True or False, got '
+                             f'{multi_level_norm!r}')
         quantize_model(architecture, dict(quantizer or {}))
+        if multi_level_norm:
+            rows = to_level_norms(architecture)
+            architecture.mmdrq_report += rows
+            print_log('mmdrq multi-level norms:\n' + '\n'.join(
+                ' | '.join(r) for r in rows), logger='current')
         if transitional_bn is not None:
             shape = tuple(transitional_bn['input_shape'])
             rows = to_transitional(architecture, lambda m: m(
@@ -144,6 +167,9 @@ class MultiPrecisionQAT(BaseModel):
         self.architecture = architecture
         self.loss_mode = loss_mode
         self.bits = model_bits(architecture)
+        self.bit_loss_weights = _check_bit_loss_weights(bit_loss_weights,
+                                                        self.bits)
+        self.head_distill = build_head_distill(architecture, head_distill)
         self.pskd = None
         self.bit_sampler = None  # set by HASBHook for mixed precision
         if distill is not None:
@@ -239,6 +265,27 @@ def _pskd_losses(module, forward: Callable, data, targets, bit) -> Dict:
     return dict(loss=soft_cross_entropy(logits, targets))
 
 
+def _check_bit_loss_weights(weights, bits) -> Dict[int, float]:
+    """``{bit: factor}`` with every bit one of ``bits`` (digit strings, as
+    ``--cfg-options`` gives them, count) and every factor positive."""
+    if weights is None:
+        return {}
+    if not isinstance(weights, dict):
+        raise ValueError(f'bit_loss_weights must be a dict {{bit: factor}}, '
+                         f'got {weights!r}')
+    checked = {}
+    for bit, factor in weights.items():
+        if isinstance(bit, str) and bit.isdigit():
+            bit = int(bit)
+        bit = check_bit(bit, bits, 'bit_loss_weights key')
+        if isinstance(factor, bool) or not isinstance(
+                factor, (int, float)) or not 0 < factor < float('inf'):
+            raise ValueError(f'bit_loss_weights[{bit}] must be a positive '
+                             f'number, got {factor!r}')
+        checked[bit] = float(factor)
+    return checked
+
+
 def _sample_index(data) -> torch.Tensor:
     return torch.tensor([s.sample_idx for s in data['data_samples']])
 
@@ -295,6 +342,9 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
             if module.uncalled_layers is None:
                 called = stack.enter_context(
                     recording_calls(module.architecture))
+            distill = module.head_distill
+            if distill is not None:
+                stack.enter_context(distill.capturing())
             for bit in module.bits:
                 if module.bit_sampler is None:
                     set_bits(module.architecture, bit)
@@ -307,7 +357,14 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                     else:
                         losses = _pskd_losses(module, forward, data,
                                               targets, bit)
+                if distill is not None:
+                    if bit == module.bits[0]:
+                        distill.keep_teacher()
+                    else:
+                        losses['loss_distill'] = distill.loss()
                 loss, bit_vars = module.parse_losses(losses)
+                if bit in module.bit_loss_weights:
+                    loss = loss * module.bit_loss_weights[bit]
                 log_vars.update(
                     (k + bit_tag(bit), v) for k, v in bit_vars.items())
                 if module.loss_mode == 'per_bit':

@@ -22,6 +22,10 @@ class QuantizeConfig:
         act_quantizer: config of the input quantizer, or None for
             weight-only quantization.
         switchable_bn: replace BN layers by one BN per bit.
+        switchable_gn_ln: replace GroupNorm and LayerNorm layers by one copy
+            per bit too (``SwitchableNorm``; docs/lowbit.md). On by default
+            for the reason BN is: each bit's own affine parameters; FP and
+            older checkpoints load, their one norm going to every bit.
     """
     bits: Tuple[int, ...] = (8, 6, 4, 2)
     skip: Tuple[str, ...] = ()
@@ -31,11 +35,12 @@ class QuantizeConfig:
     act_quantizer: Optional[dict] = dataclasses.field(
         default_factory=lambda: dict(type='ActQuantizer'))
     switchable_bn: bool = True
+    switchable_gn_ln: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, 'bits', check_bits(self.bits))
         object.__setattr__(self, 'skip', _check_skip(self.skip))
-        for key in ('skip_first_last', 'switchable_bn'):
+        for key in ('skip_first_last', 'switchable_bn', 'switchable_gn_ln'):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f'{key} must be True or False, got '
                                  f'{getattr(self, key)!r}')

@@ -13,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import QuantizeConfig, make_config
 from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
-from .switchable_bn import SwitchableBatchNorm
+from .switchable_bn import SwitchableBatchNorm, SwitchableNorm, norm_channels
 
 # Last name components of prediction layers in OpenMMLab heads (fc,
 # retina_cls, rpn_reg, conv_seg, conv_logits, convs_pred, ...).
@@ -81,9 +81,9 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
             reason = f'unsupported type {type(module).__name__}'
         reason = reason or auto.get(name)
         decisions.append((name, module, reason))
-    # BN layers named by a skip pattern stay FP too.
+    # norm layers named by a skip pattern stay FP too.
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
             for pattern in cfg.skip:
                 if re.fullmatch(pattern, name):
                     used[pattern] = True
@@ -141,7 +141,7 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
         else:
             status = f'FP: {reason}'
         rows.append((name, type(module).__name__, status))
-    if cfg.switchable_bn:
+    if cfg.switchable_bn or cfg.switchable_gn_ln:
         rows += _convert_bn(model, cfg)
     model.mmdrq_config = cfg
     model.mmdrq_report = rows
@@ -166,25 +166,33 @@ def _refuse_quantized(model: nn.Module):
 
 
 def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
-    """Switchable BN for every BN not named by a skip pattern. Its source is
-    the closest preceding conv/linear layer when that layer is quantized and
-    has matching channels (a BN fed by an FP layer follows the global bit)."""
+    """Switchable BN (``switchable_bn``) and GN/LN (``switchable_gn_ln``)
+    for every such norm not named by a skip pattern. Its source is the
+    closest preceding conv/linear layer when that layer is quantized and has
+    matching channels (a norm fed by an FP layer follows the global bit)."""
+    types = {}
+    if cfg.switchable_bn:
+        types[_BatchNorm] = SwitchableBatchNorm
+    if cfg.switchable_gn_ln:
+        types[nn.GroupNorm] = types[nn.LayerNorm] = SwitchableNorm
     rows, previous = [], None
     for name, module in list(model.named_modules()):
         if _is_weight_layer(module):  # quantized or kept FP
             previous = (name, module)
             continue
-        if not isinstance(module, _BatchNorm) or isinstance(
-                module, SwitchableBatchNorm):
+        switchable = next((new for old, new in types.items()
+                           if isinstance(module, old)), None)
+        if switchable is None:
             continue
         if any(re.fullmatch(p, name) for p in cfg.skip):
             rows.append((name, type(module).__name__, 'FP: skip pattern'))
             continue
         source: Optional[str] = None
         if previous is not None and isinstance(previous[1], QuantLayer) \
-                and previous[1].weight.shape[0] == module.num_features:
+                and previous[1].weight.shape[0] == norm_channels(module):
             source = previous[0]
-        _replace(model, name, SwitchableBatchNorm(module, cfg.bits, source))
+        _replace(model, name, switchable(module, cfg.bits, source))
+        kind = 'BN' if switchable is SwitchableBatchNorm else 'norm'
         rows.append((name, type(module).__name__,
-                     f'switchable BN (follows {source or "global bit"})'))
+                     f'switchable {kind} (follows {source or "global bit"})'))
     return rows

@@ -1,5 +1,5 @@
-"""Switchable BatchNorm: one BN per bit-width (multi-precision training;
-docs/method.md, Switchable and transitional BN)."""
+"""Switchable norms: one BN (or GroupNorm / LayerNorm) per bit-width
+(multi-precision training; docs/method.md, Switchable and transitional BN)."""
 import copy
 from typing import Optional, Sequence
 
@@ -57,3 +57,28 @@ class SwitchableBatchNorm(BitSwitchable, nn.Module):
 
     def extra_repr(self):
         return f'bits={list(self.bits)}, bit={self.bit}, source={self.source}'
+
+
+@MODELS.register_module()
+class SwitchableNorm(SwitchableBatchNorm):
+    """Switchable GroupNorm or LayerNorm: a copy per bit, as for BN.
+
+    GN and LN normalise each sample by its own statistics, so only their
+    affine parameters are per bit: they absorb the shift and scale that each
+    bit's quantization error gives the activations (as BN's do), at 2C
+    parameters per bit. State keys are the BN ones (``bns.<bit>.weight``),
+    so transitional conversion and FP checkpoints treat them alike.
+    """
+
+    @property
+    def num_features(self):
+        return norm_channels(self.bns[str(self.bits[0])])
+
+
+def norm_channels(norm: nn.Module) -> int:
+    """Channels a BN, GN or LN normalises (LN: its last dimension)."""
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_channels
+    if isinstance(norm, nn.LayerNorm):
+        return norm.normalized_shape[-1]
+    return norm.num_features

@@ -1,0 +1,164 @@
+"""In-iteration distillation from the highest bit for detection and
+segmentation (docs/lowbit.md, Distillation from the highest bit).
+
+Each training iteration runs the highest bit first; its head outputs (or FPN
+features) are kept, detached, and every lower bit adds a loss towards them:
+the "inplace distillation" of Yu & Huang, Universally Slimmable Networks
+(ICCV 2019), applied to bit-widths rather than widths, and to dense
+predictions (per anchor/point sigmoid KL, per pixel softmax KL) rather than
+one class distribution per image. The paper's PS-KD (``distill``) is the
+classification counterpart.
+"""
+import contextlib
+import numbers
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGETS = ('logits', 'features')
+KEYS = ('target', 'weight', 'temperature')
+
+
+def sigmoid_kl(student: torch.Tensor, teacher: torch.Tensor,
+               temperature: float) -> torch.Tensor:
+    """Elementwise KL(teacher || student) of independent Bernoullis
+    ``sigmoid(logit / T)``, summed (detection heads score every class with
+    its own sigmoid)."""
+    s, t = student / temperature, teacher / temperature
+    p = torch.sigmoid(t)
+    # log p - log q for both outcomes, in the stable logsigmoid form
+    return (p * (F.logsigmoid(t) - F.logsigmoid(s)) +
+            (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))).sum()
+
+
+def softmax_kl(student: torch.Tensor, teacher: torch.Tensor,
+               temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of ``softmax(logit / T)`` over dim 1, summed
+    over every other position (pixels)."""
+    log_p = F.log_softmax(teacher / temperature, dim=1)
+    log_q = F.log_softmax(student / temperature, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+class HeadDistill:
+    """Keeps the highest bit's outputs of one submodule and gives the loss of
+    a lower bit's outputs towards them.
+
+    Args:
+        architecture: the converted mmdet or mmseg model.
+        target: ``logits``: the dense head's class logits (mmdet
+            ``bbox_head``, single stage, sigmoid classifier: per anchor/point
+            sigmoid KL summed over classes, mean over predictions) or the
+            segmentation logits (mmseg ``decode_head.conv_seg``: per pixel softmax KL,
+            mean over pixels), both at temperature T and times T^2;
+            ``features``: MSE on every output of the ``neck`` (FPN), mean
+            over elements, averaged over levels.
+        weight: factor of the loss (``loss_distill``).
+        temperature: T of the logits target.
+    """
+
+    def __init__(self, architecture: nn.Module, target: str = 'logits',
+                 weight: float = 1.0, temperature: float = 1.0):
+        if target not in TARGETS:
+            raise ValueError(f'head_distill.target must be one of '
+                             f'{list(TARGETS)}, got {target!r}')
+        for key, value in (('weight', weight), ('temperature', temperature)):
+            if isinstance(value, bool) or not isinstance(
+                    value, numbers.Real) or not 0 < value < float('inf'):
+                raise ValueError(f'head_distill.{key} must be a positive '
+                                 f'number, got {value!r}')
+        self.target, self.weight = target, float(weight)
+        self.temperature = float(temperature)
+        self.kind, self.module = self._find_module(architecture)
+        self.teacher = None
+        self._captured = None
+
+    def _find_module(self, model: nn.Module):
+        name = type(model).__name__
+        if self.target == 'features':
+            if getattr(model, 'neck', None) is None:
+                raise ValueError(f"head_distill.target='features' needs a "
+                                 f"model with a neck (FPN); {name} has none")
+            return 'features', model.neck
+        if getattr(model, 'decode_head', None) is not None:
+            # mmseg heads call self.forward() (no hooks): hook the classifier
+            return 'seg', model.decode_head.conv_seg
+        head = getattr(model, 'bbox_head', None)
+        if head is None or getattr(model, 'roi_head', None) is not None:
+            raise ValueError(
+                f"head_distill.target='logits' needs a single-stage mmdet "
+                f"detector (bbox_head) or an mmseg segmentor (decode_head); "
+                f"{name} has neither (two-stage heads see other proposals "
+                f"at each bit: use target='features')")
+        if not getattr(head, 'use_sigmoid_cls', False):
+            raise ValueError(
+                f"head_distill.target='logits' supports sigmoid classifiers "
+                f"(use_sigmoid_cls=True); {type(head).__name__} of {name} "
+                f"uses softmax: use target='features'")
+        return 'det', head
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Keep the module's output of every forward in this context."""
+        def keep(module, args, output):
+            self._captured = output
+
+        handle = self.module.register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._captured = None
+            self.teacher = None
+
+    def _tensors(self) -> Sequence[torch.Tensor]:
+        output = self._captured
+        if output is None:
+            raise RuntimeError(f'head_distill: {type(self.module).__name__}'
+                               ' did not run in the forward')
+        if self.kind == 'det':
+            return list(output[0])  # cls_scores, one tensor per level
+        if self.kind == 'seg':
+            return [output]
+        return list(output)
+
+    def keep_teacher(self):
+        """After the highest bit's forward: its outputs are the targets."""
+        self.teacher = [t.detach() for t in self._tensors()]
+
+    def loss(self) -> torch.Tensor:
+        """The weighted loss of the last forward's outputs."""
+        return self.weight * self.loss_of(self._tensors(), self.teacher)
+
+    def loss_of(self, student: Sequence[torch.Tensor],
+                teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Unweighted loss of ``student`` against ``teacher`` tensors."""
+        T = self.temperature
+        if self.kind == 'features':
+            return sum(F.mse_loss(s, t) for s, t in zip(student, teacher)) \
+                / len(student)
+        if self.kind == 'seg':
+            s, t = student[0], teacher[0]
+            return T * T * softmax_kl(s, t, T) / (s.numel() / s.shape[1])
+        num_classes = self.module.num_classes
+        count = sum(s.numel() for s in student) / num_classes
+        return T * T * sum(sigmoid_kl(s, t, T)
+                           for s, t in zip(student, teacher)) / count
+
+
+def build_head_distill(architecture: nn.Module,
+                       cfg: Optional[dict]) -> Optional[HeadDistill]:
+    """``HeadDistill`` from the ``head_distill`` config (None: off); an
+    unknown key is an error naming it."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict):
+        raise ValueError(f'head_distill must be a dict such as '
+                         f"dict(target='logits'), got {cfg!r}")
+    unknown = [k for k in cfg if k not in KEYS]
+    if unknown:
+        raise ValueError(f'unknown head_distill key(s) {unknown} in '
+                         f'{dict(cfg)}; valid keys: {list(KEYS)}')
+    return HeadDistill(architecture, **cfg)
