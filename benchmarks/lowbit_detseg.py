@@ -12,8 +12,10 @@ every bit.
 Writes benchmarks/results/lowbit_detseg.md (mean ± sample std per bit) and
 lowbit_detseg.json. A run whose work folder holds its metrics, made with
 the same config and options, is reused, so a later call with other rows
-trains only what is new; rows of the JSON not run now are kept when their
-seeds match the FP32 runs of this call.
+or seeds trains only what is new. The table and JSON are made from every
+finished run in the work folder whose options are a row's as defined now
+(so calls for different tasks, rows or seeds, also at the same time, add
+up); each row says over which seeds.
 """
 import argparse
 import json
@@ -48,9 +50,24 @@ TASKS = {
         write=write_real_segmentation, data='real_seg'),
 }
 
-# one row per method option: --cfg-options on the QAT config
+# One row per method option (docs/lowbit.md), each one change from the
+# baseline (its folder name, so a plain word): --cfg-options on the QAT
+# config per task; a row without a task does not apply to it (FCN-R18-D8 has no GN/LN and no shared head).
+BASELINE = ['model.quantizer.switchable_gn_ln=False']
 ROWS = {
-    'baseline': [],
+    'baseline': dict(det=BASELINE, seg=BASELINE),
+    'switchable_norm': dict(det=['model.quantizer.switchable_gn_ln=True']),
+    'multi_level_norm': dict(
+        det=BASELINE + ['model.multi_level_norm=True']),
+    'head_distill': {task: BASELINE + [
+        'model.head_distill.target=logits', 'model.head_distill.weight=1.0']
+        for task in ('det', 'seg')},
+    'bit_loss_weights': {
+        task: BASELINE + ['model.bit_loss_weights.2=2.0']
+        for task in ('det', 'seg')},
+    'alrs_heads': dict(
+        det=BASELINE + ['optim_wrapper.alrs_modules=[bbox_head]'],
+        seg=BASELINE + ['optim_wrapper.alrs_modules=[decode_head]']),
 }
 
 
@@ -110,34 +127,90 @@ def summarize(values):
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def cell(values) -> dict:
-    mean, std = summarize(values)
+def cell(values: dict) -> dict:
+    """Mean and spread of ``{seed: value}``."""
+    mean, std = summarize(list(values.values()))
     return dict(mean=mean, std=std, values=values)
 
 
-def table(results) -> str:
-    """The markdown table of ``results`` (as in lowbit_detseg.json)."""
-    lines = [f'# Low-bit detection and segmentation on real images\n',
-             'mean ± sample std over seeds '
-             f'{results["seeds"]}; one-shot {{8,6,4,2}} Double Rounding QAT '
-             'from each seed\'s FP32 checkpoint, with ALRS.\n']
-    for task, content in results['tasks'].items():
+def read_record(work):
+    """The ``run.json`` a finished run left in ``work``, or None."""
+    path = osp.join(work, 'run.json')
+    if not osp.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def collect(work_dir: str) -> dict:
+    """Results of every finished run under ``work_dir``: per task, the FP32
+    metric per seed and, per row of ``ROWS``, each bit's metric per seed
+    (runs from that seed's FP32 checkpoint with the row's options)."""
+    results = {}
+    for task, spec in TASKS.items():
+        fp, rows = {}, {}
+        folder = osp.join(work_dir, task)
+        seeds = sorted((int(name[4:]) for name in os.listdir(folder)
+                        if name.startswith('seed')) if osp.isdir(folder)
+                       else [])
+        for seed in seeds:
+            work = osp.join(folder, f'seed{seed}')
+            fp_record = read_record(osp.join(work, 'fp32'))
+            if fp_record is None:
+                continue
+            fp[seed] = fp_record['metrics'][spec['metric']] * spec['scale']
+            for row, per_task in ROWS.items():
+                record = read_record(osp.join(work, row))
+                if task not in per_task or record is None:
+                    continue
+                options = record['settings']['options']
+                start = len(options) - len(per_task[task])
+                if options[start:] != per_task[task] or \
+                        options[start - 1] != \
+                        f'load_from={fp_record["checkpoint"]}':
+                    continue
+                cells = rows.setdefault(row, dict(
+                    {str(b): {} for b in BITS}, options=per_task[task],
+                    seconds={}))
+                for b in BITS:
+                    cells[str(b)][seed] = record['metrics'][
+                        f'{spec["metric"]}@w{b}a{b}'] * spec['scale']
+                cells['seconds'][seed] = record['seconds']
+        if not fp:
+            continue
+        results[task] = dict(name=spec['name'], fp32=cell(fp), rows={})
+        for row, cells in rows.items():
+            results[task]['rows'][row] = dict(
+                {str(b): cell(cells[str(b)]) for b in BITS},
+                seeds=sorted(cells['seconds']), options=cells['options'],
+                seconds=statistics.mean(cells['seconds'].values()))
+    return results
+
+
+def table(results: dict) -> str:
+    """The markdown tables of ``collect``'s results."""
+    lines = ['# Low-bit detection and segmentation on real images\n',
+             'mean ± sample std over the seeds of each row; one-shot '
+             '{8,6,4,2} Double Rounding QAT from each seed\'s FP32 '
+             'checkpoint, with ALRS (benchmarks/lowbit_detseg.py).\n']
+    for content in results.values():
+        fp = content['fp32']
         lines += [f'\n## {content["name"]}\n',
-                  '| row | FP32 | ' + ' | '.join(f'w{b}a{b}' for b in BITS)
+                  f'FP32: {fp["mean"]:.1f} ± {fp["std"]:.1f} (seeds '
+                  f'{sorted(fp["values"])})\n',
+                  '| row | seeds | ' + ' | '.join(f'w{b}a{b}' for b in BITS)
                   + ' | QAT s/run | options |',
                   '|---' * (len(BITS) + 4) + '|']
-        fp = content['fp32']
-        fp_text = f'{fp["mean"]:.1f} ± {fp["std"]:.1f}'
         for row, cells in content['rows'].items():
             bits = ' | '.join(f'{cells[str(b)]["mean"]:.1f} ± '
                               f'{cells[str(b)]["std"]:.1f}' for b in BITS)
-            options = ' '.join(f'`{o}`' for o in cells['options']) or '-'
-            lines.append(f'| {row} | {fp_text} | {bits} | '
+            options = ' '.join(f'`{o}`' for o in cells['options'])
+            lines.append(f'| {row} | {len(cells["seeds"])} | {bits} | '
                          f'{cells["seconds"]:.0f} | {options} |')
     return '\n'.join(lines) + '\n'
 
 
-def write_results(results, out_dir):
+def write_results(results: dict, out_dir: str):
     """``lowbit_detseg.json`` and ``.md`` in ``out_dir``, each atomically."""
     atomic_write_json(osp.join(out_dir, 'lowbit_detseg.json'), results)
     text = table(results)
@@ -145,59 +218,32 @@ def write_results(results, out_dir):
                  lambda f: f.write(text.encode()))
 
 
-def read_results(path):
-    """The results JSON at ``path``, or None."""
-    if not osp.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def kept_rows(last, task, fp_values, rows):
-    """Rows of ``task`` in the last results not run now, when made from the
-    same FP32 results (the same seeds and checkpoints)."""
-    content = (last or {}).get('tasks', {}).get(task)
-    if not content or content['fp32']['values'] != fp_values:
-        return {}
-    return {name: cells for name, cells in content['rows'].items()
-            if name not in rows}
-
-
-def run_task(task, args, rows, last):
+def run_task(task, args):
+    """FP32 and the chosen rows of ``task`` for every seed."""
     spec = TASKS[task]
     root = osp.join(osp.abspath(args.data_dir), spec['data'])
     spec['write'](root, *args.crops or (), seed=args.data_seed)
     options = data_options(task, root) + list(args.options)
-    fp_values, raw, seconds = [], {row: {b: [] for b in BITS}
-                                   for row in rows}, {row: [] for row in rows}
+    rows = [row for row in args.rows if task in ROWS[row]]
     for seed in args.seeds:
         work = osp.join(osp.abspath(args.work_dir), task, f'seed{seed}')
         fp, fp_ckpt, fp_seconds = train_and_test(
             spec['fp32'], osp.join(work, 'fp32'), seed, options)
-        fp_values.append(fp[spec['metric']] * spec['scale'])
-        print(f'{task} seed {seed} FP32: {fp_values[-1]:.1f} '
-              f'({fp_seconds:.0f} s)', flush=True)
-        for row, row_options in rows.items():
-            metrics, _, qat_seconds = train_and_test(
-                spec['qat'], osp.join(work, row), seed,
-                [*options, f'load_from={fp_ckpt}', *row_options])
-            for b in BITS:
-                raw[row][b].append(
-                    metrics[f'{spec["metric"]}@w{b}a{b}'] * spec['scale'])
-            seconds[row].append(qat_seconds)
+        print(f'{task} seed {seed} FP32: '
+              f'{fp[spec["metric"]] * spec["scale"]:.1f} ({fp_seconds:.0f} s)',
+              flush=True)
+        key = spec['metric']
+        for row in rows:
+            try:
+                metrics, _, seconds = train_and_test(
+                    spec['qat'], osp.join(work, row), seed,
+                    [*options, f'load_from={fp_ckpt}', *ROWS[row][task]])
+            except SystemExit as error:  # one failed row: go on with others
+                print(f'{task} seed {seed} {row} failed: {error}', flush=True)
+                continue
             print(f'{task} seed {seed} {row}: ' + ', '.join(
-                f'w{b} {raw[row][b][-1]:.1f}' for b in BITS) +
-                f' ({qat_seconds:.0f} s)', flush=True)
-    content = dict(name=spec['name'], fp32=cell(fp_values), rows={})
-    kept = kept_rows(last, task, content['fp32']['values'], rows)
-    for row in ROWS:
-        if row in rows:
-            content['rows'][row] = {str(b): cell(raw[row][b]) for b in BITS}
-            content['rows'][row].update(
-                options=rows[row], seconds=statistics.mean(seconds[row]))
-        elif row in kept:
-            content['rows'][row] = kept[row]
-    return content
+                f'w{b} {metrics[key + f"@w{b}a{b}"] * spec["scale"]:.1f}'
+                for b in BITS) + f' ({seconds:.0f} s)', flush=True)
 
 
 def main():
@@ -220,26 +266,14 @@ def main():
                         'train_cfg.max_iters=2 for a smoke test')
     parser.add_argument('--out-dir', default=osp.join(HERE, 'results'))
     args = parser.parse_args()
-    json_path = osp.join(args.out_dir, 'lowbit_detseg.json')
-    rows = {row: ROWS[row] for row in args.rows}
-    results = dict(seeds=args.seeds, tasks={})
     start = time.time()
-    for task in TASKS:
-        if task in args.tasks:
-            results['tasks'][task] = run_task(task, args, rows,
-                                              read_results(json_path))
-    # the other tasks' results as they are now (another call may have
-    # written them meanwhile), when made with the same seeds
-    last = read_results(json_path)
-    if last and last.get('seeds') == args.seeds:
-        for task in TASKS:
-            if task not in args.tasks and task in last['tasks']:
-                results['tasks'][task] = last['tasks'][task]
-    results['tasks'] = {task: results['tasks'][task] for task in TASKS
-                        if task in results['tasks']}
+    for task in args.tasks:
+        run_task(task, args)
+    results = collect(osp.abspath(args.work_dir))
     write_results(results, args.out_dir)
     print(table(results))
-    print(f'{time.time() - start:.0f} s; saved {json_path} and .md')
+    print(f'{time.time() - start:.0f} s; saved lowbit_detseg.json and .md in '
+          f'{args.out_dir}')
 
 
 if __name__ == '__main__':

@@ -141,30 +141,33 @@ def test_benchmark_runs_and_writes_table_and_json(tmp_path):
     its checkpoint, each tested at every bit by tools/test.py; a second
     call reuses both runs."""
     args = [osp.join(ROOT, 'benchmarks', 'lowbit_detseg.py'), '--seeds', '0',
-            '--tasks', 'seg', '--crops', '2', '1',
+            '--tasks', 'seg', '--rows', 'baseline', '--crops', '2', '1',
             '--work-dir', tmp_path / 'work', '--data-dir', tmp_path / 'data',
             '--out-dir', tmp_path / 'out', '--options',
             'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2']
     _, log = run_tool(*args)
     with open(tmp_path / 'out' / 'lowbit_detseg.json') as f:
         results = json.load(f)
-    seg = results['tasks']['seg']
+    assert list(results) == ['seg']
+    seg = results['seg']
     work = tmp_path / 'work' / 'seg' / 'seed0'
     with open(work / 'fp32' / 'test_metrics.json') as f:
-        assert seg['fp32']['values'] == [json.load(f)['mIoU']]
+        assert seg['fp32']['values'] == {'0': json.load(f)['mIoU']}
     with open(work / 'baseline' / 'test_metrics.json') as f:
         metrics = json.load(f)
     row = seg['rows']['baseline']
+    assert list(seg['rows']) == ['baseline'] and row['seeds'] == [0]
     for bit in (8, 6, 4, 2):
         value = metrics[f'mIoU@w{bit}a{bit}']
-        assert row[str(bit)] == dict(mean=value, std=0.0, values=[value])
+        assert row[str(bit)] == dict(mean=value, std=0.0, values={'0': value})
     with open(work / 'baseline' / 'train.log') as f:
         assert 'Load checkpoint from' in f.read()
     with open(tmp_path / 'out' / 'lowbit_detseg.md') as f:
         text = f.read()
+    assert f'FP32: {seg["fp32"]["mean"]:.1f} ± 0.0 (seeds [0])' in text
     line = next(li for li in text.splitlines() if li.startswith('| baseline'))
-    assert f'| {seg["fp32"]["mean"]:.1f} ± 0.0 |' in line
-    assert f'{row["2"]["mean"]:.1f} ± 0.0' in line
+    assert line.startswith(f'| baseline | 1 | {row["8"]["mean"]:.1f} ± 0.0 |')
+    assert f'| {row["2"]["mean"]:.1f} ± 0.0 |' in line
     assert text in log
 
     stamp = os.path.getmtime(work / 'baseline' / 'train.log')
