@@ -4,7 +4,7 @@
 # into the wrapper as is), with ALRS; IoUMetric at every bit.
 #
 #     python tools/train.py configs/segmentation/fcn_r18-d8_drq-8642_real.py \
-#         --cfg-options load_from=work_dirs/fcn_r18-d8_fp32_real/iter_600.pth
+#         --cfg-options load_from=work_dirs/fcn_r18-d8_fp32_real/iter_1000.pth
 #     python tools/test.py configs/segmentation/fcn_r18-d8_drq-8642_real.py \
 #         work_dirs/fcn_r18-d8_drq-8642_real/iter_100.pth
 _base_ = './fcn_r18-d8_fp32_real.py'

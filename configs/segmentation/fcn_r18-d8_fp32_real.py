@@ -3,8 +3,8 @@
 # (ResNetV1c-18 at quarter width, from scratch, plain BN; 32-channel FCN
 # head, 16-channel auxiliary head), on the real-image mmseg-layout dataset that
 # tools/make_real_datasets.py writes from scikit-image's sample images
-# (background, coins, Hubble galaxies, IHC nuclei; 64x64 crops of the
-# images enlarged twice). Minutes on a CPU.
+# (background, coins, IHC nuclei; 64x64 crops of the images enlarged twice).
+# Minutes on a CPU.
 #
 #     python tools/make_real_datasets.py
 #     python tools/train.py configs/segmentation/fcn_r18-d8_fp32_real.py
@@ -18,9 +18,8 @@ custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
 
 data_root = 'data/real_seg'
 crop_size = (64, 64)
-metainfo = dict(classes=('background', 'coin', 'galaxy', 'nucleus'),
-                palette=[(0, 0, 0), (220, 160, 40), (60, 120, 220),
-                         (160, 60, 160)])
+metainfo = dict(classes=('background', 'coin', 'nucleus'),
+                palette=[(0, 0, 0), (220, 160, 40), (160, 60, 160)])
 # SyncBN needs a process group; plain BN runs in one process
 norm_cfg = dict(type='BN', requires_grad=True)
 
@@ -29,9 +28,9 @@ model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(depth=18, stem_channels=16, base_channels=16,
                   norm_cfg=norm_cfg),
-    decode_head=dict(in_channels=128, channels=32, num_classes=4,
+    decode_head=dict(in_channels=128, channels=32, num_classes=3,
                      norm_cfg=norm_cfg),
-    auxiliary_head=dict(in_channels=64, channels=16, num_classes=4,
+    auxiliary_head=dict(in_channels=64, channels=16, num_classes=3,
                         norm_cfg=norm_cfg))
 
 train_pipeline = [
@@ -70,8 +69,8 @@ test_evaluator = val_evaluator
 # from scratch in a few hundred iterations: AdamW, warm-up, cosine
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4))
-max_iters = 600
+    optimizer=dict(type='AdamW', lr=3e-3, weight_decay=1e-4))
+max_iters = 1000
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=30),
     dict(type='CosineAnnealingLR', by_epoch=False, begin=0, T_max=max_iters),
