@@ -2,7 +2,6 @@
 images) load in mmdet and mmseg through the benchmark's configs, are
 deterministic and replace a folder only once complete; the benchmark
 script runs FP32 + QAT through the tools and writes its table and JSON."""
-import hashlib
 import json
 import os
 import os.path as osp
@@ -11,23 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_tool
+from test_det_seg_pipeline import _digest
 
 pytest.importorskip('skimage')
 
 DET_FP32 = osp.join(ROOT, 'configs/detection/fcos_r18_gn-head_fp32_real.py')
 SEG_FP32 = osp.join(ROOT, 'configs/segmentation/fcn_r18-d8_fp32_real.py')
-
-
-def _digest(folder):
-    digest = hashlib.sha256()
-    for base, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for name in sorted(files):
-            path = osp.join(base, name)
-            digest.update(osp.relpath(path, folder).encode())
-            with open(path, 'rb') as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def _dataset(config, key, root):
