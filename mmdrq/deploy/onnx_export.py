@@ -161,13 +161,33 @@ def _float_skeleton(model: nn.Module) -> nn.Module:
         _replace(skeleton, name, _plain_layer(module))
     for name, module in list(skeleton.named_modules()):
         if isinstance(module, BitSwitchable) and hasattr(module, 'bns'):
-            _replace(skeleton, name, next(iter(module.bns.values())))
+            norm = next(iter(module.bns.values()))
+            if isinstance(norm, nn.GroupNorm):
+                norm = _GroupNormAffine(norm)
+            _replace(skeleton, name, norm)
     generator = torch.Generator().manual_seed(0)
     for module in skeleton.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             module.bias = nn.Parameter(torch.rand(
                 module.weight.shape[0], generator=generator) + 1)
     return skeleton
+
+
+class _GroupNormAffine(nn.Module):
+    """GroupNorm with its affine as a Mul and an Add on named parameters:
+    exported as is, GN's affine becomes anonymous folded constants, which
+    the per-bit rewrite could not find (switchable GN sets them per bit)."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        shape = (norm.num_channels, 1, 1)
+        self.weight = nn.Parameter(norm.weight.detach().reshape(shape))
+        self.bias = nn.Parameter(norm.bias.detach().reshape(shape))
+
+    def forward(self, x):
+        x = nn.functional.group_norm(x, self.num_groups, eps=self.eps)
+        return x * self.weight + self.bias
 
 
 def _consumers(graph) -> Dict[str, list]:
@@ -346,6 +366,18 @@ class _Rewrite:
             new_nodes.append(node)
         del self.graph.node[:]
         self.graph.node.extend(new_nodes)
+        self.group_and_layer_norms()
+
+    def group_and_layer_norms(self):
+        """Switchable GN/LN: the bit's copy's affine, wherever the graph
+        holds it (LN's node inputs, the Mul/Add of ``_GroupNormAffine``)."""
+        for key in ('weight', 'bias'):
+            for init in list(self.inits):
+                norm = self.active.get(_module_of(init, '.' + key))
+                if isinstance(norm, (nn.GroupNorm, nn.LayerNorm)):
+                    shape = tuple(self.inits[init].dims)
+                    value = getattr(norm, key).detach().float().reshape(shape)
+                    self.set_init(init, value.numpy())
 
     def batch_norm(self, node):
         """A BN not folded: the bit's copy's parameters."""

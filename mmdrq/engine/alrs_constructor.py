@@ -15,6 +15,8 @@ from mmdrq.quantization.learned_scale import LearnedScaleQuantizer
 from mmdrq.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
 ALRS_SCOPES = ('scales', 'scales_norm_bias')
+# norms whose affine params the 'scales_norm_bias' scope takes
+NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def _alrs_params(model: nn.Module, scope: str) -> List[nn.Parameter]:
@@ -27,7 +29,7 @@ def _alrs_params(model: nn.Module, scope: str) -> List[nn.Parameter]:
             for name, p in own:
                 if id(p) in seen:
                     continue
-                if isinstance(module, _BatchNorm) or name == 'bias':
+                if isinstance(module, NORMS) or name == 'bias':
                     params.append(p)
                     seen.add(id(p))
     return params
@@ -39,8 +41,8 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     own group (same optimizer settings, weight decay 0, ``alrs=True``).
 
     ``optim_wrapper.alrs_scope``: ``scales`` (default: weight and activation
-    scales) or ``scales_norm_bias`` (also BN affine params and biases, as the
-    authors' code does). ``optim_wrapper.bits`` defaults to the model's bits
+    scales) or ``scales_norm_bias`` (also BN, GN and LN affine params and
+    biases, as the authors' code does for BN). ``optim_wrapper.bits`` defaults to the model's bits
     and must equal them when given.
 
     ``optim_wrapper.alrs_modules``: names of modules of the quantized

@@ -50,7 +50,8 @@ class HeadDistill:
         architecture: the converted mmdet or mmseg model.
         target: ``logits``: the dense head's class logits (mmdet
             ``bbox_head``, single stage, sigmoid classifier: per anchor/point
-            sigmoid KL summed over classes, mean over predictions) or the
+            and class sigmoid KL, summed, divided by the teacher's summed
+            probabilities, its soft count of positives) or the
             segmentation logits (mmseg ``decode_head.conv_seg``: per pixel softmax KL,
             mean over pixels), both at temperature T and times T^2;
             ``features``: MSE on every output of the ``neck`` (FPN), mean
@@ -74,6 +75,10 @@ class HeadDistill:
         self.kind, self.module = self._find_module(architecture)
         self.teacher = None
         self._captured = None
+        self._active = False
+        # one hook for good: registering one per step would change the
+        # module's hooks, and a compiled model would recompile each time
+        self.module.register_forward_hook(self._keep)
 
     def _find_module(self, model: nn.Module):
         name = type(model).__name__
@@ -99,17 +104,18 @@ class HeadDistill:
                 f"uses softmax: use target='features'")
         return 'det', head
 
+    def _keep(self, module, args, output):
+        if self._active:
+            self._captured = output
+
     @contextlib.contextmanager
     def capturing(self):
         """Keep the module's output of every forward in this context."""
-        def keep(module, args, output):
-            self._captured = output
-
-        handle = self.module.register_forward_hook(keep)
+        self._active = True
         try:
             yield
         finally:
-            handle.remove()
+            self._active = False
             self._captured = None
             self.teacher = None
 
@@ -142,8 +148,10 @@ class HeadDistill:
         if self.kind == 'seg':
             s, t = student[0], teacher[0]
             return T * T * softmax_kl(s, t, T) / (s.numel() / s.shape[1])
-        num_classes = self.module.num_classes
-        count = sum(s.numel() for s in student) / num_classes
+        # the teacher's soft count of positives: most predictions are
+        # background, so a mean over them would leave this loss far below
+        # the focal loss, which is normalised by the positive anchors
+        count = max(1.0, float(sum(t.sigmoid().sum() for t in teacher)))
         return T * T * sum(sigmoid_kl(s, t, T)
                            for s, t in zip(student, teacher)) / count
 

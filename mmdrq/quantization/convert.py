@@ -81,7 +81,7 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
             reason = f'unsupported type {type(module).__name__}'
         reason = reason or auto.get(name)
         decisions.append((name, module, reason))
-    # norm layers named by a skip pattern stay FP too.
+    # BN layers named by a skip pattern stay FP too.
     for name, module in model.named_modules():
         if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
             for pattern in cfg.skip:

@@ -54,3 +54,19 @@ def test_bad_alrs_modules_name_key_and_value(small_classifier, value,
     model = mmdrq.quantize_model(small_classifier(), bits=[8, 2])
     with pytest.raises(ValueError, match=message):
         build_optim_wrapper(model, alrs_cfg(alrs_modules=value))
+
+
+def test_norm_bias_scope_takes_switchable_gn_and_ln():
+    from torch import nn
+    model = mmdrq.quantize_model(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.GroupNorm(2, 4),
+        nn.Flatten(), nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)),
+        bits=[8, 4, 2])
+    wrapper = build_optim_wrapper(model,
+                                  alrs_cfg(alrs_scope='scales_norm_bias'))
+    names = {id(p): n for n, p in model.named_parameters()}
+    alrs = {names[id(p)] for g in wrapper.optimizer.param_groups
+            if g.get('alrs') for p in g['params']}
+    for norm in ('2', '5'):
+        assert {f'{norm}.bns.{b}.weight' for b in (8, 4, 2)} <= alrs
+    assert '1.weight' not in alrs and '4.weight' not in alrs

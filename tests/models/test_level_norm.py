@@ -91,6 +91,17 @@ def test_plain_checkpoint_gives_every_level_the_norm_and_trains():
     leveled.load_state_dict(plain.state_dict(), strict=True)
     for copy_ in leveled.architecture.bbox_head.reg_convs[0].norm.levels:
         torch.testing.assert_close(copy_.bns['4'].weight, gn.bns['4'].weight)
+    # a bare FP model's checkpoint: its one GN goes to every (level, bit)
+    fp = retinanet(dict(type='GN', num_groups=4))
+    fp.bbox_head.cls_convs[0].gn.bias.data.uniform_(-1, 1)
+    result = leveled.load_state_dict(fp.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all('quantizer' in k or k.endswith('_extra_state')
+               for k in result.missing_keys), result.missing_keys
+    for copy_ in leveled.architecture.bbox_head.cls_convs[0].norm.levels:
+        for bit in BITS:
+            torch.testing.assert_close(copy_.bns[str(bit)].bias,
+                                       fp.bbox_head.cls_convs[0].gn.bias)
     # and a state dict of its own loads back strictly
     leveled.load_state_dict(leveled.state_dict(), strict=True)
     wrapper = mmdrq_optim(leveled)

@@ -164,14 +164,20 @@ def test_transitional_pairs_for_gn():
     assert (model.ln.prev_bit, model.ln.bit) == (2, 4)
 
 
-def test_checkpoint_and_integer_export_round_trip(tmp_path):
+def trained():
+    """A converted model with every bit's scales initialised, in eval mode,
+    and its input."""
     model = converted()
     x = torch.randn(2, 3, 5, 5)
     model.train()
-    for bit in BITS:  # initialise every scale
+    for bit in BITS:
         set_bits(model, bit)
         model(x)
-    model.eval()
+    return model.eval(), x
+
+
+def test_checkpoint_and_integer_export_round_trip(tmp_path):
+    model, x = trained()
     expected = {}
     with torch.no_grad():
         for bit in BITS:
@@ -193,3 +199,21 @@ def test_checkpoint_and_integer_export_round_trip(tmp_path):
                 set_bits(fresh, bit)
                 torch.testing.assert_close(fresh(x), expected[bit],
                                            rtol=0, atol=0)
+
+
+def test_onnx_export_uses_each_bits_norm():
+    """Per-bit ONNX graphs carry the bit's GN/LN affine (before the export
+    knew switchable GN/LN, every bit ran the highest bit's)."""
+    pytest.importorskip('onnxruntime')
+    from mmdrq.deploy import OnnxExporter, make_session
+    model, x = trained()
+    exporter = OnnxExporter(model, (2, 3, 5, 5),
+                            forward=lambda module, inputs: module(inputs))
+    for bit in BITS:
+        session = make_session(exporter.export(bit).SerializeToString())
+        got = session.run(None, {'input': x.numpy()})[0]
+        set_bits(model, bit)
+        with torch.no_grad():
+            want = model(x)
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4,
+                                   atol=1e-4)
