@@ -187,6 +187,19 @@ def collect(work_dir: str) -> dict:
     return results
 
 
+def gain(rows: dict, row: str) -> str:
+    """Mean w2a2 difference of ``row`` to the baseline over the seeds both
+    have (a row may have fewer seeds than the baseline)."""
+    if row == 'baseline' or 'baseline' not in rows:
+        return '-'
+    low = str(min(BITS))
+    mine, base = rows[row][low]['values'], rows['baseline'][low]['values']
+    seeds = [seed for seed in mine if seed in base]
+    if not seeds:
+        return '-'
+    return f'{statistics.mean(mine[s] - base[s] for s in seeds):+.1f}'
+
+
 def table(results: dict) -> str:
     """The markdown tables of ``collect``'s results."""
     lines = ['# Low-bit detection and segmentation on real images\n',
@@ -199,13 +212,14 @@ def table(results: dict) -> str:
                   f'FP32: {fp["mean"]:.1f} ± {fp["std"]:.1f} (seeds '
                   f'{sorted(fp["values"])})\n',
                   '| row | seeds | ' + ' | '.join(f'w{b}a{b}' for b in BITS)
-                  + ' | QAT s/run | options |',
-                  '|---' * (len(BITS) + 4) + '|']
+                  + ' | w2a2 vs baseline | QAT s/run | options |',
+                  '|---' * (len(BITS) + 5) + '|']
         for row, cells in content['rows'].items():
             bits = ' | '.join(f'{cells[str(b)]["mean"]:.1f} ± '
                               f'{cells[str(b)]["std"]:.1f}' for b in BITS)
             options = ' '.join(f'`{o}`' for o in cells['options'])
             lines.append(f'| {row} | {len(cells["seeds"])} | {bits} | '
+                         f'{gain(content["rows"], row)} | '
                          f'{cells["seconds"]:.0f} | {options} |')
     return '\n'.join(lines) + '\n'
 
