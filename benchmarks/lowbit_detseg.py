@@ -205,7 +205,9 @@ def table(results: dict) -> str:
     lines = ['# Low-bit detection and segmentation on real images\n',
              'mean ± sample std over the seeds of each row; one-shot '
              '{8,6,4,2} Double Rounding QAT from each seed\'s FP32 '
-             'checkpoint, with ALRS (benchmarks/lowbit_detseg.py).\n']
+             'checkpoint, with ALRS (benchmarks/lowbit_detseg.py). QAT s/run: '
+             'wall seconds of one QAT tools/train.py, which vary with the '
+             'load of the machine.\n']
     for content in results.values():
         fp = content['fp32']
         lines += [f'\n## {content["name"]}\n',
