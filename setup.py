@@ -56,7 +56,9 @@ if __name__ == '__main__':
         extras_require={
             'mm': ['mmcv>=2.0.0,<2.2.0', 'mmpretrain>=1.0.0',
                    'mmdet>=3.0.0', 'mmsegmentation>=1.0.0', 'ftfy', 'regex'],
-            'tests': ['pytest', 'scikit-learn'],
+            'tests': ['pytest', 'scikit-learn', 'scikit-image'],
+            # the real-image data of benchmarks/lowbit_detseg.py
+            'data': ['scikit-learn', 'scikit-image>=0.19'],
             'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.5'],
         },
         zip_safe=False)

@@ -4,7 +4,8 @@
 #   torch 2.14.1 + torchvision 0.29.1, mmengine 0.10.7, mmcv 2.1.0 (built
 #   from the sdist with its CPU ops), mmpretrain 1.2.0, mmdet 3.3.0,
 #   mmsegmentation 1.2.2 (+ ftfy, regex), onnx 1.23.2 + onnxruntime 1.32.0
-#   + onnxscript 0.7.2 (ONNX export and runtime), then mmdrq itself.
+#   + onnxscript 0.7.2 (ONNX export and runtime), scikit-image 0.26.0 (the
+#   real-image detection/segmentation data), then mmdrq itself.
 # If PIP_FIND_LINKS points at a folder holding a matching mmcv 2.1.0 wheel,
 # that wheel is used instead of the ~30 minute build.
 set -euo pipefail
@@ -47,6 +48,8 @@ fi
 echo '[mmdrq] mmengine, mmpretrain, mmdet, mmseg, test tools, mmdrq'
 pip_install -c "$constraints" mmengine==0.10.7 mmpretrain==1.2.0 mmdet==3.3.0 \
   mmsegmentation==1.2.2 ftfy regex scipy matplotlib scikit-learn pytest
+echo '[mmdrq] scikit-image (sample images of tools/make_real_datasets.py)'
+pip_install -c "$constraints" scikit-image==0.26.0
 echo '[mmdrq] onnx, onnxruntime, onnxscript (torch.onnx dynamo exporter)'
 pip_install -c "$constraints" onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
 pip_install -c "$constraints" --no-deps --no-build-isolation --force-reinstall .

@@ -1,0 +1,296 @@
+"""Low-bit detection and segmentation on real images: FP32 training, then
+one-shot {8,6,4,2} Double Rounding QAT from that checkpoint (ALRS), for
+FCOS-R18 (GN head, bbox mAP) and FCN-R18-D8 (mIoU), over several seeds,
+with one row per method option (a set of ``--cfg-options`` on the QAT
+config). Data: tools/make_real_datasets.py (scikit-image's sample images).
+Each run is the real tools/train.py, then tools/test.py for the metric at
+every bit.
+
+    python benchmarks/lowbit_detseg.py [--seeds 0 1 2] [--tasks det seg]
+        [--rows baseline ...]
+
+Writes benchmarks/results/lowbit_detseg.md (mean ± sample std per bit) and
+lowbit_detseg.json. A run whose work folder holds its metrics, made with
+the same config and options, is reused, so a later call with other rows
+or seeds trains only what is new. The table and JSON are made from every
+finished run in the work folder whose options are a row's as defined now
+(so calls for different tasks, rows or seeds, also at the same time, add
+up); each row says over which seeds.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import statistics
+import time
+
+from mmdrq.datasets import write_real_detection, write_real_segmentation
+from mmdrq.utils import atomic_write, atomic_write_json
+from mmdrq.utils.tool_runs import run_tool
+
+HERE = osp.dirname(osp.abspath(__file__))
+ROOT = osp.dirname(HERE)
+TOOLS = osp.join(ROOT, 'tools')
+BITS = (8, 6, 4, 2)
+
+TASKS = {
+    'det': dict(
+        name='detection: FCOS-R18 GN head, bbox mAP',
+        fp32=osp.join(ROOT, 'configs/detection/fcos_r18_gn-head_fp32_real.py'),
+        qat=osp.join(ROOT,
+                     'configs/detection/fcos_r18_gn-head_drq-8642_real.py'),
+        # COCO mAP is 0..1: shown in points
+        metric='coco/bbox_mAP', scale=100.0,
+        write=write_real_detection, data='real_det'),
+    'seg': dict(
+        name='segmentation: FCN-R18-D8, mIoU',
+        fp32=osp.join(ROOT, 'configs/segmentation/fcn_r18-d8_fp32_real.py'),
+        qat=osp.join(ROOT, 'configs/segmentation/fcn_r18-d8_drq-8642_real.py'),
+        metric='mIoU', scale=1.0,
+        write=write_real_segmentation, data='real_seg'),
+}
+
+# One row per method option (docs/lowbit.md), each one change from the
+# baseline (its folder name, so a plain word): --cfg-options on the QAT
+# config per task; a row without a task does not apply to it (FCN-R18-D8 has no GN/LN and no shared head).
+BASELINE = ['model.quantizer.switchable_gn_ln=False']
+ROWS = {
+    'baseline': dict(det=BASELINE, seg=BASELINE),
+    'switchable_norm': dict(det=['model.quantizer.switchable_gn_ln=True']),
+    'multi_level_norm': dict(
+        det=BASELINE + ['model.multi_level_norm=True']),
+    'head_distill': {task: BASELINE + [
+        'model.head_distill.target=logits', 'model.head_distill.weight=1.0']
+        for task in ('det', 'seg')},
+    'bit_loss_weights': {
+        task: BASELINE + ['model.bit_loss_weights.2=2.0']
+        for task in ('det', 'seg')},
+    'alrs_heads': dict(
+        det=BASELINE + ['optim_wrapper.alrs_modules=[bbox_head]'],
+        seg=BASELINE + ['optim_wrapper.alrs_modules=[decode_head]']),
+}
+
+
+def data_options(task: str, root: str):
+    """``--cfg-options`` that point every dataloader (and the COCO
+    evaluators) at ``root``."""
+    options = [f'{k}_dataloader.dataset.data_root={root}'
+               for k in ('train', 'val', 'test')]
+    if task == 'det':
+        ann = osp.join(root, 'annotations', 'instances_val.json')
+        options += [f'{k}_evaluator.ann_file={ann}' for k in ('val', 'test')]
+    return options
+
+
+def last_checkpoint(work: str) -> str:
+    """The checkpoint MMEngine's ``last_checkpoint`` file names."""
+    with open(osp.join(work, 'last_checkpoint')) as f:
+        return f.read().strip()
+
+
+def train_and_test(config, work, seed, options):
+    """tools/train.py then tools/test.py of ``config`` in ``work`` (reused
+    when ``work/run.json`` records the same config, seed and options);
+    returns (metrics, checkpoint, training seconds)."""
+    record = osp.join(work, 'run.json')
+    settings = dict(config=osp.relpath(config, ROOT), seed=seed,
+                    options=list(options))
+    if osp.isfile(record):
+        with open(record) as f:
+            last = json.load(f)
+        if last['settings'] == settings and osp.isfile(last['checkpoint']):
+            return last['metrics'], last['checkpoint'], last['seconds']
+    os.makedirs(work, exist_ok=True)
+    if osp.exists(record):
+        os.remove(record)
+    # no validation while training: tools/test.py measures every bit after
+    seconds = run_tool(
+        [osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
+         '--cfg-options', f'randomness.seed={seed}', *options,
+         'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None'],
+        osp.join(work, 'train.log'))
+    ckpt = last_checkpoint(work)
+    out = osp.join(work, 'test_metrics.json')
+    run_tool([osp.join(TOOLS, 'test.py'), config, ckpt, '--work-dir', work,
+              '--out', out, '--cfg-options', *options],
+             osp.join(work, 'test.log'))
+    with open(out) as f:
+        metrics = json.load(f)
+    atomic_write_json(record, dict(settings=settings, metrics=metrics,
+                                   checkpoint=ckpt, seconds=seconds))
+    return metrics, ckpt, seconds
+
+
+def summarize(values):
+    """(mean, sample std) of ``values``; std 0 for a single value."""
+    mean = statistics.mean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: dict) -> dict:
+    """Mean and spread of ``{seed: value}``."""
+    mean, std = summarize(list(values.values()))
+    return dict(mean=mean, std=std, values=values)
+
+
+def read_record(work):
+    """The ``run.json`` a finished run left in ``work``, or None."""
+    path = osp.join(work, 'run.json')
+    if not osp.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def collect(work_dir: str) -> dict:
+    """Results of every finished run under ``work_dir``: per task, the FP32
+    metric per seed and, per row of ``ROWS``, each bit's metric per seed
+    (runs from that seed's FP32 checkpoint with the row's options)."""
+    results = {}
+    for task, spec in TASKS.items():
+        fp, rows = {}, {}
+        folder = osp.join(work_dir, task)
+        seeds = sorted((int(name[4:]) for name in os.listdir(folder)
+                        if name.startswith('seed')) if osp.isdir(folder)
+                       else [])
+        for seed in seeds:
+            work = osp.join(folder, f'seed{seed}')
+            fp_record = read_record(osp.join(work, 'fp32'))
+            if fp_record is None:
+                continue
+            fp[seed] = fp_record['metrics'][spec['metric']] * spec['scale']
+            for row, per_task in ROWS.items():
+                record = read_record(osp.join(work, row))
+                if task not in per_task or record is None:
+                    continue
+                options = record['settings']['options']
+                start = len(options) - len(per_task[task])
+                if options[start:] != per_task[task] or \
+                        options[start - 1] != \
+                        f'load_from={fp_record["checkpoint"]}':
+                    continue
+                cells = rows.setdefault(row, dict(
+                    {str(b): {} for b in BITS}, options=per_task[task],
+                    seconds={}))
+                for b in BITS:
+                    cells[str(b)][seed] = record['metrics'][
+                        f'{spec["metric"]}@w{b}a{b}'] * spec['scale']
+                cells['seconds'][seed] = record['seconds']
+        if not fp:
+            continue
+        results[task] = dict(name=spec['name'], fp32=cell(fp), rows={})
+        for row, cells in rows.items():
+            results[task]['rows'][row] = dict(
+                {str(b): cell(cells[str(b)]) for b in BITS},
+                seeds=sorted(cells['seconds']), options=cells['options'],
+                seconds=statistics.mean(cells['seconds'].values()))
+    return results
+
+
+def gain(rows: dict, row: str) -> str:
+    """Mean w2a2 difference of ``row`` to the baseline over the seeds both
+    have (a row may have fewer seeds than the baseline)."""
+    if row == 'baseline' or 'baseline' not in rows:
+        return '-'
+    low = str(min(BITS))
+    mine, base = rows[row][low]['values'], rows['baseline'][low]['values']
+    seeds = [seed for seed in mine if seed in base]
+    if not seeds:
+        return '-'
+    return f'{statistics.mean(mine[s] - base[s] for s in seeds):+.1f}'
+
+
+def table(results: dict) -> str:
+    """The markdown tables of ``collect``'s results."""
+    lines = ['# Low-bit detection and segmentation on real images\n',
+             'mean ± sample std over the seeds of each row; one-shot '
+             '{8,6,4,2} Double Rounding QAT from each seed\'s FP32 '
+             'checkpoint, with ALRS (benchmarks/lowbit_detseg.py). QAT s/run: '
+             'wall seconds of one QAT tools/train.py, which vary with the '
+             'load of the machine.\n']
+    for content in results.values():
+        fp = content['fp32']
+        lines += [f'\n## {content["name"]}\n',
+                  f'FP32: {fp["mean"]:.1f} ± {fp["std"]:.1f} (seeds '
+                  f'{sorted(fp["values"])})\n',
+                  '| row | seeds | ' + ' | '.join(f'w{b}a{b}' for b in BITS)
+                  + ' | w2a2 vs baseline | QAT s/run | options |',
+                  '|---' * (len(BITS) + 5) + '|']
+        for row, cells in content['rows'].items():
+            bits = ' | '.join(f'{cells[str(b)]["mean"]:.1f} ± '
+                              f'{cells[str(b)]["std"]:.1f}' for b in BITS)
+            options = ' '.join(f'`{o}`' for o in cells['options'])
+            lines.append(f'| {row} | {len(cells["seeds"])} | {bits} | '
+                         f'{gain(content["rows"], row)} | '
+                         f'{cells["seconds"]:.0f} | {options} |')
+    return '\n'.join(lines) + '\n'
+
+
+def write_results(results: dict, out_dir: str):
+    """``lowbit_detseg.json`` and ``.md`` in ``out_dir``, each atomically."""
+    atomic_write_json(osp.join(out_dir, 'lowbit_detseg.json'), results)
+    text = table(results)
+    atomic_write(osp.join(out_dir, 'lowbit_detseg.md'),
+                 lambda f: f.write(text.encode()))
+
+
+def run_task(task, args):
+    """FP32 and the chosen rows of ``task`` for every seed."""
+    spec = TASKS[task]
+    root = osp.join(osp.abspath(args.data_dir), spec['data'])
+    spec['write'](root, *args.crops or (), seed=args.data_seed)
+    options = data_options(task, root) + list(args.options)
+    rows = [row for row in args.rows if task in ROWS[row]]
+    for seed in args.seeds:
+        work = osp.join(osp.abspath(args.work_dir), task, f'seed{seed}')
+        fp, fp_ckpt, fp_seconds = train_and_test(
+            spec['fp32'], osp.join(work, 'fp32'), seed, options)
+        print(f'{task} seed {seed} FP32: '
+              f'{fp[spec["metric"]] * spec["scale"]:.1f} ({fp_seconds:.0f} s)',
+              flush=True)
+        key = spec['metric']
+        for row in rows:
+            try:
+                metrics, _, seconds = train_and_test(
+                    spec['qat'], osp.join(work, row), seed,
+                    [*options, f'load_from={fp_ckpt}', *ROWS[row][task]])
+            except SystemExit as error:  # one failed row: go on with others
+                print(f'{task} seed {seed} {row} failed: {error}', flush=True)
+                continue
+            print(f'{task} seed {seed} {row}: ' + ', '.join(
+                f'w{b} {metrics[key + f"@w{b}a{b}"] * spec["scale"]:.1f}'
+                for b in BITS) + f' ({seconds:.0f} s)', flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--tasks', nargs='+', choices=list(TASKS),
+                        default=list(TASKS))
+    parser.add_argument('--rows', nargs='+', choices=list(ROWS),
+                        default=list(ROWS), help='QAT rows to run')
+    parser.add_argument('--work-dir', default='work_dirs/lowbit_detseg')
+    parser.add_argument('--data-dir', default='data')
+    parser.add_argument('--data-seed', type=int, default=0,
+                        help='seed of the datasets\' crops (fixed across '
+                        'training seeds)')
+    parser.add_argument('--crops', type=int, nargs=2, metavar=('TRAIN', 'VAL'),
+                        help='crops per source in each split (default: the '
+                        'writers\')')
+    parser.add_argument('--options', nargs='+', default=[],
+                        help='more --cfg-options for every run, e.g. '
+                        'train_cfg.max_iters=2 for a smoke test')
+    parser.add_argument('--out-dir', default=osp.join(HERE, 'results'))
+    args = parser.parse_args()
+    start = time.time()
+    for task in args.tasks:
+        run_task(task, args)
+    results = collect(osp.abspath(args.work_dir))
+    write_results(results, args.out_dir)
+    print(table(results))
+    print(f'{time.time() - start:.0f} s; saved lowbit_detseg.json and .md in '
+          f'{args.out_dir}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,34 @@
+# One-shot {8,6,4,2} Double Rounding QAT of the low-bit segmentation
+# benchmark's FCN-R18-D8, from the FP32 checkpoint of
+# fcn_r18-d8_fp32_real.py (a stock checkpoint of the bare model loads
+# into the wrapper as is), with ALRS; IoUMetric at every bit.
+#
+#     python tools/train.py configs/segmentation/fcn_r18-d8_drq-8642_real.py \
+#         --cfg-options load_from=work_dirs/fcn_r18-d8_fp32_real/iter_1000.pth
+#     python tools/test.py configs/segmentation/fcn_r18-d8_drq-8642_real.py \
+#         work_dirs/fcn_r18-d8_drq-8642_real/iter_100.pth
+_base_ = './fcn_r18-d8_fp32_real.py'
+
+model = dict(
+    _delete_=True,
+    type='mmdrq.MultiPrecisionQAT',
+    architecture={{_base_.model}},
+    quantizer=dict(bits=[8, 6, 4, 2]),
+    loss_mode='per_bit')
+
+# the paper's recipe: Adam, weight decay 5e-5 (0 for the quantization
+# scales), cosine; ALRS scales the scales' lr per bit
+optim_wrapper = dict(
+    _delete_=True,
+    type='mmdrq.ALRSOptimWrapper',
+    constructor='mmdrq.ALRSOptimWrapperConstructor',
+    mode='fixed',
+    optimizer=dict(type='Adam', lr=2e-4, weight_decay=5e-5))
+max_iters = 100
+param_scheduler = [
+    dict(type='CosineAnnealingLR', by_epoch=False, begin=0, T_max=max_iters),
+]
+train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
+val_cfg = dict(_delete_=True, type='mmdrq.MultiBitValLoop')
+test_cfg = dict(_delete_=True, type='mmdrq.MultiBitTestLoop')
+default_hooks = dict(checkpoint=dict(interval=max_iters))

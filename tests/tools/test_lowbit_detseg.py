@@ -1,0 +1,165 @@
+"""The real-image detection and segmentation datasets (scikit-image sample
+images) load in mmdet and mmseg through the benchmark's configs, are
+deterministic and replace a folder only once complete; the benchmark
+script runs FP32 + QAT through the tools and writes its table and JSON."""
+import json
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_tool
+from test_det_seg_pipeline import _digest
+
+pytest.importorskip('skimage')
+
+DET_FP32 = osp.join(ROOT, 'configs/detection/fcos_r18_gn-head_fp32_real.py')
+SEG_FP32 = osp.join(ROOT, 'configs/segmentation/fcn_r18-d8_fp32_real.py')
+
+
+def _dataset(config, key, root):
+    """The ``key`` dataloader's dataset of ``config`` on ``root``, built by
+    its package's registry (real CocoDataset / BaseSegDataset)."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    cfg = Config.fromfile(config)
+    scope = cfg.default_scope
+    init_default_scope(scope)
+    registry = __import__(f'{scope}.registry', fromlist=['DATASETS'])
+    dataset = cfg[f'{key}_dataloader'].dataset
+    dataset.data_root = root
+    return registry.DATASETS.build(dataset)
+
+
+def test_detection_dataset_loads_in_mmdet(tmp_path):
+    from mmdrq.datasets import DET_CLASSES, write_real_detection
+    root = str(tmp_path / 'det')
+    counts = write_real_detection(root, num_train=3, num_val=2, seed=0)
+    for key, split, images in (('train', 'train', 3), ('val', 'val', 2)):
+        dataset = _dataset(DET_FP32, key, root)
+        assert dataset.metainfo['classes'] == DET_CLASSES
+        with open(osp.join(root, 'annotations',
+                           f'instances_{split}.json')) as f:
+            content = json.load(f)
+        assert len(content['images']) == images * len(DET_CLASSES)
+        assert len(content['annotations']) == counts[split] > 0
+        # every annotation's box encloses exactly ``area`` bright pixels of
+        # its own crop: a coin or a galaxy, not the dark background
+        labels = {a['category_id'] for a in content['annotations']}
+        assert labels <= {1, 2}
+        for ann in content['annotations']:
+            x, y, w, h = ann['bbox']
+            assert 0 <= x and 0 <= y and x + w <= 96 and y + h <= 96
+            assert 16 <= ann['area'] <= w * h
+        sample = dataset[0]
+        boxes = sample['data_samples'].gt_instances.bboxes.tensor
+        assert sample['inputs'].shape[1:] == (96, 96)
+        assert len(boxes) > 0 and (boxes[:, 2:] > boxes[:, :2]).all()
+
+
+def test_segmentation_dataset_loads_in_mmseg(tmp_path):
+    from mmdrq.datasets import SEG_CLASSES, write_real_segmentation
+    root = str(tmp_path / 'seg')
+    counts = write_real_segmentation(root, num_train=2, num_val=2, seed=0)
+    assert counts == {'train': 4, 'val': 4}
+    seen = set()
+    for key in ('train', 'val'):
+        dataset = _dataset(SEG_FP32, key, root)
+        assert dataset.metainfo['classes'] == SEG_CLASSES
+        assert len(dataset) == 4
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            labels = sample['data_samples'].gt_sem_seg.data
+            assert sample['inputs'].shape[1:] == labels.shape[1:] == (64, 64)
+            name = osp.basename(sample['data_samples'].img_path)
+            values = set(np.unique(labels.numpy()).tolist())
+            # a crop holds background and its own source's class only
+            assert values <= {0, SEG_CLASSES.index(name.split('_')[0])}
+            seen |= values
+    assert seen == {0, 1, 2}
+
+
+def test_writers_are_deterministic_and_replace_only_complete_folders(
+        tmp_path, monkeypatch):
+    from mmdrq.datasets import real_images, write_real_segmentation
+    first, again, other = (str(tmp_path / n) for n in ('a', 'b', 'c'))
+    write_real_segmentation(first, 2, 1, seed=0)
+    write_real_segmentation(again, 2, 1, seed=0)
+    write_real_segmentation(other, 2, 1, seed=1)
+    assert _digest(first) == _digest(again) != _digest(other)
+
+    # the same settings: kept as is; a failure halfway through a rewrite
+    # leaves the old folder and no temporary one
+    before = _digest(first)
+    write_real_segmentation(first, 2, 1, seed=0)
+    assert _digest(first) == before
+    calls = []
+
+    def failing_write(path, array):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError('disk full')
+        real_write(path, array)
+
+    real_write = real_images._write_png
+    monkeypatch.setattr(real_images, '_write_png', failing_write)
+    with pytest.raises(OSError, match='disk full'):
+        write_real_segmentation(first, 2, 1, seed=5)
+    assert _digest(first) == before
+    assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'c']
+    monkeypatch.setattr(real_images, '_write_png', real_write)
+    write_real_segmentation(first, 2, 1, seed=1)
+    assert _digest(first) == _digest(other)
+    assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'c']
+
+
+@pytest.mark.parametrize('args', [dict(num_train=0), dict(size=0),
+                                  dict(num_val=1.5)])
+def test_writer_refuses_bad_sizes(tmp_path, args):
+    from mmdrq.datasets import write_real_detection
+    key, value = next(iter(args.items()))
+    with pytest.raises(ValueError, match=f'{key}.*{value}'):
+        write_real_detection(str(tmp_path / 'det'), **args)
+    assert not os.listdir(tmp_path)
+
+
+def test_benchmark_runs_and_writes_table_and_json(tmp_path):
+    """Segmentation, one seed, two iterations per run: FP32, then QAT from
+    its checkpoint, each tested at every bit by tools/test.py; a second
+    call reuses both runs."""
+    args = [osp.join(ROOT, 'benchmarks', 'lowbit_detseg.py'), '--seeds', '0',
+            '--tasks', 'seg', '--rows', 'baseline', '--crops', '2', '1',
+            '--work-dir', tmp_path / 'work', '--data-dir', tmp_path / 'data',
+            '--out-dir', tmp_path / 'out', '--options',
+            'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2']
+    _, log = run_tool(*args)
+    with open(tmp_path / 'out' / 'lowbit_detseg.json') as f:
+        results = json.load(f)
+    assert list(results) == ['seg']
+    seg = results['seg']
+    work = tmp_path / 'work' / 'seg' / 'seed0'
+    with open(work / 'fp32' / 'test_metrics.json') as f:
+        assert seg['fp32']['values'] == {'0': json.load(f)['mIoU']}
+    with open(work / 'baseline' / 'test_metrics.json') as f:
+        metrics = json.load(f)
+    row = seg['rows']['baseline']
+    assert list(seg['rows']) == ['baseline'] and row['seeds'] == [0]
+    for bit in (8, 6, 4, 2):
+        value = metrics[f'mIoU@w{bit}a{bit}']
+        assert row[str(bit)] == dict(mean=value, std=0.0, values={'0': value})
+    with open(work / 'baseline' / 'train.log') as f:
+        assert 'Load checkpoint from' in f.read()
+    with open(tmp_path / 'out' / 'lowbit_detseg.md') as f:
+        text = f.read()
+    assert f'FP32: {seg["fp32"]["mean"]:.1f} ± 0.0 (seeds [0])' in text
+    line = next(li for li in text.splitlines() if li.startswith('| baseline'))
+    assert line.startswith(f'| baseline | 1 | {row["8"]["mean"]:.1f} ± 0.0 |')
+    assert f'| {row["2"]["mean"]:.1f} ± 0.0 |' in line
+    assert text in log
+
+    stamp = os.path.getmtime(work / 'baseline' / 'train.log')
+    _, log = run_tool(*args)
+    assert os.path.getmtime(work / 'baseline' / 'train.log') == stamp
+    with open(tmp_path / 'out' / 'lowbit_detseg.json') as f:
+        assert json.load(f) == results
