@@ -7,11 +7,10 @@
 #         --cfg-options load_from=work_dirs/fcos_r18_gn-head_fp32_real/iter_400.pth
 #     python tools/test.py configs/detection/fcos_r18_gn-head_drq-8642_real.py \
 #         work_dirs/fcos_r18_gn-head_drq-8642_real/iter_100.pth
-_base_ = './fcos_r18_gn-head_fp32_real.py'
+_base_ = ['./fcos_r18_gn-head_fp32_real.py', '../_base_/mmdrq_qat.py']
 
 model = dict(
-    _delete_=True,
-    type='mmdrq.MultiPrecisionQAT',
+    _base_.mmdrq.model,
     architecture={{_base_.model}},
     quantizer=dict(bits=[8, 6, 4, 2]),
     loss_mode='per_bit')
@@ -19,9 +18,7 @@ model = dict(
 # the paper's recipe: Adam, weight decay 5e-5 (0 for the quantization
 # scales), cosine; ALRS scales the scales' lr per bit
 optim_wrapper = dict(
-    _delete_=True,
-    type='mmdrq.ALRSOptimWrapper',
-    constructor='mmdrq.ALRSOptimWrapperConstructor',
+    _base_.mmdrq.optim_wrapper,
     mode='fixed',
     optimizer=dict(type='Adam', lr=2e-4, weight_decay=5e-5))
 max_iters = 100
@@ -29,6 +26,6 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', by_epoch=False, begin=0, T_max=max_iters),
 ]
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
-val_cfg = dict(_delete_=True, type='mmdrq.MultiBitValLoop')
-test_cfg = dict(_delete_=True, type='mmdrq.MultiBitTestLoop')
+val_cfg = _base_.mmdrq.val_cfg
+test_cfg = _base_.mmdrq.test_cfg
 default_hooks = dict(checkpoint=dict(interval=max_iters))
