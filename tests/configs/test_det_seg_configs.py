@@ -13,8 +13,10 @@ import mmdrq
 from mmdrq.apis import build_model_from_config
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'detection', '*.py')) +
-                 glob.glob(osp.join(ROOT, 'configs', 'segmentation', '*.py')))
+# the QAT configs (``*_drq-*``); an FP32 config (``*_fp32_*``) has no bits
+CONFIGS = sorted(
+    p for task in ('detection', 'segmentation')
+    for p in glob.glob(osp.join(ROOT, 'configs', task, '*_drq-*.py')))
 
 
 def offline(cfg):
@@ -56,7 +58,7 @@ def detection_batch(size=64):
                 data_samples=samples)
 
 
-def segmentation_batch(size=32):
+def segmentation_batch(num_classes, size=32):
     from mmseg.structures import SegDataSample
     samples = []
     for _ in range(2):
@@ -64,7 +66,7 @@ def segmentation_batch(size=32):
             img_shape=(size, size), ori_shape=(size, size),
             pad_shape=(size, size)))
         sample.gt_sem_seg = PixelData(
-            data=torch.randint(0, 150, (1, size, size)))
+            data=torch.randint(0, num_classes, (1, size, size)))
         samples.append(sample)
     return dict(inputs=[torch.randint(0, 256, (3, size, size),
                                       dtype=torch.uint8) for _ in range(2)],
@@ -81,7 +83,8 @@ def test_config_forward_at_every_bit(path):
     assert model.bits == bits
     assert cfg.val_cfg.type == 'mmdrq.MultiBitValLoop'
     detection = '/detection/' in path
-    batch = detection_batch() if detection else segmentation_batch()
+    batch = detection_batch() if detection else segmentation_batch(
+        cfg.model.architecture.decode_head.num_classes)
     for bit in bits:
         with mmdrq.use_bits(model.architecture, bit):
             model.train()
