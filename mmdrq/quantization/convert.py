@@ -254,7 +254,7 @@ def _convert_weight_readers(model: nn.Module) -> list:
         if isinstance(owner, (QuantLayer, WeightReadingOwner)):
             continue
         reads = [child for child in weight_reads(owner)
-                 if isinstance(owner._modules[child], QuantLayer)]
+                 if isinstance(owner.get_submodule(child), QuantLayer)]
         if reads:
             rows.append((name or '(model)', type(owner).__name__,
                          f'reads {", ".join(c + ".weight" for c in reads)} '

@@ -246,7 +246,7 @@ def recording_calls(model: nn.Module):
     # an owner reading a layer's quantized weight directly uses the layer
     layers = {id(m): n for n, m in quantized_layers(model).items()}
     for module in model.modules():
-        used = {layers[id(module._modules[child])]
+        used = {layers[id(module.get_submodule(child))]
                 for child in getattr(module, 'mmdrq_weight_reads', ())}
         if used:
             handles.append(module.register_forward_pre_hook(

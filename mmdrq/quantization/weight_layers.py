@@ -303,7 +303,8 @@ class WeightReadingOwner:
     (BEiT's ``F.linear(x, self.qkv.weight)``): during its forward those
     weights are their fake-quantized tensors. What it feeds them is not
     known here, so their inputs stay FP. ``mmdrq_weight_reads`` names the
-    children."""
+    submodules (dotted below children: TOOD's
+    ``self.reduction_conv.conv.weight``)."""
     mmdrq_weight_reads: tuple = ()
 
     @classmethod
@@ -315,23 +316,35 @@ class WeightReadingOwner:
     def forward(self, *args, **kwargs):
         with contextlib.ExitStack() as stack:
             for child in self.mmdrq_weight_reads:
-                stack.enter_context(self._modules[child].quantized_parameter())
+                stack.enter_context(
+                    self.get_submodule(child).quantized_parameter())
             return super().forward(*args, **kwargs)
 
 
-_WEIGHT_READ = re.compile(r'self\.(\w+)\.weight\b')
+_WEIGHT_READ = re.compile(r'self\.(\w+(?:\.\w+)*)\.weight\b')
 
 
 def weight_reads(owner: nn.Module) -> list:
-    """Children of ``owner`` that its class's methods (or a base's, short
-    of torch's, MMEngine's and mmdrq's) read as ``self.<child>.weight``;
-    ``init*`` methods are left out (they run outside a forward)."""
+    """Submodules of ``owner`` that its class's methods (or a base's, short
+    of torch's, MMEngine's and mmdrq's) read as ``self.<child>.weight`` or
+    ``self.<child>.<grandchild>.weight``; ``init*`` methods are left out
+    (they run outside a forward)."""
     found = []
     for cls in type(owner).__mro__:
         for name in _class_weight_reads(cls):
-            if name in owner._modules and name not in found:
+            if name not in found and _submodule(owner, name) is not None:
                 found.append(name)
     return found
+
+
+def _submodule(owner: nn.Module, path: str) -> Optional[nn.Module]:
+    """``owner``'s submodule at the dotted ``path`` (None if absent)."""
+    module = owner
+    for part in path.split('.'):
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module
 
 
 @functools.lru_cache(maxsize=None)

@@ -611,6 +611,43 @@ def test_owner_reading_a_weight_gets_the_quantized_one():
     assert isinstance(owner.qkv.weight, nn.Parameter)  # restored after
 
 
+
+def test_owner_reading_a_grandchild_weight_gets_the_quantized_one():
+    """TOOD's task decomposition reads ``self.reduction_conv.conv.weight``
+    (a grandchild's) and multiplies it with its attention before a bmm: in
+    its forward that weight is the quantized one."""
+    from mmdet.models.dense_heads.tood_head import TaskDecomposition
+    gen = make_gen('tood')
+    torch.manual_seed(4)
+    float_module = TaskDecomposition(4, 2, la_down_rate=2).double().eval()
+    for param in float_module.parameters():
+        with torch.no_grad():
+            param.normal_()
+    wrapper = nn.Sequential(copy.deepcopy(float_module))
+    quantize_model(wrapper, bits=BITS, skip_first_last=False,
+                   act_quantizer=None)
+    rows = dict((r[0], r[2]) for r in wrapper.mmdrq_report)
+    assert rows['0'] == ('reads reduction_conv.conv.weight directly: '
+                         'quantized weight, FP input')
+    owner = wrapper[0].eval()
+    layers = {name[2:]: layer
+              for name, layer in quantized_layers(wrapper).items()}
+    assert 'reduction_conv.conv' in layers
+    x = rand(gen, 2, 8, 3, 3)
+    for bit in BITS:
+        set_bits(wrapper, bit)
+        with recording_calls(wrapper) as called, torch.no_grad():
+            out = owner(x)
+        assert '0.reduction_conv.conv' in called
+        reference_weights = {
+            name + '.weight': ref_weight(
+                layer.weight, layer.weight_quantizer.scale[0], 8, bit)[0]
+            for name, layer in layers.items()}
+        with torch.no_grad():
+            ref = functional_call(float_module, reference_weights, (x, ))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert isinstance(owner.reduction_conv.conv.weight, nn.Parameter)
+
 def test_bad_quantizer_config_leaves_the_layer_float():
     """A quantizer that cannot be built fails the conversion naming it, and
     a layer converted in place keeps its float class."""
