@@ -377,15 +377,18 @@ _CLASSES: Dict[tuple, type] = {}
 
 def quantized_class(form: type, float_type: type) -> type:
     """``Q<float_type>``: ``form``'s behaviour on ``float_type``, made once
-    and kept as a module attribute (pickle finds it by name)."""
+    and kept as a module attribute that pickle finds by its qualified name.
+    That name spells out the form and the float type's module, so types of
+    the same name (torch's and mmcv's ConvTranspose2d) never depend on
+    which was converted first; tables and errors show ``Q<name>``."""
     key = (form, float_type)
     if key not in _CLASSES:
         name = 'Q' + float_type.__name__
-        if name in globals():  # another type of the same name
-            name += '_' + float_type.__module__.replace('.', '_')
+        qualname = '__'.join((form.__name__, float_type.__module__.replace(
+            '.', '_'), float_type.__name__))
         cls = type(name, (form, float_type), dict(__module__=__name__,
-                                                  __qualname__=name))
-        _CLASSES[key] = globals()[name] = cls
+                                                  __qualname__=qualname))
+        _CLASSES[key] = globals()[qualname] = cls
     return _CLASSES[key]
 
 

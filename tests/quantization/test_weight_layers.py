@@ -543,6 +543,23 @@ def test_quantized_class_pickles_and_copies():
     assert pickle.loads(pickle.dumps(type(model.up))) is type(model.up)
 
 
+
+def test_types_of_one_name_get_one_name_in_any_order():
+    """torch's and mmcv's ConvTranspose2d are both ``QConvTranspose2d`` in
+    tables and errors, whichever was converted first, and each pickles as
+    its own class."""
+    from mmcv.cnn.bricks import wrappers
+    for first, second in ((wrappers.ConvTranspose2d, nn.ConvTranspose2d),
+                          (nn.ConvTranspose2d, wrappers.ConvTranspose2d)):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), first(4, 4, 2),
+                              second(4, 4, 2), nn.Conv2d(4, 2, 1))
+        quantize_model(model, skip_first_last=False)
+        assert type(model[1]).__name__ == type(model[2]).__name__ == \
+            'QConvTranspose2d'
+        assert type(model[1]) is not type(model[2])
+        for layer in model[1:3]:
+            assert pickle.loads(pickle.dumps(type(layer))) is type(layer)
+
 def test_mmcv_multihead_attention_wrapper():
     """mmcv's MultiheadAttention (DETR-style heads) calls the converted
     nn.MultiheadAttention with keyword arguments, batch first, a padding
