@@ -523,6 +523,23 @@ def test_fp_reasons_and_switchable_bn_source():
     assert set(quantized_layers(model)) == {'stem', 'up', 'head'}
 
 
+@pytest.mark.parametrize('pack', [DeformConv2dPack,
+                                  ModulatedDeformConv2dPack])
+def test_bn_after_deformable_conv_follows_it(pack):
+    """A DCN Pack's offset conv comes after it in module order but feeds
+    it: the BN after the DCN follows the DCN's bit in a SubNet."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), pack(4, 6, 3, padding=1),
+                          nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1))
+    quantize_model(model, bits=BITS, skip_first_last=False)
+    rows = dict((r[0], r[2]) for r in model.mmdrq_report)
+    assert rows['2'] == 'switchable BN (follows 1)'
+    set_bits(model, 8)
+    set_layer_bits(model, {'1': 2, '1.conv_offset': 6})
+    assert model[2].bit == 2
+    with torch.no_grad():
+        model(torch.randn(2, 3, 5, 5))
+
+
 def test_skip_pattern_keeps_new_layer_fp():
     model = AfterTransposed()
     quantize_model(model, skip=['up', 'attn'], skip_first_last=False)
