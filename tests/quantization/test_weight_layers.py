@@ -682,6 +682,49 @@ def test_owner_reading_a_grandchild_weight_gets_the_quantized_one():
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert isinstance(owner.reduction_conv.conv.weight, nn.Parameter)
 
+class ReadsAndCalls(nn.Module):
+    """An owner that reads its child's weight and also calls the child."""
+
+    def __init__(self, child):
+        super().__init__()
+        self.child = child
+
+    def forward(self, x):
+        if isinstance(self.child, nn.Linear):
+            read = F.linear(x, self.child.weight)
+        else:
+            read = F.conv1d(x, self.child.weight)
+        return read + self.child(x)
+
+
+@pytest.mark.parametrize('child', [lambda: nn.Linear(4, 4),
+                                   lambda: nn.Conv1d(4, 4, 1)],
+                         ids=['fused', 'swapped'])
+def test_owner_reading_and_calling_a_child_quantizes_once(child):
+    """The owner's swap and the child's own forward share one quantized
+    weight: the weight quantizer runs once per forward, not on its own
+    output."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), ReadsAndCalls(child()))
+    quantize_model(model, bits=BITS, skip_first_last=False)
+    layer = model[1].child
+    assert model[1].mmdrq_weight_reads == ('child', )
+    calls = []
+    layer.weight_quantizer.register_forward_hook(
+        lambda *args: calls.append(1))
+    set_bits(model, 4)
+    x = torch.randn(2, 4, 3, dtype=torch.float32)
+    if isinstance(layer, nn.Linear):
+        x = x.transpose(1, 2)
+    out = model[1](x)  # training mode: no cached weight
+    assert len(calls) == 1
+    w_q = layer.weight_quantizer(layer.weight_to_quantize(), 4).detach()
+    x_q = layer.act_quantizer(x, 4)
+    op = F.linear if isinstance(layer, nn.Linear) else F.conv1d
+    torch.testing.assert_close(out, op(x, w_q) + op(x_q, w_q, layer.bias))
+    assert isinstance(layer.weight, nn.Parameter)  # restored after
+
+
 def test_bad_quantizer_config_leaves_the_layer_float():
     """A quantizer that cannot be built fails the conversion naming it, and
     a layer converted in place keeps its float class."""
