@@ -177,7 +177,8 @@ class _LinearisedQuantizers:
     @contextlib.contextmanager
     def _hooked(self, replay: bool):
         self.replay, self.count, self.seen = replay, {}, {}
-        handle = nn.modules.module.register_module_forward_hook(self._hook)
+        handle = nn.modules.module.register_module_forward_hook(
+            self._hook, with_kwargs=True)
         try:
             yield
         finally:
@@ -191,7 +192,7 @@ class _LinearisedQuantizers:
     def replaying(self):
         return self._hooked(True)
 
-    def _hook(self, module, args, output):
+    def _hook(self, module, args, kwargs, output):
         if not isinstance(module, LearnedScaleQuantizer):
             return None
         x = args[0]
@@ -212,7 +213,7 @@ class _LinearisedQuantizers:
         else:
             leaf = x.detach().requires_grad_()
             with torch.enable_grad():
-                out = module.forward(leaf, *args[1:])
+                out = module.forward(leaf, *args[1:], **kwargs)
                 mask, = torch.autograd.grad(out, leaf, torch.ones_like(out))
             self.calls.setdefault(module, []).append(
                 (x.detach().clone(), output.detach().clone(), mask))
