@@ -132,6 +132,10 @@ def integer_sums(proto):
     graph.node.extend(n for n in new_nodes  # the float DQs now unused
                       if n.op_type != 'DequantizeLinear' or
                       n.output[0] in used)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]  # old scales
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return proto
 
 

@@ -146,10 +146,13 @@ class _Numerics:
 
 def check_exact_sums(name: str, act, bit: int, q: torch.Tensor):
     """Warn when a layer's integer sums may exceed 2**24 (largest input
-    integer times the largest per-channel sum of |weight integers|): then
-    float32 may round them and the summation order matters again."""
+    integer times the largest per-channel sum of |weight integers|; the
+    container's factor 2**(8 - bit) scales every term alike, so it does not
+    count): then float32 may round them and the summation order matters
+    again."""
     lo, hi = act._range(bit)
-    bound = max(-lo, hi) * float(q.abs().flatten(1).sum(1).max())
+    weight_sum = float(q.double().abs().flatten(1).sum(1).max())
+    bound = max(-lo, hi) * weight_sum / 2**(CONTAINER_BIT - bit)
     if bound >= EXACT_SUM:
         warnings.warn(f'deploy numerics: layer {name!r} at {bit} bits may '
                       f'sum integers up to {bound:.3g} >= 2**24; its sums '

@@ -1,6 +1,8 @@
 """Deploy numerics: ONNX Runtime's exact sessions and PyTorch under
 ``deploy_numerics`` give the same bits, because quantized layers sum
 integers (exact in float32 below 2**24) and then scale once."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,25 @@ def test_deploy_numerics_refuses_training_mode():
     with pytest.raises(RuntimeError, match='for evaluation'):
         with deploy_numerics(model, lambda m: m(tie_inputs()[:2])):
             pass
+
+
+def test_warns_when_integer_sums_can_pass_2_to_the_24():
+    """255 * 128 * 1024 > 2**24 at 8 bits; at 6 bits 63 * 32 * 1024 is
+    below it (the container's factor does not count)."""
+    model = nn.Sequential(nn.ReLU(), nn.Linear(1024, 2))
+    quantize_model(model, bits=[8, 6], skip_first_last=False)
+    model.train()
+    x = torch.rand(4, 1024)
+    for bit in (8, 6):
+        set_bits(model, bit)
+        model(x)
+    model.eval()
+    model[1].weight.data.fill_(-1.0)  # every weight at the bottom of the grid
+    for bit, warns in ((8, True), (6, False)):
+        with use_bits(model, bit), torch.no_grad(), \
+                deploy_numerics(model, lambda m: m(x)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                model(x)
+        found = [w for w in caught if '2**24' in str(w.message)]
+        assert bool(found) == warns, (bit, [str(w.message) for w in caught])
