@@ -14,6 +14,7 @@ from mmdrq import quantize_model, set_bits, use_bits  # noqa: E402
 from mmdrq.deploy import OnnxExporter, make_session  # noqa: E402
 from mmdrq.quantization.deploy_numerics import deploy_numerics  # noqa: E402
 from mmdrq.quantization.graph import conv_bn_pairs  # noqa: E402
+from test_onnx_export import calibrate  # noqa: E402
 
 BITS = (8, 6, 4, 2)
 SCALE = 2.0**-4  # the first layer's input scale: x / s exact, ties exact
@@ -39,24 +40,12 @@ class Residual(nn.Module):
 
 
 def trained_model(seed=0):
-    """Scales of every bit initialised by training-mode forwards, random BN
-    statistics (so the fold matters), eval mode."""
-    generator = torch.Generator().manual_seed(seed)
+    """Scales of every bit initialised, random BN statistics (so the fold
+    matters), eval mode; the first layer's inputs on exact ties."""
     model = Residual()
     quantize_model(model, bits=list(BITS), skip_first_last=False)
-    model.train()
+    calibrate(model, (16, 4, 5, 5), seed)
     for bit in BITS:
-        set_bits(model, bit)
-        model(torch.randn(16, 4, 5, 5, generator=generator))
-    set_bits(model, BITS[0])
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            module.weight.data.uniform_(0.5, 1.5, generator=generator)
-            module.bias.data.uniform_(-0.3, 0.3, generator=generator)
-    model.eval()
-    for bit in BITS:  # the first layer's inputs on exact ties
         model.conv1.act_quantizer.scale.data[BITS.index(bit)] = SCALE
     return model
 
@@ -88,20 +77,20 @@ def test_onnxruntime_equals_pytorch_bit_for_bit(bit):
     session = make_session(exporter.export(bit).SerializeToString(),
                            threads=1)
     got = session.run(None, {'input': x.numpy()})[0]
-    with use_bits(model, bit), torch.no_grad(), \
-            deploy_numerics(model, lambda m: m(x[:2])):
-        want = model(x).numpy()
+    with use_bits(model, bit), torch.no_grad():
+        fake = model(x).numpy()
+        with deploy_numerics(model, lambda m: m(x[:2])):
+            want = model(x).numpy()
+        after = model(x).numpy()
     np.testing.assert_array_equal(got, want)
     # the same model: close to the float64 fake-quantized forward
     reference = float64_reference(model, x, bit).numpy()
-    np.testing.assert_allclose(want, reference, rtol=0,
-                               atol=1e-5 * np.abs(reference).max())
-    # the mode ends with its block: the training forward again
-    with use_bits(model, bit), torch.no_grad():
-        fake = model(x).numpy()
-    assert not np.array_equal(fake, want)  # other float roundings
-    np.testing.assert_allclose(fake, reference, rtol=0,
-                               atol=1e-5 * np.abs(reference).max())
+    for value in (want, fake):
+        np.testing.assert_allclose(value, reference, rtol=0,
+                                   atol=1e-5 * np.abs(reference).max())
+    # the block's end restores the training forward
+    np.testing.assert_array_equal(after, fake)
+    assert not any('forward' in vars(m) for m in model.modules())
 
 
 def test_pairs_are_the_exporters_folds():
