@@ -83,18 +83,34 @@ def integer_sums(proto):
         zero = array(node.input[2]) if len(node.input) > 2 else 0
         return node if zero is not None and not np.any(zero) else None
 
+    def factors(node):
+        """(input DQ, weight DQ) when ``node`` is a Conv or a Gemm
+        ``x @ w.T`` on a per-tensor input scale and a weight scale per
+        output channel (or per tensor), so that the scales factor out of
+        the sum; else None."""
+        attrs = {a.name: helper.get_attribute_value(a)
+                 for a in node.attribute}
+        if node.op_type != 'Conv' and not (
+                node.op_type == 'Gemm' and attrs.get('transB') == 1 and
+                attrs.get('transA', 0) == 0 and
+                attrs.get('alpha', 1.0) == attrs.get('beta', 1.0) == 1.0):
+            return None
+        x_dq, w_dq = (dequantized(n) for n in node.input[:2])
+        if x_dq is None or w_dq is None or array(w_dq.input[0]) is None or \
+                array(x_dq.input[1]).size != 1:
+            return None
+        axis = {a.name: a.i for a in w_dq.attribute}.get('axis', 1)
+        return (x_dq, w_dq) if array(w_dq.input[1]).size == 1 or axis == 0 \
+            else None
+
     one = 'mmdrq.integer_sums.one'
     new_nodes, made = [], set()
     for node in graph.node:
-        plain = node.op_type == 'Conv' or node.op_type == 'Gemm' and all(
-            a.name not in ('alpha', 'beta', 'transA') or
-            helper.get_attribute_value(a) == (0 if a.name == 'transA' else 1)
-            for a in node.attribute)
-        x_dq, w_dq = (dequantized(n) for n in node.input[:2]) if plain \
-            else (None, None)
-        if x_dq is None or w_dq is None or array(w_dq.input[0]) is None:
+        pair = factors(node)
+        if pair is None:
             new_nodes.append(node)
             continue
+        x_dq, w_dq = pair
         name, out = node.name or node.output[0], node.output[0]
         weight_scale = array(w_dq.input[1]).astype(np.float64)
         channels = array(w_dq.input[0]).shape[0]
