@@ -141,17 +141,17 @@ def stand_in(module: QuantLayer,
     """The skeleton's float stand-in for an in-place quantized layer, made
     from ``module`` (a copy's, changed in place); None for QConv2d/QLinear.
     Every stand-in has a bias, for the rewrite to write (and the folded
-    BN's shift): placeholders from the skeleton's ``generator``, distinct
-    so that no pass merges them."""
+    BN's shift); the weights and biases it adds are placeholders from the
+    skeleton's ``generator``, distinct so that no pass merges them."""
     if not isinstance(module, SwappedWeightLayer):
         return None
     out = module.weight_to_quantize().shape[0]
     if isinstance(module, MultiheadAttentionLayer):
         embed = module.embed_dim
-        for index, (proj, _) in enumerate(PROJECTIONS):
+        for proj, _ in PROJECTIONS:
             linear = FlatLinear(embed, embed)
-            rows = slice(index * embed, (index + 1) * embed)
-            linear.weight.data = module.in_proj_weight.detach()[rows].clone()
+            linear.weight.data = torch.rand(
+                linear.weight.shape, generator=generator) + 1
             linear.bias.data = torch.rand(embed, generator=generator) + 1
             setattr(module, proj, linear)
         cls = type('AttentionStandIn',

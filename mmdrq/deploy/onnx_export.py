@@ -180,18 +180,34 @@ def _float_skeleton(model: nn.Module) -> nn.Module:
     generator = torch.Generator().manual_seed(0)
     for name, module in quantized_layers(skeleton).items():
         new = stand_in(module, generator)
-        _replace(skeleton, name, _plain_layer(module) if new is None else new)
+        new = _plain_layer(module) if new is None else new
+        _placeholders(new, ('weight', ), generator)
+        _replace(skeleton, name, new)
     for name, module in list(skeleton.named_modules()):
         if isinstance(module, BitSwitchable) and hasattr(module, 'bns'):
             norm = next(iter(module.bns.values()))
             if isinstance(norm, nn.GroupNorm):
                 norm = _GroupNormAffine(norm)
+            _placeholders(norm, ('weight', 'bias', 'running_mean',
+                                 'running_var'), generator)
             _replace(skeleton, name, norm)
     for module in skeleton.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             module.bias = nn.Parameter(torch.rand(
                 module.weight.shape[0], generator=generator) + 1)
     return skeleton
+
+
+def _placeholders(module: nn.Module, names, generator: torch.Generator):
+    """Distinct values for tensors the rewrite overwrites by name: the
+    exporter's optimizer merges equal small initializers (a fresh model's
+    BN weights, zero-initialised offset convs), after which one name stood
+    for several layers (a BN after a deformable conv got another BN's
+    statistics)."""
+    for key in names:
+        tensor = getattr(module, key, None)
+        if isinstance(tensor, torch.Tensor):
+            tensor.data = torch.rand(tensor.shape, generator=generator) + 1
 
 
 class _GroupNormAffine(nn.Module):

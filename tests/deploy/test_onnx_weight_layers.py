@@ -46,12 +46,15 @@ def calibrate(model, shape, seed=0):
     return model.eval()
 
 
-def check_every_bit(model, shape, **convert):
-    """Convert, calibrate, export each bit; ONNX Runtime's output equals
-    PyTorch's on fresh inputs. Returns the exporter and the protos."""
+def check_every_bit(model, shape, prepare=None, **convert):
+    """Convert, calibrate (then ``prepare(model)``), export each bit; ONNX
+    Runtime's output equals PyTorch's on fresh inputs. Returns the exporter
+    and the protos."""
     torch.manual_seed(0)
     quantize_model(model, bits=list(BITS), skip_first_last=False, **convert)
     calibrate(model, shape)
+    if prepare is not None:
+        prepare(model)
     exporter = OnnxExporter(model, shape, lambda m, x: m(x))
     x = torch.randn((3, ) + tuple(shape[1:]),
                     generator=torch.Generator().manual_seed(7))
@@ -201,6 +204,23 @@ def test_multihead_attention(batch_first):
         assert ops(proto).count('Gemm') == 4
         assert 'model.body.in_proj_weight' not in {
             i.name for i in proto.graph.initializer}
+
+
+def test_unfolded_bns_with_equal_affine_keep_their_statistics():
+    """BNs not folded (as after a deformable conv) with equal weights and
+    biases (a fresh model's ones and zeros): the exporter's optimizer merged
+    those equal initializers, and every such BN got one BN's statistics."""
+    body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4),
+                         nn.Conv2d(4, 4, 1), nn.ReLU(), nn.BatchNorm2d(4),
+                         nn.Conv2d(4, 2, 1))
+
+    def fresh_affine(model):  # each BN copy keeps its own statistics
+        for norm in model.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.weight.data.fill_(1), norm.bias.data.zero_()
+
+    _, protos = check_every_bit(Wrap(body), (2, 3, 4, 4), fresh_affine)
+    assert ops(protos[8]).count('BatchNormalization') == 2
 
 
 @pytest.mark.parametrize('modulated', [False, True])
