@@ -253,3 +253,41 @@ def test_form_without_export_form_refused_by_name():
     with pytest.raises(ValueError, match=r"layer '1' \(QConv1d\) cannot be "
                        r"exported.*no form for this layer type"):
         OnnxExporter(model, (1, 3, 5))
+
+
+def test_segformer_tensor_outputs_equal_pytorch():
+    """mmseg's SegFormer (MiT: nn.MultiheadAttention behind mmcv's wrapper,
+    token linears, switchable LayerNorms) from the tiny config, random
+    init: ONNX Runtime's decode-head logits equal PyTorch's."""
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    from mmdrq.apis import build_model_from_config
+    from mmdrq.deploy.pipeline import _flat
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    cfg = Config.fromfile(osp.join(
+        root, 'configs/segmentation/segformer_mit_drq-8642_tiny.py'))
+    # fixed weights: on some random inits an activation sits at a w8
+    # rounding boundary, flips with the summation order, and attention
+    # spreads the flip to every output (seen once unseeded)
+    torch.manual_seed(0)
+    _, model = build_model_from_config(cfg)
+    shape = (1, 3, 64, 64)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for bit in BITS:
+        set_bits(model, bit)
+        with torch.no_grad():
+            model(torch.randn(shape, generator=generator), mode='tensor')
+    exporter = OnnxExporter(model.eval(), shape)
+    x = torch.randn(shape, generator=generator)
+    for bit in (8, 2):
+        proto = exporter.export(bit)
+        assert ops(proto).count('Gemm') == 16  # 4 attentions x (q, k, v, out)
+        got = make_session(proto.SerializeToString()).run(
+            None, {'input': x.numpy()})[0]
+        with use_bits(model, bit), torch.no_grad():
+            want = _flat(model(x, mode='tensor'))[0]
+        np.testing.assert_allclose(got, np.asarray(want), rtol=0,
+                                   atol=2e-5 * float(np.abs(want).max()))
