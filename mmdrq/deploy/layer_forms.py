@@ -285,7 +285,7 @@ def _weight_nodes(set_init, module, prefix: str, bit: int, q: torch.Tensor,
     set_init(prefix + '.weight_q', q.contiguous().numpy())
     set_init(prefix + '.weight_scale', scale.numpy())
     set_init(prefix + '.weight_zero_point',
-                 torch.zeros(len(scale), dtype=torch.int8).numpy())
+             torch.zeros(len(scale), dtype=torch.int8).numpy())
     grouped = transposed and groups > 1
     out_name = prefix + ('.weight_channel_major' if grouped else '.weight')
     nodes = [helper.make_node(
