@@ -22,7 +22,10 @@ that graph:
   stays next to it, so ONNX Runtime can still fuse the producer;
 - layers kept FP stay FP; a BN that directly follows a conv (its only
   consumer) is folded into it, any other BN stays a BatchNormalization
-  with the bit's statistics.
+  with the bit's statistics;
+- the layers quantized in place (transposed, deformable and standardized
+  convs, attention, ...) get the same form through a stand-in of theirs in
+  the float graph (``layer_forms``).
 """
 import contextlib
 import copy
@@ -40,8 +43,9 @@ from mmdrq.quantization.bitwidths import (check_bit, signed_range,
                                          unsigned_range)
 from mmdrq.quantization.deploy_numerics import (bn_affine, folded_bias,
                                                 weight_integers)
-from mmdrq.quantization.layers import (BitSwitchable, QConv2d, QLinear,
-                                       QuantLayer)
+from mmdrq.quantization.layers import BitSwitchable, QuantLayer
+from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
+                          owner_reads, stand_in, weight_parts)
 from .residual import add_residual_qdq, check_residual_mode
 
 OPSET = 20
@@ -76,12 +80,17 @@ def check_exportable(model: nn.Module):
                          'layers: export needs a converted model '
                          '(mmdrq.quantize_model or a MultiPrecisionQAT '
                          'config)')
+    read_by = owner_reads(model)
     for name, module in layers.items():
-        if not isinstance(module, (QConv2d, QLinear)):
+        reason = export_refusal(module)
+        if name in read_by:
+            reason = (f'its weight is read by the code of {read_by[name]!r}'
+                      ', which PyTorch feeds an FP input (the export cannot '
+                      'tell that read apart)')
+        if reason is not None:
             raise ValueError(
                 f'layer {name!r} ({type(module).__name__}) cannot be '
-                'exported to ONNX yet: the export rewrites quantized '
-                'Conv2d and Linear layers only; keep it FP with '
+                f'exported to ONNX: {reason}; keep it FP with '
                 f'quantizer.skip=[{re.escape(name)!r}] to export the model')
         if module.weight_quantizer.variant == 'unshared':
             raise ValueError(
@@ -97,8 +106,8 @@ def check_exportable(model: nn.Module):
 def _check_layer_ready(name: str, module: QuantLayer):
     """A layer the graph uses needs its scales (a layer converted but never
     called may lack them, and is not in the graph)."""
-    for part in (module.weight_quantizer, module.act_quantizer):
-        if part is not None and not bool(part.initialized.all()):
+    for part in module.quantizers():
+        if not bool(part.initialized.all()):
             raise ValueError(
                 f'layer {name!r} has uninitialised quantizer scales '
                 f'({type(part).__name__}.initialized='
@@ -153,8 +162,8 @@ def _plain_layer(module: QuantLayer) -> nn.Module:
                            module.dilation, module.groups, True,
                            module.padding_mode, device='meta')
     else:
-        new = nn.Linear(module.in_features, module.out_features, True,
-                        device='meta')
+        new = FlatLinear(module.in_features, module.out_features, True,
+                         device='meta')
     new.weight = nn.Parameter(module.weight.detach().clone())
     return new
 
@@ -169,20 +178,37 @@ def _float_skeleton(model: nn.Module) -> nn.Module:
     switchable BN its first copy, every conv/linear with a bias (for the
     fold). Placeholder values are distinct so no pass merges them."""
     skeleton = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(0)
     for name, module in quantized_layers(skeleton).items():
-        _replace(skeleton, name, _plain_layer(module))
+        new = stand_in(module, generator)
+        new = _plain_layer(module) if new is None else new
+        _placeholders(new, ('weight', ), generator)
+        _replace(skeleton, name, new)
     for name, module in list(skeleton.named_modules()):
         if isinstance(module, BitSwitchable) and hasattr(module, 'bns'):
             norm = next(iter(module.bns.values()))
             if isinstance(norm, nn.GroupNorm):
                 norm = _GroupNormAffine(norm)
+            _placeholders(norm, ('weight', 'bias', 'running_mean',
+                                 'running_var'), generator)
             _replace(skeleton, name, norm)
-    generator = torch.Generator().manual_seed(0)
     for module in skeleton.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             module.bias = nn.Parameter(torch.rand(
                 module.weight.shape[0], generator=generator) + 1)
     return skeleton
+
+
+def _placeholders(module: nn.Module, names, generator: torch.Generator):
+    """Distinct values for tensors the rewrite overwrites by name: the
+    exporter's optimizer merges equal small initializers (a fresh model's
+    BN weights, zero-initialised offset convs), after which one name stood
+    for several layers (a BN after a deformable conv got another BN's
+    statistics)."""
+    for key in names:
+        tensor = getattr(module, key, None)
+        if isinstance(tensor, torch.Tensor):
+            tensor.data = torch.rand(tensor.shape, generator=generator) + 1
 
 
 class _GroupNormAffine(nn.Module):
@@ -218,9 +244,11 @@ def _module_of(init_name: str, suffix: str) -> Optional[str]:
     return None
 
 
-def _fold_bn_nodes(proto: onnx.ModelProto) -> Dict[str, str]:
+def _fold_bn_nodes(proto: onnx.ModelProto,
+                   transposed=frozenset()) -> Dict[str, str]:
     """Remove every BatchNormalization whose input is a Conv's output used
-    by nothing else; returns conv module -> BN module name."""
+    by nothing else (or a ConvTranspose's whose weight is in
+    ``transposed``); returns conv module -> BN module name."""
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
@@ -229,7 +257,9 @@ def _fold_bn_nodes(proto: onnx.ModelProto) -> Dict[str, str]:
         conv = producers.get(node.input[0]) if node.op_type == \
             'BatchNormalization' else None
         # a conv called more than once (shared weights) is not folded
-        if conv is not None and conv.op_type == 'Conv' and \
+        if conv is not None and (conv.op_type == 'Conv' or (
+                conv.op_type == 'ConvTranspose' and
+                conv.input[1] in transposed)) and \
                 len(consumers[conv.input[1]]) == 1 and \
                 len(consumers[conv.output[0]]) == 1 and \
                 all(not consumers.get(o) for o in node.output[1:]):
@@ -297,6 +327,7 @@ class OnnxExporter:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.forward = forward
         self.layers = quantized_layers(model)
+        self.parts = weight_parts(self.layers)
         self.switchable = {n: m for n, m in model.named_modules()
                            if isinstance(m, BitSwitchable)
                            and hasattr(m, 'bns')}
@@ -314,7 +345,7 @@ class OnnxExporter:
                 opset_version=OPSET, input_names=['input'], verbose=False,
                 dynamic_shapes=({0: torch.export.Dim('batch')}, ))
             proto = program.model_proto
-            self.folded = _fold_bn_nodes(proto)
+            self.folded = _fold_bn_nodes(proto, set(self.parts))
             proto = onnxscript.optimizer.optimize(proto)
             self._skeleton = proto
         return self._skeleton
@@ -347,8 +378,9 @@ class OnnxExporter:
         check_bits_setting(self.model, bits)
         proto = copy.deepcopy(self.skeleton())
         # before any PyTorch forward: it would initialise missing scales
-        used = {_module_of(i, '.weight') for n in proto.graph.node
-                for i in n.input}
+        used = {self.parts[i].layer if i in self.parts else
+                _module_of(i, '.weight')
+                for n in proto.graph.node for i in n.input}
         for name, module in self.layers.items():
             if name in used:
                 _check_layer_ready(name, module)
@@ -384,6 +416,13 @@ class _Rewrite:
     def run(self):
         new_nodes = []
         for node in self.graph.node:
+            part = self.exporter.parts.get(node.input[1]) \
+                if node.op_type in BIAS_INPUT and len(node.input) > 1 \
+                else None
+            if part is not None:
+                new_nodes += emit(self, node, part)
+                new_nodes.append(node)
+                continue
             name = _module_of(node.input[1], '.weight') \
                 if node.op_type in ('Conv', 'Gemm') and \
                 len(node.input) > 1 else None
