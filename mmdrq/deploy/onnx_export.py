@@ -22,7 +22,10 @@ that graph:
   stays next to it, so ONNX Runtime can still fuse the producer;
 - layers kept FP stay FP; a BN that directly follows a conv (its only
   consumer) is folded into it, any other BN stays a BatchNormalization
-  with the bit's statistics.
+  with the bit's statistics;
+- the layers quantized in place (transposed, deformable and standardized
+  convs, attention, ...) get the same form through a stand-in of theirs in
+  the float graph (``layer_forms``).
 """
 import contextlib
 import copy
@@ -38,9 +41,11 @@ from torch import nn
 from mmdrq.quantization import quantized_layers, use_bits
 from mmdrq.quantization.bitwidths import (check_bit, signed_range,
                                          unsigned_range)
-from mmdrq.quantization.functional import requantize
-from mmdrq.quantization.layers import (BitSwitchable, QConv2d, QLinear,
-                                       QuantLayer)
+from mmdrq.quantization.deploy_numerics import (bn_affine, folded_bias,
+                                                weight_integers)
+from mmdrq.quantization.layers import BitSwitchable, QuantLayer
+from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
+                          owner_reads, stand_in, weight_parts)
 from .residual import add_residual_qdq, check_residual_mode
 
 OPSET = 20
@@ -75,12 +80,17 @@ def check_exportable(model: nn.Module):
                          'layers: export needs a converted model '
                          '(mmdrq.quantize_model or a MultiPrecisionQAT '
                          'config)')
+    read_by = owner_reads(model)
     for name, module in layers.items():
-        if not isinstance(module, (QConv2d, QLinear)):
+        reason = export_refusal(module)
+        if name in read_by:
+            reason = (f'its weight is read by the code of {read_by[name]!r}'
+                      ', which PyTorch feeds an FP input (the export cannot '
+                      'tell that read apart)')
+        if reason is not None:
             raise ValueError(
                 f'layer {name!r} ({type(module).__name__}) cannot be '
-                'exported to ONNX yet: the export rewrites quantized '
-                'Conv2d and Linear layers only; keep it FP with '
+                f'exported to ONNX: {reason}; keep it FP with '
                 f'quantizer.skip=[{re.escape(name)!r}] to export the model')
         if module.weight_quantizer.variant == 'unshared':
             raise ValueError(
@@ -96,8 +106,8 @@ def check_exportable(model: nn.Module):
 def _check_layer_ready(name: str, module: QuantLayer):
     """A layer the graph uses needs its scales (a layer converted but never
     called may lack them, and is not in the graph)."""
-    for part in (module.weight_quantizer, module.act_quantizer):
-        if part is not None and not bool(part.initialized.all()):
+    for part in module.quantizers():
+        if not bool(part.initialized.all()):
             raise ValueError(
                 f'layer {name!r} has uninitialised quantizer scales '
                 f'({type(part).__name__}.initialized='
@@ -152,8 +162,8 @@ def _plain_layer(module: QuantLayer) -> nn.Module:
                            module.dilation, module.groups, True,
                            module.padding_mode, device='meta')
     else:
-        new = nn.Linear(module.in_features, module.out_features, True,
-                        device='meta')
+        new = FlatLinear(module.in_features, module.out_features, True,
+                         device='meta')
     new.weight = nn.Parameter(module.weight.detach().clone())
     return new
 
@@ -168,20 +178,37 @@ def _float_skeleton(model: nn.Module) -> nn.Module:
     switchable BN its first copy, every conv/linear with a bias (for the
     fold). Placeholder values are distinct so no pass merges them."""
     skeleton = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(0)
     for name, module in quantized_layers(skeleton).items():
-        _replace(skeleton, name, _plain_layer(module))
+        new = stand_in(module, generator)
+        new = _plain_layer(module) if new is None else new
+        _placeholders(new, ('weight', ), generator)
+        _replace(skeleton, name, new)
     for name, module in list(skeleton.named_modules()):
         if isinstance(module, BitSwitchable) and hasattr(module, 'bns'):
             norm = next(iter(module.bns.values()))
             if isinstance(norm, nn.GroupNorm):
                 norm = _GroupNormAffine(norm)
+            _placeholders(norm, ('weight', 'bias', 'running_mean',
+                                 'running_var'), generator)
             _replace(skeleton, name, norm)
-    generator = torch.Generator().manual_seed(0)
     for module in skeleton.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             module.bias = nn.Parameter(torch.rand(
                 module.weight.shape[0], generator=generator) + 1)
     return skeleton
+
+
+def _placeholders(module: nn.Module, names, generator: torch.Generator):
+    """Distinct values for tensors the rewrite overwrites by name: the
+    exporter's optimizer merges equal small initializers (a fresh model's
+    BN weights, zero-initialised offset convs), after which one name stood
+    for several layers (a BN after a deformable conv got another BN's
+    statistics)."""
+    for key in names:
+        tensor = getattr(module, key, None)
+        if isinstance(tensor, torch.Tensor):
+            tensor.data = torch.rand(tensor.shape, generator=generator) + 1
 
 
 class _GroupNormAffine(nn.Module):
@@ -217,9 +244,11 @@ def _module_of(init_name: str, suffix: str) -> Optional[str]:
     return None
 
 
-def _fold_bn_nodes(proto: onnx.ModelProto) -> Dict[str, str]:
+def _fold_bn_nodes(proto: onnx.ModelProto,
+                   transposed=frozenset()) -> Dict[str, str]:
     """Remove every BatchNormalization whose input is a Conv's output used
-    by nothing else; returns conv module -> BN module name."""
+    by nothing else (or a ConvTranspose's whose weight is in
+    ``transposed``); returns conv module -> BN module name."""
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
@@ -228,7 +257,9 @@ def _fold_bn_nodes(proto: onnx.ModelProto) -> Dict[str, str]:
         conv = producers.get(node.input[0]) if node.op_type == \
             'BatchNormalization' else None
         # a conv called more than once (shared weights) is not folded
-        if conv is not None and conv.op_type == 'Conv' and \
+        if conv is not None and (conv.op_type == 'Conv' or (
+                conv.op_type == 'ConvTranspose' and
+                conv.input[1] in transposed)) and \
                 len(consumers[conv.input[1]]) == 1 and \
                 len(consumers[conv.output[0]]) == 1 and \
                 all(not consumers.get(o) for o in node.output[1:]):
@@ -296,6 +327,7 @@ class OnnxExporter:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.forward = forward
         self.layers = quantized_layers(model)
+        self.parts = weight_parts(self.layers)
         self.switchable = {n: m for n, m in model.named_modules()
                            if isinstance(m, BitSwitchable)
                            and hasattr(m, 'bns')}
@@ -313,7 +345,7 @@ class OnnxExporter:
                 opset_version=OPSET, input_names=['input'], verbose=False,
                 dynamic_shapes=({0: torch.export.Dim('batch')}, ))
             proto = program.model_proto
-            self.folded = _fold_bn_nodes(proto)
+            self.folded = _fold_bn_nodes(proto, set(self.parts))
             proto = onnxscript.optimizer.optimize(proto)
             self._skeleton = proto
         return self._skeleton
@@ -346,8 +378,9 @@ class OnnxExporter:
         check_bits_setting(self.model, bits)
         proto = copy.deepcopy(self.skeleton())
         # before any PyTorch forward: it would initialise missing scales
-        used = {_module_of(i, '.weight') for n in proto.graph.node
-                for i in n.input}
+        used = {self.parts[i].layer if i in self.parts else
+                _module_of(i, '.weight')
+                for n in proto.graph.node for i in n.input}
         for name, module in self.layers.items():
             if name in used:
                 _check_layer_ready(name, module)
@@ -359,18 +392,6 @@ class OnnxExporter:
             add_residual_qdq(proto, self.calibration, self.target)
         onnx.checker.check_model(proto, full_check=True)
         return proto
-
-
-def _bn_affine(bn: nn.Module):
-    """(factor, shift) of an eval BN in float64: ``y * factor + shift``."""
-    var = bn.running_var.double()
-    factor = 1.0 / torch.sqrt(var + bn.eps)
-    if bn.weight is not None:
-        factor = factor * bn.weight.double()
-    shift = -bn.running_mean.double() * factor
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return factor, shift
 
 
 class _Rewrite:
@@ -395,6 +416,13 @@ class _Rewrite:
     def run(self):
         new_nodes = []
         for node in self.graph.node:
+            part = self.exporter.parts.get(node.input[1]) \
+                if node.op_type in BIAS_INPUT and len(node.input) > 1 \
+                else None
+            if part is not None:
+                new_nodes += emit(self, node, part)
+                new_nodes.append(node)
+                continue
             name = _module_of(node.input[1], '.weight') \
                 if node.op_type in ('Conv', 'Gemm') and \
                 len(node.input) > 1 else None
@@ -437,7 +465,7 @@ class _Rewrite:
             return torch.ones(weight_out, dtype=torch.float64), \
                 torch.zeros(weight_out, dtype=torch.float64)
         bn = self.active.get(bn_name, self.modules[bn_name])
-        return _bn_affine(bn)
+        return bn_affine(bn)
 
     def weight_layer(self, node, name: str) -> list:
         """Set the layer's weight and bias; for a quantized layer, the int8
@@ -450,9 +478,8 @@ class _Rewrite:
                              '(weight not in its PyTorch layout)')
         out = module.weight.shape[0]
         factor, shift = self._fold(name, out)
-        bias = module.bias.detach().double() if module.bias is not None \
-            else torch.zeros(out, dtype=torch.float64)
-        self.set_init(node.input[2], (bias * factor + shift).float().numpy())
+        self.set_init(node.input[2],
+                      folded_bias(module, factor, shift).numpy())
         view = (-1, ) + (1, ) * (module.weight.dim() - 1)
         if not isinstance(module, QuantLayer):
             weight = module.weight.detach().double() * factor.view(view)
@@ -504,20 +531,8 @@ class _Rewrite:
         """The int8 initializer and scales of the layer's weight at ``bit``,
         and the DequantizeLinear node giving ``prefix.weight``."""
         out = module.weight.shape[0]
-        quantizer = module.weight_quantizer
-        q_h = quantizer.integers(module.weight)  # the stored INT-h integers
-        h = quantizer.stored_bit
-        q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
-                       'floor' if quantizer.variant == 'floor'
-                       else 'double_rounding')
-        # q * 2**align with scale * 2**-align: the same weights exactly,
-        # and ONNX Runtime's int32 bias (in units of input scale times
-        # weight scale) as fine as at 8 bits
-        align = MAX_ONNX_BIT - bit
-        scale = quantizer.scale[0].detach().double().expand(out) * \
-            2.0**(h - bit - align)
-        self.set_init(prefix + '.weight_q',
-                      (q * 2**align).to(torch.int8).numpy())
+        q, scale = weight_integers(module, bit)
+        self.set_init(prefix + '.weight_q', q.numpy())
         self.set_init(prefix + '.weight_scale',
                       (scale * factor).float().numpy())
         self.set_init(prefix + '.weight_zero_point',

@@ -246,6 +246,14 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
             out = out.transpose(0, 1)
         return out, weights
 
+    def _in_projection(self, query, key, value):
+        """q, k, v: the quantized packed weight's three row blocks (the
+        ONNX export's stand-in runs them as three named linears)."""
+        biases = (None, ) * 3 if self.in_proj_bias is None else \
+            self.in_proj_bias.chunk(3)
+        return (F.linear(x, w, b) for x, w, b in zip(
+            (query, key, value), self.quantized_weight().chunk(3), biases))
+
     def _attention(self, query, key, value, key_padding_mask, attn_mask,
                    need_weights):
         """``F.multi_head_attention_forward``'s math on (L, N, E) inputs
@@ -253,10 +261,7 @@ class MultiheadAttentionLayer(SwappedWeightLayer):
         length, batch, embed = query.shape
         heads = self.num_heads
         head_dim = embed // heads
-        biases = (None, ) * 3 if self.in_proj_bias is None else \
-            self.in_proj_bias.chunk(3)
-        q, k, v = (F.linear(x, w, b) for x, w, b in zip(
-            (query, key, value), self.quantized_weight().chunk(3), biases))
+        q, k, v = self._in_projection(query, key, value)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.repeat(1, batch, 1)])
             v = torch.cat([v, self.bias_v.repeat(1, batch, 1)])

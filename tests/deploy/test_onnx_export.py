@@ -2,6 +2,7 @@
 weights are the stored integers after the second rounding, BN folds, and bad
 input is refused before anything is written."""
 import os
+import re
 
 import numpy as np
 import onnx
@@ -272,20 +273,60 @@ def test_layer_without_scales_in_the_graph_refused(make_tiny_cnn):
         exporter.export(6)
 
 
-def test_layer_beyond_conv_and_linear_refused_by_name():
-    """A transposed conv (quantized in place) is refused before any export
-    work, with its name and the skip pattern that keeps it FP."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 2),
-                          nn.Conv2d(4, 2, 1))
-    quantize_model(model, bits=BITS)
-    model(torch.randn(1, 3, 4, 4))
-    with pytest.raises(ValueError, match=r"layer '1' \(QConvTranspose2d\) "
-                       r"cannot be exported.*skip=\['1'\]"):
-        OnnxExporter(model, (1, 3, 4, 4))
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 2),
-                          nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1))
-    quantize_model(model, bits=BITS, skip=['1'])
-    for bit in BITS:
-        set_bits(model, bit)
-        model(torch.randn(1, 3, 4, 4))
-    OnnxExporter(model, (1, 3, 4, 4), plain).export(4)
+class _ReadsQkvWeight(nn.Module):
+    """An owner reading its child's weight in its own code (as BEiT's
+    ``F.linear(x, self.qkv.weight)``): PyTorch feeds that weight an FP
+    input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.qkv = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(nn.functional.linear(self.stem(x), self.qkv.weight,
+                                              self.qkv.bias))
+
+
+class _SelfAttention(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.attn(x, x, x)[0]
+
+
+@pytest.mark.parametrize('case', ['attention_matmuls', 'owner_read'])
+def test_layer_the_export_cannot_express_refused_by_name(case):
+    """Refused before any export work, with its name, the reason and the
+    skip pattern that keeps it FP; skipped, the model exports."""
+    if case == 'attention_matmuls':
+        make, name, options = _SelfAttention, 'attn', \
+            dict(attention_matmuls=True)
+        error = (r"layer 'attn' \(QMultiheadAttention\) cannot be "
+                 r"exported.*attention_matmuls=True.*skip=\['attn'\]")
+        shape = (2, 3, 4)
+    else:
+        make, name, options = _ReadsQkvWeight, 'qkv', {}
+        error = (r"layer 'qkv' \(QLinear\) cannot be exported.*read by "
+                 r"the code of '\(model\)'.*skip=\['qkv'\]")
+        shape = (2, 4)
+    model = make()
+    quantize_model(model, bits=BITS, skip_first_last=False, **options)
+    with pytest.raises(ValueError, match=error):
+        OnnxExporter(model, shape)
+    model = make()
+    quantize_model(model, bits=BITS, skip_first_last=False,
+                   skip=[re.escape(name)], **options)
+    calibrate(model, shape)
+    x = torch.randn(shape)
+    got = make_session(OnnxExporter(model, shape, plain).export(
+        4).SerializeToString()).run(None, {'input': x.numpy()})[0]
+    with use_bits(model, 4), torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4,
+                                   atol=1e-5)

@@ -1,0 +1,313 @@
+"""ONNX forms of the layers quantized in place
+(``mmdrq.quantization.weight_layers``): Conv1d/3d, adaptive-padding and
+Trident convs, transposed convs, weight-standardized and normed layers,
+multi-head attention and mmcv's deformable convs.
+
+The exporter's float skeleton holds a stand-in for each: a float module
+whose op reads a named weight initializer (``model.<layer>.weight``, or
+``model.<layer>.q_proj.weight`` for attention's packed projections). Each
+bit then replaces that initializer by the bit's integers (the stored INT-h
+integers of the weight the layer quantizes, after the second rounding) into
+a per-output-channel DequantizeLinear, and puts the layer's input through
+the same Q/(Clip)/DQ as a QConv2d's.
+"""
+import sys
+from typing import Dict, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from onnx import helper
+from torch import nn
+
+from mmdrq.quantization.bitwidths import signed_range
+from mmdrq.quantization.functional import requantize
+from mmdrq.quantization.layers import QConv2d, QLinear, QuantLayer
+from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
+                                              DeformConvPackLayer,
+                                              ModulatedDeformConvPackLayer,
+                                              MultiheadAttentionLayer,
+                                              NormedLayer,
+                                              SwappedWeightLayer,
+                                              TransposedConvLayer)
+
+PREFIX = 'model.'
+MAX_BIT = 8  # int8 containers
+# ops whose input 1 is a layer's weight; the bias input of each
+BIAS_INPUT = {'Conv': 2, 'ConvTranspose': 2, 'Gemm': 2, 'DeformConv': 3}
+# the forms whose stand-ins are below (a new form needs one: its forward
+# may use the weight in another op)
+FORMS = (SwappedWeightLayer, TransposedConvLayer, DeformConvPackLayer,
+         ModulatedDeformConvPackLayer, ConvWSLayer, ConvAWSLayer,
+         NormedLayer, MultiheadAttentionLayer)
+PROJECTIONS = (('q_proj', 'act_quantizer'), ('k_proj', 'key_act_quantizer'),
+               ('v_proj', 'value_act_quantizer'))
+
+
+class FlatLinear(nn.Linear):
+    """A Linear on rows: the exporter emits ``Gemm`` on the named weight
+    (on a 3-D input it emits a MatMul reading a folded, renamed
+    transpose, which the rewrite could not find)."""
+
+    def forward(self, x):
+        if x.dim() == 2:
+            return F.linear(x, self.weight, self.bias)
+        rows = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return rows.reshape(*x.shape[:-1], rows.shape[-1])
+
+
+class _NormedInput:
+    """NormedLinear / NormedConv2d's input scaling, then the plain op on
+    the weight initializer (the normalized weight comes from the rewrite)."""
+
+    def forward(self, x):
+        x = x / (x.norm(dim=1, keepdim=True).pow(self.power) + self.eps)
+        return super().forward(x * self.tempearture)
+
+
+class _NormedLinear(_NormedInput, FlatLinear):
+    pass
+
+
+class _NormedConv2d(_NormedInput, nn.Conv2d):
+    pass
+
+
+class _DeformConv(nn.Module):
+    """mmcv (Modulated)DeformConv2d(Pack) as torchvision's
+    ``deform_conv2d``, which torch's exporter emits as ONNX DeformConv
+    (same offset and mask layout as mmcv's: equal outputs measured)."""
+
+    def forward(self, x, offset=None, mask=None):
+        from torchvision.ops import deform_conv2d
+        if offset is None:  # the Pack forms: offsets from conv_offset
+            offset = self.conv_offset(x)
+            if getattr(self, 'modulated', False):
+                o1, o2, mask = torch.chunk(offset, 3, dim=1)
+                offset, mask = torch.cat((o1, o2), dim=1), torch.sigmoid(mask)
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride,
+                             self.padding, self.dilation, mask)
+
+
+class _AttentionProjections:
+    """MultiheadAttentionLayer's forward with q, k, v as three named
+    FlatLinears and no quantizers (the rewrite adds them)."""
+
+    def _quantize(self, quantizer, x):
+        return x
+
+    def _in_projection(self, query, key, value):
+        return (getattr(self, proj)(x) for (proj, _), x in
+                zip(PROJECTIONS, (query, key, value)))
+
+
+def _float_type(module: SwappedWeightLayer) -> type:
+    return type(module).__bases__[-1]
+
+
+def _deform_kind(module) -> Optional[str]:
+    """'deform' or 'modulated' for mmcv's deformable convs (mmcv.ops is
+    imported by any model that holds one; importing it here costs
+    seconds)."""
+    ops = sys.modules.get('mmcv.ops')
+    if ops is None:
+        return None
+    if isinstance(module, ops.ModulatedDeformConv2d):
+        return 'modulated'
+    return 'deform' if isinstance(module, ops.DeformConv2d) else None
+
+
+def export_refusal(module: QuantLayer) -> Optional[str]:
+    """Why the export cannot express ``module`` (None: it can)."""
+    if isinstance(module, (QConv2d, QLinear)):
+        return None
+    if type(module).__bases__[0] not in FORMS:
+        return 'the export has no form for this layer type'
+    if isinstance(module, MultiheadAttentionLayer) and any(
+            getattr(module, name, None) is not None
+            for name in module.MATMUL_QUANTIZERS):
+        return ('its attention matmul inputs are quantized '
+                '(attention_matmuls=True), which the export does not '
+                'express; convert with attention_matmuls=False')
+    if _deform_kind(module) is not None:
+        try:
+            import torchvision.ops  # noqa: F401
+        except ImportError:
+            return 'deformable convs export through torchvision, missing'
+    return None
+
+
+def stand_in(module: QuantLayer,
+             generator: torch.Generator) -> Optional[nn.Module]:
+    """The skeleton's float stand-in for an in-place quantized layer, made
+    from ``module`` (a copy's, changed in place); None for QConv2d/QLinear.
+    Every stand-in has a bias, for the rewrite to write (and the folded
+    BN's shift); the weights and biases it adds are placeholders from the
+    skeleton's ``generator``, distinct so that no pass merges them."""
+    if not isinstance(module, SwappedWeightLayer):
+        return None
+    out = module.weight_to_quantize().shape[0]
+    if isinstance(module, MultiheadAttentionLayer):
+        embed = module.embed_dim
+        for proj, _ in PROJECTIONS:
+            linear = FlatLinear(embed, embed)
+            linear.weight.data = torch.rand(
+                linear.weight.shape, generator=generator) + 1
+            linear.bias.data = torch.rand(embed, generator=generator) + 1
+            setattr(module, proj, linear)
+        cls = type('AttentionStandIn',
+                   (_AttentionProjections, type(module)), {})
+    elif _deform_kind(module) is not None:
+        module.modulated = _deform_kind(module) == 'modulated'
+        cls = _DeformConv
+    elif isinstance(module, ConvWSLayer):
+        cls = nn.Conv2d
+    elif isinstance(module, NormedLayer):
+        cls = _NormedLinear if isinstance(module, nn.Linear) else \
+            _NormedConv2d
+    else:
+        cls = _float_type(module)
+    for name in [n for n in module._modules if n.endswith('_quantizer')]:
+        setattr(module, name, None)  # MultiheadAttentionLayer reads them
+    module.__class__ = cls
+    if getattr(module, 'bias', None) is None and \
+            not isinstance(module, MultiheadAttentionLayer):
+        module.bias = nn.Parameter(torch.rand(out, generator=generator) + 1)
+    return module
+
+
+class Part(NamedTuple):
+    """A weight initializer of the skeleton that a quantized layer owns:
+    ``key`` the initializer's module path, ``rows`` its output channels
+    among the layer's, ``act`` the quantizer of the op's input."""
+    layer: str
+    key: str
+    rows: slice
+    act: Optional[nn.Module]
+
+
+def weight_parts(layers: Dict[str, QuantLayer]) -> Dict[str, Part]:
+    """Skeleton weight initializer name -> Part, for the in-place
+    quantized layers."""
+    parts = {}
+    for name, module in layers.items():
+        if not isinstance(module, SwappedWeightLayer):
+            continue
+        if isinstance(module, MultiheadAttentionLayer):
+            embed = module.embed_dim
+            for index, (proj, act) in enumerate(PROJECTIONS):
+                key = f'{name}.{proj}'
+                parts[f'{PREFIX}{key}.weight'] = Part(
+                    name, key, slice(index * embed, (index + 1) * embed),
+                    getattr(module, act))
+        else:
+            parts[f'{PREFIX}{name}.weight'] = Part(
+                name, name, slice(None), module.act_quantizer)
+    return parts
+
+
+def owner_reads(model: nn.Module) -> Dict[str, str]:
+    """Quantized layers whose weight an owner's own code reads
+    (``WeightReadingOwner``: BEiT's ``F.linear(x, self.qkv.weight)``) ->
+    the owner's name."""
+    found = {}
+    for owner, module in model.named_modules():
+        for child in getattr(module, 'mmdrq_weight_reads', ()):
+            found[f'{owner}.{child}' if owner else child] = \
+                owner or '(model)'
+    return found
+
+
+def emit(rewrite, node, part: Part) -> list:
+    """Rewrite ``node`` (a Conv, ConvTranspose, Gemm or DeformConv of
+    ``part``): bias with the folded BN, the bit's integer weight into
+    DequantizeLinear (once per part; a shared weight's other calls reuse
+    it), the input through Q/DQ. Returns the nodes to put before it."""
+    module = rewrite.modules[part.layer]
+    bit = rewrite.layer_bits[part.layer]
+    prefix = f'{part.key}@w{bit}'
+    q, scale = _bit_integers(module, bit, part.rows)
+    factor, shift = rewrite._fold(part.key, len(scale))
+    bias = _bias(module, part.rows, len(scale))
+    rewrite.set_init(node.input[BIAS_INPUT[node.op_type]],
+                     (bias * factor + shift).float().numpy())
+    nodes = []
+    if part.key not in rewrite.weights:
+        nodes += _weight_nodes(rewrite.set_init, module, prefix, bit, q,
+                               scale * factor)
+        rewrite.graph.initializer.remove(rewrite.inits.pop(node.input[1]))
+        rewrite.weights[part.key] = nodes[-1].output[0]
+    node.input[1] = rewrite.weights[part.key]
+    call = rewrite.calls[part.key] = rewrite.calls.get(part.key, -1) + 1
+    if part.act is not None:
+        nodes += rewrite.input_qdq(node, prefix, part.act, bit,
+                                   prefix if call == 0 else
+                                   f'{prefix}.call{call}')
+    return nodes
+
+
+def _bit_integers(module, bit: int, rows: slice):
+    """The ``rows`` of the bit's integers of the weight the layer quantizes
+    (output channels first; the second rounding of its stored INT-h
+    integers) and their step ``s * 2**(h - bit)``, float64."""
+    quantizer = module.weight_quantizer
+    q_h = quantizer.integers(module.weight_to_quantize())
+    h = quantizer.stored_bit
+    q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
+                   'floor' if quantizer.variant == 'floor'
+                   else 'double_rounding')
+    scale = quantizer.scale[0].detach().double().expand(q.shape[0])
+    return q[rows], scale[rows] * 2.0**(h - bit)
+
+
+def _bias(module, rows: slice, out: int) -> torch.Tensor:
+    bias = module.in_proj_bias if isinstance(
+        module, MultiheadAttentionLayer) else getattr(module, 'bias', None)
+    if bias is None:
+        return torch.zeros(out, dtype=torch.float64)
+    return bias.detach().double()[rows]
+
+
+def _weight_nodes(set_init, module, prefix: str, bit: int, q: torch.Tensor,
+                  scale: torch.Tensor) -> list:
+    """int8 initializer ``q * 2**(8 - b)`` with scale ``step * 2**-(8 - b)``
+    (as QConv2d's), zero point 0, into DequantizeLinear on the output
+    channel axis of the op's layout; a grouped transposed conv's weight is
+    dequantized output-channels-first and then regrouped to ONNX's
+    ``(in, out / groups, *k)``."""
+    align = MAX_BIT - bit
+    scale = (scale * 2.0**-align).float()
+    q = (q * 2**align).to(torch.int8)
+    transposed = isinstance(module, TransposedConvLayer)
+    groups = module.groups if transposed else 1
+    axis = 1 if transposed and groups == 1 else 0
+    if axis == 1:
+        q = q.transpose(0, 1)
+    set_init(prefix + '.weight_q', q.contiguous().numpy())
+    set_init(prefix + '.weight_scale', scale.numpy())
+    set_init(prefix + '.weight_zero_point',
+             torch.zeros(len(scale), dtype=torch.int8).numpy())
+    grouped = transposed and groups > 1
+    out_name = prefix + ('.weight_channel_major' if grouped else '.weight')
+    nodes = [helper.make_node(
+        'DequantizeLinear', [prefix + '.weight_q', prefix + '.weight_scale',
+                             prefix + '.weight_zero_point'], [out_name],
+        axis=axis, name=prefix + '.weight_dq')]
+    if grouped:  # (out, in/g, *k) -> (g, out/g, in/g, *k) -> (in, out/g, *k)
+        out, per_group, kernel = q.shape[0], q.shape[1], list(q.shape[2:])
+        split = [groups, out // groups, per_group] + kernel
+        set_init(prefix + '.weight_split', torch.tensor(split).numpy())
+        set_init(prefix + '.weight_shape', torch.tensor(
+            [groups * per_group, out // groups] + kernel).numpy())
+        perm = [0, 2, 1] + list(range(3, 3 + len(kernel)))
+        nodes += [
+            helper.make_node('Reshape', [out_name, prefix + '.weight_split'],
+                             [prefix + '.weight_split_out'],
+                             name=prefix + '.weight_split'),
+            helper.make_node('Transpose', [prefix + '.weight_split_out'],
+                             [prefix + '.weight_regrouped'], perm=perm,
+                             name=prefix + '.weight_regroup'),
+            helper.make_node('Reshape', [prefix + '.weight_regrouped',
+                                         prefix + '.weight_shape'],
+                             [prefix + '.weight'],
+                             name=prefix + '.weight_reshape')]
+    return nodes
