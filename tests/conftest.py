@@ -243,3 +243,35 @@ def tiny_data_options(kind: str, root: str) -> list:
     ann = osp.join(root, 'annotations', 'instances_val.json')
     return data_options(root + '/') + [f'val_evaluator.ann_file={ann}',
                                        f'test_evaluator.ann_file={ann}']
+
+
+@pytest.fixture(scope='session')
+def data(tmp_path_factory):
+    """The tiny COCO and ADE20K datasets, written once per session by
+    tools/make_tiny_datasets.py as a user runs it (read only)."""
+    folder = tmp_path_factory.mktemp('tiny_data')
+    coco, ade = str(folder / 'tiny_coco'), str(folder / 'tiny_ade20k')
+    _, log = run_tool(osp.join(TOOLS, 'make_tiny_datasets.py'), '--coco-root',
+                      coco, '--ade20k-root', ade)
+    assert 'tiny COCO written' in log and 'tiny ADE20K written' in log
+    return dict(coco=coco, ade20k=ade)
+
+
+@pytest.fixture(scope='session')
+def tiny_training(data, tmp_path_factory):
+    """``tiny_training(config, dataset) -> (work_dir, log)``: tools/train.py
+    on a ``*_tiny`` config and the tiny dataset, run once per session; the
+    tests that read its log or checkpoint share it (read only)."""
+    runs = {}
+
+    def train(config: str, dataset: str):
+        config = osp.join(ROOT, config)
+        if config not in runs:
+            work = tmp_path_factory.mktemp('tiny_work')
+            _, log = run_tool(osp.join(TOOLS, 'train.py'), config,
+                              '--work-dir', work, '--cfg-options',
+                              *tiny_data_options(dataset, data[dataset]))
+            runs[config] = work, log
+        return runs[config]
+
+    return train

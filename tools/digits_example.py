@@ -71,35 +71,40 @@ def main():
         print(f'| {bit_name(bit)} | {top1:.2f} | {top1 - fp_top1:+.2f} |')
     print(f'\ninteger checkpoint: {int_path} '
           f'({osp.getsize(int_path):,} bytes); logs in {work}')
-    ort = export_and_test_onnx(int_path, work, root)
+    ort = export_and_test_onnx(int_path, work, root, qat_ckpt)
     print('\n[5/5] ONNX Runtime on the per-bit ONNX files (from the integer '
-          'checkpoint): top-1, %\n')
-    print('| bit | PyTorch | ONNX Runtime | ORT integer kernels |\n'
-          '|---|---|---|---|')
+          'checkpoint) beside PyTorch (its training forward, and its '
+          '--numerics deploy, which ONNX Runtime\'s exact kernels equal): '
+          'top-1, %\n')
+    print('| bit | PyTorch | PyTorch deploy numerics | ONNX Runtime | '
+          'ORT integer kernels |\n|---|---|---|---|---|')
     for bit in (8, 6, 4, 2):
         key = 'accuracy/top1' + bit_tag(bit)
-        print(f'| {bit_name(bit)} | {qat[key]:.2f} | {ort["exact"][key]:.2f} '
-              f'| {ort["integer"][key]:.2f} |')
+        print(f'| {bit_name(bit)} | {qat[key]:.2f} | {ort["deploy"][key]:.2f} '
+              f'| {ort["exact"][key]:.2f} | {ort["integer"][key]:.2f} |')
 
 
-def export_and_test_onnx(int_path, work, root) -> dict:
+def export_and_test_onnx(int_path, work, root, qat_ckpt) -> dict:
     """Export every bit to ONNX from the integer file, then test each file
-    in ONNX Runtime with float convolutions (equal to PyTorch) and with its
-    integer kernels; returns the metrics of both."""
+    in ONNX Runtime with its exact kernels (equal to PyTorch's deploy
+    numerics, also tested) and with its integer kernels; returns the
+    metrics of the three."""
     onnx_dir = osp.join(work, 'onnx')
     run_tool([osp.join(HERE, 'export_onnx.py'), QAT_CONFIG, int_path,
               '--out-dir', onnx_dir, '--input-shape', 1, 3, 16, 16],
              osp.join(work, 'export_onnx.log'))
+    runs = {kernels: [onnx_dir, '--backend', 'onnxruntime', '--ort-kernels',
+                      kernels] for kernels in ('exact', 'integer')}
+    runs['deploy'] = [qat_ckpt, '--numerics', 'deploy']
     metrics = {}
-    for kernels in ('exact', 'integer'):
-        out = osp.join(work, f'onnx_{kernels}_metrics.json')
-        run_tool([osp.join(HERE, 'test.py'), QAT_CONFIG, onnx_dir,
-                  '--backend', 'onnxruntime', '--ort-kernels', kernels,
+    for name, args in runs.items():
+        out = osp.join(work, f'test_{name}_metrics.json')
+        run_tool([osp.join(HERE, 'test.py'), QAT_CONFIG, *args,
                   '--work-dir', work, '--out', out,
                   '--cfg-options', *data_options(root)],
-                 osp.join(work, f'test_onnx_{kernels}.log'))
+                 osp.join(work, f'test_{name}.log'))
         with open(out) as f:
-            metrics[kernels] = json.load(f)
+            metrics[name] = json.load(f)
     return metrics
 
 

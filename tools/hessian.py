@@ -22,7 +22,7 @@ from mmengine.utils import ProgressBar
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.quantization import model_bits
-from mmdrq.search.hessian import model_traces, save_traces
+from mmdrq.search.hessian import HVP_METHODS, model_traces, save_traces
 from mmdrq.apis import build_model_from_config
 
 # state an FP32 checkpoint lacks (MultiPrecisionQAT's bits and options too)
@@ -64,6 +64,10 @@ def parse_args():
     parser.add_argument('--joint', action='store_true',
                         help='one Hessian-vector product per probe for all '
                         'layers: cheaper, far noisier per layer')
+    parser.add_argument('--hvp', choices=HVP_METHODS, default='auto',
+                        help='Hessian-vector products by double backward, '
+                        'by finite differences of gradients, or (auto) the '
+                        'latter only for once-differentiable ops (DCN)')
     parser.add_argument('--split', choices=['train', 'val'], default='train')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
@@ -95,13 +99,14 @@ def main():
         model, loader, num_samples=args.num_samples,
         max_probes=args.max_probes, min_probes=args.min_probes, tol=args.tol,
         generator=torch.Generator().manual_seed(args.seed),
-        progress=progress, per_tensor=not args.joint)
+        progress=progress, per_tensor=not args.joint, hvp=args.hvp)
     save_traces(args.out, traces, dict(
         config=args.config, checkpoint=args.checkpoint,
         fp32_checkpoint=from_fp32, bit=model_bits(architecture)[0],
         split=args.split, num_samples=args.num_samples,
         max_probes=args.max_probes, min_probes=args.min_probes,
-        tol=args.tol, per_tensor=not args.joint, seed=args.seed),
+        tol=args.tol, per_tensor=not args.joint, seed=args.seed,
+        hvp=next(iter(traces.values()))['hvp']),
         model=model)
     ranked = sorted(traces.items(), key=lambda kv: -kv[1]['trace_per_param'])
     probes = next(iter(traces.values()))['probes']

@@ -2,12 +2,14 @@
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--bits 8 4]
         [--subnets a.json ...] [--out results.json] [--cfg-options k=v ...]
-        [--launcher pytorch] [--backend onnxruntime]
+        [--launcher pytorch] [--backend onnxruntime] [--numerics deploy]
 
 For an mmdrq model the test loop becomes MultiBitTestLoop: every bit (or
 --bits, and each --subnets file) is evaluated and a table is logged. With
 ``--backend onnxruntime`` CHECKPOINT is an export folder
-(tools/export_onnx.py) whose ONNX files run instead (--subnets: names).
+(tools/export_onnx.py) whose ONNX files run instead (--subnets: names);
+``--numerics deploy`` makes PyTorch compute what those files compute in
+ONNX Runtime's exact kernels.
 """
 import argparse
 import json
@@ -34,8 +36,15 @@ def parse_args():
                         choices=['pytorch', 'onnxruntime'])
     parser.add_argument('--ort-kernels', default='exact',
                         choices=['exact', 'integer'],
-                        help='onnxruntime: float convs equal to PyTorch, or '
-                        'fused integer kernels (see mmdrq.deploy)')
+                        help='onnxruntime: exact integer sums (equal to '
+                        '--numerics deploy in PyTorch), or fused integer '
+                        'kernels (see mmdrq.deploy)')
+    parser.add_argument('--numerics', default='fake',
+                        choices=['fake', 'deploy'],
+                        help='pytorch: the fake-quantized forward of '
+                        'training, or the float operations of the ONNX '
+                        "export (equal to --backend onnxruntime's exact "
+                        'kernels; see mmdrq.quantization.deploy_numerics)')
     add_common_args(parser)
     return parser.parse_args()
 
@@ -49,8 +58,14 @@ def main():
     if (args.bits or args.subnets) and not is_qat_config(cfg):
         raise ValueError('--bits/--subnets need an mmdrq model config '
                          f'(model.type={cfg.model.get("type")!r})')
+    if args.numerics != 'fake' and (args.backend != 'pytorch' or
+                                    not is_qat_config(cfg)):
+        raise ValueError(f'--numerics {args.numerics} needs --backend '
+                         'pytorch and an mmdrq model config')
+    options = {} if args.numerics == 'fake' else \
+        dict(numerics=args.numerics)
     configure_test(cfg, args.checkpoint, args.bits, args.subnets,
-                   args.backend, args.ort_kernels)
+                   args.backend, args.ort_kernels, **options)
     prepare_launch(cfg)
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()

@@ -41,7 +41,8 @@ from torch import nn
 from mmdrq.quantization import quantized_layers, use_bits
 from mmdrq.quantization.bitwidths import (check_bit, signed_range,
                                          unsigned_range)
-from mmdrq.quantization.functional import requantize
+from mmdrq.quantization.deploy_numerics import (bn_affine, folded_bias,
+                                                weight_integers)
 from mmdrq.quantization.layers import BitSwitchable, QuantLayer
 from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
                           owner_reads, stand_in, weight_parts)
@@ -393,18 +394,6 @@ class OnnxExporter:
         return proto
 
 
-def _bn_affine(bn: nn.Module):
-    """(factor, shift) of an eval BN in float64: ``y * factor + shift``."""
-    var = bn.running_var.double()
-    factor = 1.0 / torch.sqrt(var + bn.eps)
-    if bn.weight is not None:
-        factor = factor * bn.weight.double()
-    shift = -bn.running_mean.double() * factor
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return factor, shift
-
-
 class _Rewrite:
     """One bit's rewrite of a copy of the skeleton graph."""
 
@@ -476,7 +465,7 @@ class _Rewrite:
             return torch.ones(weight_out, dtype=torch.float64), \
                 torch.zeros(weight_out, dtype=torch.float64)
         bn = self.active.get(bn_name, self.modules[bn_name])
-        return _bn_affine(bn)
+        return bn_affine(bn)
 
     def weight_layer(self, node, name: str) -> list:
         """Set the layer's weight and bias; for a quantized layer, the int8
@@ -489,9 +478,8 @@ class _Rewrite:
                              '(weight not in its PyTorch layout)')
         out = module.weight.shape[0]
         factor, shift = self._fold(name, out)
-        bias = module.bias.detach().double() if module.bias is not None \
-            else torch.zeros(out, dtype=torch.float64)
-        self.set_init(node.input[2], (bias * factor + shift).float().numpy())
+        self.set_init(node.input[2],
+                      folded_bias(module, factor, shift).numpy())
         view = (-1, ) + (1, ) * (module.weight.dim() - 1)
         if not isinstance(module, QuantLayer):
             weight = module.weight.detach().double() * factor.view(view)
@@ -543,20 +531,8 @@ class _Rewrite:
         """The int8 initializer and scales of the layer's weight at ``bit``,
         and the DequantizeLinear node giving ``prefix.weight``."""
         out = module.weight.shape[0]
-        quantizer = module.weight_quantizer
-        q_h = quantizer.integers(module.weight)  # the stored INT-h integers
-        h = quantizer.stored_bit
-        q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
-                       'floor' if quantizer.variant == 'floor'
-                       else 'double_rounding')
-        # q * 2**align with scale * 2**-align: the same weights exactly,
-        # and ONNX Runtime's int32 bias (in units of input scale times
-        # weight scale) as fine as at 8 bits
-        align = MAX_ONNX_BIT - bit
-        scale = quantizer.scale[0].detach().double().expand(out) * \
-            2.0**(h - bit - align)
-        self.set_init(prefix + '.weight_q',
-                      (q * 2**align).to(torch.int8).numpy())
+        q, scale = weight_integers(module, bit)
+        self.set_init(prefix + '.weight_q', q.numpy())
         self.set_init(prefix + '.weight_scale',
                       (scale * factor).float().numpy())
         self.set_init(prefix + '.weight_zero_point',

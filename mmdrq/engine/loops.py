@@ -4,6 +4,7 @@ Metrics come back keyed per setting (``accuracy/top1@w4a4``, a SubNet file's
 ``@<name>``), so ``CheckpointHook(save_best='accuracy/top1@w4a4')`` works,
 and a table of all settings is logged at the end.
 """
+import contextlib
 import time
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -16,8 +17,14 @@ import torch
 from mmdrq.models import architecture_of
 from mmdrq.quantization import check_bit, model_bits, use_bits
 from mmdrq.quantization.bitwidths import bit_tag, split_tag, tag
+from mmdrq.quantization.deploy_numerics import deploy_numerics
 from mmdrq.search.subnet import load_subnet, subnet_name
 from mmdrq.registry import LOOPS
+
+
+# ``fake``: the fake-quantized forward of training; ``deploy``: the float
+# operations of the exported graph (mmdrq.quantization.deploy_numerics)
+NUMERICS = ('fake', 'deploy')
 
 
 class _MultiBitMixin:
@@ -28,8 +35,12 @@ class _MultiBitMixin:
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
                  bits: Union[str, int, Sequence[int]] = 'all',
                  subnets: Optional[Sequence[str]] = None,
-                 measure_speed: bool = False):
+                 measure_speed: bool = False, numerics: str = 'fake'):
         super().__init__(runner, dataloader, evaluator, fp16)
+        if numerics not in NUMERICS:
+            raise ValueError(f'{self.phase}_cfg.numerics must be one of '
+                             f'{list(NUMERICS)}, got {numerics!r}')
+        self.numerics = numerics
         self._init_settings(bits, subnets, f'{self.phase}_cfg', measure_speed)
 
     def run(self) -> dict:
@@ -37,11 +48,24 @@ class _MultiBitMixin:
         self.runner.call_hook(f'before_{phase}')
         self.runner.call_hook(f'before_{phase}_epoch')
         self.runner.model.eval()
-        metrics = self._run_settings(self.run_iter,
-                                     getattr(self, f'{phase}_loss'), phase)
+        with self._numerics_context():
+            metrics = self._run_settings(
+                self.run_iter, getattr(self, f'{phase}_loss'), phase)
         self.runner.call_hook(f'after_{phase}_epoch', metrics=metrics)
         self.runner.call_hook(f'after_{phase}')
         return metrics
+
+    def _numerics_context(self):
+        """``deploy``: the model computes as ONNX Runtime's exact sessions
+        (``deploy_numerics``; its conv -> BN pairs found on the first
+        batch)."""
+        if self.numerics == 'fake':
+            return contextlib.nullcontext()
+        model = self._quant_model
+        batch = next(iter(self.dataloader))
+        inputs = model.data_preprocessor(batch, False)['inputs']
+        return deploy_numerics(
+            model, lambda m: m(inputs[:1], mode='tensor'))
 
     def _init_settings(self, bits, subnets, key, measure_speed=False):
         self.measure_speed = measure_speed
@@ -115,6 +139,9 @@ class MultiBitValLoop(_MultiBitMixin, ValLoop):
         subnets: SubNet JSON files (per-layer bits) evaluated as well.
         measure_speed: add ``images_per_s`` (data loading and model, not
             the metric computation) to each setting's metrics.
+        numerics: ``fake`` (the training forward) or ``deploy`` (what the
+            ONNX export computes in ONNX Runtime's exact sessions, bit for
+            bit in its quantized layers; see ``deploy_numerics``).
         Other args as in ``ValLoop``.
     """
     phase = 'val'

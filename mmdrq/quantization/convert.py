@@ -219,12 +219,15 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
     if cfg.switchable_gn_ln:
         types[nn.GroupNorm] = types[nn.LayerNorm] = SwitchableNorm
     rows, previous, first_name, new_of = [], None, {}, {}
+    forms = _supported_types()
     # every reference: a norm after a shared conv's later use follows it
     for name, module in list(model.named_modules(remove_duplicate=False)):
         repeated = id(module) in first_name
         name = first_name.setdefault(id(module), name)
         if _is_weight_layer(module):  # quantized or kept FP
-            previous = (name, module)
+            if previous is None or \
+                    not _feeds_input(previous, name, forms):
+                previous = (name, module)
             continue
         switchable = next((new for old, new in types.items()
                            if isinstance(module, old)), None)
@@ -243,6 +246,18 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
                      f'switchable {kind} (follows {source or "global bit"})'))
     _replace_all(model, new_of)
     return rows
+
+
+def _feeds_input(owner: Tuple[str, nn.Module], name: str,
+                 forms: Dict[type, type]) -> bool:
+    """Whether the layer ``name`` is one of the ``input_layers`` of the
+    layer ``owner`` (name, module), converted or not (a DCN Pack's
+    ``conv_offset``): it feeds the owner, not the norm after it."""
+    owner_name, module = owner
+    inputs = getattr(module, 'input_layers', None) or getattr(
+        forms.get(type(module)), 'input_layers', ())
+    prefix = owner_name + '.' if owner_name else ''
+    return any(name == prefix + child for child in inputs)
 
 
 def _convert_weight_readers(model: nn.Module) -> list:

@@ -7,13 +7,15 @@ from FP layers only) or several (residual sums, concatenations) leave it
 unknown, and callers fall back to something that needs no producer.
 """
 import contextlib
-from collections import deque
+from collections import Counter, deque
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils import _pytree as pytree
 
-from .layers import quantized_layers
+from .layers import BitSwitchable, quantized_layers
 
 
 def input_producers(model: nn.Module,
@@ -75,3 +77,75 @@ def _unique_producer(start, outputs) -> Optional[str]:
                 seen.add(parent)
                 queue.append(parent)
     return found.pop() if len(found) == 1 else None
+
+
+def conv_bn_pairs(model: nn.Module,
+                  run_forward: Callable[[nn.Module], object]
+                  ) -> Dict[str, str]:
+    """Conv2d name -> name of the BN (plain, switchable or transitional)
+    that is the only consumer of its output, both called once: the pairs
+    the ONNX exporter folds. ``run_forward(model)`` runs one forward and
+    returns its outputs (tensors, possibly nested); as for
+    ``input_producers``, the model's state is restored after it."""
+    norms = _batch_norms(model)
+    convs = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d)}
+    conv_outputs, norm_inputs, calls, handles = {}, {}, Counter(), []
+    for name, conv in convs.items():
+        def post(module, args, out, name=name):
+            calls[name] += 1
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                conv_outputs[out.grad_fn] = name
+        handles.append(conv.register_forward_hook(post))
+    for name, norm in norms.items():
+        def pre(module, args, name=name):
+            calls[name] += 1
+            if args and isinstance(args[0], torch.Tensor):
+                norm_inputs[name] = args[0].grad_fn
+        handles.append(norm.register_forward_pre_hook(pre))
+    try:
+        with probe_forward(model), torch.enable_grad():
+            outputs = run_forward(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    uses = _uses(outputs)
+    pairs = {}
+    for norm, node in norm_inputs.items():
+        conv = conv_outputs.get(node)
+        if conv is not None and uses[node] == 1 and \
+                calls[conv] == calls[norm] == 1:
+            pairs[conv] = norm
+    return pairs
+
+
+def _batch_norms(model: nn.Module) -> Dict[str, nn.Module]:
+    """BNs by the name a forward calls: a switchable or transitional BN of
+    BN copies, else a plain BN."""
+    found = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(outer + '.') for outer in found):
+            continue  # a copy inside a switchable BN
+        copies = getattr(module, 'bns', None)
+        if isinstance(module, _BatchNorm) or (
+                isinstance(module, BitSwitchable) and copies is not None and
+                all(isinstance(c, _BatchNorm) for c in copies.values())):
+            found[name] = module
+    return found
+
+
+def _uses(outputs) -> Counter:
+    """How often each autograd node's output is used: by other nodes and
+    as a returned tensor."""
+    roots = [t.grad_fn for t in pytree.tree_flatten(outputs)[0]
+             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    uses, seen, queue = Counter(roots), set(roots), deque(roots)
+    while queue:
+        for parent, _ in queue.popleft().next_functions:
+            if parent is None:
+                continue
+            uses[parent] += 1
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return uses

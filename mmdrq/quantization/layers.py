@@ -86,6 +86,7 @@ class QuantLayer(BitSwitchable):
     # weight the layer transforms before use (weight standardization).
     weight_name = 'weight'
     integer_weight = True
+    _swapped_weight = None  # the weight ``quantized_parameter`` swapped in
 
     @property
     def float_weight(self) -> nn.Parameter:
@@ -111,14 +112,20 @@ class QuantLayer(BitSwitchable):
         """Within the block, the weight attribute is the fake-quantized
         weight of the current bit (what a forward reading ``self.weight``,
         or an owner reading ``child.weight``, then uses), as
-        ``torch.func.functional_call`` swaps parameters."""
+        ``torch.func.functional_call`` swaps parameters. Nested (an owner
+        reading a child's weight and calling the child), the weight is
+        already the quantized one: it is not quantized again."""
+        if self._swapped_weight is not None:
+            yield self._swapped_weight
+            return
         quantized = self.quantized_weight()
         param = self._parameters[self.weight_name]
-        self._parameters[self.weight_name] = quantized
+        self._parameters[self.weight_name] = self._swapped_weight = quantized
         try:
             yield quantized
         finally:
             self._parameters[self.weight_name] = param
+            self._swapped_weight = None
 
     def quantizers(self) -> list:
         """This layer's own quantizers (not those of quantized children)."""
@@ -139,8 +146,11 @@ class QuantLayer(BitSwitchable):
         catch in-place updates (optimizer steps, ``load_state_dict``) at no
         cost. Writes through ``.data`` (MMEngine's EMA swap) bypass them;
         ``train()`` / ``eval()`` drop the cache, and MMEngine's loops call
-        ``eval()`` after their hooks have swapped weights.
+        ``eval()`` after their hooks have swapped weights. Within
+        ``quantized_parameter`` it is the swapped-in weight.
         """
+        if self._swapped_weight is not None:
+            return self._swapped_weight
         weight = self.float_weight
         scale = self.weight_quantizer.scale
         # a cached tensor must not carry a graph (frozen weights with a

@@ -17,6 +17,10 @@ from .bitwidths import check_bits
 MIN_INITIAL_SCALE = 1e-8
 
 
+def _read_ready_after_load(module: 'LearnedScaleQuantizer', keys):
+    module._read_ready()
+
+
 class LearnedScaleQuantizer(nn.Module):
     """``scale`` of shape ``(rows, channels)`` (``(rows,)`` for scalars),
     each row initialised from the first input it quantizes.
@@ -37,8 +41,8 @@ class LearnedScaleQuantizer(nn.Module):
         self.register_buffer('initialized',
                              torch.zeros(scale_shape[0], dtype=torch.bool))
         self._ready = set()  # rows known to be initialised (no device read)
-        self.register_load_state_dict_post_hook(
-            lambda module, keys: module._read_ready())
+        # a module-level function: a whole model pickles (torch.save)
+        self.register_load_state_dict_post_hook(_read_ready_after_load)
 
     def _read_ready(self):
         """After a load: which rows the loaded buffer says are initialised

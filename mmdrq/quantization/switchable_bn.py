@@ -52,8 +52,12 @@ class SwitchableBatchNorm(BitSwitchable, nn.Module):
     def num_features(self):
         return self.bns[str(self.bits[0])].num_features
 
+    def active(self) -> nn.Module:
+        """The copy ``forward`` runs now."""
+        return self.bns[str(self.bit)]
+
     def forward(self, x):
-        return self.bns[str(self.bit)](x)
+        return self.active()(x)
 
     def extra_repr(self):
         return f'bits={list(self.bits)}, bit={self.bit}, source={self.source}'

@@ -71,10 +71,14 @@ class TransitionalBatchNorm(BitSwitchable, nn.Module):
         self.prev_bit = self.bit if prev_bit is None else \
             check_bit(prev_bit, self.bits, 'prev_bit')
 
-    def forward(self, x):
+    def active(self) -> nn.Module:
+        """The copy ``forward`` runs now."""
         key = f'{self.prev_bit}_{self.bit}' if self.previous is not None \
             else str(self.bit)
-        return self.bns[key](x)
+        return self.bns[key]
+
+    def forward(self, x):
+        return self.active()(x)
 
     def extra_repr(self):
         return (f'bits={list(self.bits)}, source={self.source}, '

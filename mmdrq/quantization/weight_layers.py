@@ -87,7 +87,10 @@ def _swap_group_axes(weight, groups):
 class DeformConvPackLayer(SwappedWeightLayer):
     """mmcv DeformConv2dPack: the offsets come from ``conv_offset`` (a plain
     conv, quantized as any other, reading the FP input with its own
-    scale); the deformable conv reads the quantized input and weight."""
+    scale); the deformable conv reads the quantized input and weight.
+    ``input_layers``: children that feed the layer, not what follows it
+    (a BN after the layer follows the layer, not ``conv_offset``)."""
+    input_layers = ('conv_offset', )
 
     def forward(self, x):
         from mmcv.ops import DeformConv2d
@@ -97,7 +100,7 @@ class DeformConvPackLayer(SwappedWeightLayer):
             return DeformConv2d.forward(self, x_q, offset)
 
 
-class ModulatedDeformConvPackLayer(SwappedWeightLayer):
+class ModulatedDeformConvPackLayer(DeformConvPackLayer):
     """mmcv ModulatedDeformConv2dPack (DCNv2): as ``DeformConvPackLayer``,
     with the mask from the same offset conv."""
 

@@ -1,9 +1,12 @@
 """Per-layer costs of a converted model: MACs per image and weight counts,
 and the budgets they give a SubNet (average bits, BitOps, bytes)."""
+import contextlib
 from typing import Callable, Dict, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mmdrq.quantization.graph import probe_forward
 from mmdrq.quantization.layers import quantized_layers
@@ -21,18 +24,59 @@ def layer_costs(model: nn.Module,
     layers = quantized_layers(model)
     costs = {n: dict(macs=0, params=m.float_weight.numel())
              for n, m in layers.items()}
+    reads = _OwnerReads(model, layers, costs)
     handles = []
     for name, layer in layers.items():
         def hook(module, args, kwargs, out, name=name):
+            reads.depth -= 1
             costs[name]['macs'] += _macs(module, args, kwargs, out)
+        handles.append(layer.register_forward_pre_hook(reads.enter_layer))
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
-        with probe_forward(model), torch.no_grad():
+        with probe_forward(model), torch.no_grad(), \
+                reads if reads.read else contextlib.nullcontext():
             inputs(model) if callable(inputs) else model(inputs)
     finally:
         for handle in handles:
             handle.remove()
     return costs
+
+
+class _OwnerReads(TorchFunctionMode):
+    """Counts the weights that owners read themselves
+    (``WeightReadingOwner``: BEiT's ``F.linear(x, self.qkv.weight)``): a
+    linear or conv op outside any quantized layer's own forward whose
+    weight is such a layer's swapped-in quantized weight counts as that
+    layer's call. Other uses of a read weight (TOOD reshapes it into a
+    bmm) are not counted."""
+    OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+    def __init__(self, model, layers, costs):
+        super().__init__()
+        self.depth, self.costs = 0, costs
+        names = {id(m): n for n, m in layers.items()}
+        self.read = {}  # layer name -> layer, for every owner's reads
+        for module in model.modules():
+            for child in getattr(module, 'mmdrq_weight_reads', ()):
+                layer = module.get_submodule(child)
+                self.read[names[id(layer)]] = layer
+
+    def enter_layer(self, *args):
+        self.depth += 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth or func not in self.OPS:
+            return out
+        x = args[0] if args else kwargs.get('input')
+        weight = args[1] if len(args) > 1 else kwargs.get('weight')
+        for name, layer in self.read.items():
+            if weight is layer._parameters[layer.weight_name]:
+                batch = x.shape[0] if x.dim() > 1 else 1
+                self.costs[name]['macs'] += \
+                    out.numel() // batch * weight[0].numel()
+        return out
 
 
 def _macs(module: nn.Module, args: tuple, kwargs: dict, out) -> int:

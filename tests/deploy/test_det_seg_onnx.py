@@ -27,23 +27,13 @@ CASES = {
 }
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('tiny_data_onnx')
-    coco, ade = str(folder / 'tiny_coco'), str(folder / 'tiny_ade20k')
-    run_tool(osp.join(TOOLS, 'make_tiny_datasets.py'), '--coco-root', coco,
-             '--ade20k-root', ade)
-    return dict(coco=coco, ade20k=ade)
-
-
 @pytest.mark.parametrize('name', list(CASES))
-def test_onnxruntime_metrics_equal_pytorch(name, data, tmp_path):
+def test_onnxruntime_metrics_equal_pytorch(name, data, tiny_training,
+                                           tmp_path):
     config, dataset, ckpt, metric, shape = CASES[name]
     config = osp.join(ROOT, config)
     cfg_options = ['--cfg-options'] + tiny_data_options(dataset, data[dataset])
-    run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir',
-             tmp_path / 'work', *cfg_options)
-    ckpt = tmp_path / 'work' / ckpt
+    ckpt = tiny_training(config, dataset)[0] / ckpt
     subnet = tmp_path / 'mixed.json'
     subnet.write_text(json.dumps(dict(layer_bits=SUBNET)))
     onnx_dir = tmp_path / 'onnx'

@@ -90,47 +90,62 @@ def test_integer_file_gives_the_same_onnx(trained):
 def test_test_tool_metrics_equal_per_bit(trained):
     folder = trained['folder']
     metrics = {}
-    for backend, ckpt in (('pytorch', trained['ckpt']),
-                          ('onnxruntime', trained['onnx_dir'])):
+    for backend, ckpt, extra in (
+            ('pytorch', trained['ckpt'], ['--numerics', 'deploy']),
+            ('onnxruntime', trained['onnx_dir'], [])):
         out = folder / f'{backend}.json'
         _, log = run_tool(osp.join(TOOLS, 'test.py'), trained['cfg'], ckpt,
                           '--work-dir', folder / f'test_{backend}', '--out',
-                          out, '--backend', backend)
+                          out, '--backend', backend, *extra)
         metrics[backend] = json.load(open(out))
     assert 'ONNX Runtime' in log
     keys = [f'accuracy/top1@w{b}a{b}' for b in BITS]
     assert {k: metrics['pytorch'][k] for k in keys} == \
         {k: metrics['onnxruntime'][k] for k in keys}
+    # --numerics is PyTorch's
+    code, log = run_tool(osp.join(TOOLS, 'test.py'), trained['cfg'],
+                         trained['onnx_dir'], '--backend', 'onnxruntime',
+                         '--numerics', 'deploy', expect_ok=False)
+    assert code != 0 and '--numerics deploy needs --backend pytorch' in log
 
 
 def test_predictions_identical_on_the_validation_set(trained):
+    """Exact kernels against PyTorch's deploy numerics (and, reported, its
+    fake-quantized forward and the integer kernels)."""
     from mmengine.runner import Runner
 
     from mmdrq.deploy import SwitchableSession
     from mmdrq.deploy.pipeline import load_for_export
     from mmdrq.quantization import use_bits
+    from mmdrq.quantization.deploy_numerics import deploy_numerics
     cfg, model = load_for_export(trained['cfg'], trained['ckpt'])
     loader = Runner.build_dataloader(cfg.test_dataloader)
+    batches = [model.data_preprocessor(data, False)['inputs']
+               for data in loader]
     exact = SwitchableSession(trained['onnx_dir'])
     integer = SwitchableSession(trained['onnx_dir'], kernels='integer')
     report = []
     for bit in BITS:
         exact.set_bits(bit)
         integer.set_bits(bit)
-        diffs, same, agree_int, total = [], 0, 0, 0
-        for data in loader:
-            inputs = model.data_preprocessor(data, False)['inputs']
+        diffs, fake_diffs, same, agree_int, total = [], [], 0, 0, 0
+        for inputs in batches:
             with use_bits(model, bit), torch.no_grad():
-                want = model(inputs, mode='tensor').numpy()
+                fake = model(inputs, mode='tensor').numpy()
+                with deploy_numerics(
+                        model, lambda m: m(inputs[:1], mode='tensor')):
+                    want = model(inputs, mode='tensor').numpy()
             got = exact.run(inputs.numpy())[0]
             diffs.append(np.abs(got - want).max())
+            fake_diffs.append(np.abs(got - fake).max())
             same += int((got.argmax(1) == want.argmax(1)).sum())
             agree_int += int((integer.run(inputs.numpy())[0].argmax(1) ==
                               want.argmax(1)).sum())
             total += len(want)
         report.append(f'w{bit}a{bit}: {same}/{total} identical, largest '
-                      f'logit difference {max(diffs):.3g}; integer kernels '
-                      f'{agree_int}/{total}')
+                      f'logit difference {max(diffs):.3g} (to the fake-'
+                      f'quantized forward {max(fake_diffs):.3g}); integer '
+                      f'kernels {agree_int}/{total}')
         assert total == len(loader.dataset) and same == total, report[-1]
     print('\n' + '\n'.join(report))
 

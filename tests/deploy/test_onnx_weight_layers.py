@@ -265,6 +265,7 @@ def test_segformer_tensor_outputs_equal_pytorch():
 
     from mmdrq.apis import build_model_from_config
     from mmdrq.deploy.pipeline import _flat
+    from mmdrq.quantization.deploy_numerics import deploy_numerics
     root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     cfg = Config.fromfile(osp.join(
         root, 'configs/segmentation/segformer_mit_drq-8642_tiny.py'))
@@ -287,7 +288,11 @@ def test_segformer_tensor_outputs_equal_pytorch():
         assert ops(proto).count('Gemm') == 16  # 4 attentions x (q, k, v, out)
         got = make_session(proto.SerializeToString()).run(
             None, {'input': x.numpy()})[0]
-        with use_bits(model, bit), torch.no_grad():
+        # exact sessions compute PyTorch's deploy numerics (the training
+        # forward's float rounding can flip a w8 activation at a boundary
+        # here, 0.04 on the logits once attention spreads it)
+        with use_bits(model, bit), torch.no_grad(), deploy_numerics(
+                model, lambda m: m(x, mode='tensor')):
             want = _flat(model(x, mode='tensor'))[0]
         np.testing.assert_allclose(got, np.asarray(want), rtol=0,
                                    atol=2e-5 * float(np.abs(want).max()))

@@ -523,6 +523,23 @@ def test_fp_reasons_and_switchable_bn_source():
     assert set(quantized_layers(model)) == {'stem', 'up', 'head'}
 
 
+@pytest.mark.parametrize('pack', [DeformConv2dPack,
+                                  ModulatedDeformConv2dPack])
+def test_bn_after_deformable_conv_follows_it(pack):
+    """A DCN Pack's offset conv comes after it in module order but feeds
+    it: the BN after the DCN follows the DCN's bit in a SubNet."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), pack(4, 6, 3, padding=1),
+                          nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1))
+    quantize_model(model, bits=BITS, skip_first_last=False)
+    rows = dict((r[0], r[2]) for r in model.mmdrq_report)
+    assert rows['2'] == 'switchable BN (follows 1)'
+    set_bits(model, 8)
+    set_layer_bits(model, {'1': 2, '1.conv_offset': 6})
+    assert model[2].bit == 2
+    with torch.no_grad():
+        model(torch.randn(2, 3, 5, 5))
+
+
 def test_skip_pattern_keeps_new_layer_fp():
     model = AfterTransposed()
     quantize_model(model, skip=['up', 'attn'], skip_first_last=False)
@@ -542,6 +559,53 @@ def test_quantized_class_pickles_and_copies():
     torch.testing.assert_close(copied.up(copied.stem(x)), out)
     assert pickle.loads(pickle.dumps(type(model.up))) is type(model.up)
 
+
+
+class EveryForm(nn.Module):
+    """A conv, BN, transposed conv, DCNv2 + BN, attention and an owner
+    reading its child's weight: one of each thing a conversion adds."""
+
+    def __init__(self):
+        super().__init__()
+        from mmpretrain.models.utils.attention import BEiTAttention
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.dcn = nn.Sequential(ModulatedDeformConv2dPack(4, 8, 3, padding=1),
+                                 nn.BatchNorm2d(8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.beit = BEiTAttention(8, 2, window_size=None,
+                                  use_rel_pos_bias=False, bias='qv_bias')
+
+    def forward(self, x):
+        tokens = self.dcn(self.up(self.stem(x))).flatten(2).transpose(1, 2)
+        return self.beit(self.attn(tokens, tokens, tokens)[0])
+
+
+def test_whole_converted_model_saves_and_loads(tmp_path):
+    """``torch.save(model)`` pickles every module and hook (a lambda load
+    hook of the quantizers made it fail); the loaded model computes the
+    same at every bit and still reads checkpoints."""
+    torch.manual_seed(6)
+    model = EveryForm()
+    quantize_model(model, bits=BITS, skip_first_last=False)
+    x = torch.randn(2, 3, 3, 3)
+    model(x)  # scales initialised
+    model.eval()
+    path = tmp_path / 'model.pth'
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == \
+        [type(m) for m in model.modules()]
+    with torch.no_grad():
+        for bit in BITS:
+            set_bits(model, bit), set_bits(loaded, bit)
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    for module in loaded.modules():
+        if hasattr(module, 'initialized'):
+            module._ready = set()
+    loaded.load_state_dict(model.state_dict())  # its load hooks run
+    assert [m.ready for m in loaded.modules() if hasattr(m, 'initialized')] \
+        == [m.ready for m in model.modules() if hasattr(m, 'initialized')]
 
 
 def test_types_of_one_name_get_one_name_in_any_order():
@@ -664,6 +728,49 @@ def test_owner_reading_a_grandchild_weight_gets_the_quantized_one():
             ref = functional_call(float_module, reference_weights, (x, ))
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert isinstance(owner.reduction_conv.conv.weight, nn.Parameter)
+
+class ReadsAndCalls(nn.Module):
+    """An owner that reads its child's weight and also calls the child."""
+
+    def __init__(self, child):
+        super().__init__()
+        self.child = child
+
+    def forward(self, x):
+        if isinstance(self.child, nn.Linear):
+            read = F.linear(x, self.child.weight)
+        else:
+            read = F.conv1d(x, self.child.weight)
+        return read + self.child(x)
+
+
+@pytest.mark.parametrize('child', [lambda: nn.Linear(4, 4),
+                                   lambda: nn.Conv1d(4, 4, 1)],
+                         ids=['fused', 'swapped'])
+def test_owner_reading_and_calling_a_child_quantizes_once(child):
+    """The owner's swap and the child's own forward share one quantized
+    weight: the weight quantizer runs once per forward, not on its own
+    output."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), ReadsAndCalls(child()))
+    quantize_model(model, bits=BITS, skip_first_last=False)
+    layer = model[1].child
+    assert model[1].mmdrq_weight_reads == ('child', )
+    calls = []
+    layer.weight_quantizer.register_forward_hook(
+        lambda *args: calls.append(1))
+    set_bits(model, 4)
+    x = torch.randn(2, 4, 3, dtype=torch.float32)
+    if isinstance(layer, nn.Linear):
+        x = x.transpose(1, 2)
+    out = model[1](x)  # training mode: no cached weight
+    assert len(calls) == 1
+    w_q = layer.weight_quantizer(layer.weight_to_quantize(), 4).detach()
+    x_q = layer.act_quantizer(x, 4)
+    op = F.linear if isinstance(layer, nn.Linear) else F.conv1d
+    torch.testing.assert_close(out, op(x, w_q) + op(x_q, w_q, layer.bias))
+    assert isinstance(layer.weight, nn.Parameter)  # restored after
+
 
 def test_bad_quantizer_config_leaves_the_layer_float():
     """A quantizer that cannot be built fails the conversion naming it, and

@@ -119,3 +119,20 @@ def test_transposed_deformable_and_attention_macs():
                                             params=27 * 6 * 9)
     assert costs['attn'] == dict(macs=(36 + 10 + 10) * 4 * 4, params=48)
     assert costs['attn.out_proj'] == dict(macs=36 * 4 * 4, params=16)
+
+
+def test_weight_read_by_its_owner_counts_as_linear():
+    """BEiT's attention runs ``F.linear(x, self.qkv.weight)`` without
+    calling ``qkv``: its MACs are those of the linear layer all the same."""
+    from mmpretrain.models.utils.attention import BEiTAttention
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), BEiTAttention(
+        8, 2, window_size=None, use_rel_pos_bias=False, bias='qv_bias'))
+    mmdrq.quantize_model(model, bits=[4, 2], skip_first_last=False)
+    costs = layer_costs(model, torch.zeros(3, 5, 4))  # 5 tokens
+    assert costs['1.qkv'] == dict(macs=5 * 24 * 8, params=24 * 8)
+    assert costs['1.proj'] == dict(macs=5 * 8 * 8, params=8 * 8)
+    assert costs['0'] == dict(macs=5 * 8 * 4, params=8 * 4)
+    bits = {'0': 4, '1.qkv': 2, '1.proj': 4}
+    assert bitops(bits, costs) == 5 * (8 * 4 * 16 + 24 * 8 * 4 + 8 * 8 * 16)
+    assert model_size_bytes(bits, costs) == (32 * 4 + 192 * 2 + 64 * 4) / 8

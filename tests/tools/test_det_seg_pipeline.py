@@ -19,16 +19,6 @@ from conftest import TOOLS, run_tool, tiny_data_options
 BITS = (8, 6, 4, 2)
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('tiny_data')
-    coco, ade = str(folder / 'tiny_coco'), str(folder / 'tiny_ade20k')
-    _, log = run_tool(osp.join(TOOLS, 'make_tiny_datasets.py'), '--coco-root',
-                   coco, '--ade20k-root', ade)
-    assert 'tiny COCO written' in log and 'tiny ADE20K written' in log
-    return dict(coco=coco, ade20k=ade)
-
-
 def _digest(folder):
     digest = hashlib.sha256()
     for base, dirs, files in sorted(os.walk(folder)):
@@ -118,12 +108,10 @@ def _logged(log, key):
 
 
 @pytest.mark.parametrize('name', list(CASES))
-def test_train_and_test_every_bit(name, data, tmp_path):
+def test_train_and_test_every_bit(name, data, tiny_training, tmp_path):
     config, dataset, ckpt, metric, (low, high) = CASES[name]
     cfg_options = ['--cfg-options'] + tiny_data_options(dataset, data[dataset])
-    work = tmp_path / 'work'
-    _, log = run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
-                   *cfg_options)
+    work, log = tiny_training(config, dataset)
 
     # every bit trains every iteration (logger interval 1, 4 iterations),
     # with finite losses, and validation covers every bit

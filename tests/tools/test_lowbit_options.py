@@ -8,7 +8,7 @@ import os.path as osp
 import pytest
 
 from conftest import ROOT, TOOLS, run_tool, tiny_data_options
-from test_det_seg_pipeline import _logged, data  # noqa: F401 (fixture)
+from test_det_seg_pipeline import _logged
 
 BITS = (8, 6, 4, 2)
 CASES = {
@@ -32,7 +32,7 @@ optim_wrapper = dict(alrs_modules=['decode_head'])
 
 
 @pytest.mark.parametrize('name', list(CASES))
-def test_options_train_and_reload(name, data, tmp_path):  # noqa: F811
+def test_options_train_and_reload(name, data, tmp_path):
     base, dataset, ckpt, metric, extra = CASES[name]
     config = tmp_path / f'{name}_lowbit.py'
     config.write_text(f'_base_ = {osp.join(ROOT, base)!r}\n{extra}')
@@ -59,7 +59,7 @@ def test_options_train_and_reload(name, data, tmp_path):  # noqa: F811
         assert abs(metrics[f'{metric}@w{bit}a{bit}'] - val[bit][-1]) < 1e-3
 
 
-def test_bad_option_fails_before_training(data, tmp_path):  # noqa: F811
+def test_bad_option_fails_before_training(data, tmp_path):
     base = CASES['retinanet'][0]
     config = tmp_path / 'bad.py'
     config.write_text(f'_base_ = {osp.join(ROOT, base)!r}\n'

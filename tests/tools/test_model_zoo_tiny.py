@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import TOOLS, run_tool, tiny_data_options
-from test_det_seg_pipeline import _logged, data  # noqa: F401 (a fixture)
+from test_det_seg_pipeline import _logged
 
 BITS = (8, 6, 4, 2)
 COCO = ('coco', 'epoch_1.pth', 'coco/bbox_mAP', 1.0)
@@ -47,7 +47,7 @@ def _trace_test_batch(config, ckpt, options):
 
 
 @pytest.mark.parametrize('name', list(CASES))
-def test_train_and_test_every_bit(name, data, tmp_path):  # noqa: F811
+def test_train_and_test_every_bit(name, data, tmp_path):
     config, (dataset, ckpt, metric, high) = CASES[name]
     options = tiny_data_options(dataset, data[dataset])
     work = tmp_path / 'work'
