@@ -238,6 +238,30 @@ def test_deformable_convs(modulated):
         assert ops(proto).count('QuantizeLinear') == 3
 
 
+@pytest.mark.parametrize('modulated', [False, True])
+def test_deformable_convs_given_offsets(modulated):
+    """mmcv's DeformConv2d / ModulatedDeformConv2d called with offsets
+    (and mask) their owner computes (stride 2, 2 groups)."""
+    from mmcv.ops import DeformConv2d, ModulatedDeformConv2d
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.offset = nn.Conv2d(4, 27 if modulated else 18, 3, 2, 1)
+            self.dcn = (ModulatedDeformConv2d if modulated else
+                        DeformConv2d)(4, 4, 3, 2, 1, groups=2)
+            nn.init.normal_(self.dcn.weight, std=0.3)
+
+        def forward(self, x):
+            out = self.offset(x)
+            if not modulated:
+                return self.dcn(x, out)
+            return self.dcn(x, out[:, :18], out[:, 18:].sigmoid())
+
+    _, protos = check_every_bit(Wrap(Body()), (2, 4, 7, 7))
+    assert ops(protos[2]).count('DeformConv') == 1
+
+
 def test_form_without_export_form_refused_by_name():
     """A form the export has no stand-in for (its forward may use the
     weight in another op) is refused, not exported FP."""
