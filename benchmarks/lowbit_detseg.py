@@ -216,9 +216,9 @@ def merge(old: dict, new: dict) -> dict:
             continue
         before = old.get(task, dict(fp32=dict(values={}), rows={}))
         after = new.get(task, dict(fp32=dict(values={}), rows={}))
+        fp_old = _by_seed(before['fp32']['values'])
         fp_new = _by_seed(after['fp32']['values'])
-        fp = {**_by_seed(before['fp32']['values']), **fp_new}
-        seeds_ok = {s for s, v in fp.items() if fp_new.get(s, v) == v}
+        seeds_ok = {s for s, v in fp_old.items() if fp_new.get(s, v) == v}
         rows = {}
         for row, per_task in ROWS.items():
             cells = {str(b): {} for b in BITS}
@@ -239,7 +239,8 @@ def merge(old: dict, new: dict) -> dict:
                     {str(b): cell(cells[str(b)]) for b in BITS},
                     seeds=sorted(seconds), options=per_task[task],
                     seconds=statistics.mean(seconds.values()))
-        merged[task] = dict(name=TASKS[task]['name'], fp32=cell(fp),
+        merged[task] = dict(name=TASKS[task]['name'],
+                            fp32=cell({**fp_old, **fp_new}),
                             rows=rows)
     return merged
 
