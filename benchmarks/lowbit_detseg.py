@@ -340,6 +340,9 @@ def main():
                         'train_cfg.max_iters=2 for a smoke test')
     parser.add_argument('--out-dir', default=osp.join(HERE, 'results'))
     args = parser.parse_args()
+    # the tools measure this checkout's mmdrq, not an installed copy
+    os.environ['PYTHONPATH'] = os.pathsep.join(
+        p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
     start = time.time()
     for task in args.tasks:
         run_task(task, args)
