@@ -56,12 +56,17 @@ TASKS = {
 # One row per method option (docs/lowbit.md), each one change from the
 # baseline (its folder name, so a plain word): --cfg-options on the QAT
 # config per task; a row without a task does not apply to it (FCN-R18-D8 has no GN/LN and no shared head).
-BASELINE = ['model.quantizer.switchable_gn_ln=False']
+GN_LN_OFF = 'model.quantizer.switchable_gn_ln=False'
+MSE_INIT = 'model.quantizer.act_quantizer.init_method=mse'
+# the baseline as first measured: the QAT configs' activation init is MSE
+# since act_init_mse (docs/lowbit.md)
+BASELINE = [GN_LN_OFF, 'model.quantizer.act_quantizer.init_method=percentile']
 LONG_QAT = ['train_cfg.max_iters=300', 'param_scheduler.0.T_max=300',
             'default_hooks.checkpoint.interval=300']
 ROWS = {
     'baseline': dict(det=BASELINE, seg=BASELINE),
-    'switchable_norm': dict(det=['model.quantizer.switchable_gn_ln=True']),
+    'switchable_norm': dict(
+        det=['model.quantizer.switchable_gn_ln=True', *BASELINE[1:]]),
     'multi_level_norm': dict(
         det=BASELINE + ['model.multi_level_norm=True']),
     'head_distill': {task: BASELINE + [
@@ -75,15 +80,13 @@ ROWS = {
         seg=BASELINE + ['optim_wrapper.alrs_modules=[decode_head]']),
     # activation scales at the least quantization MSE (LSQ+), not the
     # 99.9th percentile over each bit's largest integer
-    'act_init_mse': {task: BASELINE + [
-        'model.quantizer.act_quantizer.init_method=mse']
-        for task in ('det', 'seg')},
+    'act_init_mse': {task: [GN_LN_OFF, MSE_INIT] for task in ('det', 'seg')},
     # act_init_mse and a quarter of the QAT learning rate (Adam 5e-5, not
     # 2e-4): the training, not the quantization, costs the high bits
     # (docs/lowbit.md)
-    'act_init_mse_lr_low': {task: BASELINE + [
-        'model.quantizer.act_quantizer.init_method=mse',
-        'optim_wrapper.optimizer.lr=5e-5'] for task in ('det', 'seg')},
+    'act_init_mse_lr_low': {
+        task: [GN_LN_OFF, MSE_INIT, 'optim_wrapper.optimizer.lr=5e-5']
+        for task in ('det', 'seg')},
     # three times the QAT iterations, the cosine stretched to match
     'long_qat': {task: BASELINE + LONG_QAT for task in ('det', 'seg')},
 }
