@@ -89,6 +89,8 @@ ROWS = {
         for task in ('det', 'seg')},
     # three times the QAT iterations, the cosine stretched to match
     'long_qat': {task: BASELINE + LONG_QAT for task in ('det', 'seg')},
+    'act_init_mse_long_qat': {task: [GN_LN_OFF, MSE_INIT, *LONG_QAT]
+                              for task in ('det', 'seg')},
 }
 
 
