@@ -15,7 +15,10 @@ the same config and options, is reused, so a later call with other rows
 or seeds trains only what is new. The table and JSON are made from every
 finished run in the work folder whose options are a row's as defined now
 (so calls for different tasks, rows or seeds, also at the same time, add
-up); each row says over which seeds.
+up), merged into the JSON already in the output folder: its seeds and rows
+that the work folder lacks (runs made elsewhere) are kept when the row's
+options are the same and the work folder's FP32 metric of each of their seeds
+is the one they were trained from; each row says over which seeds.
 """
 import argparse
 import json
@@ -53,10 +56,17 @@ TASKS = {
 # One row per method option (docs/lowbit.md), each one change from the
 # baseline (its folder name, so a plain word): --cfg-options on the QAT
 # config per task; a row without a task does not apply to it (FCN-R18-D8 has no GN/LN and no shared head).
-BASELINE = ['model.quantizer.switchable_gn_ln=False']
+GN_LN_OFF = 'model.quantizer.switchable_gn_ln=False'
+MSE_INIT = 'model.quantizer.act_quantizer.init_method=mse'
+# the baseline as first measured: the QAT configs' activation init is MSE
+# since act_init_mse (docs/lowbit.md)
+BASELINE = [GN_LN_OFF, 'model.quantizer.act_quantizer.init_method=percentile']
+LONG_QAT = ['train_cfg.max_iters=300', 'param_scheduler.0.T_max=300',
+            'default_hooks.checkpoint.interval=300']
 ROWS = {
     'baseline': dict(det=BASELINE, seg=BASELINE),
-    'switchable_norm': dict(det=['model.quantizer.switchable_gn_ln=True']),
+    'switchable_norm': dict(
+        det=['model.quantizer.switchable_gn_ln=True', *BASELINE[1:]]),
     'multi_level_norm': dict(
         det=BASELINE + ['model.multi_level_norm=True']),
     'head_distill': {task: BASELINE + [
@@ -68,6 +78,19 @@ ROWS = {
     'alrs_heads': dict(
         det=BASELINE + ['optim_wrapper.alrs_modules=[bbox_head]'],
         seg=BASELINE + ['optim_wrapper.alrs_modules=[decode_head]']),
+    # activation scales at the least quantization MSE (LSQ+), not the
+    # 99.9th percentile over each bit's largest integer
+    'act_init_mse': {task: [GN_LN_OFF, MSE_INIT] for task in ('det', 'seg')},
+    # act_init_mse and a quarter of the QAT learning rate (Adam 5e-5, not
+    # 2e-4): the training, not the quantization, costs the high bits
+    # (docs/lowbit.md)
+    'act_init_mse_lr_low': {
+        task: [GN_LN_OFF, MSE_INIT, 'optim_wrapper.optimizer.lr=5e-5']
+        for task in ('det', 'seg')},
+    # three times the QAT iterations, the cosine stretched to match
+    'long_qat': {task: BASELINE + LONG_QAT for task in ('det', 'seg')},
+    'act_init_mse_long_qat': {task: [GN_LN_OFF, MSE_INIT, *LONG_QAT]
+                              for task in ('det', 'seg')},
 }
 
 
@@ -187,6 +210,52 @@ def collect(work_dir: str) -> dict:
     return results
 
 
+def _by_seed(values: dict) -> dict:
+    """``{seed: value}`` with int seeds (JSON stores them as strings)."""
+    return {int(seed): value for seed, value in values.items()}
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``new`` (``collect``'s results) with the seeds and rows of ``old``
+    (an earlier JSON) that it lacks: a row's seed is kept when the row has
+    the same options and ``new`` has no FP32 metric of that seed or the same
+    one (what the row was trained from); ``new`` wins where both have a
+    value. Rows absent from ``ROWS`` are dropped."""
+    merged = {}
+    for task in TASKS:
+        if task not in old and task not in new:
+            continue
+        before = old.get(task, dict(fp32=dict(values={}), rows={}))
+        after = new.get(task, dict(fp32=dict(values={}), rows={}))
+        fp_old = _by_seed(before['fp32']['values'])
+        fp_new = _by_seed(after['fp32']['values'])
+        seeds_ok = {s for s, v in fp_old.items() if fp_new.get(s, v) == v}
+        rows = {}
+        for row, per_task in ROWS.items():
+            cells = {str(b): {} for b in BITS}
+            seconds = {}
+            for source in (before, after):
+                content = source['rows'].get(row)
+                if content is None or \
+                        content['options'] != per_task.get(task):
+                    continue
+                keep = [s for s in content['seeds']
+                        if source is after or s in seeds_ok]
+                for b in BITS:
+                    values = _by_seed(content[str(b)]['values'])
+                    cells[str(b)].update({s: values[s] for s in keep})
+                seconds.update({s: content['seconds'] for s in keep})
+            if seconds:
+                rows[row] = dict(
+                    {str(b): cell(cells[str(b)]) for b in BITS},
+                    seeds=sorted(seconds), options=per_task[task],
+                    seconds=statistics.mean(seconds.values()))
+        merged[task] = dict(name=TASKS[task]['name'],
+                            fp32=cell({**fp_old, **fp_new}),
+                            rows=rows)
+    return merged
+
+
 def gain(rows: dict, row: str) -> str:
     """Mean w2a2 difference of ``row`` to the baseline over the seeds both
     have (a row may have fewer seeds than the baseline)."""
@@ -282,10 +351,17 @@ def main():
                         'train_cfg.max_iters=2 for a smoke test')
     parser.add_argument('--out-dir', default=osp.join(HERE, 'results'))
     args = parser.parse_args()
+    # the tools measure this checkout's mmdrq, not an installed copy
+    os.environ['PYTHONPATH'] = os.pathsep.join(
+        p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
     start = time.time()
     for task in args.tasks:
         run_task(task, args)
     results = collect(osp.abspath(args.work_dir))
+    previous = osp.join(args.out_dir, 'lowbit_detseg.json')
+    if osp.isfile(previous):
+        with open(previous) as f:
+            results = merge(json.load(f), results)
     write_results(results, args.out_dir)
     print(table(results))
     print(f'{time.time() - start:.0f} s; saved lowbit_detseg.json and .md in '

@@ -8,9 +8,40 @@ import torch.distributed as dist
 from mmdrq.registry import MODELS
 from .bitwidths import check_bit, check_bits, signed_range, unsigned_range
 from .functional import fake_quant, lsq_grad_scale
-from .learned_scale import LearnedScaleQuantizer
+from .learned_scale import MIN_INITIAL_SCALE, LearnedScaleQuantizer
 
 _MAX_INIT_SAMPLES = 1 << 20
+INIT_METHODS = ('percentile', 'mse')
+# the MSE init's candidate clipping values: k / _MSE_STEPS of the input's
+# largest magnitude, k = 1.._MSE_STEPS, each tried on at most
+# _MAX_MSE_SAMPLES of the input
+_MSE_STEPS = 100
+_MAX_MSE_SAMPLES = 1 << 16
+
+
+def _strided_sample(flat: torch.Tensor, limit: int) -> torch.Tensor:
+    """Every n-th element of ``flat`` so at most ``limit`` remain."""
+    if flat.numel() > limit:
+        flat = flat[::flat.numel() // limit + 1]
+    return flat
+
+
+def mse_scale(flat: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The scale among ``max|x| * k / (_MSE_STEPS * hi)``, k = 1..steps,
+    whose quantization ``clamp(round(x / s), lo, hi) * s`` (round half to
+    even) has the least mean squared error on ``flat`` (the first on ties).
+    At 2 bits the percentile's clipping leaves most values in the lowest
+    step; LSQ+ (Bhalgat et al., CVPR-W 2020) initialises by this MSE."""
+    flat = _strided_sample(flat, _MAX_MSE_SAMPLES)
+    largest = flat.abs().max()
+    steps = torch.arange(1, _MSE_STEPS + 1, dtype=flat.dtype,
+                         device=flat.device)
+    scales = largest * steps / (_MSE_STEPS * hi)
+    scales = torch.where(scales > 0, scales,
+                         torch.full_like(scales, MIN_INITIAL_SCALE))
+    s = scales[:, None]
+    error = (torch.clamp(torch.round(flat / s), lo, hi) * s - flat).square()
+    return scales[error.mean(dim=1).argmin()]
 
 
 @MODELS.register_module()
@@ -19,7 +50,9 @@ class ActQuantizer(LearnedScaleQuantizer):
 
     Unlike weights, activations are not stored, so every bit gets its own
     scale (a scalar: cheap), initialised at that bit's first forward from the
-    ``init_percentile`` of the input (averaged over ranks under DDP).
+    input (averaged over ranks under DDP): its ``init_percentile`` over the
+    bit's largest integer, or the scale of least quantization MSE
+    (``init_method='mse'``, ``mse_scale``).
 
     Args:
         bits: bit-widths, highest first.
@@ -27,12 +60,14 @@ class ActQuantizer(LearnedScaleQuantizer):
             whether the input has negative values, then keep it.
         init_percentile: upper percentile for the init (lower one is
             ``100 - init_percentile`` for signed inputs).
+        init_method: ``'percentile'`` or ``'mse'``.
     """
 
     def __init__(self,
                  bits: Sequence[int],
                  signed: Union[bool, str] = 'auto',
-                 init_percentile: float = 99.9):
+                 init_percentile: float = 99.9,
+                 init_method: str = 'percentile'):
         super().__init__(bits, (len(check_bits(bits)), ))
         if signed not in (True, False, 'auto'):
             raise ValueError(
@@ -40,7 +75,11 @@ class ActQuantizer(LearnedScaleQuantizer):
         if not 50.0 < init_percentile <= 100.0:
             raise ValueError(
                 f'init_percentile must lie in (50, 100], got {init_percentile}')
+        if init_method not in INIT_METHODS:
+            raise ValueError(f'init_method must be one of '
+                             f'{list(INIT_METHODS)}, got {init_method!r}')
         self.init_percentile = init_percentile
+        self.init_method = init_method
         # -1: undecided ('auto' before the first forward), 0 unsigned, 1 signed
         sign = -1 if signed == 'auto' else int(signed)
         self.register_buffer('signed', torch.tensor(sign, dtype=torch.int8))
@@ -64,15 +103,18 @@ class ActQuantizer(LearnedScaleQuantizer):
         return signed_range(bit) if self._signed_py else unsigned_range(bit)
 
     def _initial_scale(self, x: torch.Tensor, bit: int) -> torch.Tensor:
-        flat = x.detach().float().flatten()
-        if flat.numel() > _MAX_INIT_SAMPLES:
-            flat = flat[::flat.numel() // _MAX_INIT_SAMPLES + 1]
-        p = self.init_percentile / 100.0
-        q = torch.quantile(flat, torch.tensor([1.0 - p, p], device=flat.device))
-        if self._signed_py:
-            value = q.abs().max() / signed_range(bit)[1]
+        flat = _strided_sample(x.detach().float().flatten(),
+                               _MAX_INIT_SAMPLES)
+        if self.init_method == 'mse':
+            value = mse_scale(flat, *self._range(bit))
         else:
-            value = q[1].clamp_min(0) / unsigned_range(bit)[1]
+            p = self.init_percentile / 100.0
+            q = torch.quantile(flat, torch.tensor([1.0 - p, p],
+                                                  device=flat.device))
+            if self._signed_py:
+                value = q.abs().max() / signed_range(bit)[1]
+            else:
+                value = q[1].clamp_min(0) / unsigned_range(bit)[1]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(value)
             value /= dist.get_world_size()

@@ -70,11 +70,49 @@ def test_lazy_init_and_forward_per_bit(bits, signed):
         assert aq.scale[i].item() == s
 
 
+def ref_mse_errors(x, b, signed, steps=100):
+    """Candidate scales max|x| * k / (steps * Qp), k = 1..steps, and the
+    mean squared error of each one's fake quantization, in float64."""
+    top = np.abs(x.numpy()).max()
+    scales = top * np.arange(1, steps + 1) / (steps * qrange(b, signed)[1])
+    errors = [((ref_quant(x, s, b, signed)[0] - x)**2).mean().item()
+              for s in scales]
+    return scales, np.array(errors)
+
+
+@pytest.mark.parametrize('bits', BIT_SETS)
+@pytest.mark.parametrize('signed', [False, True])
+def test_mse_init_per_bit(bits, signed):
+    """init_method='mse': each bit's scale is the candidate of least
+    quantization MSE on its first input (a float32 search: its error is the
+    float64 minimum up to rounding); at 2 bits it clips far below the
+    percentile init's, with a smaller error."""
+    gen = make_gen('mse', bits, signed)
+    aq = ActQuantizer(bits, signed=signed, init_method='mse').double()
+    for i, b in enumerate(bits):
+        # heavy tails, like activations: the max is far above the bulk
+        x = torch.randn(8, 4, 10, 10, generator=gen, dtype=F64)**3 * (i + 1)
+        if not signed:
+            x = x.relu()
+        aq(x, b)
+        s = aq.scale[i].item()
+        scales, errors = ref_mse_errors(x, b, signed)
+        k = np.abs(scales - s).argmin()
+        np.testing.assert_allclose(s, scales[k], rtol=1e-6)
+        np.testing.assert_allclose(errors[k], errors.min(), rtol=1e-5)
+        percentile = ref_init(x, b, signed)
+        if b == 2:
+            assert s < percentile
+            assert errors[k] < ((ref_quant(x, percentile, b, signed)[0] -
+                                 x)**2).mean().item()
+
+
 def test_init_positive_for_zero_input():
     """An all-zero first input still gives a positive scale."""
-    aq = ActQuantizer((8, 4), signed=False)
-    aq(torch.zeros(2, 3), 8)
-    assert aq.scale[0].item() > 0
+    for method in ('percentile', 'mse'):
+        aq = ActQuantizer((8, 4), signed=False, init_method=method)
+        aq(torch.zeros(2, 3), 8)
+        assert aq.scale[0].item() > 0
 
 
 @pytest.mark.parametrize('bits', BIT_SETS)
@@ -196,3 +234,5 @@ def test_bad_inputs_name_the_value():
     for pct in (30.0, 101.0):
         with pytest.raises(ValueError, match=str(pct)):
             ActQuantizer((8, 4), init_percentile=pct)
+    with pytest.raises(ValueError, match="init_method.*'max'"):
+        ActQuantizer((8, 4), init_method='max')

@@ -163,3 +163,48 @@ def test_benchmark_runs_and_writes_table_and_json(tmp_path):
     assert os.path.getmtime(work / 'baseline' / 'train.log') == stamp
     with open(tmp_path / 'out' / 'lowbit_detseg.json') as f:
         assert json.load(f) == results
+
+
+def _benchmark():
+    """benchmarks/lowbit_detseg.py as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'lowbit_detseg', osp.join(ROOT, 'benchmarks', 'lowbit_detseg.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_merge_keeps_earlier_runs_of_the_same_fp32():
+    """Seeds and rows of the earlier JSON that the work folder lacks stay,
+    unless the row's options changed or the work folder's FP32 metric of
+    that seed differs; the work folder's values win."""
+    bench = _benchmark()
+    options = bench.ROWS['baseline']['seg']
+
+    def row(values, seconds, options=options):
+        return dict({str(b): bench.cell({s: v + b for s, v in values.items()})
+                     for b in bench.BITS}, seeds=sorted(values),
+                    options=options, seconds=seconds)
+
+    def results(fp, rows):
+        return dict(seg=dict(name='seg', fp32=bench.cell(fp), rows=rows))
+
+    old = json.loads(json.dumps(results(
+        {0: 10.0, 1: 20.0, 3: 40.0},
+        dict(baseline=row({0: 1.0, 1: 2.0, 3: 4.0}, 100.0),
+             head_distill=row({0: 5.0}, 50.0, options=['stale']),
+             retired=row({0: 6.0}, 50.0)))))
+    new = results({1: 21.0, 2: 30.0, 3: 40.0},
+                  dict(baseline=row({2: 3.0, 3: 4.5}, 200.0)))
+    merged = bench.merge(old, new)
+    assert merged['seg']['fp32']['values'] == {0: 10.0, 1: 21.0, 2: 30.0,
+                                               3: 40.0}
+    assert list(merged['seg']['rows']) == ['baseline']
+    base = merged['seg']['rows']['baseline']
+    # seed 1's run came from another FP32 checkpoint: dropped
+    assert base['seeds'] == [0, 2, 3]
+    assert base['2']['values'] == {0: 3.0, 2: 5.0, 3: 6.5}
+    assert base['2']['mean'] == pytest.approx((3.0 + 5.0 + 6.5) / 3)
+    assert base['seconds'] == pytest.approx((100.0 + 200.0 + 200.0) / 3)
+    assert bench.merge(merged, merged) == merged

@@ -25,7 +25,8 @@ optim_wrapper = dict(alrs_modules=['bbox_head'])
     'deeplabv3': ('configs/segmentation/deeplabv3_r18_drq-8642_tiny.py',
                   'ade20k', 'iter_4.pth', 'mIoU', """
 model = dict(head_distill=dict(target='logits', temperature=2.0),
-             bit_loss_weights={2: 2.0, 4: 1.5})
+             bit_loss_weights={2: 2.0, 4: 1.5},
+             quantizer=dict(act_quantizer=dict(init_method='mse')))
 optim_wrapper = dict(alrs_modules=['decode_head'])
 """),
 }
