@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from onnx import helper
 from torch import nn
 
-from mmdrq.quantization.bitwidths import signed_range
-from mmdrq.quantization.functional import requantize
+from mmdrq.quantization.deploy_numerics import container_integers
 from mmdrq.quantization.layers import QConv2d, QLinear, QuantLayer
 from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
                                               DeformConvPackLayer,
@@ -31,7 +30,6 @@ from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
                                               TransposedConvLayer)
 
 PREFIX = 'model.'
-MAX_BIT = 8  # int8 containers
 # ops whose input 1 is a layer's weight; the bias input of each
 BIAS_INPUT = {'Conv': 2, 'ConvTranspose': 2, 'Gemm': 2, 'DeformConv': 3}
 # the forms whose stand-ins are below (a new form needs one: its forward
@@ -232,7 +230,7 @@ def emit(rewrite, node, part: Part) -> list:
                      (bias * factor + shift).float().numpy())
     nodes = []
     if part.key not in rewrite.weights:
-        nodes += _weight_nodes(rewrite.set_init, module, prefix, bit, q,
+        nodes += _weight_nodes(rewrite.set_init, module, prefix, q,
                                scale * factor)
         rewrite.graph.initializer.remove(rewrite.inits.pop(node.input[1]))
         rewrite.weights[part.key] = nodes[-1].output[0]
@@ -247,16 +245,10 @@ def emit(rewrite, node, part: Part) -> list:
 
 def _bit_integers(module, bit: int, rows: slice):
     """The ``rows`` of the bit's integers of the weight the layer quantizes
-    (output channels first; the second rounding of its stored INT-h
-    integers) and their step ``s * 2**(h - bit)``, float64."""
-    quantizer = module.weight_quantizer
-    q_h = quantizer.integers(module.weight_to_quantize())
-    h = quantizer.stored_bit
-    q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
-                   'floor' if quantizer.variant == 'floor'
-                   else 'double_rounding')
-    scale = quantizer.scale[0].detach().double().expand(q.shape[0])
-    return q[rows], scale[rows] * 2.0**(h - bit)
+    (output channels first) in the int8 container, and their scale."""
+    q, scale = container_integers(module.weight_quantizer,
+                                  module.weight_to_quantize(), bit)
+    return q[rows], scale[rows]
 
 
 def _bias(module, rows: slice, out: int) -> torch.Tensor:
@@ -267,16 +259,14 @@ def _bias(module, rows: slice, out: int) -> torch.Tensor:
     return bias.detach().double()[rows]
 
 
-def _weight_nodes(set_init, module, prefix: str, bit: int, q: torch.Tensor,
+def _weight_nodes(set_init, module, prefix: str, q: torch.Tensor,
                   scale: torch.Tensor) -> list:
-    """int8 initializer ``q * 2**(8 - b)`` with scale ``step * 2**-(8 - b)``
+    """int8 initializer ``q`` (the container's integers) with ``scale``
     (as QConv2d's), zero point 0, into DequantizeLinear on the output
     channel axis of the op's layout; a grouped transposed conv's weight is
     dequantized output-channels-first and then regrouped to ONNX's
     ``(in, out / groups, *k)``."""
-    align = MAX_BIT - bit
-    scale = (scale * 2.0**-align).float()
-    q = (q * 2**align).to(torch.int8)
+    scale = scale.float()
     transposed = isinstance(module, TransposedConvLayer)
     groups = module.groups if transposed else 1
     axis = 1 if transposed and groups == 1 else 0

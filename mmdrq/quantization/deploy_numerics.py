@@ -59,23 +59,27 @@ def folded_bias(layer: nn.Module, factor, shift) -> torch.Tensor:
     return (bias * factor + shift).float()
 
 
-def weight_integers(layer: QuantLayer, bit: int):
+def container_integers(quantizer: nn.Module, weight: torch.Tensor,
+                       bit: int):
     """(integers in the int8 container, float64 per-channel scale of the
-    container) of the layer's weight at ``bit``: the stored INT-h integers
-    after the second rounding, ``q * 2**(8 - bit)`` with scale
-    ``s * 2**(h - bit) * 2**-(8 - bit)`` (the same weights exactly; the
-    alignment keeps ONNX Runtime's int32 bias as fine as at 8 bits)."""
-    quantizer = layer.weight_quantizer
-    out = layer.weight.shape[0]
-    q_h = quantizer.integers(layer.weight)  # the stored INT-h integers
+    container) of ``weight`` (output channels first) at ``bit``: the stored
+    INT-h integers after the second rounding, ``q * 2**(8 - bit)`` with
+    scale ``s * 2**(h - bit) * 2**-(8 - bit)`` (the same weights exactly;
+    the alignment keeps ONNX Runtime's int32 bias as fine as at 8 bits)."""
+    q_h = quantizer.integers(weight)  # the stored INT-h integers
     h = quantizer.stored_bit
     q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
                    'floor' if quantizer.variant == 'floor'
                    else 'double_rounding')
     align = CONTAINER_BIT - bit
-    scale = quantizer.scale[0].detach().double().expand(out) * \
+    scale = quantizer.scale[0].detach().double().expand(weight.shape[0]) * \
         2.0**(h - bit - align)
     return (q * 2**align).to(torch.int8), scale
+
+
+def weight_integers(layer: QuantLayer, bit: int):
+    """``container_integers`` of a QConv2d/QLinear's weight."""
+    return container_integers(layer.weight_quantizer, layer.weight, bit)
 
 
 def integer_alpha(act_scale: torch.Tensor,
