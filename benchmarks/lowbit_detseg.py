@@ -87,6 +87,9 @@ ROWS = {
     'act_init_mse_lr_low': {
         task: [GN_LN_OFF, MSE_INIT, 'optim_wrapper.optimizer.lr=5e-5']
         for task in ('det', 'seg')},
+    # the detection config as shipped: MSE init and switchable GN/LN
+    'act_init_mse_gn_ln': dict(
+        det=['model.quantizer.switchable_gn_ln=True', MSE_INIT]),
     # three times the QAT iterations, the cosine stretched to match
     'long_qat': {task: BASELINE + LONG_QAT for task in ('det', 'seg')},
     'act_init_mse_long_qat': {task: [GN_LN_OFF, MSE_INIT, *LONG_QAT]
