@@ -90,6 +90,13 @@ ROWS = {
     # the detection config as shipped: MSE init and switchable GN/LN
     'act_init_mse_gn_ln': dict(
         det=['model.quantizer.switchable_gn_ln=True', MSE_INIT]),
+    # segmentation's high bits lose to the QAT itself: a tenth of the lr,
+    # and the lower lr over three times the iterations
+    'act_init_mse_lr_min': dict(
+        seg=[GN_LN_OFF, MSE_INIT, 'optim_wrapper.optimizer.lr=2e-5']),
+    'act_init_mse_lr_low_long_qat': dict(
+        seg=[GN_LN_OFF, MSE_INIT, 'optim_wrapper.optimizer.lr=5e-5',
+             *LONG_QAT]),
     # three times the QAT iterations, the cosine stretched to match
     'long_qat': {task: BASELINE + LONG_QAT for task in ('det', 'seg')},
     'act_init_mse_long_qat': {task: [GN_LN_OFF, MSE_INIT, *LONG_QAT]
