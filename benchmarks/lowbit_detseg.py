@@ -58,20 +58,26 @@ TASKS = {
 # config per task; a row without a task does not apply to it (FCN-R18-D8 has no GN/LN and no shared head).
 GN_LN_OFF = 'model.quantizer.switchable_gn_ln=False'
 MSE_INIT = 'model.quantizer.act_quantizer.init_method=mse'
+# BN statistics updated in QAT, as before FreezeBNStatsHook joined the
+# QAT configs (their only custom hook)
+BN_STATS_UPDATED = 'custom_hooks=[]'
 # the baseline as first measured: the QAT configs' activation init is MSE
-# since act_init_mse (docs/lowbit.md)
-BASELINE = [GN_LN_OFF, 'model.quantizer.act_quantizer.init_method=percentile']
+# since act_init_mse, and their BN statistics frozen since freeze_bn_stats
+BASELINE = [GN_LN_OFF, 'model.quantizer.act_quantizer.init_method=percentile',
+            BN_STATS_UPDATED]
+# the configs as shipped
+SHIPPED = [GN_LN_OFF, MSE_INIT]
 LONG_QAT = ['train_cfg.max_iters=300', 'param_scheduler.0.T_max=300',
             'default_hooks.checkpoint.interval=300']
+HEAD_DISTILL = ['model.head_distill.target=logits',
+                'model.head_distill.weight=1.0']
 ROWS = {
     'baseline': dict(det=BASELINE, seg=BASELINE),
     'switchable_norm': dict(
         det=['model.quantizer.switchable_gn_ln=True', *BASELINE[1:]]),
     'multi_level_norm': dict(
         det=BASELINE + ['model.multi_level_norm=True']),
-    'head_distill': {task: BASELINE + [
-        'model.head_distill.target=logits', 'model.head_distill.weight=1.0']
-        for task in ('det', 'seg')},
+    'head_distill': {task: BASELINE + HEAD_DISTILL for task in ('det', 'seg')},
     'bit_loss_weights': {
         task: BASELINE + ['model.bit_loss_weights.2=2.0']
         for task in ('det', 'seg')},
@@ -80,27 +86,39 @@ ROWS = {
         seg=BASELINE + ['optim_wrapper.alrs_modules=[decode_head]']),
     # activation scales at the least quantization MSE (LSQ+), not the
     # 99.9th percentile over each bit's largest integer
-    'act_init_mse': {task: [GN_LN_OFF, MSE_INIT] for task in ('det', 'seg')},
+    'act_init_mse': {task: [GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED]
+                     for task in ('det', 'seg')},
     # act_init_mse and a quarter of the QAT learning rate (Adam 5e-5, not
-    # 2e-4): the training, not the quantization, costs the high bits
-    # (docs/lowbit.md)
+    # 2e-4)
     'act_init_mse_lr_low': {
-        task: [GN_LN_OFF, MSE_INIT, 'optim_wrapper.optimizer.lr=5e-5']
-        for task in ('det', 'seg')},
-    # the detection config as shipped: MSE init and switchable GN/LN
+        task: [GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED,
+               'optim_wrapper.optimizer.lr=5e-5'] for task in ('det', 'seg')},
+    # act_init_mse with switchable GN/LN
     'act_init_mse_gn_ln': dict(
-        det=['model.quantizer.switchable_gn_ln=True', MSE_INIT]),
-    # segmentation's high bits lose to the QAT itself: a tenth of the lr,
-    # and the lower lr over three times the iterations
+        det=['model.quantizer.switchable_gn_ln=True', MSE_INIT,
+             BN_STATS_UPDATED]),
+    # a tenth of the lr, and a quarter over three times the iterations
     'act_init_mse_lr_min': dict(
-        seg=[GN_LN_OFF, MSE_INIT, 'optim_wrapper.optimizer.lr=2e-5']),
+        seg=[GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED,
+             'optim_wrapper.optimizer.lr=2e-5']),
     'act_init_mse_lr_low_long_qat': dict(
-        seg=[GN_LN_OFF, MSE_INIT, 'optim_wrapper.optimizer.lr=5e-5',
-             *LONG_QAT]),
+        seg=[GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED,
+             'optim_wrapper.optimizer.lr=5e-5', *LONG_QAT]),
     # three times the QAT iterations, the cosine stretched to match
     'long_qat': {task: BASELINE + LONG_QAT for task in ('det', 'seg')},
-    'act_init_mse_long_qat': {task: [GN_LN_OFF, MSE_INIT, *LONG_QAT]
-                              for task in ('det', 'seg')},
+    'act_init_mse_long_qat': {
+        task: [GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED, *LONG_QAT]
+        for task in ('det', 'seg')},
+    # act_init_mse and every BN's statistics frozen at the FP32 ones
+    # (FreezeBNStatsHook): the configs as shipped
+    'freeze_bn_stats': {task: SHIPPED for task in ('det', 'seg')},
+    # freeze_bn_stats and one more change
+    'freeze_bn_stats_gn_ln': dict(
+        det=['model.quantizer.switchable_gn_ln=True', MSE_INIT]),
+    'freeze_bn_stats_head_distill': {task: SHIPPED + HEAD_DISTILL
+                                     for task in ('det', 'seg')},
+    'freeze_bn_stats_long_qat': {task: SHIPPED + LONG_QAT
+                                 for task in ('det', 'seg')},
 }
 
 

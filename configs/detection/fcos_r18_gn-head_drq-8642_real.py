@@ -4,7 +4,7 @@
 # into the wrapper as is), with ALRS; CocoMetric at every bit.
 #
 #     python tools/train.py configs/detection/fcos_r18_gn-head_drq-8642_real.py \
-#         --cfg-options load_from=work_dirs/fcos_r18_gn-head_fp32_real/iter_400.pth
+#         --cfg-options load_from=work_dirs/fcos_r18_gn-head_fp32_real/iter_1000.pth
 #     python tools/test.py configs/detection/fcos_r18_gn-head_drq-8642_real.py \
 #         work_dirs/fcos_r18_gn-head_drq-8642_real/iter_100.pth
 _base_ = ['./fcos_r18_gn-head_fp32_real.py', '../_base_/mmdrq_qat.py']
@@ -34,3 +34,6 @@ train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 val_cfg = _base_.mmdrq.val_cfg
 test_cfg = _base_.mmdrq.test_cfg
 default_hooks = dict(checkpoint=dict(interval=max_iters))
+# every bit's BN copies keep the FP32 statistics (Fully Quantized Network's
+# BN freezing); their affine parameters learn per bit (docs/lowbit.md)
+custom_hooks = [dict(type='mmdrq.FreezeBNStatsHook', begin=0)]

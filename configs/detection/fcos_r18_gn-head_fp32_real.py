@@ -80,7 +80,7 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4),
     clip_grad=dict(max_norm=35, norm_type=2))
-max_iters = 400
+max_iters = 1000
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=30),
     dict(type='CosineAnnealingLR', by_epoch=False, begin=0, T_max=max_iters),
@@ -88,6 +88,9 @@ param_scheduler = [
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop',
                  max_iters=max_iters, val_interval=max_iters)
 auto_scale_lr = dict(enable=False)
+# the last fifth trains on the BN statistics the model is evaluated with;
+# 400 iterations left the detector undertrained (docs/lowbit.md)
+custom_hooks = [dict(type='mmdrq.FreezeBNStatsHook', begin=800)]
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),

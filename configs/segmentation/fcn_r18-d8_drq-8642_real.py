@@ -32,3 +32,6 @@ train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 val_cfg = _base_.mmdrq.val_cfg
 test_cfg = _base_.mmdrq.test_cfg
 default_hooks = dict(checkpoint=dict(interval=max_iters))
+# every bit's BN copies keep the FP32 statistics (Fully Quantized Network's
+# BN freezing); their affine parameters learn per bit (docs/lowbit.md)
+custom_hooks = [dict(type='mmdrq.FreezeBNStatsHook', begin=0)]
