@@ -2,7 +2,9 @@
 one-shot {8,6,4,2} Double Rounding QAT from that checkpoint (ALRS), for
 FCOS-R18 (GN head, bbox mAP) and FCN-R18-D8 (mIoU), over several seeds,
 with one row per method option (a set of ``--cfg-options`` on the QAT
-config). Data: tools/make_real_datasets.py (scikit-image's sample images).
+config), and controls: the FP32 model trained on as the QAT is, so that a
+QAT bit above FP32 can be told from the extra training. Data:
+tools/make_real_datasets.py (scikit-image's sample images).
 Each run is the real tools/train.py, then tools/test.py for the metric at
 every bit.
 
@@ -117,9 +119,46 @@ ROWS = {
         det=['model.quantizer.switchable_gn_ln=True', MSE_INIT]),
     'freeze_bn_stats_head_distill': {task: SHIPPED + HEAD_DISTILL
                                      for task in ('det', 'seg')},
+    # and the highest bit's box outputs as targets too (box_weight)
+    'freeze_bn_stats_box_distill': dict(
+        det=SHIPPED + HEAD_DISTILL + ['model.head_distill.box_weight=1.0']),
+    'freeze_bn_stats_box_distill_5': dict(
+        det=SHIPPED + HEAD_DISTILL + ['model.head_distill.box_weight=5.0']),
     'freeze_bn_stats_long_qat': {task: SHIPPED + LONG_QAT
                                  for task in ('det', 'seg')},
+    # the statistics of every bit's BN copies update for the first half of
+    # the QAT, then freeze
+    'freeze_bn_stats_late': {task: SHIPPED + ['custom_hooks.0.begin=50']
+                             for task in ('det', 'seg')},
+    'freeze_bn_stats_bit_loss_weights': {
+        task: SHIPPED + ['model.bit_loss_weights.2=2.0']
+        for task in ('det', 'seg')},
+    # ALRS off (every bit's scales at the full lr) and adaptive
+    'freeze_bn_stats_alrs_off': {task: SHIPPED + ['optim_wrapper.mode=off']
+                                 for task in ('det', 'seg')},
+    'freeze_bn_stats_alrs_adaptive': {
+        task: SHIPPED + ['optim_wrapper.mode=adaptive']
+        for task in ('det', 'seg')},
 }
+
+
+def _trained_on(iters: int) -> list:
+    """``--cfg-options`` that train an FP32 config on from its checkpoint as
+    the QAT config does: Adam 2e-4 (decay 5e-5), cosine over ``iters``
+    iterations, BN statistics frozen."""
+    return ['optim_wrapper.optimizer.type=Adam',
+            'optim_wrapper.optimizer.lr=2e-4',
+            'optim_wrapper.optimizer.weight_decay=5e-5',
+            'param_scheduler.0.start_factor=1.0',  # no warm-up
+            f'param_scheduler.1.T_max={iters}', f'train_cfg.max_iters={iters}',
+            f'default_hooks.checkpoint.interval={iters}',
+            'custom_hooks.0.begin=0']
+
+
+# Controls: the FP32 model trained on as the QAT rows are, so a QAT bit above
+# FP32 can be told from the extra training (each a FP32 metric per seed)
+CONTROLS = {'fp32_trained_on': _trained_on(100),
+            'fp32_trained_on_long': _trained_on(300)}
 
 
 def data_options(task: str, root: str):
@@ -193,13 +232,25 @@ def read_record(work):
         return json.load(f)
 
 
+def _started_from(record, fp_record, options) -> bool:
+    """Whether ``record``'s run had ``options`` last, after loading the
+    checkpoint of ``fp_record``."""
+    if record is None:
+        return False
+    used = record['settings']['options']
+    start = len(used) - len(options)
+    return used[start:] == options and \
+        used[start - 1] == f'load_from={fp_record["checkpoint"]}'
+
+
 def collect(work_dir: str) -> dict:
     """Results of every finished run under ``work_dir``: per task, the FP32
-    metric per seed and, per row of ``ROWS``, each bit's metric per seed
-    (runs from that seed's FP32 checkpoint with the row's options)."""
+    metric per seed, each control's, and, per row of ``ROWS``, each bit's
+    metric per seed (runs from that seed's FP32 checkpoint with the row's
+    options)."""
     results = {}
     for task, spec in TASKS.items():
-        fp, rows = {}, {}
+        fp, rows, controls = {}, {}, {}
         folder = osp.join(work_dir, task)
         seeds = sorted((int(name[4:]) for name in os.listdir(folder)
                         if name.startswith('seed')) if osp.isdir(folder)
@@ -210,15 +261,16 @@ def collect(work_dir: str) -> dict:
             if fp_record is None:
                 continue
             fp[seed] = fp_record['metrics'][spec['metric']] * spec['scale']
+            for name, options in CONTROLS.items():
+                record = read_record(osp.join(work, name))
+                if _started_from(record, fp_record, options):
+                    controls.setdefault(name, {})[seed] = \
+                        record['metrics'][spec['metric']] * spec['scale']
             for row, per_task in ROWS.items():
-                record = read_record(osp.join(work, row))
-                if task not in per_task or record is None:
+                if task not in per_task:
                     continue
-                options = record['settings']['options']
-                start = len(options) - len(per_task[task])
-                if options[start:] != per_task[task] or \
-                        options[start - 1] != \
-                        f'load_from={fp_record["checkpoint"]}':
+                record = read_record(osp.join(work, row))
+                if not _started_from(record, fp_record, per_task[task]):
                     continue
                 cells = rows.setdefault(row, dict(
                     {str(b): {} for b in BITS}, options=per_task[task],
@@ -229,7 +281,10 @@ def collect(work_dir: str) -> dict:
                 cells['seconds'][seed] = record['seconds']
         if not fp:
             continue
-        results[task] = dict(name=spec['name'], fp32=cell(fp), rows={})
+        results[task] = dict(
+            name=spec['name'], fp32=cell(fp), rows={},
+            controls={name: dict(cell(values), options=CONTROLS[name])
+                      for name, values in controls.items()})
         for row, cells in rows.items():
             results[task]['rows'][row] = dict(
                 {str(b): cell(cells[str(b)]) for b in BITS},
@@ -248,7 +303,7 @@ def merge(old: dict, new: dict) -> dict:
     (an earlier JSON) that it lacks: a row's seed is kept when the row has
     the same options and ``new`` has no FP32 metric of that seed or the same
     one (what the row was trained from); ``new`` wins where both have a
-    value. Rows absent from ``ROWS`` are dropped."""
+    value. Controls merge alike. Rows absent from ``ROWS`` are dropped."""
     merged = {}
     for task in TASKS:
         if task not in old and task not in new:
@@ -278,9 +333,20 @@ def merge(old: dict, new: dict) -> dict:
                     {str(b): cell(cells[str(b)]) for b in BITS},
                     seeds=sorted(seconds), options=per_task[task],
                     seconds=statistics.mean(seconds.values()))
+        controls = {}
+        for name, options in CONTROLS.items():
+            values = {}
+            for source in (before, after):
+                content = source.get('controls', {}).get(name)
+                if content is not None and content['options'] == options:
+                    values.update({s: v for s, v in _by_seed(
+                        content['values']).items()
+                        if source is after or s in seeds_ok})
+            if values:
+                controls[name] = dict(cell(values), options=options)
         merged[task] = dict(name=TASKS[task]['name'],
                             fp32=cell({**fp_old, **fp_new}),
-                            rows=rows)
+                            rows=rows, controls=controls)
     return merged
 
 
@@ -304,12 +370,17 @@ def table(results: dict) -> str:
              '{8,6,4,2} Double Rounding QAT from each seed\'s FP32 '
              'checkpoint, with ALRS (benchmarks/lowbit_detseg.py). QAT s/run: '
              'wall seconds of one QAT tools/train.py, which vary with the '
-             'load of the machine.\n']
+             'load of the machine. Controls: the FP32 checkpoint trained on '
+             'as the QAT is (Adam 2e-4, frozen BN statistics) for 100 '
+             '(`fp32_trained_on`) or 300 (`_long`) iterations.\n']
     for content in results.values():
         fp = content['fp32']
         lines += [f'\n## {content["name"]}\n',
                   f'FP32: {fp["mean"]:.1f} ± {fp["std"]:.1f} (seeds '
                   f'{sorted(fp["values"])})\n',
+                  *(f'control {name}: {c["mean"]:.1f} ± {c["std"]:.1f} '
+                    f'(seeds {sorted(c["values"])})\n'
+                    for name, c in content.get('controls', {}).items()),
                   '| row | seeds | ' + ' | '.join(f'w{b}a{b}' for b in BITS)
                   + ' | w2a2 vs baseline | QAT s/run | options |',
                   '|---' * (len(BITS) + 5) + '|']
@@ -332,7 +403,7 @@ def write_results(results: dict, out_dir: str):
 
 
 def run_task(task, args):
-    """FP32 and the chosen rows of ``task`` for every seed."""
+    """FP32, the chosen controls and rows of ``task`` for every seed."""
     spec = TASKS[task]
     root = osp.join(osp.abspath(args.data_dir), spec['data'])
     spec['write'](root, *args.crops or (), seed=args.data_seed)
@@ -346,6 +417,13 @@ def run_task(task, args):
               f'{fp[spec["metric"]] * spec["scale"]:.1f} ({fp_seconds:.0f} s)',
               flush=True)
         key = spec['metric']
+        for name in args.controls:
+            metrics, _, seconds = train_and_test(
+                spec['fp32'], osp.join(work, name), seed,
+                [*options, f'load_from={fp_ckpt}', *CONTROLS[name]])
+            print(f'{task} seed {seed} {name}: '
+                  f'{metrics[key] * spec["scale"]:.1f} ({seconds:.0f} s)',
+                  flush=True)
         for row in rows:
             try:
                 metrics, _, seconds = train_and_test(
@@ -366,6 +444,9 @@ def main():
                         default=list(TASKS))
     parser.add_argument('--rows', nargs='+', choices=list(ROWS),
                         default=list(ROWS), help='QAT rows to run')
+    parser.add_argument('--controls', nargs='*', choices=list(CONTROLS),
+                        default=list(CONTROLS),
+                        help='FP32 controls to run (none: --controls)')
     parser.add_argument('--work-dir', default='work_dirs/lowbit_detseg')
     parser.add_argument('--data-dir', default='data')
     parser.add_argument('--data-seed', type=int, default=0,

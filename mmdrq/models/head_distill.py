@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TARGETS = ('logits', 'features')
-KEYS = ('target', 'weight', 'temperature')
+KEYS = ('target', 'weight', 'temperature', 'box_weight')
 
 
 def sigmoid_kl(student: torch.Tensor, teacher: torch.Tensor,
@@ -31,6 +31,21 @@ def sigmoid_kl(student: torch.Tensor, teacher: torch.Tensor,
     # log p - log q for both outcomes, in the stable logsigmoid form
     return (p * (F.logsigmoid(t) - F.logsigmoid(s)) +
             (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))).sum()
+
+
+def box_error(student: torch.Tensor, teacher: torch.Tensor,
+              teacher_scores: torch.Tensor) -> torch.Tensor:
+    """Summed ``|s - t| / (|t| + 1)`` of one level's box outputs (N, A*4,
+    H, W), each anchor's 4 weighted by the teacher's highest class
+    probability there (scores N, A*C, H, W): relative, so box codings of
+    any scale (FCOS distances in pixels, RetinaNet deltas) weigh alike, and
+    background points barely count."""
+    n, _, h, w = student.shape
+    anchors = student.shape[1] // 4
+    weight = teacher_scores.view(n, anchors, -1, h, w).sigmoid().amax(
+        2, keepdim=True)
+    error = (student - teacher).abs() / (teacher.abs() + 1)
+    return (weight * error.view(n, anchors, 4, h, w)).sum()
 
 
 def softmax_kl(student: torch.Tensor, teacher: torch.Tensor,
@@ -58,10 +73,14 @@ class HeadDistill:
             over elements, averaged over levels.
         weight: factor of the loss (``loss_distill``).
         temperature: T of the logits target.
+        box_weight: detection ``logits`` only: adds the box outputs'
+            ``box_error`` (divided by the same count) times this; at 2 bits
+            FCOS loses mostly localisation (mAP75), little mAP50.
     """
 
     def __init__(self, architecture: nn.Module, target: str = 'logits',
-                 weight: float = 1.0, temperature: float = 1.0):
+                 weight: float = 1.0, temperature: float = 1.0,
+                 box_weight: float = 0.0):
         if target not in TARGETS:
             raise ValueError(f'head_distill.target must be one of '
                              f'{list(TARGETS)}, got {target!r}')
@@ -70,9 +89,20 @@ class HeadDistill:
                     value, numbers.Real) or not 0 < value < float('inf'):
                 raise ValueError(f'head_distill.{key} must be a positive '
                                  f'number, got {value!r}')
+        if isinstance(box_weight, bool) or not isinstance(
+                box_weight, numbers.Real) or not 0 <= box_weight < float('inf'):
+            raise ValueError(f'head_distill.box_weight must be a number >= 0, '
+                             f'got {box_weight!r}')
         self.target, self.weight = target, float(weight)
         self.temperature = float(temperature)
+        self.box_weight = float(box_weight)
         self.kind, self.module = self._find_module(architecture)
+        if self.box_weight and self.kind != 'det':
+            raise ValueError(
+                f"head_distill.box_weight={box_weight!r} needs "
+                f"target='logits' on a single-stage mmdet detector; "
+                f"{type(architecture).__name__} with target={target!r} has "
+                f"no box outputs")
         self.teacher = None
         self._captured = None
         self._active = False
@@ -124,8 +154,9 @@ class HeadDistill:
         if output is None:
             raise RuntimeError(f'head_distill: {type(self.module).__name__}'
                                ' did not run in the forward')
-        if self.kind == 'det':
-            return list(output[0])  # cls_scores, one tensor per level
+        if self.kind == 'det':  # cls_scores (then bbox_preds) per level
+            scores = list(output[0])
+            return scores + list(output[1]) if self.box_weight else scores
         if self.kind == 'seg':
             return [output]
         return list(output)
@@ -151,9 +182,16 @@ class HeadDistill:
         # the teacher's soft count of positives: most predictions are
         # background, so a mean over them would leave this loss far below
         # the focal loss, which is normalised by the positive anchors
-        count = max(1.0, float(sum(t.sigmoid().sum() for t in teacher)))
-        return T * T * sum(sigmoid_kl(s, t, T)
-                           for s, t in zip(student, teacher)) / count
+        levels = len(student) // 2 if self.box_weight else len(student)
+        scores = teacher[:levels]
+        count = max(1.0, float(sum(t.sigmoid().sum() for t in scores)))
+        loss = T * T * sum(sigmoid_kl(s, t, T)
+                           for s, t in zip(student, scores))
+        if self.box_weight:
+            loss = loss + self.box_weight * sum(
+                box_error(s, t, c) for s, t, c in
+                zip(student[levels:], teacher[levels:], scores))
+        return loss / count
 
 
 def build_head_distill(architecture: nn.Module,

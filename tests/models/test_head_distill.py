@@ -86,6 +86,34 @@ def reference_sigmoid_kl(student, teacher, T):
     return T * T * total / max(count, 1.0)
 
 
+def reference_box_error(student, teacher, scores):
+    """Per anchor and coordinate, |s - t| / (|t| + 1) times the teacher's
+    highest class probability at that anchor, summed; in float64, one
+    anchor at a time (boxes A*4 channels, scores A*C)."""
+    total = 0.0
+    for s, t, c in zip(student, teacher, scores):
+        anchors = s.shape[1] // 4
+        classes = c.shape[1] // anchors
+        for a in range(anchors):
+            p = torch.sigmoid(c[:, a * classes:(a + 1) * classes].double())
+            p = p.max(dim=1).values
+            for k in range(4):
+                sk, tk = s[:, 4 * a + k].double(), t[:, 4 * a + k].double()
+                total += (p * (sk - tk).abs() / (tk.abs() + 1)).sum()
+    return total
+
+
+def reference_detection(student, teacher, T, box_weight):
+    """Class KL, plus the box term over the same count, of [scores] +
+    [boxes] per level."""
+    levels = len(teacher) // 2
+    scores = teacher[:levels]
+    count = max(float(sum(torch.sigmoid(t.double()).sum() for t in scores)),
+                1.0)
+    return reference_sigmoid_kl(student[:levels], scores, T) + box_weight * \
+        reference_box_error(student[levels:], teacher[levels:], scores) / count
+
+
 def reference_softmax_kl(student, teacher, T):
     p = torch.softmax(teacher.double() / T, 1)
     q = torch.softmax(student.double() / T, 1)
@@ -120,6 +148,18 @@ def test_losses_match_hand_written(T):
                                reference_softmax_kl(s, t, T), rtol=1e-5,
                                atol=1e-7)
 
+    # with boxes: 9 anchors x 4 coordinates, relative errors, one tied box
+    boxes = HeadDistill(retinanet(), 'logits', temperature=T,
+                        box_weight=0.7)
+    t_boxes = [torch.randn(2, 36, 4, 4) * 5, torch.randn(2, 36, 2, 2) * 5]
+    s_boxes = [b + torch.randn_like(b) for b in t_boxes]
+    s_boxes[0][1, 4:8, 2, 3] = t_boxes[0][1, 4:8, 2, 3]
+    full_s, full_t = student + s_boxes, teacher + t_boxes
+    torch.testing.assert_close(
+        boxes.loss_of(full_s, full_t).double(),
+        reference_detection(full_s, full_t, T, 0.7), rtol=1e-5, atol=1e-7)
+    assert boxes.loss_of(full_t, full_t).abs() < 1e-6
+
     feat = HeadDistill(retinanet(), 'features')
     teacher = [torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
     student = [x + torch.randn_like(x) for x in teacher]
@@ -137,15 +177,16 @@ class FrozenWrapper(OptimWrapper):
         pass
 
 
-@pytest.mark.parametrize('kind', ['det', 'seg', 'features'])
+@pytest.mark.parametrize('kind', ['det', 'det_boxes', 'seg', 'features'])
 def test_train_step_adds_distill_loss_of_lower_bits(kind):
     import mmdrq
     torch.manual_seed(0)
     arch, data = (deeplab(), seg_batch()) if kind == 'seg' else \
         (retinanet(), det_batch())
     target = 'features' if kind == 'features' else 'logits'
+    box_weight = 1.5 if kind == 'det_boxes' else 0.0
     model = MultiPrecisionQAT(arch, dict(bits=BITS), head_distill=dict(
-        target=target, weight=0.5, temperature=2.0))
+        target=target, weight=0.5, temperature=2.0, box_weight=box_weight))
     wrapper = FrozenWrapper(torch.optim.SGD(model.parameters(), 0.0))
     log_vars = model.train_step(data, wrapper)
     assert 'loss_distill@w8a8' not in log_vars
@@ -162,13 +203,16 @@ def test_train_step_adds_distill_loss_of_lower_bits(kind):
                 outputs[bit] = [arch.decode_head.forward(feats)]
             else:
                 feats = arch.extract_feat(batch['inputs'])
+                scores, boxes = arch.bbox_head(feats)
                 outputs[bit] = list(feats) if kind == 'features' else \
-                    list(arch.bbox_head(feats)[0])
+                    list(scores) + (list(boxes) if box_weight else [])
     mmdrq.set_bits(arch, 8)
     for bit in BITS[1:]:
         s, t = outputs[bit], outputs[8]
         if kind == 'det':
             expected = reference_sigmoid_kl(s, t, 2.0)
+        elif kind == 'det_boxes':
+            expected = reference_detection(s, t, 2.0, box_weight)
         elif kind == 'seg':
             expected = reference_softmax_kl(s[0], t[0], 2.0)
         else:
@@ -193,6 +237,15 @@ def test_bad_distill_config_is_an_error():
                        r"\['alpha'\]"):
         MultiPrecisionQAT(retinanet(), dict(bits=BITS),
                           head_distill=dict(alpha=0.5))
+    with pytest.raises(ValueError, match='head_distill.box_weight must be a '
+                       'number >= 0, got -1'):
+        MultiPrecisionQAT(retinanet(), dict(bits=BITS),
+                          head_distill=dict(box_weight=-1))
+    with pytest.raises(ValueError, match="head_distill.box_weight=0.5 needs "
+                       "target='logits' on a single-stage mmdet detector; "
+                       'EncoderDecoder'):
+        MultiPrecisionQAT(deeplab(), dict(bits=BITS),
+                          head_distill=dict(box_weight=0.5))
     with pytest.raises(ValueError, match="target='features' needs a model "
                        'with a neck'):
         MultiPrecisionQAT(deeplab(), dict(bits=BITS),

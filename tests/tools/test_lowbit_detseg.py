@@ -129,10 +129,13 @@ def test_benchmark_runs_and_writes_table_and_json(tmp_path):
     its checkpoint, each tested at every bit by tools/test.py; a second
     call reuses both runs."""
     args = [osp.join(ROOT, 'benchmarks', 'lowbit_detseg.py'), '--seeds', '0',
-            '--tasks', 'seg', '--rows', 'baseline', '--crops', '2', '1',
+            '--tasks', 'seg', '--rows', 'baseline', '--controls',
+            '--crops', '2', '1',
             '--work-dir', tmp_path / 'work', '--data-dir', tmp_path / 'data',
             '--out-dir', tmp_path / 'out', '--options',
-            'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2']
+            'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
+            # the FP32 config freezes BN statistics from iteration 800
+            'custom_hooks.0.begin=1']
     _, log = run_tool(*args)
     with open(tmp_path / 'out' / 'lowbit_detseg.json') as f:
         results = json.load(f)
@@ -208,3 +211,43 @@ def test_merge_keeps_earlier_runs_of_the_same_fp32():
     assert base['2']['mean'] == pytest.approx((3.0 + 5.0 + 6.5) / 3)
     assert base['seconds'] == pytest.approx((100.0 + 200.0 + 200.0) / 3)
     assert bench.merge(merged, merged) == merged
+
+
+def test_controls_collect_merge_and_show(tmp_path):
+    """A control counts for a seed when its run started from that seed's
+    FP32 checkpoint with the control's options; earlier controls merge like
+    rows; the table shows each under FP32."""
+    bench = _benchmark()
+    options = bench.CONTROLS['fp32_trained_on']
+
+    def record(folder, metrics, checkpoint='', load=None, extra=()):
+        used = [*extra, f'load_from={load}', *options] if load else []
+        os.makedirs(folder)
+        with open(osp.join(folder, 'run.json'), 'w') as f:
+            json.dump(dict(settings=dict(options=used), metrics=metrics,
+                           checkpoint=checkpoint, seconds=1.0), f)
+
+    work = tmp_path / 'seg'
+    for seed, fp in ((0, 80.0), (1, 81.0)):
+        record(work / f'seed{seed}' / 'fp32', dict(mIoU=fp), f'fp{seed}.pth')
+    record(work / 'seed0' / 'fp32_trained_on', dict(mIoU=83.0),
+           load='fp0.pth', extra=['data_root=x'])
+    # trained on from another checkpoint: not seed 1's control
+    record(work / 'seed1' / 'fp32_trained_on', dict(mIoU=99.0),
+           load='old.pth')
+    new = bench.collect(str(tmp_path))
+    assert new['seg']['controls'] == {'fp32_trained_on': dict(
+        bench.cell({0: 83.0}), options=options)}
+
+    old = json.loads(json.dumps(dict(seg=dict(
+        name='seg', fp32=bench.cell({0: 80.0, 1: 70.0, 2: 75.0}), rows={},
+        controls=dict(fp32_trained_on=dict(
+            bench.cell({0: 1.0, 1: 2.0, 2: 3.0}), options=options),
+            fp32_trained_on_long=dict(bench.cell({2: 4.0}),
+                                      options=['stale']))))))
+    merged = bench.merge(old, new)
+    # seed 1's FP32 changed: its old control goes; seed 0's new one wins
+    assert merged['seg']['controls'] == {'fp32_trained_on': dict(
+        bench.cell({0: 83.0, 2: 3.0}), options=options)}
+    assert 'control fp32_trained_on: 43.0 ± 56.6 (seeds [0, 2])' in \
+        bench.table(merged)

@@ -1,0 +1,109 @@
+"""FreezeBNStatsHook on MMEngine's real Runner around the QAT wrapper of a
+real mmpretrain classifier: every bit's BN copies update their running
+statistics before ``begin`` and never after, also across a validation (which
+sets the model back to train mode), while their affine parameters learn."""
+import uuid
+
+import pytest
+import torch
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import Dataset
+
+from mmdrq.engine import FreezeBNStatsHook
+from mmdrq.models import MultiPrecisionQAT
+
+
+class RandomImages(Dataset):
+    """Fresh random 32x32 images with labels, as mmpretrain packs them."""
+
+    def __init__(self, size=8):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (size, 3, 32, 32),
+                                    generator=generator, dtype=torch.uint8)
+        self.labels = torch.randint(0, 10, (size, ), generator=generator)
+        self.metainfo = dict(classes=[str(i) for i in range(10)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        from mmpretrain.structures import DataSample
+        return dict(inputs=self.images[index],
+                    data_samples=DataSample().set_gt_label(
+                        self.labels[index]))
+
+
+class RecordBN(Hook):
+    """Each BN's running mean, batch count and weight after every iteration."""
+
+    def __init__(self):
+        self.steps = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.steps.append({
+            name: (m.running_mean.clone(), int(m.num_batches_tracked),
+                   m.weight.detach().clone())
+            for name, m in runner.model.named_modules()
+            if isinstance(m, _BatchNorm)})
+
+
+def build_runner(tmp_path, model, hooks, max_iters=4, val_interval=1):
+    loader = dict(dataset=RandomImages(), batch_size=4, num_workers=0,
+                  sampler=dict(type='DefaultSampler', shuffle=False),
+                  collate_fn=dict(type='default_collate'))
+    return Runner(
+        model=model, work_dir=str(tmp_path),
+        experiment_name=f'freeze_{uuid.uuid4().hex}',
+        train_dataloader=loader,
+        train_cfg=dict(by_epoch=False, max_iters=max_iters,
+                       val_interval=val_interval),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+        val_dataloader=loader, val_cfg=dict(type='mmdrq.MultiBitValLoop'),
+        val_evaluator=dict(type='mmpretrain.Accuracy'),
+        custom_hooks=hooks, default_hooks=dict(checkpoint=None),
+        default_scope='mmpretrain')
+
+
+def test_statistics_freeze_at_begin_affine_keeps_learning(
+        tmp_path, small_classifier):
+    torch.manual_seed(0)
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    record = RecordBN()
+    build_runner(tmp_path, model,
+                 [FreezeBNStatsHook(begin=2), record]).train()
+    assert len(record.steps) == 4
+    names = list(record.steps[0])
+    # every bit's copy of every switchable BN
+    assert any('.bns.8' in n for n in names) and \
+        any('.bns.4' in n for n in names)
+    for name in names:
+        mean, count, weight = zip(*(step[name] for step in record.steps))
+        # one batch per bit per iteration before begin, none from begin on
+        assert count[1] - count[0] == 1 and count[3] == count[1]
+        assert not torch.equal(mean[0], mean[1])
+        torch.testing.assert_close(mean[3], mean[1], rtol=0, atol=0)
+    # the affine parameters still learn while the statistics are frozen
+    assert any(not torch.equal(step_1, step_3) for step_1, step_3 in zip(
+        (record.steps[1][n][2] for n in names),
+        (record.steps[3][n][2] for n in names)))
+
+
+@pytest.mark.parametrize('begin', [-1, 1.5, True, '0'])
+def test_bad_begin_names_the_value(begin):
+    with pytest.raises(ValueError, match=f'begin must be an int >= 0, got '
+                       f'{begin!r}'):
+        FreezeBNStatsHook(begin=begin)
+
+
+def test_begin_at_the_end_fails_before_training(tmp_path, small_classifier):
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    record = RecordBN()
+    runner = build_runner(tmp_path, model,
+                          [FreezeBNStatsHook(begin=4), record])
+    with pytest.raises(ValueError, match=r'begin=4 is not before the end of '
+                       r'training \(max_iters=4\)'):
+        runner.train()
+    assert record.steps == []
