@@ -26,8 +26,6 @@ class FreezeBNStatsHook(Hook):
             0) with frozen statistics.
     """
 
-    priority = 'NORMAL'
-
     def __init__(self, begin: int = 0):
         if isinstance(begin, bool) or not isinstance(begin, int) or begin < 0:
             raise ValueError(f'FreezeBNStatsHook begin must be an int >= 0, '

@@ -18,7 +18,8 @@ model = dict(
     architecture=dict(bbox_head=dict(
         norm_cfg=dict(type='GN', num_groups=8, requires_grad=True))),
     multi_level_norm=True,
-    head_distill=dict(target='logits', weight=1.0, temperature=2.0),
+    head_distill=dict(target='logits', weight=1.0, temperature=2.0,
+                      box_weight=0.5),
     bit_loss_weights={2: 2.0})
 optim_wrapper = dict(alrs_modules=['bbox_head'])
 """),
