@@ -130,6 +130,10 @@ ROWS = {
     # the QAT, then freeze
     'freeze_bn_stats_late': {task: SHIPPED + ['custom_hooks.0.begin=50']
                              for task in ('det', 'seg')},
+    # only the 2-bit BN copies' statistics update for the first half
+    'freeze_bn_stats_2bit_late': {
+        task: SHIPPED + ['custom_hooks.0.bit_begin.2=50']
+        for task in ('det', 'seg')},
     'freeze_bn_stats_late_long_qat': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT]),
     'freeze_bn_stats_bit_loss_weights': {

@@ -1,7 +1,8 @@
 """FreezeBNStatsHook on MMEngine's real Runner around the QAT wrapper of a
 real mmpretrain classifier: every bit's BN copies update their running
-statistics before ``begin`` and never after, also across a validation (which
-sets the model back to train mode), while their affine parameters learn."""
+statistics before ``begin`` (or their bit's ``bit_begin``) and never after,
+also across a validation (which sets the model back to train mode), while
+their affine parameters learn."""
 import uuid
 
 import pytest
@@ -50,10 +51,14 @@ class RecordBN(Hook):
             if isinstance(m, _BatchNorm)})
 
 
-def build_runner(tmp_path, model, hooks, max_iters=4, val_interval=1):
+def build_runner(tmp_path, model, hooks, max_iters=4, val_interval=1,
+                 validate=True):
     loader = dict(dataset=RandomImages(), batch_size=4, num_workers=0,
                   sampler=dict(type='DefaultSampler', shuffle=False),
                   collate_fn=dict(type='default_collate'))
+    validation = dict(
+        val_dataloader=loader, val_cfg=dict(type='mmdrq.MultiBitValLoop'),
+        val_evaluator=dict(type='mmpretrain.Accuracy')) if validate else {}
     return Runner(
         model=model, work_dir=str(tmp_path),
         experiment_name=f'freeze_{uuid.uuid4().hex}',
@@ -61,10 +66,8 @@ def build_runner(tmp_path, model, hooks, max_iters=4, val_interval=1):
         train_cfg=dict(by_epoch=False, max_iters=max_iters,
                        val_interval=val_interval),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-        val_dataloader=loader, val_cfg=dict(type='mmdrq.MultiBitValLoop'),
-        val_evaluator=dict(type='mmpretrain.Accuracy'),
         custom_hooks=hooks, default_hooks=dict(checkpoint=None),
-        default_scope='mmpretrain')
+        default_scope='mmpretrain', **validation)
 
 
 def test_statistics_freeze_at_begin_affine_keeps_learning(
@@ -91,11 +94,54 @@ def test_statistics_freeze_at_begin_affine_keeps_learning(
         (record.steps[3][n][2] for n in names)))
 
 
+def test_bit_begin_freezes_that_bits_copies_later(tmp_path,
+                                                  small_classifier):
+    torch.manual_seed(0)
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    record = RecordBN()
+    # a digit string, as --cfg-options gives the key
+    build_runner(tmp_path, model, [
+        FreezeBNStatsHook(begin=1, bit_begin={'4': 3}), record]).train()
+    counts = {name: [step[name][1] for step in record.steps]
+              for name in record.steps[0]}
+    eights = [c for n, c in counts.items() if '.bns.8.' in n + '.']
+    fours = [c for n, c in counts.items() if '.bns.4.' in n + '.']
+    assert eights and fours
+    # 8-bit copies: a batch at iteration 0 only; 4-bit ones at 0, 1 and 2
+    assert all(c == [c[0]] * 4 for c in eights)
+    assert all(c[1:] == [c[0] + 1, c[0] + 2, c[0] + 2] for c in fours)
+
+
 @pytest.mark.parametrize('begin', [-1, 1.5, True, '0'])
 def test_bad_begin_names_the_value(begin):
     with pytest.raises(ValueError, match=f'begin must be an int >= 0, got '
                        f'{begin!r}'):
         FreezeBNStatsHook(begin=begin)
+    with pytest.raises(ValueError, match=r"bit_begin\[4\] must be an int "
+                       f'>= 0, got {begin!r}'):
+        FreezeBNStatsHook(bit_begin={4: begin})
+
+
+@pytest.mark.parametrize('bit_begin, message', [
+    ({3: 1}, r'bit_begin key=3 is not one of the bits \[8, 4\]'),
+    ({4: 4}, r'bit_begin\[4\]=4 is not before the end of training'),
+    ('2:1', "bit_begin must be a dict {bit: iteration}, got '2:1'"),
+])
+def test_bad_bit_begin_fails_before_training(tmp_path, small_classifier,
+                                             bit_begin, message):
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4]))
+    record = RecordBN()
+    with pytest.raises(ValueError, match=message):
+        build_runner(tmp_path, model, [FreezeBNStatsHook(
+            bit_begin=bit_begin), record]).train()
+    assert record.steps == []
+
+
+def test_bit_begin_needs_bn_copies(tmp_path, small_classifier):
+    with pytest.raises(ValueError, match=r'bit_begin=\{2: 1\} needs per-bit '
+                       'BN copies .* ImageClassifier has none'):
+        build_runner(tmp_path, small_classifier(), [
+            FreezeBNStatsHook(bit_begin={2: 1})], validate=False).train()
 
 
 def test_begin_at_the_end_fails_before_training(tmp_path, small_classifier):
