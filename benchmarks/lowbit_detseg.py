@@ -136,6 +136,9 @@ ROWS = {
         for task in ('det', 'seg')},
     'freeze_bn_stats_late_long_qat': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT]),
+    'freeze_bn_stats_late_long_qat_bit_loss_weights': dict(
+        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
+                       'model.bit_loss_weights.2=2.0']),
     'freeze_bn_stats_bit_loss_weights': {
         task: SHIPPED + ['model.bit_loss_weights.2=2.0']
         for task in ('det', 'seg')},
