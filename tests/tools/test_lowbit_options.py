@@ -29,7 +29,8 @@ model = dict(head_distill=dict(target='logits', temperature=2.0),
              bit_loss_weights={2: 2.0, 4: 1.5},
              quantizer=dict(act_quantizer=dict(init_method='mse')))
 optim_wrapper = dict(alrs_modules=['decode_head'])
-custom_hooks = [dict(type='mmdrq.FreezeBNStatsHook', begin=1)]
+custom_hooks = [dict(type='mmdrq.FreezeBNStatsHook', begin=1,
+                     bit_begin={2: 2})]
 """),
 }
 
