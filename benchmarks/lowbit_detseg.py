@@ -71,30 +71,33 @@ BASELINE = [GN_LN_OFF, 'model.quantizer.act_quantizer.init_method=percentile',
 SHIPPED = [GN_LN_OFF, MSE_INIT]
 LONG_QAT = ['train_cfg.max_iters=300', 'param_scheduler.0.T_max=300',
             'default_hooks.checkpoint.interval=300']
+
+
+def both(options: list) -> dict:
+    """A row's options, the same for detection and segmentation."""
+    return dict(det=options, seg=options)
+
+
 HEAD_DISTILL = ['model.head_distill.target=logits',
                 'model.head_distill.weight=1.0']
 ROWS = {
-    'baseline': dict(det=BASELINE, seg=BASELINE),
+    'baseline': both(BASELINE),
     'switchable_norm': dict(
         det=['model.quantizer.switchable_gn_ln=True', *BASELINE[1:]]),
     'multi_level_norm': dict(
         det=BASELINE + ['model.multi_level_norm=True']),
-    'head_distill': {task: BASELINE + HEAD_DISTILL for task in ('det', 'seg')},
-    'bit_loss_weights': {
-        task: BASELINE + ['model.bit_loss_weights.2=2.0']
-        for task in ('det', 'seg')},
+    'head_distill': both(BASELINE + HEAD_DISTILL),
+    'bit_loss_weights': both(BASELINE + ['model.bit_loss_weights.2=2.0']),
     'alrs_heads': dict(
         det=BASELINE + ['optim_wrapper.alrs_modules=[bbox_head]'],
         seg=BASELINE + ['optim_wrapper.alrs_modules=[decode_head]']),
     # activation scales at the least quantization MSE (LSQ+), not the
     # 99.9th percentile over each bit's largest integer
-    'act_init_mse': {task: [GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED]
-                     for task in ('det', 'seg')},
+    'act_init_mse': both([GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED]),
     # act_init_mse and a quarter of the QAT learning rate (Adam 5e-5, not
     # 2e-4)
-    'act_init_mse_lr_low': {
-        task: [GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED,
-               'optim_wrapper.optimizer.lr=5e-5'] for task in ('det', 'seg')},
+    'act_init_mse_lr_low': both([GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED,
+                                 'optim_wrapper.optimizer.lr=5e-5']),
     # act_init_mse with switchable GN/LN
     'act_init_mse_gn_ln': dict(
         det=['model.quantizer.switchable_gn_ln=True', MSE_INIT,
@@ -107,47 +110,39 @@ ROWS = {
         seg=[GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED,
              'optim_wrapper.optimizer.lr=5e-5', *LONG_QAT]),
     # three times the QAT iterations, the cosine stretched to match
-    'long_qat': {task: BASELINE + LONG_QAT for task in ('det', 'seg')},
-    'act_init_mse_long_qat': {
-        task: [GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED, *LONG_QAT]
-        for task in ('det', 'seg')},
+    'long_qat': both(BASELINE + LONG_QAT),
+    'act_init_mse_long_qat': both([GN_LN_OFF, MSE_INIT, BN_STATS_UPDATED,
+                                   *LONG_QAT]),
     # act_init_mse and every BN's statistics frozen at the FP32 ones
     # (FreezeBNStatsHook): the configs as shipped
-    'freeze_bn_stats': {task: SHIPPED for task in ('det', 'seg')},
+    'freeze_bn_stats': both(SHIPPED),
     # freeze_bn_stats and one more change
     'freeze_bn_stats_gn_ln': dict(
         det=['model.quantizer.switchable_gn_ln=True', MSE_INIT]),
-    'freeze_bn_stats_head_distill': {task: SHIPPED + HEAD_DISTILL
-                                     for task in ('det', 'seg')},
+    'freeze_bn_stats_head_distill': both(SHIPPED + HEAD_DISTILL),
     # and the highest bit's box outputs as targets too (box_weight)
     'freeze_bn_stats_box_distill': dict(
         det=SHIPPED + HEAD_DISTILL + ['model.head_distill.box_weight=1.0']),
     'freeze_bn_stats_box_distill_5': dict(
         det=SHIPPED + HEAD_DISTILL + ['model.head_distill.box_weight=5.0']),
-    'freeze_bn_stats_long_qat': {task: SHIPPED + LONG_QAT
-                                 for task in ('det', 'seg')},
+    'freeze_bn_stats_long_qat': both(SHIPPED + LONG_QAT),
     # the statistics of every bit's BN copies update for the first half of
     # the QAT, then freeze
-    'freeze_bn_stats_late': {task: SHIPPED + ['custom_hooks.0.begin=50']
-                             for task in ('det', 'seg')},
+    'freeze_bn_stats_late': both(SHIPPED + ['custom_hooks.0.begin=50']),
     # only the 2-bit BN copies' statistics update for the first half
-    'freeze_bn_stats_2bit_late': {
-        task: SHIPPED + ['custom_hooks.0.bit_begin.2=50']
-        for task in ('det', 'seg')},
+    'freeze_bn_stats_2bit_late': both(
+        SHIPPED + ['custom_hooks.0.bit_begin.2=50']),
     'freeze_bn_stats_late_long_qat': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT]),
     'freeze_bn_stats_late_long_qat_bit_loss_weights': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
                        'model.bit_loss_weights.2=2.0']),
-    'freeze_bn_stats_bit_loss_weights': {
-        task: SHIPPED + ['model.bit_loss_weights.2=2.0']
-        for task in ('det', 'seg')},
+    'freeze_bn_stats_bit_loss_weights': both(
+        SHIPPED + ['model.bit_loss_weights.2=2.0']),
     # ALRS off (every bit's scales at the full lr) and adaptive
-    'freeze_bn_stats_alrs_off': {task: SHIPPED + ['optim_wrapper.mode=off']
-                                 for task in ('det', 'seg')},
-    'freeze_bn_stats_alrs_adaptive': {
-        task: SHIPPED + ['optim_wrapper.mode=adaptive']
-        for task in ('det', 'seg')},
+    'freeze_bn_stats_alrs_off': both(SHIPPED + ['optim_wrapper.mode=off']),
+    'freeze_bn_stats_alrs_adaptive': both(
+        SHIPPED + ['optim_wrapper.mode=adaptive']),
 }
 
 
