@@ -41,6 +41,13 @@ PROJECTIONS = (('q_proj', 'act_quantizer'), ('k_proj', 'key_act_quantizer'),
                ('v_proj', 'value_act_quantizer'))
 
 
+def placeholder(shape, generator: torch.Generator) -> torch.Tensor:
+    """A skeleton tensor the rewrite overwrites: values in [1, 2), distinct
+    from every other's (the exporter's optimizer merges equal small
+    initializers, after which one name would stand for several layers)."""
+    return torch.rand(shape, generator=generator) + 1
+
+
 class FlatLinear(nn.Linear):
     """A Linear on rows: the exporter emits ``Gemm`` on the named weight
     (on a 3-D input it emits a MatMul reading a folded, renamed
@@ -148,9 +155,8 @@ def stand_in(module: QuantLayer,
         embed = module.embed_dim
         for proj, _ in PROJECTIONS:
             linear = FlatLinear(embed, embed)
-            linear.weight.data = torch.rand(
-                linear.weight.shape, generator=generator) + 1
-            linear.bias.data = torch.rand(embed, generator=generator) + 1
+            linear.weight.data = placeholder(linear.weight.shape, generator)
+            linear.bias.data = placeholder(embed, generator)
             setattr(module, proj, linear)
         cls = type('AttentionStandIn',
                    (_AttentionProjections, type(module)), {})
@@ -169,7 +175,7 @@ def stand_in(module: QuantLayer,
     module.__class__ = cls
     if getattr(module, 'bias', None) is None and \
             not isinstance(module, MultiheadAttentionLayer):
-        module.bias = nn.Parameter(torch.rand(out, generator=generator) + 1)
+        module.bias = nn.Parameter(placeholder(out, generator))
     return module
 
 
@@ -201,18 +207,6 @@ def weight_parts(layers: Dict[str, QuantLayer]) -> Dict[str, Part]:
             parts[f'{PREFIX}{name}.weight'] = Part(
                 name, name, slice(None), module.act_quantizer)
     return parts
-
-
-def owner_reads(model: nn.Module) -> Dict[str, str]:
-    """Quantized layers whose weight an owner's own code reads
-    (``WeightReadingOwner``: BEiT's ``F.linear(x, self.qkv.weight)``) ->
-    the owner's name."""
-    found = {}
-    for owner, module in model.named_modules():
-        for child in getattr(module, 'mmdrq_weight_reads', ()):
-            found[f'{owner}.{child}' if owner else child] = \
-                owner or '(model)'
-    return found
 
 
 def emit(rewrite, node, part: Part) -> list:

@@ -43,9 +43,10 @@ from mmdrq.quantization.bitwidths import (check_bit, signed_range,
                                          unsigned_range)
 from mmdrq.quantization.deploy_numerics import (bn_affine, folded_bias,
                                                 weight_integers)
-from mmdrq.quantization.layers import BitSwitchable, QuantLayer
+from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
+                                       owner_weight_reads)
 from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
-                          owner_reads, stand_in, weight_parts)
+                          placeholder, stand_in, weight_parts)
 from .residual import add_residual_qdq, check_residual_mode
 
 OPSET = 20
@@ -80,11 +81,12 @@ def check_exportable(model: nn.Module):
                          'layers: export needs a converted model '
                          '(mmdrq.quantize_model or a MultiPrecisionQAT '
                          'config)')
-    read_by = owner_reads(model)
+    read_by = owner_weight_reads(model)
     for name, module in layers.items():
         reason = export_refusal(module)
         if name in read_by:
-            reason = (f'its weight is read by the code of {read_by[name]!r}'
+            reason = (f'its weight is read by the code of '
+                      f'{read_by[name] or "(model)"!r}'
                       ', which PyTorch feeds an FP input (the export cannot '
                       'tell that read apart)')
         if reason is not None:
@@ -194,21 +196,20 @@ def _float_skeleton(model: nn.Module) -> nn.Module:
             _replace(skeleton, name, norm)
     for module in skeleton.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            module.bias = nn.Parameter(torch.rand(
-                module.weight.shape[0], generator=generator) + 1)
+            module.bias = nn.Parameter(placeholder(module.weight.shape[0],
+                                                   generator))
     return skeleton
 
 
 def _placeholders(module: nn.Module, names, generator: torch.Generator):
-    """Distinct values for tensors the rewrite overwrites by name: the
-    exporter's optimizer merges equal small initializers (a fresh model's
-    BN weights, zero-initialised offset convs), after which one name stood
-    for several layers (a BN after a deformable conv got another BN's
+    """``placeholder`` values for the tensors ``names`` of ``module``: a
+    fresh model's equal BN weights or zero-initialised offset convs would
+    otherwise be merged (a BN after a deformable conv got another BN's
     statistics)."""
     for key in names:
         tensor = getattr(module, key, None)
         if isinstance(tensor, torch.Tensor):
-            tensor.data = torch.rand(tensor.shape, generator=generator) + 1
+            tensor.data = placeholder(tensor.shape, generator)
 
 
 class _GroupNormAffine(nn.Module):

@@ -1,6 +1,6 @@
 """Quantized Conv2d and Linear: drop-in subclasses of the torch layers."""
 import contextlib
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -243,6 +243,16 @@ def quantizers_ready(model: nn.Module, ignore=()) -> bool:
                for quantizer in module.quantizers())
 
 
+def owner_weight_reads(model: nn.Module) -> Dict[str, str]:
+    """Quantized layers whose weight an owner's own code reads
+    (``WeightReadingOwner.mmdrq_weight_reads``: BEiT's
+    ``F.linear(x, self.qkv.weight)``) -> the owner's name ('' for the
+    model itself)."""
+    return {f'{owner}.{child}' if owner else child: owner
+            for owner, module in model.named_modules()
+            for child in getattr(module, 'mmdrq_weight_reads', ())}
+
+
 @contextlib.contextmanager
 def recording_calls(model: nn.Module):
     """Yields the set of quantized layers' names whose forward runs in the
@@ -254,13 +264,12 @@ def recording_calls(model: nn.Module):
         lambda *args, name=name: called.add(name))
         for name, module in quantized_layers(model).items()]
     # an owner reading a layer's quantized weight directly uses the layer
-    layers = {id(m): n for n, m in quantized_layers(model).items()}
-    for module in model.modules():
-        used = {layers[id(module.get_submodule(child))]
-                for child in getattr(module, 'mmdrq_weight_reads', ())}
-        if used:
-            handles.append(module.register_forward_pre_hook(
-                lambda *args, used=used: called.update(used)))
+    used = {}
+    for layer, owner in owner_weight_reads(model).items():
+        used.setdefault(owner, set()).add(layer)
+    for owner, layers in used.items():
+        handles.append(model.get_submodule(owner).register_forward_pre_hook(
+            lambda *args, layers=layers: called.update(layers)))
     try:
         yield called
     finally:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mmdrq.quantization.graph import probe_forward
-from mmdrq.quantization.layers import quantized_layers
+from mmdrq.quantization.layers import owner_weight_reads, quantized_layers
 
 BUDGET_KINDS = ('avg_bits', 'bitops', 'size')
 
@@ -54,12 +54,8 @@ class _OwnerReads(TorchFunctionMode):
     def __init__(self, model, layers, costs):
         super().__init__()
         self.depth, self.costs = 0, costs
-        names = {id(m): n for n, m in layers.items()}
-        self.read = {}  # layer name -> layer, for every owner's reads
-        for module in model.modules():
-            for child in getattr(module, 'mmdrq_weight_reads', ()):
-                layer = module.get_submodule(child)
-                self.read[names[id(layer)]] = layer
+        # layer name -> layer, for every owner's reads
+        self.read = {name: layers[name] for name in owner_weight_reads(model)}
 
     def enter_layer(self, *args):
         self.depth += 1
