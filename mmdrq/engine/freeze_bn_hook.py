@@ -61,7 +61,7 @@ class FreezeBNStatsHook(Hook):
             int(bit) if isinstance(bit, str) and bit.isdigit() else bit:
             _check_begin(it, f'bit_begin[{bit!r}]')
             for bit, it in (bit_begin or {}).items()}
-        self._begins = {}
+        self._begins = []  # (BN layer, its first frozen iteration)
 
     def before_train(self, runner):
         bits = bn_copy_bits(runner.model)
@@ -73,8 +73,9 @@ class FreezeBNStatsHook(Hook):
         for bit in self.bit_begin:
             check_bit(bit, sorted(set(bits.values()), reverse=True),
                       'FreezeBNStatsHook bit_begin key')
-        self._begins = {bn: self.bit_begin[bit] for bn, bit in bits.items()
-                        if bit in self.bit_begin}
+        self._begins = [
+            (m, self.bit_begin.get(bits.get(m), self.begin))
+            for m in runner.model.modules() if isinstance(m, _BatchNorm)]
         for key, begin in [('begin', self.begin)] + [
                 (f'bit_begin[{b}]', it) for b, it in self.bit_begin.items()]:
             if begin >= runner.max_iters:
@@ -85,7 +86,6 @@ class FreezeBNStatsHook(Hook):
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         # the loop calls model.train() after every validation: set it again
-        for module in runner.model.modules():
-            if isinstance(module, _BatchNorm) and \
-                    runner.iter >= self._begins.get(module, self.begin):
+        for module, begin in self._begins:
+            if runner.iter >= begin:
                 module.eval()
