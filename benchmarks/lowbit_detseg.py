@@ -69,8 +69,16 @@ BASELINE = [GN_LN_OFF, 'model.quantizer.act_quantizer.init_method=percentile',
             BN_STATS_UPDATED]
 # the configs as shipped
 SHIPPED = [GN_LN_OFF, MSE_INIT]
-LONG_QAT = ['train_cfg.max_iters=300', 'param_scheduler.0.T_max=300',
-            'default_hooks.checkpoint.interval=300']
+
+
+def qat_iters(iters: int) -> list:
+    """``--cfg-options`` for ``iters`` QAT iterations, the cosine stretched
+    to match."""
+    return [f'train_cfg.max_iters={iters}', f'param_scheduler.0.T_max={iters}',
+            f'default_hooks.checkpoint.interval={iters}']
+
+
+LONG_QAT = qat_iters(300)
 
 
 def both(options: list) -> dict:
@@ -134,6 +142,15 @@ ROWS = {
         SHIPPED + ['custom_hooks.0.bit_begin.2=50']),
     'freeze_bn_stats_late_long_qat': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT]),
+    # six times the iterations, frozen from the middle
+    'freeze_bn_stats_late_longer_qat': dict(
+        det=SHIPPED + ['custom_hooks.0.begin=300', *qat_iters(600)]),
+    # each FPN level's own activation scales in the shared head
+    'freeze_bn_stats_level_act': dict(
+        det=SHIPPED + ['model.multi_level_act_scales=True']),
+    'freeze_bn_stats_late_long_qat_level_act': dict(
+        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
+                       'model.multi_level_act_scales=True']),
     'freeze_bn_stats_late_long_qat_bit_loss_weights': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
                        'model.bit_loss_weights.2=2.0']),

@@ -21,6 +21,7 @@ from torch import nn
 
 from mmdrq.quantization.deploy_numerics import container_integers
 from mmdrq.quantization.layers import QConv2d, QLinear, QuantLayer
+from mmdrq.quantization.per_level import EXPORT_REFUSAL, PerLevel
 from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
                                               DeformConvPackLayer,
                                               ModulatedDeformConvPackLayer,
@@ -123,6 +124,8 @@ def _deform_kind(module) -> Optional[str]:
 
 def export_refusal(module: QuantLayer) -> Optional[str]:
     """Why the export cannot express ``module`` (None: it can)."""
+    if isinstance(module.act_quantizer, PerLevel):
+        return EXPORT_REFUSAL
     if isinstance(module, (QConv2d, QLinear)):
         return None
     if type(module).__bases__[0] not in FORMS:

@@ -22,7 +22,7 @@ from mmdrq.quantization.meta import (check_quantizer_meta, decode_meta,
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from .head_distill import build_head_distill
-from .level_norm import to_level_norms
+from .multi_level import to_level_act_scales, to_level_norms
 from .pskd import PSKDTargets, soft_cross_entropy
 
 LOSS_MODES = ('per_bit', 'sum')
@@ -98,6 +98,10 @@ class MultiPrecisionQAT(BaseModel):
         multi_level_norm: give every norm of a single-stage detector's shared
             head one copy per FPN level (AQD's multi-level BN; see
             ``to_level_norms``).
+        multi_level_act_scales: give the input quantizer of every quantized
+            layer of that head one copy per FPN level (each bit's scale
+            per level; see ``to_level_act_scales``). ONNX export refuses
+            such a model.
         data_preprocessor: given to the architecture when its config has
             none (the Runner passes a config's top-level one here).
         compile: True or ``torch.compile`` options to compile the
@@ -122,6 +126,7 @@ class MultiPrecisionQAT(BaseModel):
                  head_distill: Optional[dict] = None,
                  bit_loss_weights: Optional[dict] = None,
                  multi_level_norm: bool = False,
+                 multi_level_act_scales: bool = False,
                  data_preprocessor: Optional[dict] = None,
                  compile: Union[bool, dict] = False,
                  init_cfg: Optional[dict] = None):
@@ -148,15 +153,20 @@ class MultiPrecisionQAT(BaseModel):
                 f"backward, and activation checkpointing (with_cp=True in "
                 f"{checkpointed[0]}) would recompute them all at the highest "
                 f"bit: set with_cp=False or loss_mode='per_bit'")
-        if not isinstance(multi_level_norm, bool):
-            raise ValueError(f'multi_level_norm must be True or False, got '
-                             f'{multi_level_norm!r}')
+        levels = dict(multi_level_norm=(multi_level_norm, to_level_norms),
+                      multi_level_act_scales=(multi_level_act_scales,
+                                              to_level_act_scales))
+        for key, (value, _) in levels.items():
+            if not isinstance(value, bool):
+                raise ValueError(f'{key} must be True or False, got '
+                                 f'{value!r}')
         quantize_model(architecture, dict(quantizer or {}))
-        if multi_level_norm:
-            rows = to_level_norms(architecture)
-            architecture.mmdrq_report += rows
-            print_log('mmdrq multi-level norms:\n' + '\n'.join(
-                ' | '.join(r) for r in rows), logger='current')
+        for key, (value, convert) in levels.items():
+            if value:
+                rows = convert(architecture)
+                architecture.mmdrq_report += rows
+                print_log(f'mmdrq {key}:\n' + '\n'.join(
+                    ' | '.join(r) for r in rows), logger='current')
         if transitional_bn is not None:
             shape = tuple(transitional_bn['input_shape'])
             rows = to_transitional(architecture, lambda m: m(

@@ -28,6 +28,7 @@ from .bitwidths import signed_range
 from .functional import quantize_int, requantize
 from .graph import conv_bn_pairs
 from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
+from .per_level import EXPORT_REFUSAL, PerLevel
 
 # ONNX's int8/uint8 containers: a b-bit integer is held as q * 2**(8 - b)
 CONTAINER_BIT = 8
@@ -184,6 +185,10 @@ def deploy_numerics(model: nn.Module,
         raise RuntimeError('deploy_numerics is for evaluation: call '
                            'model.eval() first')
     modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if isinstance(getattr(module, 'act_quantizer', None), PerLevel):
+            raise ValueError(f'deploy numerics: layer {name!r}: '
+                             f'{EXPORT_REFUSAL}')
     pairs = conv_bn_pairs(model, run_forward)
     numerics = _Numerics(pairs, modules)
     patched = []

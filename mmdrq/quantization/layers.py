@@ -10,6 +10,7 @@ from mmengine.registry import DefaultScope
 
 from mmdrq.registry import MODELS
 from .bitwidths import check_bit, check_bits
+from .per_level import PerLevel, last_called
 
 
 def build_in_scope(cfg: dict) -> nn.Module:
@@ -128,10 +129,12 @@ class QuantLayer(BitSwitchable):
             self._swapped_weight = None
 
     def quantizers(self) -> list:
-        """This layer's own quantizers (not those of quantized children)."""
+        """This layer's own quantizers (not those of quantized children),
+        each level's copy of a ``PerLevel`` one."""
         from .learned_scale import LearnedScaleQuantizer
-        return [m for m in self.children()
-                if isinstance(m, LearnedScaleQuantizer)]
+        parts = [copy_ for m in self.children() for copy_ in
+                 (m.levels if isinstance(m, PerLevel) else (m, ))]
+        return [m for m in parts if isinstance(m, LearnedScaleQuantizer)]
 
     def _quantize_weight(self) -> torch.Tensor:
         return self.from_channel_major(
@@ -192,7 +195,8 @@ class QuantLayer(BitSwitchable):
         bit = self.bit
         recipes = {}
         if x_q is not x:
-            recipes[_tensor_key(x_q)] = (self.act_quantizer, x)
+            act = last_called(self.act_quantizer)  # PerLevel: this call's
+            recipes[_tensor_key(x_q)] = (act, x)
         # a weight shared between bits (``shared_rounding``) is kept anyway
         if w_q is not self.weight and \
                 not getattr(self.weight_quantizer, 'sharing', False):

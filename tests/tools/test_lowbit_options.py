@@ -18,6 +18,7 @@ model = dict(
     architecture=dict(bbox_head=dict(
         norm_cfg=dict(type='GN', num_groups=8, requires_grad=True))),
     multi_level_norm=True,
+    multi_level_act_scales=True,
     head_distill=dict(target='logits', weight=1.0, temperature=2.0,
                       box_weight=0.5),
     bit_loss_weights={2: 2.0})
@@ -45,7 +46,9 @@ def test_options_train_and_reload(name, data, tmp_path):
     _, log = run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir',
                       work, *options)
     if name == 'retinanet':
-        assert 'mmdrq multi-level norms' in log
+        assert 'mmdrq multi_level_norm:' in log
+        assert ('bbox_head.reg_convs.0.conv.act_quantizer | ActQuantizer | '
+                'activation scales per FPN level (5)') in log
         assert 'switchable norm (follows bbox_head.cls_convs.0.conv)' in log
     assert _logged(log, 'loss_distill@w8a8') == []
     for bit in BITS[1:]:
