@@ -46,13 +46,20 @@ TASKS = {
                      'configs/detection/fcos_r18_gn-head_drq-8642_real.py'),
         # COCO mAP is 0..1: shown in points
         metric='coco/bbox_mAP', scale=100.0,
-        write=write_real_detection, data='real_det'),
+        write=write_real_detection, data='real_det',
+        # the recommended config: the QAT config with this row's options
+        recommended=('configs/detection/'
+                     'fcos_r18_gn-head_drq-8642_300iters_real.py',
+                     'freeze_bn_stats_late_long_qat')),
     'seg': dict(
         name='segmentation: FCN-R18-D8, mIoU',
         fp32=osp.join(ROOT, 'configs/segmentation/fcn_r18-d8_fp32_real.py'),
         qat=osp.join(ROOT, 'configs/segmentation/fcn_r18-d8_drq-8642_real.py'),
         metric='mIoU', scale=1.0,
-        write=write_real_segmentation, data='real_seg'),
+        write=write_real_segmentation, data='real_seg',
+        recommended=('configs/segmentation/'
+                     'fcn_r18-d8_drq-8642_300iters_real.py',
+                     'freeze_bn_stats_long_qat')),
 }
 
 # One row per method option (docs/lowbit.md), each one change from the
@@ -394,9 +401,11 @@ def table(results: dict) -> str:
              'load of the machine. Controls: the FP32 checkpoint trained on '
              'as the QAT is (Adam 2e-4, frozen BN statistics) for 100 '
              '(`fp32_trained_on`) or 300 (`_long`) iterations.\n']
-    for content in results.values():
+    for task, content in results.items():
         fp = content['fp32']
+        config, row = TASKS[task]['recommended']
         lines += [f'\n## {content["name"]}\n',
+                  f'The recommended config, `{config}`, is row `{row}`.\n',
                   f'FP32: {fp["mean"]:.1f} ± {fp["std"]:.1f} (seeds '
                   f'{sorted(fp["values"])})\n',
                   *(f'control {name}: {c["mean"]:.1f} ± {c["std"]:.1f} '

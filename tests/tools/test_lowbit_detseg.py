@@ -251,3 +251,42 @@ def test_controls_collect_merge_and_show(tmp_path):
         bench.cell({0: 83.0, 2: 3.0}), options=options)}
     assert 'control fp32_trained_on: 43.0 ± 56.6 (seeds [0, 2])' in \
         bench.table(merged)
+
+
+def _lookup(cfg, key: str):
+    """The value at a ``--cfg-options`` key (``a.0.b``), or None if the
+    config does not set it."""
+    for part in key.split('.'):
+        if isinstance(cfg, list):
+            cfg = cfg[int(part)]
+        elif isinstance(cfg, dict) and part in cfg:
+            cfg = cfg[part]
+        else:
+            return None
+    return cfg
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+def test_recommended_config_is_its_benchmark_row(task):
+    """The row the table names for the recommended config measures that
+    config: the config holds each of the row's options (but those it does
+    not set, which do nothing there, as switchable_gn_ln=False on FCN,
+    which has no GN/LN), and the QAT config with the row's options is the
+    recommended config with them."""
+    from mmengine.config import Config, DictAction
+    bench = _benchmark()
+    config, row = bench.TASKS[task]['recommended']
+    options = {key: DictAction._parse_iterable(value) for key, value in (
+        option.split('=', 1) for option in bench.ROWS[row][task])}
+    shipped = Config.fromfile(osp.join(ROOT, config)).to_dict()
+    for key, value in options.items():
+        assert _lookup(shipped, key) in (None, value), key
+    configs = []
+    for path in (bench.TASKS[task]['qat'], osp.join(ROOT, config)):
+        cfg = Config.fromfile(path)
+        cfg.merge_from_dict(options)
+        cfg = cfg.to_dict()
+        # a variable of the config files, not a key any part reads
+        cfg.pop('max_iters')
+        configs.append(cfg)
+    assert configs[0] == configs[1]
