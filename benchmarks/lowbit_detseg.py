@@ -149,6 +149,11 @@ ROWS = {
         SHIPPED + ['custom_hooks.0.bit_begin.2=50']),
     'freeze_bn_stats_late_long_qat': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT]),
+    # the statistics frozen at iteration 150 are a running average over
+    # about 100 batches (BN momentum 0.01), not the last 10 (0.1)
+    'freeze_bn_stats_late_long_qat_slow_bn_stats': dict(
+        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
+                       'model.architecture.backbone.norm_cfg.momentum=0.01']),
     # six times the iterations, frozen from the middle
     'freeze_bn_stats_late_longer_qat': dict(
         det=SHIPPED + ['custom_hooks.0.begin=300', *qat_iters(600)]),
@@ -186,7 +191,8 @@ def _trained_on(iters: int) -> list:
 # Controls: the FP32 model trained on as the QAT rows are, so a QAT bit above
 # FP32 can be told from the extra training (each a FP32 metric per seed)
 CONTROLS = {'fp32_trained_on': _trained_on(100),
-            'fp32_trained_on_long': _trained_on(300)}
+            'fp32_trained_on_long': _trained_on(300),
+            'fp32_trained_on_longer': _trained_on(600)}
 
 
 def data_options(task: str, root: str):
@@ -400,7 +406,8 @@ def table(results: dict) -> str:
              'wall seconds of one QAT tools/train.py, which vary with the '
              'load of the machine. Controls: the FP32 checkpoint trained on '
              'as the QAT is (Adam 2e-4, frozen BN statistics) for 100 '
-             '(`fp32_trained_on`) or 300 (`_long`) iterations.\n']
+             '(`fp32_trained_on`), 300 (`_long`) or 600 (`_longer`) '
+             'iterations.\n']
     for task, content in results.items():
         fp = content['fp32']
         config, row = TASKS[task]['recommended']
