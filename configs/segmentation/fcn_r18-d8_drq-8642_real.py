@@ -7,6 +7,10 @@
 #         --cfg-options load_from=work_dirs/fcn_r18-d8_fp32_real/iter_1000.pth
 #     python tools/test.py configs/segmentation/fcn_r18-d8_drq-8642_real.py \
 #         work_dirs/fcn_r18-d8_drq-8642_real/iter_100.pth
+#
+# 100 iterations: the base of the low-bit benchmark's rows.
+# fcn_r18-d8_drq-8642_300iters_real.py trains three times as long,
+# the recommended schedule (docs/lowbit.md).
 _base_ = ['./fcn_r18-d8_fp32_real.py', '../_base_/mmdrq_qat.py']
 
 model = dict(
