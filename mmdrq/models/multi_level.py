@@ -38,15 +38,16 @@ def _shared_head(architecture: nn.Module, option: str):
 def _split(head: nn.Module, names: list, levels: int, what: str) -> list:
     """Replace each named module of ``head`` by a ``PerLevel`` of it;
     returns conversion-table rows."""
-    rows = []
+    rows, split = [], []
     for child in names:
         parent_name, _, attr = child.rpartition('.')
         parent = head.get_submodule(parent_name)
         module = getattr(parent, attr)
-        setattr(parent, attr, PerLevel(module, levels))
+        split.append(PerLevel(module, levels))
+        setattr(parent, attr, split[-1])
         rows.append((f'bbox_head.{child}', type(module).__name__,
                      f'{what} per FPN level ({levels})'))
-    restart_levels_each_forward(head)
+    restart_levels_each_forward(head, split)
     return rows
 
 

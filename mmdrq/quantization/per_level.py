@@ -54,17 +54,18 @@ def last_called(module: nn.Module) -> nn.Module:
 
 
 def _restart(head: nn.Module, args):
-    for module in head.modules():
-        if isinstance(module, PerLevel):
-            module.calls = 0
+    for module in head._mmdrq_per_level:
+        module.calls = 0
 
 
-def restart_levels_each_forward(head: nn.Module):
-    """Restart the level count of ``head``'s ``PerLevel`` modules at each
-    head forward (registered once per head)."""
-    if not getattr(head, '_mmdrq_levels_restart', False):
+def restart_levels_each_forward(head: nn.Module, modules: list):
+    """Restart the level count of ``modules`` (``PerLevel`` modules of
+    ``head``) at each head forward: one pre-hook per head, over the list of
+    its ``PerLevel`` modules, not a search of the head at every forward."""
+    if not hasattr(head, '_mmdrq_per_level'):
+        head._mmdrq_per_level = []
         head.register_forward_pre_hook(_restart)
-        head._mmdrq_levels_restart = True
+    head._mmdrq_per_level.extend(modules)
 
 
 # why ONNX export and deploy numerics refuse a layer whose input quantizer

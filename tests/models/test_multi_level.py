@@ -144,7 +144,7 @@ class _SharedConvHead(torch.nn.Module):
         self.conv = QConv2d.from_float(torch.nn.Conv2d(3, 4, 3, padding=1),
                                        BITS)
         self.conv.act_quantizer = PerLevel(self.conv.act_quantizer, levels)
-        restart_levels_each_forward(self)
+        restart_levels_each_forward(self, [self.conv.act_quantizer])
 
     def forward(self, feats):
         return [self.conv(x) for x in feats]
