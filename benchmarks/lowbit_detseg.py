@@ -166,6 +166,19 @@ ROWS = {
     'freeze_bn_stats_late_long_qat_bit_loss_weights': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
                        'model.bit_loss_weights.2=2.0']),
+    # the weight scales keep their init (lr 0): in the recommended row they
+    # grow 10 to 45% (the high bits' steps), which leaves 70 to 90% of the
+    # 2-bit weights at 0
+    'freeze_bn_stats_late_long_qat_fixed_weight_scales': dict(
+        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
+                       'optim_wrapper.paramwise_cfg.custom_keys.'
+                       'weight_quantizer.lr_mult=0.0']),
+    # no weight decay: Adam's L2 term, taken four times per iteration (once
+    # per bit), shrinks the weights of layers with small gradients (FPN
+    # convs to a fifth in 300 iterations)
+    'freeze_bn_stats_late_long_qat_no_weight_decay': dict(
+        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
+                       'optim_wrapper.optimizer.weight_decay=0.0']),
     'freeze_bn_stats_bit_loss_weights': both(
         SHIPPED + ['model.bit_loss_weights.2=2.0']),
     # ALRS off (every bit's scales at the full lr) and adaptive
