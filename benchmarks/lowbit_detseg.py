@@ -397,17 +397,32 @@ def merge(old: dict, new: dict) -> dict:
     return merged
 
 
+def differences(values: dict, reference: dict) -> list:
+    """``values[s] - reference[s]`` over the seeds both have (a row may
+    have fewer seeds than its reference)."""
+    return [values[s] - reference[s] for s in values if s in reference]
+
+
 def gain(rows: dict, row: str) -> str:
-    """Mean w2a2 difference of ``row`` to the baseline over the seeds both
-    have (a row may have fewer seeds than the baseline)."""
+    """Mean w2a2 difference of ``row`` to the baseline, seed by seed."""
     if row == 'baseline' or 'baseline' not in rows:
         return '-'
     low = str(min(BITS))
-    mine, base = rows[row][low]['values'], rows['baseline'][low]['values']
-    seeds = [seed for seed in mine if seed in base]
-    if not seeds:
+    diffs = differences(rows[row][low]['values'],
+                        rows['baseline'][low]['values'])
+    return f'{statistics.mean(diffs):+.1f}' if diffs else '-'
+
+
+def below_fp32(content: dict, row: str) -> str:
+    """w2a2 minus the FP32 checkpoint it started from, seed by seed: mean
+    ± sample std (the goals' measure; pairing removes the spread between
+    the seeds' FP32 checkpoints)."""
+    diffs = differences(content['rows'][row][str(min(BITS))]['values'],
+                        content['fp32']['values'])
+    if not diffs:
         return '-'
-    return f'{statistics.mean(mine[s] - base[s] for s in seeds):+.1f}'
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return f'{statistics.mean(diffs):+.1f} ± {spread:.1f}'
 
 
 def table(results: dict) -> str:
@@ -420,7 +435,8 @@ def table(results: dict) -> str:
              'load of the machine. Controls: the FP32 checkpoint trained on '
              'as the QAT is (Adam 2e-4, frozen BN statistics) for 100 '
              '(`fp32_trained_on`), 300 (`_long`) or 600 (`_longer`) '
-             'iterations.\n']
+             'iterations. w2a2 - FP32: each seed\'s w2a2 minus the FP32 '
+             'checkpoint it started from, mean ± sample std.\n']
     for task, content in results.items():
         fp = content['fp32']
         config, row = TASKS[task]['recommended']
@@ -432,13 +448,15 @@ def table(results: dict) -> str:
                     f'(seeds {sorted(c["values"])})\n'
                     for name, c in content.get('controls', {}).items()),
                   '| row | seeds | ' + ' | '.join(f'w{b}a{b}' for b in BITS)
-                  + ' | w2a2 vs baseline | QAT s/run | options |',
-                  '|---' * (len(BITS) + 5) + '|']
+                  + ' | w2a2 - FP32 | w2a2 vs baseline | QAT s/run | '
+                  'options |',
+                  '|---' * (len(BITS) + 6) + '|']
         for row, cells in content['rows'].items():
             bits = ' | '.join(f'{cells[str(b)]["mean"]:.1f} ± '
                               f'{cells[str(b)]["std"]:.1f}' for b in BITS)
             options = ' '.join(f'`{o}`' for o in cells['options'])
             lines.append(f'| {row} | {len(cells["seeds"])} | {bits} | '
+                         f'{below_fp32(content, row)} | '
                          f'{gain(content["rows"], row)} | '
                          f'{cells["seconds"]:.0f} | {options} |')
     return '\n'.join(lines) + '\n'

@@ -158,7 +158,9 @@ def test_benchmark_runs_and_writes_table_and_json(tmp_path):
     assert f'FP32: {seg["fp32"]["mean"]:.1f} ± 0.0 (seeds [0])' in text
     line = next(li for li in text.splitlines() if li.startswith('| baseline'))
     assert line.startswith(f'| baseline | 1 | {row["8"]["mean"]:.1f} ± 0.0 |')
-    assert f'| {row["2"]["mean"]:.1f} ± 0.0 |' in line
+    below = row['2']['mean'] - seg['fp32']['mean']
+    assert f'| {row["2"]["mean"]:.1f} ± 0.0 | {below:+.1f} ± 0.0 | - |' \
+        in line
     assert text in log
 
     stamp = os.path.getmtime(work / 'baseline' / 'train.log')
