@@ -179,6 +179,15 @@ ROWS = {
     'freeze_bn_stats_late_long_qat_no_weight_decay': dict(
         det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
                        'optim_wrapper.optimizer.weight_decay=0.0']),
+    # the weight scale's exact gradient: each bit's keeps the 2**d of
+    # s * 2**d (64 at 2 bits of 8), so the low bits pull the shared scale
+    # harder
+    'freeze_bn_stats_late_long_qat_exact_scale_grad': dict(
+        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
+                       'model.quantizer.weight_quantizer.scale_grad=exact']),
+    'freeze_bn_stats_late_long_qat_head_distill': dict(
+        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
+                       *HEAD_DISTILL]),
     'freeze_bn_stats_bit_loss_weights': both(
         SHIPPED + ['model.bit_loss_weights.2=2.0']),
     # ALRS off (every bit's scales at the full lr) and adaptive
