@@ -93,6 +93,9 @@ def both(options: list) -> dict:
     return dict(det=options, seg=options)
 
 
+# the recommended detection config's row: 300 iterations, BN statistics
+# frozen from the middle
+LATE_LONG_QAT = SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT]
 HEAD_DISTILL = ['model.head_distill.target=logits',
                 'model.head_distill.weight=1.0']
 ROWS = {
@@ -147,13 +150,12 @@ ROWS = {
     # only the 2-bit BN copies' statistics update for the first half
     'freeze_bn_stats_2bit_late': both(
         SHIPPED + ['custom_hooks.0.bit_begin.2=50']),
-    'freeze_bn_stats_late_long_qat': dict(
-        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT]),
+    'freeze_bn_stats_late_long_qat': dict(det=LATE_LONG_QAT),
     # the statistics frozen at iteration 150 are a running average over
     # about 100 batches (BN momentum 0.01), not the last 10 (0.1)
     'freeze_bn_stats_late_long_qat_slow_bn_stats': dict(
-        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
-                       'model.architecture.backbone.norm_cfg.momentum=0.01']),
+        det=LATE_LONG_QAT + [
+            'model.architecture.backbone.norm_cfg.momentum=0.01']),
     # six times the iterations, frozen from the middle
     'freeze_bn_stats_late_longer_qat': dict(
         det=SHIPPED + ['custom_hooks.0.begin=300', *qat_iters(600)]),
@@ -161,33 +163,28 @@ ROWS = {
     'freeze_bn_stats_level_act': dict(
         det=SHIPPED + ['model.multi_level_act_scales=True']),
     'freeze_bn_stats_late_long_qat_level_act': dict(
-        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
-                       'model.multi_level_act_scales=True']),
+        det=LATE_LONG_QAT + ['model.multi_level_act_scales=True']),
     'freeze_bn_stats_late_long_qat_bit_loss_weights': dict(
-        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
-                       'model.bit_loss_weights.2=2.0']),
+        det=LATE_LONG_QAT + ['model.bit_loss_weights.2=2.0']),
     # the weight scales keep their init (lr 0): in the recommended row they
-    # grow 10 to 45% (the high bits' steps), which leaves 70 to 90% of the
-    # 2-bit weights at 0
+    # grow 10 to 45% (the high bits' steps), which leaves half to 90% of
+    # the 2-bit weights at 0
     'freeze_bn_stats_late_long_qat_fixed_weight_scales': dict(
-        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
-                       'optim_wrapper.paramwise_cfg.custom_keys.'
-                       'weight_quantizer.lr_mult=0.0']),
+        det=LATE_LONG_QAT + ['optim_wrapper.paramwise_cfg.custom_keys.'
+                             'weight_quantizer.lr_mult=0.0']),
     # no weight decay: Adam's L2 term, taken four times per iteration (once
     # per bit), shrinks the weights of layers with small gradients (FPN
     # convs to a fifth in 300 iterations)
     'freeze_bn_stats_late_long_qat_no_weight_decay': dict(
-        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
-                       'optim_wrapper.optimizer.weight_decay=0.0']),
+        det=LATE_LONG_QAT + ['optim_wrapper.optimizer.weight_decay=0.0']),
     # the weight scale's exact gradient: each bit's keeps the 2**d of
     # s * 2**d (64 at 2 bits of 8), so the low bits pull the shared scale
     # harder
     'freeze_bn_stats_late_long_qat_exact_scale_grad': dict(
-        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
-                       'model.quantizer.weight_quantizer.scale_grad=exact']),
+        det=LATE_LONG_QAT + [
+            'model.quantizer.weight_quantizer.scale_grad=exact']),
     'freeze_bn_stats_late_long_qat_head_distill': dict(
-        det=SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT,
-                       *HEAD_DISTILL]),
+        det=LATE_LONG_QAT + HEAD_DISTILL),
     'freeze_bn_stats_bit_loss_weights': both(
         SHIPPED + ['model.bit_loss_weights.2=2.0']),
     # ALRS off (every bit's scales at the full lr) and adaptive

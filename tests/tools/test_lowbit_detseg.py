@@ -215,6 +215,20 @@ def test_merge_keeps_earlier_runs_of_the_same_fp32():
     assert bench.merge(merged, merged) == merged
 
 
+def test_w2a2_minus_fp32_pairs_each_seed_with_its_checkpoint():
+    """The table's w2a2 - FP32 cell: differences seed by seed over the
+    seeds both have, mean and sample std; '-' with none in common."""
+    bench = _benchmark()
+    fp = bench.cell({0: 50.0, 1: 40.0, 2: 20.0})
+    rows = dict(
+        two={str(b): bench.cell({0: 48.0, 2: 25.0}) for b in bench.BITS},
+        other={str(b): bench.cell({7: 1.0}) for b in bench.BITS})
+    content = dict(fp32=fp, rows=rows)
+    # -2 and +5: mean +1.5, sample std 4.95 (unpaired means: -0.2)
+    assert bench.below_fp32(content, 'two') == '+1.5 ± 4.9'
+    assert bench.below_fp32(content, 'other') == '-'
+
+
 def test_controls_collect_merge_and_show(tmp_path):
     """A control counts for a seed when its run started from that seed's
     FP32 checkpoint with the control's options; earlier controls merge like
