@@ -427,8 +427,8 @@ def below_fp32(content: dict, row: str) -> str:
                         content['fp32']['values'])
     if not diffs:
         return '-'
-    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    return f'{statistics.mean(diffs):+.1f} ± {spread:.1f}'
+    mean, spread = summarize(diffs)
+    return f'{mean:+.1f} ± {spread:.1f}'
 
 
 def table(results: dict) -> str:

@@ -43,8 +43,9 @@ def _split(head: nn.Module, names: list, levels: int, what: str) -> list:
         parent_name, _, attr = child.rpartition('.')
         parent = head.get_submodule(parent_name)
         module = getattr(parent, attr)
-        split.append(PerLevel(module, levels))
-        setattr(parent, attr, split[-1])
+        per_level = PerLevel(module, levels)
+        setattr(parent, attr, per_level)
+        split.append(per_level)
         rows.append((f'bbox_head.{child}', type(module).__name__,
                      f'{what} per FPN level ({levels})'))
     restart_levels_each_forward(head, split)
