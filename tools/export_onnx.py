@@ -1,17 +1,23 @@
-"""Export a trained mmdrq model to ONNX (QDQ form), one file per bit.
+"""Export a trained mmdrq model to ONNX (QDQ form): one artifact, every bit.
 
     python tools/export_onnx.py CONFIG CKPT --out-dir DIR [--bits 8 4 2]
         [--subnet s.json ...] [--input-shape 1 3 224 224]
+        [--layout single|per_bit] [--overwrite]
         [--target onnxruntime|tensorrt] [--residual-qdq none|calibrated]
         [--calib-batches 4] [--fp-weights float32|float16|int8]
         [--cfg-options k=v ...]
 
 CKPT is an MMEngine checkpoint of the converted model or an integer file
 (tools/export_int.py). Each bit's weights are the stored INT-h integers
-after the second rounding, in int8 initializers; DIR receives
-``w<b>a<b>.onnx`` per bit, ``<subnet>.onnx`` per SubNet and ``meta.json``.
-The graph input is the tensor after the model's data preprocessor, with a
-dynamic batch; the outputs are the model's ``mode='tensor'`` outputs.
+after the second rounding, in int8 initializers. DIR receives
+``model.onnx`` (the graph with the stored integers), a small
+``<setting>.npz`` of float values per other bit or SubNet (their integers
+are derived from the stored ones when a session is made) and ``meta.json``
+with every file's SHA-256; ``--layout per_bit`` writes a full
+``<setting>.onnx`` per setting instead. DIR is written beside and swapped
+in. The graph input is the tensor after the model's data preprocessor
+(batch, height and width dynamic where the model allows); the outputs are
+the model's ``mode='tensor'`` outputs.
 ``--target tensorrt`` writes int8-only Q/DQ (see docs/deploy.md).
 ``--residual-qdq calibrated`` quantizes the residual adds at 8 bits with
 scales from ``--calib-batches`` training batches (test pipeline), so ONNX
@@ -25,10 +31,11 @@ import os.path as osp
 from mmengine.config import DictAction
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
-from mmdrq.deploy.folder import check_out_dir
+from mmdrq.deploy.folder import LAYOUTS, check_out_dir
 from mmdrq.deploy.onnx_export import FP_WEIGHTS
 from mmdrq.deploy.pipeline import (calibration_batches, checkpoint_info,
-                                   export_to_folder, load_for_export)
+                                   export_to_folder, load_for_export,
+                                   test_input_shape)
 from mmdrq.deploy.residual import RESIDUAL_MODES
 from mmdrq.search.subnet import load_subnet
 from mmdrq.quantization import model_bits
@@ -44,7 +51,18 @@ def main():
     parser.add_argument('--subnet', nargs='+', default=[],
                         help='SubNet JSON files (layer_bits) to export')
     parser.add_argument('--input-shape', type=int, nargs=4,
-                        default=[1, 3, 224, 224], metavar=('N', 'C', 'H', 'W'))
+                        metavar=('N', 'C', 'H', 'W'),
+                        help='example input of the export (default: the '
+                        'first test batch through the config\'s pipeline); '
+                        'batch, height and width stay dynamic where the '
+                        'model allows it')
+    parser.add_argument('--layout', default='single', choices=LAYOUTS,
+                        help='single: one graph with the stored integers, '
+                        'every bit derived at load; per_bit: a full file '
+                        'per bit or SubNet, for runtimes that need one')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an export of another model in '
+                        '--out-dir')
     parser.add_argument('--target', default='onnxruntime',
                         choices=['onnxruntime', 'tensorrt'])
     parser.add_argument('--residual-qdq', default='none',
@@ -63,28 +81,33 @@ def main():
     if args.calib_batches < 1:
         parser.error(f'--calib-batches must be >= 1, got '
                      f'{args.calib_batches}')
-    check_out_dir(args.out_dir)
+    check_out_dir(args.out_dir, overwrite=args.overwrite)
     subnets = {osp.splitext(osp.basename(p))[0]: load_subnet(p)
                for p in args.subnet}
     cfg, model = load_for_export(args.config, args.checkpoint,
                                  args.cfg_options)
+    input_shape = args.input_shape or test_input_shape(cfg, model)
     calibration = None
     if args.residual_qdq == 'calibrated':
         calibration = calibration_batches(cfg, model, args.calib_batches,
-                                          args.input_shape)
+                                          input_shape)
     bits = args.bits if args.bits is not None else \
         ([] if subnets else list(model_bits(model)))
     meta = export_to_folder(model, args.out_dir, bits, subnets,
-                            args.input_shape,
+                            input_shape,
                             info=checkpoint_info(args.config, args.checkpoint),
                             target=args.target,
                             residual_qdq=args.residual_qdq,
                             calibration=calibration,
-                            fp_weights=args.fp_weights)
-    for entry in meta['exports']:
-        size = osp.getsize(osp.join(args.out_dir, entry['file']))
-        print(f'{entry["file"]}: {size:,} bytes, largest |ORT - PyTorch| on '
-              f'a random input {entry["probe_max_abs_diff"]:.3g}')
+                            fp_weights=args.fp_weights, layout=args.layout,
+                            overwrite=args.overwrite)
+    for entry in meta['settings']:
+        print(f'{entry["name"]}: largest |ORT - PyTorch| on a random input '
+              f'{entry["probe_max_abs_diff"]:.3g}')
+    total = sum(osp.getsize(osp.join(args.out_dir, f)) for f in meta['files'])
+    print(f'{args.out_dir}: {len(meta["settings"])} settings in '
+          f'{len(meta["files"]) + 1} files, {total:,} bytes; input '
+          f'{meta["input_dims"]} (None: dynamic)')
 
 
 if __name__ == '__main__':

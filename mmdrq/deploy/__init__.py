@@ -1,8 +1,7 @@
 """Deployment: per-bit ONNX QDQ export and ONNX Runtime sessions."""
-from .folder import read_meta
+from mmdrq_runtime import SwitchableSession, make_session, read_meta
 from .onnx_export import OnnxExporter, check_bits_setting, check_exportable
 from .pipeline import export_to_folder, load_for_export
-from .runtime import SwitchableSession, make_session
 
 __all__ = [
     'OnnxExporter', 'SwitchableSession', 'check_bits_setting',

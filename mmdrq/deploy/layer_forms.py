@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from onnx import helper
 from torch import nn
 
-from mmdrq.quantization.deploy_numerics import container_integers
+from mmdrq.quantization.integers import container_integers, second_rounding
 from mmdrq.quantization.layers import QConv2d, QLinear, QuantLayer
 from mmdrq.quantization.per_level import EXPORT_REFUSAL, PerLevel
 from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
@@ -219,7 +219,7 @@ def emit(rewrite, node, part: Part) -> list:
     it), the input through Q/DQ. Returns the nodes to put before it."""
     module = rewrite.modules[part.layer]
     bit = rewrite.layer_bits[part.layer]
-    prefix = f'{part.key}@w{bit}'
+    prefix = part.key  # one name at every bit
     q, scale = _bit_integers(module, bit, part.rows)
     factor, shift = rewrite._fold(part.key, len(scale))
     bias = _bias(module, part.rows, len(scale))
@@ -227,8 +227,8 @@ def emit(rewrite, node, part: Part) -> list:
                      (bias * factor + shift).float().numpy())
     nodes = []
     if part.key not in rewrite.weights:
-        nodes += _weight_nodes(rewrite.set_init, module, prefix, q,
-                               scale * factor)
+        nodes += weight_nodes(rewrite, module, prefix, q, scale * factor,
+                              bit)
         rewrite.graph.initializer.remove(rewrite.inits.pop(node.input[1]))
         rewrite.weights[part.key] = nodes[-1].output[0]
     node.input[1] = rewrite.weights[part.key]
@@ -256,13 +256,19 @@ def _bias(module, rows: slice, out: int) -> torch.Tensor:
     return bias.detach().double()[rows]
 
 
-def _weight_nodes(set_init, module, prefix: str, q: torch.Tensor,
-                  scale: torch.Tensor) -> list:
-    """int8 initializer ``q`` (the container's integers) with ``scale``
-    (as QConv2d's), zero point 0, into DequantizeLinear on the output
+def weight_nodes(rewrite, module, prefix: str, q: torch.Tensor,
+                 scale: torch.Tensor, bit: int) -> list:
+    """int8 initializer ``q`` (the container's integers at ``bit``, noted in
+    ``rewrite.integers`` with how they derive from the stored ones) with
+    ``scale``, zero point 0, into DequantizeLinear on the output
     channel axis of the op's layout; a grouped transposed conv's weight is
     dequantized output-channels-first and then regrouped to ONNX's
     ``(in, out / groups, *k)``."""
+    set_init = rewrite.set_init
+    quantizer = module.weight_quantizer
+    rewrite.integers[prefix + '.weight_q'] = dict(
+        bit=bit, stored_bit=quantizer.stored_bit,
+        rounding=quantizer.rounding, mode=second_rounding(quantizer))
     scale = scale.float()
     transposed = isinstance(module, TransposedConvLayer)
     groups = module.groups if transposed else 1

@@ -8,6 +8,7 @@ resize and argmax), the split mmdeploy makes.
 import time
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from mmengine.logging import print_log
 from mmengine.runner import TestLoop
@@ -17,7 +18,7 @@ from mmdrq.engine.loops import metrics_table
 from mmdrq.models import architecture_of
 from mmdrq.quantization.bitwidths import bit_tag, tag
 from mmdrq.registry import LOOPS
-from .runtime import SwitchableSession
+from mmdrq_runtime.session import SwitchableSession
 
 
 def postprocess(model, outputs, data_samples):
@@ -38,9 +39,29 @@ def postprocess(model, outputs, data_samples):
                     'and mmseg segmentors are supported')
 
 
+def check_input_shape(meta: dict, shape) -> bool:
+    """Whether ``shape`` must run image by image (the export fixed its
+    batch); an error naming the sizes when the export fixed another height
+    or width."""
+    dims = meta['input_dims']
+    for axis, (want, got) in enumerate(zip(dims, shape)):
+        if axis > 0 and want is not None and want != got:
+            raise ValueError(
+                f'the export takes inputs of shape {dims} (None: any), the '
+                f'test pipeline gives {list(shape)}: export again with '
+                f'--input-shape {" ".join(map(str, [1] + list(shape[1:])))}'
+                ' (the default takes the test pipeline\'s)')
+    return dims[0] is not None and dims[0] != shape[0]
+
+
 def run_session(session: SwitchableSession, inputs: torch.Tensor):
     """The session's outputs in the structure of the PyTorch outputs."""
-    arrays = session.run(inputs.detach().float().cpu().numpy())
+    inputs = inputs.detach().float().cpu().numpy()
+    if check_input_shape(session.meta, inputs.shape):
+        rows = [session.run(inputs[i:i + 1]) for i in range(len(inputs))]
+        arrays = [np.concatenate(parts) for parts in zip(*rows)]
+    else:
+        arrays = session.run(inputs)
     spec = pytree.treespec_loads(session.meta['output_tree'])
     return pytree.tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
 

@@ -39,21 +39,21 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from mmdrq.quantization import quantized_layers, use_bits
-from mmdrq.quantization.bitwidths import (check_bit, signed_range,
-                                         unsigned_range)
-from mmdrq.quantization.deploy_numerics import (bn_affine, folded_bias,
-                                                weight_integers)
+from mmdrq.quantization.bitwidths import check_bit, signed_range
+from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
+                                         check_container, folded_bias,
+                                         int_range, is_signed, scale_at,
+                                         weight_integers)
 from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
                                        owner_weight_reads)
 from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
-                          placeholder, stand_in, weight_parts)
+                          placeholder, stand_in, weight_nodes, weight_parts)
 from .residual import add_residual_qdq, check_residual_mode
 
 OPSET = 20
 TARGETS = ('onnxruntime', 'tensorrt')
 # storage of the weights of layers kept FP (the stem, the classifier)
 FP_WEIGHTS = ('float32', 'float16', 'int8')
-MAX_ONNX_BIT = 8  # int8/uint8 containers
 _PREFIX = 'model.'
 
 
@@ -116,9 +116,11 @@ def _check_layer_ready(name: str, module: QuantLayer):
                 f'{part.initialized.tolist()}): the checkpoint is not a '
                 'trained mmdrq model')
     act = module.act_quantizer
-    if act is not None and int(act.signed) < 0:
-        raise ValueError(f'layer {name!r}: activation sign undecided (the '
-                         'model never ran a forward)')
+    if act is not None:
+        try:
+            is_signed(act)
+        except ValueError as e:
+            raise ValueError(f'layer {name!r}: {e}') from None
 
 
 def check_bits_setting(model: nn.Module, bits: Union[int, Dict[str, int]]):
@@ -135,10 +137,7 @@ def check_bits_setting(model: nn.Module, bits: Union[int, Dict[str, int]]):
     else:
         values = {bits}
     for bit in values:
-        check_bit(bit, model_bits)
-        if bit > MAX_ONNX_BIT:
-            raise ValueError(f'bit {bit} does not fit ONNX int8/uint8 '
-                             f'containers (at most {MAX_ONNX_BIT})')
+        check_container(check_bit(bit, model_bits))
 
 
 @contextlib.contextmanager
@@ -227,6 +226,37 @@ class _GroupNormAffine(nn.Module):
     def forward(self, x):
         x = nn.functional.group_norm(x, self.num_groups, eps=self.eps)
         return x * self.weight + self.bias
+
+
+def strip_debug_info(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove (in place, and return) what the exporter records for
+    debugging: stack traces and module paths of this machine in every
+    node's metadata and doc string."""
+    def graphs(graph):
+        yield graph
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField('g'):
+                    yield from graphs(attribute.g)
+                for sub in attribute.graphs:
+                    yield from graphs(sub)
+
+    for graph in graphs(proto.graph):
+        graph.doc_string = ''
+        for node in graph.node:
+            node.doc_string = ''
+            del node.metadata_props[:]
+        for info in list(graph.value_info) + list(graph.input) + \
+                list(graph.output):
+            info.doc_string = ''
+            del info.metadata_props[:]
+    proto.doc_string = ''
+    del proto.metadata_props[:]
+    for function in proto.functions:
+        for node in function.node:
+            node.doc_string = ''
+            del node.metadata_props[:]
+    return proto
 
 
 def _consumers(graph) -> Dict[str, list]:
@@ -340,15 +370,20 @@ class OnnxExporter:
             import onnxscript.optimizer
             wrapper = TensorForward(_float_skeleton(self.model),
                                      self.forward).eval()
-            example = torch.zeros(self.input_shape)
+            # batch and spatial sizes dynamic where the model allows it
+            # (a size the model's code fixes stays static: see meta.json);
+            # an example batch of 2, as a size of 1 would be fixed
+            shape = (max(2, self.input_shape[0]), ) + self.input_shape[1:]
+            auto = torch.export.Dim.AUTO
+            dynamic = {d: auto for d in [0] + list(range(2, len(shape)))}
             program = torch.onnx.export(
-                wrapper, (example, ), dynamo=True, optimize=False,
-                opset_version=OPSET, input_names=['input'], verbose=False,
-                dynamic_shapes=({0: torch.export.Dim('batch')}, ))
+                wrapper, (torch.zeros(shape), ), dynamo=True,
+                optimize=False, opset_version=OPSET, input_names=['input'],
+                verbose=False, dynamic_shapes=(dynamic, ))
             proto = program.model_proto
             self.folded = _fold_bn_nodes(proto, set(self.parts))
             proto = onnxscript.optimizer.optimize(proto)
-            self._skeleton = proto
+            self._skeleton = strip_debug_info(proto)
         return self._skeleton
 
     def _active_bns(self, bits) -> Dict[str, nn.Module]:
@@ -376,6 +411,12 @@ class OnnxExporter:
     def export(self, bits: Union[int, Dict[str, int]]) -> onnx.ModelProto:
         """The QDQ model of one bit, or of a SubNet (layer name -> bit;
         other layers keep the highest bit)."""
+        return self.export_setting(bits)[0]
+
+    def export_setting(self, bits: Union[int, Dict[str, int]]):
+        """(``export(bits)``, weight integer initializer name -> dict of
+        its ``bit``, ``stored_bit``, ``rounding`` and ``mode``: how its
+        integers derive from the stored ones)."""
         check_bits_setting(self.model, bits)
         proto = copy.deepcopy(self.skeleton())
         # before any PyTorch forward: it would initialise missing scales
@@ -388,11 +429,12 @@ class OnnxExporter:
         active = self._active_bns(bits)
         with at_bits(self.model, bits), torch.no_grad():
             layer_bits = {n: m.bit for n, m in self.layers.items()}
-            _Rewrite(self, proto, layer_bits, active).run()
+            rewrite = _Rewrite(self, proto, layer_bits, active)
+            rewrite.run()
         if self.residual_qdq == 'calibrated':
             add_residual_qdq(proto, self.calibration, self.target)
         onnx.checker.check_model(proto, full_check=True)
-        return proto
+        return proto, rewrite.integers
 
 
 class _Rewrite:
@@ -405,6 +447,7 @@ class _Rewrite:
         self.inits = {init.name: init for init in self.graph.initializer}
         self.modules = dict(exporter.model.named_modules())
         self.weights, self.calls = {}, {}  # per layer: weight DQ, calls
+        self.integers = {}  # weight integer initializer -> its derivation
 
     def set_init(self, name: str, array: np.ndarray):
         tensor = numpy_helper.from_array(array, name)
@@ -488,12 +531,14 @@ class _Rewrite:
                 return []
             return self.fp_weight(node.input[1], weight)
         bit = self.layer_bits[name]
-        prefix = f'{name}@w{bit}'
+        prefix = name  # one name at every bit: one graph serves them all
         nodes = []
         if name not in self.weights:  # a layer called again shares it
-            nodes.append(self.quantized_weight(module, prefix, bit, factor))
+            q, scale = weight_integers(module, bit)
+            nodes += weight_nodes(self, module, prefix, q, scale * factor,
+                                  bit)
             self.graph.initializer.remove(self.inits.pop(node.input[1]))
-            self.weights[name] = prefix + '.weight'
+            self.weights[name] = nodes[-1].output[0]
         node.input[1] = self.weights[name]
         call = self.calls[name] = self.calls.get(name, -1) + 1
         if module.act_quantizer is not None:
@@ -528,42 +573,26 @@ class _Rewrite:
                                  name + '_zero_point'], [name], axis=0,
             name=name + '_dq')]
 
-    def quantized_weight(self, module, prefix, bit, factor):
-        """The int8 initializer and scales of the layer's weight at ``bit``,
-        and the DequantizeLinear node giving ``prefix.weight``."""
-        out = module.weight.shape[0]
-        q, scale = weight_integers(module, bit)
-        self.set_init(prefix + '.weight_q', q.numpy())
-        self.set_init(prefix + '.weight_scale',
-                      (scale * factor).float().numpy())
-        self.set_init(prefix + '.weight_zero_point',
-                      np.zeros(out, dtype=np.int8))
-        return helper.make_node(
-            'DequantizeLinear',
-            [prefix + '.weight_q', prefix + '.weight_scale',
-             prefix + '.weight_zero_point'],
-            [prefix + '.weight'], axis=0, name=prefix + '.weight_dq')
-
     def input_qdq(self, node, prefix: str, act, bit: int, tag: str) -> list:
         """QuantizeLinear (-> Clip) -> DequantizeLinear on the input; for
         TensorRT, Clip -> QuantizeLinear -> DequantizeLinear in int8."""
-        signed = bool(int(act.signed))
-        lo, hi = signed_range(bit) if signed else unsigned_range(bit)
-        scale = act.scale[act.bits.index(bit)].detach().float()
+        signed = is_signed(act)
+        lo, hi = int_range(act, bit)
+        scale = scale_at(act, bit).float()
         tensorrt = self.exporter.target == 'tensorrt'
-        if tensorrt and hi > signed_range(8)[1]:
+        if tensorrt and hi > signed_range(CONTAINER_BIT)[1]:
             raise ValueError(
                 f'layer {prefix!r}: unsigned {bit}-bit activations (0..{hi}) '
                 'do not fit TensorRT\'s int8 Q/DQ; export that bit with '
                 "target='onnxruntime'")
         dtype = np.int8 if signed or tensorrt else np.uint8
-        container = signed_range(8) if dtype == np.int8 else \
-            unsigned_range(8)
         self.set_init(prefix + '.input_scale', scale.numpy())
         self.set_init(prefix + '.input_zero_point', np.zeros((), dtype))
         quant = [prefix + '.input_scale', prefix + '.input_zero_point']
         source, nodes = node.input[0], []
-        if tensorrt and (lo, hi) != container:
+        # every bit clips to its range, 8 bits included (where it clips
+        # nothing: sessions drop it), so that one graph serves every bit
+        if tensorrt:
             # float bounds fl(lo * s), fl(hi * s): x / s is monotonic and
             # fl(hi * s) / s rounds to hi, so the integers are unchanged
             bounds = (torch.tensor([lo, hi], dtype=torch.float32) *
@@ -578,7 +607,7 @@ class _Rewrite:
             'QuantizeLinear', [source] + quant, [tag + '.input_q'],
             name=tag + '.input_quantize'))
         integers = tag + '.input_q'
-        if not tensorrt and (lo, hi) != container:
+        if not tensorrt:
             self.set_init(prefix + '.input_min', np.array(lo, dtype))
             self.set_init(prefix + '.input_max', np.array(hi, dtype))
             nodes.append(helper.make_node(

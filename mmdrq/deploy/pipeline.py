@@ -1,4 +1,5 @@
 """From a config and a checkpoint (training or integer) to an export folder."""
+import hashlib
 import os.path as osp
 from typing import Dict, Optional, Sequence
 
@@ -8,7 +9,10 @@ from torch.utils import _pytree as pytree
 
 from mmdrq.export.int_checkpoint import is_int_checkpoint, load_int
 from mmdrq.quantization import model_bits, quantized_layers
-from .folder import check_out_dir, export_name, write_folder
+from mmdrq.quantization.bitwidths import bit_name
+from mmdrq.quantization.integers import CONTAINER_BIT
+from mmdrq_runtime.artifact import check_file_name
+from .folder import LAYOUTS, check_out_dir, pack, write_folder
 from .onnx_export import (OnnxExporter, at_bits, check_bits_setting,
                           check_exportable)
 from .residual import check_residual_mode
@@ -64,6 +68,19 @@ def calibration_batches(cfg, model, batches: int,
     return found
 
 
+def test_input_shape(cfg, model) -> tuple:
+    """(1, C, H, W) of the first test batch after the data preprocessor:
+    the export's default input shape."""
+    import copy
+
+    from mmengine.runner import Runner
+    loader_cfg = copy.deepcopy(cfg.test_dataloader)
+    loader_cfg.update(num_workers=0, persistent_workers=False)
+    data = next(iter(Runner.build_dataloader(loader_cfg, seed=0)))
+    inputs = model.data_preprocessor(data, False)['inputs']
+    return (1, ) + tuple(inputs.shape[1:])
+
+
 def _flat(outputs) -> list:
     return [t.detach().float().numpy()
             for t in pytree.tree_flatten(outputs)[0]]
@@ -73,7 +90,7 @@ def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
     """Largest |ONNX Runtime - PyTorch| over the outputs on one random
     input (a sanity number for meta.json; the metric tests are the real
     check)."""
-    from .runtime import make_session
+    from mmdrq_runtime.session import make_session
     session = make_session(proto.SerializeToString())
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(exporter.input_shape, generator=generator)
@@ -83,53 +100,89 @@ def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
     return max(float(np.abs(g - w).max()) for g, w in zip(got, want))
 
 
+def check_subnet_name(name: str) -> str:
+    """A SubNet's name names its files: a plain name, not a bit's."""
+    check_file_name(name)
+    if name.startswith('w') and name[1:].replace('a', '', 1).isdigit():
+        raise ValueError(f'SubNet name {name!r} looks like a bit setting; '
+                         'rename its file')
+    return name
+
+
+def model_identity(model) -> str:
+    """A digest of the model's state dict keys, shapes and dtypes and its
+    bits: equal for the same model retrained, different for another."""
+    digest = hashlib.sha256(repr(list(model_bits(model))).encode())
+    for key, value in model.state_dict().items():
+        digest.update(f'{key}:{tuple(value.shape)}:{value.dtype};'.encode())
+    return digest.hexdigest()
+
+
 def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
                      subnets: Optional[Dict[str, Dict[str, int]]] = None,
                      input_shape=(1, 3, 224, 224), forward=None,
                      info: Optional[dict] = None,
                      target: str = 'onnxruntime', residual_qdq: str = 'none',
-                     calibration=None, fp_weights: str = 'float32') -> dict:
+                     calibration=None, fp_weights: str = 'float32',
+                     layout: str = 'single', overwrite: bool = False) -> dict:
     """Export ``model`` at each of ``bits`` and each SubNet (name -> layer
     bits) into ``out_dir``; every input is checked before anything is
     exported or written (``target``, ``residual_qdq``, ``calibration``,
-    ``fp_weights``: see ``OnnxExporter``). Returns the folder's meta."""
+    ``fp_weights``: see ``OnnxExporter``). ``layout='single'`` stores one
+    graph with the stored integers for every setting, ``'per_bit'`` a full
+    file per setting (for runtimes that need one); ``overwrite`` replaces
+    another model's export. Returns the folder's meta."""
     check_exportable(model)
     check_residual_mode(residual_qdq, calibration)
-    settings = [(export_name(bit=b), b) for b in bits]
-    settings += [(name, layer_bits)
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout must be one of {list(LAYOUTS)}, got '
+                         f'{layout!r}')
+    settings = [(bit_name(b), b) for b in bits]
+    settings += [(check_subnet_name(name), layer_bits)
                  for name, layer_bits in (subnets or {}).items()]
     if not settings:
         raise ValueError('nothing to export: give bits and/or SubNets')
     for _, setting in settings:
         check_bits_setting(model, setting)
-    check_out_dir(out_dir)
+    identity = model_identity(model)
+    check_out_dir(out_dir, identity, overwrite)
     exporter = OnnxExporter(model, input_shape, forward, target,
                             residual_qdq, calibration, fp_weights)
-    models, exports = {}, []
+    models, integers, entries = {}, {}, []
     for name, setting in settings:
-        proto = exporter.export(setting)
-        file = name + '.onnx'
-        models[file] = proto
+        models[name], integers[name] = exporter.export_setting(setting)
         layer_bits = setting if isinstance(setting, dict) else None
-        exports.append(dict(
-            name=name, file=file,
-            bit=None if layer_bits else setting, layer_bits=layer_bits,
-            probe_max_abs_diff=probe_difference(exporter, proto, setting)))
+        entries.append(dict(
+            name=name, bit=None if layer_bits else setting,
+            layer_bits=layer_bits, probe_max_abs_diff=probe_difference(
+                exporter, models[name], setting)))
+    stored = model_bits(model)[0]
+    base = None
+    if layout == 'single' and stored <= CONTAINER_BIT:
+        name = bit_name(stored)
+        base = models[name] if name in models else \
+            exporter.export_setting(stored)[0]
+    files, entries, specs = pack(entries, models, integers, base, layout)
     with at_bits(model, settings[0][1]):
         example = exporter.run_torch(torch.zeros(exporter.input_shape))
     outputs = pytree.tree_flatten(example)[1]
+    graph_input = exporter.skeleton().graph.input[0].type.tensor_type.shape
     meta = dict(info or {}, model=type(model).__name__,
                 model_bits=list(model_bits(model)), target=target,
                 residual_qdq=residual_qdq, fp_weights=fp_weights,
                 calibration_images=sum(len(b) for b in calibration or ()),
                 quantized_layers=len(quantized_layers(model)),
-                input_name='input', input_shape=list(exporter.input_shape),
+                layout=layout, input_name='input',
+                input_shape=list(exporter.input_shape),
+                input_dims=[d.dim_value if d.HasField('dim_value') else None
+                            for d in graph_input.dim],
                 output_tree=pytree.treespec_dumps(outputs),
-                folded_bn=exporter.folded)
-    return write_folder(out_dir, models, exports, meta)
+                folded_bn=exporter.folded, integers=specs, settings=entries)
+    return write_folder(out_dir, files, meta, models, identity, overwrite)
 
 
 def checkpoint_info(config: str, checkpoint: str) -> dict:
-    return dict(config=osp.abspath(config),
-                checkpoint=osp.abspath(checkpoint),
+    # file names only: an export carries no paths of this machine
+    return dict(config=osp.basename(config),
+                checkpoint=osp.basename(osp.normpath(checkpoint)),
                 integer_checkpoint=is_int_checkpoint(checkpoint))

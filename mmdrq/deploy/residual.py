@@ -120,7 +120,7 @@ def calibrate_ranges(proto: onnx.ModelProto, names: Sequence[str],
                      inputs: Sequence[np.ndarray]) -> Dict[str, float]:
     """max|x| of each named tensor over ``inputs``, run by ONNX Runtime
     with QDQ fusion off (the graph's float computation)."""
-    from .runtime import make_session
+    from mmdrq_runtime.session import make_session
     probe = onnx.ModelProto.FromString(proto.SerializeToString())
     known = {o.name for o in probe.graph.output}
     for name in names:

@@ -10,7 +10,7 @@ One per-channel multiply by ``alpha = s_a * s_w * BN factor`` and one add of
 ``beta`` (the bias through the BN) follow, each rounded once, as separate
 elementwise ops on both sides. ``alpha`` is rounded to float32 from the
 float32 scales the ONNX file holds, which ONNX Runtime recomputes the same
-way (``mmdrq.deploy.runtime``). A BN that only follows a conv is folded
+way (``mmdrq_runtime.session``). A BN that only follows a conv is folded
 into it, as the exporter folds it; a conv kept FP then runs with the folded
 float32 weight and bias (only its summation order still differs).
 
@@ -18,75 +18,26 @@ Training is unchanged: this is a context for evaluation only.
 """
 import contextlib
 import warnings
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bitwidths import signed_range
-from .functional import quantize_int, requantize
+from .functional import quantize_int
 from .graph import conv_bn_pairs
-from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
+from .integers import (CONTAINER_BIT, bn_affine, folded_bias, int_range,
+                       integer_alpha, scale_at, weight_integers)
+from .layers import BitSwitchable, QConv2d, QLinear
 from .per_level import EXPORT_REFUSAL, PerLevel
 
-# ONNX's int8/uint8 containers: a b-bit integer is held as q * 2**(8 - b)
-CONTAINER_BIT = 8
 # float32 holds every integer up to 2**24 exactly
 EXACT_SUM = 2**24
-
-
-def bn_affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(factor, shift) of an eval BN in float64: ``y * factor + shift``."""
-    var = bn.running_var.double()
-    factor = 1.0 / torch.sqrt(var + bn.eps)
-    if bn.weight is not None:
-        factor = factor * bn.weight.double()
-    shift = -bn.running_mean.double() * factor
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return factor, shift
 
 
 def active_norm(norm: nn.Module) -> nn.Module:
     """The BN a (switchable, transitional or plain) BN runs now."""
     return norm.active() if isinstance(norm, BitSwitchable) else norm
-
-
-def folded_bias(layer: nn.Module, factor, shift) -> torch.Tensor:
-    """The layer's bias through the BN ``(factor, shift)``, float32."""
-    bias = layer.bias.detach().double() if layer.bias is not None else \
-        torch.zeros(layer.weight.shape[0], dtype=torch.float64)
-    return (bias * factor + shift).float()
-
-
-def container_integers(quantizer: nn.Module, weight: torch.Tensor,
-                       bit: int):
-    """(integers in the int8 container, float64 per-channel scale of the
-    container) of ``weight`` (output channels first) at ``bit``: the stored
-    INT-h integers after the second rounding, ``q * 2**(8 - bit)`` with
-    scale ``s * 2**(h - bit) * 2**-(8 - bit)`` (the same weights exactly;
-    the alignment keeps ONNX Runtime's int32 bias as fine as at 8 bits)."""
-    q_h = quantizer.integers(weight)  # the stored INT-h integers
-    h = quantizer.stored_bit
-    q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
-                   'floor' if quantizer.variant == 'floor'
-                   else 'double_rounding')
-    align = CONTAINER_BIT - bit
-    scale = quantizer.scale[0].detach().double().expand(weight.shape[0]) * \
-        2.0**(h - bit - align)
-    return (q * 2**align).to(torch.int8), scale
-
-
-def weight_integers(layer: QuantLayer, bit: int):
-    """``container_integers`` of a QConv2d/QLinear's weight."""
-    return container_integers(layer.weight_quantizer, layer.weight, bit)
-
-
-def integer_alpha(act_scale: torch.Tensor,
-                  weight_scale: torch.Tensor) -> torch.Tensor:
-    """``s_a * s_w`` of float32 scales, rounded once to float32."""
-    return (act_scale.double() * weight_scale.double()).float()
 
 
 def _channels(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -116,7 +67,7 @@ class _Numerics:
     def quantized(self, name: str, layer, x: torch.Tensor) -> torch.Tensor:
         bit = layer.bit
         act = layer.act_quantizer
-        index = act.bits.index(bit)
+        act_scale = scale_at(act, bit)
         factor, shift, norm = self.fold(name)
         key = (name, bit, id(norm))
         if key not in self.cache:
@@ -124,12 +75,12 @@ class _Numerics:
             weight_scale = (scale * factor).float()
             self.cache[key] = (
                 layer.from_channel_major(q.float()),
-                integer_alpha(act.scale[index].detach(), weight_scale),
+                integer_alpha(act_scale, weight_scale),
                 folded_bias(layer, factor, shift))
             check_exact_sums(name, act, bit, q)
         weight, alpha, beta = self.cache[key]
-        lo, hi = act._range(bit)
-        x_int = quantize_int(x, act.scale[index].detach(), (lo, hi), 0,
+        lo, hi = int_range(act, bit)
+        x_int = quantize_int(x, act_scale, (lo, hi), 0,
                              (lo, hi), 'half_even', 'double_rounding')
         if isinstance(layer, QConv2d):
             y = nn.Conv2d._conv_forward(layer, x_int, weight, None)
@@ -155,7 +106,7 @@ def check_exact_sums(name: str, act, bit: int, q: torch.Tensor):
     container's factor 2**(8 - bit) scales every term alike, so it does not
     count): then float32 may round them and the summation order matters
     again."""
-    lo, hi = act._range(bit)
+    lo, hi = int_range(act, bit)
     weight_sum = float(q.double().abs().flatten(1).sum(1).max())
     bound = max(-lo, hi) * weight_sum / 2**(CONTAINER_BIT - bit)
     if bound >= EXACT_SUM:

@@ -6,7 +6,6 @@ import os
 import os.path as osp
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import numpy_helper
@@ -63,9 +62,10 @@ def trained(tmp_path_factory):
                 onnx_dir=onnx_dir, fp_ckpt=fp_ckpt)
 
 
-def initializers(path):
+def initializers(folder, bit):
+    from mmdrq_runtime import ExportFolder
     return {i.name: numpy_helper.to_array(i)
-            for i in onnx.load(path).graph.initializer}
+            for i in ExportFolder(folder).model(bit).graph.initializer}
 
 
 def test_integer_file_gives_the_same_onnx(trained):
@@ -75,10 +75,10 @@ def test_integer_file_gives_the_same_onnx(trained):
              1, 3, 16, 16)
     meta = json.load(open(osp.join(out, 'meta.json')))
     assert meta['integer_checkpoint'] is True
-    assert [e['bit'] for e in meta['exports']] == list(BITS)
+    assert [e['bit'] for e in meta['settings']] == list(BITS)
     for bit in BITS:
-        a = initializers(osp.join(out, f'w{bit}a{bit}.onnx'))
-        b = initializers(osp.join(trained['onnx_dir'], f'w{bit}a{bit}.onnx'))
+        a = initializers(out, bit)
+        b = initializers(trained['onnx_dir'], bit)
         assert a.keys() == b.keys()
         for name in a:
             if name.endswith('.weight_q'):

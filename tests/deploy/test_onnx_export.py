@@ -81,7 +81,7 @@ def test_input_integers_equal_pytorch_ties_included(signed, bit, target):
         return
     proto = exporter.export(bit)
     clipped = target == 'onnxruntime' and bit < 8
-    got = run_with_output(proto, f'0@w{bit}.input_q' +
+    got = run_with_output(proto, '0.input_q' +
                           ('_clipped' if clipped else ''), x)
     reference = np.clip(np.rint(x.numpy().astype(np.float32) /
                                 np.float32(2.0**-4)), lo, hi)
@@ -113,8 +113,8 @@ def test_weight_initializer_is_second_rounding_of_stored_integers(rounding):
         proto = exporter.export(bit)
         inits = {i.name: numpy_helper.to_array(i)
                  for i in proto.graph.initializer}
-        assert inits[f'0@w{bit}.weight_q'].dtype == np.int8
-        stored = inits[f'0@w{bit}.weight_q'].astype(np.int64)
+        assert inits['0.weight_q'].dtype == np.int8
+        stored = inits['0.weight_q'].astype(np.int64)
         align = 8 - bit
         assert (stored % 2**align == 0).all()
         d = 8 - bit
@@ -124,7 +124,7 @@ def test_weight_initializer_is_second_rounding_of_stored_integers(rounding):
         want = np.clip(rounded, -(2**(bit - 1)), 2**(bit - 1) - 1)
         np.testing.assert_array_equal(stored.reshape(-1) >> align, want)
         np.testing.assert_allclose(
-            inits[f'0@w{bit}.weight_scale'],
+            inits['0.weight_scale'],
             (scale * 2.0**d / 2**align).numpy(), rtol=1e-7)
 
 
@@ -157,7 +157,7 @@ def test_fp_layers_stay_float(make_tiny_cnn):
     inits = {i.name: i for i in proto.graph.initializer}
     assert inits['model.stem.weight'].data_type == onnx.TensorProto.FLOAT
     assert inits['model.fc2.weight'].data_type == onnx.TensorProto.FLOAT
-    assert inits['conv1@w4.weight_q'].data_type == onnx.TensorProto.INT8
+    assert inits['conv1.weight_q'].data_type == onnx.TensorProto.INT8
 
 
 def test_folder_meta_session_and_reexport(make_tiny_cnn, tmp_path):
@@ -167,12 +167,14 @@ def test_folder_meta_session_and_reexport(make_tiny_cnn, tmp_path):
     out = tmp_path / 'onnx'
     meta = export_to_folder(model, str(out), [8, 2], {'mixed': {'conv1': 2}},
                             (1, 3, 6, 6), plain)
-    assert sorted(os.listdir(out)) == ['meta.json', 'mixed.onnx',
-                                       'w2a2.onnx', 'w8a8.onnx']
+    # one graph at the stored bit 8; the other settings' float values
+    assert sorted(os.listdir(out)) == ['meta.json', 'mixed.npz',
+                                       'model.onnx', 'w2a2.npz']
     assert meta == read_meta(str(out))
-    assert [(e['name'], e['bit']) for e in meta['exports']] == [
+    assert [(e['name'], e['bit']) for e in meta['settings']] == [
         ('w8a8', 8), ('w2a2', 2), ('mixed', None)]
-    assert meta['exports'][2]['layer_bits'] == {'conv1': 2}
+    assert meta['settings'][2]['layer_bits'] == {'conv1': 2}
+    assert meta['settings'][2]['weight_bits'] == {'conv1.weight_q': 2}
     session = SwitchableSession(str(out))
     assert session.available == [8, 2, 'mixed'] and not session.sessions
     x = torch.randn(2, 3, 6, 6)
@@ -187,7 +189,9 @@ def test_folder_meta_session_and_reexport(make_tiny_cnn, tmp_path):
         session.set_bits(4)
     # an earlier export is replaced; its files not in the new one go
     export_to_folder(model, str(out), [4], None, (1, 3, 6, 6), plain)
-    assert sorted(os.listdir(out)) == ['meta.json', 'w4a4.onnx']
+    assert sorted(os.listdir(out)) == ['meta.json', 'model.onnx',
+                                       'w4a4.npz']
+    assert SwitchableSession(str(out)).available == [4]
 
 
 @pytest.mark.parametrize('case', ['bit', 'subnet', 'subnet_bit', 'folder',

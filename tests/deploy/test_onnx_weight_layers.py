@@ -95,7 +95,7 @@ def test_conv1d_conv3d_with_folded_bn(kind):
     for bit, proto in protos.items():
         assert 'BatchNormalization' not in ops(proto)
         assert ops(proto).count('QuantizeLinear') == 2
-        q = weight_integers(proto, f'body.0@w{bit}').astype(np.int64)
+        q = weight_integers(proto, 'body.0').astype(np.int64)
         # the bit's integers (second rounding of the stored INT8 ones)
         layer = exporter.model.body[0]
         want = layer.weight_quantizer.integers(layer.weight, bit)
@@ -123,7 +123,7 @@ def test_adaptive_padding_and_trident_conv():
         # one weight for the three branches, a Q/DQ per branch
         assert ops(proto).count('QuantizeLinear') == 4
         assert sum(1 for node in proto.graph.node if node.op_type == 'Conv'
-                   and node.input[1] == f'body.trident@w{bit}.weight') == 3
+                   and node.input[1] == 'body.trident.weight') == 3
 
 
 @pytest.mark.parametrize('dims,groups', [(1, 1), (2, 1), (2, 2), (3, 2)])
@@ -139,11 +139,11 @@ def test_transposed_convs(dims, groups):
     nodes = {node.name: node for node in protos[4].graph.node}
     # groups=1: (in, out, *k) on axis 1; else output channels first, then
     # regrouped by Reshape/Transpose/Reshape
-    assert nodes['body.0@w4.weight_dq'].attribute[0].i == \
+    assert nodes['body.0.weight_dq'].attribute[0].i == \
         (1 if groups == 1 else 0)
     assert 'BatchNormalization' not in ops(protos[4])
     layer = exporter.model.body[0]
-    q = weight_integers(protos[4], 'body.0@w4').astype(np.int64) >> 4
+    q = weight_integers(protos[4], 'body.0').astype(np.int64) >> 4
     want = layer.weight_quantizer.integers(layer.weight_to_quantize(), 4)
     np.testing.assert_array_equal(q.swapaxes(0, 1) if groups == 1 else q,
                                   want.numpy())
@@ -164,7 +164,7 @@ def test_weight_standardized_convs(kind):
         # the integers of the standardized weight the conv uses
         want = layer.weight_quantizer.integers(layer.weight_to_quantize(),
                                                bit)
-        q = weight_integers(proto, f'body.0@w{bit}').astype(np.int64)
+        q = weight_integers(proto, 'body.0').astype(np.int64)
         np.testing.assert_array_equal(q >> (8 - bit), want.numpy())
 
 

@@ -1,10 +1,9 @@
 """ONNX Runtime sessions over an export folder, switchable by bit."""
-import os.path as osp
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
-from .folder import read_meta
+from .artifact import ExportFolder
 
 
 KERNELS = ('exact', 'integer')
@@ -17,7 +16,8 @@ EXACT_DISABLED_OPTIMIZERS = ('ConvMulFusion', 'ConvAddFusion',
 
 def make_session(model, threads: Optional[int] = None,
                  kernels: str = 'exact', optimized_path: str = None):
-    """A CPU ONNX Runtime session of ``model`` (a path or serialized bytes).
+    """A CPU ONNX Runtime session of ``model`` (a path, serialized bytes or
+    a ModelProto, which may be changed in place).
 
     ``kernels='exact'`` runs the quantized convolutions and linears on
     integers (``integer_sums``) with ONNX Runtime's QDQ fusion off
@@ -37,10 +37,12 @@ def make_session(model, threads: Optional[int] = None,
     options.graph_optimization_level = \
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     disabled = []
+    proto = drop_identity_clips(_load(model))
     if kernels == 'exact':
         options.add_session_config_entry('session.disable_quant_qdq', '1')
-        model = integer_sums(_load(model)).SerializeToString()
+        proto = integer_sums(proto)
         disabled = list(EXACT_DISABLED_OPTIMIZERS)
+    model = proto.SerializeToString()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -53,6 +55,8 @@ def make_session(model, threads: Optional[int] = None,
 
 def _load(model):
     import onnx
+    if isinstance(model, onnx.ModelProto):
+        return model
     if isinstance(model, (bytes, bytearray)):
         return onnx.ModelProto.FromString(bytes(model))
     return onnx.load(model)  # external data next to the file too
@@ -155,9 +159,49 @@ def integer_sums(proto):
     return proto
 
 
+def drop_identity_clips(proto):
+    """Remove (in place, and return) every integer Clip between a
+    QuantizeLinear and its DequantizeLinear whose bounds are the whole
+    container: the stored graph clips every bit to its range, which at 8
+    bits clips nothing and would only keep ONNX Runtime from fusing."""
+    from onnx import numpy_helper
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    rename, keep = {}, []
+    for node in graph.node:
+        source = producers.get(node.input[0]) if node.op_type == 'Clip' \
+            else None
+        if source is not None and source.op_type == 'QuantizeLinear' and \
+                len(node.input) == 3 and all(n in inits
+                                             for n in node.input[1:]):
+            low, high = (numpy_helper.to_array(inits[n])
+                         for n in node.input[1:])
+            info = np.iinfo(low.dtype) if low.dtype.kind in 'iu' else None
+            if info is not None and low == info.min and high == info.max:
+                rename[node.output[0]] = node.input[0]
+                continue
+        keep.append(node)
+    for node in keep:
+        for index, name in enumerate(node.input):
+            if name in rename:
+                node.input[index] = rename[name]
+    for output in graph.output:
+        if output.name in rename:
+            raise ValueError('a graph output is a Clip of a QuantizeLinear')
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in keep for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return proto
+
+
 class SwitchableSession:
-    """One ONNX Runtime session per export of a folder, made at the first
-    use of its bit (or SubNet) and kept; ``set_bits`` switches.
+    """One ONNX Runtime session per setting of an export folder, made at
+    the first use of its bit (or SubNet) and kept; ``set_bits`` switches.
+    The folder's files are checked (SHA-256) when it is opened.
 
     Args:
         folder: an export folder (tools/export_onnx.py).
@@ -166,34 +210,32 @@ class SwitchableSession:
 
     def __init__(self, folder: str, threads: Optional[int] = None,
                  kernels: str = 'exact'):
+        if kernels not in KERNELS:
+            raise ValueError(f'kernels must be one of {list(KERNELS)}, got '
+                             f'{kernels!r}')
         self.folder = folder
-        self.meta = read_meta(folder)
-        self.files = {}
-        for entry in self.meta['exports']:
-            key = entry['bit'] if entry['bit'] is not None else entry['name']
-            self.files[key] = osp.join(folder, entry['file'])
+        self.export = ExportFolder(folder)
+        self.meta = self.export.meta
         self.threads, self.kernels = threads, kernels
         self.sessions = {}
-        self.current = next(iter(self.files))
+        self.current = self.available[0]
 
     @property
     def available(self) -> list:
         """Bits (ints) and SubNet names this folder holds."""
-        return list(self.files)
+        return self.export.available
 
     def set_bits(self, bits: Union[int, str]):
         """Run at ``bits``: a bit of the folder or a SubNet's name."""
-        if bits not in self.files:
-            raise ValueError(f'{bits!r} is not exported in {self.folder!r} '
-                             f'(available: {self.available})')
+        self.export.entry(bits)
         self.current = bits
         return self
 
     def session(self):
-        """The current bit's session (made now if it was not yet)."""
+        """The current setting's session (made now if it was not yet)."""
         if self.current not in self.sessions:
             self.sessions[self.current] = make_session(
-                self.files[self.current], self.threads, self.kernels)
+                self.export.model(self.current), self.threads, self.kernels)
         return self.sessions[self.current]
 
     def run(self, inputs: np.ndarray) -> list:
