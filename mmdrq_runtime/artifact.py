@@ -104,22 +104,15 @@ def second_rounding(container: np.ndarray, stored_bit: int, bit: int,
     shifted right by ``d = h - bit`` bits with the rounding of training
     (``half_even``, ``half_up``, or the bare shift for ``mode='floor'``),
     clipped to the signed ``bit``-bit range and aligned to the container's
-    top bits again: integer arithmetic on the 256 int8 values, then one
-    table lookup per weight."""
+    top bits again. int8 arithmetic throughout: every intermediate fits."""
     if rounding not in ('half_even', 'half_up'):
         raise ValueError(f'unknown rounding {rounding!r}')
-    every = np.arange(256, dtype=np.uint8).view(np.int8)
-    table = _shift_round_clip(every, stored_bit, bit, rounding, mode)
-    return table[np.ascontiguousarray(container, np.int8).view(np.uint8)]
-
-
-def _shift_round_clip(container, stored_bit, bit, rounding, mode):
-    q = container.astype(np.int16) >> (CONTAINER_BIT - stored_bit)
+    q = np.asarray(container, np.int8) >> (CONTAINER_BIT - stored_bit)
     d = stored_bit - bit
     if d > 0:
         low = q >> d  # floor(q / 2**d): numpy shifts signed values down
         if mode != 'floor':
-            rest = q - (low << d)
+            rest = q & ((1 << d) - 1)  # q - low * 2**d, in 0 .. 2**d - 1
             half = 1 << (d - 1)
             tie = rest == half
             if rounding == 'half_even':  # a tie goes to the even neighbour
@@ -127,7 +120,7 @@ def _shift_round_clip(container, stored_bit, bit, rounding, mode):
             low += (rest > half) | tie
         q = low
     q = np.clip(q, -(1 << (bit - 1)), (1 << (bit - 1)) - 1)
-    return (q << (CONTAINER_BIT - bit)).astype(np.int8)
+    return q << (CONTAINER_BIT - bit)
 
 
 class ExportFolder:

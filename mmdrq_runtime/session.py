@@ -238,6 +238,9 @@ class SwitchableSession:
                 self.export.model(self.current), self.threads, self.kernels)
         return self.sessions[self.current]
 
-    def run(self, inputs: np.ndarray) -> list:
-        """Outputs (flat list of arrays) at the current bits."""
-        return self.session().run(None, {self.meta['input_name']: inputs})
+    def run(self, inputs: np.ndarray, **extra: np.ndarray) -> list:
+        """Outputs (flat list of arrays) at the current bits; ``extra``:
+        a pipeline graph's other inputs (a segmentor's ``crop`` and
+        ``output_size``)."""
+        return self.session().run(None, dict(
+            extra, **{self.meta['input_name']: inputs}))

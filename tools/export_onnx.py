@@ -16,8 +16,11 @@ are derived from the stored ones when a session is made) and ``meta.json``
 with every file's SHA-256; ``--layout per_bit`` writes a full
 ``<setting>.onnx`` per setting instead. DIR is written beside and swapped
 in. The graph input is the tensor after the model's data preprocessor
-(batch, height and width dynamic where the model allows); the outputs are
-the model's ``mode='tensor'`` outputs.
+(batch, height and width dynamic where the model allows). ``--graph``
+``auto`` (default) appends the task's post-processing where it has one
+(classifier scores and labels; segmentation labels at the image's size),
+``tensor`` keeps the model's ``mode='tensor'`` outputs. The test-time
+preprocessing goes into ``meta.json`` for ``mmdrq_runtime.Inferencer``.
 ``--target tensorrt`` writes int8-only Q/DQ (see docs/deploy.md).
 ``--residual-qdq calibrated`` quantizes the residual adds at 8 bits with
 scales from ``--calib-batches`` training batches (test pipeline), so ONNX
@@ -33,6 +36,8 @@ from mmengine.config import DictAction
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.deploy.folder import LAYOUTS, check_out_dir
 from mmdrq.deploy.onnx_export import FP_WEIGHTS
+from mmdrq.deploy.pipeline_graph import GRAPHS
+from mmdrq.deploy.preprocess_spec import preprocess_spec
 from mmdrq.deploy.pipeline import (calibration_batches, checkpoint_info,
                                    export_to_folder, load_for_export,
                                    test_input_shape)
@@ -60,6 +65,12 @@ def main():
                         help='single: one graph with the stored integers, '
                         'every bit derived at load; per_bit: a full file '
                         'per bit or SubNet, for runtimes that need one')
+    parser.add_argument('--graph', default='auto', choices=GRAPHS,
+                        help='pipeline: the task\'s post-processing in the '
+                        'graph (classification scores and labels, '
+                        'segmentation labels at the image size); tensor: the '
+                        'head tensors; auto: pipeline where the task has '
+                        'one')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace an export of another model in '
                         '--out-dir')
@@ -87,6 +98,7 @@ def main():
     cfg, model = load_for_export(args.config, args.checkpoint,
                                  args.cfg_options)
     input_shape = args.input_shape or test_input_shape(cfg, model)
+    spec, refusal = preprocess_spec(cfg, model)
     calibration = None
     if args.residual_qdq == 'calibrated':
         calibration = calibration_batches(cfg, model, args.calib_batches,
@@ -95,15 +107,19 @@ def main():
         ([] if subnets else list(model_bits(model)))
     meta = export_to_folder(model, args.out_dir, bits, subnets,
                             input_shape,
-                            info=checkpoint_info(args.config, args.checkpoint),
+                            info=dict(checkpoint_info(args.config,
+                                                      args.checkpoint),
+                                      preprocess=spec,
+                                      preprocess_refusal=refusal),
                             target=args.target,
                             residual_qdq=args.residual_qdq,
                             calibration=calibration,
                             fp_weights=args.fp_weights, layout=args.layout,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, graph=args.graph)
     for entry in meta['settings']:
-        print(f'{entry["name"]}: largest |ORT - PyTorch| on a random input '
-              f'{entry["probe_max_abs_diff"]:.3g}')
+        print(f'{entry["name"]}: ORT against PyTorch on a random input: '
+              f'{entry["probe"]:.3g} (largest difference of scores, share '
+              'of differing labels)')
     total = sum(osp.getsize(osp.join(args.out_dir, f)) for f in meta['files'])
     print(f'{args.out_dir}: {len(meta["settings"])} settings in '
           f'{len(meta["files"]) + 1} files, {total:,} bytes; input '

@@ -21,6 +21,36 @@ from mmdrq.registry import LOOPS
 from mmdrq_runtime.session import SwitchableSession
 
 
+def pipeline_predictions(session: SwitchableSession, inputs: torch.Tensor,
+                         data_samples):
+    """Data samples with the predictions of a whole-pipeline graph
+    (``mmdrq.deploy.pipeline_graph``): scores and labels of a classifier;
+    labels per pixel of a segmentor, run image by image with its padding
+    and original size."""
+    task = session.meta['pipeline']['task']
+    images = inputs.detach().float().cpu().numpy()
+    if task == 'classification':
+        scores, labels = run_session(session, inputs)
+        for sample, score, label in zip(data_samples, scores, labels):
+            sample.set_pred_score(score).set_pred_label(label.view(1))
+        return data_samples
+    from mmengine.structures import PixelData
+    for image, sample in zip(images, data_samples):
+        meta = sample.metainfo
+        if meta.get('flip'):
+            raise ValueError('the segmentation graph does not undo test-time '
+                             'flips: drop the flip from the test pipeline')
+        left, right, top, bottom = meta.get('img_padding_size',
+                                            meta.get('padding_size',
+                                                     [0] * 4))
+        labels = session.run(image[None], crop=np.array(
+            [top, bottom, left, right], np.int64), output_size=np.array(
+                meta['ori_shape'][:2], np.int64))[0]
+        sample.set_data(dict(pred_sem_seg=PixelData(
+            data=torch.from_numpy(labels))))
+    return data_samples
+
+
 def postprocess(model, outputs, data_samples):
     """Data samples with predictions from the network's tensor outputs
     (the structure ``model(inputs, mode='tensor')`` returns)."""
@@ -62,6 +92,8 @@ def run_session(session: SwitchableSession, inputs: torch.Tensor):
         arrays = [np.concatenate(parts) for parts in zip(*rows)]
     else:
         arrays = session.run(inputs)
+    if session.meta.get('pipeline'):
+        return [torch.from_numpy(a) for a in arrays]
     spec = pytree.treespec_loads(session.meta['output_tree'])
     return pytree.tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
 
@@ -135,8 +167,12 @@ class OnnxRuntimeTestLoop(TestLoop):
                               data_batch=data_batch)
         model = self._model
         data = model.data_preprocessor(data_batch, False)
-        outputs = run_session(self.session, data['inputs'])
-        samples = postprocess(model, outputs, data['data_samples'])
+        if self.session.meta.get('pipeline'):
+            samples = pipeline_predictions(self.session, data['inputs'],
+                                           data['data_samples'])
+        else:
+            outputs = run_session(self.session, data['inputs'])
+            samples = postprocess(model, outputs, data['data_samples'])
         self.evaluator.process(data_samples=samples, data_batch=data_batch)
         self.runner.call_hook('after_test_iter', batch_idx=idx,
                               data_batch=data_batch, outputs=samples)

@@ -38,6 +38,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from mmdrq.models.tasks import unsupported_reason
 from mmdrq.quantization import quantized_layers, use_bits
 from mmdrq.quantization.bitwidths import check_bit, signed_range
 from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
@@ -46,6 +47,7 @@ from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
                                          weight_integers)
 from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
                                        owner_weight_reads)
+from .pipeline_graph import append_pipeline, pipeline_task
 from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
                           placeholder, stand_in, weight_nodes, weight_parts)
 from .residual import add_residual_qdq, check_residual_mode
@@ -73,8 +75,14 @@ class TensorForward(nn.Module):
 
 
 def check_exportable(model: nn.Module):
-    """Refuse, before any work, a model that is not converted or was never
-    trained (no quantizer scale initialised)."""
+    """Refuse, before any work, a model that is not converted, was never
+    trained (no quantizer scale initialised), or whose task has no
+    exported form (two-stage, DETR-style, MaskFormer-style)."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f'{type(model).__name__} cannot be exported to '
+                         f'ONNX: {reason}; single-stage detectors, mmseg '
+                         'per-pixel segmentors and classifiers export')
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
@@ -326,6 +334,10 @@ class OnnxExporter:
             integer kernel; not bit-equal, see ``mmdrq.deploy.residual``).
         calibration: input batches (after the data preprocessor) for
             ``calibrated``.
+        graph: ``tensor`` (the model's ``mode='tensor'`` outputs),
+            ``pipeline`` (the task's post-processing appended:
+            ``mmdrq.deploy.pipeline_graph``) or ``auto`` (pipeline where
+            the task has one).
         fp_weights: how layers kept FP store their weights: ``float32``
             (as trained), ``float16`` (a Cast to float32 in the graph) or
             ``int8`` (post-training, symmetric per output channel
@@ -336,8 +348,10 @@ class OnnxExporter:
     def __init__(self, model: nn.Module, input_shape: Sequence[int],
                  forward=None, target: str = 'onnxruntime',
                  residual_qdq: str = 'none', calibration=None,
-                 fp_weights: str = 'float32'):
+                 fp_weights: str = 'float32', graph: str = 'tensor'):
         check_exportable(model)
+        self.task = pipeline_task(model, graph)
+        self.pipeline = None
         if target not in TARGETS:
             raise ValueError(f'target must be one of {list(TARGETS)}, got '
                              f'{target!r}')
@@ -383,6 +397,8 @@ class OnnxExporter:
             proto = program.model_proto
             self.folded = _fold_bn_nodes(proto, set(self.parts))
             proto = onnxscript.optimizer.optimize(proto)
+            if self.task is not None:
+                self.pipeline = append_pipeline(proto, self.task, self.model)
             self._skeleton = strip_debug_info(proto)
         return self._skeleton
 

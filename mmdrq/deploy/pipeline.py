@@ -15,6 +15,7 @@ from mmdrq_runtime.artifact import check_file_name
 from .folder import LAYOUTS, check_out_dir, pack, write_folder
 from .onnx_export import (OnnxExporter, at_bits, check_bits_setting,
                           check_exportable)
+from .pipeline_graph import pipeline_feeds, torch_pipeline
 from .residual import check_residual_mode
 
 
@@ -82,22 +83,31 @@ def test_input_shape(cfg, model) -> tuple:
 
 
 def _flat(outputs) -> list:
-    return [t.detach().float().numpy()
+    return [t.detach().numpy() if not t.is_floating_point() else
+            t.detach().float().numpy()
             for t in pytree.tree_flatten(outputs)[0]]
 
 
 def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
-    """Largest |ONNX Runtime - PyTorch| over the outputs on one random
-    input (a sanity number for meta.json; the metric tests are the real
-    check)."""
+    """ONNX Runtime against PyTorch on one random input: the largest
+    absolute difference of the float outputs, the share of differing
+    values of the integer ones (labels), whichever is larger (a sanity
+    number for meta.json; the metric tests are the real check)."""
     from mmdrq_runtime.session import make_session
     session = make_session(proto.SerializeToString())
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(exporter.input_shape, generator=generator)
-    got = session.run(None, {'input': inputs.numpy()})
+    feeds = dict(pipeline_feeds(exporter.pipeline, inputs.shape),
+                 input=inputs.numpy())
+    got = session.run(None, feeds)
     with at_bits(exporter.model, bits):
-        want = _flat(exporter.run_torch(inputs))
-    return max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+        want = exporter.run_torch(inputs)
+    if exporter.task is not None:
+        want = torch_pipeline(exporter.task, want, inputs, exporter.model)
+    differences = [float(np.mean(g != w)) if g.dtype.kind in 'iu' else
+                   float(np.abs(g - w).max())
+                   for g, w in zip(got, _flat(want))]
+    return max(differences)
 
 
 def check_subnet_name(name: str) -> str:
@@ -124,12 +134,15 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
                      info: Optional[dict] = None,
                      target: str = 'onnxruntime', residual_qdq: str = 'none',
                      calibration=None, fp_weights: str = 'float32',
-                     layout: str = 'single', overwrite: bool = False) -> dict:
+                     layout: str = 'single', overwrite: bool = False,
+                     graph: str = 'tensor') -> dict:
     """Export ``model`` at each of ``bits`` and each SubNet (name -> layer
     bits) into ``out_dir``; every input is checked before anything is
     exported or written (``target``, ``residual_qdq``, ``calibration``,
-    ``fp_weights``: see ``OnnxExporter``). ``layout='single'`` stores one
-    graph with the stored integers for every setting, ``'per_bit'`` a full
+    ``fp_weights``, ``graph``: see ``OnnxExporter``). ``layout='single'``
+    stores one
+    graph with the stored integers for every setting, ``'per_bit'`` a
+    full
     file per setting (for runtimes that need one); ``overwrite`` replaces
     another model's export. Returns the folder's meta."""
     check_exportable(model)
@@ -147,14 +160,14 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
     identity = model_identity(model)
     check_out_dir(out_dir, identity, overwrite)
     exporter = OnnxExporter(model, input_shape, forward, target,
-                            residual_qdq, calibration, fp_weights)
+                            residual_qdq, calibration, fp_weights, graph)
     models, integers, entries = {}, {}, []
     for name, setting in settings:
         models[name], integers[name] = exporter.export_setting(setting)
         layer_bits = setting if isinstance(setting, dict) else None
         entries.append(dict(
             name=name, bit=None if layer_bits else setting,
-            layer_bits=layer_bits, probe_max_abs_diff=probe_difference(
+            layer_bits=layer_bits, probe=probe_difference(
                 exporter, models[name], setting)))
     stored = model_bits(model)[0]
     base = None
@@ -177,6 +190,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
                 input_dims=[d.dim_value if d.HasField('dim_value') else None
                             for d in graph_input.dim],
                 output_tree=pytree.treespec_dumps(outputs),
+                pipeline=exporter.pipeline,
                 folded_bn=exporter.folded, integers=specs, settings=entries)
     return write_folder(out_dir, files, meta, models, identity, overwrite)
 

@@ -40,6 +40,10 @@ def test_onnxruntime_metrics_equal_pytorch(name, data, tiny_training,
     run_tool(osp.join(TOOLS, 'export_onnx.py'), config, ckpt, '--out-dir',
              onnx_dir, '--bits', *BITS, '--subnet', subnet,
              '--input-shape', *shape)
+    meta = json.loads((onnx_dir / 'meta.json').read_text())
+    probes = {e['name']: e['probe'] for e in meta['settings']}
+    print(f'\n{name}: graph {meta["pipeline"]}, ORT against PyTorch on a '
+          f'random input: {probes}')
     metrics = {}
     for backend, source, subnets in (('pytorch', ckpt, subnet),
                                      ('onnxruntime', onnx_dir, 'mixed')):

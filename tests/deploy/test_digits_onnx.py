@@ -114,7 +114,7 @@ def test_predictions_identical_on_the_validation_set(trained):
     fake-quantized forward and the integer kernels)."""
     from mmengine.runner import Runner
 
-    from mmdrq.deploy import SwitchableSession
+    from mmdrq.deploy import SwitchableSession, export_to_folder
     from mmdrq.deploy.pipeline import load_for_export
     from mmdrq.quantization import use_bits
     from mmdrq.quantization.deploy_numerics import deploy_numerics
@@ -122,8 +122,11 @@ def test_predictions_identical_on_the_validation_set(trained):
     loader = Runner.build_dataloader(cfg.test_dataloader)
     batches = [model.data_preprocessor(data, False)['inputs']
                for data in loader]
-    exact = SwitchableSession(trained['onnx_dir'])
-    integer = SwitchableSession(trained['onnx_dir'], kernels='integer')
+    folder = str(trained['folder'] / 'onnx_tensor')  # the logits
+    export_to_folder(model, folder, BITS, None, (1, 3, 16, 16),
+                     graph='tensor')
+    exact = SwitchableSession(folder)
+    integer = SwitchableSession(folder, kernels='integer')
     report = []
     for bit in BITS:
         exact.set_bits(bit)
@@ -246,3 +249,58 @@ def test_bad_residual_options_refused_before_writing(trained):
                              out, *extra, expect_ok=False)
         assert code != 0 and message in log, log[-500:]
         assert not osp.exists(out)
+
+
+def _inferencer_labels(folder, paths):
+    """Inferencer labels per bit, in a process where torch, OpenMMLab and
+    mmdrq cannot be imported."""
+    import subprocess
+    import sys
+    code = f"""
+import json, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'mmengine', 'mmcv',
+                                  'mmpretrain', 'mmdet', 'mmseg', 'mmdrq'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from mmdrq_runtime import Inferencer
+inferencer = Inferencer({folder!r})
+print(json.dumps({{bit: [inferencer.set_bits(bit)(p)['label']
+                        for p in {paths!r}] for bit in {list(BITS)!r}}}))
+"""
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {int(k): v for k, v in json.loads(result.stdout).items()}
+
+
+def test_image_in_inferencer_without_torch(trained):
+    """Image files in, labels out, with no torch: the test pipeline and the
+    data preprocessor repeated from meta.json; the labels those of
+    PyTorch's deploy numerics on the same files."""
+    from mmengine.runner import Runner
+
+    from mmdrq.deploy.pipeline import load_for_export
+    from mmdrq.quantization import use_bits
+    from mmdrq.quantization.deploy_numerics import deploy_numerics
+    cfg, model = load_for_export(trained['cfg'], trained['ckpt'])
+    meta = json.load(open(osp.join(trained['onnx_dir'], 'meta.json')))
+    assert meta['pipeline']['task'] == 'classification'
+    assert meta['preprocess']['steps'] == [
+        dict(type='resize', scale=[16, 16], keep_ratio=False)]
+    loader = Runner.build_dataloader(cfg.test_dataloader)
+    want, paths = {bit: [] for bit in BITS}, []
+    for data in loader:
+        inputs = model.data_preprocessor(data, False)['inputs']
+        paths += [s.img_path for s in data['data_samples']]
+        for bit in BITS:
+            with use_bits(model, bit), torch.no_grad(), deploy_numerics(
+                    model, lambda m: m(inputs[:1], mode='tensor')):
+                want[bit] += model(inputs, mode='tensor').argmax(1).tolist()
+        if len(paths) >= 96:
+            break
+    got = _inferencer_labels(trained['onnx_dir'], paths)
+    for bit in BITS:
+        same = sum(a == b for a, b in zip(got[bit], want[bit]))
+        assert same == len(paths), (bit, same, len(paths))

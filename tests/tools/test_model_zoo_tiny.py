@@ -9,6 +9,7 @@ convs) runs quantized but the first and prediction layers."""
 import json
 import math
 import os.path as osp
+import time
 
 import pytest
 import torch
@@ -31,8 +32,14 @@ CASES = {
     'mask2former': ('configs/segmentation/mask2former_r18_drq-8642_tiny.py',
                     ADE20K),
 }
+# models the ONNX export refuses, and a word of the reason it names
+EXPORT_REFUSED = {'dino': 'DETR-style', 'mask_rcnn': 'two-stage',
+                  'mask2former': 'MaskFormer-style'}
+
+
 def _trace_test_batch(config, ckpt, options):
-    """The weight uses of one test batch of the trained model."""
+    """The weight uses of one test batch of the trained model, and the
+    model."""
     from mmengine.runner import Runner
 
     from mmdrq.apis import load_trained
@@ -43,7 +50,7 @@ def _trace_test_batch(config, ckpt, options):
     model.eval()
     with torch.no_grad(), tracing_weight_uses(architecture) as uses:
         model.test_step(batch)
-    return uses
+    return uses, architecture
 
 
 @pytest.mark.parametrize('name', list(CASES))
@@ -76,8 +83,19 @@ def test_train_and_test_every_bit(name, data, tmp_path):
 
     # every conv, linear and attention weight the batch reaches runs
     # quantized but the first and prediction layers the defaults keep FP
-    uses = _trace_test_batch(config, str(work / ckpt), options)
+    uses, architecture = _trace_test_batch(config, str(work / ckpt), options)
     print(f'\n{name}: {uses.summary()}')
     assert uses.fp_layers() == {} and not uses.unused(), uses.summary()
     assert set(uses.fp_layers(kept=True)) and \
         uses.share(('quantized', )) > 0.9, uses.summary()
+
+    # the ONNX export refuses a model it has no form for at once, by name
+    from mmdrq.deploy import check_exportable
+    if name in EXPORT_REFUSED:
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=EXPORT_REFUSED[name]) as error:
+            check_exportable(architecture)
+        assert time.perf_counter() - start < 2.0
+        assert type(architecture).__name__ in str(error.value)
+    else:
+        check_exportable(architecture)

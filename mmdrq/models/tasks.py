@@ -1,0 +1,43 @@
+"""Which OpenMMLab task a model is, told from its parts: the one place that
+knows mmpretrain's ``head``, mmdet's ``bbox_head`` / ``roi_head`` and
+mmseg's ``decode_head``."""
+import sys
+from typing import Optional
+
+from torch import nn
+
+TASKS = ('classification', 'detection', 'segmentation')
+
+
+def task_of(model: nn.Module) -> Optional[str]:
+    """``classification`` (an mmpretrain classifier's softmax head),
+    ``detection`` (a single-stage mmdet detector), ``segmentation`` (an
+    mmseg segmentor with a per-pixel decode head), or None."""
+    if unsupported_reason(model) is not None:
+        return None
+    if getattr(model, 'decode_head', None) is not None:
+        return 'segmentation'
+    if getattr(model, 'bbox_head', None) is not None:
+        return 'detection'
+    head = getattr(model, 'head', None)
+    if head is not None and hasattr(head, '_get_predictions'):
+        return 'classification'
+    return None
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """Why a detector or segmentor has no exported form (None: it has):
+    found from its parts, before any export work."""
+    if getattr(model, 'roi_head', None) is not None:
+        return ('a two-stage detector: its roi_head pools features of '
+                'proposals that the RPN selects at run time')
+    detectors = sys.modules.get('mmdet.models.detectors')  # loaded with one
+    if detectors is not None and isinstance(
+            model, detectors.DetectionTransformer):
+        return ('a DETR-style detector: its decoder runs queries '
+                'chosen at run time')
+    head = getattr(model, 'decode_head', None)
+    if head is not None and not hasattr(head, 'conv_seg'):
+        return (f'its decode head {type(head).__name__} predicts masks per '
+                'query (MaskFormer-style), not logits per pixel')
+    return None
