@@ -72,8 +72,10 @@ class Inferencer:
 
     Images are HxWx3 uint8 arrays in OpenCV's BGR order (as OpenMMLab
     pipelines load them) or file paths. Returns for a classifier
-    ``{'scores': (classes,), 'label': int}``, for a segmentor
-    ``{'labels': (H, W)}`` at the image's own size.
+    ``{'scores': (classes,), 'label': int}``; for a detector ``{'boxes':
+    (K, 4), 'scores': (K,), 'labels': (K,)}``, boxes (x1, y1, x2, y2) in
+    the image's own pixels; for a segmentor ``{'labels': (H, W)}`` at the
+    image's own size.
     """
 
     def __init__(self, folder: str, threads: Optional[int] = None,
@@ -102,8 +104,18 @@ class Inferencer:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError('an image is an HxWx3 uint8 array (BGR), got '
                              f'{image.dtype} {image.shape}')
-        x, (h, w) = to_input(apply_steps(image, self.spec['steps']),
-                             self.spec)
+        resized = apply_steps(image, self.spec['steps'])
+        x, (h, w) = to_input(resized, self.spec)
+        if self.task == 'detection':  # mmcv's scale: new size / old size
+            inverse = [image.shape[1] / resized.shape[1],
+                       image.shape[0] / resized.shape[0]]
+            boxes, scores, labels = self.session.run(
+                x, image_size=np.array([h, w], np.float32),
+                inverse_scale=np.array([1 / (1 / v) for v in inverse],
+                                       np.float32))
+            keep = scores[0] >= 0
+            return dict(boxes=boxes[0][keep], scores=scores[0][keep],
+                        labels=labels[0][keep])
         if self.task == 'classification':
             scores, labels = self.session.run(x)
             return dict(scores=scores[0], label=int(labels[0]))

@@ -25,14 +25,30 @@ def pipeline_predictions(session: SwitchableSession, inputs: torch.Tensor,
                          data_samples):
     """Data samples with the predictions of a whole-pipeline graph
     (``mmdrq.deploy.pipeline_graph``): scores and labels of a classifier;
-    labels per pixel of a segmentor, run image by image with its padding
-    and original size."""
+    a detector's boxes, scores and labels, image by image with its resized
+    size and scale; labels per pixel of a segmentor, image by image with
+    its padding and original size."""
     task = session.meta['pipeline']['task']
     images = inputs.detach().float().cpu().numpy()
     if task == 'classification':
         scores, labels = run_session(session, inputs)
         for sample, score, label in zip(data_samples, scores, labels):
             sample.set_pred_score(score).set_pred_label(label.view(1))
+        return data_samples
+    if task == 'detection':
+        from mmengine.structures import InstanceData
+        for image, sample in zip(images, data_samples):
+            meta = sample.metainfo
+            boxes, scores, labels = session.run(
+                image[None], image_size=np.array(meta['img_shape'][:2],
+                                                 np.float32),
+                inverse_scale=np.array([1 / s for s in meta['scale_factor']],
+                                       np.float32))
+            keep = scores[0] >= 0
+            sample.pred_instances = InstanceData(
+                bboxes=torch.from_numpy(boxes[0][keep]),
+                scores=torch.from_numpy(scores[0][keep]),
+                labels=torch.from_numpy(labels[0][keep]))
         return data_samples
     from mmengine.structures import PixelData
     for image, sample in zip(images, data_samples):

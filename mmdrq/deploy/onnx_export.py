@@ -47,9 +47,11 @@ from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
                                          weight_integers)
 from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
                                        owner_weight_reads)
-from .pipeline_graph import append_pipeline, pipeline_task
+from .detection_graph import DetectionCandidates, append_nms
+from .detection_graph import EXTRA_INPUTS as DETECTION_INPUTS
 from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
                           placeholder, stand_in, weight_nodes, weight_parts)
+from .pipeline_graph import append_pipeline, pipeline_task
 from .residual import add_residual_qdq, check_residual_mode
 
 OPSET = 20
@@ -382,22 +384,31 @@ class OnnxExporter:
         """The float graph with BN folded where it can be (exported once)."""
         if self._skeleton is None:
             import onnxscript.optimizer
-            wrapper = TensorForward(_float_skeleton(self.model),
-                                     self.forward).eval()
+            skeleton = _float_skeleton(self.model)
             # batch and spatial sizes dynamic where the model allows it
             # (a size the model's code fixes stays static: see meta.json);
             # an example batch of 2, as a size of 1 would be fixed
             shape = (max(2, self.input_shape[0]), ) + self.input_shape[1:]
             auto = torch.export.Dim.AUTO
             dynamic = {d: auto for d in [0] + list(range(2, len(shape)))}
+            if self.task == 'detection':
+                wrapper = DetectionCandidates(skeleton, self.forward)
+                example = DetectionCandidates.example_inputs(shape)
+                names = ['input', *DETECTION_INPUTS]
+            else:
+                wrapper = TensorForward(skeleton, self.forward)
+                example, names = (torch.zeros(shape), ), ['input']
+            dynamic = (dynamic, ) + (None, ) * (len(example) - 1)
             program = torch.onnx.export(
-                wrapper, (torch.zeros(shape), ), dynamo=True,
-                optimize=False, opset_version=OPSET, input_names=['input'],
-                verbose=False, dynamic_shapes=(dynamic, ))
+                wrapper.eval(), example, dynamo=True, optimize=False,
+                opset_version=OPSET, input_names=names, verbose=False,
+                dynamic_shapes=dynamic)
             proto = program.model_proto
             self.folded = _fold_bn_nodes(proto, set(self.parts))
             proto = onnxscript.optimizer.optimize(proto)
-            if self.task is not None:
+            if self.task == 'detection':
+                self.pipeline = append_nms(proto, self.model)
+            elif self.task is not None:
                 self.pipeline = append_pipeline(proto, self.task, self.model)
             self._skeleton = strip_debug_info(proto)
         return self._skeleton

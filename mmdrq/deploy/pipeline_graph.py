@@ -10,7 +10,7 @@ deploy host gets predictions, not head tensors (``--graph pipeline``).
   ``postprocess_result`` makes them (bilinear, ONNX Resize with the decode
   head's ``align_corners``).
 
-Detection keeps the head tensors for now (``--graph tensor``).
+- detection (a single-stage head): ``mmdrq.deploy.detection_graph``.
 """
 from typing import Optional
 
@@ -35,13 +35,16 @@ def pipeline_task(model, graph: str) -> Optional[str]:
     if task == 'segmentation' and \
             model.decode_head.conv_seg.out_channels == 1:
         task = None  # a thresholded binary head: not an argmax
+    reason = None
     if task == 'detection':
-        task = None
+        from .detection_graph import detection_refusal
+        reason = detection_refusal(model)
+        task = None if reason else task
     if graph == 'pipeline' and task is None:
-        raise ValueError(f'{type(model).__name__}: no whole-pipeline graph '
-                         'for this model yet (classifiers with a softmax '
-                         'head and per-pixel segmentors have one); export '
-                         "with graph='tensor' (--graph tensor)")
+        raise ValueError(f'{type(model).__name__}: no whole-pipeline graph: '
+                         f'{reason or "not a classifier, single-stage "}'
+                         f'{"" if reason else "detector or segmentor"}; '
+                         "export with graph='tensor' (--graph tensor)")
     return None if graph == 'tensor' else task
 
 
@@ -117,6 +120,13 @@ def torch_pipeline(task: str, outputs, inputs, model):
     import torch
     import torch.nn.functional as F
     logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    if task == 'detection':
+        head = model.bbox_head
+        metas = [dict(img_shape=tuple(inputs.shape[2:]),
+                      scale_factor=(1.0, 1.0))] * len(inputs)
+        found = head.predict_by_feat(*outputs, batch_img_metas=metas,
+                                     rescale=True)
+        return [result.scores for result in found]
     if task == 'classification':
         scores = F.softmax(logits, dim=1)
         return [scores, scores.argmax(dim=1)]
@@ -130,5 +140,8 @@ def pipeline_feeds(pipeline: Optional[dict], shape) -> dict:
     no padding and the input's own size as the output size."""
     if not pipeline or not pipeline['extra_inputs']:
         return {}
+    if pipeline['task'] == 'detection':
+        return dict(image_size=np.array(shape[2:], np.float32),
+                    inverse_scale=np.ones(2, np.float32))
     return dict(crop=np.zeros(4, np.int64),
                 output_size=np.array(shape[2:], np.int64))
