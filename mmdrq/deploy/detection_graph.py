@@ -2,7 +2,7 @@
 scores and labels in the original image's coordinates.
 
 ``DetectionCandidates`` is what the exporter traces: the detector's tensor
-forward, then mmdet's ``BaseDenseHead._predict_by_feat_single`` for a batch
+forward, then mmdet's ``BaseDenseHead._predict_by_feat_single`` (and GFL's) for a batch
 of images that share one size: per level the ``nms_pre`` best (anchor,
 class) pairs above ``score_thr``, their boxes decoded by the head's own
 coder and clipped to the image, rescaled to the original image, scores
@@ -28,12 +28,14 @@ EXTRA_INPUTS = ('image_size', 'inverse_scale')
 
 def detection_refusal(model) -> Optional[str]:
     """Why ``model``'s post-processing has no graph form (None: it has)."""
+    from mmdet.models.dense_heads import GFLHead
     from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
     head = model.bbox_head
-    if type(head)._predict_by_feat_single is not \
-            BaseDenseHead._predict_by_feat_single:
+    own = type(head)._predict_by_feat_single
+    if own is not BaseDenseHead._predict_by_feat_single and \
+            own is not GFLHead._predict_by_feat_single:
         return (f'{type(head).__name__} post-processes in its own way '
-                '(RetinaNet, FCOS, ATSS and heads that keep mmdet\'s '
+                '(RetinaNet, FCOS, ATSS, GFL and heads that keep mmdet\'s '
                 'BaseDenseHead post-processing have a graph form)')
     cfg = head.test_cfg
     nms = cfg.get('nms', {})
@@ -67,9 +69,13 @@ class DetectionCandidates(nn.Module):
         priors = head.prior_generator.grid_priors(
             sizes, dtype=cls_scores[0].dtype, device=cls_scores[0].device)
         classes = head.cls_out_channels
+        # GFL regresses a distribution per side: its integral times the
+        # level's stride, from the anchor's center (GFLHead's own code)
+        gfl = hasattr(head, 'integral')
         boxes, scores, labels = [], [], []
-        for cls, pred, factor, prior in zip(cls_scores, bbox_preds, factors,
-                                            priors):
+        for cls, pred, factor, prior, stride in zip(
+                cls_scores, bbox_preds, factors, priors,
+                head.prior_generator.strides):
             batch = cls.shape[0]
             cls = cls.permute(0, 2, 3, 1).reshape(batch, -1, classes)
             score = cls.sigmoid() if head.use_sigmoid_cls else \
@@ -82,11 +88,15 @@ class DetectionCandidates(nn.Module):
             value, index = pairs.topk(keep, dim=1)
             box = torch.div(index, score.shape[-1], rounding_mode='floor')
             label = index % score.shape[-1]
-            dim = head.bbox_coder.encode_size
+            dim = head.bbox_coder.encode_size * (head.reg_max + 1 if gfl
+                                                 else 1)
             pred = pred.permute(0, 2, 3, 1).reshape(batch, -1, dim)
             pred = torch.gather(pred, 1, box[..., None].expand(-1, -1, dim))
-            prior = prior[box.reshape(-1)]
-            decoded = head.bbox_coder.decode(prior, pred.reshape(-1, dim))
+            pred, prior = pred.reshape(-1, dim), prior[box.reshape(-1)]
+            if gfl:
+                pred = head.integral(pred) * stride[0]
+                prior = head.anchor_center(prior)
+            decoded = head.bbox_coder.decode(prior, pred)
             boxes.append(decoded.reshape(batch, keep, 4))
             if factor is not None:
                 factor = factor.permute(0, 2, 3, 1).reshape(batch, -1)

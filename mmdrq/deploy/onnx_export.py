@@ -384,26 +384,7 @@ class OnnxExporter:
         """The float graph with BN folded where it can be (exported once)."""
         if self._skeleton is None:
             import onnxscript.optimizer
-            skeleton = _float_skeleton(self.model)
-            # batch and spatial sizes dynamic where the model allows it
-            # (a size the model's code fixes stays static: see meta.json);
-            # an example batch of 2, as a size of 1 would be fixed
-            shape = (max(2, self.input_shape[0]), ) + self.input_shape[1:]
-            auto = torch.export.Dim.AUTO
-            dynamic = {d: auto for d in [0] + list(range(2, len(shape)))}
-            if self.task == 'detection':
-                wrapper = DetectionCandidates(skeleton, self.forward)
-                example = DetectionCandidates.example_inputs(shape)
-                names = ['input', *DETECTION_INPUTS]
-            else:
-                wrapper = TensorForward(skeleton, self.forward)
-                example, names = (torch.zeros(shape), ), ['input']
-            dynamic = (dynamic, ) + (None, ) * (len(example) - 1)
-            program = torch.onnx.export(
-                wrapper.eval(), example, dynamo=True, optimize=False,
-                opset_version=OPSET, input_names=names, verbose=False,
-                dynamic_shapes=dynamic)
-            proto = program.model_proto
+            proto = self._export_float(_float_skeleton(self.model))
             self.folded = _fold_bn_nodes(proto, set(self.parts))
             proto = onnxscript.optimizer.optimize(proto)
             if self.task == 'detection':
@@ -412,6 +393,41 @@ class OnnxExporter:
                 self.pipeline = append_pipeline(proto, self.task, self.model)
             self._skeleton = strip_debug_info(proto)
         return self._skeleton
+
+    def _export_float(self, skeleton: nn.Module) -> onnx.ModelProto:
+        """The float graph, batch and spatial sizes dynamic where the model
+        allows it. The example is a batch of 2 (a size of 1 would be fixed)
+        at least 256 pixels on its short side, so that no feature map of
+        an FPN (strides up to 128) is 1 wide, which would fix its size too;
+        a model whose code fixes the sizes is exported again at the given
+        input shape, which the graph then requires (``input_dims``)."""
+        spatial = self.input_shape[2:]
+        grow = -(-256 // min(spatial)) if spatial else 1
+        for example in ([max(2, self.input_shape[0]), self.input_shape[1]] +
+                        [s * grow for s in spatial],
+                        [max(2, self.input_shape[0])] +
+                        list(self.input_shape[1:])):
+            proto = self._trace(skeleton, tuple(example))
+            dims = proto.graph.input[0].type.tensor_type.shape.dim[2:]
+            if grow == 1 or not any(d.HasField('dim_value') for d in dims):
+                break
+        return proto
+
+    def _trace(self, skeleton: nn.Module, shape) -> onnx.ModelProto:
+        auto = torch.export.Dim.AUTO
+        dynamic = {d: auto for d in [0] + list(range(2, len(shape)))}
+        if self.task == 'detection':
+            wrapper = DetectionCandidates(skeleton, self.forward)
+            example = DetectionCandidates.example_inputs(shape)
+            names = ['input', *DETECTION_INPUTS]
+        else:
+            wrapper = TensorForward(skeleton, self.forward)
+            example, names = (torch.zeros(shape), ), ['input']
+        program = torch.onnx.export(
+            wrapper.eval(), example, dynamo=True, optimize=False,
+            opset_version=OPSET, input_names=names, verbose=False,
+            dynamic_shapes=(dynamic, ) + (None, ) * (len(example) - 1))
+        return program.model_proto
 
     def _active_bns(self, bits) -> Dict[str, nn.Module]:
         """Which BN copy each switchable BN runs at ``bits``: recorded from
