@@ -78,6 +78,35 @@ def fp32_onnx(model) -> onnx.ModelProto:
     return program.model_proto
 
 
+def ort_quantize_static(fp32: onnx.ModelProto, calibration, path: str):
+    """ONNX Runtime's own post-training quantizer on the same FP32 graph
+    and calibration images: QDQ, int8 weights per channel, uint8
+    activations, MinMax (its defaults but per channel)."""
+    from onnxruntime.quantization import (CalibrationDataReader,
+                                          CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+
+        def __init__(self):
+            self.batches = iter([{'input': b[i:i + 1].numpy()}
+                                 for b in calibration for i in range(len(b))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        raw, prepared = (osp.join(folder, f) for f in ('fp32.onnx',
+                                                       'prep.onnx'))
+        onnx.save(fp32, raw)
+        quant_pre_process(raw, prepared)
+        quantize_static(prepared, path, Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+
+
 def kernel_report(path: str, threads: int) -> dict:
     """Convolutions by kind in ONNX Runtime's optimized graph."""
     with tempfile.TemporaryDirectory() as folder:
@@ -167,8 +196,13 @@ def main():
         paths[name] = osp.join(args.out_dir, f'resnet18_{file}.onnx')
         data = proto.SerializeToString()
         atomic_write(paths[name], lambda f: f.write(data))
+    paths['ORT quantize_static w8a8'] = osp.join(
+        args.out_dir, 'resnet18_ort_quantize_static.onnx')
+    ort_quantize_static(protos['FP32'], calibration,
+                        paths['ORT quantize_static w8a8'])
     folder = osp.join(args.out_dir, 'resnet18_export')
-    export_to_folder(quantized, folder, [8, 4], None, (1, 3, SIZE, SIZE))
+    export_to_folder(quantized, folder, [8, 4], None, (1, 3, SIZE, SIZE),
+                     overwrite=True)
     # in a fresh process: the memory numbers are the sessions' own
     with multiprocessing.get_context('spawn').Pool(1) as pool:
         switching = pool.apply(switch_costs, (folder, args.threads))

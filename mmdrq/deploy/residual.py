@@ -14,7 +14,11 @@ tensor, symmetric:
 - the Add's output, after its ReLU when the ReLU is its only consumer
   (then unsigned: zero point 0, so ONNX Runtime drops the ReLU into the
   QuantizeLinear and the block's output is quantized once for every
-  consumer: the next block's convs and its identity path).
+  consumer: the next block's convs and its identity path). Where every
+  quantized reader of that output quantizes it at the whole 8-bit
+  container, the output takes the largest of the readers' scales and they
+  all take it too, so their QuantizeLinear is the output's own and ONNX
+  Runtime has no DQ -> Q requantization to run.
 
 Signed tensors go in the graph's activation container: uint8 with zero
 point 128 where the convs' inputs are uint8 (ONNX Runtime, unsigned
@@ -137,6 +141,42 @@ def calibrate_ranges(proto: onnx.ModelProto, names: Sequence[str],
     return ranges
 
 
+def _shared_consumers(graph, name: str, dtype) -> list:
+    """The QuantizeLinear nodes that quantize ``name`` for quantized
+    layers, when every one does so at the whole ``dtype`` container (its
+    DequantizeLinear, or an integer Clip that clips nothing, right after)
+    with zero point 0 and a scale of its own (read by its Q and DQ only);
+    else []."""
+    inits = {i.name: i for i in graph.initializer}
+    users = {}
+    for node in graph.node:
+        for key in node.input:
+            users.setdefault(key, []).append(node)
+    info = np.iinfo(dtype)
+    found = []
+    for node in users.get(name, []):
+        if node.op_type != 'QuantizeLinear':
+            continue
+        scale, zero = node.input[1], node.input[2]
+        if zero not in inits or scale not in inits or \
+                numpy_helper.to_array(inits[zero]).dtype != dtype or \
+                numpy_helper.to_array(inits[zero]).any() or \
+                len(users.get(scale, [])) != 2:  # its Q and DQ: one call
+            return []
+        after = users.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type not in ('Clip',
+                                                       'DequantizeLinear'):
+            return []
+        if after[0].op_type == 'Clip':
+            bounds = [numpy_helper.to_array(inits[i]) if i in inits else None
+                      for i in after[0].input[1:]]
+            if len(bounds) != 2 or any(b is None for b in bounds) or \
+                    bounds[0] != info.min or bounds[1] != info.max:
+                return []
+        found.append(node)
+    return found
+
+
 def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
                      target: str) -> Dict[str, float]:
     """Insert the calibrated Q/DQ pairs into ``proto`` (in place); returns
@@ -149,11 +189,21 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
     dtype = activation_container(graph, target)
     position = {out: index for index, node in enumerate(graph.node)
                 for out in node.output}
-    after, scales = {}, {}
+    after, scales, merged = {}, {}, {}
+    inits = {i.name: i for i in graph.initializer}
     for name, unsigned in list(outputs.items()) + list(operands.items()):
         wide = unsigned and dtype == np.uint8
         scale = np.float32(max(ranges[name], 1e-8) / (255 if wide else 127))
         zero = 0 if unsigned or dtype == np.int8 else 128
+        shared = _shared_consumers(graph, name, dtype) \
+            if name in outputs and (unsigned or dtype == np.int8) else []
+        if shared:  # one scale for the block's output and its readers
+            scale = max(numpy_helper.to_array(inits[q.input[1]])
+                        for q in shared).astype(np.float32)
+            for q in shared:
+                inits[q.input[1]].CopyFrom(numpy_helper.from_array(
+                    np.array(scale), q.input[1]))
+                merged[q.output[0]] = name + '.q'
         scales[name] = float(scale)
         producer = graph.node[position[name]]
         if name in outputs:  # every consumer reads the dequantized tensor
@@ -176,8 +226,13 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
                              [target_name], name=name + '.dequantize')])
     nodes = []
     for index, node in enumerate(graph.node):
+        if node.op_type == 'QuantizeLinear' and node.output[0] in merged:
+            continue  # the residual's own integers are the same
         nodes.append(node)
         nodes += after.get(index, [])
+    for node in nodes:
+        for index, key in enumerate(node.input):
+            node.input[index] = merged.get(key, key)
     del graph.node[:]
     graph.node.extend(nodes)
     return scales

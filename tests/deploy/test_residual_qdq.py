@@ -18,6 +18,7 @@ from mmdrq.deploy import OnnxExporter, make_session  # noqa: E402
 from mmdrq.deploy.residual import residual_tensors  # noqa: E402
 from mmdrq.deploy.tensorrt_rules import check_tensorrt_rules  # noqa: E402
 from mmdrq.quantization import quantized_layers  # noqa: E402
+from mmdrq.quantization.deploy_numerics import deploy_numerics  # noqa: E402,E501
 from test_onnx_export import BITS, calibrate, plain  # noqa: E402
 
 SHAPE = (1, 3, 16, 16)
@@ -182,6 +183,7 @@ def residual_reference(model, inputs, calibration, bit):
 
     for index, block in enumerate(blocks):
         block.forward = lambda x, i=index, b=block: forward(i, b, x)
+    saved = [(a, a.scale.data.clone()) for a in readers(blocks, 0)]
     try:
         with use_bits(model, bit), torch.no_grad():
             for x in calibration:
@@ -189,10 +191,38 @@ def residual_reference(model, inputs, calibration, bit):
             scales = {key: torch.tensor(np.float32(max(value, 1e-8) / (
                 255 if key[1] == 'out' or key == (0, 'identity') else 127)))
                 for key, value in ranges.items()}
-            return tensor(model, inputs).numpy()
+            for index in range(len(blocks) - 1):
+                acts = readers(blocks, index + 1)
+                if bit != 8 or not acts:
+                    continue  # below 8 bits the readers clip: calibrated
+                # at 8 bits a block's output and the quantized layers
+                # reading it share their largest trained scale
+                row = acts[0].bits.index(bit)
+                shared = max(a.scale.data[row] for a in acts)
+                scales[(index, 'out')] = shared.float()
+                for act in acts:
+                    act.scale.data[row] = shared
+            # the convs sum integers as the exact session does, so that
+            # no conv output lands on the other side of a rounding
+            with deploy_numerics(model, lambda m: tensor(m, inputs[:1])):
+                return tensor(model, inputs).numpy()
     finally:
         for block in blocks:
             del block.forward
+        for act, scale in saved:
+            act.scale.data.copy_(scale)
+
+
+def readers(blocks, index):
+    """The input quantizers of the block that reads block ``index - 1``'s
+    output: its conv1 and its downsample conv."""
+    if index >= len(blocks):
+        return []
+    block = blocks[index]
+    layers = [block.conv1] + ([block.downsample[0]]
+                              if block.downsample is not None else [])
+    return [layer.act_quantizer for layer in layers
+            if getattr(layer, 'act_quantizer', None) is not None]
 
 
 @pytest.mark.parametrize('bit', [8, 4])
@@ -206,6 +236,13 @@ def test_calibrated_graph_equals_its_reference(classifier, calibrated, bit):
     with use_bits(classifier, bit), torch.no_grad():
         plain_model = tensor(classifier, x).numpy()
     assert np.abs(plain_model - want).max() > 1e-3  # the rounding shows
+    # at 8 bits no block output is dequantized and quantized again
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    requantized = [n.name for n in proto.graph.node
+                   if n.op_type == 'QuantizeLinear' and
+                   getattr(producers.get(n.input[0]), 'op_type', '') ==
+                   'DequantizeLinear']
+    assert (requantized == []) == (bit == 8), requantized
 
 
 def test_bad_options_refused(classifier):
