@@ -12,6 +12,7 @@ to the file the exporter made for it (the exporter checks that).
 ``meta.json`` lists every file with its SHA-256; names are plain file names
 inside the folder. Reading checks all of it before any setting runs.
 """
+import functools
 import hashlib
 import json
 import os.path as osp
@@ -99,12 +100,36 @@ def verify(folder: str, meta: dict):
 
 def second_rounding(container: np.ndarray, stored_bit: int, bit: int,
                     rounding: str, mode: str) -> np.ndarray:
-    """A lower bit's int8 container integers from the stored bit's: the
-    stored integers ``q_h`` (the container shifted right by ``8 - h``),
-    shifted right by ``d = h - bit`` bits with the rounding of training
-    (``half_even``, ``half_up``, or the bare shift for ``mode='floor'``),
-    clipped to the signed ``bit``-bit range and aligned to the container's
-    top bits again. int8 arithmetic throughout: every intermediate fits."""
+    """A lower bit's int8 container integers from the stored bit's (see
+    ``shift_round_clip``), by table: one lookup per pair of weights."""
+    flat = np.ascontiguousarray(container, np.int8).reshape(-1)
+    single, pairs = _tables(stored_bit, bit, rounding, mode)
+    out = np.empty_like(flat)
+    even = flat.size - flat.size % 2
+    out[:even].view(np.uint16)[:] = pairs[flat[:even].view(np.uint16)]
+    out[even:] = single[flat[even:].view(np.uint8)]
+    return out.reshape(np.shape(container))
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(stored_bit: int, bit: int, rounding: str, mode: str):
+    """``shift_round_clip`` of every int8 value (indexed by its byte), and
+    of every pair of them (indexed by the two bytes as one uint16)."""
+    every = np.arange(256, dtype=np.uint8).view(np.int8)
+    single = shift_round_clip(every, stored_bit, bit, rounding, mode)
+    both = np.arange(65536, dtype=np.uint16).view(np.uint8)
+    pairs = single[both].view(np.uint16)
+    return single, pairs
+
+
+def shift_round_clip(container: np.ndarray, stored_bit: int, bit: int,
+                     rounding: str, mode: str) -> np.ndarray:
+    """The stored integers ``q_h`` (the container shifted right by
+    ``8 - h``), shifted right by ``d = h - bit`` bits with the rounding of
+    training (``half_even``, ``half_up``, or the bare shift for
+    ``mode='floor'``), clipped to the signed ``bit``-bit range and aligned
+    to the container's top bits again. int8 arithmetic: every
+    intermediate fits."""
     if rounding not in ('half_even', 'half_up'):
         raise ValueError(f'unknown rounding {rounding!r}')
     q = np.asarray(container, np.int8) >> (CONTAINER_BIT - stored_bit)
@@ -181,8 +206,10 @@ class ExportFolder:
                                                       init.name))
             elif init.name in weight_bits:
                 spec = integers[init.name]
+                stored = np.frombuffer(init.raw_data, np.int8) \
+                    if init.raw_data else numpy_helper.to_array(init)
                 init.raw_data = second_rounding(
-                    numpy_helper.to_array(init), spec['stored_bit'],
+                    stored, spec['stored_bit'],
                     weight_bits[init.name], spec['rounding'],
                     spec['mode']).tobytes()
         if values:

@@ -72,8 +72,9 @@ def main():
     print(f'\ninteger checkpoint: {int_path} '
           f'({osp.getsize(int_path):,} bytes); logs in {work}')
     ort = export_and_test_onnx(int_path, work, root, qat_ckpt)
-    print('\n[5/5] ONNX Runtime on the per-bit ONNX files (from the integer '
-          'checkpoint) beside PyTorch (its training forward, and its '
+    print('\n[5/5] ONNX Runtime on the export folder (one graph for every '
+          'bit, from the integer checkpoint) beside PyTorch (its training '
+          'forward, and its '
           '--numerics deploy, which ONNX Runtime\'s exact kernels equal): '
           'top-1, %\n')
     print('| bit | PyTorch | PyTorch deploy numerics | ONNX Runtime | '
@@ -85,13 +86,14 @@ def main():
 
 
 def export_and_test_onnx(int_path, work, root, qat_ckpt) -> dict:
-    """Export every bit to ONNX from the integer file, then test each file
-    in ONNX Runtime with its exact kernels (equal to PyTorch's deploy
+    """Export every bit to ONNX from the integer file (one folder, replacing
+    an earlier run's), then test each bit in ONNX Runtime with its exact kernels (equal to PyTorch's deploy
     numerics, also tested) and with its integer kernels; returns the
     metrics of the three."""
     onnx_dir = osp.join(work, 'onnx')
     run_tool([osp.join(HERE, 'export_onnx.py'), QAT_CONFIG, int_path,
-              '--out-dir', onnx_dir, '--input-shape', 1, 3, 16, 16],
+              '--out-dir', onnx_dir, '--input-shape', 1, 3, 16, 16,
+              '--overwrite'],
              osp.join(work, 'export_onnx.log'))
     runs = {kernels: [onnx_dir, '--backend', 'onnxruntime', '--ort-kernels',
                       kernels] for kernels in ('exact', 'integer')}
