@@ -68,7 +68,7 @@ def main():
             ' + ', '_').replace(' ', '_'))
         export_to_folder(model, folder, bits, None, args.input_shape,
                          calibration=calibration if options else None,
-                         **options)
+                         overwrite=True, **options)
         for kernels in ('exact', 'integer'):
             session = SwitchableSession(folder, args.threads, kernels)
             row = results[f'{mode}, {kernels} kernels'] = {}

@@ -399,19 +399,22 @@ class OnnxExporter:
         allows it. The example is a batch of 2 (a size of 1 would be fixed)
         at least 256 pixels on its short side, so that no feature map of
         an FPN (strides up to 128) is 1 wide, which would fix its size too;
-        a model whose code fixes the sizes is exported again at the given
-        input shape, which the graph then requires (``input_dims``)."""
-        spatial = self.input_shape[2:]
+        a model whose code fixes the sizes (or fails at that size: a
+        flatten into a Linear) is exported again at the given input shape,
+        which the graph then requires (``input_dims``)."""
+        batch, spatial = max(2, self.input_shape[0]), self.input_shape[2:]
         grow = -(-256 // min(spatial)) if spatial else 1
-        for example in ([max(2, self.input_shape[0]), self.input_shape[1]] +
-                        [s * grow for s in spatial],
-                        [max(2, self.input_shape[0])] +
-                        list(self.input_shape[1:])):
-            proto = self._trace(skeleton, tuple(example))
+        given = (batch, ) + tuple(self.input_shape[1:])
+        if grow > 1:
+            try:
+                proto = self._trace(skeleton, (batch, self.input_shape[1]) +
+                                    tuple(s * grow for s in spatial))
+            except Exception:  # the model's code takes only given sizes
+                return self._trace(skeleton, given)
             dims = proto.graph.input[0].type.tensor_type.shape.dim[2:]
-            if grow == 1 or not any(d.HasField('dim_value') for d in dims):
-                break
-        return proto
+            if not any(d.HasField('dim_value') for d in dims):
+                return proto
+        return self._trace(skeleton, given)
 
     def _trace(self, skeleton: nn.Module, shape) -> onnx.ModelProto:
         auto = torch.export.Dim.AUTO

@@ -17,8 +17,10 @@ tensor, symmetric:
   consumer: the next block's convs and its identity path). Where every
   quantized reader of that output quantizes it at the whole 8-bit
   container, the output takes the largest of the readers' scales and they
-  all take it too, so their QuantizeLinear is the output's own and ONNX
-  Runtime has no DQ -> Q requantization to run.
+  all take it too: each reader's QuantizeLinear then reads a
+  DequantizeLinear of the same scale and zero point, which ONNX Runtime
+  removes (no requantization; the graph keeps the same nodes at every
+  bit, as one export folder needs).
 
 Signed tensors go in the graph's activation container: uint8 with zero
 point 128 where the convs' inputs are uint8 (ONNX Runtime, unsigned
@@ -189,7 +191,7 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
     dtype = activation_container(graph, target)
     position = {out: index for index, node in enumerate(graph.node)
                 for out in node.output}
-    after, scales, merged = {}, {}, {}
+    after, scales = {}, {}
     inits = {i.name: i for i in graph.initializer}
     for name, unsigned in list(outputs.items()) + list(operands.items()):
         wide = unsigned and dtype == np.uint8
@@ -203,7 +205,6 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
             for q in shared:
                 inits[q.input[1]].CopyFrom(numpy_helper.from_array(
                     np.array(scale), q.input[1]))
-                merged[q.output[0]] = name + '.q'
         scales[name] = float(scale)
         producer = graph.node[position[name]]
         if name in outputs:  # every consumer reads the dequantized tensor
@@ -226,13 +227,8 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
                              [target_name], name=name + '.dequantize')])
     nodes = []
     for index, node in enumerate(graph.node):
-        if node.op_type == 'QuantizeLinear' and node.output[0] in merged:
-            continue  # the residual's own integers are the same
         nodes.append(node)
         nodes += after.get(index, [])
-    for node in nodes:
-        for index, key in enumerate(node.input):
-            node.input[index] = merged.get(key, key)
     del graph.node[:]
     graph.node.extend(nodes)
     return scales
