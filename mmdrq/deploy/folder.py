@@ -78,10 +78,8 @@ def pack(settings: List[dict], models: Dict[str, onnx.ModelProto],
     folder. ``settings`` are dicts with ``name``, ``bit``, ``layer_bits``;
     ``models[name]`` and ``integers[name]`` what ``export_setting`` gave;
     ``base`` the stored bit's model (None when the stored bit does not fit
-    the container: every setting keeps its own integers then)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f'layout must be one of {list(LAYOUTS)}, got '
-                         f'{layout!r}')
+    the container: every setting keeps its own integers then); ``layout``
+    is one of ``LAYOUTS``, checked by the caller before any export."""
     files, entries, specs = {}, [], {}
     if layout == 'per_bit':
         for setting in settings:
