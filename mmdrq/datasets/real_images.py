@@ -141,6 +141,32 @@ def _write_png(path: str, array: np.ndarray):
         raise RuntimeError(f'OpenCV could not write {path}')
 
 
+def check_replaceable(root: str, kind: str):
+    """Refuse, before any work, a ``root`` that is a file, or a folder that
+    holds anything but a dataset of ``kind`` these writers made (its
+    ``dataset.json``): only that is ever replaced, never a user's folder
+    or a dataset of the other kind."""
+    if not osp.lexists(root):
+        return
+    if not osp.isdir(root) or osp.islink(root):
+        raise FileExistsError(f'dataset root {root!r} is not a folder')
+    if not os.listdir(root):
+        return
+    stamp = osp.join(root, 'dataset.json')
+    try:
+        with open(stamp) as f:
+            found = json.load(f)['settings']['kind']
+    except (OSError, ValueError, KeyError, TypeError):
+        found = None
+    if found != kind:
+        what = f'a {found} dataset' if found else \
+            f'other files ({sorted(os.listdir(root))[:3]})'
+        raise FileExistsError(
+            f'dataset root {root!r} holds {what}, not a {kind} dataset '
+            'written here; choose an empty or new folder (nothing was '
+            'changed)')
+
+
 def _write_folder(root: str, settings: dict, build: Callable[[str], dict]):
     """Run ``build(folder)`` in a temporary sibling of ``root`` and put the
     result in ``root``'s place only once complete (the old folder is removed
@@ -153,6 +179,7 @@ def _write_folder(root: str, settings: dict, build: Callable[[str], dict]):
             last = json.load(f)
         if last.get('settings') == settings:
             return last['counts']
+    check_replaceable(root, settings['kind'])
     parent = osp.dirname(root)
     os.makedirs(parent, exist_ok=True)
     new = tempfile.mkdtemp(prefix=f'.{osp.basename(root)}.', dir=parent)

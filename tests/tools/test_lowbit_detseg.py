@@ -9,7 +9,7 @@ import os.path as osp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_tool
+from conftest import ROOT, TOOLS, run_tool
 from test_det_seg_pipeline import _digest
 
 pytest.importorskip('skimage')
@@ -78,6 +78,29 @@ def test_segmentation_dataset_loads_in_mmseg(tmp_path):
             assert values <= {0, SEG_CLASSES.index(name.split('_')[0])}
             seen |= values
     assert seen == {0, 1, 2}
+
+
+def test_writers_never_replace_a_folder_they_did_not_write(tmp_path):
+    """A user's folder, the data folder or a dataset of the other kind is
+    refused before anything is written (issue 25: they were deleted)."""
+    from mmdrq.datasets import write_real_detection, write_real_segmentation
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'notes.txt').write_text('keep')
+    for write in (write_real_detection, write_real_segmentation):
+        with pytest.raises(FileExistsError, match='holds other files'):
+            write(str(mine), 2, 1, seed=0)
+    assert os.listdir(mine) == ['notes.txt']
+    seg = str(tmp_path / 'seg')
+    write_real_segmentation(seg, 2, 1, seed=0)
+    before = _digest(seg)
+    with pytest.raises(FileExistsError, match='holds a segmentation dataset'):
+        write_real_detection(seg, 2, 1, seed=0)
+    assert _digest(seg) == before
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(FileExistsError, match='is not a folder'):
+        write_real_segmentation(str(tmp_path / 'file'), 2, 1, seed=0)
+    assert sorted(os.listdir(tmp_path)) == ['file', 'mine', 'seg']
 
 
 def test_writers_are_deterministic_and_replace_only_complete_folders(
@@ -306,3 +329,33 @@ def test_recommended_config_is_its_benchmark_row(task):
         cfg.pop('max_iters')
         configs.append(cfg)
     assert configs[0] == configs[1]
+
+
+@pytest.mark.parametrize('case', ['same', 'nested', 'user_folder'])
+def test_make_real_datasets_refuses_before_writing(tmp_path, monkeypatch,
+                                                   capsys, case):
+    """tools/make_real_datasets.py, run in-process: roots that are one
+    folder, one inside the other, or a folder of the user's are refused
+    before either dataset is written."""
+    import runpy
+    import sys
+    det, seg = tmp_path / 'det', tmp_path / 'seg'
+    if case == 'same':
+        seg = det
+    elif case == 'nested':
+        seg = det / 'seg'
+    else:
+        seg.mkdir()
+        (seg / 'notes.txt').write_text('keep')
+    monkeypatch.setattr(sys, 'argv', [
+        'make_real_datasets.py', '--det-root', str(det), '--seg-root',
+        str(seg), '--det-crops', '2', '1', '--seg-crops', '2', '1'])
+    error = SystemExit if case != 'user_folder' else FileExistsError
+    with pytest.raises(error):
+        runpy.run_path(osp.join(TOOLS, 'make_real_datasets.py'),
+                       run_name='__main__')
+    if case != 'user_folder':
+        assert 'must be separate folders' in capsys.readouterr().err
+    assert not det.exists()
+    assert sorted(os.listdir(tmp_path)) == (['seg'] if case == 'user_folder'
+                                            else [])
