@@ -12,7 +12,8 @@ pickled without that table (MMEngine keeps it on the class and rebuilds it in
 torch's default can be turned off from the environment
 (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``), which then runs any pickled code in
 a checkpoint: mmdrq passes ``weights_only=True`` explicitly, and makes
-MMEngine's loader of local files do the same.
+MMEngine's loaders of local files and of URLs (torch.hub, which loads with
+``weights_only=False``) do the same.
 """
 import copyreg
 import os.path as osp
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import CheckpointLoader
+from mmengine.runner import checkpoint as mmengine_checkpoint
 
 _installed = False
 
@@ -77,10 +79,29 @@ def load_from_local_weights_only(filename: str, map_location=None):
     return load_weights_only(filename, map_location)
 
 
+def load_url_weights_only(url: str, model_dir=None, map_location=None,
+                          progress: bool = True):
+    """MMEngine's ``load_url`` (torch.hub's download into its cache, which
+    then loads with ``weights_only=False``) reading the file with
+    ``weights_only=True``: a URL's checkpoint, also from the cache, is
+    refused like a local file that holds code."""
+    from torch.hub import load_state_dict_from_url
+    try:
+        return load_state_dict_from_url(url, model_dir=model_dir,
+                                        map_location=map_location,
+                                        progress=progress, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(
+            f'{url!r} holds objects that are not allowed in a checkpoint: '
+            'refused, it is read with weights_only=True (tensors, '
+            f'containers, numbers and strings only): {error}') from None
+
+
 def allow_mmengine_checkpoints():
     """Make checkpoints written from now on, and MMEngine's loads of them,
     work with ``weights_only=True``, and make MMEngine load local files
-    (``load_from``, ``resume``, ``load_checkpoint``) with it. Idempotent."""
+    (``load_from``, ``resume``, ``load_checkpoint``) and URLs with it.
+    Idempotent."""
     global _installed
     if _installed:
         return
@@ -88,4 +109,6 @@ def allow_mmengine_checkpoints():
     torch.serialization.add_safe_globals([HistoryBuffer] + _numpy_globals())
     CheckpointLoader.register_scheme(
         prefixes='', loader=load_from_local_weights_only, force=True)
+    # http(s)://, and torchvision://, open-mmlab:// ... which resolve to it
+    mmengine_checkpoint.load_url = load_url_weights_only
     _installed = True
