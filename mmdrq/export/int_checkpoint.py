@@ -7,6 +7,7 @@ not give the parameter back, so it is kept as it is). The
 rest of the state dict (activation scales, per-bit BN, FP layers, biases) is
 kept as it is, and the metadata lets a load refuse another model or bit set.
 """
+import hashlib
 import pickle
 import zipfile
 
@@ -24,6 +25,22 @@ from .packing import pack, storage_of, unpack
 FORMAT = 'mmdrq-int'
 FORMAT_VERSION = 1
 META_KEYS = ('bits', 'options', 'model', 'signature')
+
+
+def tensors_digest(payload: dict) -> str:
+    """SHA-256 over every tensor of ``int_weights`` and ``state_dict`` (key,
+    dtype, shape, bytes, in key order): torch does not check its zip's
+    CRCs, so flipped bytes inside a tensor would load as other weights."""
+    digest = hashlib.sha256()
+    tensors = [(f'state_dict.{k}', v) for k, v in payload['state_dict'].items()]
+    for name, entry in payload['int_weights'].items():
+        tensors += [(f'int_weights.{name}.{k}', entry[k])
+                    for k in ('data', 'scale')]
+    for key, tensor in sorted(tensors, key=lambda item: item[0]):
+        digest.update(f'{key}:{tensor.dtype}:{list(tensor.shape)};'.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1)
+                      .view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _signature(model: nn.Module) -> list:
@@ -67,10 +84,10 @@ def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
         format=FORMAT, format_version=FORMAT_VERSION,
         mmdrq_version=__version__, **quantizer_meta(model),
         model=type(model).__name__, signature=_signature(model))
-    atomic_torch_save(
-        dict(meta=meta, int_weights=int_weights,
-             state_dict={k: v.detach().cpu() for k, v in state.items()}),
-        path)
+    payload = dict(meta=meta, int_weights=int_weights,
+                   state_dict={k: v.detach().cpu() for k, v in state.items()})
+    meta['tensors_sha256'] = tensors_digest(payload)
+    atomic_torch_save(payload, path)
     return sizes
 
 
@@ -141,6 +158,12 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
         state[name + '.weight_quantizer.scale'] = scale
     _check_shapes({k: list(v.shape) for k, v in state.items()}, model,
                   f'{path!r} does not hold what its signature says')
+    # after the checks that name an edit; files of this format without the digest (written before it) load
+    if 'tensors_sha256' in meta and \
+            tensors_digest(payload) != meta['tensors_sha256']:
+        raise ValueError(f'{path!r}: its tensors do not match the SHA-256 '
+                         'in its metadata: the file is damaged; export it '
+                         'again (tools/export_int.py)')
     model.load_state_dict(state, strict=True)
     if meta.get('layer_bits'):
         set_layer_bits(model, meta['layer_bits'])

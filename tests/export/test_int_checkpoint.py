@@ -533,3 +533,27 @@ def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
     atomic.atomic_write(str(path), lambda f: f.write(b'data'))
     assert events == ['file', 'rename', 'folder']
     assert path.read_bytes() == b'data'
+
+
+@pytest.mark.parametrize('where', ['int_weights', 'state_dict'])
+def test_flipped_bytes_inside_a_tensor_are_refused(tmp_path, make_tiny_cnn,
+                                                   where):
+    """torch does not check its zip's CRCs: bytes flipped inside a stored
+    tensor loaded as other weights (issue 25); the tensors' SHA-256 in the
+    metadata refuses them."""
+    saved, _ = _trained(_tiny, 0, CONFIGS['int8'])
+    path = tmp_path / 'model_int.pth'
+    save_int(saved, str(path))
+    payload = torch.load(path, weights_only=True)
+    tensor = payload['int_weights']['conv1']['data'] \
+        if where == 'int_weights' else payload['state_dict']['stem.weight']
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    data = path.read_bytes()
+    start = data.find(raw)
+    assert start > 0 and data.find(raw, start + 1) < 0  # found once
+    damaged = bytearray(data)
+    for offset in range(start, start + 8):
+        damaged[offset] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match='do not match the SHA-256'):
+        load_int(quantize_model(make_tiny_cnn()), str(path))
