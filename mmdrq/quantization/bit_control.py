@@ -1,9 +1,18 @@
 """Switch a converted model between bit-widths, globally or per layer.
 
+A model's bit is state of its modules, shared by every thread: ``use_bits``
+holds a lock of the model for its whole block (``set_bits`` and
+``set_layer_bits`` take it too), so threads that each run their forward
+inside ``use_bits`` (a server answering at several bits) serialize and each
+gets its own bit. A forward outside ``use_bits`` while another thread
+switches has no such guard.
+
 Switching calls each quantized module's ``set_bit`` (one attribute write):
 no pass over weights.
 """
 import contextlib
+import threading
+import weakref
 from typing import Dict, Iterator, Mapping, Tuple, Union
 
 from torch import nn
@@ -11,6 +20,20 @@ from torch import nn
 from .bitwidths import check_bit
 from .layers import (BitSwitchable, QuantLayer, not_quantized_error,
                      quantized_layers)
+
+
+_LOCKS = weakref.WeakKeyDictionary()  # model -> its RLock
+_LOCKS_GUARD = threading.Lock()
+
+
+def bits_lock(model: nn.Module) -> threading.RLock:
+    """The lock that guards ``model``'s bits (made at first use; kept off
+    the module, so a model still deep-copies and pickles)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 def _switchables(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -31,8 +54,9 @@ def model_bits(model: nn.Module) -> tuple:
 
 def set_bits(model: nn.Module, bit: int) -> nn.Module:
     """Run every quantized layer and switchable BN of ``model`` at ``bit``."""
-    for _, module in _switchables(model):
-        module.set_bit(bit)  # the first one refuses a bad bit
+    with bits_lock(model):
+        for _, module in _switchables(model):
+            module.set_bit(bit)  # the first one refuses a bad bit
     return model
 
 
@@ -45,16 +69,17 @@ def set_layer_bits(model: nn.Module, layer_bits: Dict[str, int]) -> nn.Module:
     """
     layer_bits = check_layer_bits(model, layer_bits)
     layers = quantized_layers(model)
-    for name, bit in layer_bits.items():
-        layers[name].set_bit(bit)
-    for _, module in _switchables(model):
-        source = layers.get(getattr(module, 'source', None))
-        previous = layers.get(getattr(module, 'previous', None))
-        if previous is not None:  # transitional: (previous, source) bits
-            module.set_bit(module.bit if source is None else source.bit,
-                           previous.bit)
-        elif source is not None:
-            module.set_bit(source.bit)
+    with bits_lock(model):
+        for name, bit in layer_bits.items():
+            layers[name].set_bit(bit)
+        for _, module in _switchables(model):
+            source = layers.get(getattr(module, 'source', None))
+            previous = layers.get(getattr(module, 'previous', None))
+            if previous is not None:  # transitional: (previous, source)
+                module.set_bit(module.bit if source is None else source.bit,
+                               previous.bit)
+            elif source is not None:
+                module.set_bit(source.bit)
     return model
 
 
@@ -90,18 +115,20 @@ def get_bits(model: nn.Module) -> Dict[str, int]:
 @contextlib.contextmanager
 def use_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
     """Run ``model`` at ``bits`` (one int, or per-layer) inside the block and
-    restore every module's previous bit afterwards."""
-    saved = [(m, m.bit, getattr(m, 'prev_bit', None))
-             for _, m in _switchables(model)]
-    try:
-        if isinstance(bits, dict):
-            set_layer_bits(model, bits)
-        else:
-            set_bits(model, bits)
-        yield model
-    finally:
-        for module, bit, prev_bit in saved:
-            if prev_bit is None:
-                module.set_bit(bit)
+    restore every module's previous bit afterwards; other threads' bit
+    switches of ``model`` wait until the block ends."""
+    with bits_lock(model):
+        saved = [(m, m.bit, getattr(m, 'prev_bit', None))
+                 for _, m in _switchables(model)]
+        try:
+            if isinstance(bits, dict):
+                set_layer_bits(model, bits)
             else:
-                module.set_bit(bit, prev_bit)
+                set_bits(model, bits)
+            yield model
+        finally:
+            for module, bit, prev_bit in saved:
+                if prev_bit is None:
+                    module.set_bit(bit)
+                else:
+                    module.set_bit(bit, prev_bit)

@@ -270,3 +270,47 @@ def test_switch_then_forward_matches_fresh_setting(model):
             set_bits(model, bit)
             assert torch.equal(model(x), first[bit])
     assert len({tuple(v.flatten().tolist()) for v in first.values()}) == 4
+
+
+def test_use_bits_blocks_in_threads_each_get_their_bit(model):
+    """Two threads serving bits 4 and 2 of one model, each forward inside
+    ``use_bits`` (a server's pattern), while a third switches with
+    ``set_bits``: every output is its bit's, and the model ends at the bit
+    it started at (issue 25: 44 and 51 of 150 outputs matched neither)."""
+    import threading
+    generator = torch.Generator().manual_seed(0)
+    _train_all_bits(model, torch.randn(8, 3, 6, 6, generator=generator))
+    model.eval()
+    x = torch.randn(16, 3, 6, 6, generator=generator)
+    want = {}
+    for bit in BITS:
+        with use_bits(model, bit), torch.no_grad():
+            want[bit] = model(x)
+    set_bits(model, 8)
+    wrong, stop = [], threading.Event()
+
+    def serve(bit):
+        for _ in range(60):
+            with use_bits(model, bit), torch.no_grad():
+                if not torch.equal(model(x), want[bit]):
+                    wrong.append(bit)
+
+    def switch():
+        while not stop.is_set():
+            for bit in (6, 8):
+                set_bits(model, bit)
+
+    threads = [threading.Thread(target=serve, args=(b, )) for b in (4, 2)]
+    switcher = threading.Thread(target=switch)
+    switcher.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop.set()
+    switcher.join()
+    set_bits(model, 8)
+    with use_bits(model, 4):
+        pass
+    assert wrong == []
+    assert set(_all_bits(model).values()) == {8}
