@@ -45,7 +45,7 @@ def _supported_types() -> Dict[type, type]:
     return mapping
 
 
-def _is_weight_layer(module: nn.Module) -> bool:
+def is_weight_layer(module: nn.Module) -> bool:
     """Conv- or linear-like layers: the ones a user expects to see listed."""
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear,
                            nn.MultiheadAttention, QuantLayer)):
@@ -74,7 +74,7 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
     """Decide, for every conv/linear layer, quantize or keep FP (and why)."""
     supported = _supported_types()
     layers = [(n, m) for n, m in model.named_modules()
-              if n and _is_weight_layer(m)]
+              if n and is_weight_layer(m)]
     names = [n for n, _ in layers]
     used = {p: False for p in cfg.skip}
     auto = {}
@@ -224,7 +224,7 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
     for name, module in list(model.named_modules(remove_duplicate=False)):
         repeated = id(module) in first_name
         name = first_name.setdefault(id(module), name)
-        if _is_weight_layer(module):  # quantized or kept FP
+        if is_weight_layer(module):  # quantized or kept FP
             if previous is None or \
                     not _feeds_input(previous, name, forms):
                 previous = (name, module)

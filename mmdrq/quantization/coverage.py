@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .convert import _is_weight_layer
+from .convert import is_weight_layer
 from .functional import fake_quant_impl
 from .layers import QuantLayer
 from .learned_scale import LearnedScaleQuantizer
@@ -83,7 +83,7 @@ def tracked_weights(model: nn.Module) -> Dict[str, tuple]:
     for module_name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             names = ATTENTION_WEIGHTS
-        elif _is_weight_layer(module) or parametrize.is_parametrized(
+        elif is_weight_layer(module) or parametrize.is_parametrized(
                 module, 'weight') and re.search('Conv|Linear',
                                                 type(module).__name__):
             names = ('weight', )
