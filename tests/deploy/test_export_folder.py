@@ -233,3 +233,16 @@ print([session.set_bits(k).run(x)[0].shape for k in session.available])
     lines = result.stdout.strip().splitlines()
     assert lines[0] == '[]'
     assert lines[1] == str([(3, 4)] * (len(BITS) + len(SUBNETS)))
+
+
+def test_fixed_sizes_checked_against_the_test_batch():
+    """A graph whose sizes the model fixed: another height or width is an
+    error that says how to export again; a fixed batch of 1 runs image by
+    image."""
+    from mmdrq.deploy.loop import check_input_shape
+    meta = dict(input_dims=[None, 3, 224, 224])
+    with pytest.raises(ValueError, match='--input-shape 1 3 16 16'):
+        check_input_shape(meta, (2, 3, 16, 16))
+    assert check_input_shape(meta, (2, 3, 224, 224)) is False
+    assert check_input_shape(dict(input_dims=[1, 3, None, None]),
+                             (2, 3, 16, 16)) is True
