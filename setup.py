@@ -59,6 +59,9 @@ if __name__ == '__main__':
             'tests': ['pytest', 'scikit-learn', 'scikit-image'],
             # the real-image data of benchmarks/lowbit_detseg.py
             'data': ['scikit-learn', 'scikit-image>=0.19'],
-            'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.5'],
+            # the export; the deploy host needs onnx, onnxruntime, and
+            # OpenCV for mmdrq_runtime.Inferencer
+            'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.5',
+                       'opencv-python'],
         },
         zip_safe=False)

@@ -107,12 +107,11 @@ class Inferencer:
         resized = apply_steps(image, self.spec['steps'])
         x, (h, w) = to_input(resized, self.spec)
         if self.task == 'detection':  # mmcv's scale: new size / old size
-            inverse = [image.shape[1] / resized.shape[1],
-                       image.shape[0] / resized.shape[0]]
+            scale = (resized.shape[1] / image.shape[1],
+                     resized.shape[0] / image.shape[0])
             boxes, scores, labels = self.session.run(
                 x, image_size=np.array([h, w], np.float32),
-                inverse_scale=np.array([1 / (1 / v) for v in inverse],
-                                       np.float32))
+                inverse_scale=np.array([1 / s for s in scale], np.float32))
             keep = scores[0] >= 0
             return dict(boxes=boxes[0][keep], scores=scores[0][keep],
                         labels=labels[0][keep])

@@ -9,6 +9,7 @@ a complete new export after a kill or a full disk.
 import ctypes
 import glob
 import io
+import json
 import os
 import os.path as osp
 import shutil
@@ -19,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from mmdrq.utils.atomic import current_umask, fsync_folder
 from mmdrq.version import __version__
 from mmdrq_runtime.artifact import (FORMAT, FORMAT_VERSION, GRAPH, META,
                                     ExportFolder, check_file_name, read_meta,
@@ -153,31 +155,20 @@ def write_folder(folder: str, files: Dict[str, bytes], meta: dict,
                        for name, data in files.items()})
     staging = tempfile.mkdtemp(prefix=f'.{base}.staging-', dir=parent)
     try:
-        os.chmod(staging, 0o777 & ~_umask())
+        os.chmod(staging, 0o777 & ~current_umask())
         for name, data in list(files.items()) + [
-                (META, _json(meta))]:
+                (META, json.dumps(meta, indent=1).encode())]:
             with open(osp.join(staging, name), 'wb') as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        _fsync(staging)
+        fsync_folder(staging)
         _check_rebuilt(staging, meta, models)
         _swap(staging, folder)
     finally:
         if osp.exists(staging):
             shutil.rmtree(staging)
     return meta
-
-
-def _json(meta: dict) -> bytes:
-    import json
-    return json.dumps(meta, indent=1).encode()
-
-
-def _umask() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 def _check_rebuilt(staging: str, meta: dict, models):
@@ -189,14 +180,6 @@ def _check_rebuilt(staging: str, meta: dict, models):
         if got.SerializeToString() != want.SerializeToString():
             raise RuntimeError(f'setting {entry["name"]!r} does not rebuild '
                                'to its exported model (an exporter bug)')
-
-
-def _fsync(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -227,7 +210,7 @@ def _swap(staging: str, folder: str):
         os.rename(folder, old)
         os.rename(staging, folder)
         shutil.rmtree(old)
-    _fsync(parent)
+    fsync_folder(parent)
 
 
 def _recover(folder: str):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from onnx import helper
 from torch import nn
 
-from mmdrq.quantization.integers import container_integers, second_rounding
+from mmdrq.quantization.integers import container_integers, second_rounding_mode
 from mmdrq.quantization.layers import QConv2d, QLinear, QuantLayer
 from mmdrq.quantization.per_level import EXPORT_REFUSAL, PerLevel
 from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
@@ -268,7 +268,7 @@ def weight_nodes(rewrite, module, prefix: str, q: torch.Tensor,
     quantizer = module.weight_quantizer
     rewrite.integers[prefix + '.weight_q'] = dict(
         bit=bit, stored_bit=quantizer.stored_bit,
-        rounding=quantizer.rounding, mode=second_rounding(quantizer))
+        rounding=quantizer.rounding, mode=second_rounding_mode(quantizer))
     scale = scale.float()
     transposed = isinstance(module, TransposedConvLayer)
     groups = module.groups if transposed else 1

@@ -1,6 +1,7 @@
 """From a config and a checkpoint (training or integer) to an export folder."""
 import hashlib
 import os.path as osp
+import re
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -118,7 +119,7 @@ def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
 def check_subnet_name(name: str) -> str:
     """A SubNet's name names its files: a plain name, not a bit's."""
     check_file_name(name)
-    if name.startswith('w') and name[1:].replace('a', '', 1).isdigit():
+    if re.fullmatch(r'w\d+a\d+', name):
         raise ValueError(f'SubNet name {name!r} looks like a bit setting; '
                          'rename its file')
     return name

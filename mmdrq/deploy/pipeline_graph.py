@@ -41,10 +41,11 @@ def pipeline_task(model, graph: str) -> Optional[str]:
         reason = detection_refusal(model)
         task = None if reason else task
     if graph == 'pipeline' and task is None:
+        reason = reason or ('not a classifier, single-stage detector or '
+                            'segmentor')
         raise ValueError(f'{type(model).__name__}: no whole-pipeline graph: '
-                         f'{reason or "not a classifier, single-stage "}'
-                         f'{"" if reason else "detector or segmentor"}; '
-                         "export with graph='tensor' (--graph tensor)")
+                         f"{reason}; export with graph='tensor' (--graph "
+                         'tensor)')
     return None if graph == 'tensor' else task
 
 

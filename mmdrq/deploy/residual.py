@@ -143,17 +143,13 @@ def calibrate_ranges(proto: onnx.ModelProto, names: Sequence[str],
     return ranges
 
 
-def _shared_consumers(graph, name: str, dtype) -> list:
+def _shared_consumers(name: str, dtype, inits: dict, users: dict) -> list:
     """The QuantizeLinear nodes that quantize ``name`` for quantized
     layers, when every one does so at the whole ``dtype`` container (its
     DequantizeLinear, or an integer Clip that clips nothing, right after)
     with zero point 0 and a scale of its own (read by its Q and DQ only);
-    else []."""
-    inits = {i.name: i for i in graph.initializer}
-    users = {}
-    for node in graph.node:
-        for key in node.input:
-            users.setdefault(key, []).append(node)
+    else []. ``inits``: the graph's initializers by name; ``users``: tensor
+    name -> the nodes reading it."""
     info = np.iinfo(dtype)
     found = []
     for node in users.get(name, []):
@@ -193,11 +189,15 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
                 for out in node.output}
     after, scales = {}, {}
     inits = {i.name: i for i in graph.initializer}
+    users = {}
+    for node in graph.node:
+        for key in node.input:
+            users.setdefault(key, []).append(node)
     for name, unsigned in list(outputs.items()) + list(operands.items()):
         wide = unsigned and dtype == np.uint8
         scale = np.float32(max(ranges[name], 1e-8) / (255 if wide else 127))
         zero = 0 if unsigned or dtype == np.int8 else 128
-        shared = _shared_consumers(graph, name, dtype) \
+        shared = _shared_consumers(name, dtype, inits, users) \
             if name in outputs and (unsigned or dtype == np.int8) else []
         if shared:  # one scale for the block's output and its readers
             scale = max(numpy_helper.to_array(inits[q.input[1]])

@@ -36,14 +36,14 @@ def container_integers(quantizer: nn.Module, weight: torch.Tensor,
     q_h = quantizer.integers(weight)  # the stored INT-h integers
     h = quantizer.stored_bit
     q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
-                   second_rounding(quantizer))
+                   second_rounding_mode(quantizer))
     align = CONTAINER_BIT - bit
     scale = quantizer.scale[0].detach().double().expand(weight.shape[0]) * \
         2.0**(h - bit - align)
     return (q * 2**align).to(torch.int8), scale
 
 
-def second_rounding(quantizer: nn.Module) -> str:
+def second_rounding_mode(quantizer: nn.Module) -> str:
     """How a weight quantizer derives a lower bit from the stored integers:
     ``double_rounding`` (round by ``rounding``) or ``floor`` (shift)."""
     return 'floor' if quantizer.variant == 'floor' else 'double_rounding'

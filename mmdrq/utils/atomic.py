@@ -23,18 +23,23 @@ def atomic_write(path: str, write: Callable[[BinaryIO], object]):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
-def _fsync_folder(folder: str):
+def current_umask() -> int:
+    """The process's umask (read by setting it, then set back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def fsync_folder(folder: str):
     """Flush the folder entry of a rename (POSIX; a no-op where folders
     cannot be opened, as on Windows)."""
     try:
