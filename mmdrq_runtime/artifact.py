@@ -16,7 +16,9 @@ import functools
 import hashlib
 import json
 import os.path as osp
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Union
 
 import numpy as np
@@ -187,32 +189,61 @@ class ExportFolder:
     def model(self, key: Union[int, str]):
         """The ONNX model of setting ``key`` (a fresh ModelProto)."""
         import onnx
-        from onnx import numpy_helper
         entry = self.entry(key)
         if entry.get('file') is not None:  # a plain per-setting file
             return onnx.load(osp.join(self.folder, entry['file']))
-        proto = onnx.ModelProto()
-        proto.CopyFrom(self.graph())
-        values: Dict[str, np.ndarray] = {}
-        if entry.get('values') is not None:
-            with np.load(osp.join(self.folder, entry['values']),
-                         allow_pickle=False) as stored:
-                values = {name: stored[name] for name in stored.files}
-        integers = self.meta['integers']
-        weight_bits = entry.get('weight_bits', {})
+        return self.fill(copy_model(self.graph()), key)
+
+    def values(self, key: Union[int, str]) -> Dict[str, np.ndarray]:
+        """Setting ``key``'s float values (and Clip bounds) by initializer
+        name, where they differ from the stored graph's."""
+        name = self.entry(key).get('values')
+        if name is None:
+            return {}
+        with np.load(osp.join(self.folder, name), allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    def fill(self, proto, key: Union[int, str], values=None,
+             absent: frozenset = frozenset()):
+        """Put setting ``key`` into ``proto`` (in place, and return it): a
+        copy of the stored graph, or of one rewritten without changing the
+        initializers' names and values (``absent``: names it dropped).
+        Weights take their integers by ``second_rounding`` of the stored
+        ones, on a few threads; float values come from ``values`` (default
+        ``self.values(key)``)."""
+        from onnx import numpy_helper
+        entry = self.entry(key)
+        values = dict(self.values(key) if values is None else values)
+        integers, weight_bits = self.meta['integers'], \
+            entry.get('weight_bits', {})
+        derived = []
         for init in proto.graph.initializer:
             if init.name in values:
                 init.CopyFrom(numpy_helper.from_array(values.pop(init.name),
                                                       init.name))
             elif init.name in weight_bits:
-                spec = integers[init.name]
-                stored = np.frombuffer(init.raw_data, np.int8) \
-                    if init.raw_data else numpy_helper.to_array(init)
-                init.raw_data = second_rounding(
-                    stored, spec['stored_bit'],
-                    weight_bits[init.name], spec['rounding'],
-                    spec['mode']).tobytes()
-        if values:
-            raise ValueError(f'{self.folder!r}: {entry["values"]!r} holds '
-                             f'values the graph lacks: {sorted(values)[:3]}')
+                derived.append(init)
+
+        def derive(init):
+            spec = integers[init.name]
+            stored = np.frombuffer(init.raw_data, np.int8) \
+                if init.raw_data else numpy_helper.to_array(init)
+            return second_rounding(stored, spec['stored_bit'],
+                                   weight_bits[init.name], spec['rounding'],
+                                   spec['mode']).tobytes()
+
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            for init, data in zip(derived, pool.map(derive, derived)):
+                init.raw_data = data  # numpy's lookups release the GIL
+        if set(values) - absent:
+            raise ValueError(f'{self.folder!r}: {entry.get("values")!r} '
+                             'holds values the graph lacks: '
+                             f'{sorted(set(values) - absent)[:3]}')
         return proto
+
+
+def copy_model(proto):
+    import onnx
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy

@@ -23,7 +23,8 @@ from onnx import numpy_helper
 from mmdrq.utils.atomic import current_umask, fsync_folder
 from mmdrq.version import __version__
 from mmdrq_runtime.artifact import (FORMAT, FORMAT_VERSION, GRAPH, META,
-                                    ExportFolder, check_file_name, read_meta,
+                                    ExportFolder, check_file_name, copy_model,
+                                    read_meta,
                                     sha256_bytes)
 from mmdrq_runtime.session import drop_identity_clips
 
@@ -85,7 +86,7 @@ def pack(settings: List[dict], models: Dict[str, onnx.ModelProto],
     files, entries, specs = {}, [], {}
     if layout == 'per_bit':
         for setting in settings:
-            proto = drop_identity_clips(_copy(models[setting['name']]))
+            proto = drop_identity_clips(copy_model(models[setting['name']]))
             file = check_file_name(setting['name'] + '.onnx')
             files[file] = proto.SerializeToString()
             entries.append(dict(setting, file=file))
@@ -121,15 +122,9 @@ def pack(settings: List[dict], models: Dict[str, onnx.ModelProto],
     return files, entries, specs
 
 
-def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    new = onnx.ModelProto()
-    new.CopyFrom(proto)
-    return new
-
-
 def _structure(proto: onnx.ModelProto) -> bytes:
     """The graph without its initializers' values."""
-    skeleton = _copy(proto)
+    skeleton = copy_model(proto)
     for init in skeleton.graph.initializer:
         init.ClearField('raw_data')
         for field in ('float_data', 'int32_data', 'int64_data',
@@ -176,7 +171,7 @@ def _check_rebuilt(staging: str, meta: dict, models):
     for entry in meta['settings']:
         key = entry['bit'] if entry['bit'] is not None else entry['name']
         got = drop_identity_clips(export.model(key))
-        want = drop_identity_clips(_copy(models[entry['name']]))
+        want = drop_identity_clips(copy_model(models[entry['name']]))
         if got.SerializeToString() != want.SerializeToString():
             raise RuntimeError(f'setting {entry["name"]!r} does not rebuild '
                                'to its exported model (an exporter bug)')

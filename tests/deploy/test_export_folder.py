@@ -72,9 +72,12 @@ def test_one_graph_serves_every_setting(model, exports):
                            for k in values.files)  # (and the Clip bounds)
     assert folder_bytes(exports['single']) < folder_bytes(exports['per_bit'])
     session = SwitchableSession(exports['single'])
+    own_files = SwitchableSession(exports['per_bit'])
     x = torch.randn(2, 3, 6, 6)
-    for key in single.available:
+    for key in single.available:  # the shared rewritten graph, refilled
         got = session.set_bits(key).run(x.numpy())[0]
+        np.testing.assert_array_equal(
+            got, own_files.set_bits(key).run(x.numpy())[0])
         with use_bits(model, SUBNETS.get(key, key)), torch.no_grad():
             np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4,
                                        atol=1e-5)
