@@ -29,9 +29,11 @@ MODES = {
     'float residual (bit-equal)': dict(),
     'calibrated residual': dict(residual_qdq='calibrated'),
     'calibrated + FP layers float16': dict(residual_qdq='calibrated',
-                                           fp_weights='float16'),
+                                           fp_layers='float16'),
+    'calibrated + FP layers int8 weights': dict(residual_qdq='calibrated',
+                                                fp_layers='int8_weights'),
     'calibrated + FP layers int8': dict(residual_qdq='calibrated',
-                                        fp_weights='int8'),
+                                        fp_layers='int8'),
 }
 
 

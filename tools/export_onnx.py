@@ -4,7 +4,8 @@
         [--subnet s.json ...] [--input-shape 1 3 224 224]
         [--layout single|per_bit] [--overwrite]
         [--target onnxruntime|tensorrt] [--residual-qdq none|calibrated]
-        [--calib-batches 4] [--fp-weights float32|float16|int8]
+        [--calib-batches 4]
+        [--fp-layers float32|float16|int8_weights|int8]
         [--cfg-options k=v ...]
 
 CKPT is an MMEngine checkpoint of the converted model or an integer file
@@ -26,7 +27,10 @@ preprocessing goes into ``meta.json`` for ``mmdrq_runtime.Inferencer``.
 scales from ``--calib-batches`` training batches (test pipeline), so ONNX
 Runtime runs every quantized conv as an integer kernel; the default
 ``none`` keeps them float and the graph computes what PyTorch computes.
-``--fp-weights`` stores the layers kept FP smaller (not bit-equal).
+``--fp-layers`` exports the layers kept FP (stem, classifier) smaller:
+float16 or int8 weights, or ``int8`` (weights, inputs and conv outputs,
+calibrated like the residuals: integer kernels there too). Only the
+defaults are bit-equal to PyTorch.
 """
 import argparse
 import os.path as osp
@@ -35,7 +39,7 @@ from mmengine.config import DictAction
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.deploy.folder import LAYOUTS, check_out_dir
-from mmdrq.deploy.onnx_export import FP_WEIGHTS
+from mmdrq.deploy.float_layers import FP_LAYERS
 from mmdrq.deploy.pipeline_graph import GRAPHS
 from mmdrq.deploy.preprocess_spec import preprocess_spec
 from mmdrq.deploy.pipeline import (calibration_batches, checkpoint_info,
@@ -83,10 +87,10 @@ def main():
                         'conv an integer kernel in ONNX Runtime)')
     parser.add_argument('--calib-batches', type=int, default=4,
                         help='training batches for --residual-qdq '
-                        'calibrated')
-    parser.add_argument('--fp-weights', default='float32',
-                        choices=FP_WEIGHTS,
-                        help='storage of the layers kept FP')
+                        'calibrated and --fp-layers int8')
+    parser.add_argument('--fp-layers', default='float32',
+                        choices=FP_LAYERS,
+                        help='how the layers kept FP are exported')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
     if args.calib_batches < 1:
@@ -100,7 +104,7 @@ def main():
     input_shape = args.input_shape or test_input_shape(cfg, model)
     spec, refusal = preprocess_spec(cfg, model)
     calibration = None
-    if args.residual_qdq == 'calibrated':
+    if args.residual_qdq == 'calibrated' or args.fp_layers == 'int8':
         calibration = calibration_batches(cfg, model, args.calib_batches,
                                           input_shape)
     bits = args.bits if args.bits is not None else \
@@ -114,7 +118,7 @@ def main():
                             target=args.target,
                             residual_qdq=args.residual_qdq,
                             calibration=calibration,
-                            fp_weights=args.fp_weights, layout=args.layout,
+                            fp_layers=args.fp_layers, layout=args.layout,
                             overwrite=args.overwrite, graph=args.graph)
     for entry in meta['settings']:
         print(f'{entry["name"]}: ORT against PyTorch on a random input: '

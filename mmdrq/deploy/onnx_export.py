@@ -52,12 +52,12 @@ from .detection_graph import EXTRA_INPUTS as DETECTION_INPUTS
 from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
                           placeholder, stand_in, weight_nodes, weight_parts)
 from .pipeline_graph import append_pipeline, pipeline_task
+from .float_layers import check_fp_layers, quantize_float_layers
 from .residual import add_residual_qdq, check_residual_mode
 
 OPSET = 20
 TARGETS = ('onnxruntime', 'tensorrt')
 # storage of the weights of layers kept FP (the stem, the classifier)
-FP_WEIGHTS = ('float32', 'float16', 'int8')
 _PREFIX = 'model.'
 
 
@@ -340,32 +340,28 @@ class OnnxExporter:
             ``pipeline`` (the task's post-processing appended:
             ``mmdrq.deploy.pipeline_graph``) or ``auto`` (pipeline where
             the task has one).
-        fp_weights: how layers kept FP store their weights: ``float32``
-            (as trained), ``float16`` (a Cast to float32 in the graph) or
-            ``int8`` (post-training, symmetric per output channel
-            ``max|w| / 127``, into DequantizeLinear; the layer's input and
-            computation stay float). Only ``float32`` is bit-equal.
+        fp_layers: how the layers kept FP (stem, classifier) are exported:
+            ``float32`` (as trained), ``float16`` weights (a Cast to
+            float32 in the graph), ``int8_weights`` (post-training,
+            symmetric per output channel ``max|w| / 127``, into
+            DequantizeLinear; input and computation float) or ``int8``
+            (those weights, and 8-bit inputs and conv outputs calibrated
+            on ``calibration``: integer kernels, see
+            ``mmdrq.deploy.float_layers``). Only ``float32`` is bit-equal.
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int],
                  forward=None, target: str = 'onnxruntime',
                  residual_qdq: str = 'none', calibration=None,
-                 fp_weights: str = 'float32', graph: str = 'tensor'):
+                 fp_layers: str = 'float32', graph: str = 'tensor'):
         check_exportable(model)
         self.task = pipeline_task(model, graph)
         self.pipeline = None
         if target not in TARGETS:
             raise ValueError(f'target must be one of {list(TARGETS)}, got '
                              f'{target!r}')
-        if fp_weights not in FP_WEIGHTS:
-            raise ValueError(f'fp_weights must be one of {list(FP_WEIGHTS)}'
-                             f', got {fp_weights!r}')
-        if fp_weights == 'int8' and target == 'tensorrt':
-            raise ValueError("fp_weights='int8' (weight-only int8 layers "
-                             'with float inputs) breaks TensorRT\'s rule '
-                             'that a conv with a dequantized weight has a '
-                             "dequantized input; use 'float16'")
-        self.fp_weights = fp_weights
+        check_fp_layers(fp_layers, target, calibration)
+        self.fp_layers = fp_layers
         check_residual_mode(residual_qdq, calibration)
         self.target, self.residual_qdq = target, residual_qdq
         self.calibration = [np.asarray(torch.as_tensor(b).float())
@@ -477,6 +473,8 @@ class OnnxExporter:
             layer_bits = {n: m.bit for n, m in self.layers.items()}
             rewrite = _Rewrite(self, proto, layer_bits, active)
             rewrite.run()
+        if self.fp_layers == 'int8':  # first: its outputs end residuals
+            quantize_float_layers(proto, self.calibration, self.target)
         if self.residual_qdq == 'calibrated':
             add_residual_qdq(proto, self.calibration, self.target)
         onnx.checker.check_model(proto, full_check=True)
@@ -595,8 +593,8 @@ class _Rewrite:
 
     def fp_weight(self, name: str, weight: torch.Tensor) -> list:
         """A float layer's (BN-folded) weight stored as the exporter's
-        ``fp_weights`` says; the nodes that give ``name`` back in float."""
-        storage = self.exporter.fp_weights
+        ``fp_layers`` says; the nodes that give ``name`` back in float."""
+        storage = self.exporter.fp_layers
         if storage == 'float32':
             self.set_init(name, weight.float().numpy())
             return []

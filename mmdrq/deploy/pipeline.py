@@ -139,13 +139,13 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
                      input_shape=(1, 3, 224, 224), forward=None,
                      info: Optional[dict] = None,
                      target: str = 'onnxruntime', residual_qdq: str = 'none',
-                     calibration=None, fp_weights: str = 'float32',
+                     calibration=None, fp_layers: str = 'float32',
                      layout: str = 'single', overwrite: bool = False,
                      graph: str = 'tensor') -> dict:
     """Export ``model`` at each of ``bits`` and each SubNet (name -> layer
     bits) into ``out_dir``; every input is checked before anything is
     exported or written (``target``, ``residual_qdq``, ``calibration``,
-    ``fp_weights``, ``graph``: see ``OnnxExporter``). ``layout='single'``
+    ``fp_layers``, ``graph``: see ``OnnxExporter``). ``layout='single'``
     stores one
     graph with the stored integers for every setting, ``'per_bit'`` a
     full
@@ -166,7 +166,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
     identity = model_identity(model)
     check_out_dir(out_dir, identity, overwrite)
     exporter = OnnxExporter(model, input_shape, forward, target,
-                            residual_qdq, calibration, fp_weights, graph)
+                            residual_qdq, calibration, fp_layers, graph)
     models, integers, entries = {}, {}, []
     for name, setting in settings:
         models[name], integers[name] = exporter.export_setting(setting)
@@ -188,7 +188,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
     graph_input = exporter.skeleton().graph.input[0].type.tensor_type.shape
     meta = dict(info or {}, model=type(model).__name__,
                 model_bits=list(model_bits(model)), target=target,
-                residual_qdq=residual_qdq, fp_weights=fp_weights,
+                residual_qdq=residual_qdq, fp_layers=fp_layers,
                 calibration_images=sum(len(b) for b in calibration or ()),
                 quantized_layers=len(quantized_layers(model)),
                 layout=layout, input_name='input',

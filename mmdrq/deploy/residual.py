@@ -38,7 +38,8 @@ from onnx import helper, numpy_helper
 
 RESIDUAL_MODES = ('none', 'calibrated')
 _UNSIGNED_PRODUCERS = ('Relu', )
-_PASS_SIGN = ('MaxPool', )  # keep their input's sign
+_PASS_SIGN = ('MaxPool', 'AveragePool', 'GlobalAveragePool', 'ReduceMean',
+              'Reshape', 'Flatten', 'Squeeze', 'Unsqueeze')  # keep signs
 
 
 def check_residual_mode(mode: str, calibration) -> None:
@@ -74,8 +75,10 @@ def _float_tensors(proto: onnx.ModelProto) -> set:
 
 def residual_tensors(proto: onnx.ModelProto):
     """Where the residual stream needs Q/DQ, as two dicts tensor name ->
-    unsigned: ``outputs`` (an Add's output, or its ReLU's) quantized for
-    every consumer, and ``operands`` (Add inputs not already dequantized)
+    unsigned: ``outputs`` (an Add's output, or its ReLU's; and a quantized
+    conv's output that feeds more than one QuantizeLinear, or other ops
+    than adds: an FPN level read by two head branches, a top lateral also
+    upsampled) quantized for every consumer, and ``operands`` (Add inputs not already dequantized)
     quantized on the edges into residual adds only. The edge keeps a
     tensor's other consumers reading float: a pooled stem output read by
     a conv's own Q as well stays a float MaxPool (ONNX Runtime would move a
@@ -104,9 +107,32 @@ def residual_tensors(proto: onnx.ModelProto):
             outputs[users[0].output[0]] = True
         else:
             outputs[node.output[0]] = False
+    for node in graph.node:  # quantized convs that could not fuse
+        if node.op_type != 'Conv' or any(
+                producers.get(i) is None or
+                producers[i].op_type != 'DequantizeLinear'
+                for i in node.input[:2]):
+            continue
+        name = fused_output(node.output[0], consumers, graph_outputs)
+        users = consumers.get(name, [])
+        lone_q = len(users) == 1 and users[0].op_type == 'QuantizeLinear'
+        if name not in graph_outputs and users and not lone_q and \
+                not all(u.op_type == 'Add' for u in users):
+            outputs[name] = _unsigned(name, producers)
     # a block's output is the next block's identity operand: quantized once
     operands = {k: v for k, v in operands.items() if k not in outputs}
     return outputs, operands
+
+
+def fused_output(name: str, consumers: dict, graph_outputs) -> str:
+    """Where a conv's output can take its QuantizeLinear: after its ReLU
+    and max pooling, each the only reader (ONNX Runtime drops the ReLU
+    into the Q and moves the Q in front of the pooling, which then runs on
+    the integers)."""
+    while len(consumers.get(name, [])) == 1 and name not in graph_outputs \
+            and consumers[name][0].op_type in ('Relu', 'MaxPool'):
+        name = consumers[name][0].output[0]
+    return name
 
 
 def activation_container(graph, target: str):
@@ -175,6 +201,24 @@ def _shared_consumers(name: str, dtype, inits: dict, users: dict) -> list:
     return found
 
 
+def share_readers_scale(name: str, dtype, inits: dict, users: dict,
+                        scale: np.float32) -> np.float32:
+    """The scale for quantizing ``name`` for every reader: where all its
+    quantized readers quantize it at the whole container
+    (``_shared_consumers``), the largest of their scales, which they all
+    take too (ONNX Runtime then removes each reader's DQ -> Q); else
+    ``scale``."""
+    shared = _shared_consumers(name, dtype, inits, users)
+    if not shared:
+        return scale
+    scale = max(numpy_helper.to_array(inits[q.input[1]])
+                for q in shared).astype(np.float32)
+    for q in shared:
+        inits[q.input[1]].CopyFrom(numpy_helper.from_array(
+            np.array(scale), q.input[1]))
+    return scale
+
+
 def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
                      target: str) -> Dict[str, float]:
     """Insert the calibrated Q/DQ pairs into ``proto`` (in place); returns
@@ -197,38 +241,50 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
         wide = unsigned and dtype == np.uint8
         scale = np.float32(max(ranges[name], 1e-8) / (255 if wide else 127))
         zero = 0 if unsigned or dtype == np.int8 else 128
-        shared = _shared_consumers(name, dtype, inits, users) \
-            if name in outputs and (unsigned or dtype == np.int8) else []
-        if shared:  # one scale for the block's output and its readers
-            scale = max(numpy_helper.to_array(inits[q.input[1]])
-                        for q in shared).astype(np.float32)
-            for q in shared:
-                inits[q.input[1]].CopyFrom(numpy_helper.from_array(
-                    np.array(scale), q.input[1]))
+        if name in outputs and (unsigned or dtype == np.int8):
+            scale = share_readers_scale(name, dtype, inits, users, scale)
         scales[name] = float(scale)
-        producer = graph.node[position[name]]
-        if name in outputs:  # every consumer reads the dequantized tensor
-            source, target_name = name + '.float', name
-            producer.output[list(producer.output).index(name)] = source
-        else:  # only the residual adds do
-            source, target_name = name, name + '.residual'
-            for node in graph.node:
-                if node.op_type == 'Add' and name in node.input:
-                    node.input[list(node.input).index(name)] = target_name
-        graph.initializer.extend([
-            numpy_helper.from_array(np.array(scale), name + '.scale'),
-            numpy_helper.from_array(np.array(zero, dtype),
-                                    name + '.zero_point')])
-        quant = [name + '.scale', name + '.zero_point']
-        after.setdefault(position[name], []).extend([
-            helper.make_node('QuantizeLinear', [source] + quant,
+        adds = None if name in outputs else {
+            n.output[0] for n in users[name] if n.op_type == 'Add'}
+        after.setdefault(position[name], []).extend(qdq_nodes(
+            graph, name, scale, np.array(zero, dtype), adds))
+    insert_after(graph, after)
+    return scales
+
+
+def qdq_nodes(graph, name: str, scale, zero: np.ndarray,
+              readers=None) -> list:
+    """QuantizeLinear -> DequantizeLinear of tensor ``name`` (its scale and
+    zero point added as initializers), for every reader (the producer's
+    output renamed) or, given ``readers`` (the first output names of some
+    of its readers), for those only. Returns the two nodes, to go right
+    after the producer."""
+    if readers is None:  # every consumer reads the dequantized tensor
+        source, target = name + '.float', name
+        for node in graph.node:
+            if name in node.output:
+                node.output[list(node.output).index(name)] = source
+    else:
+        source, target = name, name + '.dequantized'
+        for node in graph.node:
+            if node.output[0] in readers and name in node.input:
+                node.input[list(node.input).index(name)] = target
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(scale, np.float32), name + '.scale'),
+        numpy_helper.from_array(zero, name + '.zero_point')])
+    quant = [name + '.scale', name + '.zero_point']
+    return [helper.make_node('QuantizeLinear', [source] + quant,
                              [name + '.q'], name=name + '.quantize'),
             helper.make_node('DequantizeLinear', [name + '.q'] + quant,
-                             [target_name], name=name + '.dequantize')])
-    nodes = []
+                             [target], name=name + '.dequantize')]
+
+
+def insert_after(graph, after: Dict[int, list]):
+    """Put ``after[i]`` right after the graph's node ``i`` (``after[-1]``
+    first: the nodes reading a graph input)."""
+    nodes = list(after.get(-1, []))
     for index, node in enumerate(graph.node):
         nodes.append(node)
         nodes += after.get(index, [])
     del graph.node[:]
     graph.node.extend(nodes)
-    return scales

@@ -238,7 +238,7 @@ def test_bad_residual_options_refused_before_writing(trained):
         (['--residual-qdq', 'yes'], "invalid choice: 'yes'"),
         (['--residual-qdq', 'calibrated', '--calib-batches', '0'],
          '--calib-batches must be >= 1, got 0'),
-        (['--fp-weights', 'int4'], "invalid choice: 'int4'"),
+        (['--fp-layers', 'int4'], "invalid choice: 'int4'"),
         # the digits test pipeline makes 16 x 16 images
         (['--residual-qdq', 'calibrated', '--input-shape', 1, 3, 32, 32],
          'does not match the export input shape'),

@@ -257,22 +257,38 @@ def test_bad_options_refused(classifier):
         OnnxExporter(model, SHAPE, tensor, residual_qdq='yes')
     with pytest.raises(ValueError, match="'calibrated' needs calibration"):
         OnnxExporter(model, SHAPE, tensor, residual_qdq='calibrated')
-    with pytest.raises(ValueError, match="fp_weights must be one of .*"
+    with pytest.raises(ValueError, match="fp_layers must be one of .*"
                        "got 'int4'"):
-        OnnxExporter(model, SHAPE, tensor, fp_weights='int4')
-    with pytest.raises(ValueError, match="fp_weights='int8'.*TensorRT"):
-        OnnxExporter(model, SHAPE, tensor, 'tensorrt', fp_weights='int8')
+        OnnxExporter(model, SHAPE, tensor, fp_layers='int4')
+    with pytest.raises(ValueError, match="fp_layers='int8_weights'.*"
+                       "TensorRT"):
+        OnnxExporter(model, SHAPE, tensor, 'tensorrt',
+                     fp_layers='int8_weights')
+    with pytest.raises(ValueError, match="fp_layers='int8' needs "
+                       "calibration"):
+        OnnxExporter(model, SHAPE, tensor, fp_layers='int8')
 
 
-def test_residual_tensors_of_a_plain_chain_are_none(make_tiny_cnn):
+def test_a_plain_chain_quantizes_only_its_last_conv_output(make_tiny_cnn):
+    """No residual adds; the last quantized conv's output goes to a mean,
+    not to one QuantizeLinear, so it is quantized for its readers (its
+    conv then fuses); the others feed one Q each and get nothing."""
     model = make_tiny_cnn()
     quantize_model(model, bits=list(BITS))
     calibrate(model, (4, 3, 6, 6))
-    proto = OnnxExporter(model, (1, 3, 6, 6), plain,
-                         residual_qdq='calibrated',
-                         calibration=[torch.randn(2, 3, 6, 6)]).export(4)
-    assert residual_tensors(proto) == ({}, {})
-    assert not any(n.name.endswith('.quantize') for n in proto.graph.node)
+    exporter = OnnxExporter(model, (1, 3, 6, 6), plain,
+                            residual_qdq='calibrated',
+                            calibration=[torch.randn(2, 3, 6, 6)])
+    proto = exporter.export(4)
+    assert residual_tensors(proto) == ({}, {})  # all done
+    added = [n for n in proto.graph.node if n.name.endswith('.quantize')]
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    assert len(added) == 1
+    relu = producer[added[0].input[0]]
+    conv = producer[relu.input[0]]
+    assert relu.op_type == 'Relu' and conv.op_type == 'Conv'
+    assert 'conv3' in producer[conv.input[1]].input[0]
+    assert optimized_ops(proto).get('QLinearConv') == 3
 
 
 def folded_stem(model, bit) -> torch.Tensor:
@@ -284,13 +300,13 @@ def folded_stem(model, bit) -> torch.Tensor:
     return model.stem.weight.detach().double() * factor.view(-1, 1, 1, 1)
 
 
-@pytest.mark.parametrize('storage', ['float16', 'int8'])
+@pytest.mark.parametrize('storage', ['float16', 'int8_weights'])
 def test_fp_layer_weights_stored_smaller(make_tiny_cnn, storage):
     model = make_tiny_cnn()
     quantize_model(model, bits=list(BITS))
     calibrate(model, (4, 3, 6, 6))
     proto = OnnxExporter(model, (1, 3, 6, 6), plain,
-                         fp_weights=storage).export(8)
+                         fp_layers=storage).export(8)
     inits = {i.name: numpy_helper.to_array(i)
              for i in proto.graph.initializer}
     want = folded_stem(model, 8).numpy()
@@ -318,3 +334,105 @@ def test_fp_layer_weights_stored_smaller(make_tiny_cnn, storage):
     assert not np.array_equal(got, reference_out)
     np.testing.assert_allclose(got, reference_out, atol=0.05 * np.ptp(
         reference_out))
+
+
+@pytest.fixture(scope='module')
+def int8_ends(classifier):
+    """Calibrated residuals and the FP stem and classifier in int8."""
+    return OnnxExporter(classifier, SHAPE, tensor, residual_qdq='calibrated',
+                        calibration=calibration_inputs(), fp_layers='int8')
+
+
+@pytest.mark.parametrize('bit', [8, 2])
+def test_fp_layers_int8_run_as_integer_kernels(int8_ends, bit):
+    ops = optimized_ops(int8_ends.export(bit))
+    assert ops.get('QLinearConv') == 15 and ops.get('QGemm') == 1  # 14 + 1
+    assert not {'Conv', 'FusedConv', 'Gemm', 'MatMul'} & set(ops), ops
+    if bit == 8:  # the input and the pooled features; no requantization
+        assert ops['QuantizeLinear'] == 2, ops
+
+
+def test_fp_layers_int8_scales_and_biases(classifier, int8_ends):
+    """The image is quantized at max|x| / 127 (uint8, zero point 128); the
+    stem's output at 8 bits takes its quantized readers' scale (they read
+    it at the whole container), at 2 bits max|x| / 255 of its ReLU; the
+    classifier's input at max|x| / 255 and its bias int32 at input scale x
+    weight scale, float64 reference."""
+    from mmdrq.quantization.integers import scale_at
+    model, inputs = classifier, calibration_inputs()
+    backbone, head = model.backbone, model.head.fc
+    for bit in (8, 2):
+        proto = int8_ends.export(bit)
+        inits = {i.name: numpy_helper.to_array(i)
+                 for i in proto.graph.initializer}
+        producer = {o: n for n in proto.graph.node for o in n.output}
+        conv = next(n for n in proto.graph.node if n.op_type == 'Conv')
+        gemm = next(n for n in proto.graph.node if n.op_type == 'Gemm')
+
+        def quantizer_of(name):  # the Q behind a DequantizeLinear's output
+            return producer[producer[name].input[0]]
+        image_q = quantizer_of(conv.input[0])
+        largest = max(float(x.abs().max()) for x in inputs)
+        np.testing.assert_allclose(inits[image_q.input[1]], largest / 127,
+                                   rtol=1e-6)
+        assert inits[image_q.input[2]].dtype == np.uint8
+        assert int(inits[image_q.input[2]]) == 128
+        relu = next(n for n in proto.graph.node if n.op_type == 'Relu')
+        assert relu.input[0] == conv.output[0]
+        stem_q = next(n for n in proto.graph.node
+                      if n.op_type == 'QuantizeLinear' and
+                      n.input[0] == relu.output[0])
+        # measured on the graph: its stem has the int8 weights, its
+        # quantized convs sum integers
+        trained = backbone.conv1.weight.data.clone()
+        bn = backbone.bn1.bns[str(bit)]
+        factor = (bn.weight.double() / torch.sqrt(bn.running_var.double() +
+                                                  bn.eps)).view(-1, 1, 1, 1)
+        folded = trained.double() * factor
+        step = (folded.abs().flatten(1).amax(1) / 127).float().double()
+        integers = torch.round(folded / step.view(-1, 1, 1, 1))
+        backbone.conv1.weight.data = (integers * step.view(-1, 1, 1, 1) /
+                                      factor).float()
+        try:
+            with use_bits(model, bit), torch.no_grad():
+                stem_out = max(float(backbone.relu(backbone.bn1(
+                    backbone.conv1(x))).max()) for x in inputs)
+                with deploy_numerics(model, lambda m: tensor(m, inputs[0])):
+                    pooled = max(float(model.neck(backbone(x))[-1].abs()
+                                       .max()) for x in inputs)
+        finally:
+            backbone.conv1.weight.data = trained
+        want = float(scale_at(backbone.layer1[0].conv1.act_quantizer, 8)) \
+            if bit == 8 else stem_out / 255
+        np.testing.assert_allclose(inits[stem_q.input[1]], want, rtol=1e-5)
+        x_scale = inits[quantizer_of(gemm.input[0]).input[1]]
+        np.testing.assert_allclose(x_scale, pooled / 255, rtol=1e-5)
+        weight = head.weight.detach().double()
+        w_scale = (weight.abs().amax(1) / 127).float().double().numpy()
+        step = (np.float64(x_scale) * w_scale).astype(np.float32)
+        bias_dq = producer[gemm.input[2]]
+        np.testing.assert_array_equal(inits[bias_dq.input[1]], step)
+        np.testing.assert_array_equal(
+            inits[bias_dq.input[0]],
+            np.round(head.bias.detach().double().numpy() /
+                     step.astype(np.float64)))
+
+
+def test_fp_layers_int8_outputs_near_pytorch(classifier, int8_ends):
+    x = torch.randn(8, *SHAPE[1:], generator=torch.Generator().manual_seed(3))
+    for bit in (8, 4):
+        got = make_session(int8_ends.export(bit).SerializeToString(), 1,
+                           'integer').run(None, {'input': x.numpy()})[0]
+        with use_bits(classifier, bit), torch.no_grad():
+            want = tensor(classifier, x).numpy()
+        assert not np.array_equal(got, want)
+        np.testing.assert_allclose(got, want, atol=0.05 * np.ptp(want))
+
+
+def test_fp_layers_int8_pass_every_tensorrt_rule(classifier):
+    exporter = OnnxExporter(classifier, SHAPE, tensor, 'tensorrt',
+                            residual_qdq='calibrated',
+                            calibration=calibration_inputs(),
+                            fp_layers='int8')
+    found = check_tensorrt_rules(exporter.export(4))
+    assert found == {rule: [] for rule in found}
