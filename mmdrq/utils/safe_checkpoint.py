@@ -6,8 +6,11 @@ objects: the message hub's ``HistoryBuffer`` (numpy arrays and scalars
 inside) and, inside each buffer, its table of statistics *functions*, which
 pickle as ``getattr(HistoryBuffer, 'min')`` and would need ``getattr``
 allow-listed. Rather than allow ``getattr`` (a general gadget), buffers are
-pickled without that table (MMEngine keeps it on the class and rebuilds it in
-``__setstate__``), and only the data classes are allow-listed.
+pickled without that table (MMEngine keeps it on the class), only the data
+classes are allow-listed, and the name ``builtins.getattr`` in a checkpoint
+(one that MMEngine wrote without mmdrq: mmpretrain's, mmdet's, mmseg's own
+``tools/train.py``) reads as ``history_buffer_statistic``, which gives
+``HistoryBuffer``'s statistics methods and refuses everything else.
 
 torch's default can be turned off from the environment
 (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``), which then runs any pickled code in
@@ -32,6 +35,19 @@ def _reduce_history_buffer(buffer: HistoryBuffer):
     state = {k: v for k, v in buffer.__dict__.items()
              if k != 'statistics_methods'}
     return HistoryBuffer, (), state
+
+
+def history_buffer_statistic(owner, name):
+    """``getattr(owner, name)`` for MMEngine's ``HistoryBuffer`` and one of
+    its statistics methods (what a buffer's pickled table holds); an
+    UnpicklingError for anything else."""
+    if owner is HistoryBuffer and isinstance(name, str) and \
+            name in HistoryBuffer._statistics_methods:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'getattr({getattr(owner, "__name__", type(owner).__name__)}, '
+        f'{name!r}) in a checkpoint: only HistoryBuffer\'s statistics are '
+        'allowed')
 
 
 def _numpy_globals() -> list:
@@ -106,7 +122,10 @@ def allow_mmengine_checkpoints():
     if _installed:
         return
     copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
-    torch.serialization.add_safe_globals([HistoryBuffer] + _numpy_globals())
+    HistoryBuffer()  # its statistics methods, registered on the class
+    torch.serialization.add_safe_globals(
+        [HistoryBuffer, (history_buffer_statistic, 'builtins.getattr')] +
+        _numpy_globals())
     CheckpointLoader.register_scheme(
         prefixes='', loader=load_from_local_weights_only, force=True)
     # http(s)://, and torchvision://, open-mmlab:// ... which resolve to it

@@ -59,3 +59,68 @@ def test_url_checkpoint_with_code_is_refused(served, tmp_path, monkeypatch):
         assert not marker.exists(), attempt
     loaded = CheckpointLoader.load_checkpoint(f'{url}/plain.pth')
     assert torch.equal(loaded['state_dict']['w'], torch.ones(2))
+
+
+class _PlainPickler:
+    """``torch.save``'s pickle module as MMEngine has it without mmdrq:
+    HistoryBuffer pickled with its table of statistics methods, which
+    reads ``getattr(HistoryBuffer, 'min')`` and so on."""
+    import pickle as _pickle
+
+    class Pickler(_pickle.Pickler):
+        dispatch_table = {k: v for k, v in
+                          __import__('copyreg').dispatch_table.items()
+                          if k.__name__ != 'HistoryBuffer'}
+
+    dump = staticmethod(_pickle.dump)
+
+
+class _Getattr:
+    """Unpickles as ``getattr(owner, name)``."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_a_checkpoint_mmengine_wrote_without_mmdrq_loads(tmp_path):
+    """What mmpretrain's, mmdet's and mmseg's own tools/train.py write: a
+    message hub whose HistoryBuffers hold ``getattr(HistoryBuffer, stat)``;
+    it loads, with the statistics, through MMEngine's loader."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    buffer = HistoryBuffer()
+    for value in (1.0, 2.0, 4.0):
+        buffer.update(value)
+    path = str(tmp_path / 'fp32.pth')
+    torch.save(dict(state_dict={'w': torch.arange(3.)},
+                    message_hub=dict(log_scalars={'loss': buffer}),
+                    meta=dict(seed=np.int64(3))), path,
+               pickle_module=_PlainPickler)
+    import zipfile
+    with zipfile.ZipFile(path) as archive:  # the case being tested
+        pickled = archive.read(next(n for n in archive.namelist()
+                                    if n.endswith('data.pkl')))
+    assert b'getattr' in pickled and b'statistics_methods' in pickled
+    loaded = CheckpointLoader.load_checkpoint(path)
+    assert torch.equal(loaded['state_dict']['w'], torch.arange(3.))
+    restored = loaded['message_hub']['log_scalars']['loss']
+    assert restored.mean() == buffer.mean() and restored.current() == 4.0
+
+
+@pytest.mark.parametrize('owner,name', [
+    ('HistoryBuffer', 'update'), ('HistoryBuffer', '__init__'),
+    ('ndarray', 'tofile'), ('HistoryBuffer', 7)])
+def test_getattr_other_than_a_statistic_is_refused(tmp_path, owner, name):
+    import pickle
+
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    owner = dict(HistoryBuffer=HistoryBuffer, ndarray=np.ndarray)[owner]
+    path = str(tmp_path / 'evil.pth')
+    torch.save(dict(state_dict={}, meta=_Getattr(owner, name)), path)
+    with pytest.raises(pickle.UnpicklingError,
+                       match="only HistoryBuffer's statistics"):
+        CheckpointLoader.load_checkpoint(path)
