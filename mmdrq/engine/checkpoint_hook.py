@@ -21,8 +21,10 @@ from mmengine.logging import print_log
 
 from mmdrq.registry import HOOKS
 from mmdrq.utils import atomic_write
+from mmdrq.utils.digest import tensors_sha256
 
 ATOMIC_BACKEND = 'mmdrq_atomic_local'
+STATE_DIGEST = 'mmdrq_state_dict_sha256'
 # what atomic_write leaves of a checkpoint or last_checkpoint when the
 # process dies while writing it
 _TEMPORARY = re.compile(r'^\.(last_checkpoint|.+\.pth)\.\w+\.tmp$')
@@ -47,6 +49,10 @@ class AtomicCheckpointHook(CheckpointHook):
     checkpoint deleted. Temporary files of a killed run are removed when
     training starts again.
 
+    Each checkpoint records the SHA-256 of its state dict's tensors, and a
+    load checks it (torch does not check its zip's CRCs: flipped bytes in a
+    weight would load as another model).
+
     Writes are atomic when checkpoints go to a local folder and neither
     ``backend_args`` nor ``file_client_args`` is given; with another backend
     its own ``put`` is used and only the ordering applies.
@@ -61,6 +67,17 @@ class AtomicCheckpointHook(CheckpointHook):
         super().before_train(runner)
         if is_main_process():
             self._remove_temporaries(runner)
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Record the SHA-256 of the state dict's tensors in ``meta``."""
+        checkpoint.setdefault('meta', {})[STATE_DIGEST] = tensors_sha256(
+            checkpoint['state_dict'].items())
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Refuse a checkpoint whose tensors do not match the SHA-256 it
+        was written with (``load_from``, ``--resume``, ``tools/test.py``),
+        before any of it is loaded into the model."""
+        check_state_digest(checkpoint, runner.cfg.get('load_from'))
 
     def _remove_temporaries(self, runner) -> None:
         folders = {runner.work_dir}
@@ -150,6 +167,19 @@ class AtomicCheckpointHook(CheckpointHook):
                 self._remove(path)
                 runner.logger.info(
                     f'The previous best checkpoint {path} is removed')
+
+
+def check_state_digest(checkpoint: dict, name=None) -> None:
+    """A ValueError unless the checkpoint's state dict has the SHA-256 its
+    ``meta`` records (checkpoints without one, which other hooks wrote,
+    pass)."""
+    want = (checkpoint.get('meta') or {}).get(STATE_DIGEST)
+    if want is not None and \
+            tensors_sha256(checkpoint['state_dict'].items()) != want:
+        raise ValueError(
+            f'{f"checkpoint {name!r}" if name else "the checkpoint"}: its '
+            f'tensors do not match the SHA-256 in its meta ({STATE_DIGEST}):'
+            ' the file is damaged; refused before loading')
 
 
 def check_resumable(path: str) -> None:

@@ -7,7 +7,6 @@ not give the parameter back, so it is kept as it is). The
 rest of the state dict (activation scales, per-bit BN, FP layers, biases) is
 kept as it is, and the metadata lets a load refuse another model or bit set.
 """
-import hashlib
 import pickle
 import zipfile
 
@@ -19,6 +18,7 @@ from mmdrq.quantization.layers import quantized_layers
 from mmdrq.quantization.meta import check_quantizer_meta, quantizer_meta
 from mmdrq.utils import (UnsafeCheckpointError, atomic_torch_save,
                          load_weights_only)
+from mmdrq.utils.digest import tensors_sha256
 from mmdrq.version import __version__
 from .packing import pack, storage_of, unpack
 
@@ -28,19 +28,12 @@ META_KEYS = ('bits', 'options', 'model', 'signature')
 
 
 def tensors_digest(payload: dict) -> str:
-    """SHA-256 over every tensor of ``int_weights`` and ``state_dict`` (key,
-    dtype, shape, bytes, in key order): torch does not check its zip's
-    CRCs, so flipped bytes inside a tensor would load as other weights."""
-    digest = hashlib.sha256()
+    """SHA-256 over every tensor of ``int_weights`` and ``state_dict``."""
     tensors = [(f'state_dict.{k}', v) for k, v in payload['state_dict'].items()]
     for name, entry in payload['int_weights'].items():
         tensors += [(f'int_weights.{name}.{k}', entry[k])
                     for k in ('data', 'scale')]
-    for key, tensor in sorted(tensors, key=lambda item: item[0]):
-        digest.update(f'{key}:{tensor.dtype}:{list(tensor.shape)};'.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1)
-                      .view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256(tensors)
 
 
 def _signature(model: nn.Module) -> list:

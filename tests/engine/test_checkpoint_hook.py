@@ -221,3 +221,23 @@ def test_resume_without_a_complete_checkpoint_is_an_error(work):
         resume_checkpoint(str(work), str(work / 'epoch_1.pth'))
     with pytest.raises(FileNotFoundError, match='epoch_2.pth.*does not exist'):
         resume_checkpoint(str(work), str(work / 'epoch_2.pth'))
+
+
+def test_flipped_bytes_in_a_weight_are_refused(two_epochs, tmp_path):
+    """torch reads a zip whose tensor bytes changed without complaint; the
+    digest the hook wrote refuses it at load_from / tools/test.py."""
+    from mmdrq.engine.checkpoint_hook import STATE_DIGEST
+    good = two_epochs / 'epoch_2.pth'
+    state = torch.load(good, weights_only=True)
+    assert len(state['meta'][STATE_DIGEST]) == 64
+    data = good.read_bytes()
+    weight = state['state_dict']['linear.weight'].numpy().tobytes()
+    assert data.count(weight) == 1
+    damaged = tmp_path / 'damaged.pth'
+    damaged.write_bytes(data.replace(weight, bytes(b ^ 0x40 for b in weight)))
+    assert not torch.equal(torch.load(damaged, weights_only=True)[
+        'state_dict']['linear.weight'], state['state_dict']['linear.weight'])
+    runner = build_runner(tmp_path / 'run', max_epochs=1)
+    runner.load_checkpoint(str(good))
+    with pytest.raises(ValueError, match='do not match the SHA-256'):
+        runner.load_checkpoint(str(damaged))
