@@ -56,8 +56,10 @@ class SwitchableBatchNorm(BitSwitchable, nn.Module):
         """The copy ``forward`` runs now."""
         return self.bns[str(self.bit)]
 
-    def forward(self, x):
-        return self.active()(x)
+    def forward(self, x, *args, **kwargs):
+        """The active copy's forward, with whatever its type takes
+        (mmpretrain's LayerNorm2d: ``data_format``)."""
+        return self.active()(x, *args, **kwargs)
 
     def extra_repr(self):
         return f'bits={list(self.bits)}, bit={self.bit}, source={self.source}'

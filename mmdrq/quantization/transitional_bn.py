@@ -77,8 +77,10 @@ class TransitionalBatchNorm(BitSwitchable, nn.Module):
             else str(self.bit)
         return self.bns[key]
 
-    def forward(self, x):
-        return self.active()(x)
+    def forward(self, x, *args, **kwargs):
+        """The active copy's forward, with whatever its type takes
+        (mmpretrain's LayerNorm2d: ``data_format``)."""
+        return self.active()(x, *args, **kwargs)
 
     def extra_repr(self):
         return (f'bits={list(self.bits)}, source={self.source}, '

@@ -1,13 +1,14 @@
 """Switchable GroupNorm / LayerNorm: one copy per bit, conversion option,
 transitional pairs, checkpoints and integer export."""
 import copy
+import os.path as osp
 
 import pytest
 import torch
 from torch import nn
 
 import mmdrq
-from mmdrq import load_int, quantize_model, save_int, set_bits
+from mmdrq import load_int, quantize_model, save_int, set_bits, use_bits
 from mmdrq.quantization import to_transitional
 from mmdrq.quantization.switchable_bn import SwitchableNorm
 
@@ -217,3 +218,38 @@ def test_onnx_export_uses_each_bits_norm():
             want = model(x)
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4,
                                    atol=1e-4)
+
+
+def test_a_norm_called_with_more_arguments_gets_them():
+    """mmpretrain's LayerNorm2d takes ``data_format``; ConvNeXt calls it
+    so. Its switchable copy passes every argument through: loss, backward
+    and prediction at every bit."""
+    import tempfile
+
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    with tempfile.TemporaryDirectory() as folder:
+        path = osp.join(folder, 'convnext.py')
+        with open(path, 'w') as f:
+            f.write("_base_ = 'mmpretrain::convnext/convnext-tiny_32xb128_"
+                    "in1k.py'\nmodel = dict(backbone=dict(arch=dict(_delete_"
+                    "=True, depths=[1, 1, 1, 1], channels=[8, 16, 32, 64]))"
+                    ", head=dict(in_channels=64, num_classes=4))\n")
+        cfg = Config.fromfile(path)
+    cfg.model.backbone.init_cfg = None
+    init_default_scope('mmpretrain')
+    model = quantize_model(MODELS.build(cfg.model), bits=BITS,
+                           switchable_gn_ln=True)
+    calls = [m for m in model.modules() if isinstance(m, SwitchableNorm)]
+    assert calls
+    from mmpretrain.structures import DataSample
+    samples = [DataSample().set_gt_label(i) for i in (0, 3)]
+    for bit in BITS:
+        with use_bits(model, bit):
+            model.train()
+            loss = model(torch.randn(2, 3, 32, 32), samples, mode='loss')
+            sum(loss.values()).backward()
+    model.eval()
+    with use_bits(model, min(BITS)), torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32), mode='tensor').shape == (2, 4)
