@@ -2,6 +2,7 @@
 import dataclasses
 import difflib
 import re
+from collections.abc import Mapping
 from typing import Optional, Tuple
 
 from .bitwidths import check_bits
@@ -115,6 +116,11 @@ def make_config(config=None, **kwargs) -> QuantizeConfig:
         if kwargs:
             config = dataclasses.replace(config, **kwargs)
         return config
+    if config is not None and not isinstance(config, Mapping):
+        hint = ' (the bit list goes as bits=[...])' \
+            if isinstance(config, (list, tuple, int)) else ''
+        raise TypeError(f'config must be a QuantizeConfig or a dict, got '
+                        f'{type(config).__name__} {config!r}{hint}')
     cfg = dict(config or {})
     cfg.update(kwargs)
     return QuantizeConfig.from_dict(cfg)

@@ -159,6 +159,10 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
     in FP and the reason are logged in a table (and returned in
     ``model.mmdrq_report``). Start the bit at ``bits[0]``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'quantize_model takes a torch.nn.Module (an '
+                        f'OpenMMLab model built from its config), got '
+                        f'{type(model).__name__} {model!r}')
     cfg = make_config(config, **kwargs)
     _refuse_quantized(model)
     decisions, supported = _decide_layers(model, cfg)

@@ -538,3 +538,15 @@ def test_eval_mode_frozen_weights_trainable_scales(make_tiny_cnn):
         grads.append(model.conv2.weight_quantizer.scale.grad.clone())
     assert grads[0].abs().sum() > 0
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize('model,config,message', [
+    ('resnet', None, "takes a torch.nn.Module .* got str 'resnet'"),
+    (None, [8, 4], r'got list \[8, 4\] \(the bit list goes as bits=\[...\]\)'),
+    (None, 'bits=8', "must be a QuantizeConfig or a dict, got str 'bits=8'"),
+])
+def test_wrong_arguments_are_named(model, config, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)) \
+        if model is None else model
+    with pytest.raises(TypeError, match=message):
+        quantize_model(model, config)
