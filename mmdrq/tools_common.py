@@ -6,6 +6,8 @@ import os.path as osp
 import torch
 from mmengine.config import Config, DictAction
 
+from mmdrq.engine.checkpoint_hook import check_testable
+
 
 def add_common_args(parser: argparse.ArgumentParser):
     """--work-dir, --cfg-options, --launcher, --local-rank (as mmdet's)."""
@@ -84,6 +86,7 @@ def configure_test(cfg: Config, checkpoint: str, bits=None, subnets=None,
         onnxruntime_test_cfg(cfg, checkpoint, bits, subnets, kernels)
         cfg.test_cfg.update(loop_options)
         return
+    check_testable(checkpoint)
     cfg.load_from = checkpoint
     require_exact_checkpoint(cfg)
     if not is_qat_config(cfg):

@@ -54,6 +54,9 @@ def main():
     if args.out and not osp.isdir(osp.dirname(osp.abspath(args.out))):
         raise FileNotFoundError(f'--out {args.out!r}: its folder does not '
                                 'exist')
+    if args.out and osp.isdir(args.out):
+        raise IsADirectoryError(f'--out {args.out!r} is a folder: give the '
+                                'JSON file to write')
     cfg = load_config(args)
     if (args.bits or args.subnets) and not is_qat_config(cfg):
         raise ValueError('--bits/--subnets need an mmdrq model config '

@@ -31,6 +31,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .residual import (activation_container, calibrate_ranges,
+                       fused_output, insert_after, is_unsigned, qdq_nodes,
+                       share_readers_scale)
+
+
 FP_LAYERS = ('float32', 'float16', 'int8_weights', 'int8')
 
 
@@ -48,12 +53,6 @@ def check_fp_layers(fp_layers: str, target: str, calibration) -> None:
     if fp_layers == 'int8' and not calibration:
         raise ValueError("fp_layers='int8' needs calibration inputs (a few "
                          'batches after the data preprocessor)')
-
-
-from .residual import (_unsigned, activation_container,
-                       calibrate_ranges, fused_output, insert_after,
-                       qdq_nodes,
-                       share_readers_scale)
 
 
 def float_layers(proto: onnx.ModelProto) -> list:
@@ -89,11 +88,11 @@ def quantize_float_layers(proto: onnx.ModelProto,
     layers = float_layers(proto)
     edges, outputs = {}, {}  # tensor name -> unsigned
     for node in layers:
-        edges[node.input[0]] = _unsigned(node.input[0], producers)
+        edges[node.input[0]] = is_unsigned(node.input[0], producers)
         if node.op_type != 'Conv':  # a Gemm fuses with a float output
             continue
         name = fused_output(node.output[0], readers, graph_outputs)
-        outputs[name] = _unsigned(name, producers)
+        outputs[name] = is_unsigned(name, producers)
     if not edges:
         return {}
     ranges = calibrate_ranges(proto, list(edges) + list(outputs), inputs)

@@ -57,7 +57,9 @@ def _producers(graph) -> Dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output}
 
 
-def _unsigned(name: str, producers) -> bool:
+def is_unsigned(name: str, producers) -> bool:
+    """Whether tensor ``name`` is a ReLU's output, through ops that keep
+    signs (pooling, reshapes)."""
     node = producers.get(name)
     while node is not None and node.op_type in _PASS_SIGN:
         node = producers.get(node.input[0])
@@ -100,7 +102,7 @@ def residual_tensors(proto: onnx.ModelProto):
             continue
         for name in node.input:
             if producers[name].op_type != 'DequantizeLinear':
-                operands[name] = _unsigned(name, producers)
+                operands[name] = is_unsigned(name, producers)
         users = consumers.get(node.output[0], [])
         if len(users) == 1 and users[0].op_type == 'Relu' and \
                 node.output[0] not in graph_outputs:
@@ -118,7 +120,7 @@ def residual_tensors(proto: onnx.ModelProto):
         lone_q = len(users) == 1 and users[0].op_type == 'QuantizeLinear'
         if name not in graph_outputs and users and not lone_q and \
                 not all(u.op_type == 'Add' for u in users):
-            outputs[name] = _unsigned(name, producers)
+            outputs[name] = is_unsigned(name, producers)
     # a block's output is the next block's identity operand: quantized once
     operands = {k: v for k, v in operands.items() if k not in outputs}
     return outputs, operands

@@ -182,21 +182,51 @@ def check_state_digest(checkpoint: dict, name=None) -> None:
             ' the file is damaged; refused before loading')
 
 
-def check_resumable(path: str) -> None:
-    """Raise an error naming ``path`` unless it is a complete checkpoint of
-    MMEngine's runner (``meta``, ``state_dict``, ``message_hub``). Cheap:
-    the file is memory-mapped and no tensor data is read."""
+def read_checkpoint_header(path: str):
+    """The checkpoint at ``path``, memory-mapped (no tensor data read), or
+    an error naming it: missing, a folder, empty, not readable."""
+    if osp.isdir(path):
+        hint = ' (an ONNX export folder: test it with --backend ' \
+            'onnxruntime)' if osp.isfile(osp.join(path, 'meta.json')) else ''
+        raise IsADirectoryError(f'checkpoint {path!r} is a folder, not a '
+                                f'checkpoint file{hint}')
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} does not exist')
     if osp.getsize(path) == 0:
         raise ValueError(f'checkpoint {path!r} is empty')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True,
-                           mmap=True)
+        return torch.load(path, map_location='cpu', weights_only=True,
+                          mmap=True)
     except Exception as e:  # torch fails on damaged files in many ways
         raise ValueError(
             f'checkpoint {path!r} cannot be read, truncated or corrupt? '
             f'({type(e).__name__}: {e})') from e
+
+
+def check_testable(path: str) -> None:
+    """Raise an error naming ``path`` unless it is a checkpoint of MMEngine
+    (a ``state_dict``) that ``tools/test.py`` can load; URLs pass (their
+    loader checks them)."""
+    if '://' in path:
+        return
+    state = read_checkpoint_header(path)
+    if isinstance(state, dict) and 'int_weights' in state:
+        raise ValueError(
+            f'{path!r} is an mmdrq integer file (tools/export_int.py), not a '
+            'training checkpoint: test the checkpoint it was exported from, '
+            'or export it to ONNX (tools/export_onnx.py CONFIG '
+            f'{osp.basename(path)} --out-dir DIR) and test DIR with '
+            '--backend onnxruntime')
+    if not isinstance(state, dict) or 'state_dict' not in state:
+        raise ValueError(f'{path!r} is not a checkpoint of MMEngine\'s '
+                         'runner: it has no state_dict')
+
+
+def check_resumable(path: str) -> None:
+    """Raise an error naming ``path`` unless it is a complete checkpoint of
+    MMEngine's runner (``meta``, ``state_dict``, ``message_hub``). Cheap:
+    the file is memory-mapped and no tensor data is read."""
+    state = read_checkpoint_header(path)
     missing = [key for key in ('meta', 'state_dict', 'message_hub')
                if not isinstance(state, dict) or key not in state]
     if missing:

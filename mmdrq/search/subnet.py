@@ -55,4 +55,7 @@ def load_subnet(path: str, model: Optional[nn.Module] = None
             content = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f'{source} is not valid JSON: {e}') from None
+        except RecursionError:
+            raise ValueError(f'{source} nests too deeply to be a SubNet '
+                             '(layer name -> bit)') from None
     return check_subnet(content, source, model)

@@ -241,3 +241,52 @@ def test_flipped_bytes_in_a_weight_are_refused(two_epochs, tmp_path):
     runner.load_checkpoint(str(good))
     with pytest.raises(ValueError, match='do not match the SHA-256'):
         runner.load_checkpoint(str(damaged))
+
+
+def test_what_tools_test_refuses_before_building_anything(two_epochs,
+                                                          tmp_path):
+    """tools/test.py's CHECKPOINT: a folder, a missing, truncated or
+    integer file, or another pickle each get an error naming the path."""
+    from conftest import TinyCNN
+
+    from mmdrq import quantize_model, save_int
+    from mmdrq.engine.checkpoint_hook import check_testable
+    good = two_epochs / 'epoch_2.pth'
+    check_testable(str(good))
+    (tmp_path / 'onnx').mkdir()
+    (tmp_path / 'onnx' / 'meta.json').write_text('{}')
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(good.read_bytes()[:300])
+    other = tmp_path / 'list.pth'
+    torch.save([1, 2], other)
+    model = quantize_model(TinyCNN(), bits=[8, 4])
+    model(torch.randn(2, 3, 6, 6))
+    save_int(model, str(tmp_path / 'int.pth'))
+    cases = {'onnx': (IsADirectoryError, 'is a folder.*--backend '
+                      'onnxruntime'),
+             'missing.pth': (FileNotFoundError, 'does not exist'),
+             'truncated.pth': (ValueError, 'cannot be read'),
+             'list.pth': (ValueError, 'has no state_dict'),
+             'int.pth': (ValueError, 'integer file.*export_onnx')}
+    for name, (error, message) in cases.items():
+        with pytest.raises(error, match=message) as info:
+            check_testable(str(tmp_path / name))
+        assert name in str(info.value)
+
+
+def test_tools_test_out_a_folder_is_refused_first(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    monkeypatch.setattr(sys, 'argv', ['test.py', 'no_config.py', 'x.pth',
+                                      '--out', str(tmp_path)])
+    with pytest.raises(IsADirectoryError, match='--out .* is a folder'):
+        runpy.run_path(osp.join(ROOT, 'tools', 'test.py'),
+                       run_name='__main__')
+
+
+def test_a_subnet_file_nested_too_deeply_is_named(tmp_path):
+    from mmdrq.search.subnet import load_subnet
+    path = tmp_path / 'deep.json'
+    path.write_text('[' * 200000)
+    with pytest.raises(ValueError, match='deep.json.*nests too deeply'):
+        load_subnet(str(path))
