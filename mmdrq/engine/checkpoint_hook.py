@@ -21,7 +21,7 @@ from mmengine.logging import print_log
 
 from mmdrq.registry import HOOKS
 from mmdrq.utils import atomic_write
-from mmdrq.utils.digest import tensors_sha256
+from mmdrq.utils.digest import first_changed, tensor_digests
 
 ATOMIC_BACKEND = 'mmdrq_atomic_local'
 STATE_DIGEST = 'mmdrq_state_dict_sha256'
@@ -70,7 +70,7 @@ class AtomicCheckpointHook(CheckpointHook):
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         """Record the SHA-256 of the state dict's tensors in ``meta``."""
-        checkpoint.setdefault('meta', {})[STATE_DIGEST] = tensors_sha256(
+        checkpoint.setdefault('meta', {})[STATE_DIGEST] = tensor_digests(
             checkpoint['state_dict'].items())
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
@@ -170,16 +170,25 @@ class AtomicCheckpointHook(CheckpointHook):
 
 
 def check_state_digest(checkpoint: dict, name=None) -> None:
-    """A ValueError unless the checkpoint's state dict has the SHA-256 its
-    ``meta`` records (checkpoints without one, which other hooks wrote,
-    pass)."""
-    want = (checkpoint.get('meta') or {}).get(STATE_DIGEST)
-    if want is not None and \
-            tensors_sha256(checkpoint['state_dict'].items()) != want:
+    """A ValueError naming the first tensor of the checkpoint's state dict
+    that does not have the SHA-256 its ``meta`` records; a warning for an
+    mmdrq QAT checkpoint written before the digests (not checked). Other
+    checkpoints (an FP32 start) have none and pass."""
+    source = f'checkpoint {name!r}' if name else 'the checkpoint'
+    state = checkpoint.get('state_dict', {})
+    digests = (checkpoint.get('meta') or {}).get(STATE_DIGEST)
+    if not isinstance(digests, dict):
+        if any('.weight_quantizer.' in key for key in state):
+            print_log(f'{source} has no tensor digests (written by an older '
+                      'mmdrq): its bytes are not checked',
+                      logger='current', level=logging.WARNING)
+        return
+    changed = first_changed(digests, state)
+    if changed is not None:
         raise ValueError(
-            f'{f"checkpoint {name!r}" if name else "the checkpoint"}: its '
-            f'tensors do not match the SHA-256 in its meta ({STATE_DIGEST}):'
-            ' the file is damaged; refused before loading')
+            f'{source}: tensor {changed!r} does not match the SHA-256 '
+            f'recorded when it was written ({STATE_DIGEST}): the file is '
+            'damaged; refused before loading')
 
 
 def read_checkpoint_header(path: str):

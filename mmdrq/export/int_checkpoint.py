@@ -8,6 +8,7 @@ rest of the state dict (activation scales, per-bit BN, FP layers, biases) is
 kept as it is, and the metadata lets a load refuse another model or bit set.
 """
 import pickle
+import warnings
 import zipfile
 
 import torch
@@ -18,22 +19,23 @@ from mmdrq.quantization.layers import quantized_layers
 from mmdrq.quantization.meta import check_quantizer_meta, quantizer_meta
 from mmdrq.utils import (UnsafeCheckpointError, atomic_torch_save,
                          load_weights_only)
-from mmdrq.utils.digest import tensors_sha256
+from mmdrq.utils.digest import first_changed, tensor_digests
 from mmdrq.version import __version__
 from .packing import pack, storage_of, unpack
 
 FORMAT = 'mmdrq-int'
 FORMAT_VERSION = 1
+DIGESTS = 'tensor_sha256'  # tensor name -> SHA-256
 META_KEYS = ('bits', 'options', 'model', 'signature')
 
 
-def tensors_digest(payload: dict) -> str:
-    """SHA-256 over every tensor of ``int_weights`` and ``state_dict``."""
-    tensors = [(f'state_dict.{k}', v) for k, v in payload['state_dict'].items()]
+def _payload_tensors(payload: dict) -> dict:
+    """Every tensor of ``int_weights`` and ``state_dict``, by a name."""
+    tensors = {f'state_dict.{k}': v for k, v in payload['state_dict'].items()}
     for name, entry in payload['int_weights'].items():
-        tensors += [(f'int_weights.{name}.{k}', entry[k])
-                    for k in ('data', 'scale')]
-    return tensors_sha256(tensors)
+        tensors.update({f'int_weights.{name}.{k}': entry[k]
+                        for k in ('data', 'scale')})
+    return tensors
 
 
 def _signature(model: nn.Module) -> list:
@@ -79,7 +81,7 @@ def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
         model=type(model).__name__, signature=_signature(model))
     payload = dict(meta=meta, int_weights=int_weights,
                    state_dict={k: v.detach().cpu() for k, v in state.items()})
-    meta['tensors_sha256'] = tensors_digest(payload)
+    meta[DIGESTS] = tensor_digests(_payload_tensors(payload).items())
     atomic_torch_save(payload, path)
     return sizes
 
@@ -151,12 +153,16 @@ def load_int(model: nn.Module, path: str) -> nn.Module:
         state[name + '.weight_quantizer.scale'] = scale
     _check_shapes({k: list(v.shape) for k, v in state.items()}, model,
                   f'{path!r} does not hold what its signature says')
-    # after the checks that name an edit; files of this format without the digest (written before it) load
-    if 'tensors_sha256' in meta and \
-            tensors_digest(payload) != meta['tensors_sha256']:
-        raise ValueError(f'{path!r}: its tensors do not match the SHA-256 '
-                         'in its metadata: the file is damaged; export it '
-                         'again (tools/export_int.py)')
+    # after the checks that name an edit
+    if isinstance(meta.get(DIGESTS), dict):
+        changed = first_changed(meta[DIGESTS], _payload_tensors(payload))
+        if changed is not None:
+            raise ValueError(f'{path!r}: tensor {changed!r} does not match '
+                             'the SHA-256 in its metadata: the file is '
+                             'damaged; export it again (tools/export_int.py)')
+    else:
+        warnings.warn(f'{path!r} has no tensor digests (written by an older '
+                      'mmdrq): its bytes are not checked')
     model.load_state_dict(state, strict=True)
     if meta.get('layer_bits'):
         set_layer_bits(model, meta['layer_bits'])

@@ -555,5 +555,21 @@ def test_flipped_bytes_inside_a_tensor_are_refused(tmp_path, make_tiny_cnn,
     for offset in range(start, start + 8):
         damaged[offset] ^= 0xFF
     path.write_bytes(bytes(damaged))
-    with pytest.raises(ValueError, match='do not match the SHA-256'):
+    name = 'int_weights.conv1.data' if where == 'int_weights' else \
+        'state_dict.stem.weight'
+    with pytest.raises(ValueError, match=f"model_int.pth.*tensor '{name}' "
+                       'does not match the SHA-256'):
+        load_int(quantize_model(make_tiny_cnn()), str(path))
+
+
+def test_a_file_without_digests_loads_with_a_warning(tmp_path,
+                                                     make_tiny_cnn):
+    from mmdrq.export.int_checkpoint import DIGESTS
+    saved, _ = _trained(_tiny, 0, CONFIGS['int8'])
+    path = tmp_path / 'old_int.pth'
+    save_int(saved, str(path))
+    payload = torch.load(path, weights_only=True)
+    del payload['meta'][DIGESTS]
+    torch.save(payload, path)
+    with pytest.warns(UserWarning, match='old_int.pth.*no tensor digests'):
         load_int(quantize_model(make_tiny_cnn()), str(path))
