@@ -232,7 +232,8 @@ def model_rows(name: str, args) -> tuple:
         results[label] = result
         cells = [f'{name} {label}',
                  f'{bytes_ / 1e6:.1f} MB ({bytes_ / fp_size:.3f})']
-        cells += [f'{latency[(label, b)]:.1f} ({result[f"ratio_batch{b}"]:.2f})'
+        cells += [f'{latency[(label, b)]:.1f} '
+                  f'({result[f"ratio_batch{b}"]:.2f})'
                   for b in args.batches]
         cells.append('-' if label == 'FP32' else
                      f'{kernels.get("QLinearConv", 0)} of {convs}')

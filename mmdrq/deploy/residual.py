@@ -80,11 +80,13 @@ def residual_tensors(proto: onnx.ModelProto):
     unsigned: ``outputs`` (an Add's output, or its ReLU's; and a quantized
     conv's output that feeds more than one QuantizeLinear, or other ops
     than adds: an FPN level read by two head branches, a top lateral also
-    upsampled) quantized for every consumer, and ``operands`` (Add inputs not already dequantized)
-    quantized on the edges into residual adds only. The edge keeps a
-    tensor's other consumers reading float: a pooled stem output read by
-    a conv's own Q as well stays a float MaxPool (ONNX Runtime would move a
-    lone Q in front of it, and its uint8 MaxPool is slow)."""
+    upsampled) quantized for every consumer, and ``operands`` (Add inputs
+    not already dequantized) quantized on the edges into residual adds
+    only. The edge keeps a tensor's other consumers reading float: a pooled
+    float stem's output read by a conv's own Q as well stays a float
+    MaxPool (ONNX Runtime would move a lone Q in front of it, and its
+    uint8 MaxPool after a float conv is slow; ``--fp-layers int8`` makes
+    the stem an integer conv and that pooling integer too)."""
     graph = proto.graph
     producers = _producers(graph)
     floats = _float_tensors(proto)

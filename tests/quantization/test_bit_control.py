@@ -273,8 +273,8 @@ def test_switch_then_forward_matches_fresh_setting(model):
 
 
 def test_use_bits_blocks_in_threads_each_get_their_bit(model):
-    """Two threads serving bits 4 and 2 of one model, each forward inside
-    ``use_bits`` (a server's pattern), while a third switches with
+    """Four threads serving bits 8, 6, 4 and 2 of one model, 200 forwards
+    each inside ``use_bits`` (a server's pattern), while a fifth switches with
     ``set_bits``: every output is its bit's, and the model ends at the bit
     it started at (issue 25: 44 and 51 of 150 outputs matched neither)."""
     import threading
@@ -290,7 +290,7 @@ def test_use_bits_blocks_in_threads_each_get_their_bit(model):
     wrong, stop = [], threading.Event()
 
     def serve(bit):
-        for _ in range(60):
+        for _ in range(200):
             with use_bits(model, bit), torch.no_grad():
                 if not torch.equal(model(x), want[bit]):
                     wrong.append(bit)
@@ -300,7 +300,7 @@ def test_use_bits_blocks_in_threads_each_get_their_bit(model):
             for bit in (6, 8):
                 set_bits(model, bit)
 
-    threads = [threading.Thread(target=serve, args=(b, )) for b in (4, 2)]
+    threads = [threading.Thread(target=serve, args=(b, )) for b in BITS]
     switcher = threading.Thread(target=switch)
     switcher.start()
     for thread in threads:
