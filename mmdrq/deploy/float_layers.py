@@ -148,6 +148,8 @@ def _int32_bias(graph, node, input_scale, inits: dict, producers) -> list:
         numpy_helper.from_array(np.zeros(scale.shape, np.int32),
                                 name + '_zero_point')])
     node.input[2] = name + '_dequantized'
+    if not any(bias in other.input for other in graph.node):
+        graph.initializer.remove(inits.pop(bias))  # no value left unread
     return [helper.make_node(
         'DequantizeLinear', [name + '_q', name + '_scale',
                              name + '_zero_point'], [name + '_dequantized'],

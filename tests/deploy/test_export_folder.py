@@ -249,3 +249,24 @@ def test_fixed_sizes_checked_against_the_test_batch():
     assert check_input_shape(meta, (2, 3, 224, 224)) is False
     assert check_input_shape(dict(input_dims=[1, 3, None, None]),
                              (2, 3, 16, 16)) is True
+
+
+def test_calibrated_int8_ends_serve_every_setting(model, tmp_path):
+    """--residual-qdq calibrated --fp-layers int8 in one folder: every
+    setting's session (from the rewritten stored graph) equals the one
+    from its own file, also where a setting's values differ from the
+    stored graph's (the stem's bias: int32 per bit)."""
+    calibration = [torch.randn(4, 3, 6, 6,
+                               generator=torch.Generator().manual_seed(5))]
+    folders = {}
+    for layout in ('single', 'per_bit'):
+        folders[layout] = str(tmp_path / layout)
+        export_to_folder(model, folders[layout], BITS, SUBNETS, SHAPE, plain,
+                         layout=layout, residual_qdq='calibrated',
+                         calibration=calibration, fp_layers='int8')
+    single, own = (SwitchableSession(folders[k], kernels='integer')
+                   for k in ('single', 'per_bit'))
+    x = torch.randn(2, 3, 6, 6).numpy()
+    for key in single.available:
+        np.testing.assert_array_equal(single.set_bits(key).run(x)[0],
+                                      own.set_bits(key).run(x)[0])
