@@ -7,7 +7,8 @@ classifier's test set (the README's digits model).
 
 Modes: the default export (residual adds float, FP layers float32), the
 residual adds quantized with calibrated scales (``--residual-qdq
-calibrated``), and that with the FP layers stored as float16 or int8. Each
+calibrated``), and that with the FP layers as float16 or int8 weights,
+or quantized to int8 after training (``--fp-layers int8``). Each
 is run with ONNX Runtime's exact kernels (the graph's float computation)
 and its integer kernels. Reports top-1 and how many test images' top-1
 class differs from PyTorch's. Writes ``deploy_accuracy.md`` and ``.json``.

@@ -31,9 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .residual import (activation_container, calibrate_ranges,
-                       fused_output, insert_after, is_unsigned, qdq_nodes,
-                       share_readers_scale)
+from .residual import (fused_output, insert_after, is_unsigned,
+                       quantize_tensors, readers_of)
 
 
 FP_LAYERS = ('float32', 'float16', 'int8_weights', 'int8')
@@ -80,10 +79,7 @@ def quantize_float_layers(proto: onnx.ModelProto,
     (in place); returns tensor name -> scale."""
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = readers_of(graph)
     graph_outputs = {o.name for o in graph.output}
     layers = float_layers(proto)
     edges, outputs = {}, {}  # tensor name -> unsigned
@@ -95,36 +91,19 @@ def quantize_float_layers(proto: onnx.ModelProto,
         outputs[name] = is_unsigned(name, producers)
     if not edges:
         return {}
-    ranges = calibrate_ranges(proto, list(edges) + list(outputs), inputs)
-    dtype = activation_container(graph, target)
-    position = {out: index for index, node in enumerate(graph.node)
-                for out in node.output}
-    position.update({i.name: -1 for i in graph.input})
-    inits = {i.name: i for i in graph.initializer}
-    after, scales = {}, {}
-    for node in layers if target == 'onnxruntime' else ():
-        source = node.input[0]  # (before the inputs are renamed)
-        after.setdefault(position[source], []).extend(_int32_bias(
-            graph, node, _scale(ranges[source], edges[source], dtype),
-            inits, producers))
-    for name, unsigned in list(edges.items()) + list(outputs.items()):
-        scales[name] = _scale(ranges[name], unsigned, dtype)
-        zero = 0 if unsigned or dtype == np.int8 else 128
-        if name in outputs and (unsigned or dtype == np.int8):
-            scales[name] = share_readers_scale(name, dtype, inits, readers,
-                                               scales[name])
-        into = None if name in outputs else {
-            n.output[0] for n in layers if n.input[0] == name}
-        after.setdefault(position[name], []).extend(qdq_nodes(
-            graph, name, scales[name], np.array(zero, dtype), into))
-    insert_after(graph, after)
+    sources = [node.input[0] for node in layers]  # renamed by the insertion
+    scales = quantize_tensors(proto, outputs, {
+        name: (unsigned, {n.output[0] for n in layers if n.input[0] == name})
+        for name, unsigned in edges.items()}, inputs, target)
+    if target == 'onnxruntime':
+        inits = {i.name: i for i in graph.initializer}
+        current = {n.output[0]: n for n in graph.node}  # the graph's copies
+        biases = []
+        for node, source in zip(layers, sources):
+            biases += _int32_bias(graph, current[node.output[0]],
+                                  scales[source], inits, producers)
+        insert_after(graph, {-1: biases})  # they read initializers only
     return scales
-
-
-def _scale(largest: float, unsigned: bool, dtype) -> np.float32:
-    """``max|x|`` over the container's positive integers."""
-    wide = unsigned and dtype == np.uint8
-    return np.float32(max(largest, 1e-8) / (255 if wide else 127))
 
 
 def _int32_bias(graph, node, input_scale, inits: dict, producers) -> list:

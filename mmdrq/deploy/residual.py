@@ -227,33 +227,66 @@ def add_residual_qdq(proto: onnx.ModelProto, inputs: Sequence[np.ndarray],
                      target: str) -> Dict[str, float]:
     """Insert the calibrated Q/DQ pairs into ``proto`` (in place); returns
     tensor name -> scale."""
-    graph = proto.graph
     outputs, operands = residual_tensors(proto)
     if not outputs:
         return {}
-    ranges = calibrate_ranges(proto, list(outputs) + list(operands), inputs)
+    users = readers_of(proto.graph)
+    edges = {name: (unsigned, {n.output[0] for n in users[name]
+                               if n.op_type == 'Add'})
+             for name, unsigned in operands.items()}
+    return quantize_tensors(proto, outputs, edges, inputs, target)
+
+
+def readers_of(graph) -> Dict[str, list]:
+    """Tensor name -> the nodes reading it."""
+    users = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def quantize_tensors(proto: onnx.ModelProto, outputs: Dict[str, bool],
+                     edges: Dict[str, tuple], inputs: Sequence[np.ndarray],
+                     target: str) -> Dict[str, float]:
+    """8-bit Q/DQ pairs, scales ``max|x|`` over ``inputs`` (measured on the
+    graph before the insertion), in ``activation_container``: ``outputs``
+    (name -> unsigned) for every reader, sharing their quantized readers'
+    scale where they all read the whole container
+    (``share_readers_scale``); ``edges`` (name -> (unsigned, first output
+    names of the readers)) on the edges into those readers only. Returns
+    tensor name -> scale."""
+    graph = proto.graph
+    ranges = calibrate_ranges(proto, list(outputs) + list(edges), inputs)
     dtype = activation_container(graph, target)
     position = {out: index for index, node in enumerate(graph.node)
                 for out in node.output}
-    after, scales = {}, {}
+    position.update({i.name: -1 for i in graph.input})
     inits = {i.name: i for i in graph.initializer}
-    users = {}
-    for node in graph.node:
-        for key in node.input:
-            users.setdefault(key, []).append(node)
-    for name, unsigned in list(outputs.items()) + list(operands.items()):
-        wide = unsigned and dtype == np.uint8
-        scale = np.float32(max(ranges[name], 1e-8) / (255 if wide else 127))
+    users = readers_of(graph)
+    after, scales = {}, {}
+    # the edges first: their readers are named by their outputs, which
+    # quantizing an output for every reader renames
+    tensors = [(name, unsigned, into)
+               for name, (unsigned, into) in edges.items()]
+    tensors += [(name, unsigned, None) for name, unsigned in outputs.items()]
+    for name, unsigned, into in tensors:
+        scale = calibrated_scale(ranges[name], unsigned, dtype)
         zero = 0 if unsigned or dtype == np.int8 else 128
-        if name in outputs and (unsigned or dtype == np.int8):
+        if into is None and (unsigned or dtype == np.int8):
             scale = share_readers_scale(name, dtype, inits, users, scale)
         scales[name] = float(scale)
-        adds = None if name in outputs else {
-            n.output[0] for n in users[name] if n.op_type == 'Add'}
         after.setdefault(position[name], []).extend(qdq_nodes(
-            graph, name, scale, np.array(zero, dtype), adds))
+            graph, name, scale, np.array(zero, dtype), into))
     insert_after(graph, after)
     return scales
+
+
+def calibrated_scale(largest: float, unsigned: bool, dtype) -> np.float32:
+    """``max|x|`` over the container's largest positive integer (255 for
+    an unsigned tensor in uint8, else 127)."""
+    wide = unsigned and dtype == np.uint8
+    return np.float32(max(largest, 1e-8) / (255 if wide else 127))
 
 
 def qdq_nodes(graph, name: str, scale, zero: np.ndarray,

@@ -436,3 +436,35 @@ def test_fp_layers_int8_pass_every_tensorrt_rule(classifier):
                             fp_layers='int8')
     found = check_tensorrt_rules(exporter.export(4))
     assert found == {rule: [] for rule in found}
+
+
+def test_a_detector_runs_every_conv_call_as_an_integer_kernel(tmp_path):
+    """RetinaNet-R18 (random weights): its FPN levels feed both head
+    branches, its top lateral is also upsampled, its FP prediction convs
+    (5 calls each) end in graph outputs: with calibrated residuals and
+    --fp-layers int8, every conv call is an integer kernel."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    path = tmp_path / 'retinanet.py'
+    path.write_text("_base_ = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'"
+                    "\nmodel = dict(backbone=dict(init_cfg=None))\n")
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(str(path)).model).eval()
+    quantize_model(model, bits=[8, 4])
+    model.train()
+    with torch.no_grad():
+        for bit in (8, 4):
+            with use_bits(model, bit):
+                model(torch.randn(2, 3, 96, 96), mode='tensor')
+    model.eval()
+    calibration = [torch.randn(2, 3, 96, 96,
+                               generator=torch.Generator().manual_seed(1))]
+    exporter = OnnxExporter(model, (1, 3, 96, 96), tensor,
+                            residual_qdq='calibrated',
+                            calibration=calibration, fp_layers='int8')
+    calls = 20 + 3 + 5 + 5 * (4 + 4 + 2)  # backbone, laterals, FPN, head
+    ops = optimized_ops(exporter.export(8))
+    assert ops.get('QLinearConv') == calls, ops
+    assert not {'Conv', 'FusedConv'} & set(ops), ops
