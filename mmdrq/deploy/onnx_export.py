@@ -44,6 +44,7 @@ from mmdrq.quantization.bitwidths import check_bit, signed_range
 from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
                                          check_container, folded_bias,
                                          int_range, is_signed, scale_at,
+                                         uninitialised_quantizers,
                                          weight_integers)
 from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
                                        owner_weight_reads)
@@ -118,13 +119,11 @@ def check_exportable(model: nn.Module):
 def _check_layer_ready(name: str, module: QuantLayer):
     """A layer the graph uses needs its scales (a layer converted but never
     called may lack them, and is not in the graph)."""
-    for part in module.quantizers():
-        if not bool(part.initialized.all()):
-            raise ValueError(
-                f'layer {name!r} has uninitialised quantizer scales '
-                f'({type(part).__name__}.initialized='
-                f'{part.initialized.tolist()}): the checkpoint is not a '
-                'trained mmdrq model')
+    missing = uninitialised_quantizers(module)
+    if missing:
+        raise ValueError(
+            f'layer {name!r} has uninitialised quantizer scales ({missing}):'
+            ' the checkpoint is not a trained mmdrq model')
     act = module.act_quantizer
     if act is not None:
         try:

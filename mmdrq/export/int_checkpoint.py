@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmdrq.quantization.bit_control import check_layer_bits, set_layer_bits
+from mmdrq.quantization.integers import uninitialised_quantizers
 from mmdrq.quantization.layers import quantized_layers
 from mmdrq.quantization.meta import check_quantizer_meta, quantizer_meta
 from mmdrq.utils import (UnsafeCheckpointError, atomic_torch_save,
@@ -52,6 +53,14 @@ def save_int(model: nn.Module, path: str, layer_bits=None) -> dict:
     Returns the size breakdown in bytes: ``int_bytes`` (packed integers),
     ``scale_bytes`` and ``fp32_bytes`` (the same layers' FP32 weights).
     """
+    never_run = {name: missing for name, module in
+                 quantized_layers(model).items()
+                 if (missing := uninitialised_quantizers(module))}
+    if never_run:
+        warnings.warn(f'{path!r}: {len(never_run)} quantized layers were '
+                      'never run, their quantizer scales are placeholders '
+                      f'(e.g. {dict(list(never_run.items())[:3])}): train '
+                      'or calibrate the model before exporting it')
     layers = _integer_layers(model)
     state = model.state_dict()
     int_weights, sizes = {}, dict(int_bytes=0, scale_bytes=0, fp32_bytes=0)

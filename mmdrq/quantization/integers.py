@@ -54,6 +54,14 @@ def weight_integers(layer: nn.Module, bit: int):
     return container_integers(layer.weight_quantizer, layer.weight, bit)
 
 
+def uninitialised_quantizers(layer: nn.Module) -> list:
+    """Names of ``layer``'s quantizers whose scales were never set (a layer
+    converted but never run: its integers and activation scales would be
+    placeholders)."""
+    return [type(part).__name__ for part in layer.quantizers()
+            if not bool(part.initialized.all())]
+
+
 def is_signed(act: nn.Module) -> bool:
     """Whether an activation quantizer is signed; an error before its
     first forward decided it."""

@@ -573,3 +573,10 @@ def test_a_file_without_digests_loads_with_a_warning(tmp_path,
     torch.save(payload, path)
     with pytest.warns(UserWarning, match='old_int.pth.*no tensor digests'):
         load_int(quantize_model(make_tiny_cnn()), str(path))
+
+
+def test_saving_a_model_never_run_warns(tmp_path, make_tiny_cnn):
+    model = quantize_model(make_tiny_cnn(), bits=[8, 4])
+    with pytest.warns(UserWarning, match='never_run.pth.*4 quantized layers '
+                      "were never run.*'conv1'"):
+        save_int(model, str(tmp_path / 'never_run.pth'))
