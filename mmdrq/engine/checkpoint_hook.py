@@ -13,14 +13,14 @@ import os.path as osp
 import re
 from typing import Optional
 
-import torch
 from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend, get_file_backend, register_backend
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
 from mmdrq.registry import HOOKS
-from mmdrq.utils import atomic_write
+from mmdrq.utils import (UnsafeCheckpointError, atomic_write,
+                         load_weights_only)
 from mmdrq.utils.digest import first_changed, tensor_digests
 
 ATOMIC_BACKEND = 'mmdrq_atomic_local'
@@ -204,8 +204,9 @@ def read_checkpoint_header(path: str):
     if osp.getsize(path) == 0:
         raise ValueError(f'checkpoint {path!r} is empty')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True,
-                          mmap=True)
+        return load_weights_only(path, map_location='cpu', mmap=True)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # torch fails on damaged files in many ways
         raise ValueError(
             f'checkpoint {path!r} cannot be read, truncated or corrupt? '

@@ -66,12 +66,13 @@ class UnsafeCheckpointError(ValueError):
     """A file that holds objects ``weights_only`` loading does not allow."""
 
 
-def load_weights_only(path: str, map_location=None):
+def load_weights_only(path: str, map_location=None, mmap: bool = False):
     """``torch.load(path, weights_only=True)``, whatever the environment says;
     a file holding other objects (code a pickle would run) is refused with
-    their names."""
+    their names. ``mmap``: map the tensors' bytes instead of reading them."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True,
+                          mmap=mmap)
     except pickle.UnpicklingError:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(
