@@ -88,8 +88,8 @@ class MultiPrecisionQAT(BaseModel):
             switchable BNs by transitional ones (one BN per pair of input
             and own bit, mixed precision); the shape feeds one forward that
             finds which layer feeds which.
-        head_distill: ``dict(target='logits', weight=1.0, temperature=1.0)``
-            turns on distillation from the highest bit for detection and
+        head_distill: ``dict(target='logits', weight=1.0, temperature=1.0,
+            box_weight=0.0)`` turns on distillation from the highest bit for detection and
             segmentation: the lower bits also learn the highest bit's head
             logits (or ``target='features'``: FPN outputs) of the same
             iteration (``loss_distill``; see ``HeadDistill``).
