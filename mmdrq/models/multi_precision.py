@@ -91,8 +91,9 @@ class MultiPrecisionQAT(BaseModel):
         head_distill: ``dict(target='logits', weight=1.0, temperature=1.0,
             box_weight=0.0)`` turns on distillation from the highest bit for
             detection and segmentation: the lower bits also learn the
-            highest bit's head logits (or ``target='features'``: FPN outputs) of the same
-            iteration (``loss_distill``; see ``HeadDistill``).
+            highest bit's head logits (or ``target='features'``: FPN
+            outputs) of the same iteration (``loss_distill``; see
+            ``HeadDistill``).
         bit_loss_weights: ``{bit: factor}`` multiplies each listed bit's
             loss (e.g. ``{2: 2.0}``); other bits keep 1.
         multi_level_norm: give every norm of a single-stage detector's shared
