@@ -96,6 +96,9 @@ def main():
     if args.calib_batches < 1:
         parser.error(f'--calib-batches must be >= 1, got '
                      f'{args.calib_batches}')
+    if args.input_shape and min(args.input_shape) < 1:
+        parser.error(f'--input-shape sizes must be >= 1, got '
+                     f'{args.input_shape}')
     check_out_dir(args.out_dir, overwrite=args.overwrite)
     subnets = {osp.splitext(osp.basename(p))[0]: load_subnet(p)
                for p in args.subnet}

@@ -52,6 +52,16 @@ class ALRSMixin(PerBitOptimWrapper):
         if mode not in ALRS_MODES:
             raise ValueError(f'optim_wrapper.mode must be one of '
                              f'{list(ALRS_MODES)}, got {mode!r}')
+        if isinstance(momentum, bool) or \
+                not isinstance(momentum, (int, float)) or \
+                not 0 <= momentum < 1:
+            raise ValueError(f'optim_wrapper.momentum must be a number in '
+                             f'[0, 1), got {momentum!r}')
+        if isinstance(min_eta, bool) or \
+                not isinstance(min_eta, (int, float)) or \
+                not 0 < min_eta <= 1:
+            raise ValueError(f'optim_wrapper.min_eta must be a number in '
+                             f'(0, 1], got {min_eta!r}')
         if not any(g.get('alrs') for g in self.optimizer.param_groups):
             raise ValueError(
                 f'{type(self).__name__} found no quantizer parameters: no '

@@ -270,3 +270,18 @@ def test_calibrated_int8_ends_serve_every_setting(model, tmp_path):
     for key in single.available:
         np.testing.assert_array_equal(single.set_bits(key).run(x)[0],
                                       own.set_bits(key).run(x)[0])
+
+
+def test_export_tool_refuses_a_size_below_one_first(tmp_path, monkeypatch,
+                                                    capsys):
+    import runpy
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    monkeypatch.setattr(sys, 'argv', [
+        'export_onnx.py', 'no_config.py', 'no.pth', '--out-dir',
+        str(tmp_path / 'out'), '--input-shape', '1', '3', '0', '16'])
+    with pytest.raises(SystemExit):
+        runpy.run_path(osp.join(root, 'tools', 'export_onnx.py'),
+                       run_name='__main__')
+    assert '--input-shape sizes must be >= 1, got [1, 3, 0, 16]' in \
+        capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()

@@ -185,3 +185,15 @@ def test_amp_adaptive_norms_exclude_the_loss_scale(small_classifier):
         expected = norm_of(params, 1.0)
         assert wrapper.grad_norms[8] == pytest.approx(expected, rel=1e-4)
         assert wrapper.grad_norms[4] == pytest.approx(8 * expected, rel=1e-4)
+
+
+@pytest.mark.parametrize('key,value,allowed', [
+    ('momentum', 1.0, r'\[0, 1\)'), ('momentum', -0.1, r'\[0, 1\)'),
+    ('momentum', 'high', r'\[0, 1\)'), ('min_eta', 0, r'\(0, 1\]'),
+    ('min_eta', 2.0, r'\(0, 1\]'), ('min_eta', True, r'\(0, 1\]')])
+def test_bad_adaptive_settings_name_key_and_value(small_classifier, key,
+                                                  value, allowed):
+    model = mmdrq.quantize_model(small_classifier(), bits=[8, 4])
+    with pytest.raises(ValueError, match=f'optim_wrapper.{key} must be a '
+                       f'number in {allowed}, got {value!r}'):
+        build_optim_wrapper(model, alrs_cfg(mode='adaptive', **{key: value}))
