@@ -114,6 +114,28 @@ def run_session(session: SwitchableSession, inputs: torch.Tensor):
     return pytree.tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
 
 
+def settings_to_run(available: list, bits, subnets, export_dir: str) -> list:
+    """(tag, setting) pairs of an export folder to test: ``bits`` is
+    ``'all'`` (with every exported SubNet unless ``subnets`` names some), a
+    bit or a list of bits; each must be exported."""
+    exported_bits = [k for k in available if isinstance(k, int)]
+    if bits == 'all':
+        bits = exported_bits
+        subnets = [k for k in available if isinstance(k, str)] \
+            if subnets is None else subnets
+    elif isinstance(bits, int) and not isinstance(bits, bool):
+        bits = [bits]
+    elif isinstance(bits, str) or not isinstance(bits, (list, tuple)):
+        raise ValueError(f"test_cfg.bits must be 'all', a bit or a list of "
+                         f'bits, got {bits!r}')
+    for key in list(bits) + list(subnets or []):
+        if key not in available:
+            raise ValueError(f'{key!r} is not exported in {export_dir!r} '
+                             f'(available: {available})')
+    return [(bit_tag(b), b) for b in bits] + \
+        [(tag(name), name) for name in subnets or []]
+
+
 @LOOPS.register_module()
 class OnnxRuntimeTestLoop(TestLoop):
     """Every export of ``export_dir`` (or ``bits`` and ``subnets`` of it)
@@ -136,18 +158,8 @@ class OnnxRuntimeTestLoop(TestLoop):
                  measure_speed: bool = False, fp16: bool = False):
         super().__init__(runner, dataloader, evaluator, fp16)
         self.session = SwitchableSession(export_dir, threads, kernels)
-        available = self.session.available
-        exported_bits = [k for k in available if isinstance(k, int)]
-        if bits == 'all':
-            bits = exported_bits
-            subnets = [k for k in available if isinstance(k, str)] \
-                if subnets is None else subnets
-        for key in list(bits) + list(subnets or []):
-            if key not in available:
-                raise ValueError(f'{key!r} is not exported in {export_dir!r} '
-                                 f'(available: {available})')
-        self.settings = [(bit_tag(b), b) for b in bits] + \
-            [(tag(name), name) for name in subnets or []]
+        self.settings = settings_to_run(self.session.available, bits,
+                                        subnets, export_dir)
         self.measure_speed = measure_speed
 
     @property
@@ -159,7 +171,7 @@ class OnnxRuntimeTestLoop(TestLoop):
         self.runner.call_hook('before_test_epoch')
         self.runner.model.eval()
         all_metrics, rows = {}, []
-        for tag, setting in self.settings:
+        for suffix, setting in self.settings:
             self.session.set_bits(setting)
             start = time.perf_counter()
             for idx, data_batch in enumerate(self.dataloader):
@@ -169,8 +181,8 @@ class OnnxRuntimeTestLoop(TestLoop):
             metrics = self.evaluator.evaluate(images)
             if self.measure_speed:
                 metrics['images_per_s'] = images / max(seconds, 1e-9)
-            rows.append((tag, metrics))
-            all_metrics.update({k + tag: v for k, v in metrics.items()})
+            rows.append((suffix, metrics))
+            all_metrics.update({k + suffix: v for k, v in metrics.items()})
         print_log('test metrics per bit-width (ONNX Runtime):\n' +
                   metrics_table(rows), logger='current')
         self.runner.call_hook('after_test_epoch', metrics=all_metrics)

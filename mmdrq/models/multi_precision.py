@@ -169,6 +169,11 @@ class MultiPrecisionQAT(BaseModel):
                 print_log(f'mmdrq {key}:\n' + '\n'.join(
                     ' | '.join(r) for r in rows), logger='current')
         if transitional_bn is not None:
+            if not isinstance(transitional_bn, dict) or \
+                    set(transitional_bn) != {'input_shape'}:
+                raise ValueError(
+                    'transitional_bn must be dict(input_shape=(1, 3, H, W)),'
+                    f' got {transitional_bn!r}')
             shape = tuple(transitional_bn['input_shape'])
             rows = to_transitional(architecture, lambda m: m(
                 torch.zeros(shape), mode='tensor'))

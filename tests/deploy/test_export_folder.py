@@ -285,3 +285,19 @@ def test_export_tool_refuses_a_size_below_one_first(tmp_path, monkeypatch,
     assert '--input-shape sizes must be >= 1, got [1, 3, 0, 16]' in \
         capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
+
+
+def test_onnxruntime_loop_settings():
+    from mmdrq.deploy.loop import settings_to_run
+    available = [8, 4, 'mixed']
+    assert [s for _, s in settings_to_run(available, 'all', None, 'f')] == \
+        [8, 4, 'mixed']
+    assert [s for _, s in settings_to_run(available, 4, None, 'f')] == [4]
+    assert [s for _, s in settings_to_run(available, [8], ['mixed'],
+                                          'f')] == [8, 'mixed']
+    for bad in ('84', True, 4.0):
+        with pytest.raises(ValueError, match="test_cfg.bits must be 'all', "
+                           f'a bit or a list of bits, got {bad!r}'):
+            settings_to_run(available, bad, None, 'f')
+    with pytest.raises(ValueError, match="6 is not exported in 'f'"):
+        settings_to_run(available, [6], None, 'f')

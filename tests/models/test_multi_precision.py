@@ -306,6 +306,15 @@ def test_bad_loss_mode(small_classifier):
     MultiPrecisionQAT(checkpointed, loss_mode='per_bit')  # bit stays put
 
 
+@pytest.mark.parametrize('value', [
+    (1, 3, 16, 16), dict(shape=(1, 3, 16, 16)),
+    dict(input_shape=(1, 3, 16, 16), extra=1)])
+def test_bad_transitional_bn_names_the_key(small_classifier, value):
+    with pytest.raises(ValueError, match=r'transitional_bn must be '
+                       r'dict\(input_shape=\(1, 3, H, W\)\), got'):
+        MultiPrecisionQAT(small_classifier(), transitional_bn=value)
+
+
 def test_fp32_checkpoint_of_bare_model_loads(small_classifier):
     torch.manual_seed(3)
     fp32 = small_classifier()
