@@ -32,7 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .residual import (fused_output, insert_after, is_unsigned,
-                       quantize_tensors, readers_of)
+                       producers_of, quantize_tensors, readers_of)
 
 
 FP_LAYERS = ('float32', 'float16', 'int8_weights', 'int8')
@@ -57,8 +57,7 @@ def check_fp_layers(fp_layers: str, target: str, calibration) -> None:
 def float_layers(proto: onnx.ModelProto) -> list:
     """Conv and Gemm nodes with a dequantized weight and a float input:
     the layers kept FP, their weights stored int8."""
-    producers = {out: node for node in proto.graph.node
-                 for out in node.output}
+    producers = producers_of(proto.graph)
     inits = {i.name for i in proto.graph.initializer}
 
     def dequantized(name, constant):
@@ -78,8 +77,7 @@ def quantize_float_layers(proto: onnx.ModelProto,
     """Insert the calibrated Q/DQ pairs of ``float_layers`` into ``proto``
     (in place); returns tensor name -> scale."""
     graph = proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    readers = readers_of(graph)
+    producers, readers = producers_of(graph), readers_of(graph)
     graph_outputs = {o.name for o in graph.output}
     layers = float_layers(proto)
     edges, outputs = {}, {}  # tensor name -> unsigned

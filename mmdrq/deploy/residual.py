@@ -53,7 +53,8 @@ def check_residual_mode(mode: str, calibration) -> None:
                          '(a few batches after the data preprocessor)')
 
 
-def _producers(graph) -> Dict[str, onnx.NodeProto]:
+def producers_of(graph) -> Dict[str, onnx.NodeProto]:
+    """Tensor name -> the node writing it."""
     return {out: node for node in graph.node for out in node.output}
 
 
@@ -88,7 +89,7 @@ def residual_tensors(proto: onnx.ModelProto):
     uint8 MaxPool after a float conv is slow; ``--fp-layers int8`` makes
     the stem an integer conv and that pooling integer too)."""
     graph = proto.graph
-    producers = _producers(graph)
+    producers = producers_of(graph)
     floats = _float_tensors(proto)
     inits = {i.name for i in graph.initializer}
     graph_outputs = {o.name for o in graph.output}

@@ -31,6 +31,15 @@ def fixed_eta(bit: int, highest: int) -> float:
     return 5 * 10.0**(-(d + 1) / 2)
 
 
+def _check_number(key: str, value, interval: str, inside) -> None:
+    """A ValueError naming ``optim_wrapper.<key>`` unless ``value`` is a
+    number (not a bool) that ``inside`` accepts."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not inside(value):
+        raise ValueError(f'optim_wrapper.{key} must be a number in '
+                         f'{interval}, got {value!r}')
+
+
 class ALRSMixin(PerBitOptimWrapper):
     """Per-bit lr scaling of the param groups marked ``alrs=True``.
 
@@ -52,16 +61,8 @@ class ALRSMixin(PerBitOptimWrapper):
         if mode not in ALRS_MODES:
             raise ValueError(f'optim_wrapper.mode must be one of '
                              f'{list(ALRS_MODES)}, got {mode!r}')
-        if isinstance(momentum, bool) or \
-                not isinstance(momentum, (int, float)) or \
-                not 0 <= momentum < 1:
-            raise ValueError(f'optim_wrapper.momentum must be a number in '
-                             f'[0, 1), got {momentum!r}')
-        if isinstance(min_eta, bool) or \
-                not isinstance(min_eta, (int, float)) or \
-                not 0 < min_eta <= 1:
-            raise ValueError(f'optim_wrapper.min_eta must be a number in '
-                             f'(0, 1], got {min_eta!r}')
+        _check_number('momentum', momentum, '[0, 1)', lambda v: 0 <= v < 1)
+        _check_number('min_eta', min_eta, '(0, 1]', lambda v: 0 < v <= 1)
         if not any(g.get('alrs') for g in self.optimizer.param_groups):
             raise ValueError(
                 f'{type(self).__name__} found no quantizer parameters: no '
