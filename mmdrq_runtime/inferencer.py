@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .masks import paste_masks
 from .session import SwitchableSession
 
 
@@ -64,6 +65,25 @@ def to_input(image: np.ndarray, spec: dict):
     return x.astype(np.float32), (h, w)
 
 
+def detections(session: SwitchableSession, x: np.ndarray, size, scale,
+               original_size) -> dict:
+    """One image's kept ``boxes``, ``scores`` and ``labels`` from a
+    detection graph, and ``masks`` (bool, the original size) where it has
+    them; ``size`` is the resized image's (height, width), ``scale`` the
+    resize's (w, h) factors."""
+    outputs = session.run(
+        x, image_size=np.array(size[:2], np.float32),
+        inverse_scale=np.array([1 / s for s in scale], np.float32))
+    keep = outputs[1][0] >= 0
+    found = dict(zip(('boxes', 'scores', 'labels', 'masks'),
+                     (o[0][keep] for o in outputs)))
+    if 'masks' in found:
+        found['masks'] = paste_masks(
+            found['masks'], found['boxes'], *original_size[:2],
+            session.meta['pipeline']['mask_threshold'])
+    return found
+
+
 class Inferencer:
     """``Inferencer(folder).set_bits(4)(image)``: the prediction of one
     image at a bit (or SubNet) of an export folder with a whole-pipeline
@@ -74,7 +94,8 @@ class Inferencer:
     pipelines load them) or file paths. Returns for a classifier
     ``{'scores': (classes,), 'label': int}``; for a detector ``{'boxes':
     (K, 4), 'scores': (K,), 'labels': (K,)}``, boxes (x1, y1, x2, y2) in
-    the image's own pixels; for a segmentor ``{'labels': (H, W)}`` at the
+    the image's own pixels (Mask R-CNN adds ``'masks'``: (K, H, W) bool);
+    for a segmentor ``{'labels': (H, W)}`` at the
     image's own size.
     """
 
@@ -109,12 +130,8 @@ class Inferencer:
         if self.task == 'detection':  # mmcv's scale: new size / old size
             scale = (resized.shape[1] / image.shape[1],
                      resized.shape[0] / image.shape[0])
-            boxes, scores, labels = self.session.run(
-                x, image_size=np.array([h, w], np.float32),
-                inverse_scale=np.array([1 / s for s in scale], np.float32))
-            keep = scores[0] >= 0
-            return dict(boxes=boxes[0][keep], scores=scores[0][keep],
-                        labels=labels[0][keep])
+            return detections(self.session, x, (h, w), scale,
+                              image.shape[:2])
         if self.task == 'classification':
             scores, labels = self.session.run(x)
             return dict(scores=scores[0], label=int(labels[0]))

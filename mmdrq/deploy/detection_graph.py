@@ -1,33 +1,124 @@
-"""A single-stage detector's post-processing in the exported graph: boxes,
-scores and labels in the original image's coordinates.
+"""A detector's post-processing in the exported graph: boxes, scores and
+labels in the original image's coordinates.
 
-``DetectionCandidates`` is what the exporter traces: the detector's tensor
-forward, then mmdet's ``BaseDenseHead._predict_by_feat_single`` (and GFL's) for a batch
-of images that share one size: per level the ``nms_pre`` best (anchor,
-class) pairs above ``score_thr``, their boxes decoded by the head's own
-coder and clipped to the image, rescaled to the original image, scores
-times the score factors (FCOS, ATSS centerness), boxes not larger than
-``min_bbox_size`` dropped. A fixed number of
-candidates per level keeps the graph static; a pair below ``score_thr``
-gets the score -1. ``append_nms`` then adds ONNX ``NonMaxSuppression`` per
-class (mmdet's class-aware ``batched_nms``) and keeps each image's
-``max_per_img`` best: outputs ``boxes`` (B, K, 4), ``scores`` (B, K; -1
-pads) and ``labels`` (B, K).
+The exporter traces a module whose forward runs from the image tensor to
+the final detections: ``SingleStageDetections`` here (RetinaNet, FCOS,
+ATSS, GFL: mmdet's ``BaseDenseHead`` post-processing) and
+``two_stage_graph.TwoStageDetections`` (Faster / Mask R-CNN). Where mmdet's
+code keeps a data-dependent number of boxes, the traced code keeps a fixed
+number and scores the ones mmdet drops -1:
+
+- per level the ``nms_pre`` best (anchor, class) pairs, -1 below
+  ``score_thr``;
+- ``nms_keep`` (an operator of its own, ONNX ``NonMaxSuppression`` in the
+  graph) scores -1 what mmdet's class-aware ``batched_nms`` suppresses;
+- ``best_detections`` keeps each image's ``max_per_img`` best, padded with
+  score -1 where fewer survive.
+
+Outputs ``boxes`` (B, K, 4), ``scores`` (B, K; -1 pads) and ``labels``
+(B, K); inputs besides the image tensor ``image_size`` (height, width of
+the resized image before padding) and ``inverse_scale`` (1 / w scale,
+1 / h scale of the test pipeline's resize), float32, shared by the batch.
 """
 from typing import Optional
 
 import numpy as np
-import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 from torch import nn
 
-# the graph's inputs besides the image tensor
+# the graph's inputs besides the image tensor, and its outputs
 EXTRA_INPUTS = ('image_size', 'inverse_scale')
+OUTPUTS = ('boxes', 'scores', 'labels')
+# scores above it take part in NMS: valid ones are >= 0, dropped ones -1
+_VALID = -0.5
+
+
+@torch.library.custom_op('mmdrq::nms_keep', mutates_args=())
+def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+             iou: float, num_groups: int) -> torch.Tensor:
+    """``scores`` (B, N) with -1 where NMS within each of ``num_groups``
+    groups (B, N; a class, an RPN level) suppresses the box (B, N, 4), as
+    mmdet's ``batched_nms``; scores of -1 take no part."""
+    from torchvision.ops import batched_nms
+    kept = torch.full_like(scores, -1.0)
+    for image in range(len(scores)):
+        valid = (scores[image] > _VALID).nonzero().squeeze(1)
+        keep = valid[batched_nms(boxes[image, valid], scores[image, valid],
+                                 groups[image, valid], iou)]
+        kept[image, keep] = scores[image, keep]
+    return kept
+
+
+@nms_keep.register_fake
+def _nms_keep_shape(boxes, scores, groups, iou, num_groups):
+    return torch.empty_like(scores)
+
+
+def nms_keep_onnx(boxes, scores, groups, iou: float, num_groups: int):
+    """``nms_keep`` in ONNX: NonMaxSuppression with one score row per
+    group (-1 outside it), survivors' scores scattered into -1s."""
+    from onnxscript import opset20 as op
+    rows = op.Constant(value=numpy_helper.from_array(
+        np.arange(num_groups, dtype=np.int64).reshape(1, -1, 1)))
+    axis1 = op.Constant(value_ints=[1])
+    none = op.Constant(value_float=-1.0)
+    group_scores = op.Where(op.Equal(op.Unsqueeze(groups, axis1), rows),
+                            op.Unsqueeze(scores, axis1), none)
+    selected = op.NonMaxSuppression(
+        boxes, group_scores, op.Shape(boxes, start=1, end=2),
+        op.Constant(value_floats=[iou]), op.Constant(value_floats=[_VALID]))
+    index = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)
+    return op.ScatterND(op.Expand(none, op.Shape(scores)), index,
+                        op.GatherND(scores, index))
+
+
+# what the exporter writes for the operators of this module
+ONNX_FORMS = {torch.ops.mmdrq.nms_keep.default: nms_keep_onnx}
+
+
+def best_detections(boxes, scores, labels, nms_cfg, num_groups: int,
+                    count: int):
+    """Class-aware NMS (``labels`` the groups), then each image's ``count``
+    best boxes, scores and labels, padded with score -1."""
+    scores = nms_keep(boxes, scores, labels, float(nms_cfg['iou_threshold']),
+                      num_groups)
+    batch = scores.shape[0]
+    padded = torch.cat([scores, scores.new_full((batch, count), -1.0)], 1)
+    scores, index = padded.topk(count, dim=1)
+    index = index.clamp(max=boxes.shape[1] - 1)  # pads: any box
+    boxes = torch.gather(boxes, 1, index[..., None].expand(-1, -1, 4))
+    return boxes, scores, torch.gather(labels, 1, index)
+
+
+def clip_to_image(boxes, image_size):
+    """Boxes (..., 4) clipped to (height, width), as mmdet's coders clip."""
+    x = boxes[..., 0::2].clamp(min=0).minimum(image_size[1])
+    y = boxes[..., 1::2].clamp(min=0).minimum(image_size[0])
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def drop_small(boxes, scores, smallest: float):
+    """Scores -1 for boxes not wider and higher than ``smallest`` (mmdet's
+    ``min_bbox_size``; a negative size drops none)."""
+    if smallest < 0:
+        return scores
+    wide = (boxes[..., 2] - boxes[..., 0] > smallest) & \
+        (boxes[..., 3] - boxes[..., 1] > smallest)
+    return torch.where(wide, scores, torch.full_like(scores, -1.0))
+
+
+def example_inputs(shape):
+    """An image batch of ``shape`` and the extra inputs for it."""
+    return (torch.zeros(shape),
+            torch.tensor(shape[2:], dtype=torch.float32), torch.ones(2))
 
 
 def detection_refusal(model) -> Optional[str]:
     """Why ``model``'s post-processing has no graph form (None: it has)."""
+    if getattr(model, 'roi_head', None) is not None:
+        from .two_stage_graph import two_stage_refusal
+        return two_stage_refusal(model)
     from mmdet.models.dense_heads import GFLHead
     from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
     head = model.bbox_head
@@ -37,20 +128,25 @@ def detection_refusal(model) -> Optional[str]:
         return (f'{type(head).__name__} post-processes in its own way '
                 '(RetinaNet, FCOS, ATSS, GFL and heads that keep mmdet\'s '
                 'BaseDenseHead post-processing have a graph form)')
-    cfg = head.test_cfg
-    nms = cfg.get('nms', {})
-    if nms.get('type', 'nms') != 'nms' or nms.get('class_agnostic', False):
-        return f'test_cfg.nms={dict(nms)}: only class-aware nms has a form'
     if getattr(head.loss_cls, 'custom_cls_channels', False):
         return 'a custom classification activation: no graph form'
+    return nms_refusal('test_cfg.nms', head.test_cfg.get('nms', {}))
+
+
+def nms_refusal(key: str, nms: dict) -> Optional[str]:
+    if nms.get('type', 'nms') != 'nms' or nms.get('class_agnostic', False):
+        return f'{key}={dict(nms)}: only class-aware nms has a form'
     return None
 
 
-class DetectionCandidates(nn.Module):
-    """The traced part: ``forward(inputs, image_size, inverse_scale)`` with
-    ``image_size`` (height, width) of the resized image before padding and
-    ``inverse_scale`` (1 / w scale, 1 / h scale) of the test pipeline's
-    resize, both float32, shared by the batch."""
+class SingleStageDetections(nn.Module):
+    """What the exporter traces for a single-stage detector: its tensor
+    forward, then mmdet's ``BaseDenseHead._predict_by_feat_single`` (and
+    GFL's) for a batch of images that share one size: per level the
+    ``nms_pre`` best pairs, their boxes decoded by the head's own coder,
+    clipped and rescaled to the original image, scores times the score
+    factors (FCOS, ATSS centerness), boxes not larger than
+    ``min_bbox_size`` dropped; then NMS and ``max_per_img``."""
 
     def __init__(self, model: nn.Module, forward=None):
         super().__init__()
@@ -106,99 +202,10 @@ class DetectionCandidates(nn.Module):
             labels.append(label)
         boxes = torch.cat(boxes, dim=1)
         if head.bbox_coder.clip_border:
-            x = boxes[..., 0::2].clamp(min=0).minimum(image_size[1])
-            y = boxes[..., 1::2].clamp(min=0).minimum(image_size[0])
-            boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]],
-                                dim=-1)
+            boxes = clip_to_image(boxes, image_size)
         boxes = boxes * inverse_scale.repeat(2)
-        scores = torch.cat(scores, dim=1)
-        smallest = cfg.get('min_bbox_size', -1)
-        if smallest >= 0:  # mmdet drops boxes not wider and higher
-            wide = (boxes[..., 2] - boxes[..., 0] > smallest) & \
-                (boxes[..., 3] - boxes[..., 1] > smallest)
-            scores = torch.where(wide, scores, torch.full_like(scores, -1.0))
-        return boxes, scores, torch.cat(labels, dim=1)
-
-    @staticmethod
-    def example_inputs(shape):
-        return (torch.zeros(shape),
-                torch.tensor(shape[2:], dtype=torch.float32),
-                torch.ones(2))
-
-
-def append_nms(proto: onnx.ModelProto, model) -> dict:
-    """Append class-aware NonMaxSuppression and the per-image
-    ``max_per_img`` best to the candidates' graph (in place)."""
-    head = model.bbox_head
-    cfg = head.test_cfg
-    graph = proto.graph
-    boxes, scores, labels = (o.name for o in graph.output)
-    del graph.output[:]
-
-    def const(name, value, dtype):
-        graph.initializer.append(numpy_helper.from_array(
-            np.array(value, dtype), f'nms.{name}'))
-        return f'nms.{name}'
-
-    def node(op, inputs, output, **attrs):
-        graph.node.append(helper.make_node(op, inputs, [f'nms.{output}'],
-                                           name=f'nms.{output}', **attrs))
-        return f'nms.{output}'
-
-    classes = const('classes', np.arange(head.cls_out_channels)
-                    .reshape(1, -1, 1), np.int64)
-    class_scores = node('Where', [
-        node('Equal', [node('Unsqueeze', [labels, const('axis1', [1],
-                                                        np.int64)],
-                            'labels_1'), classes], 'is_class'),
-        node('Unsqueeze', [scores, 'nms.axis1'], 'scores_1'),
-        const('none', -1.0, np.float32)], 'class_scores')
-    count = node('Slice', [node('Shape', [boxes], 'box_shape'),
-                           const('one', [1], np.int64),
-                           const('two', [2], np.int64)], 'count')
-    selected = node('NonMaxSuppression', [
-        boxes, class_scores, count,
-        const('iou', [cfg.nms.iou_threshold], np.float32),
-        const('score', [0.0], np.float32)], 'selected')
-    image = node('Gather', [selected, const('col0', 0, np.int64)],
-                 'image', axis=1)
-    label = node('Gather', [selected, 'nms.one'], 'label', axis=1)
-    label = node('Squeeze', [label, 'nms.axis1'], 'label_flat')
-    box_index = node('Gather', [selected, const('cols02', [0, 2], np.int64)],
-                     'box_index', axis=1)
-    kept_scores = node('GatherND', [class_scores, selected], 'kept_scores')
-    kept_boxes = node('GatherND', [boxes, box_index], 'kept_boxes')
-    batch = node('Slice', [node('Shape', [boxes], 'shape'),
-                           const('zero', [0], np.int64), 'nms.one'],
-                 'batch')
-    images = node('Range', [const('start', 0, np.int64),
-                            node('Squeeze', [batch], 'batch_size'),
-                            const('step', 1, np.int64)], 'images')
-    per_image = node('Where', [
-        node('Equal', [node('Unsqueeze', [images, 'nms.axis1'], 'images_1'),
-                       node('Unsqueeze', [image, const('axis0', [0],
-                                                       np.int64)],
-                            'image_0')], 'of_image'),
-        node('Unsqueeze', [kept_scores, 'nms.axis0'], 'kept_scores_0'),
-        'nms.none'], 'per_image')
-    kept = node('Slice', [node('Shape', [kept_scores], 'kept_shape'),
-                          'nms.zero', 'nms.one'], 'kept')
-    top = node('Min', [kept, const('max_per_img', [cfg.max_per_img],
-                                   np.int64)], 'top')
-    graph.node.append(helper.make_node(
-        'TopK', [per_image, top], ['scores', 'nms.best'], axis=1,
-        name='nms.topk'))
-    graph.node.extend([
-        helper.make_node('Gather', [kept_boxes, 'nms.best'], ['boxes'],
-                         axis=0, name='nms.boxes'),
-        helper.make_node('Gather', [label, 'nms.best'], ['labels'], axis=0,
-                         name='nms.labels')])
-    graph.output.extend([
-        helper.make_tensor_value_info('boxes', TensorProto.FLOAT,
-                                      ['batch', 'detections', 4]),
-        helper.make_tensor_value_info('scores', TensorProto.FLOAT,
-                                      ['batch', 'detections']),
-        helper.make_tensor_value_info('labels', TensorProto.INT64,
-                                      ['batch', 'detections'])])
-    return dict(task='detection', extra_inputs=list(EXTRA_INPUTS),
-                outputs=['boxes', 'scores', 'labels'])
+        scores = drop_small(boxes, torch.cat(scores, dim=1),
+                            cfg.get('min_bbox_size', -1))
+        return best_detections(boxes, scores, torch.cat(labels, dim=1),
+                               cfg.nms, head.cls_out_channels,
+                               cfg.max_per_img)

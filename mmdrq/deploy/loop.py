@@ -18,6 +18,7 @@ from mmdrq.engine.loops import metrics_table
 from mmdrq.models import architecture_of
 from mmdrq.quantization.bitwidths import bit_tag, tag
 from mmdrq.registry import LOOPS
+from mmdrq_runtime.inferencer import detections
 from mmdrq_runtime.session import SwitchableSession
 
 
@@ -39,16 +40,11 @@ def pipeline_predictions(session: SwitchableSession, inputs: torch.Tensor,
         from mmengine.structures import InstanceData
         for image, sample in zip(images, data_samples):
             meta = sample.metainfo
-            boxes, scores, labels = session.run(
-                image[None], image_size=np.array(meta['img_shape'][:2],
-                                                 np.float32),
-                inverse_scale=np.array([1 / s for s in meta['scale_factor']],
-                                       np.float32))
-            keep = scores[0] >= 0
+            found = detections(session, image[None], meta['img_shape'],
+                               meta['scale_factor'], meta['ori_shape'])
+            found['bboxes'] = found.pop('boxes')
             sample.pred_instances = InstanceData(
-                bboxes=torch.from_numpy(boxes[0][keep]),
-                scores=torch.from_numpy(scores[0][keep]),
-                labels=torch.from_numpy(labels[0][keep]))
+                **{k: torch.from_numpy(v) for k, v in found.items()})
         return data_samples
     from mmengine.structures import PixelData
     for image, sample in zip(images, data_samples):

@@ -48,18 +48,26 @@ from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
                                          weight_integers)
 from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
                                        owner_weight_reads)
-from .detection_graph import DetectionCandidates, append_nms
-from .detection_graph import EXTRA_INPUTS as DETECTION_INPUTS
+from .detection_graph import (EXTRA_INPUTS, ONNX_FORMS, OUTPUTS,
+                              SingleStageDetections, detection_refusal,
+                              example_inputs)
 from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
                           placeholder, stand_in, weight_nodes, weight_parts)
 from .pipeline_graph import append_pipeline, pipeline_task
 from .float_layers import check_fp_layers, quantize_float_layers
 from .residual import add_residual_qdq, check_residual_mode
+from .two_stage_graph import TwoStageDetections
 
 OPSET = 20
 TARGETS = ('onnxruntime', 'tensorrt')
 # storage of the weights of layers kept FP (the stem, the classifier)
 _PREFIX = 'model.'
+
+
+def two_stage(model: nn.Module) -> bool:
+    """A detector whose RoI head runs on its RPN's proposals: it exports
+    only as the whole pipeline."""
+    return getattr(model, 'roi_head', None) is not None
 
 
 class TensorForward(nn.Module):
@@ -80,12 +88,16 @@ class TensorForward(nn.Module):
 def check_exportable(model: nn.Module):
     """Refuse, before any work, a model that is not converted, was never
     trained (no quantizer scale initialised), or whose task has no
-    exported form (two-stage, DETR-style, MaskFormer-style)."""
+    exported form (DETR-style, MaskFormer-style, two-stage detectors other
+    than Faster / Mask R-CNN's)."""
     reason = unsupported_reason(model)
+    if reason is None and two_stage(model):
+        reason = detection_refusal(model)
     if reason is not None:
         raise ValueError(f'{type(model).__name__} cannot be exported to '
-                         f'ONNX: {reason}; single-stage detectors, mmseg '
-                         'per-pixel segmentors and classifiers export')
+                         f'ONNX: {reason}; classifiers, single-stage '
+                         'detectors, Faster / Mask R-CNN and mmseg per-pixel'
+                         ' segmentors export')
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f'{type(model).__name__} has no mmdrq quantized '
@@ -383,7 +395,12 @@ class OnnxExporter:
             self.folded = _fold_bn_nodes(proto, set(self.parts))
             proto = onnxscript.optimizer.optimize(proto)
             if self.task == 'detection':
-                self.pipeline = append_nms(proto, self.model)
+                self.pipeline = dict(
+                    task='detection', extra_inputs=list(EXTRA_INPUTS),
+                    outputs=[o.name for o in proto.graph.output])
+                if 'masks' in self.pipeline['outputs']:  # for the paste
+                    self.pipeline['mask_threshold'] = float(
+                        self.model.roi_head.test_cfg.mask_thr_binary)
             elif self.task is not None:
                 self.pipeline = append_pipeline(proto, self.task, self.model)
             self._skeleton = strip_debug_info(proto)
@@ -414,16 +431,21 @@ class OnnxExporter:
     def _trace(self, skeleton: nn.Module, shape) -> onnx.ModelProto:
         auto = torch.export.Dim.AUTO
         dynamic = {d: auto for d in [0] + list(range(2, len(shape)))}
+        outputs = None
         if self.task == 'detection':
-            wrapper = DetectionCandidates(skeleton, self.forward)
-            example = DetectionCandidates.example_inputs(shape)
-            names = ['input', *DETECTION_INPUTS]
+            wrapper = self.detections(skeleton)
+            example = example_inputs(shape)
+            names = ['input', *EXTRA_INPUTS]
+            outputs = list(OUTPUTS) + (['masks'] if getattr(
+                skeleton, 'roi_head', None) and skeleton.roi_head.with_mask
+                else [])
         else:
             wrapper = TensorForward(skeleton, self.forward)
             example, names = (torch.zeros(shape), ), ['input']
         program = torch.onnx.export(
             wrapper.eval(), example, dynamo=True, optimize=False,
-            opset_version=OPSET, input_names=names, verbose=False,
+            opset_version=OPSET, input_names=names, output_names=outputs,
+            verbose=False, custom_translation_table=ONNX_FORMS,
             dynamic_shapes=(dynamic, ) + (None, ) * (len(example) - 1))
         return program.model_proto
 
@@ -444,9 +466,19 @@ class OnnxExporter:
                 hook.remove()
         return active
 
+    def detections(self, model: nn.Module) -> nn.Module:
+        """The module the exporter traces for a detector's pipeline."""
+        kind = TwoStageDetections if two_stage(model) else \
+            SingleStageDetections
+        return kind(model, self.forward)
+
     def run_torch(self, inputs: torch.Tensor):
-        """The PyTorch model's tensor outputs at its current bits."""
+        """The PyTorch model's tensor outputs at its current bits (a
+        two-stage detector's: its detections, having no others)."""
         with torch.no_grad():
+            if two_stage(self.model):
+                return self.detections(self.model)(
+                    inputs, *example_inputs(inputs.shape)[1:])
             return TensorForward(self.model, self.forward)(inputs)
 
     def export(self, bits: Union[int, Dict[str, int]]) -> onnx.ModelProto:

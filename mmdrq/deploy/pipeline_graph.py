@@ -10,7 +10,7 @@ deploy host gets predictions, not head tensors (``--graph pipeline``).
   ``postprocess_result`` makes them (bilinear, ONNX Resize with the decode
   head's ``align_corners``).
 
-- detection (a single-stage head): ``mmdrq.deploy.detection_graph``.
+- detection: ``mmdrq.deploy.detection_graph`` (traced with the model).
 """
 from typing import Optional
 
@@ -40,6 +40,11 @@ def pipeline_task(model, graph: str) -> Optional[str]:
         from .detection_graph import detection_refusal
         reason = detection_refusal(model)
         task = None if reason else task
+    if getattr(model, 'roi_head', None) is not None and graph == 'tensor':
+        raise ValueError(f'{type(model).__name__}: a two-stage detector '
+                         'exports only as the whole pipeline (its RoI head '
+                         "runs on the RPN's proposals): graph='auto' or "
+                         "'pipeline' (--graph)")
     if graph == 'pipeline' and task is None:
         reason = reason or ('not a classifier, single-stage detector or '
                             'segmentor')
@@ -121,13 +126,14 @@ def torch_pipeline(task: str, outputs, inputs, model):
     import torch
     import torch.nn.functional as F
     logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-    if task == 'detection':
-        head = model.bbox_head
-        metas = [dict(img_shape=tuple(inputs.shape[2:]),
-                      scale_factor=(1.0, 1.0))] * len(inputs)
-        found = head.predict_by_feat(*outputs, batch_img_metas=metas,
-                                     rescale=True)
-        return [result.scores for result in found]
+    if task == 'detection':  # the detector's own predict
+        from mmdet.structures import DetDataSample
+        size = tuple(inputs.shape[2:])
+        samples = [DetDataSample(metainfo=dict(
+            img_shape=size, ori_shape=size, scale_factor=(1.0, 1.0)))
+            for _ in range(len(inputs))]
+        found = model.predict(inputs, samples)
+        return [sample.pred_instances.scores for sample in found]
     if task == 'classification':
         scores = F.softmax(logits, dim=1)
         return [scores, scores.argmax(dim=1)]

@@ -62,10 +62,11 @@ class _MultiBitMixin:
         if self.numerics == 'fake':
             return contextlib.nullcontext()
         model = self._quant_model
-        batch = next(iter(self.dataloader))
-        inputs = model.data_preprocessor(batch, False)['inputs']
+        batch = model.data_preprocessor(next(iter(self.dataloader)), False)
+        inputs, samples = batch['inputs'][:1], batch['data_samples'][:1]
+        # the data samples: a two-stage detector's RPN reads their sizes
         return deploy_numerics(
-            model, lambda m: m(inputs[:1], mode='tensor'))
+            model, lambda m: m(inputs, samples, mode='tensor'))
 
     def _init_settings(self, bits, subnets, key, measure_speed=False):
         self.measure_speed = measure_speed

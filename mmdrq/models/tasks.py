@@ -11,13 +11,15 @@ TASKS = ('classification', 'detection', 'segmentation')
 
 def task_of(model: nn.Module) -> Optional[str]:
     """``classification`` (an mmpretrain classifier's softmax head),
-    ``detection`` (a single-stage mmdet detector), ``segmentation`` (an
+    ``detection`` (an mmdet detector with a dense or an RoI head),
+    ``segmentation`` (an
     mmseg segmentor with a per-pixel decode head), or None."""
     if unsupported_reason(model) is not None:
         return None
     if getattr(model, 'decode_head', None) is not None:
         return 'segmentation'
-    if getattr(model, 'bbox_head', None) is not None:
+    if getattr(model, 'bbox_head', None) is not None or \
+            getattr(model, 'roi_head', None) is not None:
         return 'detection'
     head = getattr(model, 'head', None)
     if head is not None and hasattr(head, '_get_predictions'):
@@ -28,9 +30,6 @@ def task_of(model: nn.Module) -> Optional[str]:
 def unsupported_reason(model: nn.Module) -> Optional[str]:
     """Why a detector or segmentor has no exported form (None: it has):
     found from its parts, before any export work."""
-    if getattr(model, 'roi_head', None) is not None:
-        return ('a two-stage detector: its roi_head pools features of '
-                'proposals that the RPN selects at run time')
     detectors = sys.modules.get('mmdet.models.detectors')  # loaded with one
     if detectors is not None and isinstance(
             model, detectors.DetectionTransformer):

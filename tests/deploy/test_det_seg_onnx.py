@@ -1,4 +1,4 @@
-"""Detection (mmdet RetinaNet) and segmentation (mmseg DeepLabV3) exported
+"""Detection (mmdet RetinaNet, Mask R-CNN) and segmentation (mmseg DeepLabV3) exported
 per bit and as a SubNet, run by ONNX Runtime with mmdet's / mmseg's own
 post-processing: bbox mAP and mIoU equal tools/test.py's at every bit, and
 tools/benchmark.py --backend onnxruntime reports them with images/s."""
@@ -24,6 +24,9 @@ CASES = {
     'retinanet': ('configs/detection/retinanet_r18_drq-8642_tiny.py', 'coco',
                    'epoch_1.pth', 'coco/bbox_mAP',
                   (1, 3, 96, 128)),
+    # two-stage: RPN, NMS, RoiAlign and the mask head in the graph
+    'mask_rcnn': ('configs/detection/mask-rcnn_r18_fpn_drq-8642_tiny.py',
+                  'coco', 'epoch_1.pth', 'coco/segm_mAP', (1, 3, 96, 128)),
     'deeplabv3': ('configs/segmentation/deeplabv3_r18_drq-8642_tiny.py',
                   'ade20k', 'iter_4.pth', 'mIoU',
                   (1, 3, 64, 64)),
@@ -74,7 +77,8 @@ def test_onnxruntime_metrics_equal_pytorch(name, data, tiny_training,
           '; '.join(compare_predictions(config, ckpt, onnx_dir,
                                         tiny_data_options(dataset,
                                                           data[dataset]),
-                                        PIXELS_MAY_DIFFER.get(name, 0))))
+                                        PIXELS_MAY_DIFFER.get(name, 0),
+                                        name in IMAGES_MAY_DIFFER)))
     # tools/benchmark.py on the export: the same metrics plus images/s
     bench = tmp_path / 'bench'
     run_tool(osp.join(TOOLS, 'benchmark.py'), config, onnx_dir,
@@ -94,13 +98,26 @@ def test_onnxruntime_metrics_equal_pytorch(name, data, tiny_training,
 # integer sums; on this barely trained model's near-tie logits 131 of
 # 32768 pixels (0.4 %) flipped at w6a6
 PIXELS_MAY_DIFFER = {'segformer': 0.01}
+# detections that may differ per image (the metric still agrees): the
+# barely trained tiny RPN scores anchors ~0.5 with many exact ties (3
+# distinct scores among 36 anchors of a level), and mmdet ranks ties in
+# the order of torch's unstable sort, so which proposals pass its top-k
+# and NMS is arbitrary (tests/deploy/test_detection_graph.py checks the
+# two-stage graph against mmdet image by image where scores do not tie)
+IMAGES_MAY_DIFFER = {'mask_rcnn'}
 
 
-def compare_predictions(config, ckpt, onnx_dir, options, tolerance=1e-3):
+def compare_predictions(config, ckpt, onnx_dir, options, tolerance=1e-3,
+                        ties=False):
     """Per test image and bit: the whole-pipeline graph's predictions
     against PyTorch's under deploy numerics (the same head tensors), and
     its image-in Inferencer against the test loop's run of the same
-    graph. Boxes and labels per pixel must agree; returns a report."""
+    graph. Labels per pixel must agree (but ``tolerance`` of them), and
+    detections on every image, except at a bit where deploy numerics warns
+    that integer sums pass 2**24 (float32 sums round there, in another
+    order than ONNX Runtime's) or with ``ties``; returns a report."""
+    import warnings
+
     import numpy as np
     import torch
     from mmengine.runner import Runner
@@ -118,12 +135,17 @@ def compare_predictions(config, ckpt, onnx_dir, options, tolerance=1e-3):
     for bit in BITS:
         inferencer.set_bits(bit)
         differ = total = 0
+        rounding = False
         for data in loader:
             batch = model.data_preprocessor(data, False)
             inputs, samples = batch['inputs'], batch['data_samples']
             with use_bits(model, bit), torch.no_grad(), deploy_numerics(
-                    model, lambda m: m(inputs[:1], mode='tensor')):
+                    model, lambda m: m(inputs[:1], samples[:1],
+                                       mode='tensor')), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
                 want = model.predict(inputs, [s.clone() for s in samples])
+            rounding |= any('2**24' in str(w.message) for w in caught)
             got = pipeline_predictions(inferencer.session, inputs,
                                        [s.clone() for s in samples])
             for w, g, sample in zip(want, got, samples):
@@ -135,30 +157,46 @@ def compare_predictions(config, ckpt, onnx_dir, options, tolerance=1e-3):
                     differ += int((a != b).sum())
                     total += a.size
                     continue
-                a, b = w.pred_instances, g.pred_instances
+                b = g.pred_instances
                 np.testing.assert_array_equal(image['labels'], b.labels)
                 np.testing.assert_allclose(image['boxes'], b.bboxes,
                                            rtol=1e-5, atol=1e-3)
-                assert len(a) == len(b), (bit, len(a), len(b))
-                # equal scores: which of the tied boxes NMS and the
-                # max_per_img cut keep depends on order; compare the
-                # sorted scores, and label and box where a score stands
-                # apart from every other (1e-4) in both; ONNX Runtime's
-                # Sigmoid (MLAS) differs from torch's by up to ~1e-5
-                np.testing.assert_allclose(a.scores.sort()[0],
-                                           b.scores.sort()[0], rtol=1e-4)
-                apart = [bool((r.scores - score).abs().sort()[0][1] > 1e-4)
-                         if len(r) > 1 else True
-                         for r in (a, b) for score in [a.scores.max()]]
-                if len(a) and all(apart):
-                    best_a, best_b = a.scores.argmax(), b.scores.argmax()
-                    assert int(a.labels[best_a]) == int(b.labels[best_b])
-                    np.testing.assert_allclose(a.bboxes[best_a],
-                                               b.bboxes[best_b], rtol=1e-5,
-                                               atol=1e-3)
-                total += len(a)
-        report.append(f'w{bit}a{bit}: {differ} of {total} '
-                      f'{"pixels" if differ or total > 1000 else "boxes"} '
-                      'differ')
-        assert differ <= tolerance * total, report[-1]
+                if 'masks' in b:
+                    np.testing.assert_array_equal(image['masks'], b.masks)
+                differ += not same_detections(w.pred_instances, b)
+                total += 1
+        kind = 'pixels' if total > 1000 else 'images'
+        report.append(f'w{bit}a{bit}: {differ} of {total} {kind} differ' +
+                      (' (sums past 2**24)' if rounding else ''))
+        if kind == 'pixels':
+            assert differ <= tolerance * total, report[-1]
+        else:
+            assert differ == 0 or rounding or ties, report[-1]
     return report
+
+
+def same_detections(a, b) -> bool:
+    """Whether PyTorch's and ONNX Runtime's detections of an image agree:
+    which of tied boxes NMS and the max_per_img cut keep depends on order,
+    so the sorted scores, and label, box and mask where a score stands
+    apart from every other (1e-4) in both; ONNX Runtime's Sigmoid (MLAS)
+    differs from torch's by up to ~1e-5."""
+    import numpy as np
+    try:
+        assert len(a) == len(b), (len(a), len(b))
+        np.testing.assert_allclose(a.scores.sort()[0], b.scores.sort()[0],
+                                   rtol=1e-4)
+        apart = [bool((r.scores - score).abs().sort()[0][1] > 1e-4)
+                 if len(r) > 1 else True
+                 for r in (a, b) for score in [a.scores.max()]]
+        if len(a) and all(apart):
+            best_a, best_b = a.scores.argmax(), b.scores.argmax()
+            assert int(a.labels[best_a]) == int(b.labels[best_b])
+            np.testing.assert_allclose(a.bboxes[best_a], b.bboxes[best_b],
+                                       rtol=1e-5, atol=1e-3)
+            if 'masks' in a:  # pasted by mmdet, by the runtime
+                assert (a.masks[best_a] != b.masks[best_b]).float().mean() \
+                    <= 1e-3
+    except AssertionError:
+        return False
+    return True

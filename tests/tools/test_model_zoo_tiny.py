@@ -33,8 +33,7 @@ CASES = {
                     ADE20K),
 }
 # models the ONNX export refuses, and a word of the reason it names
-EXPORT_REFUSED = {'dino': 'DETR-style', 'mask_rcnn': 'two-stage',
-                  'mask2former': 'MaskFormer-style'}
+EXPORT_REFUSED = {'dino': 'DETR-style', 'mask2former': 'MaskFormer-style'}
 
 
 def _trace_test_batch(config, ckpt, options):
@@ -54,12 +53,10 @@ def _trace_test_batch(config, ckpt, options):
 
 
 @pytest.mark.parametrize('name', list(CASES))
-def test_train_and_test_every_bit(name, data, tmp_path):
+def test_train_and_test_every_bit(name, data, tiny_training, tmp_path):
     config, (dataset, ckpt, metric, high) = CASES[name]
     options = tiny_data_options(dataset, data[dataset])
-    work = tmp_path / 'work'
-    _, log = run_tool(osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
-                      '--cfg-options', *options)
+    work, log = tiny_training(config, dataset)  # tools/train.py, shared
     # every bit trains every iteration (4: logger interval 1) with finite
     # losses, and validation covers every bit
     for bit in BITS:
