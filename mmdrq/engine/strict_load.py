@@ -41,8 +41,12 @@ def check_checkpoint(model: nn.Module, checkpoint, source: str) -> dict:
             f'trained {type(model).__name__} to test, resume or export')
     if EXTRA_STATE in expected:
         if EXTRA_STATE not in state:
-            raise ValueError(f'{source} has no {EXTRA_STATE!r} (the bit list '
-                             'and quantizer options it was trained with)')
+            raise ValueError(
+                f'{source} has no {EXTRA_STATE!r} (the bit list and '
+                'quantizer options it was trained with): written by an '
+                'earlier mmdrq? If you know its bits, tools/'
+                'upgrade_checkpoint.py CONFIG CKPT OUT --assume-bits ... '
+                'writes a copy that records them')
         check_quantizer_meta(decode_meta(state[EXTRA_STATE]), model, source)
     # MMEngine's load ignores these too (checkpoints of old BN layers)
     missing = [k for k in expected

@@ -97,3 +97,38 @@ def test_pickled_code_never_runs(trained, tmp_path, monkeypatch):
                        r'are not allowed in a checkpoint \(\w+\.mkdir\)'):
         load_trained(QAT_CFG, payload)
     assert not marker.exists()
+
+
+def test_checkpoint_without_bit_list_upgraded_by_assumed_bits(trained,
+                                                              tmp_path):
+    """A checkpoint of an earlier mmdrq (no ``_extra_state``) is refused
+    with the way forward named; tools/upgrade_checkpoint.py with the
+    config's bits writes a copy that loads exactly; wrong bits, an existing
+    OUT and a checkpoint that has its bit list are refused, CKPT untouched."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'upgrade_checkpoint', osp.join(ROOT, 'tools', 'upgrade_checkpoint.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    path, saved = trained
+    state = {k: v for k, v in saved.state_dict().items()
+             if k != '_extra_state'}
+    old = str(tmp_path / 'old.pth')
+    torch.save(dict(meta=dict(), state_dict=state), old)
+    before = open(old, 'rb').read()
+    with pytest.raises(ValueError, match='upgrade_checkpoint.py'):
+        load_trained(QAT_CFG, old)
+    new = str(tmp_path / 'new.pth')
+    with pytest.raises(ValueError, match=r'--assume-bits \[8, 4\] is not '
+                       r"the config's bit list \[8, 6, 4, 2\]"):
+        tool.upgrade(QAT_CFG, old, new, [8, 4])
+    with pytest.raises(ValueError, match='already records its bit list'):
+        tool.upgrade(QAT_CFG, path, new, [8, 6, 4, 2])
+    assert not osp.exists(new)
+    tool.upgrade(QAT_CFG, old, new, [8, 6, 4, 2])
+    _, model, _ = load_trained(QAT_CFG, new)
+    for key, value in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(FileExistsError, match='new.pth'):
+        tool.upgrade(QAT_CFG, old, new, [8, 6, 4, 2])
+    assert open(old, 'rb').read() == before
