@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from mmdrq.utils.checks import check_choice
 from .residual import (fused_output, insert_after, is_unsigned,
                        producers_of, quantize_tensors, readers_of)
 
@@ -41,9 +42,7 @@ FP_LAYERS = ('float32', 'float16', 'int8_weights', 'int8')
 def check_fp_layers(fp_layers: str, target: str, calibration) -> None:
     """Refuse an unknown ``fp_layers``, weight-only int8 for TensorRT, or
     ``int8`` without calibration inputs, before any work."""
-    if fp_layers not in FP_LAYERS:
-        raise ValueError(f'fp_layers must be one of {list(FP_LAYERS)}, got '
-                         f'{fp_layers!r}')
+    check_choice('fp_layers', fp_layers, FP_LAYERS)
     if fp_layers == 'int8_weights' and target == 'tensorrt':
         raise ValueError("fp_layers='int8_weights' (int8 weights, float "
                          "inputs) breaks TensorRT's rule that a conv with a "

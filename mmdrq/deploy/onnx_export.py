@@ -48,6 +48,7 @@ from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
                                          weight_integers)
 from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
                                        owner_weight_reads)
+from mmdrq.utils.checks import check_choice
 from .detection_graph import (EXTRA_INPUTS, ONNX_FORMS, OUTPUTS,
                               SingleStageDetections, detection_refusal,
                               example_inputs)
@@ -368,9 +369,7 @@ class OnnxExporter:
         check_exportable(model)
         self.task = pipeline_task(model, graph)
         self.pipeline = None
-        if target not in TARGETS:
-            raise ValueError(f'target must be one of {list(TARGETS)}, got '
-                             f'{target!r}')
+        check_choice('target', target, TARGETS)
         check_fp_layers(fp_layers, target, calibration)
         self.fp_layers = fp_layers
         check_residual_mode(residual_qdq, calibration)

@@ -13,6 +13,7 @@ from mmdrq.quantization import model_bits, quantized_layers
 from mmdrq.quantization.bitwidths import bit_name
 from mmdrq.quantization.integers import CONTAINER_BIT
 from mmdrq_runtime.artifact import check_file_name
+from mmdrq.utils.checks import check_choice
 from .folder import LAYOUTS, check_out_dir, pack, write_folder
 from .onnx_export import (OnnxExporter, at_bits, check_bits_setting,
                           check_exportable)
@@ -153,9 +154,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
     another model's export. Returns the folder's meta."""
     check_exportable(model)
     check_residual_mode(residual_qdq, calibration)
-    if layout not in LAYOUTS:
-        raise ValueError(f'layout must be one of {list(LAYOUTS)}, got '
-                         f'{layout!r}')
+    check_choice('layout', layout, LAYOUTS)
     settings = [(bit_name(b), b) for b in bits]
     settings += [(check_subnet_name(name), layer_bits)
                  for name, layer_bits in (subnets or {}).items()]

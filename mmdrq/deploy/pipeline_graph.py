@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import numpy as np
 
 from mmdrq.models.tasks import task_of
+from mmdrq.utils.checks import check_choice
 
 GRAPHS = ('auto', 'pipeline', 'tensor')
 
@@ -28,9 +29,7 @@ def pipeline_task(model, graph: str) -> Optional[str]:
     """The task whose post-processing goes into the graph (None: the head
     tensors are the outputs); ``graph='pipeline'`` refuses a model that
     has none."""
-    if graph not in GRAPHS:
-        raise ValueError(f'graph must be one of {list(GRAPHS)}, got '
-                         f'{graph!r}')
+    check_choice('graph', graph, GRAPHS)
     task = task_of(model)
     if task == 'segmentation' and \
             model.decode_head.conv_seg.out_channels == 1:

@@ -34,6 +34,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 import onnx
+from mmdrq.utils.checks import check_choice
 from onnx import helper, numpy_helper
 
 RESIDUAL_MODES = ('none', 'calibrated')
@@ -45,9 +46,7 @@ _PASS_SIGN = ('MaxPool', 'AveragePool', 'GlobalAveragePool', 'ReduceMean',
 def check_residual_mode(mode: str, calibration) -> None:
     """Refuse an unknown mode, or 'calibrated' without inputs, before any
     work."""
-    if mode not in RESIDUAL_MODES:
-        raise ValueError(f'residual_qdq must be one of {list(RESIDUAL_MODES)}'
-                         f', got {mode!r}')
+    check_choice('residual_qdq', mode, RESIDUAL_MODES)
     if mode == 'calibrated' and not calibration:
         raise ValueError("residual_qdq='calibrated' needs calibration inputs "
                          '(a few batches after the data preprocessor)')

@@ -18,6 +18,7 @@ from mmdrq.models import PerBitOptimWrapper
 from mmdrq.quantization import check_bit, check_bits
 from mmdrq.quantization.bitwidths import bit_name
 from mmdrq.registry import OPTIM_WRAPPERS
+from mmdrq.utils.checks import check_choice
 
 ALRS_MODES = ('fixed', 'adaptive', 'off')
 
@@ -58,9 +59,7 @@ class ALRSMixin(PerBitOptimWrapper):
     def _init_alrs(self, bits: Sequence[int], mode: str, momentum: float,
                    min_eta: float):
         self.bits = check_bits(bits, key='optim_wrapper.bits')
-        if mode not in ALRS_MODES:
-            raise ValueError(f'optim_wrapper.mode must be one of '
-                             f'{list(ALRS_MODES)}, got {mode!r}')
+        check_choice('optim_wrapper.mode', mode, ALRS_MODES)
         _check_number('momentum', momentum, '[0, 1)', lambda v: 0 <= v < 1)
         _check_number('min_eta', min_eta, '(0, 1]', lambda v: 0 < v <= 1)
         if not any(g.get('alrs') for g in self.optimizer.param_groups):

@@ -13,6 +13,7 @@ from mmdrq.models import architecture_of, check_optim_bits, unwrap_model
 from mmdrq.quantization import model_bits
 from mmdrq.quantization.learned_scale import LearnedScaleQuantizer
 from mmdrq.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from mmdrq.utils.checks import check_choice
 
 ALRS_SCOPES = ('scales', 'scales_norm_bias')
 # norms whose affine params the 'scales_norm_bias' scope takes
@@ -53,11 +54,10 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg=None):
         optim_wrapper_cfg = dict(optim_wrapper_cfg)
         self.alrs_scope = optim_wrapper_cfg.pop('alrs_scope', 'scales')
-        if self.alrs_scope not in ALRS_SCOPES:
-            raise ValueError(f'optim_wrapper.alrs_scope must be one of '
-                             f'{list(ALRS_SCOPES)}, got {self.alrs_scope!r}')
+        check_choice('optim_wrapper.alrs_scope', self.alrs_scope,
+                     ALRS_SCOPES)
         self.alrs_modules = optim_wrapper_cfg.pop('alrs_modules', ())
-        if isinstance(self.alrs_modules, str) or not all(
+        if not isinstance(self.alrs_modules, (list, tuple)) or not all(
                 isinstance(n, str) for n in self.alrs_modules):
             raise ValueError(f'optim_wrapper.alrs_modules must be a list of '
                              f'module names, got {self.alrs_modules!r}')

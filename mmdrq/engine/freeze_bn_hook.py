@@ -8,13 +8,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmdrq.quantization.bitwidths import check_bit
 from mmdrq.quantization.layers import BitSwitchable
 from mmdrq.registry import HOOKS
+from mmdrq.utils.checks import check_int
 
 
 def _check_begin(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f'FreezeBNStatsHook {key} must be an int >= 0, got '
-                         f'{value!r}')
-    return value
+    return check_int(f'FreezeBNStatsHook {key}', value)
 
 
 def bn_copy_bits(model: nn.Module) -> Dict[nn.Module, int]:

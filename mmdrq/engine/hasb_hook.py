@@ -8,6 +8,7 @@ from mmdrq.models import qat_model_of
 from mmdrq.quantization import get_bits
 from mmdrq.quantization.bit_sampler import BitSampler, hasb_probabilities
 from mmdrq.registry import HOOKS
+from mmdrq.utils.checks import check_flag, check_int, check_number
 
 
 def sigma_schedule(epoch: int, max_epochs: int, sigma_max: float,
@@ -42,16 +43,18 @@ class HASBHook(Hook):
     def __init__(self, traces: Optional[str] = None, sigma: float = 0.5,
                  warmup_epochs: int = 0, seed: int = 0,
                  uniform: bool = False):
+        self.uniform = check_flag('HASBHook uniform', uniform)
         if traces is None and not uniform:
             raise ValueError('HASBHook needs traces=<file from '
                              'tools/hessian.py> (or uniform=True)')
-        if not 0.0 <= sigma <= 1.0:
-            raise ValueError(f'HASBHook sigma must lie in [0, 1], got {sigma}')
+        if traces is not None and not isinstance(traces, str):
+            raise ValueError(f'HASBHook traces must be a file path, got '
+                             f'{traces!r}')
         self.traces = traces
-        self.sigma = sigma
-        self.warmup_epochs = warmup_epochs
-        self.seed = seed
-        self.uniform = uniform
+        self.sigma = check_number('HASBHook sigma', sigma, 0.0, 1.0)
+        self.warmup_epochs = check_int('HASBHook warmup_epochs',
+                                       warmup_epochs)
+        self.seed = check_int('HASBHook seed', seed)
 
     @staticmethod
     def _qat_model(runner):

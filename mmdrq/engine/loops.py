@@ -20,6 +20,7 @@ from mmdrq.quantization.bitwidths import bit_tag, split_tag, tag
 from mmdrq.quantization.deploy_numerics import deploy_numerics
 from mmdrq.search.subnet import load_subnet, subnet_name
 from mmdrq.registry import LOOPS
+from mmdrq.utils.checks import check_choice
 
 
 # ``fake``: the fake-quantized forward of training; ``deploy``: the float
@@ -37,10 +38,8 @@ class _MultiBitMixin:
                  subnets: Optional[Sequence[str]] = None,
                  measure_speed: bool = False, numerics: str = 'fake'):
         super().__init__(runner, dataloader, evaluator, fp16)
-        if numerics not in NUMERICS:
-            raise ValueError(f'{self.phase}_cfg.numerics must be one of '
-                             f'{list(NUMERICS)}, got {numerics!r}')
-        self.numerics = numerics
+        self.numerics = check_choice(f'{self.phase}_cfg.numerics', numerics,
+                                     NUMERICS)
         self._init_settings(bits, subnets, f'{self.phase}_cfg', measure_speed)
 
     def run(self) -> dict:

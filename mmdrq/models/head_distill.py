@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from mmdrq.utils.checks import check_choice
 from torch import nn
 
 TARGETS = ('logits', 'features')
@@ -82,9 +83,7 @@ class HeadDistill:
     def __init__(self, architecture: nn.Module, target: str = 'logits',
                  weight: float = 1.0, temperature: float = 1.0,
                  box_weight: float = 0.0):
-        if target not in TARGETS:
-            raise ValueError(f'head_distill.target must be one of '
-                             f'{list(TARGETS)}, got {target!r}')
+        check_choice('head_distill.target', target, TARGETS)
         for key, value in (('weight', weight), ('temperature', temperature)):
             if isinstance(value, bool) or not isinstance(
                     value, numbers.Real) or not 0 < value < float('inf'):

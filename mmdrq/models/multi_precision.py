@@ -21,6 +21,7 @@ from mmdrq.quantization.meta import (check_quantizer_meta, decode_meta,
                                      encode_meta, quantizer_meta)
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
+from mmdrq.utils.checks import check_choice, check_flag
 from .head_distill import build_head_distill
 from .multi_level import to_level_act_scales, to_level_norms
 from .pskd import PSKDTargets, soft_cross_entropy
@@ -134,9 +135,7 @@ class MultiPrecisionQAT(BaseModel):
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f'compile must be a bool or a dict of '
                             f'torch.compile options, got {compile!r}')
-        if loss_mode not in LOSS_MODES:
-            raise ValueError(f'loss_mode must be one of {list(LOSS_MODES)}, '
-                             f'got {loss_mode!r}')
+        check_choice('loss_mode', loss_mode, LOSS_MODES)
         if isinstance(architecture, dict):
             architecture = dict(architecture)
             if data_preprocessor is not None:
@@ -158,9 +157,7 @@ class MultiPrecisionQAT(BaseModel):
                       multi_level_act_scales=(multi_level_act_scales,
                                               to_level_act_scales))
         for key, (value, _) in levels.items():
-            if not isinstance(value, bool):
-                raise ValueError(f'{key} must be True or False, got '
-                                 f'{value!r}')
+            check_flag(key, value)
         quantize_model(architecture, dict(quantizer or {}))
         for key, (value, convert) in levels.items():
             if value:

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from mmdrq.registry import MODELS
+from mmdrq.utils.checks import check_choice
 from .bitwidths import check_bit, check_bits, signed_range, unsigned_range
 from .functional import fake_quant, lsq_grad_scale
 from .learned_scale import MIN_INITIAL_SCALE, LearnedScaleQuantizer
@@ -75,9 +76,7 @@ class ActQuantizer(LearnedScaleQuantizer):
         if not 50.0 < init_percentile <= 100.0:
             raise ValueError(
                 f'init_percentile must lie in (50, 100], got {init_percentile}')
-        if init_method not in INIT_METHODS:
-            raise ValueError(f'init_method must be one of '
-                             f'{list(INIT_METHODS)}, got {init_method!r}')
+        check_choice('init_method', init_method, INIT_METHODS)
         self.init_percentile = init_percentile
         self.init_method = init_method
         # -1: undecided ('auto' before the first forward), 0 unsigned, 1 signed

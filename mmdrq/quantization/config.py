@@ -5,6 +5,7 @@ import re
 from collections.abc import Mapping
 from typing import Optional, Tuple
 
+from mmdrq.utils.checks import check_flag
 from .bitwidths import check_bits
 
 
@@ -48,9 +49,7 @@ class QuantizeConfig:
         object.__setattr__(self, 'skip', _check_skip(self.skip))
         for key in ('skip_first_last', 'switchable_bn', 'switchable_gn_ln',
                     'attention_matmuls'):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f'{key} must be True or False, got '
-                                 f'{getattr(self, key)!r}')
+            check_flag(key, getattr(self, key))
         for key in ('weight_quantizer', 'act_quantizer'):
             value = getattr(self, key)
             if value is None and key == 'act_quantizer':

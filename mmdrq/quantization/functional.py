@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from mmdrq.utils.checks import check_choice
+
 ROUNDINGS = ('half_even', 'half_up')
 # the variants of one stored grid (weight_quantizer.VARIANTS adds the
 # 'unshared' baseline, which needs none of this: a shift of 0)
@@ -39,10 +41,7 @@ IMPLS = ('auto', 'torch', 'fused')
 
 
 def _check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f'fake-quant impl (MMDRQ_FAKE_QUANT) must be one of '
-                         f'{list(IMPLS)}, got {impl!r}')
-    return impl
+    return check_choice('fake-quant impl (MMDRQ_FAKE_QUANT)', impl, IMPLS)
 
 
 _impl = _check_impl(os.environ.get('MMDRQ_FAKE_QUANT', 'auto'))
@@ -72,13 +71,8 @@ def fake_quant_impl(impl: str):
 
 
 def _check_modes(rounding: str, variant: str):
-    if rounding not in ROUNDINGS:
-        raise ValueError(
-            f'rounding must be one of {list(ROUNDINGS)}, got {rounding!r}')
-    if variant not in SHARED_GRID_VARIANTS:
-        raise ValueError(
-            f'variant must be one of {list(SHARED_GRID_VARIANTS)}, '
-            f'got {variant!r}')
+    check_choice('rounding', rounding, ROUNDINGS)
+    check_choice('variant', variant, SHARED_GRID_VARIANTS)
 
 
 def _round_down(q, down, lo, hi, rounding, variant):
@@ -448,9 +442,7 @@ def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
     bits needs while the weights do not change.
     """
     _check_modes(rounding, variant)
-    if residual not in RESIDUALS:
-        raise ValueError(
-            f'residual must be one of {list(RESIDUALS)}, got {residual!r}')
+    check_choice('residual', residual, RESIDUALS)
     if not targets:
         raise ValueError('fake_quant_bits needs at least one target')
     spec = _QuantSpec(h_range, targets, rounding, variant, residual)

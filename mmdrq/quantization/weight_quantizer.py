@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mmdrq.registry import MODELS
+from mmdrq.utils.checks import check_choice
 from .bitwidths import check_bit, check_bits, signed_range
 from .functional import (RESIDUALS, ROUNDINGS, fake_quant_bits,
                          lsq_grad_scale, quantize_int)
@@ -15,11 +16,6 @@ from .learned_scale import LearnedScaleQuantizer
 VARIANTS = ('double_rounding', 'floor', 'unshared')
 SCALE_GRADS = ('lsq', 'exact')
 SCALE_GRAD_REDUCES = ('channel', 'tensor')
-
-
-def _check_choice(key, value, choices):
-    if value not in choices:
-        raise ValueError(f'{key} must be one of {list(choices)}, got {value!r}')
 
 
 @MODELS.register_module()
@@ -67,12 +63,12 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
                  scale_grad_reduce: str = 'channel',
                  scale_grad_residual: str = 'first_rounding'):
         bits = check_bits(bits)
-        _check_choice('variant', variant, VARIANTS)
-        _check_choice('rounding', rounding, ROUNDINGS)
-        _check_choice('scale_grad', scale_grad, SCALE_GRADS)
-        _check_choice('scale_grad_reduce', scale_grad_reduce,
+        check_choice('variant', variant, VARIANTS)
+        check_choice('rounding', rounding, ROUNDINGS)
+        check_choice('scale_grad', scale_grad, SCALE_GRADS)
+        check_choice('scale_grad_reduce', scale_grad_reduce,
                       SCALE_GRAD_REDUCES)
-        _check_choice('scale_grad_residual', scale_grad_residual, RESIDUALS)
+        check_choice('scale_grad_residual', scale_grad_residual, RESIDUALS)
         per_channel = per_channel and num_channels is not None
         num_scales = len(bits) if variant == 'unshared' else 1
         super().__init__(bits, (num_scales, num_channels if per_channel

@@ -22,6 +22,7 @@ from mmdrq.quantization.bit_control import model_bits, use_bits
 from mmdrq.quantization.layers import quantized_layers
 from mmdrq.quantization.learned_scale import LearnedScaleQuantizer
 from mmdrq.utils import atomic_write_json
+from mmdrq.utils.checks import check_choice
 
 FORMAT = 'mmdrq-traces'
 
@@ -39,9 +40,7 @@ def _check_options(max_probes, min_probes, tol, hvp):
                          f'{max_probes}], got {min_probes!r}')
     if not tol >= 0:
         raise ValueError(f'tol must be >= 0, got {tol!r}')
-    if hvp not in HVP_METHODS:
-        raise ValueError(f'hvp must be one of {list(HVP_METHODS)}, got '
-                         f'{hvp!r}')
+    check_choice('hvp', hvp, HVP_METHODS)
 
 
 def once_differentiable_ops(loss: torch.Tensor) -> List[str]:

@@ -48,6 +48,7 @@ def test_head_parameters_get_the_per_bit_rate(small_classifier):
     (['bbox_head'], "alrs_modules entry 'bbox_head' is no module of "
      "ImageClassifier"),
     ('head', "alrs_modules must be a list of module names, got 'head'"),
+    (5, 'alrs_modules must be a list of module names, got 5'),
 ])
 def test_bad_alrs_modules_name_key_and_value(small_classifier, value,
                                              message):

@@ -1,4 +1,6 @@
 """HASB: sigma schedule, bit distributions, seeded sampling."""
+import re
+
 import pytest
 from scipy.stats import chisquare
 
@@ -73,5 +75,15 @@ def test_bad_inputs():
         HASBHook()
     with pytest.raises(ValueError, match='sigma.*1.5'):
         HASBHook(uniform=True, sigma=1.5)
+    for key, value, message in (
+            ('uniform', 'yes', 'uniform must be True or False'),
+            ('sigma', '0.5', r'sigma must be a finite number in \[0.0, 1.0\]'),
+            ('warmup_epochs', -1, 'warmup_epochs must be an int >= 0'),
+            ('seed', 1.5, 'seed must be an int >= 0'),
+            ('traces', 3, 'traces must be a file path')):
+        options = {'uniform': True, key: value}
+        with pytest.raises(ValueError, match=f'HASBHook {message}, got '
+                           f'{re.escape(repr(value))}'):
+            HASBHook(**options)
     with pytest.raises(ValueError, match='summing to 1'):
         BitSampler({'a': [0.5, 0.4, 0.0, 0.0]}, BITS)
