@@ -56,7 +56,8 @@ def main():
     parser.add_argument('checkpoint')
     parser.add_argument('--out-dir', required=True)
     parser.add_argument('--bits', type=int, nargs='+',
-                        help='bit-widths to export (default: all)')
+                        help='bit-widths to export (default: all, or none '
+                        'when --subnet is given)')
     parser.add_argument('--subnet', nargs='+', default=[],
                         help='SubNet JSON files (layer_bits) to export')
     parser.add_argument('--input-shape', type=int, nargs=4,

@@ -65,6 +65,9 @@ def main():
                                     not is_qat_config(cfg)):
         raise ValueError(f'--numerics {args.numerics} needs --backend '
                          'pytorch and an mmdrq model config')
+    if args.ort_kernels != 'exact' and args.backend != 'onnxruntime':
+        raise ValueError(f'--ort-kernels {args.ort_kernels} needs --backend '
+                         'onnxruntime (it picks ONNX Runtime\'s kernels)')
     options = {} if args.numerics == 'fake' else \
         dict(numerics=args.numerics)
     configure_test(cfg, args.checkpoint, args.bits, args.subnets,

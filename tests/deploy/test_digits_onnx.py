@@ -102,11 +102,7 @@ def test_test_tool_metrics_equal_per_bit(trained):
     keys = [f'accuracy/top1@w{b}a{b}' for b in BITS]
     assert {k: metrics['pytorch'][k] for k in keys} == \
         {k: metrics['onnxruntime'][k] for k in keys}
-    # --numerics is PyTorch's
-    code, log = run_tool(osp.join(TOOLS, 'test.py'), trained['cfg'],
-                         trained['onnx_dir'], '--backend', 'onnxruntime',
-                         '--numerics', 'deploy', expect_ok=False)
-    assert code != 0 and '--numerics deploy needs --backend pytorch' in log
+    # --numerics is PyTorch's: tests/tools/test_tool_arguments.py
 
 
 def test_predictions_identical_on_the_validation_set(trained):
