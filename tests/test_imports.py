@@ -1,6 +1,6 @@
-"""Import rules of the package, read from its source: no module of mmdrq
-imports another's private name, and the deploy host's package imports
-neither torch, OpenMMLab nor mmdrq."""
+"""Rules of the package, read from its source: no module of mmdrq imports
+another's private name, none is over 450 lines, and the deploy host's
+package imports neither torch, OpenMMLab nor mmdrq."""
 import ast
 import glob
 import os.path as osp
@@ -42,3 +42,16 @@ def test_runtime_imports_no_torch_openmmlab_or_mmdrq():
     found = [(path, module) for path, module, _ in imports('mmdrq_runtime')
              if module.split('.')[0] in heavy]
     assert found == []
+
+
+def test_no_module_over_450_lines():
+    """A module that grows past this does several jobs: split it."""
+    long = {}
+    for package in ('mmdrq', 'mmdrq_runtime'):
+        for path in glob.glob(osp.join(ROOT, package, '**', '*.py'),
+                              recursive=True):
+            with open(path) as f:
+                count = sum(1 for _ in f)
+            if count > 450:
+                long[osp.relpath(path, ROOT)] = count
+    assert long == {}

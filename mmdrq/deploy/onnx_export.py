@@ -30,39 +30,35 @@ that graph:
 import contextlib
 import copy
 import re
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Sequence, Union
 
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
 from torch import nn
 
 from mmdrq.models.tasks import unsupported_reason
 from mmdrq.quantization import quantized_layers, use_bits
-from mmdrq.quantization.bitwidths import check_bit, signed_range
-from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
-                                         check_container, folded_bias,
-                                         int_range, is_signed, scale_at,
-                                         uninitialised_quantizers,
-                                         weight_integers)
+from mmdrq.quantization.bitwidths import check_bit
+from mmdrq.quantization.integers import (check_container, is_signed,
+                                         uninitialised_quantizers)
 from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
                                        owner_weight_reads)
 from mmdrq.utils.checks import check_choice
 from .detection_graph import (EXTRA_INPUTS, ONNX_FORMS, OUTPUTS,
                               SingleStageDetections, detection_refusal,
                               example_inputs)
-from .layer_forms import (BIAS_INPUT, FlatLinear, emit, export_refusal,
-                          placeholder, stand_in, weight_nodes, weight_parts)
-from .pipeline_graph import append_pipeline, pipeline_task
+from .float_graph import (float_skeleton, fold_bn_nodes, module_of,
+                          strip_debug_info)
 from .float_layers import check_fp_layers, quantize_float_layers
+from .layer_forms import export_refusal, weight_parts
+from .pipeline_graph import append_pipeline, pipeline_task
+from .qdq_rewrite import QDQRewrite
 from .residual import add_residual_qdq, check_residual_mode
 from .two_stage_graph import TwoStageDetections
 
 OPSET = 20
 TARGETS = ('onnxruntime', 'tensorrt')
-# storage of the weights of layers kept FP (the stem, the classifier)
-_PREFIX = 'model.'
 
 
 def two_stage(model: nn.Module) -> bool:
@@ -175,159 +171,6 @@ def at_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
         yield model
 
 
-def _plain_layer(module: QuantLayer) -> nn.Module:
-    """The float layer of a quantized one (same parameters, no quantizers);
-    the rewrite replaces its weight anyway."""
-    if isinstance(module, nn.Conv2d):
-        new = nn.Conv2d.__new__(nn.Conv2d)
-        nn.Conv2d.__init__(new, module.in_channels, module.out_channels,
-                           module.kernel_size, module.stride, module.padding,
-                           module.dilation, module.groups, True,
-                           module.padding_mode, device='meta')
-    else:
-        new = FlatLinear(module.in_features, module.out_features, True,
-                         device='meta')
-    new.weight = nn.Parameter(module.weight.detach().clone())
-    return new
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module):
-    parent, _, child = name.rpartition('.')
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def _float_skeleton(model: nn.Module) -> nn.Module:
-    """A float copy of ``model``'s structure: quantized layers plain, each
-    switchable BN its first copy, every conv/linear with a bias (for the
-    fold). Placeholder values are distinct so no pass merges them."""
-    skeleton = copy.deepcopy(model).eval()
-    generator = torch.Generator().manual_seed(0)
-    for name, module in quantized_layers(skeleton).items():
-        new = stand_in(module, generator)
-        new = _plain_layer(module) if new is None else new
-        _placeholders(new, ('weight', ), generator)
-        _replace(skeleton, name, new)
-    for name, module in list(skeleton.named_modules()):
-        if isinstance(module, BitSwitchable) and hasattr(module, 'bns'):
-            norm = next(iter(module.bns.values()))
-            if isinstance(norm, nn.GroupNorm):
-                norm = _GroupNormAffine(norm)
-            _placeholders(norm, ('weight', 'bias', 'running_mean',
-                                 'running_var'), generator)
-            _replace(skeleton, name, norm)
-    for module in skeleton.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            module.bias = nn.Parameter(placeholder(module.weight.shape[0],
-                                                   generator))
-    return skeleton
-
-
-def _placeholders(module: nn.Module, names, generator: torch.Generator):
-    """``placeholder`` values for the tensors ``names`` of ``module``: a
-    fresh model's equal BN weights or zero-initialised offset convs would
-    otherwise be merged (a BN after a deformable conv got another BN's
-    statistics)."""
-    for key in names:
-        tensor = getattr(module, key, None)
-        if isinstance(tensor, torch.Tensor):
-            tensor.data = placeholder(tensor.shape, generator)
-
-
-class _GroupNormAffine(nn.Module):
-    """GroupNorm with its affine as a Mul and an Add on named parameters:
-    exported as is, GN's affine becomes anonymous folded constants, which
-    the per-bit rewrite could not find (switchable GN sets them per bit)."""
-
-    def __init__(self, norm: nn.GroupNorm):
-        super().__init__()
-        self.num_groups, self.eps = norm.num_groups, norm.eps
-        shape = (norm.num_channels, 1, 1)
-        self.weight = nn.Parameter(norm.weight.detach().reshape(shape))
-        self.bias = nn.Parameter(norm.bias.detach().reshape(shape))
-
-    def forward(self, x):
-        x = nn.functional.group_norm(x, self.num_groups, eps=self.eps)
-        return x * self.weight + self.bias
-
-
-def strip_debug_info(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove (in place, and return) what the exporter records for
-    debugging: stack traces and module paths of this machine in every
-    node's metadata and doc string."""
-    def graphs(graph):
-        yield graph
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.HasField('g'):
-                    yield from graphs(attribute.g)
-                for sub in attribute.graphs:
-                    yield from graphs(sub)
-
-    for graph in graphs(proto.graph):
-        graph.doc_string = ''
-        for node in graph.node:
-            node.doc_string = ''
-            del node.metadata_props[:]
-        for info in list(graph.value_info) + list(graph.input) + \
-                list(graph.output):
-            info.doc_string = ''
-            del info.metadata_props[:]
-    proto.doc_string = ''
-    del proto.metadata_props[:]
-    for function in proto.functions:
-        for node in function.node:
-            node.doc_string = ''
-            del node.metadata_props[:]
-    return proto
-
-
-def _consumers(graph) -> Dict[str, list]:
-    found = {}
-    for node in graph.node:
-        for name in node.input:
-            found.setdefault(name, []).append(node)
-    for output in graph.output:
-        found.setdefault(output.name, []).append(None)
-    return found
-
-
-def _module_of(init_name: str, suffix: str) -> Optional[str]:
-    if init_name.startswith(_PREFIX) and init_name.endswith(suffix):
-        return init_name[len(_PREFIX):-len(suffix)]
-    return None
-
-
-def _fold_bn_nodes(proto: onnx.ModelProto,
-                   transposed=frozenset()) -> Dict[str, str]:
-    """Remove every BatchNormalization whose input is a Conv's output used
-    by nothing else (or a ConvTranspose's whose weight is in
-    ``transposed``); returns conv module -> BN module name."""
-    graph = proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers = _consumers(graph)
-    folded, keep = {}, []
-    for node in graph.node:
-        conv = producers.get(node.input[0]) if node.op_type == \
-            'BatchNormalization' else None
-        # a conv called more than once (shared weights) is not folded
-        if conv is not None and (conv.op_type == 'Conv' or (
-                conv.op_type == 'ConvTranspose' and
-                conv.input[1] in transposed)) and \
-                len(consumers[conv.input[1]]) == 1 and \
-                len(consumers[conv.output[0]]) == 1 and \
-                all(not consumers.get(o) for o in node.output[1:]):
-            conv_name = _module_of(conv.input[1], '.weight')
-            bn_name = _module_of(node.input[1], '.weight')
-            if conv_name and bn_name:
-                folded[conv_name] = bn_name
-                conv.output[0] = node.output[0]
-                continue
-        keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
-    return folded
-
-
 class OnnxExporter:
     """Exports ``model`` (a converted architecture in eval mode) per bit.
 
@@ -390,8 +233,8 @@ class OnnxExporter:
         """The float graph with BN folded where it can be (exported once)."""
         if self._skeleton is None:
             import onnxscript.optimizer
-            proto = self._export_float(_float_skeleton(self.model))
-            self.folded = _fold_bn_nodes(proto, set(self.parts))
+            proto = self._export_float(float_skeleton(self.model))
+            self.folded = fold_bn_nodes(proto, set(self.parts))
             proto = onnxscript.optimizer.optimize(proto)
             if self.task == 'detection':
                 self.pipeline = dict(
@@ -493,7 +336,7 @@ class OnnxExporter:
         proto = copy.deepcopy(self.skeleton())
         # before any PyTorch forward: it would initialise missing scales
         used = {self.parts[i].layer if i in self.parts else
-                _module_of(i, '.weight')
+                module_of(i, '.weight')
                 for n in proto.graph.node for i in n.input}
         for name, module in self.layers.items():
             if name in used:
@@ -501,7 +344,7 @@ class OnnxExporter:
         active = self._active_bns(bits)
         with at_bits(self.model, bits), torch.no_grad():
             layer_bits = {n: m.bit for n, m in self.layers.items()}
-            rewrite = _Rewrite(self, proto, layer_bits, active)
+            rewrite = QDQRewrite(self, proto, layer_bits, active)
             rewrite.run()
         if self.fp_layers == 'int8':  # first: its outputs end residuals
             quantize_float_layers(proto, self.calibration, self.target)
@@ -509,188 +352,3 @@ class OnnxExporter:
             add_residual_qdq(proto, self.calibration, self.target)
         onnx.checker.check_model(proto, full_check=True)
         return proto, rewrite.integers
-
-
-class _Rewrite:
-    """One bit's rewrite of a copy of the skeleton graph."""
-
-    def __init__(self, exporter: OnnxExporter, proto, layer_bits, active):
-        self.exporter, self.proto = exporter, proto
-        self.graph = proto.graph
-        self.layer_bits, self.active = layer_bits, active
-        self.inits = {init.name: init for init in self.graph.initializer}
-        self.modules = dict(exporter.model.named_modules())
-        self.weights, self.calls = {}, {}  # per layer: weight DQ, calls
-        self.integers = {}  # weight integer initializer -> its derivation
-
-    def set_init(self, name: str, array: np.ndarray):
-        tensor = numpy_helper.from_array(array, name)
-        if name in self.inits:
-            self.inits[name].CopyFrom(tensor)
-        else:
-            self.graph.initializer.append(tensor)
-            self.inits[name] = self.graph.initializer[-1]
-
-    def run(self):
-        new_nodes = []
-        for node in self.graph.node:
-            part = self.exporter.parts.get(node.input[1]) \
-                if node.op_type in BIAS_INPUT and len(node.input) > 1 \
-                else None
-            if part is not None:
-                new_nodes += emit(self, node, part)
-                new_nodes.append(node)
-                continue
-            name = _module_of(node.input[1], '.weight') \
-                if node.op_type in ('Conv', 'Gemm') and \
-                len(node.input) > 1 else None
-            if name is not None and name in self.modules:
-                new_nodes += self.weight_layer(node, name)
-            elif node.op_type == 'BatchNormalization':
-                self.batch_norm(node)
-            new_nodes.append(node)
-        del self.graph.node[:]
-        self.graph.node.extend(new_nodes)
-        self.group_and_layer_norms()
-
-    def group_and_layer_norms(self):
-        """Switchable GN/LN: the bit's copy's affine, wherever the graph
-        holds it (LN's node inputs, the Mul/Add of ``_GroupNormAffine``)."""
-        for key in ('weight', 'bias'):
-            for init in list(self.inits):
-                norm = self.active.get(_module_of(init, '.' + key))
-                if isinstance(norm, (nn.GroupNorm, nn.LayerNorm)):
-                    shape = tuple(self.inits[init].dims)
-                    value = getattr(norm, key).detach().float().reshape(shape)
-                    self.set_init(init, value.numpy())
-
-    def batch_norm(self, node):
-        """A BN not folded: the bit's copy's parameters."""
-        name = _module_of(node.input[1], '.weight')
-        bn = self.active.get(name)
-        if bn is None:
-            return
-        for index, key in enumerate(
-                ('weight', 'bias', 'running_mean', 'running_var'), 1):
-            self.set_init(node.input[index],
-                          getattr(bn, key).detach().float().numpy())
-
-    def _fold(self, name: str, weight_out: int):
-        """(factor, shift) of the BN folded into layer ``name`` (1, 0 if
-        none), float64."""
-        bn_name = self.exporter.folded.get(name)
-        if bn_name is None:
-            return torch.ones(weight_out, dtype=torch.float64), \
-                torch.zeros(weight_out, dtype=torch.float64)
-        bn = self.active.get(bn_name, self.modules[bn_name])
-        return bn_affine(bn)
-
-    def weight_layer(self, node, name: str) -> list:
-        """Set the layer's weight and bias; for a quantized layer, the int8
-        weight into DequantizeLinear and the input through Q/DQ. Returns
-        the nodes to put before ``node``."""
-        module = self.modules[name]
-        if node.op_type == 'Gemm' and not any(
-                a.name == 'transB' and a.i == 1 for a in node.attribute):
-            raise ValueError(f'layer {name!r}: Gemm without transB=1 '
-                             '(weight not in its PyTorch layout)')
-        out = module.weight.shape[0]
-        factor, shift = self._fold(name, out)
-        self.set_init(node.input[2],
-                      folded_bias(module, factor, shift).numpy())
-        view = (-1, ) + (1, ) * (module.weight.dim() - 1)
-        if not isinstance(module, QuantLayer):
-            weight = module.weight.detach().double() * factor.view(view)
-            if node.input[1] not in self.inits:  # a layer called again
-                return []
-            return self.fp_weight(node.input[1], weight)
-        bit = self.layer_bits[name]
-        prefix = name  # one name at every bit: one graph serves them all
-        nodes = []
-        if name not in self.weights:  # a layer called again shares it
-            q, scale = weight_integers(module, bit)
-            nodes += weight_nodes(self, module, prefix, q, scale * factor,
-                                  bit)
-            self.graph.initializer.remove(self.inits.pop(node.input[1]))
-            self.weights[name] = nodes[-1].output[0]
-        node.input[1] = self.weights[name]
-        call = self.calls[name] = self.calls.get(name, -1) + 1
-        if module.act_quantizer is not None:
-            nodes += self.input_qdq(node, prefix, module.act_quantizer, bit,
-                                    prefix if call == 0 else
-                                    f'{prefix}.call{call}')
-        return nodes
-
-    def fp_weight(self, name: str, weight: torch.Tensor) -> list:
-        """A float layer's (BN-folded) weight stored as the exporter's
-        ``fp_layers`` says; the nodes that give ``name`` back in float."""
-        storage = self.exporter.fp_layers
-        if storage == 'float32':
-            self.set_init(name, weight.float().numpy())
-            return []
-        self.graph.initializer.remove(self.inits.pop(name))
-        if storage == 'float16':
-            self.set_init(name + '_fp16', weight.half().numpy())
-            return [helper.make_node(
-                'Cast', [name + '_fp16'], [name],
-                to=onnx.TensorProto.FLOAT, name=name + '_cast')]
-        view = (-1, ) + (1, ) * (weight.dim() - 1)
-        scale = weight.abs().flatten(1).amax(1) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
-        q = torch.round(weight / scale.double().view(view)).clamp(-127, 127)
-        self.set_init(name + '_q', q.to(torch.int8).numpy())
-        self.set_init(name + '_scale', scale.numpy())
-        self.set_init(name + '_zero_point',
-                      np.zeros(len(scale), dtype=np.int8))
-        return [helper.make_node(
-            'DequantizeLinear', [name + '_q', name + '_scale',
-                                 name + '_zero_point'], [name], axis=0,
-            name=name + '_dq')]
-
-    def input_qdq(self, node, prefix: str, act, bit: int, tag: str) -> list:
-        """QuantizeLinear (-> Clip) -> DequantizeLinear on the input; for
-        TensorRT, Clip -> QuantizeLinear -> DequantizeLinear in int8."""
-        signed = is_signed(act)
-        lo, hi = int_range(act, bit)
-        scale = scale_at(act, bit).float()
-        tensorrt = self.exporter.target == 'tensorrt'
-        if tensorrt and hi > signed_range(CONTAINER_BIT)[1]:
-            raise ValueError(
-                f'layer {prefix!r}: unsigned {bit}-bit activations (0..{hi}) '
-                'do not fit TensorRT\'s int8 Q/DQ; export that bit with '
-                "target='onnxruntime'")
-        dtype = np.int8 if signed or tensorrt else np.uint8
-        self.set_init(prefix + '.input_scale', scale.numpy())
-        self.set_init(prefix + '.input_zero_point', np.zeros((), dtype))
-        quant = [prefix + '.input_scale', prefix + '.input_zero_point']
-        source, nodes = node.input[0], []
-        # every bit clips to its range, 8 bits included (where it clips
-        # nothing: sessions drop it), so that one graph serves every bit
-        if tensorrt:
-            # float bounds fl(lo * s), fl(hi * s): x / s is monotonic and
-            # fl(hi * s) / s rounds to hi, so the integers are unchanged
-            bounds = (torch.tensor([lo, hi], dtype=torch.float32) *
-                      scale).numpy()
-            self.set_init(prefix + '.input_min', bounds[0])
-            self.set_init(prefix + '.input_max', bounds[1])
-            nodes.append(helper.make_node(
-                'Clip', [source, prefix + '.input_min', prefix + '.input_max'],
-                [tag + '.input_clipped'], name=tag + '.input_clip'))
-            source = tag + '.input_clipped'
-        nodes.append(helper.make_node(
-            'QuantizeLinear', [source] + quant, [tag + '.input_q'],
-            name=tag + '.input_quantize'))
-        integers = tag + '.input_q'
-        if not tensorrt:
-            self.set_init(prefix + '.input_min', np.array(lo, dtype))
-            self.set_init(prefix + '.input_max', np.array(hi, dtype))
-            nodes.append(helper.make_node(
-                'Clip', [integers, prefix + '.input_min',
-                         prefix + '.input_max'],
-                [tag + '.input_q_clipped'], name=tag + '.input_clip'))
-            integers = tag + '.input_q_clipped'
-        nodes.append(helper.make_node(
-            'DequantizeLinear', [integers] + quant, [tag + '.input'],
-            name=tag + '.input_dequantize'))
-        node.input[0] = tag + '.input'
-        return nodes

@@ -8,8 +8,9 @@ import torch.distributed as dist
 from mmdrq.registry import MODELS
 from mmdrq.utils.checks import check_choice
 from .bitwidths import check_bit, check_bits, signed_range, unsigned_range
-from .functional import fake_quant, lsq_grad_scale
-from .learned_scale import MIN_INITIAL_SCALE, LearnedScaleQuantizer
+from .functional import fake_quant
+from .learned_scale import (MIN_INITIAL_SCALE, LearnedScaleQuantizer,
+                            lsq_grad_scale)
 
 _MAX_INIT_SAMPLES = 1 << 20
 INIT_METHODS = ('percentile', 'mse')

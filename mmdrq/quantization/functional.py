@@ -21,7 +21,6 @@ it with the neighbouring ops; double backward (Hessian traces) always runs
 the plain math.
 """
 import contextlib
-import math
 import os
 import warnings
 
@@ -38,13 +37,9 @@ SHARED_GRID_VARIANTS = ('double_rounding', 'floor')
 # authors' code)
 RESIDUALS = ('double_rounded', 'first_rounding')
 IMPLS = ('auto', 'torch', 'fused')
-
-
-def _check_impl(impl: str) -> str:
-    return check_choice('fake-quant impl (MMDRQ_FAKE_QUANT)', impl, IMPLS)
-
-
-_impl = _check_impl(os.environ.get('MMDRQ_FAKE_QUANT', 'auto'))
+_IMPL_KEY = 'fake-quant impl (MMDRQ_FAKE_QUANT)'
+_impl = check_choice(_IMPL_KEY, os.environ.get('MMDRQ_FAKE_QUANT', 'auto'),
+                     IMPLS)
 _fused_state = {'ok': None, 'fns': None}
 _constants_cache = {}
 
@@ -52,7 +47,7 @@ _constants_cache = {}
 def set_fake_quant_impl(impl: str):
     """Choose ``auto``, ``torch`` or ``fused`` for every later call."""
     global _impl
-    _impl = _check_impl(impl)
+    _impl = check_choice(_IMPL_KEY, impl, IMPLS)
 
 
 def get_fake_quant_impl() -> str:
@@ -450,8 +445,3 @@ def fake_quant_bits(x: torch.Tensor, scale: torch.Tensor, h_range, targets,
         return _FakeQuant.apply(x, scale, spec, reduce_dims)
     # no graph to build (evaluation, recomputation in a backward)
     return _outputs(x, scale, spec, reduce_dims)
-
-
-def lsq_grad_scale(num_elements: int, q_max: int) -> float:
-    """LSQ's scale-gradient factor ``1 / sqrt(N * Qp)``."""
-    return 1.0 / math.sqrt(max(num_elements, 1) * max(q_max, 1))

@@ -6,6 +6,7 @@ independently initialised scale, the ``initialized`` buffer, the
 load hook that reads it back, readiness, and the scale's view for a tensor.
 Subclasses give ``_initial_scale`` and compute in ``forward``.
 """
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -85,3 +86,8 @@ class LearnedScaleQuantizer(nn.Module):
         if self.per_channel:
             return scale.view(-1, *([1] * (ndim - 1)))
         return scale.reshape(1)
+
+
+def lsq_grad_scale(num_elements: int, q_max: int) -> float:
+    """LSQ's scale-gradient factor ``1 / sqrt(N * Qp)``."""
+    return 1.0 / math.sqrt(max(num_elements, 1) * max(q_max, 1))

@@ -9,9 +9,8 @@ from torch import nn
 from mmdrq.registry import MODELS
 from mmdrq.utils.checks import check_choice
 from .bitwidths import check_bit, check_bits, signed_range
-from .functional import (RESIDUALS, ROUNDINGS, fake_quant_bits,
-                         lsq_grad_scale, quantize_int)
-from .learned_scale import LearnedScaleQuantizer
+from .functional import RESIDUALS, ROUNDINGS, fake_quant_bits, quantize_int
+from .learned_scale import LearnedScaleQuantizer, lsq_grad_scale
 
 VARIANTS = ('double_rounding', 'floor', 'unshared')
 SCALE_GRADS = ('lsq', 'exact')

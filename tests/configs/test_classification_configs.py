@@ -76,8 +76,12 @@ def test_config_trains_and_validates_one_iteration(path):
     log_vars = model.train_step(synthetic_batch(), optim_wrapper)
     for bit in bits:
         assert torch.isfinite(log_vars[f'loss@w{bit}a{bit}'])
-        assert not mixed or log_vars[f'avg_bit@w{bit}a{bit}'] in bits or \
-            min(bits) < log_vars[f'avg_bit@w{bit}a{bit}'] < max(bits)
+    averages = [float(log_vars[f'avg_bit@w{b}a{b}']) for b in bits
+                if f'avg_bit@w{b}a{b}' in log_vars]
+    # mixed: every pass draws per-layer bits (seeded: the same draws each
+    # run), which mix bits; multi-precision passes draw nothing
+    assert len(averages) == (len(bits) if mixed else 0)
+    assert not mixed or any(a not in bits for a in averages), averages
     changed = [n for n, p in model.named_parameters()
                if not torch.equal(before[n], p)]
     assert any('weight_quantizer.scale' in n for n in changed)
