@@ -1,15 +1,18 @@
 """PyTorch against the whole-pipeline ONNX Runtime graph on the real-image
-detection and segmentation configs: FCOS-R18 with its GN head (bbox mAP)
-and FCN-R18-D8 (mIoU). Per task: the dataset (tools/make_real_datasets.py,
-when missing), FP32 training with the real tools/train.py, one-shot
-{8,6,4,2} Double Rounding QAT with the recommended 300-iteration config
-from that checkpoint, then the metric at every bit three ways with
-tools/test.py: PyTorch's fake-quant forward, PyTorch ``--numerics deploy``,
-and ONNX Runtime's exact kernels on the export folder of
-tools/export_onnx.py (``--graph auto``: NMS, or resize and argmax, inside
-the graph; the input shape from the test pipeline).
+detection and segmentation configs: FCOS-R18 with its GN head (``det``,
+bbox mAP), the two-stage Faster R-CNN-R18 FPN (``frcnn``, bbox mAP) and
+FCN-R18-D8 (``seg``, mIoU). Per task: the dataset
+(tools/make_real_datasets.py, when missing), FP32 training with the real
+tools/train.py, one-shot {8,6,4,2} Double Rounding QAT with the
+recommended 300-iteration config from that checkpoint, then the metric at
+every bit three ways with tools/test.py: PyTorch's fake-quant forward,
+PyTorch ``--numerics deploy``, and ONNX Runtime's exact kernels on the
+export folder of tools/export_onnx.py (``--graph auto``: the
+post-processing inside the graph: FCOS's NMS; Faster R-CNN's RPN
+proposals with NMS, RoiAlign, box head and NMS; FCN's resize and argmax;
+the input shape from the test pipeline).
 
-    python benchmarks/deploy_real.py [--tasks det seg] [--seed 0]
+    python benchmarks/deploy_real.py [--tasks det frcnn seg] [--seed 0]
         [--work-dir work_dirs/deploy_real] [--heads N] [--always-heads]
         [--threads 1]
         [--options k=v ...]
@@ -21,6 +24,9 @@ compared too: a ``--graph tensor`` export run by
 ``mmdrq.quantization.deploy_numerics``, on the first ``--heads`` test
 images (default: all), the largest absolute difference per output and
 the number of images with an output further apart than float rounding.
+Not for Faster R-CNN: a two-stage detector exports only as the whole
+pipeline (its RoI head runs on the proposals the graph selects), so it
+has no ``--graph tensor`` form to compare; its table says so.
 
 A finished step is reused: a training whose checkpoint exists, an export
 folder newer than its checkpoint, a metrics file newer than what it
@@ -44,6 +50,16 @@ TASKS = {
         fp32='configs/detection/fcos_r18_gn-head_fp32_real.py',
         qat='configs/detection/fcos_r18_gn-head_drq-8642_300iters_real.py',
         metric='coco/bbox_mAP', scale=100.0, data='data/real_det'),
+    # no head-tensor comparison: the reason, in the table
+    'frcnn': dict(
+        name='detection: Faster R-CNN-R18 FPN, bbox mAP',
+        fp32='configs/detection/faster-rcnn_r18_fpn_fp32_real.py',
+        qat='configs/detection/faster-rcnn_r18_fpn_drq-8642_300iters_real.py',
+        metric='coco/bbox_mAP', scale=100.0, data='data/real_det',
+        no_heads='No raw head comparison: a two-stage detector exports '
+        'only as the whole pipeline (`--graph auto`; its RoI head runs on '
+        'the proposals the graph selects), so there is no `--graph tensor` '
+        'export to compare.'),
     'seg': dict(
         name='segmentation: FCN-R18-D8, mIoU',
         fp32='configs/segmentation/fcn_r18-d8_fp32_real.py',
@@ -231,7 +247,9 @@ def run_task(task, args, seconds):
                   rows=rows, checkpoints=dict(fp32=fp_ckpt, qat=qat_ckpt))
     differs = any(rows['ort'][str(b)] != rows['deploy'][str(b)]
                   for b in BITS)
-    if args.heads and (differs or args.always_heads):
+    if spec.get('no_heads'):
+        result['no_heads'] = spec['no_heads']
+    elif args.heads and (differs or args.always_heads):
         tensor = osp.join(work, 'onnx_tensor')
         export(spec['qat'], qat_ckpt, tensor, 'tensor', seconds,
                f'{task} export_onnx tensor')
@@ -254,7 +272,10 @@ def table(results: dict, seconds: dict) -> str:
              'tools/export_onnx.py (`--graph auto`: the post-processing in '
              'the graph), then `tools/test.py --backend onnxruntime` '
              '(exact integer sums, the default kernels).\n']
-    for task, content in results.items():
+    # in TASKS' order, whichever call wrote them first
+    order = list(TASKS)
+    for task, content in sorted(results.items(), key=lambda item: order.index(
+            item[0]) if item[0] in order else len(order)):
         lines += [f'\n## {content["name"]}\n',
                   f'FP32: {content["fp32"]:.2f}\n',
                   '| | ' + ' | '.join(f'w{b}a{b}' for b in BITS) + ' |',
@@ -270,6 +291,8 @@ def table(results: dict, seconds: dict) -> str:
             f'w{b}a{b} {d:+.2f}' for b, d in diffs.items()) + '.')
         if content.get('notes'):
             lines.append('\n' + content['notes'])
+        if content.get('no_heads'):
+            lines.append('\n' + content['no_heads'])
         if content.get('heads'):
             lines += ['\nRaw head outputs, `--graph tensor` export in '
                       '`SwitchableSession` (exact kernels) against PyTorch '

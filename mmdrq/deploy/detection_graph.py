@@ -6,14 +6,18 @@ the final detections: ``SingleStageDetections`` here (RetinaNet, FCOS,
 ATSS, GFL: mmdet's ``BaseDenseHead`` post-processing) and
 ``two_stage_graph.TwoStageDetections`` (Faster / Mask R-CNN). Where mmdet's
 code keeps a data-dependent number of boxes, the traced code keeps a fixed
-number and scores the ones mmdet drops -1:
+number and scores the ones mmdet drops -inf (``dropped``):
 
-- per level the ``nms_pre`` best (anchor, class) pairs, -1 below
+- per level the ``nms_pre`` best (anchor, class) pairs, dropped below
   ``score_thr``;
 - ``nms_keep`` (an operator of its own, ONNX ``NonMaxSuppression`` in the
-  graph) scores -1 what mmdet's class-aware ``batched_nms`` suppresses;
+  graph) drops what mmdet's class-aware ``batched_nms`` suppresses;
 - ``best_detections`` keeps each image's ``max_per_img`` best, padded with
-  score -1 where fewer survive.
+  dropped ones where fewer survive.
+
+Scores only rank until the outputs (an RPN ranks by its logits: ONNX
+Runtime's Sigmoid is an approximation, 0 below -18, which reorders
+low-scoring anchors); the outputs score dropped ones -1.
 
 Outputs ``boxes`` (B, K, 4), ``scores`` (B, K; -1 pads) and ``labels``
 (B, K); inputs besides the image tensor ``image_size`` (height, width of
@@ -30,18 +34,19 @@ from torch import nn
 # the graph's inputs besides the image tensor, and its outputs
 EXTRA_INPUTS = ('image_size', 'inverse_scale')
 OUTPUTS = ('boxes', 'scores', 'labels')
-# scores above it take part in NMS: valid ones are >= 0, dropped ones -1
-_VALID = -0.5
+# the score of a dropped candidate; NMS takes every score above _VALID
+DROPPED = float('-inf')
+_VALID = float(np.finfo(np.float32).min)
 
 
 @torch.library.custom_op('mmdrq::nms_keep', mutates_args=())
 def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
              iou: float, num_groups: int) -> torch.Tensor:
-    """``scores`` (B, N) with -1 where NMS within each of ``num_groups``
+    """``scores`` (B, N) dropped where NMS within each of ``num_groups``
     groups (B, N; a class, an RPN level) suppresses the box (B, N, 4), as
-    mmdet's ``batched_nms``; scores of -1 take no part."""
+    mmdet's ``batched_nms``; dropped scores take no part."""
     from torchvision.ops import batched_nms
-    kept = torch.full_like(scores, -1.0)
+    kept = torch.full_like(scores, DROPPED)
     for image in range(len(scores)):
         valid = (scores[image] > _VALID).nonzero().squeeze(1)
         keep = valid[batched_nms(boxes[image, valid], scores[image, valid],
@@ -57,12 +62,13 @@ def _nms_keep_shape(boxes, scores, groups, iou, num_groups):
 
 def nms_keep_onnx(boxes, scores, groups, iou: float, num_groups: int):
     """``nms_keep`` in ONNX: NonMaxSuppression with one score row per
-    group (-1 outside it), survivors' scores scattered into -1s."""
+    group (dropped outside it), survivors' scores scattered into dropped
+    ones."""
     from onnxscript import opset20 as op
     rows = op.Constant(value=numpy_helper.from_array(
         np.arange(num_groups, dtype=np.int64).reshape(1, -1, 1)))
     axis1 = op.Constant(value_ints=[1])
-    none = op.Constant(value_float=-1.0)
+    none = op.Constant(value_float=DROPPED)
     group_scores = op.Where(op.Equal(op.Unsqueeze(groups, axis1), rows),
                             op.Unsqueeze(scores, axis1), none)
     selected = op.NonMaxSuppression(
@@ -80,11 +86,12 @@ ONNX_FORMS = {torch.ops.mmdrq.nms_keep.default: nms_keep_onnx}
 def best_detections(boxes, scores, labels, nms_cfg, num_groups: int,
                     count: int):
     """Class-aware NMS (``labels`` the groups), then each image's ``count``
-    best boxes, scores and labels, padded with score -1."""
+    best boxes, scores and labels, padded with dropped ones."""
     scores = nms_keep(boxes, scores, labels, float(nms_cfg['iou_threshold']),
                       num_groups)
     batch = scores.shape[0]
-    padded = torch.cat([scores, scores.new_full((batch, count), -1.0)], 1)
+    padded = torch.cat([scores, scores.new_full((batch, count), DROPPED)],
+                       1)
     scores, index = padded.topk(count, dim=1)
     index = index.clamp(max=boxes.shape[1] - 1)  # pads: any box
     boxes = torch.gather(boxes, 1, index[..., None].expand(-1, -1, 4))
@@ -98,14 +105,24 @@ def clip_to_image(boxes, image_size):
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 
+def dropped(scores, keep):
+    """``scores`` where ``keep``, else dropped."""
+    return torch.where(keep, scores, torch.full_like(scores, DROPPED))
+
+
+def as_output(scores):
+    """Scores as the graph outputs them: dropped ones -1."""
+    return torch.where(torch.isfinite(scores), scores,
+                       torch.full_like(scores, -1.0))
+
+
 def drop_small(boxes, scores, smallest: float):
-    """Scores -1 for boxes not wider and higher than ``smallest`` (mmdet's
+    """Drop boxes not wider and higher than ``smallest`` (mmdet's
     ``min_bbox_size``; a negative size drops none)."""
     if smallest < 0:
         return scores
-    wide = (boxes[..., 2] - boxes[..., 0] > smallest) & \
-        (boxes[..., 3] - boxes[..., 1] > smallest)
-    return torch.where(wide, scores, torch.full_like(scores, -1.0))
+    return dropped(scores, (boxes[..., 2] - boxes[..., 0] > smallest) &
+                   (boxes[..., 3] - boxes[..., 1] > smallest))
 
 
 def example_inputs(shape):
@@ -177,8 +194,7 @@ class SingleStageDetections(nn.Module):
             score = cls.sigmoid() if head.use_sigmoid_cls else \
                 cls.softmax(-1)[..., :-1]
             pairs = score.reshape(batch, -1)
-            pairs = torch.where(pairs > score_thr, pairs,
-                                torch.full_like(pairs, -1.0))
+            pairs = dropped(pairs, pairs > score_thr)
             count = pairs.shape[1]
             keep = min(nms_pre, count) if nms_pre > 0 else count
             value, index = pairs.topk(keep, dim=1)
@@ -196,8 +212,10 @@ class SingleStageDetections(nn.Module):
             boxes.append(decoded.reshape(batch, keep, 4))
             if factor is not None:
                 factor = factor.permute(0, 2, 3, 1).reshape(batch, -1)
-                value = torch.where(value > -1, value * torch.gather(
-                    factor.sigmoid(), 1, box), value)
+                factor = torch.gather(factor.sigmoid(), 1, box)
+                # a dropped score stays dropped (-inf * 0 would be NaN)
+                value = torch.where(torch.isfinite(value), value * factor,
+                                    value)
             scores.append(value)
             labels.append(label)
         boxes = torch.cat(boxes, dim=1)
@@ -206,6 +224,7 @@ class SingleStageDetections(nn.Module):
         boxes = boxes * inverse_scale.repeat(2)
         scores = drop_small(boxes, torch.cat(scores, dim=1),
                             cfg.get('min_bbox_size', -1))
-        return best_detections(boxes, scores, torch.cat(labels, dim=1),
-                               cfg.nms, head.cls_out_channels,
-                               cfg.max_per_img)
+        boxes, scores, labels = best_detections(
+            boxes, scores, torch.cat(labels, dim=1), cfg.nms,
+            head.cls_out_channels, cfg.max_per_img)
+        return boxes, as_output(scores), labels

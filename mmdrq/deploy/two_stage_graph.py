@@ -2,9 +2,10 @@
 R-CNN) in the exported graph, as mmdet's ``TwoStageDetector.predict``:
 
 - the RPN: per level the ``nms_pre`` best anchors, decoded, clipped,
-  NMS within each level, then ``rpn.max_per_img`` proposals per image.
-  mmdet keeps however many survive; the graph keeps that fixed number, the
-  missing ones a zero box scored -1 whose detections are dropped;
+  NMS within each level, then ``rpn.max_per_img`` proposals per image,
+  ranked by their logits (the sigmoid's order). mmdet keeps however many
+  survive; the graph keeps that fixed number, and drops the detections of
+  the missing ones;
 - each proposal pooled by torchvision's ``roi_align`` (ONNX ``RoiAlign``)
   on the level mmdet's ``SingleRoIExtractor`` maps it to;
 - the box head: a box per class decoded from its proposal, clipped,
@@ -20,8 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .detection_graph import (best_detections, clip_to_image, drop_small,
-                              nms_refusal)
+from .detection_graph import (as_output, best_detections, clip_to_image,
+                              drop_small, dropped, nms_refusal)
 
 
 def two_stage_refusal(model) -> Optional[str]:
@@ -98,6 +99,7 @@ class TwoStageDetections(nn.Module):
         roi_head = model.roi_head
         boxes, scores, labels = self.detections(feats, proposals, valid,
                                                 image_size, inverse_scale)
+        scores = as_output(scores)
         if not roi_head.with_mask:
             return boxes, scores, labels
         masks = roi_head.mask_head(pooled_features(
@@ -111,7 +113,9 @@ class TwoStageDetections(nn.Module):
 
     def proposals(self, feats, image_size):
         """RPNHead's ``predict``: (B, rpn.max_per_img, 4) proposals and
-        whether each is one (its score >= 0)."""
+        whether each is one. Candidates rank by their logits: the order of
+        mmdet's sigmoid scores, without ONNX Runtime's approximate
+        Sigmoid."""
         head = self.model.rpn_head
         cfg = head.test_cfg
         cls_scores, bbox_preds = head(feats)
@@ -123,8 +127,11 @@ class TwoStageDetections(nn.Module):
                 zip(cls_scores, bbox_preds, priors)):
             batch = cls.shape[0]
             cls = cls.permute(0, 2, 3, 1)
-            score = cls.reshape(batch, -1).sigmoid() if head.use_sigmoid_cls \
-                else cls.reshape(batch, -1, 2).softmax(-1)[..., 0]
+            if head.use_sigmoid_cls:  # ranks as sigmoid(logit)
+                score = cls.reshape(batch, -1)
+            else:  # softmax(x)[0] = sigmoid(x[0] - x[1])
+                pair = cls.reshape(batch, -1, 2)
+                score = pair[..., 0] - pair[..., 1]
             count = score.shape[1]
             keep = min(cfg.nms_pre, count) if cfg.nms_pre > 0 else count
             score, index = score.topk(keep, dim=1)
@@ -141,7 +148,7 @@ class TwoStageDetections(nn.Module):
         boxes, scores, _ = best_detections(
             boxes, scores, torch.cat(levels, dim=1), cfg.nms, len(levels),
             cfg.max_per_img)
-        return boxes, scores >= 0
+        return boxes, torch.isfinite(scores)
 
     def detections(self, feats, proposals, valid, image_size, inverse_scale):
         """StandardRoIHead's ``predict_bbox``; boxes in the original image
@@ -166,8 +173,7 @@ class TwoStageDetections(nn.Module):
             boxes = boxes * inverse_scale.repeat(2)
         scores = cls_score.softmax(-1)[:, :classes].reshape(batch, count,
                                                             classes)
-        scores = torch.where((scores > cfg.score_thr) & valid[..., None],
-                             scores, torch.full_like(scores, -1.0))
+        scores = dropped(scores, (scores > cfg.score_thr) & valid[..., None])
         labels = torch.arange(classes, device=scores.device).expand(
             batch, count, classes)
         return best_detections(

@@ -1,7 +1,8 @@
-"""Detection (mmdet RetinaNet, Mask R-CNN) and segmentation (mmseg DeepLabV3) exported
-per bit and as a SubNet, run by ONNX Runtime with mmdet's / mmseg's own
-post-processing: bbox mAP and mIoU equal tools/test.py's at every bit, and
-tools/benchmark.py --backend onnxruntime reports them with images/s."""
+"""Detection (mmdet RetinaNet, Mask R-CNN) and segmentation (mmseg
+DeepLabV3, SegFormer) exported per bit and as a SubNet as whole-pipeline
+graphs, run by ONNX Runtime: bbox / segm mAP and mIoU equal tools/test.py's
+at every bit, and tools/benchmark.py --backend onnxruntime reports them
+with images/s."""
 import json
 import os.path as osp
 

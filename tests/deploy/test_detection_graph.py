@@ -80,8 +80,9 @@ def test_graph_detections_are_mmdets(name, tmp_path):
                     1e-3).all()
 
 
-TWO_STAGE = {'faster_rcnn': 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
-             'mask_rcnn': 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'}
+TWO_STAGE = {
+    'faster_rcnn': 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+    'mask_rcnn': 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'}
 
 
 def two_stage_model(config: str, bits):

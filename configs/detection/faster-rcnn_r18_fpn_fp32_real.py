@@ -1,0 +1,112 @@
+# FP32 baseline of the two-stage row of the real-image deployment benchmark
+# (benchmarks/deploy_real.py): mmdet's Faster R-CNN shrunk for a CPU like
+# the FCOS one (fcos_r18_gn-head_fp32_real.py): ResNet-18 at quarter
+# width, from scratch (no pretrained weights anywhere); 64-channel FPN, RPN
+# head and RoI extractor, a 2-fc box head of 128 channels; fewer proposals
+# for the 96x96 crops. On the real-image COCO dataset that
+# tools/make_real_datasets.py writes from scikit-image's sample images
+# (coins and Hubble deep-field galaxies, 96x96 crops). Minutes on a CPU.
+#
+#     python tools/make_real_datasets.py
+#     python tools/train.py configs/detection/faster-rcnn_r18_fpn_fp32_real.py
+#
+# The QAT config (faster-rcnn_r18_fpn_drq-8642_300iters_real.py) starts from
+# this one's checkpoint. Another dataset folder: override every data root
+# and the evaluators' ann_file (the roots are resolved when the config is
+# read).
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
+
+data_root = 'data/real_det/'
+metainfo = dict(classes=('coin', 'galaxy'),
+                palette=[(220, 160, 40), (60, 120, 220)])
+
+model = dict(
+    data_preprocessor=dict(mean=[123.675, 116.28, 103.53],
+                           std=[58.395, 57.12, 57.375], bgr_to_rgb=True),
+    backbone=dict(depth=18, base_channels=16, frozen_stages=-1,
+                  norm_cfg=dict(type='BN', requires_grad=True),
+                  norm_eval=False, style='pytorch', init_cfg=None),
+    neck=dict(in_channels=[16, 32, 64, 128], out_channels=64),
+    rpn_head=dict(in_channels=64, feat_channels=64),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=64),
+        bbox_head=dict(in_channels=64, fc_out_channels=128, num_classes=2)),
+    train_cfg=dict(
+        rpn_proposal=dict(nms_pre=200, max_per_img=100),
+        rcnn=dict(sampler=dict(num=128))),
+    test_cfg=dict(
+        rpn=dict(nms_pre=200, max_per_img=100),
+        rcnn=dict(max_per_img=50)))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+# Resize to the crops' own size: no change, but mmdet's post-processing
+# needs the scale factor it records
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(96, 96), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                    'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=0,
+    persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    batch_sampler=None,
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='train/'),
+        filter_cfg=dict(filter_empty_gt=True, min_size=4),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=8,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_val.json',
+        data_prefix=dict(img='val/'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(
+    type='CocoMetric',
+    ann_file=data_root + 'annotations/instances_val.json',
+    metric='bbox')
+test_evaluator = val_evaluator
+
+# from scratch in a few hundred iterations: AdamW, warm-up, cosine
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4),
+    clip_grad=dict(max_norm=35, norm_type=2))
+max_iters = 1000
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=30),
+    dict(type='CosineAnnealingLR', by_epoch=False, begin=0, T_max=max_iters),
+]
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop',
+                 max_iters=max_iters, val_interval=max_iters)
+auto_scale_lr = dict(enable=False)
+# the last fifth trains on the BN statistics the model is evaluated with
+# (as fcos_r18_gn-head_fp32_real.py)
+custom_hooks = [dict(type='mmdrq.FreezeBNStatsHook', begin=800)]
+
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
+    checkpoint=dict(type='mmdrq.AtomicCheckpointHook', by_epoch=False,
+                    interval=max_iters, max_keep_ckpts=1))
+log_processor = dict(by_epoch=False)
+randomness = dict(seed=0)
+load_from = None
