@@ -5,6 +5,7 @@ its backbone and ``pretrained=None`` where the key exists, and
 ``init_weights`` is never called.
 """
 import importlib
+import importlib.util
 import logging
 import os
 import os.path as osp
@@ -207,6 +208,32 @@ def run_tool(*args, expect_ok=True, timeout=600):
     if expect_ok:
         assert done.returncode == 0, output[-4000:]
     return done.returncode, output
+
+
+def tool_error(tool: str, *argv) -> str:
+    """Run ``tools/<tool>.py``'s ``main`` in this process with ``argv``,
+    expecting it to stop with an error before any work (the cases that
+    only check an error message need no new interpreter); returns the
+    error's type and message, or what argparse printed."""
+    import contextlib
+    import io
+    spec = importlib.util.spec_from_file_location(
+        f'tool_{tool}', osp.join(TOOLS, f'{tool}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv_before, printed = sys.argv, io.StringIO()
+    sys.argv = [f'{tool}.py'] + [str(a) for a in argv]
+    try:
+        with contextlib.redirect_stderr(printed):
+            module.main()
+    except SystemExit as exit_:
+        assert exit_.code not in (0, None), printed.getvalue()
+        return printed.getvalue()
+    except Exception as error:  # the error the tool stops with
+        return f'{type(error).__name__}: {error}'
+    finally:
+        sys.argv = argv_before
+    raise AssertionError(f'tools/{tool}.py {list(argv)} did not fail')
 
 
 def write_digits_config(folder, name, base, data_root, extra='',

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 pytest.importorskip('onnxruntime')
 
-from conftest import ROOT, TOOLS, run_tool  # noqa: E402
+from conftest import ROOT, TOOLS, run_tool, tool_error  # noqa: E402
 
 DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
 BITS = (8, 6, 4, 2)
@@ -150,39 +150,34 @@ def test_predictions_identical_on_the_validation_set(trained):
 
 
 def test_wrong_checkpoints_refused_before_writing(trained):
+    """In-process: each case stops before any work."""
     folder = trained['folder']
+
+    def export_error(checkpoint, out, *extra):
+        return tool_error('export_onnx', trained['cfg'], checkpoint,
+                          '--out-dir', out, *extra)
     # an FP32 checkpoint: no quantizer scales (strict load)
     out = folder / 'from_fp32'
-    code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'), trained['cfg'],
-                         trained['fp_ckpt'], '--out-dir', out,
-                         expect_ok=False)
-    assert code != 0 and 'holds no quantizer state: an FP32 checkpoint' in log
+    assert 'holds no quantizer state: an FP32 checkpoint' in \
+        export_error(trained['fp_ckpt'], out)
     assert not osp.exists(out)
     # another model's integer file (a narrower network)
     out = folder / 'other_model'
-    code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'), trained['cfg'],
-                         trained['int_path'], '--out-dir', out,
-                         '--cfg-options',
-                         'model.architecture.backbone.base_channels=8',
-                         expect_ok=False)
-    assert code != 0 and 'is from another model' in log
+    assert 'is from another model' in export_error(
+        trained['int_path'], out, '--cfg-options',
+        'model.architecture.backbone.base_channels=8')
     assert not osp.exists(out)
     # a bit the model lacks, a SubNet naming an unknown layer
     subnet = folder / 'bad_subnet.json'
     subnet.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
     for extra, message in ((['--bits', '8', '3'], 'bit=3 is not one of'),
                            (['--subnet', subnet], 'backbone.nope')):
-        code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'),
-                             trained['cfg'], trained['ckpt'], '--out-dir',
-                             out, *extra, expect_ok=False)
-        assert code != 0 and message in log
+        assert message in export_error(trained['ckpt'], out, *extra)
         assert not osp.exists(out)
     # a folder holding other files
     out.mkdir()
     (out / 'keep.txt').write_text('x')
-    code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'), trained['cfg'],
-                         trained['ckpt'], '--out-dir', out, expect_ok=False)
-    assert code != 0 and 'holds other files' in log
+    assert 'holds other files' in export_error(trained['ckpt'], out)
     assert os.listdir(out) == ['keep.txt']
 
 
@@ -239,11 +234,10 @@ def test_bad_residual_options_refused_before_writing(trained):
         (['--residual-qdq', 'calibrated', '--input-shape', 1, 3, 32, 32],
          'does not match the export input shape'),
     )
-    for extra, message in cases:
-        code, log = run_tool(osp.join(TOOLS, 'export_onnx.py'),
-                             trained['cfg'], trained['ckpt'], '--out-dir',
-                             out, *extra, expect_ok=False)
-        assert code != 0 and message in log, log[-500:]
+    for extra, message in cases:  # in-process: no work is done
+        error = tool_error('export_onnx', trained['cfg'], trained['ckpt'],
+                           '--out-dir', out, *extra)
+        assert message in error, error[-500:]
         assert not osp.exists(out)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
-from conftest import DIGITS, ROOT, TOOLS, run_tool
+from conftest import DIGITS, ROOT, TOOLS, run_tool, tool_error
 from conftest import write_digits_config as write_config
 
 
@@ -83,11 +83,9 @@ def test_test_tool_reports_every_bit(digits, qat_run):
     for bit in (8, 6, 4, 2):
         assert 0 <= metrics[f'accuracy/top1@w{bit}a{bit}'] <= 100
     assert '| w2a2 |' in log
-    _, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
-                      work / 'epoch_2.pth', '--work-dir',
-                      digits['folder'] / 'test', '--bits', '5',
-                      expect_ok=False)
-    assert 'test_cfg.bits=5 is not one of the bits' in log
+    assert 'test_cfg.bits=5 is not one of the bits' in tool_error(
+        'test', digits['qat_cfg'], work / 'epoch_2.pth', '--work-dir',
+        digits['folder'] / 'test', '--bits', '5')
 
 
 def test_test_tool_refuses_checkpoints_that_do_not_fit(digits, qat_run):
@@ -100,12 +98,10 @@ def test_test_tool_refuses_checkpoints_that_do_not_fit(digits, qat_run):
             (work / 'epoch_2.pth', ['--cfg-options',
                                     'model.quantizer.bits=[4,2]'],
              'was saved with bits=[8, 6, 4, 2], the model has bits=[4, 2]')):
-        code, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
-                             checkpoint, '--work-dir',
-                             digits['folder'] / 'test_refused', *options,
-                             expect_ok=False)
-        assert code != 0 and message in log, log[-3000:]
-        assert 'per bit-width' not in log
+        error = tool_error('test', digits['qat_cfg'], checkpoint,
+                           '--work-dir', digits['folder'] / 'test_refused',
+                           *options)
+        assert message in error, error[-3000:]
 
 
 class _Payload:
@@ -146,22 +142,19 @@ def test_test_tool_checks_subnets_and_out_first(digits, qat_run, tmp_path):
              'a quantized layer'),
             (['--out', tmp_path / 'missing' / 'm.json'],
              'its folder does not exist')):
-        code, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
-                             work / 'epoch_2.pth', '--work-dir',
-                             tmp_path / 'work', *options, expect_ok=False)
-        assert code != 0 and message in log, log[-3000:]
-        assert 'checkpoint by' not in log
+        error = tool_error('test', digits['qat_cfg'], work / 'epoch_2.pth',
+                           '--work-dir', tmp_path / 'work', *options)
+        assert message in error, error[-3000:]
 
 
 def test_resume_with_other_bits_names_both(digits, qat_run):
     work, _ = qat_run
-    code, log = run_tool(osp.join(TOOLS, 'train.py'), digits['qat_cfg'],
-                         '--work-dir', digits['folder'] / 'resume_bits',
-                         '--resume', work / 'epoch_1.pth', '--cfg-options',
-                         'model.quantizer.bits=[4,2]', expect_ok=False)
-    assert code != 0, log[-3000:]
+    error = tool_error('train', digits['qat_cfg'], '--work-dir',
+                       digits['folder'] / 'resume_bits', '--resume',
+                       work / 'epoch_1.pth', '--cfg-options',
+                       'model.quantizer.bits=[4,2]')
     assert 'was saved with bits=[8, 6, 4, 2], the model has bits=[4, 2]' \
-        in log, log[-3000:]
+        in error, error[-3000:]
 
 
 def test_export_int_reloads_bit_exact(digits, qat_run):
@@ -282,11 +275,11 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
              work / 'epoch_2.pth', out_dir / 'subnet3.pth', '--subnet',
              subnet)
     # infeasible budget and a SubNet naming layers the model lacks
-    _, log = run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
-                      work / 'epoch_2.pth', '--traces', traces, '--budgets',
-                      '1', '--no-eval', '--input-shape', '1', '3', '16',
-                      '16', '--work-dir', out_dir, expect_ok=False)
-    assert 'avg_bits budget 1 is infeasible' in log and '[2, 8]' in log
+    error = tool_error('search_subnet', digits['qat_cfg'],
+                       work / 'epoch_2.pth', '--traces', traces, '--budgets',
+                       '1', '--no-eval', '--input-shape', '1', '3', '16',
+                       '16', '--work-dir', out_dir)
+    assert 'avg_bits budget 1 is infeasible' in error and '[2, 8]' in error
     # HAWQ-V2's objective: trace times the checkpoint's weight errors
     hawq = out_dir / 'hawq'
     run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
@@ -298,10 +291,9 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
     assert entry['objective'] < 0 and entry['avg_bits'] <= 4 + 1e-9
     bad = out_dir / 'bad.json'
     bad.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
-    _, log = run_tool(osp.join(TOOLS, 'test.py'), digits['qat_cfg'],
-                      work / 'epoch_2.pth', '--work-dir', out_dir,
-                      '--subnets', bad, expect_ok=False)
-    assert 'backbone.nope' in log
+    assert 'backbone.nope' in tool_error(
+        'test', digits['qat_cfg'], work / 'epoch_2.pth', '--work-dir',
+        out_dir, '--subnets', bad)
 
 
 def test_mixed_precision_supernet_with_hasb(digits, qat_run, traces):
@@ -326,10 +318,9 @@ def test_mixed_precision_supernet_with_hasb(digits, qat_run, traces):
     content = json.loads(traces.read_text())
     content['layers'].pop(next(iter(content['layers'])))
     other.write_text(json.dumps(content))
-    _, log = run_tool(osp.join(TOOLS, 'train.py'), cfg, '--work-dir',
-                      digits['folder'] / 'mp_bad', '--cfg-options',
-                      f'custom_hooks.0.traces={other}', expect_ok=False)
-    assert 'another model' in log
+    assert 'another model' in tool_error(
+        'train', cfg, '--work-dir', digits['folder'] / 'mp_bad',
+        '--cfg-options', f'custom_hooks.0.traces={other}')
 
 
 def test_compiled_training_through_the_runner(digits, qat_run):

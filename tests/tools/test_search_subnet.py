@@ -7,7 +7,7 @@ import os.path as osp
 import pytest
 import torch
 
-from conftest import ROOT, TOOLS, run_tool
+from conftest import ROOT, TOOLS, run_tool, tool_error
 
 QAT_CFG = osp.join(ROOT, 'configs', 'classification', 'digits',
                    'resnet_digits_drq_8642.py')
@@ -33,11 +33,10 @@ def model_files(tmp_path_factory):
     return folder, checkpoint, folder / 'traces.json', len(names)
 
 
-def search(model_files, work_dir, *args, expect_ok=True):
+def search(model_files, work_dir, *args):
     _, checkpoint, traces, _ = model_files
     return run_tool(SEARCH, QAT_CFG, checkpoint, '--traces', traces,
-                    '--no-eval', '--work-dir', work_dir, *args,
-                    expect_ok=expect_ok)
+                    '--no-eval', '--work-dir', work_dir, *args)
 
 
 def test_exact_budget_mode(model_files, tmp_path):
@@ -65,17 +64,18 @@ def test_exact_budget_mode(model_files, tmp_path):
 
 def test_bad_budgets_steps_and_input_shape_fail_before_any_output(
         model_files, tmp_path):
+    _, checkpoint, traces, _ = model_files
+
+    def error(*args):  # in-process: each stops before any work
+        return tool_error('search_subnet', QAT_CFG, checkpoint, '--traces',
+                          traces, '--no-eval', '--work-dir', tmp_path, *args)
     # above the range: max used to write the all-8-bit model for it
-    _, log = search(model_files, tmp_path, '--budgets', '4', '10',
-                    '--input-shape', '1', '3', '16', '16', expect_ok=False)
     assert 'avg_bits budget 10 is infeasible: the feasible range is ' \
-        '[2, 8]' in log
+        '[2, 8]' in error('--budgets', '4', '10', '--input-shape', '1', '3',
+                          '16', '16')
     # used to write an empty search.json and exit 0
-    _, log = search(model_files, tmp_path, '--steps', '0', expect_ok=False)
-    assert '--steps must be at least 1, got 0' in log
+    assert '--steps must be at least 1, got 0' in error('--steps', '0')
     # used to fail inside the first conv
-    _, log = search(model_files, tmp_path, '--input-shape', '1', '1', '16',
-                    '16', expect_ok=False)
     assert '--input-shape 1 1 16 16 has 1 channels; the model expects 3' \
-        in log
+        in error('--input-shape', '1', '1', '16', '16')
     assert not list(tmp_path.iterdir())
