@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mmdrq.registry import MODELS
-from mmdrq.utils.checks import check_choice
+from mmdrq.utils.checks import check_choice, check_flag
 from .bitwidths import check_bit, check_bits, signed_range
 from .functional import RESIDUALS, ROUNDINGS, fake_quant_bits, quantize_int
 from .learned_scale import LearnedScaleQuantizer, lsq_grad_scale
@@ -66,9 +66,10 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
         check_choice('rounding', rounding, ROUNDINGS)
         check_choice('scale_grad', scale_grad, SCALE_GRADS)
         check_choice('scale_grad_reduce', scale_grad_reduce,
-                      SCALE_GRAD_REDUCES)
+                     SCALE_GRAD_REDUCES)
         check_choice('scale_grad_residual', scale_grad_residual, RESIDUALS)
-        per_channel = per_channel and num_channels is not None
+        per_channel = check_flag('per_channel', per_channel) and \
+            num_channels is not None
         num_scales = len(bits) if variant == 'unshared' else 1
         super().__init__(bits, (num_scales, num_channels if per_channel
                                 else 1), per_channel)

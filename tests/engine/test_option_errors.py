@@ -34,6 +34,8 @@ MODEL_CASES = [
      r"init_method must be one of \['percentile', 'mse'\], got 3"),
     ('model.quantizer.switchable_gn_ln', 'no',
      "switchable_gn_ln must be True or False, got 'no'"),
+    ('model.quantizer.weight_quantizer.per_channel', 'yes',
+     "per_channel must be True or False, got 'yes'"),
     ('model.quantizer.bits', [], 'bits'),
 ]
 
