@@ -28,11 +28,14 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int,
 
 def _grid(start: int, stop: int, low, high) -> np.ndarray:
     """Pixel centers start..stop-1 in the box's [-1, 1] coordinates
-    (float32, as mmdet computes them; a zero-size box gives 0)."""
+    (float32, as mmdet computes them). A zero-size box divides by 0: mmdet
+    sets the infinite ones to 0, and a 0 / 0 (the box on a pixel center)
+    samples nothing in torch's ``grid_sample``: here a point outside."""
     with np.errstate(divide='ignore', invalid='ignore'):
         grid = (np.arange(start, stop, dtype=np.float32) + np.float32(0.5) -
                 low) / (high - low) * np.float32(2) - np.float32(1)
     grid[np.isinf(grid)] = 0
+    grid[np.isnan(grid)] = -3
     return grid
 
 

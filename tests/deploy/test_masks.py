@@ -33,6 +33,8 @@ def test_paste_equals_mmdet_pixel_for_pixel():
     boxes[60:100] = np.round(boxes[60:100]) + 0.5  # on pixel centers
     boxes[100:110, 2:] = boxes[100:110, :2] + 0.3  # under a pixel
     boxes[110:115, 2] = boxes[110:115, 0]  # zero width
+    boxes[115:120, [0, 2]] = np.floor(boxes[115:120, [0]]) + 0.5  # and on
+    # a pixel center: 0 / 0 there
     got = paste_masks(masks, boxes, height, width, 0.5)
     values = mmdet_paste(masks, boxes, height, width)
     want = values >= 0.5
