@@ -42,11 +42,13 @@ family (a killed run keeps what it did).
 """
 import argparse
 import copy
+import functools
 import gc
 import math
 import os
 import os.path as osp
 import random
+import resource
 import signal
 import sys
 import time
@@ -140,6 +142,7 @@ def build(package, model_cfg, device=None):
         # as the Runner does: the modules' own inits (SSD's L2Norm scale,
         # Sparse R-CNN's initial proposal boxes) instead of garbage
         model.family_steps_init_error = None
+        upstream_fixes(model, before_init=True)
         if hasattr(model, 'init_weights'):
             try:
                 model.init_weights()
@@ -147,16 +150,33 @@ def build(package, model_cfg, device=None):
                 model.family_steps_init_error = \
                     f'init_weights failed ({type(e).__name__}: {e}); ' \
                     'PyTorch default init'
+                # what init_weights removes when it ends: every module's
+                # map of all parameters (a deepcopy of any module, as
+                # mmdrq's per-bit norms make, would copy the whole model)
+                for module in model.modules():
+                    module.__dict__.pop('_params_init_info', None)
         upstream_fixes(model)
         return model
     with torch.device(device):
         return registry.build(copy.deepcopy(model_cfg))
 
 
-def upstream_fixes(model):
+def _init_sos_token(module, rec_state_dict=None):
+    from mmengine.model import normal_init
+    if hasattr(module, 'sos_token'):
+        normal_init(module.sos_token, std=0.02)
+
+
+def upstream_fixes(model, before_init=False):
     """Work around upstream bugs that stop a float model's step too (so
     that the family is exercised at all); each says which."""
     for m in model.modules():
+        if before_init:
+            # mmseg 1.2: SAN's RecWithAttnbias.init_weights without a
+            # pretrained state calls nn.Module's (absent) init_weights
+            if type(m).__name__ == 'RecWithAttnbias':
+                m.init_weights = functools.partial(_init_sos_token, m)
+            continue
         # mmdet 3.3: SSDHead skips AnchorHead.__init__, so it has no
         # loss_cls, which BaseDenseHead._predict_by_feat_single reads
         if type(m).__name__ == 'SSDHead' and 'loss_cls' not in dir(m):
@@ -186,15 +206,14 @@ def _images(rng, n, channels, h, w):
 
 def _channels(model):
     """Image channels: the data preprocessor's mean (LeNet's is 1), else
-    the first conv's input."""
+    1 where the first conv reads one channel, else 3 (YOLOX's first conv
+    reads 12: it follows a space-to-depth)."""
     mean = getattr(model.data_preprocessor, 'mean', None)
-    if isinstance(mean, torch.Tensor) and mean.numel() > 1:
+    if isinstance(mean, torch.Tensor) and mean.numel() >= 1:
         return mean.numel()
-    if isinstance(mean, torch.Tensor) and mean.numel() == 1:
-        return 1
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            return m.in_channels
+            return 1 if m.in_channels == 1 else 3
     return 3
 
 
@@ -289,6 +308,20 @@ def det_batch(model, size, salt=0):
                               for i in range(N_IMAGES)])
 
 
+def semi_batch(model, size, salt=0):
+    """Semi-supervised detectors (SoftTeacher): the same images in the
+    supervised, teacher and student branches, an identity homography."""
+    base = det_batch(model, size, salt)
+    for sample in base['data_samples']:
+        sample.set_metainfo(dict(homography_matrix=np.eye(
+            3, dtype=np.float32)))
+    branches = ('sup', 'unsup_teacher', 'unsup_student')
+    return dict(inputs={b: [t.clone() for t in base['inputs']]
+                        for b in branches},
+                data_samples={b: copy.deepcopy(base['data_samples'])
+                              for b in branches})
+
+
 def track_batch(model, size, salt=0, videos=N_IMAGES):
     """Videos of two frames (key and reference frame: QDTrack,
     MaskTrackRCNN; Mask2FormerVideo's clip); their predict takes one."""
@@ -342,6 +375,7 @@ def seg_batch(model, size, salt=0):
     # pads the training batch to this size (the config's is the crop size)
     if hasattr(model.data_preprocessor, 'size'):
         model.data_preprocessor.size = (size, size)
+        model.data_preprocessor.size_divisor = None  # one of the two
     return dict(inputs=_images(rng, N_IMAGES, _channels(model), size, size),
                 data_samples=samples)
 
@@ -426,7 +460,10 @@ def model_kind(package, model):
     if package == 'mmdet':
         if name in ('BaseReID', 'ReID') or 'ReID' in name:
             return 'reid'
+        from mmdet.models.detectors import SemiBaseDetector
         from mmdet.models.mot import BaseMOTModel
+        if isinstance(model, SemiBaseDetector):
+            return 'semi'
         if isinstance(model, BaseMOTModel) or name.endswith('VideoFormer') \
                 or 'Video' in name:
             return 'track'
@@ -449,8 +486,8 @@ def candidates(package, kind, cfg):
         return [('256x128', lambda m: reid_batch(m, 0),
                  lambda m: reid_batch(m, 0, 1))]
     out = []
-    maker = dict(det=det_batch, track=track_batch, seg=seg_batch).get(
-        kind, cls_batch)
+    maker = dict(det=det_batch, semi=semi_batch, track=track_batch,
+                 seg=seg_batch).get(kind, cls_batch)
     sizes = list(SIZES[package])
     native = _native_size(cfg) if package == 'mmseg' else None
     if native and native not in sizes:  # BEiT's fixed relative positions
@@ -458,6 +495,8 @@ def candidates(package, kind, cfg):
     for size in sizes:
         if kind == 'track':
             predict = lambda m, s=size: track_batch(m, s, 1, videos=1)  # noqa: E731,E501
+        elif kind == 'semi':  # predict takes one plain batch
+            predict = lambda m, s=size: det_batch(m, s, 1)  # noqa: E731
         else:
             predict = lambda m, s=size: maker(m, s, 1)  # noqa: E731
         out.append((f'{size}x{size}', lambda m, s=size: maker(m, s),
@@ -1034,6 +1073,14 @@ def write_results(records, args, wall, out):
     return s
 
 
+def _physical_gib():
+    with open('/proc/meminfo') as f:
+        for line in f:
+            if line.startswith('MemTotal:'):
+                return int(line.split()[1]) / 2**20
+    return 64.0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--packages', nargs='+', default=list(SCOPES))
@@ -1046,6 +1093,11 @@ def main():
     parser.add_argument('--max-params', type=float, default=400,
                         help='skip models with more parameters (millions)')
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--max-memory', type=float, default=None,
+                        help='GiB of address space (RLIMIT_AS) for this '
+                        'process, so a model too large for the machine '
+                        'fails with an error instead of the OOM killer '
+                        'ending the run (default: the physical memory)')
     parser.add_argument('--out', default=osp.join(HERE, 'results',
                                                   'family_steps'),
                         help='writes <out>.md and <out>.json')
@@ -1053,6 +1105,8 @@ def main():
     args.command = 'python benchmarks/family_steps.py ' + ' '.join(
         sys.argv[1:])
     torch.set_num_threads(args.threads)
+    limit = int((args.max_memory or _physical_gib()) * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     warnings.filterwarnings('ignore')
     from mmengine.logging import MessageHub, MMLogger
     MMLogger.get_instance('family_steps', log_level='WARNING')
