@@ -80,8 +80,11 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
     auto = {}
     if cfg.skip_first_last and names:
         auto[names[0]] = 'first layer (skip_first_last)'
-        for n in _prediction_layers(names):
+        for n in _prediction_layers(_outside_teachers(model, names)):
             auto.setdefault(n, 'prediction layer (skip_first_last)')
+        for name, reason in list(auto.items()):
+            for twin in _twins(model, name):
+                auto.setdefault(twin, f'{reason[:-1]} of a copy)')
     decisions = []
     for name, module in layers:
         reason = None
@@ -111,6 +114,52 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
             f'{type(model).__name__} (patterns are re.fullmatch on names '
             f'such as {names[:3]})')
     return decisions, supported
+
+
+def _outside_teachers(model: nn.Module, names: List[str]) -> List[str]:
+    """``names`` without the layers of MMEngine's averaged models: an EMA
+    teacher registered last does not hold the model's prediction layer."""
+    from mmengine.model import BaseAveragedModel
+    teachers = tuple(n + '.' for n, m in model.named_modules()
+                     if isinstance(m, BaseAveragedModel))
+    return [n for n in names if not n.startswith(teachers)] or names
+
+
+def _twins(model: nn.Module, name: str) -> List[str]:
+    """The layer at the same place in every other instance of the class of
+    ``name``'s top-level owner: a momentum teacher (BYOL's ``target_net``,
+    CAE's ``teacher``) is converted as its student, so that the student's
+    parameters still map onto it by name and by order."""
+    top, _, rest = name.partition('.')
+    if not rest:
+        return []
+    owner = model.get_submodule(top)
+    shape = model.get_submodule(name).weight.shape
+    found = []
+    for other_name, other in model.named_modules():
+        if type(other) is not type(owner) or other is owner:
+            continue
+        twin = f'{other_name}.{rest}'
+        try:
+            layer = model.get_submodule(twin)
+        except AttributeError:
+            continue
+        if getattr(getattr(layer, 'weight', None), 'shape', None) == shape:
+            found.append(twin)
+    return found
+
+
+def _refresh_averaged_models(model: nn.Module):
+    """MMEngine's averaged models (EMA teachers) list the parameters they
+    average when built; conversion replaced those, so list them again (the
+    new quantizer scales included) and keep them out of the optimizer."""
+    from mmengine.model import BaseAveragedModel
+    for module in model.modules():
+        if isinstance(module, BaseAveragedModel):
+            module.module.requires_grad_(False)
+            module.avg_parameters = module.module.state_dict() \
+                if module.update_buffers else \
+                dict(module.module.named_parameters())
 
 
 def _out_proj_follows_attention(decisions):
@@ -190,6 +239,7 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
     rows += _convert_weight_readers(model)
     if cfg.switchable_bn or cfg.switchable_gn_ln:
         rows += _convert_bn(model, cfg)
+    _refresh_averaged_models(model)
     model.mmdrq_config = cfg
     model.mmdrq_report = rows
     print_log('mmdrq conversion of ' + type(model).__name__ + ':\n' +
