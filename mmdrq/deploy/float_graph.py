@@ -11,27 +11,11 @@ import torch
 from torch import nn
 
 from mmdrq.quantization import quantized_layers
-from mmdrq.quantization.layers import BitSwitchable, QuantLayer
-from .layer_forms import FlatLinear, placeholder, stand_in
+from mmdrq.quantization.layers import BitSwitchable
+from .layer_forms import placeholder, stand_in
 
 # initializer names of a module's tensors start with it
 PREFIX = 'model.'
-
-
-def _plain_layer(module: QuantLayer) -> nn.Module:
-    """The float layer of a quantized one (same parameters, no quantizers);
-    the rewrite replaces its weight anyway."""
-    if isinstance(module, nn.Conv2d):
-        new = nn.Conv2d.__new__(nn.Conv2d)
-        nn.Conv2d.__init__(new, module.in_channels, module.out_channels,
-                           module.kernel_size, module.stride, module.padding,
-                           module.dilation, module.groups, True,
-                           module.padding_mode, device='meta')
-    else:
-        new = FlatLinear(module.in_features, module.out_features, True,
-                         device='meta')
-    new.weight = nn.Parameter(module.weight.detach().clone())
-    return new
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module):
@@ -47,7 +31,6 @@ def float_skeleton(model: nn.Module) -> nn.Module:
     generator = torch.Generator().manual_seed(0)
     for name, module in quantized_layers(skeleton).items():
         new = stand_in(module, generator)
-        new = _plain_layer(module) if new is None else new
         _placeholders(new, ('weight', ), generator)
         _replace(skeleton, name, new)
     for name, module in list(skeleton.named_modules()):

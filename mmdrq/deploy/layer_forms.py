@@ -22,10 +22,11 @@ from torch import nn
 from mmdrq.quantization.integers import container_integers, second_rounding_mode
 from mmdrq.quantization.layers import QConv2d, QLinear, QuantLayer
 from mmdrq.quantization.per_level import EXPORT_REFUSAL, PerLevel
+from mmdrq.quantization.attention import MultiheadAttentionLayer
+from mmdrq.quantization.forms import form_of
 from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
                                               DeformConvPackLayer,
                                               ModulatedDeformConvPackLayer,
-                                              MultiheadAttentionLayer,
                                               NormedLayer,
                                               SwappedWeightLayer,
                                               TransposedConvLayer)
@@ -33,11 +34,6 @@ from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
 PREFIX = 'model.'
 # ops whose input 1 is a layer's weight; the bias input of each
 BIAS_INPUT = {'Conv': 2, 'ConvTranspose': 2, 'Gemm': 2, 'DeformConv': 3}
-# the forms whose stand-ins are below (a new form needs one: its forward
-# may use the weight in another op)
-FORMS = (SwappedWeightLayer, TransposedConvLayer, DeformConvPackLayer,
-         ModulatedDeformConvPackLayer, ConvWSLayer, ConvAWSLayer,
-         NormedLayer, MultiheadAttentionLayer)
 PROJECTIONS = (('q_proj', 'act_quantizer'), ('k_proj', 'key_act_quantizer'),
                ('v_proj', 'value_act_quantizer'))
 
@@ -106,10 +102,6 @@ class _AttentionProjections:
                 zip(PROJECTIONS, (query, key, value)))
 
 
-def _float_type(module: SwappedWeightLayer) -> type:
-    return type(module).__bases__[-1]
-
-
 def _deform_kind(module) -> Optional[str]:
     """'deform' or 'modulated' for mmcv's deformable convs (mmcv.ops is
     imported by any model that holds one; importing it here costs
@@ -122,14 +114,71 @@ def _deform_kind(module) -> Optional[str]:
     return 'deform' if isinstance(module, ops.DeformConv2d) else None
 
 
+def _plain_conv(module: QConv2d, generator) -> nn.Module:
+    new = nn.Conv2d.__new__(nn.Conv2d)
+    nn.Conv2d.__init__(new, module.in_channels, module.out_channels,
+                       module.kernel_size, module.stride, module.padding,
+                       module.dilation, module.groups, True,
+                       module.padding_mode, device='meta')
+    new.weight = nn.Parameter(module.weight.detach().clone())
+    return new
+
+
+def _plain_linear(module: QLinear, generator) -> nn.Module:
+    new = FlatLinear(module.in_features, module.out_features, True,
+                     device='meta')
+    new.weight = nn.Parameter(module.weight.detach().clone())
+    return new
+
+
+def _own_float_type(module, generator) -> type:
+    """The float layer's own op (a deformable conv's through torchvision)."""
+    if _deform_kind(module) is not None:
+        module.modulated = _deform_kind(module) == 'modulated'
+        return _DeformConv
+    return type(module).__bases__[-1]
+
+
+def _deform_pack(module, generator) -> type:
+    module.modulated = _deform_kind(module) == 'modulated'
+    return _DeformConv
+
+
+def _normed(module, generator) -> type:
+    return _NormedLinear if isinstance(module, nn.Linear) else _NormedConv2d
+
+
+def _attention(module, generator) -> type:
+    embed = module.embed_dim
+    for proj, _ in PROJECTIONS:
+        linear = FlatLinear(embed, embed)
+        linear.weight.data = placeholder(linear.weight.shape, generator)
+        linear.bias.data = placeholder(embed, generator)
+        setattr(module, proj, linear)
+    return type('AttentionStandIn', (_AttentionProjections, type(module)), {})
+
+
+# form -> its stand-in: a new float module (QConv2d, QLinear), or the float
+# class that an in-place form's module becomes. One per form: a new form's
+# forward may use the weight in another op, so none is inherited.
+STAND_INS = {
+    QConv2d: _plain_conv, QLinear: _plain_linear,
+    SwappedWeightLayer: _own_float_type, TransposedConvLayer: _own_float_type,
+    DeformConvPackLayer: _deform_pack,
+    ModulatedDeformConvPackLayer: _deform_pack,
+    ConvWSLayer: lambda module, generator: nn.Conv2d,
+    ConvAWSLayer: lambda module, generator: nn.Conv2d,
+    NormedLayer: _normed, MultiheadAttentionLayer: _attention}
+
+
 def export_refusal(module: QuantLayer) -> Optional[str]:
     """Why the export cannot express ``module`` (None: it can)."""
     if isinstance(module.act_quantizer, PerLevel):
         return EXPORT_REFUSAL
-    if isinstance(module, (QConv2d, QLinear)):
-        return None
-    if type(module).__bases__[0] not in FORMS:
-        return 'the export has no form for this layer type'
+    if form_of(module) not in STAND_INS:
+        return (f'the export has no stand-in for its form '
+                f'{form_of(module).__name__} (mmdrq.deploy.layer_forms.'
+                'STAND_INS)')
     if isinstance(module, MultiheadAttentionLayer) and any(
             getattr(module, name, None) is not None
             for name in module.MATMUL_QUANTIZERS):
@@ -144,38 +193,20 @@ def export_refusal(module: QuantLayer) -> Optional[str]:
     return None
 
 
-def stand_in(module: QuantLayer,
-             generator: torch.Generator) -> Optional[nn.Module]:
-    """The skeleton's float stand-in for an in-place quantized layer, made
-    from ``module`` (a copy's, changed in place); None for QConv2d/QLinear.
-    Every stand-in has a bias, for the rewrite to write (and the folded
-    BN's shift); the weights and biases it adds are placeholders from the
-    skeleton's ``generator``, distinct so that no pass merges them."""
-    if not isinstance(module, SwappedWeightLayer):
-        return None
+def stand_in(module: QuantLayer, generator: torch.Generator) -> nn.Module:
+    """The skeleton's float stand-in for a quantized layer: a new module for
+    QConv2d / QLinear, else ``module`` itself (a copy's) changed in place
+    into its form's float class. Every stand-in has a bias, for the rewrite
+    to write (and the folded BN's shift); the weights and biases it adds are
+    placeholders from the skeleton's ``generator``, distinct so that no
+    pass merges them."""
+    made = STAND_INS[form_of(module)](module, generator)
+    if isinstance(made, nn.Module):
+        return made
     out = module.weight_to_quantize().shape[0]
-    if isinstance(module, MultiheadAttentionLayer):
-        embed = module.embed_dim
-        for proj, _ in PROJECTIONS:
-            linear = FlatLinear(embed, embed)
-            linear.weight.data = placeholder(linear.weight.shape, generator)
-            linear.bias.data = placeholder(embed, generator)
-            setattr(module, proj, linear)
-        cls = type('AttentionStandIn',
-                   (_AttentionProjections, type(module)), {})
-    elif _deform_kind(module) is not None:
-        module.modulated = _deform_kind(module) == 'modulated'
-        cls = _DeformConv
-    elif isinstance(module, ConvWSLayer):
-        cls = nn.Conv2d
-    elif isinstance(module, NormedLayer):
-        cls = _NormedLinear if isinstance(module, nn.Linear) else \
-            _NormedConv2d
-    else:
-        cls = _float_type(module)
     for name in [n for n in module._modules if n.endswith('_quantizer')]:
         setattr(module, name, None)  # MultiheadAttentionLayer reads them
-    module.__class__ = cls
+    module.__class__ = made
     if getattr(module, 'bias', None) is None and \
             not isinstance(module, MultiheadAttentionLayer):
         module.bias = nn.Parameter(placeholder(out, generator))
@@ -221,7 +252,7 @@ def emit(rewrite, node, part: Part) -> list:
     bit = rewrite.layer_bits[part.layer]
     prefix = part.key  # one name at every bit
     q, scale = _bit_integers(module, bit, part.rows)
-    factor, shift = rewrite._fold(part.key, len(scale))
+    factor, shift = rewrite.bn_fold(part.key, len(scale))
     bias = _bias(module, part.rows, len(scale))
     rewrite.set_init(node.input[BIAS_INPUT[node.op_type]],
                      (bias * factor + shift).float().numpy())

@@ -81,7 +81,7 @@ class QDQRewrite:
             self.set_init(node.input[index],
                           getattr(bn, key).detach().float().numpy())
 
-    def _fold(self, name: str, weight_out: int):
+    def bn_fold(self, name: str, weight_out: int):
         """(factor, shift) of the BN folded into layer ``name`` (1, 0 if
         none), float64."""
         bn_name = self.exporter.folded.get(name)
@@ -101,7 +101,7 @@ class QDQRewrite:
             raise ValueError(f'layer {name!r}: Gemm without transB=1 '
                              '(weight not in its PyTorch layout)')
         out = module.weight.shape[0]
-        factor, shift = self._fold(name, out)
+        factor, shift = self.bn_fold(name, out)
         self.set_init(node.input[2],
                       folded_bias(module, factor, shift).numpy())
         view = (-1, ) + (1, ) * (module.weight.dim() - 1)

@@ -9,11 +9,13 @@ from .layers import (BitSwitchable, QConv2d, QLinear, QuantLayer,
                      quantized_layers, quantizers_ready, recording_calls)
 from .switchable_bn import SwitchableBatchNorm
 from .transitional_bn import TransitionalBatchNorm, to_transitional
-from .weight_layers import SwappedWeightLayer, weight_layer_forms
+from .forms import form_of, layer_forms, register_form
+from .weight_layers import SwappedWeightLayer
 from .weight_quantizer import DoubleRoundingQuantizer, shared_rounding
 
 __all__ = [
-    'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer',
+    'ActQuantizer', 'BitSwitchable', 'DoubleRoundingQuantizer', 'form_of',
+    'layer_forms', 'register_form',
     'LearnedScaleQuantizer', 'QConv2d',
     'QLinear', 'QuantLayer', 'QuantizeConfig', 'SwappedWeightLayer',
     'SwitchableBatchNorm',
@@ -21,5 +23,5 @@ __all__ = [
     'get_bits', 'model_bits',
     'quantize_model', 'quantized_layers', 'quantizers_ready',
     'recording_calls', 'set_bits', 'set_layer_bits', 'shared_rounding',
-    'to_transitional', 'use_bits', 'weight_layer_forms'
+    'to_transitional', 'use_bits'
 ]

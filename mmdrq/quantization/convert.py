@@ -1,10 +1,9 @@
 """Convert any nn.Module: conv, linear and attention layers -> quantized
 layers, BN -> per bit.
 
-Only layer types whose forward is known are converted (``_supported_types``:
-exact Conv2d/Linear and mmcv's thin wrappers, plus weight_layers.py's);
-every other conv-like or linear-like layer stays FP and the conversion table
-says why, so no model crashes the conversion.
+Only layer types with a form are converted (forms.py, one table); every
+other conv-like or linear-like layer stays FP and the conversion table says
+why, so no model crashes the conversion.
 """
 import re
 from typing import Dict, List, Optional, Tuple
@@ -13,46 +12,18 @@ from mmengine.logging import print_log
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .config import QuantizeConfig, make_config
-from .layers import BitSwitchable, QConv2d, QLinear, QuantLayer
+from .attention import MultiheadAttentionLayer
+from .forms import is_weight_layer, layer_forms
+from .layers import BitSwitchable, QuantLayer
+from .owner_reads import WeightReadingOwner, weight_reads
 from .switchable_bn import SwitchableBatchNorm, SwitchableNorm, norm_channels
-from .weight_layers import (MultiheadAttentionLayer, WeightReadingOwner,
-                            weight_layer_forms, weight_reads)
 
 # Last name components of prediction layers in OpenMMLab heads (fc,
 # retina_cls, rpn_reg, conv_seg, conv_logits, convs_pred, ...).
 _PREDICTION_NAME = re.compile(
     r'^(fc|head)$|(cls|reg|centerness|seg|logits|pred|obj|objectness)$')
-
-
-def _supported_types() -> Dict[type, type]:
-    """Float layer type -> quantized type (its ``from_float`` converts):
-    exact Conv2d/Linear (and mmcv's wrappers, which only add empty-input
-    handling, and MultiheadAttention's out_proj) take the fused QConv2d /
-    QLinear; the other known layers are quantized in place
-    (weight_layers.py)."""
-    mapping = {nn.Conv2d: QConv2d, nn.Linear: QLinear,
-               NonDynamicallyQuantizableLinear: QLinear}
-    try:
-        from mmcv.cnn.bricks import wrappers
-        mapping[wrappers.Conv2d] = QConv2d
-        mapping[wrappers.Linear] = QLinear
-    except ImportError:  # mmcv is optional for plain torch models
-        pass
-    mapping.update(weight_layer_forms())
-    return mapping
-
-
-def is_weight_layer(module: nn.Module) -> bool:
-    """Conv- or linear-like layers: the ones a user expects to see listed."""
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear,
-                           nn.MultiheadAttention, QuantLayer)):
-        return True
-    name = type(module).__name__
-    return ('Conv' in name or 'Linear' in name) and isinstance(
-        getattr(module, 'weight', None), nn.Parameter)
 
 
 def _prediction_layers(names: List[str]) -> List[str]:
@@ -72,7 +43,7 @@ def _prediction_layers(names: List[str]) -> List[str]:
 
 def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
     """Decide, for every conv/linear layer, quantize or keep FP (and why)."""
-    supported = _supported_types()
+    supported = layer_forms()
     layers = [(n, m) for n, m in model.named_modules()
               if n and is_weight_layer(m)]
     names = [n for n, _ in layers]
@@ -273,7 +244,7 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
     if cfg.switchable_gn_ln:
         types[nn.GroupNorm] = types[nn.LayerNorm] = SwitchableNorm
     rows, previous, first_name, new_of = [], None, {}, {}
-    forms = _supported_types()
+    forms = layer_forms()
     # every reference: a norm after a shared conv's later use follows it
     for name, module in list(model.named_modules(remove_duplicate=False)):
         repeated = id(module) in first_name

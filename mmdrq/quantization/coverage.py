@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .convert import is_weight_layer
+from .forms import is_weight_layer
 from .functional import fake_quant_impl
 from .layers import QuantLayer
 from .learned_scale import LearnedScaleQuantizer

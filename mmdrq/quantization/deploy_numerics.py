@@ -28,7 +28,8 @@ from .functional import quantize_int
 from .graph import conv_bn_pairs
 from .integers import (CONTAINER_BIT, bn_affine, folded_bias, int_range,
                        integer_alpha, scale_at, weight_integers)
-from .layers import BitSwitchable, QConv2d, QLinear
+from .forms import form_of
+from .layers import BitSwitchable, QConv2d, QuantLayer
 from .per_level import EXPORT_REFUSAL, PerLevel
 
 # float32 holds every integer up to 2**24 exactly
@@ -116,8 +117,8 @@ def check_exact_sums(name: str, act, bit: int, q: torch.Tensor):
 
 
 def _exact_layer(module: nn.Module) -> bool:
-    return type(module).forward in (QConv2d.forward, QLinear.forward) and \
-        module.act_quantizer is not None
+    return isinstance(module, QuantLayer) and form_of(module).sums_integers \
+        and module.act_quantizer is not None
 
 
 @contextlib.contextmanager

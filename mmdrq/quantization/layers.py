@@ -41,6 +41,14 @@ class QuantLayer(BitSwitchable):
     Subclasses put it before the torch layer (``QConv2d(QuantLayer,
     nn.Conv2d)``) and add ``forward`` and ``_empty_like``."""
 
+    # What the rest of mmdrq asks of a form (forms.py names each float
+    # type's form): a weight row counts once per input element (transposed
+    # convs scatter each input) rather than per output element; deploy
+    # numerics computes the form as integer sums, then a scale, as ONNX
+    # Runtime's exact sessions do.
+    macs_per_input = False
+    sums_integers = False
+
     def __init__(self, *args, bits=(8, 6, 4, 2),
                  weight_quantizer=dict(type='DoubleRoundingQuantizer'),
                  act_quantizer=dict(type='ActQuantizer'), **kwargs):
@@ -49,6 +57,18 @@ class QuantLayer(BitSwitchable):
 
     def extra_repr(self):
         return super().extra_repr() + f', bit={self.bit}'
+
+    def macs(self, args: tuple, kwargs: dict, out) -> int:
+        """MACs per image of one call: a weight row (dim 0 of the
+        parameter) is one output element's dot product (or one input
+        element's scatter, ``macs_per_input``)."""
+        x = args[0] if args else next(iter(kwargs.values()))
+        xs = x if isinstance(x, (list, tuple)) else [x]  # TridentConv
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        batch = xs[0].shape[0] if xs[0].dim() > 1 else 1
+        counted = xs if self.macs_per_input else outs
+        return sum(t.numel() for t in counted) // batch * \
+            self.float_weight[0].numel()
 
     def _setup(self, bits, weight_quantizer: dict,
                act_quantizer: Optional[dict]):
@@ -304,6 +324,7 @@ class QConv2d(QuantLayer, nn.Conv2d):
     Groups, dilation, padding modes and bias behave as in nn.Conv2d; the
     bias stays FP.
     """
+    sums_integers = True
 
     @staticmethod
     def _empty_like(conv: nn.Conv2d) -> nn.Conv2d:
@@ -323,6 +344,7 @@ class QConv2d(QuantLayer, nn.Conv2d):
 @MODELS.register_module()
 class QLinear(QuantLayer, nn.Linear):
     """nn.Linear whose input and weight are fake-quantized at ``self.bit``."""
+    sums_integers = True
 
     @staticmethod
     def _empty_like(linear: nn.Linear) -> nn.Linear:

@@ -29,7 +29,7 @@ def layer_costs(model: nn.Module,
     for name, layer in layers.items():
         def hook(module, args, kwargs, out, name=name):
             reads.depth -= 1
-            costs[name]['macs'] += _macs(module, args, kwargs, out)
+            costs[name]['macs'] += module.macs(args, kwargs, out)
         handles.append(layer.register_forward_pre_hook(reads.enter_layer))
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
@@ -73,31 +73,6 @@ class _OwnerReads(TorchFunctionMode):
                 self.costs[name]['macs'] += \
                     out.numel() // batch * weight[0].numel()
         return out
-
-
-def _macs(module: nn.Module, args: tuple, kwargs: dict, out) -> int:
-    """MACs per image of one call. A weight row (dim 0 of the parameter)
-    is one output element's dot product for convs (deformable ones too)
-    and linear layers, and one input element's scatter for transposed
-    convs; attention counts its q, k and v projections (its out_proj is a
-    layer of its own)."""
-    per_row = module.float_weight[0].numel()
-    if isinstance(module, nn.MultiheadAttention):
-        names = ('query', 'key', 'value')
-        inputs = [args[i] if i < len(args) else kwargs[n]
-                  for i, n in enumerate(names)]
-        query = inputs[0]
-        batch = 1 if query.dim() < 3 else \
-            query.shape[0 if module.batch_first else 1]
-        rows = sum(t.numel() // module.embed_dim for t in inputs)
-        return rows * module.embed_dim * per_row // batch
-    x = args[0] if args else next(iter(kwargs.values()))
-    xs = x if isinstance(x, (list, tuple)) else [x]  # TridentConv branches
-    outs = out if isinstance(out, (list, tuple)) else [out]
-    batch = xs[0].shape[0] if xs[0].dim() > 1 else 1
-    counted = xs if isinstance(module, nn.modules.conv._ConvTransposeNd) \
-        else outs
-    return sum(t.numel() for t in counted) // batch * per_row
 
 
 def fp_bytes(model: nn.Module) -> int:

@@ -275,7 +275,7 @@ def test_form_without_export_form_refused_by_name():
     model[1] = NewForm.from_float(nn.Conv1d(4, 2, 1), BITS, dict(
         type='DoubleRoundingQuantizer'), None)
     with pytest.raises(ValueError, match=r"layer '1' \(QConv1d\) cannot be "
-                       r"exported.*no form for this layer type"):
+                       r"exported.*no stand-in for its form NewForm"):
         OnnxExporter(model, (1, 3, 5))
 
 
