@@ -12,15 +12,11 @@
 #     python tools/make_tiny_datasets.py
 #     python tools/train.py configs/detection/dino-4scale_r18_drq-8642_tiny.py
 #
-# Another dataset folder: override the data roots and the evaluators'
-# ann_file as in retinanet_r18_drq-8642_tiny.py.
+# Another dataset folder: see configs/_base_/datasets/tiny_coco.py.
 _base_ = ['mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py',
-          '../_base_/mmdrq_qat.py']
+          '../_base_/mmdrq_qat.py',
+          '../_base_/datasets/tiny_coco.py']
 custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
-
-data_root = 'data/tiny_coco/'
-metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'),
-                palette=[(220, 40, 40), (40, 60, 220), (60, 200, 40)])
 
 _ffn = dict(embed_dims=256, feedforward_channels=256, ffn_drop=0.0)
 model = dict(
@@ -42,47 +38,10 @@ model = dict(
     quantizer=dict(bits=[8, 6, 4, 2]),
     loss_mode='per_bit')
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='Resize', scale=(128, 96), keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(128, 96), keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
-                    'scale_factor')),
-]
-train_dataloader = dict(
-    batch_size=2,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/'),
-        filter_cfg=dict(filter_empty_gt=True, min_size=8),
-        pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=2,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/'),
-        pipeline=test_pipeline))
+train_dataloader = _base_.tiny_coco.train_dataloader
+val_dataloader = _base_.tiny_coco.val_dataloader
 test_dataloader = val_dataloader
-val_evaluator = dict(
-    type='CocoMetric',
-    ann_file=data_root + 'annotations/instances_val.json',
-    metric='bbox')
+val_evaluator = _base_.tiny_coco.val_evaluator
 test_evaluator = val_evaluator
 
 # ALRS: Adam for everything, the quantization scales' lr scaled per bit

@@ -10,12 +10,9 @@
 # The QAT config (fcos_r18_gn-head_drq-8642_real.py) starts from this one's
 # checkpoint. Another dataset folder: override every data root and the
 # evaluators' ann_file (the roots are resolved when the config is read).
-_base_ = 'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'
+_base_ = ['mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
+          '../_base_/datasets/real_det.py']
 custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
-
-data_root = 'data/real_det/'
-metainfo = dict(classes=('coin', 'galaxy'),
-                palette=[(220, 160, 40), (60, 120, 220)])
 
 model = dict(
     data_preprocessor=dict(mean=[123.675, 116.28, 103.53],
@@ -28,50 +25,10 @@ model = dict(
                    stacked_convs=2),
     test_cfg=dict(nms_pre=200, max_per_img=50))
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
-# Resize to the crops' own size: no change, but mmdet's post-processing
-# needs the scale factor it records
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(96, 96), keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
-                    'scale_factor')),
-]
-train_dataloader = dict(
-    batch_size=4,
-    num_workers=0,
-    persistent_workers=False,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
-    batch_sampler=None,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/'),
-        filter_cfg=dict(filter_empty_gt=True, min_size=4),
-        pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=8,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/'),
-        pipeline=test_pipeline))
+train_dataloader = _base_.real_det.train_dataloader
+val_dataloader = _base_.real_det.val_dataloader
 test_dataloader = val_dataloader
-val_evaluator = dict(
-    type='CocoMetric',
-    ann_file=data_root + 'annotations/instances_val.json',
-    metric='bbox')
+val_evaluator = _base_.real_det.val_evaluator
 test_evaluator = val_evaluator
 
 # from scratch in a few hundred iterations: AdamW, warm-up, cosine

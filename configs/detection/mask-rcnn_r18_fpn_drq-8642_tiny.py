@@ -10,15 +10,11 @@
 #     python tools/train.py \
 #         configs/detection/mask-rcnn_r18_fpn_drq-8642_tiny.py
 #
-# Another dataset folder: override the data roots and the evaluators'
-# ann_file as in retinanet_r18_drq-8642_tiny.py.
+# Another dataset folder: see configs/_base_/datasets/tiny_coco.py.
 _base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
-          '../_base_/mmdrq_qat.py']
+          '../_base_/mmdrq_qat.py',
+          '../_base_/datasets/tiny_coco.py']
 custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
-
-data_root = 'data/tiny_coco/'
-metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'),
-                palette=[(220, 40, 40), (40, 60, 220), (60, 200, 40)])
 
 _roi = _base_.model.roi_head
 model = dict(
@@ -55,47 +51,14 @@ model = dict(
     quantizer=dict(bits=[8, 6, 4, 2]),
     loss_mode='per_bit')
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=(128, 96), keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(128, 96), keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
-                    'scale_factor')),
-]
-train_dataloader = dict(
-    batch_size=2,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/'),
-        filter_cfg=dict(filter_empty_gt=True, min_size=8),
-        pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=2,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/'),
-        pipeline=test_pipeline))
+# the tiny set's loaders, with masks
+_with_masks = dict(type='LoadAnnotations', with_bbox=True, with_mask=True)
+train_dataloader = _base_.tiny_coco.train_dataloader
+train_dataloader.dataset.pipeline[1] = _with_masks
+val_dataloader = _base_.tiny_coco.val_dataloader
+val_dataloader.dataset.pipeline[2] = _with_masks
 test_dataloader = val_dataloader
-val_evaluator = dict(
-    type='CocoMetric',
-    ann_file=data_root + 'annotations/instances_val.json',
-    metric=['bbox', 'segm'])
+val_evaluator = dict(_base_.tiny_coco.val_evaluator, metric=['bbox', 'segm'])
 test_evaluator = val_evaluator
 
 # ALRS: Adam for everything, the quantization scales' lr scaled per bit

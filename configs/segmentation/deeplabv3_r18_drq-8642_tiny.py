@@ -10,15 +10,12 @@
 #     python tools/make_tiny_datasets.py
 #     python tools/train.py configs/segmentation/deeplabv3_r18_drq-8642_tiny.py
 #
-# Another dataset folder: the data root is resolved when the config is read,
-# so override each dataloader's, e.g. --cfg-options
-#   train_dataloader.dataset.data_root=R val_dataloader.dataset.data_root=R
-#   test_dataloader.dataset.data_root=R
+# Another dataset folder: see configs/_base_/datasets/tiny_ade20k.py.
 _base_ = ['mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-80k_ade20k-512x512.py',
-          '../_base_/mmdrq_qat.py']
+          '../_base_/mmdrq_qat.py',
+          '../_base_/datasets/tiny_ade20k.py']
 custom_imports = dict(imports=['mmdrq'], allow_failed_imports=False)
 
-data_root = 'data/tiny_ade20k'
 crop_size = (64, 64)
 # SyncBN needs a process group; plain BN runs in one process
 norm_cfg = dict(type='BN', requires_grad=True)
@@ -41,33 +38,10 @@ model = dict(
     quantizer=dict(bits=[8, 6, 4, 2]),
     loss_mode='per_bit')
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='RandomResize', scale=(64, 64), ratio_range=(1.0, 1.5),
-         keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(64, 64), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
-train_dataloader = dict(
-    batch_size=2,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=2,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+train_dataloader = _base_.tiny_ade20k.train_dataloader
+val_dataloader = _base_.tiny_ade20k.val_dataloader
 test_dataloader = val_dataloader
-val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+val_evaluator = _base_.tiny_ade20k.val_evaluator
 test_evaluator = val_evaluator
 
 # ALRS: Adam for everything, the quantization scales' lr scaled per bit

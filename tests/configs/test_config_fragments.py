@@ -1,5 +1,5 @@
 """Every config loads to the same final config as before the mmdrq parts
-moved into configs/_base_/mmdrq_qat.py: a golden of the run-relevant keys,
+and the small datasets moved into configs/_base_/: a golden of the run-relevant keys,
 written from the configs as they were (each key's canonical JSON, hashed).
 Regenerate it only for an intended change of a config:
     python tests/configs/test_config_fragments.py --write"""
@@ -20,7 +20,8 @@ CONFIGS = sorted(
     if '_base_' not in p)
 KEYS = ('model', 'optim_wrapper', 'param_scheduler', 'train_cfg', 'val_cfg',
         'test_cfg', 'model_wrapper_cfg', 'default_hooks', 'custom_hooks',
-        'custom_imports', 'load_from', 'train_dataloader', 'val_evaluator')
+        'custom_imports', 'load_from', 'train_dataloader', 'val_dataloader',
+        'test_dataloader', 'val_evaluator', 'test_evaluator')
 
 
 def fingerprint(path):
