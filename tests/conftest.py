@@ -4,17 +4,21 @@ Nothing here downloads weights: every model config gets ``init_cfg=None`` on
 its backbone and ``pretrained=None`` where the key exists, and
 ``init_weights`` is never called.
 """
+import hashlib
 import importlib
 import importlib.util
 import logging
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
+from mmengine.optim import OptimWrapper
 from torch import nn
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -302,3 +306,161 @@ def tiny_training(data, tmp_path_factory):
         return runs[config]
 
     return train
+
+
+@pytest.fixture(scope='session')
+def digits_data(tmp_path_factory):
+    """The digits, written once per session by tools/prepare_digits.py
+    (read only): the data root."""
+    data_root = str(tmp_path_factory.mktemp('digits_data') / 'data')
+    run_tool(osp.join(TOOLS, 'prepare_digits.py'), '--root', data_root)
+    return data_root
+
+
+@pytest.fixture(scope='session')
+def digits(digits_data, tmp_path_factory):
+    """A 2-epoch FP32 digits checkpoint on a subset and a QAT config
+    starting from it (checkpoints every epoch), once per session."""
+    folder = tmp_path_factory.mktemp('digits')
+    data_root = digits_data
+    fp_cfg = write_digits_config(
+        folder, 'fp32.py', osp.join(DIGITS, 'resnet_digits_fp32.py'),
+        data_root, 'train_cfg = dict(max_epochs=2, val_interval=2)\n'
+        'param_scheduler = dict(T_max=2)')
+    run_tool(osp.join(TOOLS, 'train.py'), fp_cfg, '--work-dir',
+             folder / 'fp32')
+    fp_ckpt = str(folder / 'fp32' / 'epoch_2.pth')
+    qat_cfg = write_digits_config(
+        folder, 'qat.py', osp.join(DIGITS, 'resnet_digits_drq_8642.py'),
+        data_root, f'load_from = {fp_ckpt!r}\n'
+        'train_cfg = dict(max_epochs=2, val_interval=1)\n'
+        # an explicit end: a run cut short keeps the same schedule
+        'param_scheduler = dict(T_max=2, begin=0, end=2)\n'
+        "default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=3))")
+    return dict(folder=folder, data_root=data_root, qat_cfg=qat_cfg,
+                fp_ckpt=fp_ckpt)
+
+
+@pytest.fixture(scope='session')
+def qat_run(digits):
+    """tools/train.py on the digits QAT config, once per session: (work dir
+    with epoch_1.pth and epoch_2.pth, log); read only."""
+    work = digits['folder'] / 'qat'
+    _, log = run_tool(osp.join(TOOLS, 'train.py'), digits['qat_cfg'],
+                      '--work-dir', work)
+    return work, log
+
+
+TINY_RETINA = {
+    'model.backbone.depth': 18, 'model.backbone.init_cfg': None,
+    'model.neck.in_channels': [64, 128, 256, 512],
+    'model.neck.out_channels': 8, 'model.bbox_head.in_channels': 8,
+    'model.bbox_head.feat_channels': 8, 'model.bbox_head.stacked_convs': 1,
+    'model.bbox_head.num_classes': 3,
+}
+
+
+def det_batch():
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    g = torch.Generator().manual_seed(3)
+    samples = []
+    for i in range(2):
+        sample = DetDataSample(metainfo=dict(
+            img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64),
+            scale_factor=(1.0, 1.0), batch_input_shape=(64, 64)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.tensor([[4.0 + i, 6.0, 40.0, 50.0]]),
+            labels=torch.tensor([i]))
+        samples.append(sample)
+    return dict(inputs=[torch.randint(0, 256, (3, 64, 64), generator=g,
+                                      dtype=torch.uint8) for _ in range(2)],
+                data_samples=samples)
+
+
+def ref_weight(w, s, h, l):
+    """Double Rounding in numpy float64: q_l * s * 2**d and the STE mask."""
+    d = h - l
+    s = s.detach().double().view(-1, *[1] * (w.dim() - 1)).numpy()
+    w = w.detach().double().numpy()
+    q_h = np.clip(np.rint(w / s), -2**(h - 1), 2**(h - 1) - 1)
+    q_l = np.clip(np.rint(q_h / 2**d), -2**(l - 1), 2**(l - 1) - 1)
+    v = w / (s * 2**d)
+    mask = (v >= -2**(l - 1)) & (v <= 2**(l - 1) - 1)
+    return torch.from_numpy(q_l * s * 2**d), torch.from_numpy(mask)
+
+
+def ref_act(x, layer, b):
+    """Input fake quantization with the layer's own scale and sign."""
+    aq = layer.act_quantizer
+    s = aq.scale[aq.bits.index(b)].item()
+    lo, hi = (-2**(b - 1), 2**(b - 1) - 1) if int(aq.signed) else (0, 2**b - 1)
+    return torch.from_numpy(np.clip(np.rint(x.numpy() / s), lo, hi) * s)
+
+
+def plain(model, x):
+    return model(x)
+
+
+def calibrate(model, shape, seed=0):
+    """Initialise every bit's scales with a training-mode forward, then
+    give the BNs random statistics (so folding matters) and go to eval."""
+    from mmdrq.quantization import model_bits, set_bits
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    bits = model_bits(model)
+    for bit in bits:
+        set_bits(model, bit)
+        model(torch.randn(shape, generator=generator))
+    set_bits(model, bits[0])  # where a loaded model starts
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.uniform_(-0.3, 0.3, generator=generator)
+    return model.eval()
+
+
+def folder_digest(folder):
+    """One digest of a folder's file names and contents."""
+    digest = hashlib.sha256()
+    for base, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            path = osp.join(base, name)
+            digest.update(osp.relpath(path, folder).encode())
+            with open(path, 'rb') as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def logged(log, key):
+    """Every value logged for ``key`` (``key: value``), in order."""
+    return [float(v) for v in re.findall(
+        re.escape(key) + r': (-?[\d.]+(?:e[+-]?\d+)?|nan|-?inf)', log)]
+
+
+def classifier_batch(count=4, size=16):
+    """A batch for ``build_small_classifier``: random uint8 images, labels
+    0, 1, 2, ..."""
+    from mmpretrain.structures import DataSample
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        inputs=[torch.randint(0, 256, (3, size, size), generator=g,
+                              dtype=torch.uint8) for _ in range(count)],
+        data_samples=[DataSample().set_gt_label(i % 10)
+                      for i in range(count)])
+
+
+class CountingWrapper(OptimWrapper):
+    """OptimWrapper recording the model's bit at every step."""
+
+    def __init__(self, optimizer, model):
+        super().__init__(optimizer)
+        self.model, self.step_bits = model, []
+
+    def step(self, **kwargs):
+        layer = self.model.architecture.backbone.layer1[0].conv1
+        self.step_bits.append(layer.bit)
+        super().step(**kwargs)

@@ -14,7 +14,7 @@ from mmdrq import quantize_model, set_bits, use_bits  # noqa: E402
 from mmdrq.deploy import OnnxExporter, make_session  # noqa: E402
 from mmdrq.quantization.deploy_numerics import deploy_numerics  # noqa: E402
 from mmdrq.quantization.graph import conv_bn_pairs  # noqa: E402
-from test_onnx_export import calibrate  # noqa: E402
+from conftest import calibrate  # noqa: E402
 
 BITS = (8, 6, 4, 2)
 SCALE = 2.0**-4  # the first layer's input scale: x / s exact, ties exact

@@ -12,6 +12,8 @@ pytest.importorskip('onnxruntime')
 
 from conftest import ROOT, TOOLS, run_tool, tiny_data_options  # noqa: E402,E501
 
+pytestmark = pytest.mark.slow  # trains through the tools
+
 BITS = (8, 6, 4, 2)
 SUBNET = {'backbone.layer1.0.conv1': 2, 'backbone.layer2.0.conv2': 4,
           'backbone.layer3.1.conv1': 6}

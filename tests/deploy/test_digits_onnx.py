@@ -12,9 +12,10 @@ from onnx import numpy_helper
 
 pytest.importorskip('onnxruntime')
 
-from conftest import ROOT, TOOLS, run_tool, tool_error  # noqa: E402
+from conftest import DIGITS, TOOLS, run_tool, tool_error  # noqa: E402
 
-DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
+pytestmark = pytest.mark.slow  # trains through the tools
+
 BITS = (8, 6, 4, 2)
 
 
@@ -32,34 +33,22 @@ test_dataloader = dict(dataset=dict(data_root=data_root))
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """A digits QAT checkpoint (3 FP32 epochs, 1 QAT epoch on 512 images),
-    its integer file and an export folder of every bit."""
-    folder = tmp_path_factory.mktemp('digits_onnx')
-    data_root = str(folder / 'data')
-    run_tool(osp.join(TOOLS, 'prepare_digits.py'), '--root', data_root)
-    fp_cfg = write_config(folder, 'fp32.py',
-                          osp.join(DIGITS, 'resnet_digits_fp32.py'), data_root,
-                          'train_cfg = dict(max_epochs=3, val_interval=3)\n'
-                          'param_scheduler = dict(T_max=3)')
-    run_tool(osp.join(TOOLS, 'train.py'), fp_cfg, '--work-dir',
-             folder / 'fp32')
-    fp_ckpt = str(folder / 'fp32' / 'epoch_3.pth')
+def trained(digits, qat_run):
+    """The session's digits QAT checkpoint, a config testing it on the whole
+    validation set, its integer file and an export folder of every bit."""
+    folder = digits['folder'] / 'onnx_tests'
+    folder.mkdir()
     qat_cfg = write_config(
         folder, 'qat.py', osp.join(DIGITS, 'resnet_digits_drq_8642.py'),
-        data_root, f'load_from = {fp_ckpt!r}\n'
-        'train_cfg = dict(max_epochs=1, val_interval=1)\n'
-        'param_scheduler = dict(T_max=1)')
-    run_tool(osp.join(TOOLS, 'train.py'), qat_cfg, '--work-dir',
-             folder / 'qat')
-    ckpt = str(folder / 'qat' / 'epoch_1.pth')
+        digits['data_root'], f'load_from = {digits["fp_ckpt"]!r}')
+    ckpt = str(qat_run[0] / 'epoch_2.pth')
     int_path = str(folder / 'digits_int.pth')
     run_tool(osp.join(TOOLS, 'export_int.py'), qat_cfg, ckpt, int_path)
     onnx_dir = str(folder / 'onnx')
     run_tool(osp.join(TOOLS, 'export_onnx.py'), qat_cfg, ckpt, '--out-dir',
              onnx_dir, '--input-shape', 1, 3, 16, 16)
     return dict(folder=folder, cfg=qat_cfg, ckpt=ckpt, int_path=int_path,
-                onnx_dir=onnx_dir, fp_ckpt=fp_ckpt)
+                onnx_dir=onnx_dir, fp_ckpt=digits['fp_ckpt'])
 
 
 def initializers(folder, bit):

@@ -20,7 +20,9 @@ from mmdrq.deploy import SwitchableSession, export_to_folder  # noqa: E402
 from mmdrq.deploy import folder as folder_module  # noqa: E402
 from mmdrq_runtime import ExportFolder  # noqa: E402
 from mmdrq_runtime.artifact import second_rounding  # noqa: E402
-from test_onnx_export import BITS, calibrate, plain  # noqa: E402
+from conftest import calibrate, plain  # noqa: E402
+
+BITS = (8, 6, 4, 2)
 
 SHAPE = (1, 3, 6, 6)
 SUBNETS = {'mixed': {'conv1': 2, 'fc1': 4}, 'low': {'conv2': 2}}

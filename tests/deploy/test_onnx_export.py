@@ -16,30 +16,9 @@ pytest.importorskip('onnxruntime')
 from mmdrq import quantize_model, set_bits, use_bits  # noqa: E402
 from mmdrq.deploy import (OnnxExporter, SwitchableSession,  # noqa: E402
                           export_to_folder, make_session, read_meta)
+from conftest import calibrate, plain
 
 BITS = (8, 6, 4, 2)
-
-
-def plain(model, x):
-    return model(x)
-
-
-def calibrate(model, shape, seed=0):
-    """Initialise every bit's scales with a training-mode forward, then
-    give the BNs random statistics (so folding matters) and go to eval."""
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for bit in BITS:
-        set_bits(model, bit)
-        model(torch.randn(shape, generator=generator))
-    set_bits(model, BITS[0])  # where a loaded model starts
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            module.weight.data.uniform_(0.5, 1.5, generator=generator)
-            module.bias.data.uniform_(-0.3, 0.3, generator=generator)
-    return model.eval()
 
 
 def single_conv(signed: bool):

@@ -12,14 +12,15 @@ from onnx import numpy_helper
 
 pytest.importorskip('onnxruntime')
 
-from conftest import build_small_classifier  # noqa: E402
+from conftest import build_small_classifier, calibrate, plain  # noqa: E402
 from mmdrq import quantize_model, use_bits  # noqa: E402
 from mmdrq.deploy import OnnxExporter, make_session  # noqa: E402
 from mmdrq.deploy.residual import residual_tensors  # noqa: E402
 from mmdrq.deploy.tensorrt_rules import check_tensorrt_rules  # noqa: E402
 from mmdrq.quantization import quantized_layers  # noqa: E402
 from mmdrq.quantization.deploy_numerics import deploy_numerics  # noqa: E402,E501
-from test_onnx_export import BITS, calibrate, plain  # noqa: E402
+
+BITS = (8, 6, 4, 2)
 
 SHAPE = (1, 3, 16, 16)
 

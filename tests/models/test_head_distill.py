@@ -4,19 +4,13 @@ import pytest
 import torch
 from mmengine.optim import OptimWrapper
 
-from conftest import (DEEPLAB_CPU_OPTIONS, DEEPLABV3_CFG, RETINANET_CFG,
-                      build_openmmlab_model)
+from conftest import (DEEPLABV3_CFG, DEEPLAB_CPU_OPTIONS, RETINANET_CFG,
+                      TINY_RETINA, build_openmmlab_model, classifier_batch,
+                      det_batch)
 from mmdrq.models import MultiPrecisionQAT
 from mmdrq.models.head_distill import HeadDistill
 
 BITS = [8, 4, 2]
-TINY_RETINA = {
-    'model.backbone.depth': 18, 'model.backbone.init_cfg': None,
-    'model.neck.in_channels': [64, 128, 256, 512],
-    'model.neck.out_channels': 8, 'model.bbox_head.in_channels': 8,
-    'model.bbox_head.feat_channels': 8, 'model.bbox_head.stacked_convs': 1,
-    'model.bbox_head.num_classes': 3,
-}
 TINY_DEEPLAB = dict(DEEPLAB_CPU_OPTIONS, **{
     'model.backbone.depth': 18, 'model.decode_head.in_channels': 512,
     'model.decode_head.channels': 8, 'model.decode_head.num_classes': 5,
@@ -36,24 +30,6 @@ def retinanet():
 
 def deeplab():
     return build_openmmlab_model('mmseg', DEEPLABV3_CFG, TINY_DEEPLAB)
-
-
-def det_batch():
-    from mmdet.structures import DetDataSample
-    from mmengine.structures import InstanceData
-    g = torch.Generator().manual_seed(3)
-    samples = []
-    for i in range(2):
-        sample = DetDataSample(metainfo=dict(
-            img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64),
-            scale_factor=(1.0, 1.0), batch_input_shape=(64, 64)))
-        sample.gt_instances = InstanceData(
-            bboxes=torch.tensor([[4.0 + i, 6.0, 40.0, 50.0]]),
-            labels=torch.tensor([i]))
-        samples.append(sample)
-    return dict(inputs=[torch.randint(0, 256, (3, 64, 64), generator=g,
-                                      dtype=torch.uint8) for _ in range(2)],
-                data_samples=samples)
 
 
 def seg_batch():
@@ -253,8 +229,6 @@ def test_bad_distill_config_is_an_error():
 
 
 def test_bit_loss_weights_scale_that_bits_loss(small_classifier):
-    from test_multi_precision import batch
-
     class LossRecorder(OptimWrapper):
         def update_params(self, loss, **kwargs):
             self.losses.append(loss.detach())
@@ -267,7 +241,7 @@ def test_bit_loss_weights_scale_that_bits_loss(small_classifier):
     assert model.bit_loss_weights == {2: 2.0, 6: 0.5}
     wrapper = LossRecorder(torch.optim.SGD(model.parameters(), 0.0))
     wrapper.losses = []
-    log_vars = model.train_step(batch(), wrapper)
+    log_vars = model.train_step(classifier_batch(), wrapper)
     logged = [log_vars[f'loss@w{b}a{b}'] for b in (8, 6, 4, 2)]
     factors = [1.0, 0.5, 1.0, 2.0]
     for got, plain, factor in zip(wrapper.losses, logged, factors):

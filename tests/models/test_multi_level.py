@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import mmdrq
-from conftest import RETINANET_CFG, build_openmmlab_model
+from conftest import (RETINANET_CFG, TINY_RETINA, build_openmmlab_model,
+                      det_batch)
 from mmdrq.models import MultiPrecisionQAT
 from mmdrq.quantization import ActQuantizer, QConv2d, quantizers_ready
 from mmdrq.quantization.per_level import PerLevel, restart_levels_each_forward
 from mmdrq.quantization.switchable_bn import SwitchableBatchNorm
-from test_head_distill import TINY_RETINA, det_batch
 
 BITS = [8, 4, 2]
 

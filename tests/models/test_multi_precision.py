@@ -6,30 +6,8 @@ import torch
 from mmengine.optim import OptimWrapper, build_optim_wrapper
 
 import mmdrq
+from conftest import CountingWrapper, classifier_batch
 from mmdrq.models import MultiPrecisionQAT
-
-
-def batch(count=4, size=16):
-    from mmpretrain.structures import DataSample
-    g = torch.Generator().manual_seed(1)
-    return dict(
-        inputs=[torch.randint(0, 256, (3, size, size), generator=g,
-                              dtype=torch.uint8) for _ in range(count)],
-        data_samples=[DataSample().set_gt_label(i % 10)
-                      for i in range(count)])
-
-
-class CountingWrapper(OptimWrapper):
-    """OptimWrapper recording the model's bit at every step."""
-
-    def __init__(self, optimizer, model):
-        super().__init__(optimizer)
-        self.model, self.step_bits = model, []
-
-    def step(self, **kwargs):
-        layer = self.model.architecture.backbone.layer1[0].conv1
-        self.step_bits.append(layer.bit)
-        super().step(**kwargs)
 
 
 @pytest.mark.parametrize('loss_mode, steps', [('per_bit', [8, 6, 4, 2]),
@@ -39,7 +17,7 @@ def test_train_step_walks_bits(small_classifier, loss_mode, steps):
                               loss_mode=loss_mode)
     wrapper = CountingWrapper(torch.optim.SGD(model.parameters(), 0.01),
                               model)
-    log_vars = model.train_step(batch(), wrapper)
+    log_vars = model.train_step(classifier_batch(), wrapper)
     assert wrapper.step_bits == steps  # sum: one step, after the loop
     for bit in (8, 6, 4, 2):
         assert torch.isfinite(log_vars[f'loss@w{bit}a{bit}'])
@@ -77,7 +55,7 @@ def test_summed_loss_rounds_each_weight_once(small_classifier, monkeypatch):
         return original(self, weight, bits)
     monkeypatch.setattr(DoubleRoundingQuantizer, '_fake_quant', spy)
     wrapper = GradRecorder(torch.optim.SGD(model.parameters(), 0.01))
-    model.train_step(batch(), wrapper)
+    model.train_step(classifier_batch(), wrapper)
     quantizers = [m for m in model.modules()
                   if isinstance(m, DoubleRoundingQuantizer)]
     assert sorted(calls) == sorted((id(q), (8, 6, 4, 2)) for q in quantizers)
@@ -87,7 +65,7 @@ def test_summed_loss_rounds_each_weight_once(small_classifier, monkeypatch):
                         lambda model: contextlib.nullcontext())
     calls.clear()
     expected = GradRecorder(torch.optim.SGD(reference.parameters(), 0.01))
-    reference.train_step(batch(), expected)
+    reference.train_step(classifier_batch(), expected)
     # per bit and layer, again in the backward (recomputed, not kept)
     assert len(calls) == 2 * 4 * len(quantizers)
     assert sum(g is not None for g in wrapper.grads) > len(quantizers)
@@ -117,7 +95,7 @@ def test_weight_read_by_its_owner_is_quantized(mmengine_caplog):
     weight, and no layer is reported as never called."""
     model = MultiPrecisionQAT(tiny_beit(), dict(bits=[8, 4]))
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), 0.01))
-    model.train_step(batch(size=16), wrapper)
+    model.train_step(classifier_batch(size=16), wrapper)
     assert model.uncalled_layers == []
     qkv = model.architecture.backbone.layers[0].attn.qkv
     assert bool(qkv.weight_quantizer.initialized.all())
@@ -134,7 +112,7 @@ def test_layers_never_called_are_reported(mmengine_caplog, monkeypatch):
     model = MultiPrecisionQAT(tiny_beit(), dict(bits=[8, 4]), compile=True)
     assert model.uncalled_layers is None
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), 0.01))
-    model.train_step(batch(size=16), wrapper)
+    model.train_step(classifier_batch(size=16), wrapper)
     assert model.uncalled_layers == ['backbone.layers.0.attn.qkv']
     assert 'backbone.layers.0.attn.qkv' in mmengine_caplog.text
     assert 'quantizer.skip' in mmengine_caplog.text
@@ -156,7 +134,7 @@ def test_per_bit_steps_use_alrs_rates(small_classifier):
         seen.append((wrapper.bit, wrapper.eta()))
         original(**kwargs)
     wrapper.step = spy
-    model.train_step(batch(), wrapper)
+    model.train_step(classifier_batch(), wrapper)
     assert seen == [(8, 1.0), (4, 0.01)]
 
 
@@ -202,9 +180,9 @@ def test_summed_loss_weights_each_bits_scale_gradient_by_eta(
         [None if p.grad is None else p.grad.clone() for p in params]))
     eta = {8: 1.0, 2: 0.001}  # fixed: 10^(-d/2), d = 6
     for iteration in range(2):
-        grads = per_bit_gradients(model, batch(), bits)
+        grads = per_bit_gradients(model, classifier_batch(), bits)
         before = [p.detach().clone() for p in params]
-        model.train_step(batch(), wrapper)
+        model.train_step(classifier_batch(), wrapper)
         assert len(seen) == iteration + 1  # one step per iteration
         checked = 0
         for i, p in enumerate(params):
@@ -252,7 +230,7 @@ def test_summed_loss_alrs_counts_one_backward_per_iteration(
     steps = []
     wrapper.optimizer.register_step_pre_hook(lambda *_: steps.append(1))
     for count in (1, 2):
-        model.train_step(batch(), wrapper)
+        model.train_step(classifier_batch(), wrapper)
         assert wrapper._inner_count == count
     assert steps == [1]
 
@@ -281,7 +259,7 @@ def test_summed_loss_alrs_under_ddp_is_an_error(small_classifier):
             optimizer=dict(type='SGD', lr=0.01)))
         with pytest.raises(ValueError, match="loss_mode='sum' with ALRS "
                            r"\(optim_wrapper.mode='adaptive'\).*DDP"):
-            MultiPrecisionQATDDP(model).train_step(batch(), wrapper)
+            MultiPrecisionQATDDP(model).train_step(classifier_batch(), wrapper)
         assert not model.architecture.backbone.layer1[0].conv1 \
             .weight_quantizer.initialized.any()  # before any forward
     finally:
@@ -293,7 +271,7 @@ def test_bit_list_mismatch_is_an_error(small_classifier):
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), 0.01))
     wrapper.bits = (8, 4)
     with pytest.raises(ValueError, match=r'\[8, 4\].*\[8, 6, 4, 2\]'):
-        model.train_step(batch(), wrapper)
+        model.train_step(classifier_batch(), wrapper)
 
 
 def test_bad_loss_mode(small_classifier):
@@ -400,19 +378,19 @@ def test_compile_option_trains_like_eager(small_classifier):
     wrappers = [OptimWrapper(torch.optim.SGD(m.parameters(), 0.01))
                 for m in (eager, compiled)]
     assert compiled._runner() is compiled.architecture  # scales not set yet
-    first = [m.train_step(batch(), w) for m, w in zip((eager, compiled),
+    first = [m.train_step(classifier_batch(), w) for m, w in zip((eager, compiled),
                                                        wrappers)]
     assert first[0]['loss'] == first[1]['loss']  # both eager so far
     assert compiled._runner() is _COMPILED[compiled] is not None
     assert eager._runner() is eager.architecture
-    data = eager.data_preprocessor(batch(), True)
+    data = eager.data_preprocessor(classifier_batch(), True)
     for bit in (8, 4):
         losses = []
         for model in (eager, compiled):
             mmdrq.set_bits(model, bit)
             losses.append(model(**data, mode='loss')['loss'])
         torch.testing.assert_close(losses[1], losses[0], rtol=5e-3, atol=0)
-    logs = [compiled.train_step(batch(), wrappers[1]) for _ in range(2)]
+    logs = [compiled.train_step(classifier_batch(), wrappers[1]) for _ in range(2)]
     assert all(torch.isfinite(log['loss']) for log in logs)
     compiled.eval()
     assert compiled._runner() is compiled.architecture  # eval stays eager

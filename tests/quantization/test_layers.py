@@ -2,13 +2,13 @@
 float64 inputs and weights, plus the eval-mode weight cache."""
 import zlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmdrq.quantization import QConv2d, QLinear
+from conftest import ref_act, ref_weight
 
 # every test here runs on each fake-quant path (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures('fake_quant_path')
@@ -20,26 +20,6 @@ BIT_SETS = [(8, 6, 4, 2), (4, 3, 2)]
 def make_gen(*key):
     """A generator seeded from the test case, so every case gets new data."""
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def ref_weight(w, s, h, l):
-    """Double Rounding in numpy float64: q_l * s * 2**d and the STE mask."""
-    d = h - l
-    s = s.detach().double().view(-1, *[1] * (w.dim() - 1)).numpy()
-    w = w.detach().double().numpy()
-    q_h = np.clip(np.rint(w / s), -2**(h - 1), 2**(h - 1) - 1)
-    q_l = np.clip(np.rint(q_h / 2**d), -2**(l - 1), 2**(l - 1) - 1)
-    v = w / (s * 2**d)
-    mask = (v >= -2**(l - 1)) & (v <= 2**(l - 1) - 1)
-    return torch.from_numpy(q_l * s * 2**d), torch.from_numpy(mask)
-
-
-def ref_act(x, layer, b):
-    """Input fake quantization with the layer's own scale and sign."""
-    aq = layer.act_quantizer
-    s = aq.scale[aq.bits.index(b)].item()
-    lo, hi = (-2**(b - 1), 2**(b - 1) - 1) if int(aq.signed) else (0, 2**b - 1)
-    return torch.from_numpy(np.clip(np.rint(x.numpy() / s), lo, hi) * s)
 
 
 def ref_conv(x, w, conv):

@@ -23,7 +23,7 @@ from mmdrq import load_int, quantize_model, save_int
 from mmdrq.quantization import (QConv2d, QLinear, QuantLayer,
                                 quantized_layers, recording_calls, set_bits,
                                 set_layer_bits)
-from test_layers import ref_act, ref_weight
+from conftest import ref_act, ref_weight
 
 F64 = torch.float64
 BITS = (8, 6, 4, 2)

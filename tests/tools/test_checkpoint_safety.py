@@ -10,6 +10,8 @@ import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
 from conftest import DIGITS, TOOLS, run_tool, write_digits_config
+
+pytestmark = pytest.mark.slow  # trains through the tools
 KILLED = 86  # exit status of the killed run, to tell it from a crash
 
 # Runs tools/train.py (argv[1:]) in this process with the file writes of
@@ -66,15 +68,13 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 
 
 @pytest.fixture(scope='module')
-def digits(tmp_path_factory):
+def digits(digits_data, tmp_path_factory):
     """The digits (a subset), and an FP32 config saving a checkpoint every
     epoch with ``max_keep_ckpts=1`` (the project config's setting)."""
     folder = tmp_path_factory.mktemp('ckpt_safety')
-    data_root = str(folder / 'data')
-    run_tool(osp.join(TOOLS, 'prepare_digits.py'), '--root', data_root)
     cfg = write_digits_config(
         folder, 'fp32.py', osp.join(DIGITS, 'resnet_digits_fp32.py'),
-        data_root, 'train_cfg = dict(max_epochs=2, val_interval=10)\n'
+        digits_data, 'train_cfg = dict(max_epochs=2, val_interval=10)\n'
         'param_scheduler = dict(T_max=2, begin=0, end=2)\n'
         'default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=1))',
         train_images=64, eval_images=32)

@@ -4,31 +4,19 @@ writes them, tools/train.py trains every bit for a few iterations and
 validates every bit, tools/test.py evaluates the checkpoint at every bit.
 Each step is a subprocess, as a user runs it. Both pipelines together take
 well under a minute on 2 CPU cores."""
-import hashlib
 import json
 import math
 import os
 import os.path as osp
-import re
 
 import numpy as np
 import pytest
 
-from conftest import TOOLS, run_tool, tiny_data_options
+from conftest import TOOLS, folder_digest, logged, run_tool, tiny_data_options
+
+pytestmark = pytest.mark.slow  # trains through the tools
 
 BITS = (8, 6, 4, 2)
-
-
-def _digest(folder):
-    digest = hashlib.sha256()
-    for base, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for name in sorted(files):
-            path = osp.join(base, name)
-            digest.update(osp.relpath(path, folder).encode())
-            with open(path, 'rb') as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def test_tiny_datasets_are_deterministic_and_consistent(data, tmp_path):
@@ -37,10 +25,10 @@ def test_tiny_datasets_are_deterministic_and_consistent(data, tmp_path):
     # same seed: the same bytes; another seed: other images
     tiny.write_tiny_coco(str(tmp_path / 'coco'))
     tiny.write_tiny_ade20k(str(tmp_path / 'ade'))
-    assert _digest(tmp_path / 'coco') == _digest(data['coco'])
-    assert _digest(tmp_path / 'ade') == _digest(data['ade20k'])
+    assert folder_digest(tmp_path / 'coco') == folder_digest(data['coco'])
+    assert folder_digest(tmp_path / 'ade') == folder_digest(data['ade20k'])
     tiny.write_tiny_coco(str(tmp_path / 'coco1'), seed=1)
-    assert _digest(tmp_path / 'coco1') != _digest(data['coco'])
+    assert folder_digest(tmp_path / 'coco1') != folder_digest(data['coco'])
     assert not [n for _, _, files in os.walk(tmp_path) for n in files
                 if n.endswith('.tmp')]
 
@@ -101,12 +89,6 @@ CASES = {
 }
 
 
-def _logged(log, key):
-    """Every value logged for ``key`` (``key: value``), in order."""
-    return [float(v) for v in re.findall(
-        re.escape(key) + r': (-?[\d.]+(?:e[+-]?\d+)?|nan|-?inf)', log)]
-
-
 @pytest.mark.parametrize('name', list(CASES))
 def test_train_and_test_every_bit(name, data, tiny_training, tmp_path):
     config, dataset, ckpt, metric, (low, high) = CASES[name]
@@ -117,12 +99,12 @@ def test_train_and_test_every_bit(name, data, tiny_training, tmp_path):
     # with finite losses, and validation covers every bit
     assert 'mmdrq conversion of' in log
     for bit in BITS:
-        losses = _logged(log, f'loss@w{bit}a{bit}')
+        losses = logged(log, f'loss@w{bit}a{bit}')
         assert len(losses) == 4, (bit, losses)
         assert all(math.isfinite(v) and v > 0 for v in losses), (bit, losses)
-        assert _logged(log, f'w{bit}a{bit}_scale_lr')
+        assert logged(log, f'w{bit}a{bit}_scale_lr')
     assert 'val metrics per bit-width' in log
-    val = {bit: _logged(log, f'{metric}@w{bit}a{bit}') for bit in BITS}
+    val = {bit: logged(log, f'{metric}@w{bit}a{bit}') for bit in BITS}
     assert all(val.values()), val
     assert osp.exists(work / ckpt)
 

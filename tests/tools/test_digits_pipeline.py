@@ -10,39 +10,9 @@ import pytest
 import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
-from conftest import DIGITS, ROOT, TOOLS, run_tool, tool_error
-from conftest import write_digits_config as write_config
+from conftest import ROOT, TOOLS, run_tool, tool_error
 
-
-@pytest.fixture(scope='module')
-def digits(tmp_path_factory):
-    """Dataset, FP32 checkpoint and configs shared by the tests below."""
-    folder = tmp_path_factory.mktemp('digits')
-    data_root = str(folder / 'data')
-    run_tool(osp.join(TOOLS, 'prepare_digits.py'), '--root', data_root)
-    fp_cfg = write_config(
-        folder, 'fp32.py', osp.join(DIGITS, 'resnet_digits_fp32.py'),
-        data_root, 'train_cfg = dict(max_epochs=2, val_interval=2)\n'
-        'param_scheduler = dict(T_max=2)')
-    run_tool(osp.join(TOOLS, 'train.py'), fp_cfg, '--work-dir',
-             folder / 'fp32')
-    fp_ckpt = str(folder / 'fp32' / 'epoch_2.pth')
-    qat_cfg = write_config(
-        folder, 'qat.py', osp.join(DIGITS, 'resnet_digits_drq_8642.py'),
-        data_root, f'load_from = {fp_ckpt!r}\n'
-        'train_cfg = dict(max_epochs=2, val_interval=1)\n'
-        # an explicit end: a run cut short keeps the same schedule
-        'param_scheduler = dict(T_max=2, begin=0, end=2)\n'
-        "default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=3))")
-    return dict(folder=folder, qat_cfg=qat_cfg, fp_ckpt=fp_ckpt)
-
-
-@pytest.fixture(scope='module')
-def qat_run(digits):
-    work = digits['folder'] / 'qat'
-    _, log = run_tool(osp.join(TOOLS, 'train.py'), digits['qat_cfg'],
-                      '--work-dir', work)
-    return work, log
+pytestmark = pytest.mark.slow  # trains through the tools
 
 
 def test_qat_trains_and_validates_every_bit(qat_run):

@@ -9,8 +9,7 @@ import os.path as osp
 import numpy as np
 import pytest
 
-from conftest import ROOT, TOOLS, run_tool
-from test_det_seg_pipeline import _digest
+from conftest import ROOT, TOOLS, folder_digest, run_tool
 
 pytest.importorskip('skimage')
 
@@ -93,10 +92,10 @@ def test_writers_never_replace_a_folder_they_did_not_write(tmp_path):
     assert os.listdir(mine) == ['notes.txt']
     seg = str(tmp_path / 'seg')
     write_real_segmentation(seg, 2, 1, seed=0)
-    before = _digest(seg)
+    before = folder_digest(seg)
     with pytest.raises(FileExistsError, match='holds a segmentation dataset'):
         write_real_detection(seg, 2, 1, seed=0)
-    assert _digest(seg) == before
+    assert folder_digest(seg) == before
     (tmp_path / 'file').write_text('x')
     with pytest.raises(FileExistsError, match='is not a folder'):
         write_real_segmentation(str(tmp_path / 'file'), 2, 1, seed=0)
@@ -110,13 +109,13 @@ def test_writers_are_deterministic_and_replace_only_complete_folders(
     write_real_segmentation(first, 2, 1, seed=0)
     write_real_segmentation(again, 2, 1, seed=0)
     write_real_segmentation(other, 2, 1, seed=1)
-    assert _digest(first) == _digest(again) != _digest(other)
+    assert folder_digest(first) == folder_digest(again) != folder_digest(other)
 
     # the same settings: kept as is; a failure halfway through a rewrite
     # leaves the old folder and no temporary one
-    before = _digest(first)
+    before = folder_digest(first)
     write_real_segmentation(first, 2, 1, seed=0)
-    assert _digest(first) == before
+    assert folder_digest(first) == before
     calls = []
 
     def failing_write(path, array):
@@ -129,11 +128,11 @@ def test_writers_are_deterministic_and_replace_only_complete_folders(
     monkeypatch.setattr(real_images, '_write_png', failing_write)
     with pytest.raises(OSError, match='disk full'):
         write_real_segmentation(first, 2, 1, seed=5)
-    assert _digest(first) == before
+    assert folder_digest(first) == before
     assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'c']
     monkeypatch.setattr(real_images, '_write_png', real_write)
     write_real_segmentation(first, 2, 1, seed=1)
-    assert _digest(first) == _digest(other)
+    assert folder_digest(first) == folder_digest(other)
     assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'c']
 
 

@@ -7,8 +7,9 @@ import os.path as osp
 
 import pytest
 
-from conftest import ROOT, TOOLS, run_tool, tiny_data_options
-from test_det_seg_pipeline import _logged
+from conftest import ROOT, TOOLS, logged, run_tool, tiny_data_options
+
+pytestmark = pytest.mark.slow  # trains through the tools
 
 BITS = (8, 6, 4, 2)
 CASES = {
@@ -50,11 +51,11 @@ def test_options_train_and_reload(name, data, tmp_path):
         assert ('bbox_head.reg_convs.0.conv.act_quantizer | ActQuantizer | '
                 'activation scales per FPN level (5)') in log
         assert 'switchable norm (follows bbox_head.cls_convs.0.conv)' in log
-    assert _logged(log, 'loss_distill@w8a8') == []
+    assert logged(log, 'loss_distill@w8a8') == []
     for bit in BITS[1:]:
-        values = _logged(log, f'loss_distill@w{bit}a{bit}')
+        values = logged(log, f'loss_distill@w{bit}a{bit}')
         assert values and all(math.isfinite(v) and v >= 0 for v in values)
-    val = {bit: _logged(log, f'{metric}@w{bit}a{bit}') for bit in BITS}
+    val = {bit: logged(log, f'{metric}@w{bit}a{bit}') for bit in BITS}
     assert all(val.values()), val
 
     out = tmp_path / 'metrics.json'

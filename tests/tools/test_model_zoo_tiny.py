@@ -14,8 +14,9 @@ import time
 import pytest
 import torch
 
-from conftest import TOOLS, run_tool, tiny_data_options
-from test_det_seg_pipeline import _logged
+from conftest import TOOLS, logged, run_tool, tiny_data_options
+
+pytestmark = pytest.mark.slow  # trains through the tools
 
 BITS = (8, 6, 4, 2)
 COCO = ('coco', 'epoch_1.pth', 'coco/bbox_mAP', 1.0)
@@ -60,10 +61,10 @@ def test_train_and_test_every_bit(name, data, tiny_training, tmp_path):
     # every bit trains every iteration (4: logger interval 1) with finite
     # losses, and validation covers every bit
     for bit in BITS:
-        losses = _logged(log, f'loss@w{bit}a{bit}')
+        losses = logged(log, f'loss@w{bit}a{bit}')
         assert len(losses) == 4, (bit, losses)
         assert all(math.isfinite(v) for v in losses), (bit, losses)
-    val = {bit: _logged(log, f'{metric}@w{bit}a{bit}') for bit in BITS}
+    val = {bit: logged(log, f'{metric}@w{bit}a{bit}') for bit in BITS}
     assert all(val.values()), val
 
     out = tmp_path / 'metrics.json'

@@ -14,6 +14,8 @@ import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
 from mmdrq.datasets import write_digits
 from conftest import ROOT, TOOLS, run_tool
 
+pytestmark = pytest.mark.slow  # trains through the tools
+
 
 DIGITS = osp.join(ROOT, 'configs', 'classification', 'digits')
 # what changes from run to run by design: wall-clock times
