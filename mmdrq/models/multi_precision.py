@@ -22,6 +22,7 @@ from mmdrq.quantization.meta import (check_quantizer_meta, decode_meta,
 from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from mmdrq.utils.checks import check_choice, check_flag
+from .bit_schedule import build_bit_schedule
 from .head_distill import build_head_distill
 from .multi_level import to_level_act_scales, to_level_norms
 from .pskd import PSKDTargets, soft_cross_entropy
@@ -97,6 +98,9 @@ class MultiPrecisionQAT(BaseModel):
             ``HeadDistill``).
         bit_loss_weights: ``{bit: factor}`` multiplies each listed bit's
             loss (e.g. ``{2: 2.0}``); other bits keep 1.
+        bit_schedule: which bits train in an iteration: None (every bit,
+            the paper's) or ``dict(kind='sandwich' | 'random' |
+            'progressive', ...)`` (see ``BitSchedule``).
         multi_level_norm: give every norm of a single-stage detector's shared
             head one copy per FPN level (AQD's multi-level BN; see
             ``to_level_norms``).
@@ -127,6 +131,7 @@ class MultiPrecisionQAT(BaseModel):
                  transitional_bn: Optional[dict] = None,
                  head_distill: Optional[dict] = None,
                  bit_loss_weights: Optional[dict] = None,
+                 bit_schedule: Optional[dict] = None,
                  multi_level_norm: bool = False,
                  multi_level_act_scales: bool = False,
                  data_preprocessor: Optional[dict] = None,
@@ -182,6 +187,7 @@ class MultiPrecisionQAT(BaseModel):
         self.bits = model_bits(architecture)
         self.bit_loss_weights = _check_bit_loss_weights(bit_loss_weights,
                                                         self.bits)
+        self.bit_schedule = build_bit_schedule(self.bits, bit_schedule)
         self.head_distill = build_head_distill(architecture, head_distill)
         self.pskd = None
         self.bit_sampler = None  # set by HASBHook for mixed precision
@@ -346,6 +352,7 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
         labels = torch.cat([s.gt_label for s in data['data_samples']])
         targets = module.pskd.targets(labels, _sample_index(data))
     log_vars, total, called, bit_losses = OrderedDict(), 0, None, {}
+    bit_values = {}
     try:
         with contextlib.ExitStack() as stack:
             # a summed loss: the weights stay put across the bits' forwards,
@@ -358,7 +365,7 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
             distill = module.head_distill
             if distill is not None:
                 stack.enter_context(distill.capturing())
-            for bit in module.bits:
+            for bit in module.bit_schedule.current_bits():
                 if module.bit_sampler is None:
                     set_bits(module.architecture, bit)
                 else:
@@ -380,6 +387,7 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                     loss = loss * module.bit_loss_weights[bit]
                 log_vars.update(
                     (k + bit_tag(bit), v) for k, v in bit_vars.items())
+                bit_values[bit] = bit_vars['loss']
                 if module.loss_mode == 'per_bit':
                     if per_bit:
                         optim_wrapper.set_bit(bit)
@@ -390,6 +398,7 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
                     total = total + loss
     finally:
         set_bits(module.architecture, module.bits[0])
+    module.bit_schedule.record(bit_values)
     if called is not None:
         module.note_called_layers(called)
     if module.loss_mode == 'sum':
