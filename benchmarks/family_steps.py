@@ -11,6 +11,7 @@ lowest bit, ``mode='predict'`` (outputs checked finite).
     python benchmarks/family_steps.py [--packages mmpretrain mmdet mmseg]
         [--families convnext paa ...] [--limit N] [--timeout S]
         [--max-params M] [--threads N] [--out benchmarks/results/family_steps]
+        [--update]   (with --families: rerun those into the saved results)
 
 The batch is built for the task and goes through the model's own data
 preprocessor (from uint8 images): classification ``DataSample`` with
@@ -44,6 +45,7 @@ import argparse
 import copy
 import functools
 import gc
+import json
 import math
 import os
 import os.path as osp
@@ -1101,9 +1103,21 @@ def main():
     parser.add_argument('--out', default=osp.join(HERE, 'results',
                                                   'family_steps'),
                         help='writes <out>.md and <out>.json')
+    parser.add_argument('--update', action='store_true',
+                        help='rerun only --families and put their rows into '
+                        'the results already in <out>.json')
     args = parser.parse_args()
     args.command = 'python benchmarks/family_steps.py ' + ' '.join(
         sys.argv[1:])
+    kept, wall_before = [], 0.0
+    if args.update:
+        if not args.families:
+            parser.error('--update needs --families')
+        with open(args.out + '.json') as f:
+            before = json.load(f)
+        kept, wall_before = before['families'], before['wall_s']
+        args.command = f"{before['command'].strip()}, then {args.command}"
+
     torch.set_num_threads(args.threads)
     limit = int((args.max_memory or _physical_gib()) * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -1115,7 +1129,8 @@ def main():
     for key, value in dict(iter=0, epoch=0, max_iters=1,
                            max_epochs=1).items():
         hub.update_info(key, value)
-    records, start = [], time.time()
+    records, start = list(kept), time.time() - wall_before
+    rows = {(r['package'], r['family']): i for i, r in enumerate(records)}
     for package in args.packages:
         for count, (family, path) in enumerate(family_configs(package)):
             if args.families and family not in args.families:
@@ -1123,7 +1138,10 @@ def main():
             if args.limit and count >= args.limit:
                 break
             rec = Family(package, family, path, args).run()
-            records.append(rec)
+            if (package, family) in rows:
+                records[rows[package, family]] = rec
+            else:
+                records.append(rec)
             cells = ' '.join(f'{b}:{_cell(rec, b) or "-"}' for b in BITS)
             print(f'{package}/{family}: {rec["status"]} [{rec["batch"]}] '
                   f'{cells} predict:{_predict_cell(rec) or "-"} '

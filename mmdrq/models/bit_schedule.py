@@ -17,8 +17,10 @@ the paper; their measured effect: docs/training.md, Cheaper schedules):
 
 Draws come from a generator seeded by the iteration, so every DDP rank and a
 resumed run draw the same bits (the running losses are averaged over ranks
-first). Each bit's step is its own, so ALRS gives it its own scale rate
-whatever the schedule; ``steps`` counts each bit's steps.
+first; a resumed run starts them afresh). Each bit's step is its own, so
+ALRS gives it its own scale rate whatever the schedule; ``steps`` counts
+each bit's steps, also kept in the Runner's runtime info
+(``bit_schedule_steps``, saved in every checkpoint's ``message_hub``).
 """
 import inspect
 import random
@@ -113,6 +115,10 @@ class BitSchedule:
         fold its per-bit losses (averaged over ranks, so that every rank
         draws alike) into the running means."""
         self.steps.update(losses.keys())
+        # the Runner saves runtime info in every checkpoint: how many steps
+        # each bit got is read back from there
+        MessageHub.get_current_instance().update_info(
+            'bit_schedule_steps', {int(b): n for b, n in self.steps.items()})
         if self.weights != 'loss' or not losses:
             return
         bits = sorted(losses)

@@ -1,0 +1,141 @@
+"""QAT cost against accuracy per bit-width schedule, on the digits example:
+the paper's schedule (every bit every iteration) as the baseline, and the
+cheaper ones of ``bit_schedule`` (docs/training.md, Cheaper schedules), the
+same number of epochs each, run in turns on the same machine. Each run is
+the real tools/train.py and tools/test.py, from the seed's FP32 checkpoint.
+
+    python benchmarks/qat_cost.py [--seeds 0 1 2] [--schedules all sandwich ...]
+        [--qat-epochs 10] [--extra-epochs-schedules random:20 ...]
+
+Prints, per schedule: bits trained per iteration, the QAT wall time of
+tools/train.py (mean over seeds, and against the baseline's), the steps
+each bit got (from the final checkpoint's runtime info) and top-1 at every
+bit (mean ± sample std); saves benchmarks/results/qat_cost.json and .md
+(``--out``).
+"""
+import argparse
+import json
+import os
+import os.path as osp
+
+import torch
+
+import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
+from mmdrq.datasets import write_digits
+from mmdrq.utils.tool_runs import train_and_test
+
+from fidelity_digits import (FP32_CONFIG, QAT_CONFIG, TOOLS, finished_run,
+                             summarize)
+
+HERE = osp.dirname(osp.abspath(__file__))
+BITS = (8, 6, 4, 2)
+SCHEDULES = {
+    'all': [],
+    'sandwich': ['model.bit_schedule.kind=sandwich'],
+    'random': ['model.bit_schedule.kind=random'],
+    'random_loss': ['model.bit_schedule.kind=random',
+                    'model.bit_schedule.weights=loss'],
+    'progressive': ['model.bit_schedule.kind=progressive'],
+}
+
+
+def steps_per_bit(ckpt: str) -> dict:
+    """Steps each bit trained, from the checkpoint's runtime info (the
+    every-bit schedule records none: every iteration trains every bit)."""
+    state = torch.load(ckpt, map_location='cpu', weights_only=True)
+    info = state.get('message_hub', {}).get('runtime_info', {})
+    steps = info.get('bit_schedule_steps')
+    if steps is None:
+        iterations = info.get('iter', 0)
+        return {b: iterations for b in BITS}
+    return {b: steps.get(b, 0) for b in BITS}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--schedules', nargs='+', choices=list(SCHEDULES),
+                        default=list(SCHEDULES))
+    parser.add_argument('--work-dir', default='work_dirs/qat_cost')
+    parser.add_argument('--data-root', default='data/digits')
+    parser.add_argument('--fp32-epochs', type=int, default=30)
+    parser.add_argument('--qat-epochs', type=int, default=10)
+    parser.add_argument('--out', default=osp.join(HERE, 'results',
+                                                  'qat_cost'),
+                        help='writes OUT.json and OUT.md')
+    parser.add_argument('--extra', nargs='*', default=[],
+                        metavar='SCHEDULE:EPOCHS',
+                        help='also run SCHEDULE for EPOCHS (the same '
+                        'accuracy in less time?)')
+    args = parser.parse_args()
+    work, root = osp.abspath(args.work_dir), osp.abspath(args.data_root)
+    write_digits(root)
+    runs = [(name, args.qat_epochs) for name in args.schedules]
+    for item in args.extra:
+        name, epochs = item.split(':')
+        if name not in SCHEDULES:
+            parser.error(f'--extra: unknown schedule {name!r}')
+        runs.append((name, int(epochs)))
+    raw = {f'{n}@{e}': dict(seconds=[], steps=[], top1={b: [] for b in BITS})
+           for n, e in runs}
+    fp32 = []
+    for seed in args.seeds:
+        fp_work = osp.join(work, f'seed{seed}', 'fp32')
+        fp, fp_ckpt = finished_run(fp_work, args.fp32_epochs)
+        if fp is None:
+            fp, fp_ckpt, _ = train_and_test(TOOLS, FP32_CONFIG, fp_work, root,
+                                            args.fp32_epochs, seed)
+        fp32.append(fp['accuracy/top1'])
+        for name, epochs in runs:
+            key = f'{name}@{epochs}'
+            metrics, ckpt, seconds = train_and_test(
+                TOOLS, QAT_CONFIG, osp.join(work, f'seed{seed}', key), root,
+                epochs, seed, [f'load_from={fp_ckpt}', *SCHEDULES[name]])
+            row = raw[key]
+            row['seconds'].append(seconds)
+            row['steps'].append(steps_per_bit(ckpt))
+            for b in BITS:
+                row['top1'][b].append(metrics[f'accuracy/top1@w{b}a{b}'])
+            print(f'seed {seed} {key}: {seconds:.0f} s, ' + ', '.join(
+                f'w{b} {row["top1"][b][-1]:.2f}' for b in BITS), flush=True)
+    results = dict(seeds=args.seeds, fp32=dict(zip(('mean', 'std'),
+                                                   summarize(fp32))),
+                   runs={})
+    base = raw.get(f'all@{args.qat_epochs}')
+    base_seconds = summarize(base['seconds'])[0] if base else None
+    lines = [f'QAT on the digits example, {len(args.seeds)} seeds '
+             f'({args.seeds}), FP32 {results["fp32"]["mean"]:.2f} ± '
+             f'{results["fp32"]["std"]:.2f}; top-1 (%) mean ± std, wall '
+             'time of tools/train.py (mean), steps each bit got (seed '
+             f'{args.seeds[0]})', '',
+             '| schedule | epochs | QAT s | vs every bit | steps w8/w6/w4/w2 '
+             '| ' + ' | '.join(f'w{b}a{b}' for b in BITS) + ' |',
+             '|---' * (5 + len(BITS)) + '|']
+    for key, row in raw.items():
+        name, epochs = key.split('@')
+        seconds = summarize(row['seconds'])[0]
+        top1 = {b: summarize(row['top1'][b]) for b in BITS}
+        results['runs'][key] = dict(
+            schedule=name, epochs=int(epochs), options=SCHEDULES[name],
+            seconds=row['seconds'], steps=row['steps'],
+            top1={str(b): dict(mean=m, std=s, values=row['top1'][b])
+                  for b, (m, s) in top1.items()})
+        ratio = f'{seconds / base_seconds:.2f}x' if base_seconds else '-'
+        steps = '/'.join(str(row['steps'][0][b]) for b in BITS)
+        lines.append(f'| {name} | {epochs} | {seconds:.0f} | {ratio} | '
+                     f'{steps} | ' + ' | '.join(
+                         f'{m:.2f} ± {s:.2f}' for m, s in top1.values()) +
+                     ' |')
+    print('\n' + '\n'.join(lines))
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+    with open(args.out + '.json', 'w') as f:
+        json.dump(results, f, indent=1)
+    with open(args.out + '.md', 'w') as f:
+        f.write(f'# {__doc__.splitlines()[0]}\n\n`python benchmarks/'
+                f'qat_cost.py --seeds {" ".join(map(str, args.seeds))}`\n\n'
+                + '\n'.join(lines) + '\n')
+    print(f'saved {args.out}.json and {args.out}.md')
+
+
+if __name__ == '__main__':
+    main()
