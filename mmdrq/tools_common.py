@@ -4,16 +4,46 @@ import os
 import os.path as osp
 
 import torch
+from torch import nn
 from mmengine.config import Config, DictAction
 
+from mmdrq.apis import read_config
 from mmdrq.engine.checkpoint_hook import check_testable
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count that must be >= 1 (epochs, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an int') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
+class CfgOptions(DictAction):
+    """MMEngine's ``--cfg-options`` parsing, with an entry that is not
+    ``key=value`` named (MMEngine fails on it with an unpacking error)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for value in values:
+            if '=' not in value:
+                parser.error(f'{option_string} {value!r}: each entry is '
+                             'key=value (e.g. model.quantizer.bits=[8,4])')
+        super().__call__(parser, namespace, values, option_string)
+
+
+def add_cfg_options(parser: argparse.ArgumentParser):
+    """``--cfg-options key=value ...`` as in every OpenMMLab tool."""
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions,
+                        help='override config settings, key=value')
 
 
 def add_common_args(parser: argparse.ArgumentParser):
     """--work-dir, --cfg-options, --launcher, --local-rank (as mmdet's)."""
     parser.add_argument('--work-dir', help='the dir to save logs and models')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value')
+    add_cfg_options(parser)
     parser.add_argument('--launcher', default='none',
                         choices=['none', 'pytorch', 'slurm', 'mpi'])
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -23,16 +53,43 @@ def load_config(args) -> Config:
     """The config of ``args.config`` with the common args applied; the
     work dir defaults to ``work_dirs/<config name>``."""
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    cfg = Config.fromfile(args.config)
+    cfg = read_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
     return cfg
+
+
+def check_out_file(flag: str, out: str, inputs=()) -> None:
+    """Refuse, before any work, an output file ``out`` (given by ``flag``)
+    whose folder does not exist, that is a folder, or that is one of the
+    ``inputs`` (a checkpoint, a config) by any path: writing it would
+    replace the input."""
+    if not osp.isdir(osp.dirname(osp.abspath(out))):
+        raise FileNotFoundError(f'{flag} {out!r}: its folder does not exist')
+    if osp.isdir(out):
+        raise IsADirectoryError(f'{flag} {out!r} is a folder: give the file '
+                                'to write')
+    for path in inputs:
+        if osp.exists(out) and osp.exists(path) and osp.samefile(out, path):
+            raise FileExistsError(
+                f'{flag} {out!r} is the input {path!r}: writing it would '
+                'replace that file; choose another path')
+
+
+def check_input_channels(arch: nn.Module, shape):
+    """The channels of ``--input-shape`` against the model's first conv,
+    before the cost count's forward would fail deep inside it."""
+    first = next((m for m in arch.modules() if isinstance(m, nn.Conv2d)),
+                 None)
+    if first is not None and shape[1] != first.in_channels:
+        raise ValueError(
+            f'--input-shape {" ".join(map(str, shape))} has {shape[1]} '
+            f'channels; the model expects {first.in_channels} (its first '
+            f'conv takes {first.in_channels} input channels)')
 
 
 def is_qat_config(cfg: Config) -> bool:

@@ -200,8 +200,13 @@ class ExportFolder:
         name = self.entry(key).get('values')
         if name is None:
             return {}
-        with np.load(osp.join(self.folder, name), allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        path = osp.join(self.folder, name)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except ValueError as e:  # an object array: numpy refuses to unpickle
+            raise ValueError(f'{path!r}: {e}; an export folder holds numeric '
+                             'arrays only (refused)') from None
 
     def fill(self, proto, key: Union[int, str], values=None,
              absent: frozenset = frozenset()):

@@ -73,6 +73,8 @@ def main():
                         choices=['exact', 'integer'])
     add_common_args(parser)
     args = parser.parse_args()
+    if not osp.isdir(args.data_root):
+        parser.error(f'--data-root {args.data_root!r} is not a folder')
     cfg = load_config(args)
     if not is_qat_config(cfg):
         raise ValueError(f'{args.config}: model.type '

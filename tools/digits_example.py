@@ -20,6 +20,7 @@ import os.path as osp
 
 from mmdrq.datasets import write_digits
 from mmdrq.quantization.bitwidths import bit_name, bit_tag
+from mmdrq.tools_common import positive_int
 from mmdrq.utils.tool_runs import data_options, run_tool, train_and_test
 
 HERE = osp.dirname(osp.abspath(__file__))
@@ -32,10 +33,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--work-dir', default='work_dirs/digits')
     parser.add_argument('--data-root', default='data/digits')
-    parser.add_argument('--fp32-epochs', type=int, default=30)
-    parser.add_argument('--qat-epochs', type=int, default=10)
+    parser.add_argument('--fp32-epochs', type=positive_int, default=30)
+    parser.add_argument('--qat-epochs', type=positive_int, default=10)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--threads', type=int,
+    parser.add_argument('--threads', type=positive_int,
                         help="intra-op threads of every step (default: "
                         "torch's, i.e. OMP_NUM_THREADS or the cores)")
     args = parser.parse_args()
@@ -44,8 +45,6 @@ def main():
     if args.threads is None:
         import torch
         args.threads = torch.get_num_threads()
-    if args.threads < 1:
-        raise SystemExit(f'--threads must be >= 1, got {args.threads}')
     os.environ['OMP_NUM_THREADS'] = str(args.threads)  # the tools inherit it
 
     print(f'[1/5] digits dataset in {root}: {write_digits(root)}', flush=True)

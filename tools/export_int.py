@@ -13,10 +13,10 @@ mmdrq integer checkpoint and not CKPT itself, unless ``--force``.
 import argparse
 import os
 
-from mmengine.config import DictAction
 
 import mmdrq
 from mmdrq.export.int_checkpoint import is_int_checkpoint
+from mmdrq.tools_common import add_cfg_options
 from mmdrq.search.subnet import load_subnet
 from mmdrq.apis import load_trained
 
@@ -50,7 +50,7 @@ def main():
     parser.add_argument('--force', action='store_true',
                         help='replace OUT even if it is CKPT or not an mmdrq '
                         'integer checkpoint')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    add_cfg_options(parser)
     args = parser.parse_args()
     check_output(args.checkpoint, args.out, args.force)
     _, _, quantized = load_trained(args.config, args.checkpoint,

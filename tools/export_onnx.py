@@ -35,10 +35,10 @@ defaults are bit-equal to PyTorch.
 import argparse
 import os.path as osp
 
-from mmengine.config import DictAction
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.deploy.folder import LAYOUTS, check_out_dir
+from mmdrq.tools_common import add_cfg_options, check_input_channels
 from mmdrq.deploy.float_layers import FP_LAYERS
 from mmdrq.deploy.pipeline_graph import GRAPHS
 from mmdrq.deploy.preprocess_spec import preprocess_spec
@@ -92,7 +92,7 @@ def main():
     parser.add_argument('--fp-layers', default='float32',
                         choices=FP_LAYERS,
                         help='how the layers kept FP are exported')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    add_cfg_options(parser)
     args = parser.parse_args()
     if args.calib_batches < 1:
         parser.error(f'--calib-batches must be >= 1, got '
@@ -106,6 +106,7 @@ def main():
     cfg, model = load_for_export(args.config, args.checkpoint,
                                  args.cfg_options)
     input_shape = args.input_shape or test_input_shape(cfg, model)
+    check_input_channels(model, input_shape)
     spec, refusal = preprocess_spec(cfg, model)
     calibration = None
     if args.residual_qdq == 'calibrated' or args.fp_layers == 'int8':

@@ -16,14 +16,17 @@ tools/search_subnet.py read.
 import argparse
 
 import torch
-from mmengine.config import Config, DictAction
 from mmengine.runner import CheckpointLoader, Runner
 from mmengine.utils import ProgressBar
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.quantization import model_bits
 from mmdrq.search.hessian import HVP_METHODS, model_traces, save_traces
-from mmdrq.apis import build_model_from_config
+from mmdrq.apis import build_model_from_config, read_config
+from mmdrq.tools_common import add_cfg_options, check_out_file
+from mmdrq.engine.checkpoint_hook import (check_state_digest,
+                                          read_checkpoint_header,
+                                          refuse_integer_file)
 
 # state an FP32 checkpoint lacks (MultiPrecisionQAT's bits and options too)
 QUANTIZER_STATE = ('weight_quantizer.', 'act_quantizer.', '_extra_state')
@@ -37,7 +40,11 @@ def load_weights(model, path: str) -> bool:
     another model. A strict load would refuse FP32 checkpoints, a lax one
     would accept anything.
     """
+    if '://' not in path:  # a folder, truncated, an integer file
+        refuse_integer_file(read_checkpoint_header(path), path,
+                            'give the training checkpoint it came from')
     checkpoint = CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    check_state_digest(checkpoint, path)
     state = checkpoint.get('state_dict', checkpoint)
     state = {k[len('module.'):] if k.startswith('module.') else k: v
              for k, v in state.items()}
@@ -70,15 +77,14 @@ def parse_args():
                         'latter only for once-differentiable ops (DCN)')
     parser.add_argument('--split', choices=['train', 'val'], default='train')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    add_cfg_options(parser)
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    check_out_file('--out', args.out, [args.config, args.checkpoint])
+    cfg = read_config(args.config, args.cfg_options)
     key = f'{args.split}_dataloader'
     if cfg.get(key) is None:
         raise KeyError(f'config {args.config!r} has no {key!r}')

@@ -6,11 +6,9 @@ mmdrq/datasets/real_images.py.
         [--seg-root data/real_seg] [--seed 0]
 """
 import argparse
-import os
-import os.path as osp
 
 from mmdrq.datasets import write_real_detection, write_real_segmentation
-from mmdrq.datasets.real_images import check_replaceable
+from mmdrq.datasets.folder import check_distinct_roots, check_replaceable
 
 
 def main():
@@ -29,13 +27,11 @@ def main():
                         help='side of the segmentation crops')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
-    det, seg = (osp.abspath(r) for r in (args.det_root, args.seg_root))
-    if det == seg or det.startswith(seg + os.sep) or \
-            seg.startswith(det + os.sep):
-        parser.error(f'--det-root {args.det_root!r} and --seg-root '
-                     f'{args.seg_root!r} must be separate folders')
-    check_replaceable(det, 'detection')  # both, before anything is written
-    check_replaceable(seg, 'segmentation')
+    # every check before anything is written
+    check_distinct_roots(**{'--det-root': args.det_root,
+                            '--seg-root': args.seg_root})
+    check_replaceable(args.det_root, 'detection')
+    check_replaceable(args.seg_root, 'segmentation')
     counts = write_real_detection(args.det_root, *args.det_crops,
                                   size=args.det_size, seed=args.seed)
     print(f'detection dataset in {args.det_root}: objects {counts}')

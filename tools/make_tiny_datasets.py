@@ -8,6 +8,8 @@ see mmdrq/datasets/tiny_shapes.py.
 import argparse
 
 from mmdrq.datasets import write_tiny_ade20k, write_tiny_coco
+from mmdrq.datasets.folder import (check_distinct_roots, check_replaceable,
+                                   check_sizes)
 
 
 def main():
@@ -18,6 +20,12 @@ def main():
                         help='images per split')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
+    # every check before anything is written
+    check_sizes(**{'--num-images': args.num_images})
+    check_distinct_roots(**{'--coco-root': args.coco_root,
+                            '--ade20k-root': args.ade20k_root})
+    check_replaceable(args.coco_root, 'tiny_coco')
+    check_replaceable(args.ade20k_root, 'tiny_ade20k')
     counts = write_tiny_coco(args.coco_root, args.num_images, seed=args.seed)
     print(f'tiny COCO written to {args.coco_root}: objects {counts}')
     counts = write_tiny_ade20k(args.ade20k_root, args.num_images,

@@ -26,8 +26,6 @@ import os.path as osp
 
 import numpy as np
 import torch
-from mmengine.config import DictAction
-from torch import nn
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
@@ -41,7 +39,8 @@ from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, feasible_range,
 from mmdrq.search.perturbation import weight_perturbations
 from mmdrq.search.subnet import save_subnet
 from mmdrq.apis import load_trained
-from mmdrq.tools_common import configure_test, prepare_launch
+from mmdrq.tools_common import (add_cfg_options, check_input_channels,
+                                configure_test, prepare_launch)
 from mmdrq.utils import atomic_write_json
 
 
@@ -75,7 +74,7 @@ def parse_args():
     parser.add_argument('--work-dir', default='work_dirs/search')
     parser.add_argument('--metric', help='metric to plot (default: first)')
     parser.add_argument('--no-eval', action='store_true')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    add_cfg_options(parser)
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f'--steps must be at least 1, got {args.steps}')
@@ -88,18 +87,6 @@ def parse_args():
 def measures(layer_bits, costs, fp):
     return {kind: subnet_cost(kind, layer_bits, costs, fp)
             for kind in BUDGET_KINDS}
-
-
-def check_input_channels(arch: nn.Module, shape):
-    """The channels of ``--input-shape`` against the model's first conv,
-    before the cost count's forward would fail deep inside it."""
-    first = next((m for m in arch.modules() if isinstance(m, nn.Conv2d)),
-                 None)
-    if first is not None and shape[1] != first.in_channels:
-        raise ValueError(
-            f'--input-shape {" ".join(map(str, shape))} has {shape[1]} '
-            f'channels; the model expects {first.in_channels} (its first '
-            f'conv takes {first.in_channels} input channels)')
 
 
 def main():
@@ -160,6 +147,9 @@ def evaluate(cfg, args, files):
 
 def attach_metrics(results, metric):
     names = sorted({split_tag(k)[0] for k in results['metrics']})
+    if metric is not None and metric not in names:
+        raise ValueError(f'--metric {metric!r} is not a metric of this '
+                         f'evaluation: {names}')
     metric = metric or names[0]
     results['metric'] = metric
     for entry in results['subnets'] + results['uniform']:

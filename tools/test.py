@@ -13,13 +13,13 @@ ONNX Runtime's exact kernels.
 """
 import argparse
 import json
-import os.path as osp
 
 from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
-from mmdrq.tools_common import (add_common_args, configure_test,
-                                is_qat_config, load_config, prepare_launch)
+from mmdrq.tools_common import (add_common_args, check_out_file,
+                                configure_test, is_qat_config, load_config,
+                                prepare_launch)
 from mmdrq.utils import atomic_write
 
 
@@ -51,12 +51,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if args.out and not osp.isdir(osp.dirname(osp.abspath(args.out))):
-        raise FileNotFoundError(f'--out {args.out!r}: its folder does not '
-                                'exist')
-    if args.out and osp.isdir(args.out):
-        raise IsADirectoryError(f'--out {args.out!r} is a folder: give the '
-                                'JSON file to write')
+    if args.out:
+        check_out_file('--out', args.out, [args.config, args.checkpoint])
     cfg = load_config(args)
     if (args.bits or args.subnets) and not is_qat_config(cfg):
         raise ValueError('--bits/--subnets need an mmdrq model config '

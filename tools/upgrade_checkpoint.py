@@ -14,9 +14,9 @@ SHA-256 digests of its tensors, and loads like a current checkpoint.
 import argparse
 import os
 
-from mmengine.config import Config, DictAction
 
-from mmdrq.apis import build_model_from_config
+from mmdrq.apis import build_model_from_config, read_config
+from mmdrq.tools_common import add_cfg_options
 from mmdrq.engine.checkpoint_hook import STATE_DIGEST
 from mmdrq.engine.strict_load import EXTRA_STATE, check_checkpoint
 from mmdrq.quantization import model_bits
@@ -29,9 +29,7 @@ def upgrade(config: str, checkpoint: str, out: str, bits, cfg_options=None):
     if os.path.exists(out):
         raise FileExistsError(f'OUT {out!r} exists: choose a new file (CKPT '
                               'is never replaced)')
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = read_config(config, cfg_options)
     model, _ = build_model_from_config(cfg)
     if EXTRA_STATE not in model.state_dict():
         raise ValueError(f'the model of {config!r} is not mmdrq\'s QAT '
@@ -66,7 +64,7 @@ def main():
     parser.add_argument('out')
     parser.add_argument('--assume-bits', type=int, nargs='+', required=True,
                         help='the bits CKPT was trained with (the config\'s)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    add_cfg_options(parser)
     args = parser.parse_args()
     upgrade(args.config, args.checkpoint, args.out, args.assume_bits,
             args.cfg_options)

@@ -41,11 +41,11 @@ kept as is.
 import json
 import os
 import os.path as osp
-import shutil
-import tempfile
 from typing import Callable, Dict, Tuple
 
 import numpy as np
+
+from .folder import check_sizes, write_dataset_folder
 
 DET_CLASSES = ('coin', 'galaxy')
 SEG_CLASSES = ('background', 'coin', 'nucleus')
@@ -141,74 +141,6 @@ def _write_png(path: str, array: np.ndarray):
         raise RuntimeError(f'OpenCV could not write {path}')
 
 
-def check_replaceable(root: str, kind: str):
-    """Refuse, before any work, a ``root`` that is a file, or a folder that
-    holds anything but a dataset of ``kind`` these writers made (its
-    ``dataset.json``): only that is ever replaced, never a user's folder
-    or a dataset of the other kind."""
-    if not osp.lexists(root):
-        return
-    if not osp.isdir(root) or osp.islink(root):
-        raise FileExistsError(f'dataset root {root!r} is not a folder')
-    if not os.listdir(root):
-        return
-    stamp = osp.join(root, 'dataset.json')
-    try:
-        with open(stamp) as f:
-            found = json.load(f)['settings']['kind']
-    except (OSError, ValueError, KeyError, TypeError):
-        found = None
-    if found != kind:
-        what = f'a {found} dataset' if found else \
-            f'other files ({sorted(os.listdir(root))[:3]})'
-        raise FileExistsError(
-            f'dataset root {root!r} holds {what}, not a {kind} dataset '
-            'written here; choose an empty or new folder (nothing was '
-            'changed)')
-
-
-def _write_folder(root: str, settings: dict, build: Callable[[str], dict]):
-    """Run ``build(folder)`` in a temporary sibling of ``root`` and put the
-    result in ``root``'s place only once complete (the old folder is removed
-    after the new one is there). A ``root`` whose ``dataset.json`` holds
-    ``settings`` is kept. Returns the counts ``build`` reports."""
-    root = osp.abspath(root)
-    stamp = osp.join(root, 'dataset.json')
-    if osp.isfile(stamp):
-        with open(stamp) as f:
-            last = json.load(f)
-        if last.get('settings') == settings:
-            return last['counts']
-    check_replaceable(root, settings['kind'])
-    parent = osp.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    new = tempfile.mkdtemp(prefix=f'.{osp.basename(root)}.', dir=parent)
-    old = None
-    try:
-        counts = build(new)
-        with open(osp.join(new, 'dataset.json'), 'w') as f:
-            json.dump(dict(settings=settings, counts=counts), f, indent=1)
-        os.chmod(new, 0o755)
-        if osp.lexists(root):
-            old = new + '.old'
-            os.rename(root, old)
-        os.rename(new, root)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        if old is not None and not osp.lexists(root):
-            os.rename(old, root)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
-    return counts
-
-
-def _check_sizes(**sizes: int):
-    for key, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f'{key} must be a positive int, got {value!r}')
-
-
 def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
                          size: int = 96, seed: int = 0,
                          scale: int = 1) -> Dict[str, int]:
@@ -225,7 +157,7 @@ def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
         objects per split: ``{'train': n, 'val': n}``.
     """
     splits = {'train': num_train, 'val': num_val}
-    _check_sizes(num_train=num_train, num_val=num_val, size=size,
+    check_sizes(num_train=num_train, num_val=num_val, size=size,
                  scale=scale)
     settings = dict(kind='detection', splits=splits, size=size, seed=seed,
                     scale=scale, version=_FORMAT_VERSION)
@@ -267,7 +199,7 @@ def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
             counts[split] = len(annotations)
         return counts
 
-    return _write_folder(root, settings, build)
+    return write_dataset_folder(root, settings, build)
 
 
 def write_real_segmentation(root: str, num_train: int = 32,
@@ -288,7 +220,7 @@ def write_real_segmentation(root: str, num_train: int = 32,
         images per split: ``{'train': n, 'val': n}``.
     """
     splits = {'train': num_train, 'val': num_val}
-    _check_sizes(num_train=num_train, num_val=num_val, size=size,
+    check_sizes(num_train=num_train, num_val=num_val, size=size,
                  scale=scale)
     settings = dict(kind='segmentation', splits=splits, size=size,
                     seed=seed, scale=scale, version=_FORMAT_VERSION)
@@ -309,4 +241,4 @@ def write_real_segmentation(root: str, num_train: int = 32,
                     counts[split] = counts.get(split, 0) + 1
         return counts
 
-    return _write_folder(root, settings, build)
+    return write_dataset_folder(root, settings, build)

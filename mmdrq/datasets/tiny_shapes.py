@@ -19,8 +19,9 @@ here a 2-pixel frame around the image; 1 is the background, 2 rectangles,
 ADE20K's first three class names (``wall``, ``building``, ``sky``, see
 ``ADE20K_CLASSES``).
 
-Everything is deterministic given the seed; each file is written to a
-temporary file in its folder and renamed.
+Everything is deterministic given the seed; each dataset is written into a
+temporary folder that replaces ``root`` once complete, and only a new or
+empty ``root`` or one these writers made is replaced (``folder.py``).
 """
 import json
 import os.path as osp
@@ -29,6 +30,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from mmdrq.utils import atomic_write
+from .folder import check_sizes, write_dataset_folder
 
 COCO_CATEGORIES = [
     dict(id=1, name='rectangle', supercategory='shape'),
@@ -157,7 +159,8 @@ def _coco_split(rng, root, split, num_images, size, first_image_id,
 def write_tiny_coco(root: str, num_images: int = 8,
                     size: Tuple[int, int] = (96, 128),
                     seed: int = 0) -> Dict[str, int]:
-    """Write a tiny COCO-format detection / instance dataset under ``root``.
+    """Write a tiny COCO-format detection / instance dataset under ``root``
+    (a new or empty folder, or one these writers made: ``folder.py``).
 
     Args:
         root: the dataset folder (``train/``, ``val/``, ``annotations/``).
@@ -168,20 +171,29 @@ def write_tiny_coco(root: str, num_images: int = 8,
     Returns:
         ``{'train': n_objects, 'val': n_objects}``.
     """
-    rng = np.random.default_rng(seed)
-    counts = {}
-    for split_index, split in enumerate(('train', 'val')):
-        content = _coco_split(rng, root, split, num_images, tuple(size),
-                              first_image_id=split_index * 100000 + 1,
-                              first_ann_id=split_index * 100000 + 1)
-        counts[split] = len(content['annotations'])
-    return counts
+    check_sizes(num_images=num_images)
+    size = tuple(size)
+
+    def build(folder):
+        rng = np.random.default_rng(seed)
+        counts = {}
+        for split_index, split in enumerate(('train', 'val')):
+            content = _coco_split(rng, folder, split, num_images, size,
+                                  first_image_id=split_index * 100000 + 1,
+                                  first_ann_id=split_index * 100000 + 1)
+            counts[split] = len(content['annotations'])
+        return counts
+
+    return write_dataset_folder(root, dict(
+        kind='tiny_coco', num_images=num_images, size=list(size), seed=seed),
+        build)
 
 
 def write_tiny_ade20k(root: str, num_images: int = 8,
                       size: Tuple[int, int] = (64, 64),
                       seed: int = 0) -> Dict[str, int]:
-    """Write a tiny ADE20K-layout semantic segmentation dataset.
+    """Write a tiny ADE20K-layout semantic segmentation dataset (a new or
+    empty ``root``, or one these writers made: ``folder.py``).
 
     Label PNGs: 0 = ignored frame, 1 = background, 2 = rectangles,
     3 = ellipses (``ADE20K_CLASSES`` after ``reduce_zero_label``).
@@ -195,28 +207,38 @@ def write_tiny_ade20k(root: str, num_images: int = 8,
     Returns:
         ``{'training': n_images, 'validation': n_images}``.
     """
-    import cv2
-    rng = np.random.default_rng(seed + 1)
-    height, width = size
-    counts = {}
-    for split in ('training', 'validation'):
-        for index in range(num_images):
-            name = f'ADE_{split[:5]}_{index:08d}'
-            image = _background(rng, height, width)
-            label = np.ones((height, width), np.uint8)
-            short = min(height, width)
-            boxes = _place_boxes(rng, height, width, int(rng.integers(2, 4)),
-                                 short // 5, short // 2, margin=3)
-            for box_index, box in enumerate(boxes):
-                kind = ('rectangle', 'ellipse')[(index + box_index) % 2]
-                polygon = _shape_polygon(rng, kind, box)
-                cv2.fillPoly(image, [polygon], _COLOURS[kind])
-                cv2.fillPoly(label, [polygon], 2 if kind == 'rectangle' else 3)
-            label[:2, :] = label[-2:, :] = 0
-            label[:, :2] = label[:, -2:] = 0
-            _write_image(osp.join(root, 'images', split, name + '.jpg'),
-                         image, '.jpg')
-            _write_image(osp.join(root, 'annotations', split, name + '.png'),
-                         label, '.png')
-        counts[split] = num_images
-    return counts
+    check_sizes(num_images=num_images)
+    size = tuple(size)
+
+    def build(folder):
+        import cv2
+        rng = np.random.default_rng(seed + 1)
+        height, width = size
+        counts = {}
+        for split in ('training', 'validation'):
+            for index in range(num_images):
+                name = f'ADE_{split[:5]}_{index:08d}'
+                image = _background(rng, height, width)
+                label = np.ones((height, width), np.uint8)
+                short = min(height, width)
+                boxes = _place_boxes(rng, height, width,
+                                     int(rng.integers(2, 4)), short // 5,
+                                     short // 2, margin=3)
+                for box_index, box in enumerate(boxes):
+                    kind = ('rectangle', 'ellipse')[(index + box_index) % 2]
+                    polygon = _shape_polygon(rng, kind, box)
+                    cv2.fillPoly(image, [polygon], _COLOURS[kind])
+                    cv2.fillPoly(label, [polygon],
+                                 2 if kind == 'rectangle' else 3)
+                label[:2, :] = label[-2:, :] = 0
+                label[:, :2] = label[:, -2:] = 0
+                _write_image(osp.join(folder, 'images', split,
+                                      name + '.jpg'), image, '.jpg')
+                _write_image(osp.join(folder, 'annotations', split,
+                                      name + '.png'), label, '.png')
+            counts[split] = num_images
+        return counts
+
+    return write_dataset_folder(root, dict(
+        kind='tiny_ade20k', num_images=num_images, size=list(size),
+        seed=seed), build)

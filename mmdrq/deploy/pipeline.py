@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from mmdrq.export.int_checkpoint import is_int_checkpoint, load_int
 from mmdrq.quantization import model_bits, quantized_layers
-from mmdrq.quantization.bitwidths import bit_name
+from mmdrq.quantization.bitwidths import bit_name, check_bit_selection
 from mmdrq.quantization.integers import CONTAINER_BIT
 from mmdrq_runtime.artifact import check_file_name
 from mmdrq.utils.checks import check_choice
@@ -25,13 +25,9 @@ def load_for_export(config: str, checkpoint: str, cfg_options=None):
     """(cfg, converted architecture in eval mode) with ``checkpoint``'s
     weights: an MMEngine checkpoint loaded strictly, or an integer file
     whose metadata must match the model (``load_int``)."""
-    from mmengine.config import Config
-
-    from mmdrq.apis import build_model_from_config, load_trained
+    from mmdrq.apis import build_model_from_config, load_trained, read_config
     if is_int_checkpoint(checkpoint):
-        cfg = Config.fromfile(config)
-        if cfg_options:
-            cfg.merge_from_dict(cfg_options)
+        cfg = read_config(config, cfg_options)
         _, architecture = build_model_from_config(cfg)
         load_int(architecture, checkpoint)
     else:
@@ -155,6 +151,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
     check_exportable(model)
     check_residual_mode(residual_qdq, calibration)
     check_choice('layout', layout, LAYOUTS)
+    bits = check_bit_selection(bits, model_bits(model), 'bit')
     settings = [(bit_name(b), b) for b in bits]
     settings += [(check_subnet_name(name), layer_bits)
                  for name, layer_bits in (subnets or {}).items()]

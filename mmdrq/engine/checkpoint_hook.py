@@ -65,8 +65,26 @@ class AtomicCheckpointHook(CheckpointHook):
                 type(get_file_backend(out_dir)) is LocalBackend:
             self.backend_args = dict(backend=ATOMIC_BACKEND)
         super().before_train(runner)
+        self._check_best_settings(runner)
         if is_main_process():
             self._remove_temporaries(runner)
+
+    def _check_best_settings(self, runner) -> None:
+        """``save_best='accuracy/top1@w2a2'`` names a setting the validation
+        runs (its bits, its SubNets), or training would fail at the first
+        validation, after an epoch of work."""
+        settings = getattr(runner.val_loop, 'settings', None) \
+            if runner.val_loop is not None else None
+        if not self.save_best or settings is None:
+            return
+        tags = [tag for tag, _ in settings]
+        for key in self.key_indicators:
+            suffix = key[key.index('@'):] if '@' in key else None
+            if suffix is not None and suffix not in tags:
+                raise ValueError(
+                    f'default_hooks.checkpoint.save_best={key!r}: the '
+                    f'validation runs {[t[1:] for t in tags]}, not '
+                    f'{suffix[1:]!r} (change save_best with the bits)')
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         """Record the SHA-256 of the state dict's tensors in ``meta``."""
@@ -77,7 +95,11 @@ class AtomicCheckpointHook(CheckpointHook):
         """Refuse a checkpoint whose tensors do not match the SHA-256 it
         was written with (``load_from``, ``--resume``, ``tools/test.py``),
         before any of it is loaded into the model."""
-        check_state_digest(checkpoint, runner.cfg.get('load_from'))
+        path = runner.cfg.get('load_from')
+        refuse_integer_file(
+            checkpoint, path, 'QAT starts from the FP32 checkpoint '
+            '(load_from) or resumes from a training checkpoint (--resume)')
+        check_state_digest(checkpoint, path)
 
     def _remove_temporaries(self, runner) -> None:
         folders = {runner.work_dir}
@@ -213,6 +235,15 @@ def read_checkpoint_header(path: str):
             f'({type(e).__name__}: {e})') from e
 
 
+def refuse_integer_file(state, path, what_to_do: str) -> None:
+    """A ValueError naming ``path`` if ``state`` is an mmdrq integer file
+    where a training checkpoint is needed; ``what_to_do`` instead."""
+    if isinstance(state, dict) and 'int_weights' in state:
+        raise ValueError(f'{path!r} is an mmdrq integer file (tools/'
+                         f'export_int.py), not a training checkpoint: '
+                         f'{what_to_do}')
+
+
 def check_testable(path: str) -> None:
     """Raise an error naming ``path`` unless it is a checkpoint of MMEngine
     (a ``state_dict``) that ``tools/test.py`` can load; URLs pass (their
@@ -220,13 +251,10 @@ def check_testable(path: str) -> None:
     if '://' in path:
         return
     state = read_checkpoint_header(path)
-    if isinstance(state, dict) and 'int_weights' in state:
-        raise ValueError(
-            f'{path!r} is an mmdrq integer file (tools/export_int.py), not a '
-            'training checkpoint: test the checkpoint it was exported from, '
-            'or export it to ONNX (tools/export_onnx.py CONFIG '
-            f'{osp.basename(path)} --out-dir DIR) and test DIR with '
-            '--backend onnxruntime')
+    refuse_integer_file(
+        state, path, 'test the checkpoint it was exported from, or export it '
+        f'to ONNX (tools/export_onnx.py CONFIG {osp.basename(path)} '
+        '--out-dir DIR) and test DIR with --backend onnxruntime')
     if not isinstance(state, dict) or 'state_dict' not in state:
         raise ValueError(f'{path!r} is not a checkpoint of MMEngine\'s '
                          'runner: it has no state_dict')

@@ -15,7 +15,8 @@ from mmengine.runner.loops import _parse_losses
 import torch
 
 from mmdrq.models import architecture_of
-from mmdrq.quantization import check_bit, model_bits, use_bits
+from mmdrq.quantization import model_bits, use_bits
+from mmdrq.quantization.bitwidths import check_bit_selection
 from mmdrq.quantization.bitwidths import bit_tag, split_tag, tag
 from mmdrq.quantization.deploy_numerics import deploy_numerics
 from mmdrq.search.subnet import load_subnet, subnet_name
@@ -76,7 +77,10 @@ class _MultiBitMixin:
             bits = list(available)
         elif isinstance(bits, int):
             bits = [bits]
-        bits = [check_bit(bit, available, f'{key}.bits') for bit in bits]
+        bits = check_bit_selection(bits, available, f'{key}.bits')
+        if not bits and not subnets:
+            raise ValueError(f'{key}.bits=[] and no subnets: the loop would '
+                             "evaluate nothing (bits='all' for every bit)")
         self.settings: List[Tuple[str, Union[int, dict]]] = [
             (bit_tag(b), b) for b in bits]
         # every SubNet checked here, before the first setting runs

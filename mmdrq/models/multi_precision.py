@@ -24,6 +24,7 @@ from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from mmdrq.utils.checks import check_choice, check_flag
 from .bit_schedule import build_bit_schedule
 from .head_distill import build_head_distill
+from .loading import accept_start_checkpoints
 from .multi_level import to_level_act_scales, to_level_norms
 from .pskd import PSKDTargets, soft_cross_entropy
 
@@ -177,8 +178,14 @@ class MultiPrecisionQAT(BaseModel):
                     'transitional_bn must be dict(input_shape=(1, 3, H, W)),'
                     f' got {transitional_bn!r}')
             shape = tuple(transitional_bn['input_shape'])
-            rows = to_transitional(architecture, lambda m: m(
-                torch.zeros(shape), mode='tensor'))
+            try:
+                rows = to_transitional(architecture, lambda m: m(
+                    torch.zeros(shape), mode='tensor'))
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(
+                    f'transitional_bn.input_shape={shape}: the forward that '
+                    f'finds which layer feeds which failed on it ({e}); '
+                    'give the shape of one input, (1, C, H, W)') from e
             architecture.mmdrq_report += rows
             print_log('mmdrq transitional BN:\n' + '\n'.join(
                 ' | '.join(r) for r in rows), logger='current')
@@ -210,8 +217,7 @@ class MultiPrecisionQAT(BaseModel):
             if compile else None
         self._warned_sampler = False
         self.uncalled_layers = None  # known after the first training step
-        self._register_load_state_dict_pre_hook(_prefix_bare_checkpoint,
-                                                with_module=True)
+        accept_start_checkpoints(self)
 
     def get_extra_state(self) -> torch.Tensor:
         """Saved with the weights: the ``quantizer_meta`` they were trained
@@ -409,18 +415,6 @@ def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
         total = total.detach()
     log_vars['loss'] = total
     return log_vars
-
-
-def _prefix_bare_checkpoint(module, state_dict, prefix, *args):
-    """Map a bare model's keys (``backbone.x``) to ``architecture.backbone.x``
-    so ``load_from`` can take stock FP32 checkpoints; the wrapper's own keys
-    (its children's, its extra state) stay."""
-    keep = tuple(f'{prefix}{name}.' for name in module._modules) + (
-        prefix + '_extra_state', )
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        if not key.startswith(keep):
-            state_dict[prefix + 'architecture.' + key[len(prefix):]] = \
-                state_dict.pop(key)
 
 
 @MODEL_WRAPPERS.register_module()

@@ -52,6 +52,19 @@ def check_bit(bit, bits: Iterable[int], key: str = 'bit') -> int:
     return int(bit)
 
 
+def check_bit_selection(bits, available: Iterable[int],
+                        key: str = 'bits') -> Tuple[int, ...]:
+    """Some of a model's bits, each once (an evaluation's or an export's
+    choice): ``bits`` as ints, or an error naming ``key``."""
+    if isinstance(bits, (str, bytes)) or not hasattr(bits, '__iter__'):
+        raise ValueError(f'{key} must be a list of the model\'s bits '
+                         f'{list(available)}, got {bits!r}')
+    bits = tuple(check_bit(b, available, key) for b in bits)
+    if len(set(bits)) != len(bits):
+        raise ValueError(f'{key}: {list(bits)} holds a bit twice')
+    return bits
+
+
 def signed_range(bit: int) -> Tuple[int, int]:
     """Integer limits of a signed symmetric ``bit``-bit grid."""
     return -(2**(bit - 1)), 2**(bit - 1) - 1

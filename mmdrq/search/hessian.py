@@ -10,7 +10,6 @@ network at the bit it runs at; weights clipped by their quantizer get zero
 rows and columns (they add nothing).
 """
 import contextlib
-import json
 import math
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -23,6 +22,7 @@ from mmdrq.quantization.layers import quantized_layers
 from mmdrq.quantization.learned_scale import LearnedScaleQuantizer
 from mmdrq.utils import atomic_write_json
 from mmdrq.utils.checks import check_choice
+from mmdrq.utils.json_files import read_json
 
 FORMAT = 'mmdrq-traces'
 
@@ -419,8 +419,7 @@ def save_traces(path: str, traces: Dict[str, dict], meta: dict,
 def load_traces(path: str, model: nn.Module) -> Dict[str, dict]:
     """The ``layers`` of a traces file, after checking they are exactly the
     quantized layers of ``model`` (wrapper or converted architecture)."""
-    with open(path) as f:
-        content = json.load(f)
+    content = read_json(path, f'traces file {path!r}')
     if not isinstance(content, dict) or content.get('format') != FORMAT:
         found = content.get('format') if isinstance(content, dict) else None
         raise ValueError(f'{path!r} is not an mmdrq traces file: format '

@@ -3,7 +3,6 @@
 Written by tools/search_subnet.py, read by the per-bit test loop
 (``subnets=[...]``) and tools/export_int.py; errors name the file.
 """
-import json
 import os.path as osp
 from typing import Dict, Optional
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from mmdrq.quantization.bit_control import check_layer_bits
 from mmdrq.utils import atomic_write_json
+from mmdrq.utils.json_files import read_json
 
 
 def subnet_name(path: str) -> str:
@@ -50,12 +50,4 @@ def load_subnet(path: str, model: Optional[nn.Module] = None
     """Per-layer bits of a SubNet file; with ``model``, checked against its
     quantized layers and bits."""
     source = f'SubNet file {path!r}'
-    with open(path) as f:
-        try:
-            content = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{source} is not valid JSON: {e}') from None
-        except RecursionError:
-            raise ValueError(f'{source} nests too deeply to be a SubNet '
-                             '(layer name -> bit)') from None
-    return check_subnet(content, source, model)
+    return check_subnet(read_json(path, source), source, model)

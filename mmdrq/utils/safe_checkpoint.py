@@ -73,6 +73,13 @@ def load_weights_only(path: str, map_location=None, mmap: bool = False):
     try:
         return torch.load(path, map_location=map_location, weights_only=True,
                           mmap=mmap)
+    except (EOFError, RuntimeError) as e:  # torch's words for a broken file
+        if isinstance(e, RuntimeError) and not any(
+                word in str(e) for word in ('PytorchStreamReader', 'zip',
+                                            'truncated')):
+            raise
+        raise ValueError(f'checkpoint {path!r} cannot be read, truncated or '
+                         f'corrupt? ({type(e).__name__}: {e})') from e
     except pickle.UnpicklingError:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(
