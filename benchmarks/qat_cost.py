@@ -1,5 +1,6 @@
-"""QAT cost against accuracy per bit-width schedule, on the digits example:
-the paper's schedule (every bit every iteration) as the baseline, and the
+"""QAT cost against accuracy per bit-width schedule on the digits example.
+
+The paper's schedule (every bit every iteration) is the baseline, against the
 cheaper ones of ``bit_schedule`` (docs/training.md, Cheaper schedules), the
 same number of epochs each, run in turns on the same machine. Each run is
 the real tools/train.py and tools/test.py, from the seed's FP32 checkpoint.
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import os.path as osp
+import shutil
 
 import torch
 
@@ -37,6 +39,18 @@ SCHEDULES = {
                     'model.bit_schedule.weights=loss'],
     'progressive': ['model.bit_schedule.kind=progressive'],
 }
+
+
+def loop_seconds(work: str, ckpt: str) -> float:
+    """Seconds of the training loop alone (no start-up, no final test):
+    MMEngine's logged mean iteration time times the iterations."""
+    import glob
+    logs = sorted(glob.glob(osp.join(work, '*', 'vis_data', 'scalars.json')))
+    with open(logs[0]) as f:  # the training run's (the test's comes after)
+        times = [json.loads(line)['time'] for line in f if '"time"' in line]
+    state = torch.load(ckpt, map_location='cpu', weights_only=True)
+    iterations = state['message_hub']['runtime_info']['iter']
+    return sum(times) / len(times) * iterations
 
 
 def steps_per_bit(ckpt: str) -> dict:
@@ -76,8 +90,8 @@ def main():
         if name not in SCHEDULES:
             parser.error(f'--extra: unknown schedule {name!r}')
         runs.append((name, int(epochs)))
-    raw = {f'{n}@{e}': dict(seconds=[], steps=[], top1={b: [] for b in BITS})
-           for n, e in runs}
+    raw = {f'{n}@{e}': dict(seconds=[], loop=[], steps=[],
+                            top1={b: [] for b in BITS}) for n, e in runs}
     fp32 = []
     for seed in args.seeds:
         fp_work = osp.join(work, f'seed{seed}', 'fp32')
@@ -88,42 +102,53 @@ def main():
         fp32.append(fp['accuracy/top1'])
         for name, epochs in runs:
             key = f'{name}@{epochs}'
+            run_work = osp.join(work, f'seed{seed}', key)
+            shutil.rmtree(run_work, ignore_errors=True)  # one run's logs
             metrics, ckpt, seconds = train_and_test(
-                TOOLS, QAT_CONFIG, osp.join(work, f'seed{seed}', key), root,
-                epochs, seed, [f'load_from={fp_ckpt}', *SCHEDULES[name]])
+                TOOLS, QAT_CONFIG, run_work, root, epochs, seed,
+                [f'load_from={fp_ckpt}', *SCHEDULES[name]])
             row = raw[key]
             row['seconds'].append(seconds)
+            row['loop'].append(loop_seconds(run_work, ckpt))
             row['steps'].append(steps_per_bit(ckpt))
             for b in BITS:
                 row['top1'][b].append(metrics[f'accuracy/top1@w{b}a{b}'])
-            print(f'seed {seed} {key}: {seconds:.0f} s, ' + ', '.join(
+            print(f'seed {seed} {key}: {seconds:.0f} s (loop '
+                  f'{row["loop"][-1]:.1f} s), ' + ', '.join(
                 f'w{b} {row["top1"][b][-1]:.2f}' for b in BITS), flush=True)
     results = dict(seeds=args.seeds, fp32=dict(zip(('mean', 'std'),
                                                    summarize(fp32))),
                    runs={})
     base = raw.get(f'all@{args.qat_epochs}')
-    base_seconds = summarize(base['seconds'])[0] if base else None
+    base_seconds, base_loop = (summarize(base['seconds'])[0],
+                               summarize(base['loop'])[0]) if base else \
+        (None, None)
     lines = [f'QAT on the digits example, {len(args.seeds)} seeds '
              f'({args.seeds}), FP32 {results["fp32"]["mean"]:.2f} ± '
-             f'{results["fp32"]["std"]:.2f}; top-1 (%) mean ± std, wall '
-             'time of tools/train.py (mean), steps each bit got (seed '
-             f'{args.seeds[0]})', '',
-             '| schedule | epochs | QAT s | vs every bit | steps w8/w6/w4/w2 '
-             '| ' + ' | '.join(f'w{b}a{b}' for b in BITS) + ' |',
-             '|---' * (5 + len(BITS)) + '|']
+             f'{results["fp32"]["std"]:.2f}; top-1 (%) mean ± std; wall '
+             'time of tools/train.py and of its training loop alone (mean; '
+             'the rest is start-up and the final validation); steps each '
+             f'bit got (seed {args.seeds[0]})', '',
+             '| schedule | epochs | QAT s | vs every bit | loop s | vs every '
+             'bit | steps w8/w6/w4/w2 | ' + ' | '.join(
+                 f'w{b}a{b}' for b in BITS) + ' |',
+             '|---' * (7 + len(BITS)) + '|']
     for key, row in raw.items():
         name, epochs = key.split('@')
         seconds = summarize(row['seconds'])[0]
+        loop = summarize(row['loop'])[0]
         top1 = {b: summarize(row['top1'][b]) for b in BITS}
         results['runs'][key] = dict(
             schedule=name, epochs=int(epochs), options=SCHEDULES[name],
-            seconds=row['seconds'], steps=row['steps'],
+            seconds=row['seconds'], loop_seconds=row['loop'],
+            steps=row['steps'],
             top1={str(b): dict(mean=m, std=s, values=row['top1'][b])
                   for b, (m, s) in top1.items()})
         ratio = f'{seconds / base_seconds:.2f}x' if base_seconds else '-'
+        loop_ratio = f'{loop / base_loop:.2f}x' if base_loop else '-'
         steps = '/'.join(str(row['steps'][0][b]) for b in BITS)
         lines.append(f'| {name} | {epochs} | {seconds:.0f} | {ratio} | '
-                     f'{steps} | ' + ' | '.join(
+                     f'{loop:.1f} | {loop_ratio} | {steps} | ' + ' | '.join(
                          f'{m:.2f} ± {s:.2f}' for m, s in top1.values()) +
                      ' |')
     print('\n' + '\n'.join(lines))
