@@ -3,12 +3,14 @@ iteration, for mmpretrain's ResNet-18, measured side by side in one run.
 
     python benchmarks/train_step.py [--device cpu|cuda] [--batch N]
         [--size PX] [--compile] [--impl auto|torch|fused] [--quick]
+        [--profile]
 
 GPU runs use bf16 autocast. Prints a table of step times and the ratios of
 issue 6 (per-bit step / FP step, multi-precision iteration / (n x FP step),
 peak memory allocated in a step per bit / FP), and a summed-loss iteration
 with and without sharing the weights' rounding between bits, and saves JSON
-in benchmarks/results/.
+in benchmarks/results/. ``--profile`` also prints where a 4-bit step's time
+goes beyond an FP step's, by kind of work (the profiler's self times).
 """
 import argparse
 import contextlib
@@ -28,6 +30,35 @@ from mmdrq.quantization.functional import IMPLS, set_fake_quant_impl
 from quantizer import build, timed_in_turns  # benchmarks/quantizer.py
 
 BITS = (8, 6, 4, 2)
+
+
+# profiler event names -> the kind of work they are, in the breakdown
+KINDS = (
+    ('fake-quant kernels (compiled)', ('CompiledFxGraph', )),
+    ('fake-quant autograd functions (Python)', ('_FakeQuant', )),
+    ('compiled-kernel guards and calls', ('TorchDynamo', 'Torch-Compiled')),
+    ('conv backward', ('convolution_backward', )),
+    ('conv forward', ('mkldnn_convolution', 'aten::convolution',
+                      'aten::_convolution', 'cudnn_convolution')),
+    ('backward node of a quantized layer (recomputes its inputs)',
+     ('ConvolutionBackward0', 'AddmmBackward0', 'MmBackward0')),
+)
+
+
+def breakdown(step, repeat: int = 3) -> dict:
+    """Self CPU milliseconds per step of ``step()`` by ``KINDS`` (the rest
+    under 'other')."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeat):
+            step()
+    kinds = {kind: 0.0 for kind, _ in KINDS}
+    kinds['other'] = 0.0
+    for event in prof.key_averages():
+        kind = next((k for k, names in KINDS
+                     if any(n in event.key for n in names)), 'other')
+        kinds[kind] += event.self_cpu_time_total / 1e3 / repeat
+    return kinds
 
 
 def cpu_peak_bytes(step):
@@ -59,6 +90,9 @@ def main():
     parser.add_argument('--impl', default='auto', choices=IMPLS,
                         help='fake-quant implementation (eager runs)')
     parser.add_argument('--quick', action='store_true')
+    parser.add_argument('--profile', action='store_true',
+                        help='print where a 4-bit step spends the time an '
+                        'FP step does not')
     args = parser.parse_args()
     set_fake_quant_impl(args.impl)
     device = torch.device(args.device)
@@ -154,6 +188,18 @@ def main():
     for r in rows:
         print(f'| {r["setting"]} | {r["ms"]:.1f} | {r["ratio"]:.2f} | '
               f'{cell(r["peak_mb"], ".1f")} | {cell(r["mem_ratio"], ".2f")} |')
+    if args.profile:
+        fp_kinds, q_kinds = breakdown(steps['FP']), breakdown(at_bit(4))
+        print('\nwhere the time goes (self CPU ms per step, profiler): '
+              'FP step, w4a4 step, the difference\n')
+        print('| kind of work | FP | w4a4 | w4a4 - FP |')
+        print('|---|---|---|---|')
+        for kind in q_kinds:
+            print(f'| {kind} | {fp_kinds[kind]:.1f} | {q_kinds[kind]:.1f} | '
+                  f'{q_kinds[kind] - fp_kinds[kind]:+.1f} |')
+        total = [sum(k.values()) for k in (fp_kinds, q_kinds)]
+        print(f'| total | {total[0]:.1f} | {total[1]:.1f} | '
+              f'{total[1] - total[0]:+.1f} |')
     out = osp.join(osp.dirname(osp.abspath(__file__)), 'results',
                    f'train_step_{device.type}_{mode}'
                    f'{"_quick" if args.quick else ""}.json')
