@@ -154,12 +154,17 @@ def _coverage_cells(uses):
                                                    if others else '')]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def add_family_args(parser):
+    """Which families a survey runs: --packages, --families, --limit."""
     parser.add_argument('--packages', nargs='+', default=list(SCOPES))
     parser.add_argument('--families', nargs='+',
                         help='only these family directories')
     parser.add_argument('--limit', type=int, default=0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_family_args(parser)
     parser.add_argument('--forward-timeout', type=int, default=300,
                         help='seconds for the traced forward of one family')
     parser.add_argument('--out', default=osp.join(

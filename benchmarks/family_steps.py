@@ -65,8 +65,8 @@ import mmdrq
 from mmdrq.quantization import LearnedScaleQuantizer, QuantLayer, set_bits
 from mmdrq.utils import atomic_write, atomic_write_json
 # benchmarks/ is on sys.path when this file runs as a script
-from conversion_survey import (SCOPES, _out_of_time, family_configs,
-                               strip_pretrained)
+from conversion_survey import (SCOPES, _out_of_time, add_family_args,
+                               family_configs, strip_pretrained)
 
 HERE = osp.dirname(osp.abspath(__file__))
 BITS = (8, 6, 4, 2)
@@ -1085,10 +1085,7 @@ def _physical_gib():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--packages', nargs='+', default=list(SCOPES))
-    parser.add_argument('--families', nargs='+',
-                        help='only these family directories')
-    parser.add_argument('--limit', type=int, default=0)
+    add_family_args(parser)
     parser.add_argument('--timeout', type=int, default=900,
                         help='seconds for one family (build, every step, '
                         'the float reference)')

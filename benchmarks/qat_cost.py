@@ -41,28 +41,21 @@ SCHEDULES = {
 }
 
 
-def loop_seconds(work: str, ckpt: str) -> float:
-    """Seconds of the training loop alone (no start-up, no final test):
-    MMEngine's logged mean iteration time times the iterations."""
+def run_record(work: str, ckpt: str):
+    """(seconds of the training loop alone: MMEngine's logged mean
+    iteration time times the iterations, no start-up or final test; the
+    steps each bit trained) from the run's log and its final checkpoint's
+    runtime info (the every-bit schedule records no steps: every iteration
+    trains every bit)."""
     import glob
     logs = sorted(glob.glob(osp.join(work, '*', 'vis_data', 'scalars.json')))
     with open(logs[0]) as f:  # the training run's (the test's comes after)
         times = [json.loads(line)['time'] for line in f if '"time"' in line]
-    state = torch.load(ckpt, map_location='cpu', weights_only=True)
-    iterations = state['message_hub']['runtime_info']['iter']
-    return sum(times) / len(times) * iterations
-
-
-def steps_per_bit(ckpt: str) -> dict:
-    """Steps each bit trained, from the checkpoint's runtime info (the
-    every-bit schedule records none: every iteration trains every bit)."""
-    state = torch.load(ckpt, map_location='cpu', weights_only=True)
-    info = state.get('message_hub', {}).get('runtime_info', {})
-    steps = info.get('bit_schedule_steps')
-    if steps is None:
-        iterations = info.get('iter', 0)
-        return {b: iterations for b in BITS}
-    return {b: steps.get(b, 0) for b in BITS}
+    info = torch.load(ckpt, map_location='cpu',
+                      weights_only=True)['message_hub']['runtime_info']
+    steps = info.get('bit_schedule_steps') or {b: info['iter'] for b in BITS}
+    return (sum(times) / len(times) * info['iter'],
+            {b: steps.get(b, 0) for b in BITS})
 
 
 def main():
@@ -108,9 +101,10 @@ def main():
                 TOOLS, QAT_CONFIG, run_work, root, epochs, seed,
                 [f'load_from={fp_ckpt}', *SCHEDULES[name]])
             row = raw[key]
+            loop, steps = run_record(run_work, ckpt)
             row['seconds'].append(seconds)
-            row['loop'].append(loop_seconds(run_work, ckpt))
-            row['steps'].append(steps_per_bit(ckpt))
+            row['loop'].append(loop)
+            row['steps'].append(steps)
             for b in BITS:
                 row['top1'][b].append(metrics[f'accuracy/top1@w{b}a{b}'])
             print(f'seed {seed} {key}: {seconds:.0f} s (loop '

@@ -7,8 +7,7 @@ from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import CheckpointLoader
 
 from mmdrq.engine.checkpoint_hook import (check_state_digest,
-                                          read_checkpoint_header,
-                                          refuse_integer_file)
+                                          check_training_checkpoint)
 from mmdrq.engine.strict_load import check_checkpoint
 from mmdrq.models import architecture_of
 from mmdrq.quantization import quantize_model
@@ -63,11 +62,9 @@ def load_trained(config: str, checkpoint: str, cfg_options=None):
     cfg = read_config(config, cfg_options)
     cfg.launcher = 'none'
     model, architecture = build_model_from_config(cfg)
-    if '://' not in checkpoint:  # a folder, truncated, an integer file
-        refuse_integer_file(
-            read_checkpoint_header(checkpoint), checkpoint,
-            'it is exported already (tools/export_onnx.py takes it); give '
-            'the training checkpoint it came from')
+    check_training_checkpoint(
+        checkpoint, 'it is exported already (tools/export_onnx.py takes '
+        'it); give the training checkpoint it came from')
     # weights_only=True: mmdrq registers it for MMEngine's local files
     loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
     check_state_digest(loaded, checkpoint)

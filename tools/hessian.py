@@ -25,8 +25,7 @@ from mmdrq.search.hessian import HVP_METHODS, model_traces, save_traces
 from mmdrq.apis import build_model_from_config, read_config
 from mmdrq.tools_common import add_cfg_options, check_out_file
 from mmdrq.engine.checkpoint_hook import (check_state_digest,
-                                          read_checkpoint_header,
-                                          refuse_integer_file)
+                                          check_training_checkpoint)
 
 # state an FP32 checkpoint lacks (MultiPrecisionQAT's bits and options too)
 QUANTIZER_STATE = ('weight_quantizer.', 'act_quantizer.', '_extra_state')
@@ -40,9 +39,8 @@ def load_weights(model, path: str) -> bool:
     another model. A strict load would refuse FP32 checkpoints, a lax one
     would accept anything.
     """
-    if '://' not in path:  # a folder, truncated, an integer file
-        refuse_integer_file(read_checkpoint_header(path), path,
-                            'give the training checkpoint it came from')
+    check_training_checkpoint(path, 'give the training checkpoint it came '
+                              'from')
     checkpoint = CheckpointLoader.load_checkpoint(path, map_location='cpu')
     check_state_digest(checkpoint, path)
     state = checkpoint.get('state_dict', checkpoint)

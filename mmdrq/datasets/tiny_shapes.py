@@ -24,12 +24,12 @@ temporary folder that replaces ``root`` once complete, and only a new or
 empty ``root`` or one these writers made is replaced (``folder.py``).
 """
 import json
+import os
 import os.path as osp
 from typing import Dict, List, Tuple
 
 import numpy as np
 
-from mmdrq.utils import atomic_write
 from .folder import check_sizes, write_dataset_folder
 
 COCO_CATEGORIES = [
@@ -52,7 +52,11 @@ _COLOURS = {
 
 
 def _write_bytes(path: str, data: bytes):
-    atomic_write(path, lambda f: f.write(data))
+    """A plain write: the whole dataset folder is swapped in once
+    complete (folder.py), so no single file needs to be atomic."""
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(data)
 
 
 def _write_image(path: str, image: np.ndarray, ext: str):

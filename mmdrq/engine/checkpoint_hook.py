@@ -227,7 +227,7 @@ def read_checkpoint_header(path: str):
         raise ValueError(f'checkpoint {path!r} is empty')
     try:
         return load_weights_only(path, map_location='cpu', mmap=True)
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, ValueError):  # these name the file
         raise
     except Exception as e:  # torch fails on damaged files in many ways
         raise ValueError(
@@ -244,17 +244,27 @@ def refuse_integer_file(state, path, what_to_do: str) -> None:
                          f'{what_to_do}')
 
 
+def check_training_checkpoint(path: str, what_to_do: str):
+    """The header of a local checkpoint file (None for a URL, which its
+    loader checks), after refusing a folder, a missing, empty or damaged
+    file, and an integer file (``what_to_do`` says what to give instead)."""
+    if '://' in path:
+        return None
+    state = read_checkpoint_header(path)
+    refuse_integer_file(state, path, what_to_do)
+    return state
+
+
 def check_testable(path: str) -> None:
     """Raise an error naming ``path`` unless it is a checkpoint of MMEngine
     (a ``state_dict``) that ``tools/test.py`` can load; URLs pass (their
     loader checks them)."""
-    if '://' in path:
+    state = check_training_checkpoint(
+        path, 'test the checkpoint it was exported from, or export it to '
+        f'ONNX (tools/export_onnx.py CONFIG {osp.basename(path)} --out-dir '
+        'DIR) and test DIR with --backend onnxruntime')
+    if state is None:
         return
-    state = read_checkpoint_header(path)
-    refuse_integer_file(
-        state, path, 'test the checkpoint it was exported from, or export it '
-        f'to ONNX (tools/export_onnx.py CONFIG {osp.basename(path)} '
-        '--out-dir DIR) and test DIR with --backend onnxruntime')
     if not isinstance(state, dict) or 'state_dict' not in state:
         raise ValueError(f'{path!r} is not a checkpoint of MMEngine\'s '
                          'runner: it has no state_dict')

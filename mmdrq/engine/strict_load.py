@@ -15,11 +15,11 @@ from mmengine.runner import find_latest_checkpoint
 from torch import nn
 
 from mmdrq.models import unwrap_model
+from mmdrq.models.loading import EXTRA_STATE  # the bits and options
 from mmdrq.quantization import quantized_layers
 from mmdrq.quantization.meta import check_quantizer_meta, decode_meta
 from mmdrq.registry import HOOKS
 
-EXTRA_STATE = '_extra_state'  # MultiPrecisionQAT's bits and options
 
 
 def check_checkpoint(model: nn.Module, checkpoint, source: str) -> dict:

@@ -10,7 +10,7 @@ only, another head) is what the model's ``init_cfg`` (``Pretrained``) is for.
 """
 from torch import nn
 
-EXTRA_STATE = '_extra_state'
+EXTRA_STATE = '_extra_state'  # MultiPrecisionQAT's bits and options
 # made by the conversion or the first iterations, not in an FP32 start
 _NOT_IN_STARTS = ('_quantizer.', EXTRA_STATE, 'num_batches_tracked')
 

@@ -5,6 +5,7 @@ or key. Each runs the tool's main in this process (``tool_error``) and
 checks that nothing was written or replaced."""
 import os
 import os.path as osp
+import re
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
 
-from conftest import (DIGITS, ROOT, TOOLS, build_small_classifier, run_tool,
+from conftest import (DIGITS, TOOLS, build_small_classifier, run_tool,
                       tool_error)
 
 pytestmark = pytest.mark.slow  # the session's digits QAT run
@@ -86,7 +87,7 @@ def test_unreadable_checkpoints_are_named(files, tmp_path):
             (files['int_path'], 'an mmdrq integer file.*exported already')):
         error = tool_error('export_int', files['cfg'], checkpoint,
                            tmp_path / 'int.pth')
-        assert __import__('re').search(message, error), error
+        assert re.search(message, error), error
     from mmdrq.utils import load_weights_only
     with pytest.raises(ValueError, match='truncated.pth.*truncated or'):
         load_weights_only(files['truncated'])
@@ -214,4 +215,3 @@ def test_dataset_tools_never_replace_a_users_files(tmp_path, monkeypatch):
     error = tool_error('prepare_digits', '--root', digits)
     assert 'not the digits' in error and 'cat.png' in error
     assert os.listdir(digits / 'train' / '0') == ['cat.png']
-    assert ROOT  # the tools ran from the repository
