@@ -21,7 +21,6 @@ import glob
 import importlib
 import os
 import os.path as osp
-import re
 import signal
 import tempfile
 import traceback
@@ -75,12 +74,9 @@ def survey_one(package, path, timeout):
     mmdrq.quantize_model(model, bits=[8, 4])
     quantized = sum(isinstance(m, QuantLayer) for m in model.modules())
     reasons = collections.Counter()
-    for _, kind, status in model.mmdrq_report:
-        if status.startswith('FP: '):
-            reason = re.sub(r' \(skip_first_last\)', '', status[4:])
-            if 'first layer' in reason or 'prediction' in reason:
-                continue
-            reasons[reason] += 1
+    for row in model.mmdrq_report:
+        if row.decision == 'fp' and not row.by_default:
+            reasons[row.detail] += 1
     return quantized, reasons, forward_coverage(model, package, timeout)
 
 

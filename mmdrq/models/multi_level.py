@@ -15,6 +15,7 @@ from torch import nn
 
 from mmdrq.quantization import quantized_layers
 from mmdrq.quantization.per_level import PerLevel, restart_levels_each_forward
+from mmdrq.quantization.report import ConversionRow
 from mmdrq.quantization.switchable_bn import SwitchableBatchNorm
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -46,8 +47,9 @@ def _split(head: nn.Module, names: list, levels: int, what: str) -> list:
         per_level = PerLevel(module, levels)
         setattr(parent, attr, per_level)
         split.append(per_level)
-        rows.append((f'bbox_head.{child}', type(module).__name__,
-                     f'{what} per FPN level ({levels})'))
+        rows.append(ConversionRow(f'bbox_head.{child}', type(module).__name__,
+                                  'per FPN level',
+                                  f'{what} per FPN level ({levels})'))
     restart_levels_each_forward(head, split)
     return rows
 

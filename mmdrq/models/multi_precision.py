@@ -159,36 +159,9 @@ class MultiPrecisionQAT(BaseModel):
                 f"backward, and activation checkpointing (with_cp=True in "
                 f"{checkpointed[0]}) would recompute them all at the highest "
                 f"bit: set with_cp=False or loss_mode='per_bit'")
-        levels = dict(multi_level_norm=(multi_level_norm, to_level_norms),
-                      multi_level_act_scales=(multi_level_act_scales,
-                                              to_level_act_scales))
-        for key, (value, _) in levels.items():
-            check_flag(key, value)
-        quantize_model(architecture, dict(quantizer or {}))
-        for key, (value, convert) in levels.items():
-            if value:
-                rows = convert(architecture)
-                architecture.mmdrq_report += rows
-                print_log(f'mmdrq {key}:\n' + '\n'.join(
-                    ' | '.join(r) for r in rows), logger='current')
-        if transitional_bn is not None:
-            if not isinstance(transitional_bn, dict) or \
-                    set(transitional_bn) != {'input_shape'}:
-                raise ValueError(
-                    'transitional_bn must be dict(input_shape=(1, 3, H, W)),'
-                    f' got {transitional_bn!r}')
-            shape = tuple(transitional_bn['input_shape'])
-            try:
-                rows = to_transitional(architecture, lambda m: m(
-                    torch.zeros(shape), mode='tensor'))
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise ValueError(
-                    f'transitional_bn.input_shape={shape}: the forward that '
-                    f'finds which layer feeds which failed on it ({e}); '
-                    'give the shape of one input, (1, C, H, W)') from e
-            architecture.mmdrq_report += rows
-            print_log('mmdrq transitional BN:\n' + '\n'.join(
-                ' | '.join(r) for r in rows), logger='current')
+        architecture = quantize_model(
+            architecture, dict(quantizer or {}), passes=_structural_passes(
+                multi_level_norm, multi_level_act_scales, transitional_bn))
         self.architecture = architecture
         self.loss_mode = loss_mode
         self.bits = model_bits(architecture)
@@ -281,6 +254,37 @@ class MultiPrecisionQAT(BaseModel):
     def train_step(self, data, optim_wrapper: OptimWrapper) -> Dict:
         return multi_bit_train_step(self, self._run_forward, data,
                                     optim_wrapper)
+
+
+def _structural_passes(multi_level_norm, multi_level_act_scales,
+                       transitional_bn) -> list:
+    """The conversion passes the wrapper's keys ask for, checked before the
+    conversion starts."""
+    passes = []
+    for key, value, convert in (
+            ('multi_level_norm', multi_level_norm, to_level_norms),
+            ('multi_level_act_scales', multi_level_act_scales,
+             to_level_act_scales)):
+        if check_flag(key, value):
+            passes.append((key, convert))
+    if transitional_bn is None:
+        return passes
+    if not isinstance(transitional_bn, dict) or \
+            set(transitional_bn) != {'input_shape'}:
+        raise ValueError('transitional_bn must be dict(input_shape=(1, 3, H, '
+                         f'W)), got {transitional_bn!r}')
+    shape = tuple(transitional_bn['input_shape'])
+
+    def transitional(architecture):
+        try:
+            return to_transitional(architecture, lambda m: m(
+                torch.zeros(shape), mode='tensor'))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(
+                f'transitional_bn.input_shape={shape}: the forward that '
+                f'finds which layer feeds which failed on it ({e}); '
+                'give the shape of one input, (1, C, H, W)') from e
+    return passes + [('transitional_bn', transitional)]
 
 
 def _pskd_losses(module, forward: Callable, data, targets, bit) -> Dict:

@@ -6,7 +6,7 @@ other conv-like or linear-like layer stays FP and the conversion table says
 why, so no model crashes the conversion.
 """
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mmengine.logging import print_log
 import torch
@@ -18,6 +18,8 @@ from .attention import MultiheadAttentionLayer
 from .forms import is_weight_layer, layer_forms
 from .layers import BitSwitchable, QuantLayer
 from .owner_reads import WeightReadingOwner, weight_reads
+from .report import (FIRST_LAYER, FP, PREDICTION_LAYER, QUANTIZED,
+                     ConversionRow, format_report)
 from .switchable_bn import SwitchableBatchNorm, SwitchableNorm, norm_channels
 
 # Last name components of prediction layers in OpenMMLab heads (fc,
@@ -50,9 +52,9 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
     used = {p: False for p in cfg.skip}
     auto = {}
     if cfg.skip_first_last and names:
-        auto[names[0]] = 'first layer (skip_first_last)'
+        auto[names[0]] = FIRST_LAYER
         for n in _prediction_layers(_outside_teachers(model, names)):
-            auto.setdefault(n, 'prediction layer (skip_first_last)')
+            auto.setdefault(n, PREDICTION_LAYER)
         for name, reason in list(auto.items()):
             for twin in _twins(model, name):
                 auto.setdefault(twin, f'{reason[:-1]} of a copy)')
@@ -69,8 +71,9 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
             check = getattr(supported[type(module)], 'unsupported_reason',
                             None)
             reason = (check and check(module)) or reason
+        by_default = reason is None and name in auto
         reason = reason or auto.get(name)
-        decisions.append((name, module, reason))
+        decisions.append((name, module, reason, by_default))
     decisions = _out_proj_follows_attention(decisions)
     # BN layers named by a skip pattern stay FP too.
     for name, module in model.named_modules():
@@ -136,16 +139,16 @@ def _refresh_averaged_models(model: nn.Module):
 def _out_proj_follows_attention(decisions):
     """The out_proj of a MultiheadAttention kept FP stays FP too: torch's
     attention reads its weight and never calls it."""
-    fp_attention = [name for name, module, reason in decisions
+    fp_attention = [name for name, module, reason, _ in decisions
                     if reason is not None and
                     isinstance(module, nn.MultiheadAttention)]
     result = []
-    for name, module, reason in decisions:
+    for name, module, reason, by_default in decisions:
         owner = name.rpartition('.')[0]
         if reason is None and owner in fp_attention and \
                 name.endswith('.out_proj'):
             reason = f'out_proj of {owner}, which stays FP'
-        result.append((name, module, reason))
+        result.append((name, module, reason, by_default))
     return result
 
 
@@ -160,24 +163,23 @@ def _replace_all(model: nn.Module, new_of: Dict[int, nn.Module]):
                 setattr(parent, child_name, new)
 
 
-def _format_table(rows: List[Tuple[str, str, str]]) -> str:
-    header = ('layer', 'type', 'status')
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
-    fmt = ' | '.join('{:<%d}' % w for w in widths)
-    lines = [fmt.format(*header), '-+-'.join('-' * w for w in widths)]
-    lines += [fmt.format(*r) for r in rows]
-    return '\n'.join(lines)
+# a structural pass after the conversion: (name, pass(model) -> rows)
+ConversionPass = Tuple[str, Callable[[nn.Module], List[ConversionRow]]]
 
 
-def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
+def quantize_model(model: nn.Module, config=None,
+                   passes: Sequence[ConversionPass] = (),
+                   **kwargs) -> nn.Module:
     """Convert ``model`` in place for multi-precision QAT and return it.
 
     ``quantize_model(model, bits=[8, 6, 4, 2], skip=['backbone.conv1'])`` or
     ``quantize_model(model, dict(bits=[4, 3, 2]))`` (see QuantizeConfig).
     Supported Conv2d/Linear layers become QConv2d/QLinear that share the
-    original parameters; BN layers become SwitchableBatchNorm. Layers kept
-    in FP and the reason are logged in a table (and returned in
-    ``model.mmdrq_report``). Start the bit at ``bits[0]``.
+    original parameters; BN layers become SwitchableBatchNorm; then each
+    of ``passes`` runs in order (the wrapper's per-level norms and scales,
+    transitional BN). Every decision is a ``ConversionRow`` in
+    ``model.mmdrq_report``, logged as one table. Start the bit at
+    ``bits[0]``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f'quantize_model takes a torch.nn.Module (an '
@@ -186,15 +188,15 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
     cfg = make_config(config, **kwargs)
     _refuse_quantized(model)
     decisions, supported = _decide_layers(model, cfg)
-    if all(reason is not None for _, _, reason in decisions):
+    if all(reason is not None for _, _, reason, _ in decisions):
         found = ', '.join(f'{name} ({reason})'
-                          for name, _, reason in decisions)
+                          for name, _, reason, _ in decisions)
         raise ValueError(
             f'{type(model).__name__} has nothing to quantize: '
             + (f'every conv/linear layer stays FP: {found}' if decisions else
                'it has no conv or linear layer'))
     rows, new_of = [], {}
-    for name, module, reason in decisions:
+    for name, module, reason, by_default in decisions:
         float_type = type(module).__name__
         if reason is None:
             new = new_of[id(module)] = supported[type(module)].from_float(
@@ -202,19 +204,22 @@ def quantize_model(model: nn.Module, config=None, **kwargs) -> nn.Module:
             if cfg.attention_matmuls and \
                     isinstance(new, MultiheadAttentionLayer):
                 new.quantize_matmuls(cfg.act_quantizer)
-            status = f'quantized {list(cfg.bits)}'
+            rows.append(ConversionRow(name, float_type, QUANTIZED,
+                                      str(list(cfg.bits))))
         else:
-            status = f'FP: {reason}'
-        rows.append((name, float_type, status))
+            rows.append(ConversionRow(name, float_type, FP, reason,
+                                      by_default))
     _replace_all(model, new_of)
     rows += _convert_weight_readers(model)
     if cfg.switchable_bn or cfg.switchable_gn_ln:
         rows += _convert_bn(model, cfg)
-    _refresh_averaged_models(model)
     model.mmdrq_config = cfg
+    for _, run_pass in passes:
+        rows += run_pass(model)
+    _refresh_averaged_models(model)
     model.mmdrq_report = rows
     print_log('mmdrq conversion of ' + type(model).__name__ + ':\n' +
-              _format_table(rows), logger='current')
+              format_report(rows), logger='current')
     return model
 
 
@@ -259,16 +264,19 @@ def _convert_bn(model: nn.Module, cfg: QuantizeConfig):
         if repeated or switchable is None:
             continue
         if any(re.fullmatch(p, name) for p in cfg.skip):
-            rows.append((name, type(module).__name__, 'FP: skip pattern'))
+            rows.append(ConversionRow(name, type(module).__name__, FP,
+                                      'skip pattern'))
             continue
         source: Optional[str] = None
         if previous is not None and isinstance(previous[1], QuantLayer) \
                 and _output_channels(previous[1]) == norm_channels(module):
             source = previous[0]
         new_of[id(module)] = switchable(module, cfg.bits, source)
-        kind = 'BN' if switchable is SwitchableBatchNorm else 'norm'
-        rows.append((name, type(module).__name__,
-                     f'switchable {kind} (follows {source or "global bit"})'))
+        kind = 'switchable ' + (
+            'BN' if switchable is SwitchableBatchNorm else 'norm')
+        rows.append(ConversionRow(
+            name, type(module).__name__, kind,
+            f'{kind} (follows {source or "global bit"})'))
     _replace_all(model, new_of)
     return rows
 
@@ -296,9 +304,10 @@ def _convert_weight_readers(model: nn.Module) -> list:
         reads = [child for child in weight_reads(owner)
                  if isinstance(owner.get_submodule(child), QuantLayer)]
         if reads:
-            rows.append((name or '(model)', type(owner).__name__,
-                         f'reads {", ".join(c + ".weight" for c in reads)} '
-                         'directly: quantized weight, FP input'))
+            rows.append(ConversionRow(
+                name or '(model)', type(owner).__name__, 'weight reads',
+                f'reads {", ".join(c + ".weight" for c in reads)} '
+                'directly: quantized weight, FP input'))
             WeightReadingOwner.from_owner(owner, reads)
     return rows
 

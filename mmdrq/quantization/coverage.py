@@ -42,6 +42,7 @@ from .forms import is_weight_layer
 from .functional import fake_quant_impl
 from .layers import QuantLayer
 from .learned_scale import LearnedScaleQuantizer
+from .report import FP, ConversionRow, report_of
 
 ATTENTION_WEIGHTS = ('in_proj_weight', 'q_proj_weight', 'k_proj_weight',
                      'v_proj_weight')
@@ -59,8 +60,6 @@ _RANDOM = {'rand', 'randn', 'randint', 'randperm', 'normal', 'bernoulli',
            'uniform_', 'normal_', 'bernoulli_', 'multinomial'}
 ACT = 'activation'
 CONST = frozenset()  # weight-free, activation-free: parameters, constants
-KEPT_REASONS = ('first layer (skip_first_last)',
-                'prediction layer (skip_first_last)')
 
 
 class WeightUse(NamedTuple):
@@ -162,16 +161,16 @@ class _WeightUseMode(TorchDispatchMode):
 @dataclass
 class WeightUses:
     """What a forward did with each tracked weight: ``weights`` maps its
-    name to a ``WeightUse``; ``layer_status`` is the conversion table's
-    status of each layer (when the model was converted)."""
+    name to a ``WeightUse``; ``layers`` is the conversion report's row of
+    each layer (when the model was converted)."""
     weights: Dict[str, WeightUse] = field(default_factory=dict)
-    layer_status: Dict[str, str] = field(default_factory=dict)
+    layers: Dict[str, ConversionRow] = field(default_factory=dict)
 
     def kept_fp(self, name: str) -> bool:
         """Whether the defaults keep ``name``'s layer FP on purpose (the
         first and the prediction layers, ``skip_first_last``)."""
-        status = self.layer_status.get(self.weights[name].layer, '')
-        return any(reason in status for reason in KEPT_REASONS)
+        row = self.layers.get(self.weights[name].layer)
+        return row is not None and row.by_default
 
     def numel(self, uses=('quantized', 'fp', 'mixed'), kept=None) -> int:
         """Parameters of the weights whose use is in ``uses``; ``kept``
@@ -195,12 +194,12 @@ class WeightUses:
         """Why ``name`` runs FP, in the conversion table's words where it
         has them."""
         weight = self.weights[name]
-        status = self.layer_status.get(weight.layer)
+        row = self.layers.get(weight.layer)
         if weight.use == 'mixed':
             return 'read quantized in one place and FP in another ' \
                 '(a module shared between places, converted once)'
-        if status is not None and status.startswith('FP: '):
-            return status[4:]
+        if row is not None and row.decision == FP:
+            return row.detail
         if weight.converted:
             return 'converted, but the forward reads the weight directly'
         return f'not converted ({weight.layer_type})'
@@ -252,9 +251,7 @@ def tracing_weight_uses(model: nn.Module):
     handles = [m.register_forward_hook(quantized_output)
                for m in model.modules()
                if isinstance(m, LearnedScaleQuantizer)]
-    result = WeightUses(layer_status={
-        layer: status
-        for layer, _, status in getattr(model, 'mmdrq_report', [])})
+    result = WeightUses(layers={row.layer: row for row in report_of(model)})
     try:
         with fake_quant_impl('torch'), _WeightUseMode(provenance, uses):
             yield result

@@ -11,6 +11,7 @@ from mmdrq.registry import MODELS
 from .bitwidths import check_bit, check_bits
 from .graph import input_producers
 from .layers import BitSwitchable
+from .report import ConversionRow
 from .switchable_bn import SwitchableBatchNorm
 
 _BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var',
@@ -109,5 +110,6 @@ def to_transitional(model: nn.Module,
         setattr(parent, child, new)
         how = f'({previous}, {module.source}) pairs' if previous else \
             'own bit only: input producer unknown'
-        rows.append((name, 'TransitionalBatchNorm', how))
+        rows.append(ConversionRow(name, 'TransitionalBatchNorm',
+                                  'transitional BN', how))
     return rows

@@ -247,7 +247,7 @@ def resnet18():
 
 
 def _status(model):
-    return {name: status for name, _, status in model.mmdrq_report}
+    return {r.layer: r.status for r in model.mmdrq_report}
 
 
 def test_skip_patterns_fullmatch(resnet18):
@@ -347,7 +347,7 @@ def test_good_bit_lists(make_tiny_cnn, bits):
 def test_conversion_table_logged(resnet18, mmengine_caplog):
     model = quantize_model(resnet18, skip=[r'backbone\.layer2\.0\.conv1'])
     rows = model.mmdrq_report
-    names = [row[0] for row in rows]
+    names = [row.layer for row in rows]
     # one row per conv/linear and per BN of the original model
     assert len(names) == len(set(names))
     expected = {n for n, m in model.named_modules()
@@ -362,13 +362,20 @@ def test_conversion_table_logged(resnet18, mmengine_caplog):
         'skip' in status['backbone.layer2.0.conv1']
     assert status['backbone.layer2.0.conv2'] == 'quantized [8, 6, 4, 2]'
     assert 'switchable' in status['backbone.layer1.0.bn1']
+    # typed: the decision and whether skip_first_last made it
+    by_name = {row.layer: row for row in rows}
+    assert [(by_name[n].decision, by_name[n].by_default) for n in (
+        'backbone.conv1', 'head.fc', 'backbone.layer2.0.conv1',
+        'backbone.layer2.0.conv2', 'backbone.layer1.0.bn1')] == [
+        ('fp', True), ('fp', True), ('fp', False), ('quantized', False),
+        ('switchable BN', False)]
 
     text = '\n'.join(r.getMessage() for r in mmengine_caplog.records)
     assert 'mmdrq conversion of ImageClassifier' in text
-    for name, _, row_status in rows:
+    for row in rows:
         line = next(line for line in text.splitlines()
-                    if line.split('|')[0].strip() == name)
-        assert row_status in line
+                    if line.split('|')[0].strip() == row.layer)
+        assert row.status in line
 
 
 def test_custom_conv_subclass_stays_fp(mmengine_caplog):

@@ -29,7 +29,7 @@ def _model():
 
 
 def _status(model):
-    return {name: status for name, _, status in model.mmdrq_report}
+    return {r.layer: r.status for r in model.mmdrq_report}
 
 
 def test_unregistered_type_stays_fp():

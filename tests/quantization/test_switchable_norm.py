@@ -72,7 +72,7 @@ def test_conversion_and_sources():
     assert isinstance(model.gn.bns['4'], nn.GroupNorm)
     assert model.gn.source == 'conv' and model.ln.source == 'fc1'
     assert model.gn.num_features == 8 and model.ln.num_features == 6
-    rows = {r[0]: r[2] for r in model.mmdrq_report}
+    rows = {r.layer: r.status for r in model.mmdrq_report}
     assert rows['gn'] == 'switchable norm (follows conv)'
     # off: GN and LN stay as they are, BN conversion is its own option
     torch.manual_seed(0)
@@ -150,7 +150,8 @@ def test_fp_checkpoint_gives_every_bit_the_norm():
 def test_transitional_pairs_for_gn():
     model = converted()
     x = torch.randn(2, 3, 5, 5)
-    rows = dict((r[0], r[2]) for r in to_transitional(model, lambda m: m(x)))
+    rows = {r.layer: r.status
+            for r in to_transitional(model, lambda m: m(x))}
     # conv's input comes from the FP stem: GN keys by its own bit
     assert 'unknown' in rows['gn'] and set(model.gn.bns) == {'8', '4', '2'}
     assert rows['ln'] == '(conv, fc1) pairs'

@@ -20,7 +20,7 @@ MOCOV3_TINY = {
 
 
 def _status(model):
-    return {name: status for name, _, status in model.mmdrq_report}
+    return {r.layer: r.status for r in model.mmdrq_report}
 
 
 def test_ema_teacher_follows_its_student():

@@ -47,8 +47,8 @@ def test_residual_sum_has_no_unique_producer():
     producers = input_producers(model, run((2, 3, 8, 8)))
     assert producers['conv_b'] == 'conv_a'
     assert producers['conv_c'] is None  # conv_b + conv_a's branch
-    rows = dict((r[0], r[2]) for r in to_transitional(model,
-                                                      run((2, 3, 8, 8))))
+    rows = {r.layer: r.status
+            for r in to_transitional(model, run((2, 3, 8, 8)))}
     assert rows['bn_b'] == '(conv_a, conv_b) pairs'
     assert 'unknown' in rows['bn_c'] and 'unknown' in rows['bn_a']
     assert set(model.bn_c.bns) == {'8', '4', '2'}

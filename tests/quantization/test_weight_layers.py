@@ -496,7 +496,7 @@ def test_shared_modules_quantized_at_every_reference():
     assert called == {'levels.0.0', 'levels.0.3'}
     assert calls == {'levels.0.0': 3, 'levels.0.3': 3}
     # each level's BN follows the shared conv
-    rows = dict((r[0], r[2]) for r in model.mmdrq_report)
+    rows = {r.layer: r.status for r in model.mmdrq_report}
     assert rows['levels.2.1'] == 'switchable BN (follows levels.0.0)'
 
 
@@ -513,7 +513,7 @@ class AfterTransposed(nn.Module):
 def test_fp_reasons_and_switchable_bn_source():
     model = AfterTransposed()
     quantize_model(model, skip_first_last=False)
-    rows = dict((r[0], r[2]) for r in model.mmdrq_report)
+    rows = {r.layer: r.status for r in model.mmdrq_report}
     assert rows['bn'] == 'switchable BN (follows up)'
     assert rows['attn'] == ('FP: separate q/k/v projection weights '
                             '(kdim/vdim != embed_dim) are not supported')
@@ -531,7 +531,7 @@ def test_bn_after_deformable_conv_follows_it(pack):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), pack(4, 6, 3, padding=1),
                           nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1))
     quantize_model(model, bits=BITS, skip_first_last=False)
-    rows = dict((r[0], r[2]) for r in model.mmdrq_report)
+    rows = {r.layer: r.status for r in model.mmdrq_report}
     assert rows['2'] == 'switchable BN (follows 1)'
     set_bits(model, 8)
     set_layer_bits(model, {'1': 2, '1.conv_offset': 6})
@@ -543,7 +543,7 @@ def test_bn_after_deformable_conv_follows_it(pack):
 def test_skip_pattern_keeps_new_layer_fp():
     model = AfterTransposed()
     quantize_model(model, skip=['up', 'attn'], skip_first_last=False)
-    rows = dict((r[0], r[2]) for r in model.mmdrq_report)
+    rows = {r.layer: r.status for r in model.mmdrq_report}
     assert rows['up'] == "FP: matches skip pattern 'up'"
     assert type(model.up) is nn.ConvTranspose2d
     assert rows['bn'] == 'switchable BN (follows global bit)'
@@ -672,7 +672,7 @@ def test_owner_reading_a_weight_gets_the_quantized_one():
     wrapper = nn.Sequential(copy.deepcopy(float_module))
     quantize_model(wrapper, bits=BITS, skip_first_last=False,
                    act_quantizer=None)
-    rows = dict((r[0], r[2]) for r in wrapper.mmdrq_report)
+    rows = {r.layer: r.status for r in wrapper.mmdrq_report}
     assert rows['0'] == 'reads qkv.weight directly: quantized weight, FP input'
     owner = wrapper[0].eval()
     x = rand(gen, 2, 5, 8)
@@ -707,7 +707,7 @@ def test_owner_reading_a_grandchild_weight_gets_the_quantized_one():
     wrapper = nn.Sequential(copy.deepcopy(float_module))
     quantize_model(wrapper, bits=BITS, skip_first_last=False,
                    act_quantizer=None)
-    rows = dict((r[0], r[2]) for r in wrapper.mmdrq_report)
+    rows = {r.layer: r.status for r in wrapper.mmdrq_report}
     assert rows['0'] == ('reads reduction_conv.conv.weight directly: '
                          'quantized weight, FP input')
     owner = wrapper[0].eval()
