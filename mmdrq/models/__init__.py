@@ -1,9 +1,8 @@
 from .multi_precision import (MultiPrecisionQAT, MultiPrecisionQATDDP,
-                              PerBitOptimWrapper, architecture_of, bit_tag,
-                              check_optim_bits, qat_model_of, unwrap_model)
+                              architecture_of, qat_model_of, unwrap_model)
+from .train_step import PerBitOptimWrapper, check_optim_bits
 
 __all__ = [
     'MultiPrecisionQAT', 'MultiPrecisionQATDDP', 'PerBitOptimWrapper',
-    'architecture_of', 'bit_tag', 'check_optim_bits', 'qat_model_of',
-    'unwrap_model'
+    'architecture_of', 'check_optim_bits', 'qat_model_of', 'unwrap_model'
 ]

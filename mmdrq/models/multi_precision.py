@@ -1,9 +1,6 @@
 """One-shot multi-precision QAT around any OpenMMLab model."""
-import abc
-import contextlib
 import logging
 import weakref
-from collections import OrderedDict
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -14,9 +11,8 @@ from mmengine.optim import OptimWrapper
 from torch import nn
 
 from mmdrq.quantization import (model_bits, quantize_model,
-                                quantized_layers, quantizers_ready,
-                                recording_calls, set_bits, shared_rounding)
-from mmdrq.quantization.bitwidths import bit_tag, check_bit
+                                quantized_layers, quantizers_ready)
+from mmdrq.quantization.bitwidths import check_bit
 from mmdrq.quantization.meta import (check_quantizer_meta, decode_meta,
                                      encode_meta, quantizer_meta)
 from mmdrq.quantization.transitional_bn import to_transitional
@@ -26,7 +22,10 @@ from .bit_schedule import build_bit_schedule
 from .head_distill import build_head_distill
 from .loading import accept_start_checkpoints
 from .multi_level import to_level_act_scales, to_level_norms
-from .pskd import PSKDTargets, soft_cross_entropy
+from .pskd import PSKDTargets
+from .step_plugins import (BitSamplingStep, CallRecordingStep,
+                           HeadDistillStep, PSKDStep, SharedRoundingStep)
+from .train_step import PerBitOptimWrapper, multi_bit_train_step
 
 LOSS_MODES = ('per_bit', 'sum')
 # Inductor's layout optimisation (channels-last convs) changed gradients of
@@ -37,29 +36,6 @@ CPU_COMPILE_OPTIONS = {'layout_optimization': False}
 # compiled architectures, kept off the module tree so that state dicts,
 # deepcopy (EMA) and pickling never see them
 _COMPILED = weakref.WeakKeyDictionary()
-
-
-class PerBitOptimWrapper(abc.ABC):
-    """What the per-bit train step asks of an optimizer wrapper that treats
-    bits differently (ALRS): told each bit before its step, and given the
-    per-bit losses of ``loss_mode='sum'``. Plain wrappers get neither."""
-    bits: tuple
-
-    @abc.abstractmethod
-    def set_bit(self, bit: int):
-        """The bit whose gradients the next ``update_params`` steps."""
-
-    @abc.abstractmethod
-    def update_summed_params(self, losses: Dict[int, torch.Tensor]):
-        """One step on the per-bit losses ``{bit: loss}`` of one iteration."""
-
-
-def check_optim_bits(optim_bits, model_bits):
-    """The optimizer wrapper's bits must be the model's (ALRS's rates are
-    per bit)."""
-    if tuple(optim_bits) != tuple(model_bits):
-        raise ValueError(f'optim_wrapper.bits={list(optim_bits)} differs '
-                         f'from the quantizer bits={list(model_bits)}')
 
 
 @MODELS.register_module()
@@ -177,7 +153,8 @@ class MultiPrecisionQAT(BaseModel):
             if num_classes is None:
                 raise ValueError(
                     f'distill={dict(distill)} needs a classifier with '
-                    f'head.num_classes; {type(architecture).__name__} has none')
+                    f'head.num_classes; {type(architecture).__name__} '
+                    'has none')
             self.pskd = PSKDTargets(num_classes, **distill)
             # the tables grow per rank and are kept alike by all_gather:
             # DDP must not broadcast them from rank 0 at every forward
@@ -186,6 +163,12 @@ class MultiPrecisionQAT(BaseModel):
                 ._set_params_and_buffers_to_ignore_for_model(
                     self, [f'pskd.{name}' for name, _ in
                            self.pskd.named_buffers()])
+        self._plugins = [SharedRoundingStep()] if loss_mode == 'sum' else []
+        self._plugins.append(CallRecordingStep())
+        if self.head_distill is not None:
+            self._plugins.append(HeadDistillStep(self.head_distill))
+        if self.pskd is not None:
+            self._plugins.append(PSKDStep(self.pskd))
         self.compile_options = ({} if compile is True else dict(compile)) \
             if compile else None
         self._warned_sampler = False
@@ -248,6 +231,14 @@ class MultiPrecisionQAT(BaseModel):
                 f'the conversion.', logger='current',
                 level=logging.WARNING)
 
+    def step_plugins(self) -> list:
+        """The parts of this iteration's train step beyond forward,
+        backward and step (step_plugins.py); HASB's sampler joins once
+        ``HASBHook`` sets ``bit_sampler``."""
+        sampling = [BitSamplingStep()] if self.bit_sampler is not None \
+            else []
+        return self._plugins + sampling
+
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):
         return self._runner()(inputs, data_samples, mode=mode)
 
@@ -287,13 +278,6 @@ def _structural_passes(multi_level_norm, multi_level_act_scales,
     return passes + [('transitional_bn', transitional)]
 
 
-def _pskd_losses(module, forward: Callable, data, targets, bit) -> Dict:
-    logits = forward(data, mode='tensor')
-    if bit == module.bits[0]:
-        module.pskd.record(logits, _sample_index(data))
-    return dict(loss=soft_cross_entropy(logits, targets))
-
-
 def _check_bit_loss_weights(weights, bits) -> Dict[int, float]:
     """``{bit: factor}`` with every bit one of ``bits`` (digit strings, as
     ``--cfg-options`` gives them, count) and every factor positive."""
@@ -313,10 +297,6 @@ def _check_bit_loss_weights(weights, bits) -> Dict[int, float]:
                              f'number, got {factor!r}')
         checked[bit] = float(factor)
     return checked
-
-
-def _sample_index(data) -> torch.Tensor:
-    return torch.tensor([s.sample_idx for s in data['data_samples']])
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -340,85 +320,6 @@ def architecture_of(model: nn.Module) -> nn.Module:
     model = unwrap_model(model)
     return model.architecture if isinstance(model, MultiPrecisionQAT) \
         else model
-
-
-def multi_bit_train_step(module: MultiPrecisionQAT, forward: Callable,
-                         data, optim_wrapper: OptimWrapper) -> Dict:
-    """The per-bit loop shared by the plain and the DDP wrapper.
-
-    ``forward(data, mode)`` runs the (possibly DDP-wrapped) model; the data
-    is preprocessed once for all bits. A ``PerBitOptimWrapper`` (ALRS) is
-    told the bit before each step; with the summed loss, its
-    ``update_summed_params`` gets the per-bit losses (the per-bit rates
-    then weigh each bit's gradient).
-    """
-    per_bit = isinstance(optim_wrapper, PerBitOptimWrapper)
-    if getattr(optim_wrapper, 'bits', None) is not None:  # any that has them
-        check_optim_bits(optim_wrapper.bits, module.bits)
-    with optim_wrapper.optim_context(module):
-        data = module.data_preprocessor(data, True)
-    targets = None
-    if module.pskd is not None:
-        labels = torch.cat([s.gt_label for s in data['data_samples']])
-        targets = module.pskd.targets(labels, _sample_index(data))
-    log_vars, total, called, bit_losses = OrderedDict(), 0, None, {}
-    bit_values = {}
-    try:
-        with contextlib.ExitStack() as stack:
-            # a summed loss: the weights stay put across the bits' forwards,
-            # so each weight is rounded once for all bits
-            if module.loss_mode == 'sum':
-                stack.enter_context(shared_rounding(module.architecture))
-            if module.uncalled_layers is None:
-                called = stack.enter_context(
-                    recording_calls(module.architecture))
-            distill = module.head_distill
-            if distill is not None:
-                stack.enter_context(distill.capturing())
-            for bit in module.bit_schedule.current_bits():
-                if module.bit_sampler is None:
-                    set_bits(module.architecture, bit)
-                else:
-                    log_vars['avg_bit' + bit_tag(bit)] = torch.tensor(
-                        module.bit_sampler.apply(module.architecture, bit))
-                with optim_wrapper.optim_context(module):
-                    if targets is None:
-                        losses = forward(data, mode='loss')
-                    else:
-                        losses = _pskd_losses(module, forward, data,
-                                              targets, bit)
-                if distill is not None:
-                    if bit == module.bits[0]:
-                        distill.keep_teacher()
-                    else:
-                        losses['loss_distill'] = distill.loss()
-                loss, bit_vars = module.parse_losses(losses)
-                if bit in module.bit_loss_weights:
-                    loss = loss * module.bit_loss_weights[bit]
-                log_vars.update(
-                    (k + bit_tag(bit), v) for k, v in bit_vars.items())
-                bit_values[bit] = bit_vars['loss']
-                if module.loss_mode == 'per_bit':
-                    if per_bit:
-                        optim_wrapper.set_bit(bit)
-                    optim_wrapper.update_params(loss)
-                    total = total + loss.detach()
-                else:
-                    bit_losses[bit] = loss
-                    total = total + loss
-    finally:
-        set_bits(module.architecture, module.bits[0])
-    module.bit_schedule.record(bit_values)
-    if called is not None:
-        module.note_called_layers(called)
-    if module.loss_mode == 'sum':
-        if per_bit:
-            optim_wrapper.update_summed_params(bit_losses)
-        else:
-            optim_wrapper.update_params(total)
-        total = total.detach()
-    log_vars['loss'] = total
-    return log_vars
 
 
 @MODEL_WRAPPERS.register_module()

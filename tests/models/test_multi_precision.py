@@ -42,7 +42,7 @@ def test_summed_loss_rounds_each_weight_once(small_classifier, monkeypatch):
     call per step, with the gradients of a run that quantizes per bit."""
     import copy
 
-    from mmdrq.models import multi_precision
+    from mmdrq.models import step_plugins
     from mmdrq.quantization import DoubleRoundingQuantizer
     model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 6, 4, 2]),
                               loss_mode='sum')
@@ -61,7 +61,7 @@ def test_summed_loss_rounds_each_weight_once(small_classifier, monkeypatch):
     assert sorted(calls) == sorted((id(q), (8, 6, 4, 2)) for q in quantizers)
     assert all(q._shared is None for q in quantizers)
 
-    monkeypatch.setattr(multi_precision, 'shared_rounding',
+    monkeypatch.setattr(step_plugins, 'shared_rounding',
                         lambda model: contextlib.nullcontext())
     calls.clear()
     expected = GradRecorder(torch.optim.SGD(reference.parameters(), 0.01))
