@@ -5,16 +5,15 @@ preprocessor before, and its own post-processing after (the classifier
 head's predictions, a detector head's ``predict_by_feat``, a segmentor's
 resize and argmax), the split mmdeploy makes.
 """
-import time
+import contextlib
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from mmengine.logging import print_log
 from mmengine.runner import TestLoop
 from torch.utils import _pytree as pytree
 
-from mmdrq.engine.loops import metrics_table
+from mmdrq.engine.loops import run_settings
 from mmdrq.models import architecture_of
 from mmdrq.quantization.bitwidths import bit_tag, tag
 from mmdrq.registry import LOOPS
@@ -166,24 +165,13 @@ class OnnxRuntimeTestLoop(TestLoop):
         self.runner.call_hook('before_test')
         self.runner.call_hook('before_test_epoch')
         self.runner.model.eval()
-        all_metrics, rows = {}, []
-        for suffix, setting in self.settings:
-            self.session.set_bits(setting)
-            start = time.perf_counter()
-            for idx, data_batch in enumerate(self.dataloader):
-                self.run_iter(idx, data_batch)
-            seconds = time.perf_counter() - start
-            images = len(self.dataloader.dataset)
-            metrics = self.evaluator.evaluate(images)
-            if self.measure_speed:
-                metrics['images_per_s'] = images / max(seconds, 1e-9)
-            rows.append((suffix, metrics))
-            all_metrics.update({k + suffix: v for k, v in metrics.items()})
-        print_log('test metrics per bit-width (ONNX Runtime):\n' +
-                  metrics_table(rows), logger='current')
-        self.runner.call_hook('after_test_epoch', metrics=all_metrics)
+        metrics = run_settings(
+            self, lambda setting: contextlib.nullcontext(
+                self.session.set_bits(setting)),
+            'test metrics per bit-width (ONNX Runtime)')
+        self.runner.call_hook('after_test_epoch', metrics=metrics)
         self.runner.call_hook('after_test')
-        return all_metrics
+        return metrics
 
     @torch.no_grad()
     def run_iter(self, idx, data_batch):

@@ -27,7 +27,6 @@ that graph:
   convs, attention, ...) get the same form through a stand-in of theirs in
   the float graph (``layer_forms``).
 """
-import contextlib
 import copy
 import re
 from typing import Dict, Sequence, Union
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from mmdrq.models.tasks import unsupported_reason
-from mmdrq.quantization import quantized_layers, use_bits
+from mmdrq.quantization import quantized_layers, use_setting
 from mmdrq.quantization.bitwidths import check_bit
 from mmdrq.quantization.integers import (check_container, is_signed,
                                          uninitialised_quantizers)
@@ -156,19 +155,6 @@ def check_bits_setting(model: nn.Module, bits: Union[int, Dict[str, int]]):
         values = {bits}
     for bit in values:
         check_container(check_bit(bit, model_bits))
-
-
-@contextlib.contextmanager
-def at_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
-    """``use_bits``, a SubNet's unnamed layers at the highest bit (as
-    the test loop runs it on a freshly loaded model)."""
-    with contextlib.ExitStack() as stack:
-        if isinstance(bits, dict):
-            layers = quantized_layers(model)
-            stack.enter_context(
-                use_bits(model, next(iter(layers.values())).bits[0]))
-        stack.enter_context(use_bits(model, bits))
-        yield model
 
 
 class OnnxExporter:
@@ -301,7 +287,7 @@ class OnnxExporter:
                 hooks.append(child.register_forward_hook(
                     lambda m, i, o, name=name: active.__setitem__(name, m)))
         try:
-            with at_bits(self.model, bits), torch.no_grad():
+            with use_setting(self.model, bits), torch.no_grad():
                 self.run_torch(torch.zeros(self.input_shape))
         finally:
             for hook in hooks:
@@ -342,7 +328,7 @@ class OnnxExporter:
             if name in used:
                 _check_layer_ready(name, module)
         active = self._active_bns(bits)
-        with at_bits(self.model, bits), torch.no_grad():
+        with use_setting(self.model, bits), torch.no_grad():
             layer_bits = {n: m.bit for n, m in self.layers.items()}
             rewrite = QDQRewrite(self, proto, layer_bits, active)
             rewrite.run()

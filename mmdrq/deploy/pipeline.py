@@ -9,13 +9,13 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mmdrq.export.int_checkpoint import is_int_checkpoint, load_int
-from mmdrq.quantization import model_bits, quantized_layers
+from mmdrq.quantization import model_bits, quantized_layers, use_setting
 from mmdrq.quantization.bitwidths import bit_name, check_bit_selection
 from mmdrq.quantization.integers import CONTAINER_BIT
 from mmdrq_runtime.artifact import check_file_name
 from mmdrq.utils.checks import check_choice
 from .folder import LAYOUTS, check_out_dir, pack, write_folder
-from .onnx_export import (OnnxExporter, at_bits, check_bits_setting,
+from .onnx_export import (OnnxExporter, check_bits_setting,
                           check_exportable)
 from .pipeline_graph import pipeline_feeds, torch_pipeline
 from .residual import check_residual_mode
@@ -98,7 +98,7 @@ def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
     feeds = dict(pipeline_feeds(exporter.pipeline, inputs.shape),
                  input=inputs.numpy())
     got = session.run(None, feeds)
-    with at_bits(exporter.model, bits):
+    with use_setting(exporter.model, bits):
         want = exporter.run_torch(inputs)
         if exporter.task is not None:
             want = torch_pipeline(exporter.task, want, inputs, exporter.model)
@@ -178,7 +178,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
         base = models[name] if name in models else \
             exporter.export_setting(stored)[0]
     files, entries, specs = pack(entries, models, integers, base, layout)
-    with at_bits(model, settings[0][1]):
+    with use_setting(model, settings[0][1]):
         example = exporter.run_torch(torch.zeros(exporter.input_shape))
     outputs = pytree.tree_flatten(example)[1]
     graph_input = exporter.skeleton().graph.input[0].type.tensor_type.shape

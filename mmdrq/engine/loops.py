@@ -6,7 +6,8 @@ and a table of all settings is logged at the end.
 """
 import contextlib
 import time
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import (Callable, ContextManager, List, Optional, Sequence,
+                    Tuple, Union)
 
 from mmengine.logging import print_log
 from mmengine.runner import TestLoop, ValLoop
@@ -15,7 +16,7 @@ from mmengine.runner.loops import _parse_losses
 import torch
 
 from mmdrq.models import architecture_of
-from mmdrq.quantization import model_bits, use_bits
+from mmdrq.quantization import model_bits, use_setting
 from mmdrq.quantization.bitwidths import check_bit_selection
 from mmdrq.quantization.bitwidths import bit_tag, split_tag, tag
 from mmdrq.quantization.deploy_numerics import deploy_numerics
@@ -90,32 +91,46 @@ class _MultiBitMixin:
         self._quant_model = model
 
     def _run_settings(self, run_iter, losses, phase: str) -> dict:
-        all_metrics, rows = {}, []
-        for suffix, setting in self.settings:
-            with use_bits(self._quant_model, setting):
+        return run_settings(
+            self, lambda setting: use_setting(self._quant_model, setting),
+            f'{phase} metrics per bit-width', losses, phase)
+
+
+def clock() -> float:
+    """Seconds, after the GPU's queued work (the speed columns)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run_settings(loop, enter: Callable[[object], ContextManager],
+                 title: str, losses: Optional[dict] = None,
+                 phase: str = 'test') -> dict:
+    """Every ``(tag, setting)`` of ``loop.settings``, inside
+    ``enter(setting)``: ``loop.run_iter`` over its dataloader, then its
+    evaluator (and the mean of the ``losses`` the iterations collected,
+    ``images_per_s`` with ``loop.measure_speed``). Returns the metrics keyed
+    ``<metric>@<tag>`` and logs them as one table under ``title``: the run
+    of the PyTorch loops and of the ONNX Runtime loop alike."""
+    all_metrics, rows = {}, []
+    for suffix, setting in loop.settings:
+        with enter(setting):
+            if losses is not None:
                 losses.clear()
-                start = self._clock()
-                for idx, data_batch in enumerate(self.dataloader):
-                    run_iter(idx, data_batch)
-                seconds = self._clock() - start
-                images = len(self.dataloader.dataset)
-                metrics = self.evaluator.evaluate(images)
-                if losses:
-                    metrics.update(_parse_losses(losses, phase))
-                if self.measure_speed:  # loading + model, not the metric
-                    metrics['images_per_s'] = images / max(seconds, 1e-9)
-            rows.append((suffix, metrics))
-            all_metrics.update({k + suffix: v for k, v in metrics.items()})
-        print_log(f'{phase} metrics per bit-width:\n' + metrics_table(rows),
-                  logger='current')
-        return all_metrics
-
-
-    @staticmethod
-    def _clock() -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter()
+            start = clock()
+            for idx, data_batch in enumerate(loop.dataloader):
+                loop.run_iter(idx, data_batch)
+            seconds = clock() - start
+            images = len(loop.dataloader.dataset)
+            metrics = loop.evaluator.evaluate(images)
+            if losses:
+                metrics.update(_parse_losses(losses, phase))
+            if loop.measure_speed:  # loading + model, not the metric
+                metrics['images_per_s'] = images / max(seconds, 1e-9)
+        rows.append((suffix, metrics))
+        all_metrics.update({k + suffix: v for k, v in metrics.items()})
+    print_log(f'{title}:\n' + metrics_table(rows), logger='current')
+    return all_metrics
 
 
 def metrics_table(rows) -> str:

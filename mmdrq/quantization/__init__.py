@@ -1,6 +1,6 @@
 from .act_quantizer import ActQuantizer
 from .bit_control import (check_layer_bits, get_bits, model_bits, set_bits,
-                          set_layer_bits, use_bits)
+                          set_layer_bits, use_bits, use_setting)
 from .bitwidths import check_bit, check_bits
 from .config import QuantizeConfig
 from .convert import quantize_model
@@ -23,5 +23,5 @@ __all__ = [
     'get_bits', 'model_bits',
     'quantize_model', 'quantized_layers', 'quantizers_ready',
     'recording_calls', 'set_bits', 'set_layer_bits', 'shared_rounding',
-    'to_transitional', 'use_bits'
+    'to_transitional', 'use_bits', 'use_setting'
 ]

@@ -132,3 +132,16 @@ def use_bits(model: nn.Module, bits: Union[int, Dict[str, int]]):
                     module.set_bit(bit)
                 else:
                     module.set_bit(bit, prev_bit)
+
+
+@contextlib.contextmanager
+def use_setting(model: nn.Module, setting: Union[int, Dict[str, int]]):
+    """``use_bits`` for a *setting* of the per-setting loops and the
+    export: one bit, or a SubNet whose unnamed layers (and the BNs that
+    follow no layer) run at the highest bit, whatever bit the model was
+    at."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(setting, dict):
+            stack.enter_context(use_bits(model, model_bits(model)[0]))
+        stack.enter_context(use_bits(model, setting))
+        yield model

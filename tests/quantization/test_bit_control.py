@@ -7,7 +7,7 @@ from torch.overrides import TorchFunctionMode
 from conftest import RESNET18_CFG, TINY_QUANT_LAYERS, build_openmmlab_model
 from mmdrq import (QConv2d, QLinear, SwitchableBatchNorm, get_bits,
                    quantize_model, set_bits, set_layer_bits, use_bits)
-from mmdrq.quantization import model_bits
+from mmdrq.quantization import model_bits, use_setting
 
 BITS = (8, 6, 4, 2)
 
@@ -165,6 +165,22 @@ def test_use_bits_restores(model):
     with use_bits(model, {'conv2': 2}):
         assert model.conv2.bit == 2 and model.bn2.bit == 2
         assert model.conv1.bit == 2 and model.fc1.bit == 4
+    assert _all_bits(model) == before
+
+
+def test_use_setting_puts_a_subnets_unnamed_layers_at_the_highest_bit(
+        model):
+    """What the per-setting loops and the export run: unlike use_bits, a
+    SubNet's unnamed layers do not keep the bit the model was at."""
+    set_bits(model, 2)
+    before = _all_bits(model)
+    with use_setting(model, {'conv2': 4}):
+        bits = _all_bits(model)
+        assert bits.pop('conv2') == 4 and bits.pop('bn2') == 4
+        assert set(bits.values()) == {8}
+    assert _all_bits(model) == before
+    with use_setting(model, 6):
+        assert set(_all_bits(model).values()) == {6}
     assert _all_bits(model) == before
 
 
