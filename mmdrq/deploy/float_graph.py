@@ -123,11 +123,11 @@ def module_of(init_name: str, suffix: str) -> Optional[str]:
     return None
 
 
-def fold_bn_nodes(proto: onnx.ModelProto,
-                   transposed=frozenset()) -> Dict[str, str]:
-    """Remove every BatchNormalization whose input is a Conv's output used
-    by nothing else (or a ConvTranspose's whose weight is in
-    ``transposed``); returns conv module -> BN module name."""
+def fold_bn_nodes(proto: onnx.ModelProto, foldable) -> Dict[str, str]:
+    """Remove every BatchNormalization whose input is the output of a Conv
+    or ConvTranspose of a module in ``foldable`` (names, from
+    ``forms.folds_bn``) used by nothing else; returns conv module -> BN
+    module name."""
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
@@ -136,9 +136,9 @@ def fold_bn_nodes(proto: onnx.ModelProto,
         conv = producers.get(node.input[0]) if node.op_type == \
             'BatchNormalization' else None
         # a conv called more than once (shared weights) is not folded
-        if conv is not None and (conv.op_type == 'Conv' or (
-                conv.op_type == 'ConvTranspose' and
-                conv.input[1] in transposed)) and \
+        if conv is not None and \
+                conv.op_type in ('Conv', 'ConvTranspose') and \
+                module_of(conv.input[1], '.weight') in foldable and \
                 len(consumers[conv.input[1]]) == 1 and \
                 len(consumers[conv.output[0]]) == 1 and \
                 all(not consumers.get(o) for o in node.output[1:]):

@@ -38,6 +38,7 @@ from torch import nn
 
 from mmdrq.models.tasks import unsupported_reason
 from mmdrq.quantization import quantized_layers, use_setting
+from mmdrq.quantization.forms import folds_bn
 from mmdrq.quantization.bitwidths import check_bit
 from mmdrq.quantization.integers import (check_container, is_signed,
                                          uninitialised_quantizers)
@@ -220,7 +221,9 @@ class OnnxExporter:
         if self._skeleton is None:
             import onnxscript.optimizer
             proto = self._export_float(float_skeleton(self.model))
-            self.folded = fold_bn_nodes(proto, set(self.parts))
+            self.folded = fold_bn_nodes(proto, {
+                name for name, m in self.model.named_modules()
+                if folds_bn(m)})
             proto = onnxscript.optimizer.optimize(proto)
             if self.task == 'detection':
                 self.pipeline = dict(

@@ -5,7 +5,8 @@ Each float layer type maps to its *form*: the quantized class whose
 Conv2d / Linear; the forms of weight_layers.py and attention.py quantize the
 others in place). Everything else asks the form, not the type: conversion
 (``from_float``, ``unsupported_reason``, ``input_layers``), counting
-(``macs``), deploy numerics (``sums_integers``); the export keeps one
+(``macs``), deploy numerics (``sums_integers``), the BN fold of export and
+deploy numerics (``folds_bn``); the export keeps one
 stand-in per form (``mmdrq.deploy.layer_forms.STAND_INS``). A new layer type
 is one ``register_form`` call here and, to export, one stand-in there.
 
@@ -88,6 +89,21 @@ def form_of(layer: QuantLayer) -> type:
     """The form a quantized layer took (QConv2d, or the in-place form of a
     generated ``Q<float type>`` class)."""
     return getattr(type(layer), 'mmdrq_form', type(layer))
+
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d,
+                    nn.ConvTranspose3d)
+
+
+def folds_bn(module: nn.Module) -> bool:
+    """Whether a BN that is the only consumer of this layer's output is
+    folded into it, by the ONNX export and deploy numerics alike: every
+    convolution, FP or quantized, and a quantized transposed one (the
+    export rewrites its weight per channel anyway)."""
+    if isinstance(module, TRANSPOSED_CONVS):
+        return isinstance(module, QuantLayer)
+    return isinstance(module, CONVS)
 
 
 def is_weight_layer(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
+from .forms import folds_bn
 from .layers import BitSwitchable, quantized_layers
 
 
@@ -82,14 +83,13 @@ def _unique_producer(start, outputs) -> Optional[str]:
 def conv_bn_pairs(model: nn.Module,
                   run_forward: Callable[[nn.Module], object]
                   ) -> Dict[str, str]:
-    """Conv2d name -> name of the BN (plain, switchable or transitional)
+    """Conv name -> name of the BN (plain, switchable or transitional)
     that is the only consumer of its output, both called once: the pairs
-    the ONNX exporter folds. ``run_forward(model)`` runs one forward and
+    the ONNX exporter folds (the convs of ``forms.folds_bn``). ``run_forward(model)`` runs one forward and
     returns its outputs (tensors, possibly nested); as for
     ``input_producers``, the model's state is restored after it."""
     norms = _batch_norms(model)
-    convs = {name: m for name, m in model.named_modules()
-             if isinstance(m, nn.Conv2d)}
+    convs = {name: m for name, m in model.named_modules() if folds_bn(m)}
     conv_outputs, norm_inputs, calls, handles = {}, {}, Counter(), []
     for name, conv in convs.items():
         def post(module, args, out, name=name):

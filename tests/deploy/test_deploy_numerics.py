@@ -103,6 +103,41 @@ def test_pairs_are_the_exporters_folds():
     assert exporter.folded == pairs
 
 
+class ConvKinds(nn.Module):
+    """A BN after each kind of conv: 2-d, quantized transposed, FP
+    transposed (skipped), quantized 3-d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.up, self.bn_up = nn.ConvTranspose2d(4, 4, 2, 2), \
+            nn.BatchNorm2d(4)
+        self.up_fp, self.bn_up_fp = nn.ConvTranspose2d(4, 4, 1), \
+            nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = torch.relu(self.bn_up(self.up(y)))
+        y = self.bn_up_fp(self.up_fp(y))
+        y = self.bn3(self.conv3(y.unsqueeze(1))).flatten(1, 2)
+        return self.head(y)
+
+
+def test_every_conv_kind_pairs_as_the_exporter_folds():
+    """One rule (forms.folds_bn) for deploy numerics and the export."""
+    model = quantize_model(ConvKinds(), bits=list(BITS), skip=['up_fp'],
+                           skip_first_last=False)
+    calibrate(model, (4, 3, 6, 6))
+    x = torch.randn(2, 3, 6, 6)
+    pairs = conv_bn_pairs(model, lambda m: m(x))
+    assert pairs == {'conv': 'bn', 'up': 'bn_up', 'conv3': 'bn3'}
+    exporter = OnnxExporter(model, x.shape, lambda m, inputs: m(inputs))
+    exporter.skeleton()
+    assert exporter.folded == pairs
+
+
 def test_conv_output_used_twice_is_not_paired():
     class Branch(nn.Module):
         def __init__(self):
