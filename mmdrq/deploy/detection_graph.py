@@ -31,6 +31,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from mmdrq.models.tasks import two_stage
+
 # the graph's inputs besides the image tensor, and its outputs
 EXTRA_INPUTS = ('image_size', 'inverse_scale')
 OUTPUTS = ('boxes', 'scores', 'labels')
@@ -133,7 +135,7 @@ def example_inputs(shape):
 
 def detection_refusal(model) -> Optional[str]:
     """Why ``model``'s post-processing has no graph form (None: it has)."""
-    if getattr(model, 'roi_head', None) is not None:
+    if two_stage(model):
         from .two_stage_graph import two_stage_refusal
         return two_stage_refusal(model)
     from mmdet.models.dense_heads import GFLHead

@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from mmdrq.engine.loops import run_settings
 from mmdrq.models import architecture_of
+from mmdrq.models.tasks import decode_head, dense_head, task_of
 from mmdrq.quantization.bitwidths import bit_tag, tag
 from mmdrq.registry import LOOPS
 from mmdrq_runtime.inferencer import detections
@@ -66,14 +67,14 @@ def postprocess(model, outputs, data_samples):
     """Data samples with predictions from the network's tensor outputs
     (the structure ``model(inputs, mode='tensor')`` returns)."""
     metas = [sample.metainfo for sample in data_samples]
-    if hasattr(model, 'bbox_head') and not hasattr(model, 'roi_head'):
-        results = model.bbox_head.predict_by_feat(
+    if dense_head(model) is not None:
+        results = dense_head(model).predict_by_feat(
             *outputs, batch_img_metas=metas, rescale=True)
         return model.add_pred_to_datasample(data_samples, results)
-    if hasattr(model, 'decode_head'):
-        logits = model.decode_head.predict_by_feat(outputs, metas)
+    if decode_head(model) is not None:
+        logits = decode_head(model).predict_by_feat(outputs, metas)
         return model.postprocess_result(logits, data_samples)
-    if hasattr(model, 'head') and hasattr(model.head, '_get_predictions'):
+    if task_of(model) == 'classification':
         return model.head._get_predictions(outputs, data_samples)
     raise TypeError(f'no ONNX post-processing for {type(model).__name__}: '
                     'classifiers (mmpretrain heads), single-stage detectors '

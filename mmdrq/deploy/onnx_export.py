@@ -38,6 +38,7 @@ from torch import nn
 
 from mmdrq.models.tasks import unsupported_reason
 from mmdrq.quantization import quantized_layers, use_setting
+from mmdrq.models.tasks import two_stage
 from mmdrq.quantization.forms import folds_bn
 from mmdrq.quantization.bitwidths import check_bit
 from mmdrq.quantization.integers import (check_container, is_signed,
@@ -59,12 +60,6 @@ from .two_stage_graph import TwoStageDetections
 
 OPSET = 20
 TARGETS = ('onnxruntime', 'tensorrt')
-
-
-def two_stage(model: nn.Module) -> bool:
-    """A detector whose RoI head runs on its RPN's proposals: it exports
-    only as the whole pipeline."""
-    return getattr(model, 'roi_head', None) is not None
 
 
 class TensorForward(nn.Module):
@@ -267,9 +262,8 @@ class OnnxExporter:
             wrapper = self.detections(skeleton)
             example = example_inputs(shape)
             names = ['input', *EXTRA_INPUTS]
-            outputs = list(OUTPUTS) + (['masks'] if getattr(
-                skeleton, 'roi_head', None) and skeleton.roi_head.with_mask
-                else [])
+            outputs = list(OUTPUTS) + (['masks'] if two_stage(skeleton) and
+                                       skeleton.roi_head.with_mask else [])
         else:
             wrapper = TensorForward(skeleton, self.forward)
             example, names = (torch.zeros(shape), ), ['input']

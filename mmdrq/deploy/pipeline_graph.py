@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import numpy as np
 
-from mmdrq.models.tasks import task_of
+from mmdrq.models.tasks import task_of, two_stage
 from mmdrq.utils.checks import check_choice
 
 GRAPHS = ('auto', 'pipeline', 'tensor')
@@ -39,7 +39,7 @@ def pipeline_task(model, graph: str) -> Optional[str]:
         from .detection_graph import detection_refusal
         reason = detection_refusal(model)
         task = None if reason else task
-    if getattr(model, 'roi_head', None) is not None and graph == 'tensor':
+    if two_stage(model) and graph == 'tensor':
         raise ValueError(f'{type(model).__name__}: a two-stage detector '
                          'exports only as the whole pipeline (its RoI head '
                          "runs on the RPN's proposals): graph='auto' or "

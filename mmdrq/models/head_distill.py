@@ -15,8 +15,10 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from mmdrq.utils.checks import check_choice
 from torch import nn
+
+from mmdrq.utils.checks import check_choice
+from .tasks import decode_head, dense_head
 
 TARGETS = ('logits', 'features')
 KEYS = ('target', 'weight', 'temperature', 'box_weight')
@@ -117,11 +119,11 @@ class HeadDistill:
                 raise ValueError(f"head_distill.target='features' needs a "
                                  f"model with a neck (FPN); {name} has none")
             return 'features', model.neck
-        if getattr(model, 'decode_head', None) is not None:
+        if decode_head(model) is not None:
             # mmseg heads call self.forward() (no hooks): hook the classifier
-            return 'seg', model.decode_head.conv_seg
-        head = getattr(model, 'bbox_head', None)
-        if head is None or getattr(model, 'roi_head', None) is not None:
+            return 'seg', decode_head(model).conv_seg
+        head = dense_head(model)
+        if head is None:
             raise ValueError(
                 f"head_distill.target='logits' needs a single-stage mmdet "
                 f"detector (bbox_head) or an mmseg segmentor (decode_head); "

@@ -17,6 +17,7 @@ from mmdrq.quantization import quantized_layers
 from mmdrq.quantization.per_level import PerLevel, restart_levels_each_forward
 from mmdrq.quantization.report import ConversionRow
 from mmdrq.quantization.switchable_bn import SwitchableBatchNorm
+from .tasks import dense_head
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
               SwitchableBatchNorm)
@@ -25,11 +26,10 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
 def _shared_head(architecture: nn.Module, option: str):
     """The single-stage detector's ``bbox_head`` and its FPN level count."""
     name = type(architecture).__name__
-    head = getattr(architecture, 'bbox_head', None)
+    head = dense_head(architecture)
     levels = getattr(getattr(head, 'prior_generator', None), 'num_levels',
                      None)
-    if head is None or levels is None or \
-            getattr(architecture, 'roi_head', None) is not None:
+    if head is None or levels is None:
         raise ValueError(f'{option}=True needs a single-stage mmdet '
                          f'detector whose bbox_head runs over FPN levels '
                          f'(prior_generator); {name} has none')
