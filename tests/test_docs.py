@@ -46,3 +46,38 @@ def test_code_points_to_existing_sections():
 def test_readme_links_the_method():
     with open(osp.join(ROOT, 'README.md')) as f:
         assert '(docs/method.md)' in f.read()
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens
+    dropped, spaces to hyphens."""
+    text = re.sub(r'[^\w\- ]', '', heading.strip().lower())
+    return text.replace(' ', '-')
+
+
+def test_every_link_between_pages_reaches_a_file_and_heading():
+    """README.md and docs/*.md: each relative link ``[text](page.md#part)``
+    names a file that exists and, with ``#part``, one of its headings."""
+    pages = [osp.join(ROOT, 'README.md')] + sorted(
+        glob.glob(osp.join(ROOT, 'docs', '*.md')))
+    broken, count = [], 0
+    for page in pages:
+        with open(page) as f:
+            text = f.read()
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            if re.match(r'[a-z]+://|mailto:', target):
+                continue
+            count += 1
+            path, _, part = target.partition('#')
+            full = osp.normpath(osp.join(osp.dirname(page), path)) \
+                if path else page
+            if not osp.exists(full):
+                broken.append((osp.relpath(page, ROOT), target))
+            elif part and full.endswith('.md'):
+                with open(full) as f:
+                    headings = {anchor(line.lstrip('#'))
+                                for line in f if line.startswith('#')}
+                if part not in headings:
+                    broken.append((osp.relpath(page, ROOT), target))
+    assert count >= 50
+    assert broken == []

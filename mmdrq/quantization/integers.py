@@ -10,11 +10,11 @@ from typing import Tuple
 import torch
 from torch import nn
 
+# ONNX's int8/uint8 containers: a b-bit integer is held as q * 2**(8 - b);
+# one name for the export and the deploy host's reader (torch-free)
+from mmdrq_runtime.artifact import CONTAINER_BIT
 from .bitwidths import check_bit, signed_range, unsigned_range
 from .functional import requantize
-
-# ONNX's int8/uint8 containers: a b-bit integer is held as q * 2**(8 - b)
-CONTAINER_BIT = 8
 
 
 def check_container(bit: int) -> int:
