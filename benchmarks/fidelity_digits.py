@@ -6,7 +6,7 @@ is the real tools/train.py and tools/test.py.
     python benchmarks/fidelity_digits.py [--seeds 0 1 2] [--variants ...]
 
 Prints mean and spread (sample std) of top-1 per bit, saves
-benchmarks/results/fidelity_digits.json and fidelity_digits.png. With
+benchmarks/results/fidelity_digits.json and fidelity_digits.png (``--out``). With
 ``--variants``, only those QAT variants run (FP32 always does: they start
 from it); the other variants' rows are kept from the JSON if it holds the
 same seeds, epochs and FP32 results, and dropped otherwise;
@@ -20,6 +20,7 @@ import os.path as osp
 import statistics
 
 from mmdrq.datasets import write_digits
+from mmdrq.utils import atomic_write_json
 from mmdrq.utils.tool_runs import train_and_test
 
 HERE = osp.dirname(osp.abspath(__file__))
@@ -38,6 +39,8 @@ VARIANTS = {
     'double_rounded_residual': [
         'model.quantizer.weight_quantizer.scale_grad_residual='
         'double_rounded'],
+    # each lower bit's step s * 2**(h-l+k), k of least weight error
+    'step_shift_mse': ['model.quantizer.weight_quantizer.step_shift=mse'],
 }
 
 
@@ -115,6 +118,9 @@ def main():
                         help='QAT variants to run (default: all)')
     parser.add_argument('--reuse-fp32', action='store_true',
                         help='use the FP32 runs already in --work-dir')
+    parser.add_argument('--out', default=osp.join(HERE, 'results',
+                                                  'fidelity_digits'),
+                        help='writes OUT.json and OUT.png')
     args = parser.parse_args()
     work, root = osp.abspath(args.work_dir), osp.abspath(args.data_root)
     write_digits(root)
@@ -142,8 +148,7 @@ def main():
     mean, std = summarize(raw['fp32'])
     results = dict(seeds=args.seeds, qat_epochs=args.qat_epochs,
                    fp32=dict(mean=mean, std=std, values=raw['fp32']))
-    out = osp.join(HERE, 'results')
-    json_path = osp.join(out, 'fidelity_digits.json')
+    json_path = args.out + '.json'
     kept = kept_rows(json_path, results, variants)
     for name in VARIANTS:
         if name in variants:
@@ -168,11 +173,10 @@ def main():
         wins = [b for b in BITS if results['double_rounding'][str(b)]['mean']
                 >= results['floor'][str(b)]['mean']]
         print(f'\nDouble Rounding >= floor (mean) at bits: {wins}')
-    os.makedirs(out, exist_ok=True)
-    with open(json_path, 'w') as f:
-        json.dump(results, f, indent=1)
-    plot(results, osp.join(out, 'fidelity_digits.png'))
-    print(f'saved {out}/fidelity_digits.json and fidelity_digits.png')
+    os.makedirs(osp.dirname(osp.abspath(json_path)), exist_ok=True)
+    atomic_write_json(json_path, results)
+    plot(results, args.out + '.png')
+    print(f'saved {json_path} and {args.out}.png')
 
 
 if __name__ == '__main__':

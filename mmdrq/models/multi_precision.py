@@ -171,6 +171,12 @@ class MultiPrecisionQAT(BaseModel):
             self._plugins.append(PSKDStep(self.pskd))
         self.compile_options = ({} if compile is True else dict(compile)) \
             if compile else None
+        if compile and any(getattr(m, 'step_shift', 'off') != 'off'
+                           for m in architecture.modules()):
+            raise ValueError(
+                "compile=True with quantizer.weight_quantizer.step_shift="
+                "'mse': each change of a bit's step shift would recompile; "
+                'train eagerly (compile=False)')
         self._warned_sampler = False
         self.uncalled_layers = None  # known after the first training step
         accept_start_checkpoints(self)

@@ -34,12 +34,12 @@ def container_integers(quantizer: nn.Module, weight: torch.Tensor,
     the alignment keeps ONNX Runtime's int32 bias as fine as at 8 bits)."""
     check_container(bit)
     q_h = quantizer.integers(weight)  # the stored INT-h integers
-    h = quantizer.stored_bit
-    q = requantize(q_h, h - bit, *signed_range(bit), quantizer.rounding,
+    shift = quantizer.shift(bit)  # h - bit (+ the bit's step shift)
+    q = requantize(q_h, shift, *signed_range(bit), quantizer.rounding,
                    second_rounding_mode(quantizer))
     align = CONTAINER_BIT - bit
     scale = quantizer.scale[0].detach().double().expand(weight.shape[0]) * \
-        2.0**(h - bit - align)
+        2.0**(shift - align)
     return (q * 2**align).to(torch.int8), scale
 
 

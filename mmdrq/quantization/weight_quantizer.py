@@ -13,6 +13,10 @@ from .functional import RESIDUALS, ROUNDINGS, fake_quant_bits, quantize_int
 from .learned_scale import LearnedScaleQuantizer, lsq_grad_scale
 
 VARIANTS = ('double_rounding', 'floor', 'unshared')
+STEP_SHIFTS = ('off', 'mse')
+# the candidates of a lower bit's extra shift k (its step s * 2**(h-l+k)):
+# a finer step at most four times finer than the plain one
+STEP_SHIFT_CHOICES = (-2, -1, 0)
 SCALE_GRADS = ('lsq', 'exact')
 SCALE_GRAD_REDUCES = ('channel', 'tensor')
 
@@ -50,6 +54,13 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
             q_l, the value the forward uses). They differ where the two roundings do not
             commute (12% of in-range weights at w6 of {8,6,4,2}), and the
             sign can flip; at the stored bit they agree.
+        step_shift: ``off`` (the paper: bit l's step is ``s * 2**(h-l)``)
+            or ``mse``: each lower bit gets a per-layer integer ``k`` in
+            ``STEP_SHIFT_CHOICES`` (buffer ``step_shifts``), its step
+            ``s * 2**(h-l+k)`` and integers ``clip(round(q_h / 2**(h-l+k)))``
+            still derived from the stored ones by a shift; ``k`` is chosen
+            at each training forward of that bit as the one of least weight
+            quantization error (docs/lowbit.md, Per-bit step shifts).
     """
 
     def __init__(self,
@@ -60,7 +71,8 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
                  rounding: str = 'half_even',
                  scale_grad: str = 'lsq',
                  scale_grad_reduce: str = 'channel',
-                 scale_grad_residual: str = 'first_rounding'):
+                 scale_grad_residual: str = 'first_rounding',
+                 step_shift: str = 'off'):
         bits = check_bits(bits)
         check_choice('variant', variant, VARIANTS)
         check_choice('rounding', rounding, ROUNDINGS)
@@ -68,6 +80,10 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
         check_choice('scale_grad_reduce', scale_grad_reduce,
                      SCALE_GRAD_REDUCES)
         check_choice('scale_grad_residual', scale_grad_residual, RESIDUALS)
+        check_choice('step_shift', step_shift, STEP_SHIFTS)
+        if step_shift != 'off' and variant != 'double_rounding':
+            raise ValueError(f"step_shift={step_shift!r} needs variant="
+                             f"'double_rounding', got {variant!r}")
         per_channel = check_flag('per_channel', per_channel) and \
             num_channels is not None
         num_scales = len(bits) if variant == 'unshared' else 1
@@ -78,6 +94,11 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
         self.scale_grad = scale_grad
         self.scale_grad_reduce = scale_grad_reduce
         self.scale_grad_residual = scale_grad_residual
+        self.step_shift = step_shift
+        if step_shift != 'off':
+            # k per bit (0 at the stored bit), saved with the scales
+            self.register_buffer('step_shifts',
+                                 torch.zeros(len(bits), dtype=torch.int64))
         self._shared = None  # every bit's output, under shared_rounding
 
     @property
@@ -86,7 +107,9 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
 
     def extra_repr(self):
         return (f'bits={list(self.bits)}, variant={self.variant}, '
-                f'rounding={self.rounding}, per_channel={self.per_channel}')
+                f'rounding={self.rounding}, per_channel={self.per_channel}'
+                + (f', step_shift={self.step_shift}'
+                   if self.step_shift != 'off' else ''))
 
     @property
     def sharing(self) -> bool:
@@ -124,8 +147,36 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
         check_bit(bit, self.bits)
         if self.variant == 'unshared':
             return signed_range(bit), 0, signed_range(bit)
-        return signed_range(self.bits[0]), self.bits[0] - bit, \
-            signed_range(bit)
+        return signed_range(self.bits[0]), self.shift(bit), signed_range(bit)
+
+    def shift(self, bit: int) -> int:
+        """How many bits ``bit``'s integers are shifted down from the
+        stored ones: ``h - l``, plus the bit's ``k`` with ``step_shift``."""
+        shift = self.bits[0] - bit
+        if self.step_shift != 'off':
+            shift += int(self.step_shifts[self.bits.index(bit)])
+        return shift
+
+    @torch.no_grad()
+    def _choose_step_shifts(self, weight: torch.Tensor, bits):
+        """Each lower bit's ``k``: the candidate whose dequantised weight
+        is closest to ``weight`` (squared error, float64)."""
+        scale = self.scale_view(weight.dim(), 0).double()
+        w = weight.detach().double()
+        h_range, h = signed_range(self.bits[0]), self.bits[0]
+        for bit in bits:
+            if bit == h:
+                continue
+            errors = {}
+            for k in STEP_SHIFT_CHOICES:
+                shift = h - bit + k
+                if shift < 0:
+                    continue
+                q = quantize_int(w, scale, h_range, shift, signed_range(bit),
+                                 self.rounding, 'double_rounding')
+                errors[k] = float((q * scale * 2.0**shift - w).square().sum())
+            self.step_shifts[self.bits.index(bit)] = min(errors,
+                                                         key=errors.get)
 
     def forward(self, weight: torch.Tensor, bit: int) -> torch.Tensor:
         """Dequantised weight of ``bit``: ``q_l * s * 2**(h - l)``."""
@@ -141,6 +192,8 @@ class DoubleRoundingQuantizer(LearnedScaleQuantizer):
             raise ValueError(f'bits {list(bits)} have scales of their own '
                              f'(variant={self.variant!r}): one at a time')
         scale = self.scale_view(weight.dim(), rows.pop())
+        if self.step_shift == 'mse' and self.training:
+            self._choose_step_shifts(weight, bits)
         per_scale = weight.numel() // scale.numel()
         targets = []
         for bit in bits:

@@ -29,8 +29,9 @@ def data_options(root):
 
 def train_and_test(tools, config, work, root, epochs, seed, options=()):
     """Train ``config`` for ``epochs`` with ``tools``/train.py, then test it
-    with ``tools``/test.py; returns (metrics, checkpoint path, training
-    seconds)."""
+    with ``tools``/test.py, both with ``options`` (the model the checkpoint
+    was trained as; ``load_from`` only for training); returns (metrics,
+    checkpoint path, training seconds)."""
     os.makedirs(work, exist_ok=True)
     seconds = run_tool(
         [osp.join(tools, 'train.py'), config, '--work-dir', work,
@@ -41,7 +42,8 @@ def train_and_test(tools, config, work, root, epochs, seed, options=()):
     ckpt = osp.join(work, f'epoch_{epochs}.pth')
     out = osp.join(work, 'test_metrics.json')
     run_tool([osp.join(tools, 'test.py'), config, ckpt, '--work-dir', work,
-              '--out', out, '--cfg-options', *data_options(root)],
+              '--out', out, '--cfg-options', *data_options(root),
+              *[o for o in options if not o.startswith('load_from=')]],
              osp.join(work, 'test.log'))
     with open(out) as f:
         return json.load(f), ckpt, seconds
