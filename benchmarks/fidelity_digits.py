@@ -41,6 +41,9 @@ VARIANTS = {
         'double_rounded'],
     # each lower bit's step s * 2**(h-l+k), k of least weight error
     'step_shift_mse': ['model.quantizer.weight_quantizer.step_shift=mse'],
+    # every bit also learns the FP32 model's logits ({fp32}: the seed's
+    # FP32 checkpoint)
+    'fp_distill': ['model.fp_distill.checkpoint={fp32}'],
 }
 
 
@@ -138,7 +141,8 @@ def main():
         for name, options in variants.items():
             metrics, _, seconds = train_and_test(
                 TOOLS, QAT_CONFIG, osp.join(work, f'seed{seed}', name), root,
-                args.qat_epochs, seed, [f'load_from={fp_ckpt}', *options])
+                args.qat_epochs, seed, [f'load_from={fp_ckpt}', *(
+                    o.replace('{fp32}', fp_ckpt) for o in options)])
             for b in BITS:
                 raw[name][b].append(metrics[f'accuracy/top1@w{b}a{b}'])
             print(f'seed {seed} {name}: ' + ', '.join(

@@ -16,6 +16,7 @@ from mmdrq.engine.hasb_hook import HASBHook
 from mmdrq.engine.loops import MultiBitValLoop
 from mmdrq.models import MultiPrecisionQAT, MultiPrecisionQATDDP
 from mmdrq.models.bit_schedule import BitSchedule
+from mmdrq.models.fp_distill import FPDistillStep
 from mmdrq.models.head_distill import HeadDistill
 from mmdrq.models.pskd import PSKDTargets
 from mmdrq.quantization import (ActQuantizer, DoubleRoundingQuantizer,
@@ -74,6 +75,7 @@ SECTIONS = [
     ('bit_schedule', BitSchedule, {'bits'}),
     ('distill', PSKDTargets, {'num_classes'}),
     ('head_distill', HeadDistill, {'architecture'}),
+    ('fp_distill', FPDistillStep, {'architecture'}),
     ("`model_wrapper_cfg=dict(type='mmdrq.MultiPrecisionQATDDP')`",
      MultiPrecisionQATDDP),
     ('2. `model.quantizer` (`QuantizeConfig`)', QuantizeConfig),

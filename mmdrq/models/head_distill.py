@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmdrq.utils.checks import check_choice
-from .tasks import decode_head, dense_head
+from .tasks import decode_head, dense_head, task_of
 
 TARGETS = ('logits', 'features')
 KEYS = ('target', 'weight', 'temperature', 'box_weight')
@@ -122,13 +122,16 @@ class HeadDistill:
         if decode_head(model) is not None:
             # mmseg heads call self.forward() (no hooks): hook the classifier
             return 'seg', decode_head(model).conv_seg
+        if task_of(model) == 'classification':  # mmpretrain: the logits
+            return 'cls', model.head
         head = dense_head(model)
         if head is None:
             raise ValueError(
-                f"head_distill.target='logits' needs a single-stage mmdet "
-                f"detector (bbox_head) or an mmseg segmentor (decode_head); "
-                f"{name} has neither (two-stage heads see other proposals "
-                f"at each bit: use target='features')")
+                f"head_distill.target='logits' needs an mmpretrain "
+                f"classifier, a single-stage mmdet detector (bbox_head) or an "
+                f"mmseg segmentor (decode_head); {name} is none of them "
+                f"(two-stage heads see other proposals at each bit: use "
+                f"target='features')")
         if not getattr(head, 'use_sigmoid_cls', False):
             raise ValueError(
                 f"head_distill.target='logits' supports sigmoid classifiers "
@@ -151,7 +154,8 @@ class HeadDistill:
             self._captured = None
             self.teacher = None
 
-    def _tensors(self) -> Sequence[torch.Tensor]:
+    def outputs(self) -> Sequence[torch.Tensor]:
+        """The kept outputs of the last forward, as the loss reads them."""
         output = self._captured
         if output is None:
             raise RuntimeError(f'head_distill: {type(self.module).__name__}'
@@ -159,17 +163,17 @@ class HeadDistill:
         if self.kind == 'det':  # cls_scores (then bbox_preds) per level
             scores = list(output[0])
             return scores + list(output[1]) if self.box_weight else scores
-        if self.kind == 'seg':
+        if self.kind in ('seg', 'cls'):
             return [output]
         return list(output)
 
     def keep_teacher(self):
         """After the highest bit's forward: its outputs are the targets."""
-        self.teacher = [t.detach() for t in self._tensors()]
+        self.teacher = [t.detach() for t in self.outputs()]
 
     def loss(self) -> torch.Tensor:
         """The weighted loss of the last forward's outputs."""
-        return self.weight * self.loss_of(self._tensors(), self.teacher)
+        return self.weight * self.loss_of(self.outputs(), self.teacher)
 
     def loss_of(self, student: Sequence[torch.Tensor],
                 teacher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -178,7 +182,7 @@ class HeadDistill:
         if self.kind == 'features':
             return sum(F.mse_loss(s, t) for s, t in zip(student, teacher)) \
                 / len(student)
-        if self.kind == 'seg':
+        if self.kind in ('seg', 'cls'):  # mean over pixels / images
             s, t = student[0], teacher[0]
             return T * T * softmax_kl(s, t, T) / (s.numel() / s.shape[1])
         # the teacher's soft count of positives: most predictions are

@@ -19,6 +19,7 @@ from mmdrq.quantization.transitional_bn import to_transitional
 from mmdrq.registry import MODEL_WRAPPERS, MODELS
 from mmdrq.utils.checks import check_choice, check_flag
 from .bit_schedule import build_bit_schedule
+from .fp_distill import build_fp_distill
 from .head_distill import build_head_distill
 from .loading import accept_start_checkpoints
 from .multi_level import to_level_act_scales, to_level_norms
@@ -78,6 +79,10 @@ class MultiPrecisionQAT(BaseModel):
         bit_schedule: which bits train in an iteration: None (every bit,
             the paper's) or ``dict(kind='sandwich' | 'random' |
             'progressive', ...)`` (see ``BitSchedule``).
+        fp_distill: ``dict(checkpoint='fp32.pth', weight=1.0,
+            temperature=1.0)``: every bit also learns the head logits of
+            a frozen copy of the float model loaded from ``checkpoint``
+            (``loss_fp_distill``; see ``FPDistillStep``).
         multi_level_norm: give every norm of a single-stage detector's shared
             head one copy per FPN level (AQD's multi-level BN; see
             ``to_level_norms``).
@@ -109,6 +114,7 @@ class MultiPrecisionQAT(BaseModel):
                  head_distill: Optional[dict] = None,
                  bit_loss_weights: Optional[dict] = None,
                  bit_schedule: Optional[dict] = None,
+                 fp_distill: Optional[dict] = None,
                  multi_level_norm: bool = False,
                  multi_level_act_scales: bool = False,
                  data_preprocessor: Optional[dict] = None,
@@ -135,6 +141,7 @@ class MultiPrecisionQAT(BaseModel):
                 f"backward, and activation checkpointing (with_cp=True in "
                 f"{checkpointed[0]}) would recompute them all at the highest "
                 f"bit: set with_cp=False or loss_mode='per_bit'")
+        fp_step = build_fp_distill(architecture, fp_distill)
         architecture = quantize_model(
             architecture, dict(quantizer or {}), passes=_structural_passes(
                 multi_level_norm, multi_level_act_scales, transitional_bn))
@@ -169,6 +176,9 @@ class MultiPrecisionQAT(BaseModel):
             self._plugins.append(HeadDistillStep(self.head_distill))
         if self.pskd is not None:
             self._plugins.append(PSKDStep(self.pskd))
+        if fp_step is not None:
+            fp_step.attach(architecture)
+            self._plugins.append(fp_step)
         self.compile_options = ({} if compile is True else dict(compile)) \
             if compile else None
         if compile and any(getattr(m, 'step_shift', 'off') != 'off'
