@@ -96,6 +96,7 @@ def both(options: list) -> dict:
 # the recommended detection config's row: 300 iterations, BN statistics
 # frozen from the middle
 LATE_LONG_QAT = SHIPPED + ['custom_hooks.0.begin=150', *LONG_QAT]
+FP_DISTILL = 'model.fp_distill.checkpoint={fp32}'
 HEAD_DISTILL = ['model.head_distill.target=logits',
                 'model.head_distill.weight=1.0']
 ROWS = {
@@ -191,7 +192,18 @@ ROWS = {
     'freeze_bn_stats_alrs_off': both(SHIPPED + ['optim_wrapper.mode=off']),
     'freeze_bn_stats_alrs_adaptive': both(
         SHIPPED + ['optim_wrapper.mode=adaptive']),
+    # the recommended rows, every bit also learning the FP32 model's logits
+    # (``{fp32}``: the seed's FP32 checkpoint)
+    'freeze_bn_stats_late_long_qat_fp_distill': dict(
+        det=LATE_LONG_QAT + [FP_DISTILL]),
+    'freeze_bn_stats_long_qat_fp_distill': dict(
+        seg=SHIPPED + LONG_QAT + [FP_DISTILL]),
 }
+
+
+def with_fp32(options: list, fp_ckpt: str) -> list:
+    """A row's options with ``{fp32}`` replaced by the FP32 checkpoint."""
+    return [o.replace('{fp32}', fp_ckpt) for o in options]
 
 
 def _trained_on(iters: int) -> list:
@@ -323,7 +335,8 @@ def collect(work_dir: str) -> dict:
                 if task not in per_task:
                     continue
                 record = read_record(osp.join(work, row))
-                if not _started_from(record, fp_record, per_task[task]):
+                if not _started_from(record, fp_record, with_fp32(
+                        per_task[task], fp_record['checkpoint'])):
                     continue
                 cells = rows.setdefault(row, dict(
                     {str(b): {} for b in BITS}, options=per_task[task],
@@ -502,7 +515,8 @@ def run_task(task, args):
             try:
                 metrics, _, seconds = train_and_test(
                     spec['qat'], osp.join(work, row), seed,
-                    [*options, f'load_from={fp_ckpt}', *ROWS[row][task]])
+                    [*options, f'load_from={fp_ckpt}',
+                     *with_fp32(ROWS[row][task], fp_ckpt)])
             except SystemExit as error:  # one failed row: go on with others
                 print(f'{task} seed {seed} {row} failed: {error}', flush=True)
                 continue

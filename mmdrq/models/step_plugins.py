@@ -1,10 +1,11 @@
 """The optional parts of the per-bit train step, each one plugin.
 
 ``multi_bit_train_step`` walks the bits and calls every plugin the wrapper
-lists (``MultiPrecisionQAT.step_plugins``) at four points: around the
-iteration (``iteration``), after a bit is set (``before_bit``: log values),
-instead of the plain forward (``losses``: at most one plugin computes them)
-and after it (``after_losses``), and at the end (``after_iteration``).
+lists (``MultiPrecisionQAT.step_plugins``): around the iteration
+(``iteration``), after a bit is set (``before_bit``: log values), instead of
+the plain forward (``losses``: the first plugin that computes them) and
+after it (``after_losses``), and at the end (``after_iteration``). The FP32
+teacher of ``fp_distill`` is one too (fp_distill.py).
 """
 import contextlib
 from typing import Callable, Dict, Optional
