@@ -45,8 +45,10 @@ class FPDistillStep(StepPlugin):
     def iteration(self, module, data):
         inputs = data['inputs']
         self.teacher.to(inputs.device)
+        # mode='loss': mmdet's tensor mode calls bbox_head.forward()
+        # directly, past the hook; every task's loss calls its head
         with torch.no_grad(), self.teacher_head.capturing():
-            self.teacher(inputs, data['data_samples'], mode='tensor')
+            self.teacher(inputs, data['data_samples'], mode='loss')
             self.targets = [t.detach() for t in self.teacher_head.outputs()]
         return self.student.capturing()
 

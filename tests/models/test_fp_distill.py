@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from mmengine.optim import OptimWrapper
 
-from conftest import classifier_batch
+from conftest import (RETINANET_CFG, TINY_RETINA, build_openmmlab_model,
+                      classifier_batch, det_batch)
 from mmdrq.models import MultiPrecisionQAT
 from mmdrq.quantization import set_bits
 
@@ -56,6 +57,22 @@ def test_every_bit_learns_the_float_logits(float_checkpoint):
     for name, value in teacher_model.state_dict().items():
         torch.testing.assert_close(value, fp.state_dict()[name])
     assert not any(p.requires_grad for p in teacher_model.parameters())
+
+
+def test_detector_learns_the_float_heads_logits(tmp_path):
+    """mmdet's tensor mode calls bbox_head.forward() past hooks: the copy
+    runs in loss mode, so its head's outputs are caught."""
+    torch.manual_seed(0)
+    fp = build_openmmlab_model('mmdet', RETINANET_CFG, TINY_RETINA)
+    path = str(tmp_path / 'fp32.pth')
+    torch.save(dict(state_dict=fp.state_dict()), path)
+    model = MultiPrecisionQAT(fp, dict(bits=BITS),
+                              fp_distill=dict(checkpoint=path))
+    log_vars = model.train_step(det_batch(), OptimWrapper(
+        torch.optim.SGD(model.parameters(), 0.01)))
+    for bit in BITS:
+        value = log_vars[f'loss_fp_distill@w{bit}a{bit}']
+        assert torch.isfinite(value) and value >= 0
 
 
 def test_wrong_checkpoints_and_keys_are_refused(float_checkpoint, tmp_path,
