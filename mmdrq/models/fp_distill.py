@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mmdrq.utils.checks import check_keys
 from mmdrq.utils.safe_checkpoint import load_weights_only
 from .head_distill import HeadDistill
 from .step_plugins import StepPlugin
@@ -88,8 +89,5 @@ def build_fp_distill(architecture: nn.Module,
     if not isinstance(cfg, dict) or 'checkpoint' not in cfg:
         raise ValueError("fp_distill must be a dict with checkpoint= (the "
                          f"FP32 checkpoint), got {cfg!r}")
-    unknown = [k for k in cfg if k not in KEYS]
-    if unknown:
-        raise ValueError(f'unknown fp_distill key(s) {unknown} in '
-                         f'{dict(cfg)}; valid keys: {list(KEYS)}')
+    check_keys('fp_distill', cfg, KEYS)
     return FPDistillStep(architecture, **cfg)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdrq.utils.checks import check_choice
+from mmdrq.utils.checks import check_choice, check_keys
 from .tasks import decode_head, dense_head, task_of
 
 TARGETS = ('logits', 'features')
@@ -209,8 +209,5 @@ def build_head_distill(architecture: nn.Module,
     if not isinstance(cfg, dict):
         raise ValueError(f'head_distill must be a dict such as '
                          f"dict(target='logits'), got {cfg!r}")
-    unknown = [k for k in cfg if k not in KEYS]
-    if unknown:
-        raise ValueError(f'unknown head_distill key(s) {unknown} in '
-                         f'{dict(cfg)}; valid keys: {list(KEYS)}')
+    check_keys('head_distill', cfg, KEYS)
     return HeadDistill(architecture, **cfg)

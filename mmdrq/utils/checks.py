@@ -35,3 +35,13 @@ def check_number(key: str, value, low: float = -math.inf,
         raise ValueError(f'{key} must be a finite number in [{low}, {high}], '
                          f'got {value!r}')
     return value
+
+
+def check_keys(key: str, cfg: dict, keys: Iterable) -> dict:
+    """``cfg`` (a dict option) if each of its keys is one of ``keys``."""
+    keys = list(keys)
+    unknown = [k for k in cfg if k not in keys]
+    if unknown:
+        raise ValueError(f'unknown {key} key(s) {unknown} in {dict(cfg)}; '
+                         f'valid keys: {keys}')
+    return cfg
