@@ -6,13 +6,12 @@ included, adds a loss of its head logits towards the copy's (the
 KL for single-stage detectors). The copy is kept off the module tree, so
 checkpoints, integer files and exports hold the QAT model only."""
 import copy
-import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
-from mmdrq.utils.checks import check_keys
+from mmdrq.utils.checks import check_keys, check_positive
 from mmdrq.utils.safe_checkpoint import load_weights_only
 from .head_distill import HeadDistill
 from .step_plugins import StepPlugin
@@ -26,18 +25,16 @@ class FPDistillStep(StepPlugin):
 
     def __init__(self, architecture: nn.Module, checkpoint: str,
                  weight: float = 1.0, temperature: float = 1.0):
-        for key, value in (('weight', weight), ('temperature', temperature)):
-            if isinstance(value, bool) or not isinstance(
-                    value, numbers.Real) or not 0 < value < float('inf'):
-                raise ValueError(f'fp_distill.{key} must be a positive '
-                                 f'number, got {value!r}')
+        self.weight = check_positive('fp_distill.weight', weight)
+        self.temperature = check_positive('fp_distill.temperature',
+                                          temperature)
         self.teacher = copy.deepcopy(architecture)
         _load_float(self.teacher, checkpoint)
         self.teacher.eval().requires_grad_(False)
         self.teacher_head = HeadDistill(self.teacher, 'logits')
-        self.weight, self.temperature = float(weight), float(temperature)
         self.student = None
         self.targets = None
+        self.device = next(self.teacher.parameters()).device
 
     def attach(self, architecture: nn.Module):
         self.student = HeadDistill(architecture, 'logits',
@@ -45,7 +42,9 @@ class FPDistillStep(StepPlugin):
 
     def iteration(self, module, data):
         inputs = data['inputs']
-        self.teacher.to(inputs.device)
+        if self.device != inputs.device:  # once: the copy is off the tree
+            self.device = inputs.device
+            self.teacher.to(inputs.device)
         # mode='loss': mmdet's tensor mode calls bbox_head.forward()
         # directly, past the hook; every task's loss calls its head
         with torch.no_grad(), self.teacher_head.capturing():

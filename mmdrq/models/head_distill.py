@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdrq.utils.checks import check_choice, check_keys
+from mmdrq.utils.checks import check_choice, check_keys, check_positive
 from .tasks import decode_head, dense_head, task_of
 
 TARGETS = ('logits', 'features')
@@ -86,11 +86,8 @@ class HeadDistill:
                  weight: float = 1.0, temperature: float = 1.0,
                  box_weight: float = 0.0):
         check_choice('head_distill.target', target, TARGETS)
-        for key, value in (('weight', weight), ('temperature', temperature)):
-            if isinstance(value, bool) or not isinstance(
-                    value, numbers.Real) or not 0 < value < float('inf'):
-                raise ValueError(f'head_distill.{key} must be a positive '
-                                 f'number, got {value!r}')
+        check_positive('head_distill.weight', weight)
+        check_positive('head_distill.temperature', temperature)
         if isinstance(box_weight, bool) or not isinstance(
                 box_weight, numbers.Real) or not 0 <= box_weight < float('inf'):
             raise ValueError(f'head_distill.box_weight must be a number >= 0, '

@@ -1,6 +1,7 @@
 """Config values checked before any work, each error naming its key and
 the value given (the one wording every option uses)."""
 import math
+import numbers
 from typing import Iterable
 
 
@@ -35,6 +36,14 @@ def check_number(key: str, value, low: float = -math.inf,
         raise ValueError(f'{key} must be a finite number in [{low}, {high}], '
                          f'got {value!r}')
     return value
+
+
+def check_positive(key: str, value) -> float:
+    """``value`` as a float if it is a finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not 0 < value < math.inf:
+        raise ValueError(f'{key} must be a positive number, got {value!r}')
+    return float(value)
 
 
 def check_keys(key: str, cfg: dict, keys: Iterable) -> dict:
