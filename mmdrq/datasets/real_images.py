@@ -18,6 +18,24 @@ Sources and their labels, from classical segmentation of each image:
   (512x512 IHC stain); Otsu threshold of the haematoxylin channel
   (``rgb2hed``), opened, holes filled, components of at least 30 pixels.
 
+Held-out sources (benchmarks/lowbit_heldout.py: no option or default was
+chosen on them), each a set of its own (``HELD_OUT_SETS``):
+
+* ``glyph`` (detection): ``skimage.data.page()`` (191x384 scanned book
+  page), its top 140 rows (the prose); Sauvola threshold (window 25), dark
+  components of at least 12 pixels: letters.
+* ``brick`` (detection): ``skimage.data.brick()`` (512x512 grey brick
+  wall); Otsu threshold of the blurred image (sigma 1), opened (disk 2),
+  dark components of at least 150 pixels: bricks, 89 of them.
+* ``vessel`` (segmentation): ``skimage.data.retina()`` (1411x1411 fundus
+  photograph); Sato ridge filter (sigmas 2, 4, 6) of the green channel
+  inside the eroded field of view, Otsu threshold, components of at least
+  200 pixels (5% of the pixels).
+* ``flower`` (segmentation): scikit-learn's ``flower.jpg`` (427x640
+  dahlia); orange hue (< 0.12, saturation and value > 0.35), opened,
+  closed, holes filled, components of at least 500 pixels. Transposed,
+  so that the held-out third (below) holds the lower flower.
+
 Samples are random square crops (of the images enlarged ``scale`` times)
 with random flips and 90 degree turns.
 Train crops come from the left two thirds of each image, val crops from the
@@ -49,6 +67,13 @@ from .folder import check_sizes, write_dataset_folder
 
 DET_CLASSES = ('coin', 'galaxy')
 SEG_CLASSES = ('background', 'coin', 'nucleus')
+# name -> (kind, sources, writer arguments) of the held-out sets
+HELD_OUT_SETS = {
+    'glyph': ('detection', ('glyph',), dict(scale=3)),
+    'brick': ('detection', ('brick',), dict(scale=1)),
+    'vessel': ('segmentation', ('vessel',), dict(scale=1)),
+    'flower': ('segmentation', ('flower',), dict(scale=1)),
+}
 MIN_VISIBLE = 16
 # the first split's share of each image's width
 TRAIN_SHARE = 2 / 3
@@ -94,8 +119,62 @@ def _nuclei() -> Tuple[np.ndarray, np.ndarray]:
     return rgb, _without_small(ndimage.binary_fill_holes(mask), 30)
 
 
+def _glyphs() -> Tuple[np.ndarray, np.ndarray]:
+    from skimage import data, filters
+    grey = data.page()[:140]  # the prose; below: blank, then a faint code line
+    return grey, _without_small(
+        grey < filters.threshold_sauvola(grey, window_size=25), 12)
+
+
+def _bricks() -> Tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
+    from skimage import data, filters, morphology
+    grey = data.brick()
+    smooth = filters.gaussian(grey, 1.0)
+    mask = smooth < filters.threshold_otsu(smooth)
+    mask = ndimage.binary_opening(mask, structure=morphology.disk(2))
+    return grey, _without_small(mask, 150)
+
+
+def _vessels() -> Tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
+    from skimage import color, data, filters
+    rgb = data.retina()
+    view = ndimage.binary_erosion(color.rgb2gray(rgb) > 0.1, iterations=10)
+    ridges = filters.sato(rgb[..., 1] / 255.0, sigmas=[2, 4, 6],
+                          black_ridges=True) * view
+    return rgb, _without_small(
+        ridges > filters.threshold_otsu(ridges[view]), 200)
+
+
+def _flowers() -> Tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
+    from skimage import color, morphology
+    from sklearn.datasets import load_sample_image
+    rgb = load_sample_image('flower.jpg')
+    hsv = color.rgb2hsv(rgb)
+    mask = (hsv[..., 0] < 0.12) & (hsv[..., 1] > 0.35) & (hsv[..., 2] > 0.35)
+    mask = ndimage.binary_opening(mask, structure=morphology.disk(2))
+    mask = ndimage.binary_closing(mask, structure=morphology.disk(4))
+    labels = _without_small(ndimage.binary_fill_holes(mask), 500)
+    return (np.ascontiguousarray(rgb.transpose(1, 0, 2)),
+            np.ascontiguousarray(labels.T))
+
+
 SOURCES: Dict[str, Callable[[], Tuple[np.ndarray, np.ndarray]]] = {
-    'coin': _coins, 'galaxy': _galaxies, 'nucleus': _nuclei}
+    'coin': _coins, 'galaxy': _galaxies, 'nucleus': _nuclei,
+    'glyph': _glyphs, 'brick': _bricks, 'vessel': _vessels,
+    'flower': _flowers}
+
+
+def _check_sources(sources) -> tuple:
+    """``sources`` as a tuple of known, distinct source names."""
+    sources = tuple(sources)
+    unknown = [s for s in sources if s not in SOURCES]
+    if not sources or unknown or len(set(sources)) < len(sources):
+        raise ValueError(f'sources must be distinct names of {sorted(SOURCES)}'
+                         f', got {sources!r}')
+    return sources
 
 
 def _load_source(name: str, scale: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -142,9 +221,9 @@ def _write_png(path: str, array: np.ndarray):
 
 
 def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
-                         size: int = 96, seed: int = 0,
-                         scale: int = 1) -> Dict[str, int]:
-    """Write the COCO-format detection dataset (classes ``DET_CLASSES``).
+                         size: int = 96, seed: int = 0, scale: int = 1,
+                         sources=DET_CLASSES) -> Dict[str, int]:
+    """Write the COCO-format detection dataset (classes ``sources``).
 
     Args:
         root: dataset folder (``train/``, ``val/``, ``annotations/``).
@@ -152,6 +231,7 @@ def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
         size: side of the square crops (pixels).
         seed: seed of the crops, flips and turns.
         scale: enlargement of the source images before cropping.
+        sources: the source images, one class each (``SOURCES``' names).
 
     Returns:
         objects per split: ``{'train': n, 'val': n}``.
@@ -159,19 +239,21 @@ def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
     splits = {'train': num_train, 'val': num_val}
     check_sizes(num_train=num_train, num_val=num_val, size=size,
                  scale=scale)
+    classes = _check_sources(sources)
     settings = dict(kind='detection', splits=splits, size=size, seed=seed,
-                    scale=scale, version=_FORMAT_VERSION)
+                    scale=scale, sources=list(classes),
+                    version=_FORMAT_VERSION)
 
     def build(folder):
         rng = np.random.default_rng(seed)
-        sources = {name: _load_source(name, scale) for name in DET_CLASSES}
+        images_of = {name: _load_source(name, scale) for name in classes}
         categories = [dict(id=i + 1, name=name, supercategory='object')
-                      for i, name in enumerate(DET_CLASSES)]
+                      for i, name in enumerate(classes)]
         counts = {}
         for split_index, (split, count) in enumerate(splits.items()):
             images, annotations = [], []
-            for class_index, name in enumerate(DET_CLASSES):
-                image, labels = sources[name]
+            for class_index, name in enumerate(classes):
+                image, labels = images_of[name]
                 full_area = np.bincount(labels.ravel())
                 for crop_index, (crop, crop_labels) in enumerate(
                         _crops(rng, image, labels, split, count, size)):
@@ -204,9 +286,11 @@ def write_real_detection(root: str, num_train: int = 48, num_val: int = 16,
 
 def write_real_segmentation(root: str, num_train: int = 32,
                             num_val: int = 16, size: int = 64,
-                            seed: int = 0, scale: int = 2) -> Dict[str, int]:
+                            seed: int = 0, scale: int = 2,
+                            sources=SEG_CLASSES[1:]) -> Dict[str, int]:
     """Write the mmseg-layout semantic segmentation dataset (classes
-    ``SEG_CLASSES``; label 0 is the background of every source).
+    ``('background',) + sources``; label 0 is the background of every
+    source).
 
     Args:
         root: dataset folder (``img_dir/``, ``ann_dir/``).
@@ -222,15 +306,17 @@ def write_real_segmentation(root: str, num_train: int = 32,
     splits = {'train': num_train, 'val': num_val}
     check_sizes(num_train=num_train, num_val=num_val, size=size,
                  scale=scale)
+    names = _check_sources(sources)
     settings = dict(kind='segmentation', splits=splits, size=size,
-                    seed=seed, scale=scale, version=_FORMAT_VERSION)
+                    seed=seed, scale=scale, sources=list(names),
+                    version=_FORMAT_VERSION)
 
     def build(folder):
         rng = np.random.default_rng(seed)
         counts = {}
-        for name in SEG_CLASSES[1:]:
+        for class_index, name in enumerate(names, start=1):
             image, labels = _load_source(name, scale)
-            classes = (labels > 0).astype(np.uint8) * SEG_CLASSES.index(name)
+            classes = (labels > 0).astype(np.uint8) * class_index
             for split, count in splits.items():
                 for index, (crop, crop_classes) in enumerate(
                         _crops(rng, image, classes, split, count, size)):
