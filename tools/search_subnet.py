@@ -5,7 +5,8 @@
         [--budgets 3 4 5 | --range 2.5 7 --steps 10] \
         [--objective trace_bits|perturbation] \
         [--input-shape 1 3 224 224] [--work-dir DIR] \
-        [--metric accuracy/top1] [--no-eval] [--cfg-options k=v ...]
+        [--metric accuracy/top1] [--no-eval] [--bn-calibration N]
+        [--cfg-options k=v ...]
 
 For each budget an integer linear program (scipy.optimize.milp) picks one
 bit per quantized layer at a cost at most the budget (``--budget-mode max``)
@@ -74,10 +75,18 @@ def parse_args():
     parser.add_argument('--work-dir', default='work_dirs/search')
     parser.add_argument('--metric', help='metric to plot (default: first)')
     parser.add_argument('--no-eval', action='store_true')
+    parser.add_argument('--bn-calibration', type=int, metavar='N',
+                        help='before each SubNet and uniform bit is '
+                        'evaluated, re-estimate every BN\'s statistics on N '
+                        'training batches at that setting (the test loop\'s '
+                        'bn_calibration)')
     add_cfg_options(parser)
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f'--steps must be at least 1, got {args.steps}')
+    if args.bn_calibration is not None and args.bn_calibration < 1:
+        parser.error(f'--bn-calibration must be at least 1, got '
+                     f'{args.bn_calibration}')
     if min(args.input_shape) < 1:
         parser.error(f'--input-shape must be 4 positive sizes (N C H W), got '
                      f'{" ".join(map(str, args.input_shape))}')
@@ -139,7 +148,9 @@ def main():
 def evaluate(cfg, args, files):
     """One test run over every uniform bit and every SubNet file."""
     cfg.work_dir = args.work_dir
-    configure_test(cfg, args.checkpoint, 'all', files)
+    options = {} if args.bn_calibration is None else dict(
+        bn_calibration=dict(batches=args.bn_calibration))
+    configure_test(cfg, args.checkpoint, 'all', files, **options)
     prepare_launch(cfg)
     metrics = Runner.from_cfg(cfg).test()
     return {k: float(v) for k, v in metrics.items()}

@@ -15,6 +15,7 @@ from mmengine.runner.loops import _parse_losses
 
 import torch
 
+from mmdrq.engine.bn_calibration import calibrated_bn, check_bn_calibration
 from mmdrq.models import architecture_of
 from mmdrq.quantization import model_bits, use_setting
 from mmdrq.quantization.bitwidths import check_bit_selection
@@ -38,11 +39,19 @@ class _MultiBitMixin:
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False,
                  bits: Union[str, int, Sequence[int]] = 'all',
                  subnets: Optional[Sequence[str]] = None,
-                 measure_speed: bool = False, numerics: str = 'fake'):
+                 measure_speed: bool = False, numerics: str = 'fake',
+                 bn_calibration: Optional[dict] = None):
         super().__init__(runner, dataloader, evaluator, fp16)
-        self.numerics = check_choice(f'{self.phase}_cfg.numerics', numerics,
-                                     NUMERICS)
-        self._init_settings(bits, subnets, f'{self.phase}_cfg', measure_speed)
+        key = f'{self.phase}_cfg'
+        self.numerics = check_choice(f'{key}.numerics', numerics, NUMERICS)
+        self.bn_batches = check_bn_calibration(bn_calibration,
+                                               f'{key}.bn_calibration')
+        if self.bn_batches and runner.cfg.get('train_dataloader') is None:
+            raise ValueError(f'{key}.bn_calibration={bn_calibration} '
+                             'needs the config\'s train_dataloader (its '
+                             'batches re-estimate the BN statistics)')
+        self._bn_loader = None
+        self._init_settings(bits, subnets, key, measure_speed)
 
     def run(self) -> dict:
         phase = self.phase
@@ -91,9 +100,29 @@ class _MultiBitMixin:
         self._quant_model = model
 
     def _run_settings(self, run_iter, losses, phase: str) -> dict:
-        return run_settings(
-            self, lambda setting: use_setting(self._quant_model, setting),
-            f'{phase} metrics per bit-width', losses, phase)
+        return run_settings(self, self._enter,
+                            f'{phase} metrics per bit-width', losses, phase)
+
+    @contextlib.contextmanager
+    def _enter(self, setting):
+        """The setting's bits, and with ``bn_calibration`` its own BN
+        statistics from the first training batches."""
+        model = self._quant_model
+        with use_setting(model, setting):
+            if not self.bn_batches:
+                yield model
+                return
+
+            def forward(batch):
+                data = model.data_preprocessor(batch, False)
+                model(data['inputs'], data['data_samples'], mode='tensor')
+
+            if self._bn_loader is None:  # the same batches for each setting
+                self._bn_loader = self.runner.build_dataloader(
+                    self.runner.cfg.train_dataloader, seed=self.runner.seed)
+            with calibrated_bn(model, self._bn_loader, self.bn_batches,
+                               forward, seed=self.runner.seed):
+                yield model
 
 
 def clock() -> float:
@@ -161,6 +190,10 @@ class MultiBitValLoop(_MultiBitMixin, ValLoop):
         numerics: ``fake`` (the training forward) or ``deploy`` (what the
             ONNX export computes in ONNX Runtime's exact sessions, bit for
             bit in its quantized layers; see ``deploy_numerics``).
+        bn_calibration: ``dict(batches=N)``: before each setting, every BN's
+            statistics from N batches of the config's train_dataloader run
+            at that setting, restored after (``bn_calibration.py``); None
+            (default) evaluates the stored statistics.
         Other args as in ``ValLoop``.
     """
     phase = 'val'
