@@ -1,13 +1,19 @@
 """Mixed precision on the digits example: Pareto fronts of SubNets searched
 in a HASB SuperNet (with the paper's trace * bits objective and with
-HAWQ-V2's trace * weight perturbation) vs a uniformly switched SuperNet,
-with the uniform-bit models alongside, over average bit-widths 2.5 to 7. Every step is a tool:
+HAWQ-V2's trace * weight perturbation) and in a uniformly switched SuperNet,
+each evaluated as stored and with every BN re-calibrated per setting
+(``--bn-calibration``), against the uniform-bit models of the same SuperNet,
+over average bit-widths 2.5 to 7, for several seeds. Every step is a tool:
 train.py (FP32, multi-precision, two SuperNets), hessian.py,
 search_subnet.py (ILP + evaluation without retraining).
 
-    python benchmarks/pareto_digits.py [--work-dir ...] [--supernet-epochs 5]
+    python benchmarks/pareto_digits.py [--seeds 0 1 2] [--work-dir ...]
+        [--supernet-epochs 5] [--bn-calibration 8]
 
-Prints a table and saves benchmarks/results/pareto_digits.json and .png.
+Prints a table (mean ± sample std over the seeds per budget; "vs uniform":
+the SubNet minus the best uniform model of no greater average bits, seed
+by seed) and saves benchmarks/results/pareto_digits.json and .png. Finished
+runs in the work folder are reused.
 """
 import argparse
 import json
@@ -15,7 +21,10 @@ import os
 import os.path as osp
 
 from mmdrq.datasets import write_digits
+from mmdrq.utils import atomic_write, atomic_write_json
 from mmdrq.utils.tool_runs import data_options, run_tool, train_and_test
+
+from fidelity_digits import finished_run, summarize
 
 HERE = osp.dirname(osp.abspath(__file__))
 ROOT = osp.dirname(HERE)
@@ -24,92 +33,180 @@ CONFIGS = osp.join(ROOT, 'configs', 'classification', 'digits')
 FP32_CONFIG = osp.join(CONFIGS, 'resnet_digits_fp32.py')
 QAT_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq_8642.py')
 MP_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq-mp_8642.py')
+# front -> (SuperNet, search objective)
+FRONTS = {'hasb': ('hasb', 'trace_bits'),
+          'hasb_perturbation': ('hasb', 'perturbation'),
+          'uniform': ('uniform', 'trace_bits')}
+SUPERNETS = {'hasb': lambda traces: [f'custom_hooks.0.traces={traces}'],
+             'uniform': lambda traces: ['custom_hooks.0.uniform=True',
+                                        'custom_hooks.0.traces=None']}
+
+
+def run(config, root, work, epochs, seed, options=()):
+    """``train_and_test`` of ``config`` on ``root``, or its finished run in
+    ``work``."""
+    metrics, ckpt = finished_run(work, epochs)
+    if metrics is None:
+        metrics, ckpt, _ = train_and_test(TOOLS, config, work, root, epochs,
+                                          seed, list(options))
+    return metrics, ckpt
+
+
+def search(config, ckpt, traces, objective, root, out, calibration, log):
+    """tools/search_subnet.py's ``search.json`` (reused when present)."""
+    path = osp.join(out, 'search.json')
+    if not osp.isfile(path):
+        run_tool([osp.join(TOOLS, 'search_subnet.py'), config, ckpt,
+                  '--traces', traces, '--kind', 'avg_bits', '--range', '2.5',
+                  '7', '--steps', '10', '--objective', objective,
+                  '--input-shape', '1', '3', '16', '16', '--work-dir', out,
+                  *(['--bn-calibration', str(calibration)] if calibration
+                    else []),
+                  '--cfg-options', *data_options(root)], log)
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_seed(args, seed, root):
+    """Every front of one seed: ``{front[_bn]: search.json}``."""
+    work = osp.join(osp.abspath(args.work_dir), f'seed{seed}')
+    _, fp_ckpt = run(FP32_CONFIG, root, osp.join(work, 'fp32'),
+                     args.fp32_epochs, seed)
+    _, mp_ckpt = run(QAT_CONFIG, root, osp.join(work, 'multi'),
+                     args.qat_epochs, seed, [f'load_from={fp_ckpt}'])
+    traces = osp.join(work, 'traces.json')
+    if not osp.isfile(traces):
+        run_tool([osp.join(TOOLS, 'hessian.py'), QAT_CONFIG, mp_ckpt,
+                  '--out', traces, '--num-samples', '512', '--cfg-options',
+                  *data_options(root)], osp.join(work, 'hessian.log'))
+    supernets = {name: run(MP_CONFIG, root, osp.join(work, name),
+                           args.supernet_epochs, seed,
+                           [f'load_from={mp_ckpt}', *hook(traces)])[1]
+                 for name, hook in SUPERNETS.items()}
+    fronts = {}
+    for front, (supernet, objective) in FRONTS.items():
+        for calibration in (0, args.bn_calibration):
+            name = front + ('_bn' if calibration else '')
+            fronts[name] = search(
+                MP_CONFIG, supernets[supernet], traces, objective, root,
+                osp.join(work, name, 'search'), calibration,
+                osp.join(work, f'search_{name}.log'))
+    return fronts
+
+
+def best_uniform(uniform, metric, cost):
+    """The metric of the best uniform model of average bits <= ``cost``
+    (None if every uniform model costs more)."""
+    fits = [u[metric] for u in uniform if u['avg_bits'] <= cost + 1e-9]
+    return max(fits) if fits else None
+
+
+def table(results) -> str:
+    """Per front and budget: mean ± std of the SubNets' metric and of its
+    difference to the best uniform model of no greater cost."""
+    seeds = sorted(results['seeds'])
+    first = results['seeds'][seeds[0]]
+    metric = first['hasb']['metric']
+    lines = [f'# Mixed precision on digits: {metric} (%) by average-bit '
+             f'budget, seeds {seeds}\n',
+             'mean ± sample std over the seeds; vs uniform: the SubNet minus '
+             'the best uniform model of the same SuperNet and evaluation '
+             'whose average bits are no greater, seed by seed (goal: >= 0, '
+             'and >= +0.5 between two uniform bit-widths). `_bn`: every '
+             'setting evaluated after BN re-calibration.\n',
+             '| front | ' + ' | '.join(
+                 f'{s["budget"]:g}' for s in first['hasb']['subnets'])
+             + ' |', '|---' * (len(first['hasb']['subnets']) + 1) + '|']
+    for front in first:
+        cells = []
+        for index in range(len(first[front]['subnets'])):
+            values, gaps = [], []
+            for seed in seeds:
+                content = results['seeds'][seed][front]
+                entry = content['subnets'][index]
+                values.append(entry[metric])
+                best = best_uniform(content['uniform'], metric,
+                                    entry['avg_bits'])
+                if best is not None:
+                    gaps.append(entry[metric] - best)
+            mean, std = summarize(values)
+            gap = f'{summarize(gaps)[0]:+.2f}' if gaps else '-'
+            cells.append(f'{mean:.2f} ± {std:.2f} ({gap})')
+        lines.append(f'| {front} | ' + ' | '.join(cells) + ' |')
+    lines += ['\nUniform bits (mean ± std over the seeds):\n',
+              '| front | ' + ' | '.join(
+                  u['name'] for u in first['hasb']['uniform']) + ' |',
+              '|---' * (len(first['hasb']['uniform']) + 1) + '|']
+    for front in first:
+        cells = [summarize([results['seeds'][s][front]['uniform'][i][metric]
+                            for s in seeds])
+                 for i in range(len(first[front]['uniform']))]
+        lines.append(f'| {front} | ' + ' | '.join(
+            f'{m:.2f} ± {s:.2f}' for m, s in cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    seeds = sorted(results['seeds'])
+    first = results['seeds'][seeds[0]]
+    metric = first['hasb']['metric']
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+    def mean_points(front, key):
+        points = []
+        for i, entry in enumerate(first[front][key]):
+            values = [results['seeds'][s][front][key][i] for s in seeds]
+            points.append((summarize([v['avg_bits'] for v in values])[0],
+                           *summarize([v[metric] for v in values])))
+        return sorted(points)
+
+    for front in first:
+        x, y, err = zip(*mean_points(front, 'subnets'))
+        ax.errorbar(x, y, yerr=err, fmt='o-' if front.endswith('_bn')
+                    else 'o--', capsize=2, label=f'{front} SubNets')
+    for front, style in (('hasb', 'k^'), ('hasb_bn', 'r^')):
+        x, y, err = zip(*mean_points(front, 'uniform'))
+        ax.errorbar(x, y, yerr=err, fmt=style, capsize=2,
+                    label=f'uniform bits ({front})')
+    ax.set_xlabel('average bit-width')
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    ax.set_title(f'digits: mixed-precision Pareto fronts, seeds {seeds}')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--work-dir', default='work_dirs/pareto_digits')
     parser.add_argument('--data-root', default='data/digits')
     parser.add_argument('--fp32-epochs', type=int, default=30)
     parser.add_argument('--qat-epochs', type=int, default=10)
     parser.add_argument('--supernet-epochs', type=int, default=5)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--bn-calibration', type=int, default=8,
+                        help='training batches per setting of the '
+                        're-calibrated fronts')
+    parser.add_argument('--out', default=osp.join(HERE, 'results',
+                                                  'pareto_digits'),
+                        help='writes OUT.json, OUT.md and OUT.png')
     args = parser.parse_args()
-    work, root = osp.abspath(args.work_dir), osp.abspath(args.data_root)
+    root = osp.abspath(args.data_root)
     write_digits(root)
-    _, fp_ckpt, _ = train_and_test(TOOLS, FP32_CONFIG,
-                                   osp.join(work, 'fp32'), root,
-                                   args.fp32_epochs, args.seed)
-    multi, mp_ckpt, _ = train_and_test(
-        TOOLS, QAT_CONFIG, osp.join(work, 'multi'), root, args.qat_epochs,
-        args.seed, [f'load_from={fp_ckpt}'])
-    traces = osp.join(work, 'traces.json')
-    run_tool([osp.join(TOOLS, 'hessian.py'), QAT_CONFIG, mp_ckpt, '--out',
-              traces, '--num-samples', '512', '--cfg-options',
-              *data_options(root)], osp.join(work, 'hessian.log'))
-    fronts = {}
-    for name, hook in (('hasb', [f'custom_hooks.0.traces={traces}']),
-                       ('uniform', ['custom_hooks.0.uniform=True',
-                                    'custom_hooks.0.traces=None'])):
-        _, ckpt, _ = train_and_test(
-            TOOLS, MP_CONFIG, osp.join(work, name), root, args.supernet_epochs,
-            args.seed, [f'load_from={mp_ckpt}', *hook])
-        objectives = ('trace_bits', 'perturbation') if name == 'hasb' \
-            else ('trace_bits', )
-        for objective in objectives:
-            front = name if objective == 'trace_bits' \
-                else f'{name}_{objective}'
-            out = osp.join(work, front, 'search')
-            run_tool([osp.join(TOOLS, 'search_subnet.py'), MP_CONFIG, ckpt,
-                      '--traces', traces, '--kind', 'avg_bits', '--range',
-                      '2.5', '7', '--steps', '10', '--objective', objective,
-                      '--input-shape', '1', '3', '16', '16', '--work-dir',
-                      out, '--cfg-options', *data_options(root)],
-                     osp.join(work, f'search_{front}.log'))
-            with open(osp.join(out, 'search.json')) as f:
-                fronts[front] = json.load(f)
-    report(fronts, multi)
-
-
-def report(fronts, multi):
-    metric = fronts['hasb']['metric']
-    print(f'\n{metric} (%) of searched SubNets by average-bit budget\n')
-    print('| budget | HASB SuperNet | HASB SuperNet, perturbation '
-          'objective | uniform-switching SuperNet |')
-    print('|---|---|---|---|')
-    for hasb, hawq, uni in zip(fronts['hasb']['subnets'],
-                               fronts['hasb_perturbation']['subnets'],
-                               fronts['uniform']['subnets']):
-        print(f'| {hasb["budget"]:.2f} | ' + ' | '.join(
-            f'{e[metric]:.2f} (avg {e["avg_bits"]:.2f})'
-            for e in (hasb, hawq, uni)) + ' |')
-    print('\nuniform bits: ' + ', '.join(
-        f'{u["name"]} {u[metric]:.2f} (multi-precision model '
-        f'{multi[metric + "@" + u["name"]]:.2f})'
-        for u in fronts['hasb']['uniform']))
-    out = osp.join(HERE, 'results')
-    os.makedirs(out, exist_ok=True)
-    with open(osp.join(out, 'pareto_digits.json'), 'w') as f:
-        json.dump(dict(fronts=fronts, multi_precision=multi), f, indent=1)
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, style in (('hasb', 'o-'), ('hasb_perturbation', 'd-'),
-                        ('uniform', 's--')):
-        pts = sorted((e['avg_bits'], e[metric])
-                     for e in fronts[name]['subnets'])
-        ax.plot(*zip(*pts), style, label=f'{name} SuperNet SubNets')
-    pts = sorted((e['avg_bits'], e[metric])
-                 for e in fronts['hasb']['uniform'])
-    ax.plot(*zip(*pts), 'k^', label='uniform bits (HASB SuperNet)')
-    ax.set_xlabel('average bit-width')
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
-    ax.set_title('digits: mixed-precision Pareto fronts')
-    fig.tight_layout()
-    fig.savefig(osp.join(out, 'pareto_digits.png'), dpi=120)
-    print(f'saved {out}/pareto_digits.json and pareto_digits.png')
+    # the tools measure this checkout's mmdrq, not an installed copy
+    os.environ['PYTHONPATH'] = os.pathsep.join(
+        p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
+    results = dict(bn_calibration=args.bn_calibration, seeds={
+        seed: run_seed(args, seed, root) for seed in args.seeds})
+    atomic_write_json(args.out + '.json', results)
+    text = table(results)
+    atomic_write(args.out + '.md', lambda f: f.write(text.encode()))
+    plot(results, args.out + '.png')
+    print(text)
+    print(f'saved {args.out}.json, .md and .png')
 
 
 if __name__ == '__main__':
