@@ -63,5 +63,10 @@ if __name__ == '__main__':
             # OpenCV for mmdrq_runtime.Inferencer
             'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.5',
                        'opencv-python'],
+            # the language-model path (mmdrq/llm); mmpretrain 1.2.0 no longer
+            # imports beside transformers 4.57 and 5.x (its BLIP language
+            # model subclasses a PreTrainedModel it then fails to import);
+            # 4.46 to 4.51 are tested
+            'llm': ['transformers>=4.46,<4.52'],
         },
         zip_safe=False)

@@ -5,7 +5,8 @@
 #   from the sdist with its CPU ops), mmpretrain 1.2.0, mmdet 3.3.0,
 #   mmsegmentation 1.2.2 (+ ftfy, regex), onnx 1.23.2 + onnxruntime 1.32.0
 #   + onnxscript 0.7.2 (ONNX export and runtime), scikit-image 0.26.0 (the
-#   real-image detection/segmentation data), then mmdrq itself.
+#   real-image detection/segmentation data), transformers 4.51.3 (the
+#   language-model path; newer ones break mmpretrain's import), then mmdrq.
 # If PIP_FIND_LINKS points at a folder holding a matching mmcv 2.1.0 wheel,
 # that wheel is used instead of the ~30 minute build.
 set -euo pipefail
@@ -52,5 +53,7 @@ echo '[mmdrq] scikit-image (sample images of tools/make_real_datasets.py)'
 pip_install -c "$constraints" scikit-image==0.26.0
 echo '[mmdrq] onnx, onnxruntime, onnxscript (torch.onnx dynamo exporter)'
 pip_install -c "$constraints" onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
+echo '[mmdrq] transformers (the language-model path, mmdrq/llm)'
+pip_install -c "$constraints" transformers==4.51.3
 pip_install -c "$constraints" --no-deps --no-build-isolation --force-reinstall .
-"$PY" -c 'import mmcv.ops, mmpretrain, mmdet, mmseg, onnxruntime, mmdrq; print("[mmdrq] installed", mmdrq.__version__)'
+"$PY" -c 'import mmcv.ops, mmpretrain.models, mmdet, mmseg, onnxruntime, transformers, mmdrq; print("[mmdrq] installed", mmdrq.__version__)'
