@@ -250,15 +250,19 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
                        '1', '--no-eval', '--input-shape', '1', '3', '16',
                        '16', '--work-dir', out_dir)
     assert 'avg_bits budget 1 is infeasible' in error and '[2, 8]' in error
-    # HAWQ-V2's objective: trace times the checkpoint's weight errors
-    hawq = out_dir / 'hawq'
+    # the default: HAWQ-V2's objective, trace times the weight errors (< 0,
+    # minimised); the paper's trace * bits (> 0, maximised) on request
+    assert {s['objective_kind'] for s in results['subnets']} == \
+        {'perturbation'}
+    assert all(s['objective'] < 0 for s in results['subnets'])
+    paper = out_dir / 'paper'
     run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
              work / 'epoch_2.pth', '--traces', traces, '--budgets', '4',
-             '--objective', 'perturbation', '--no-eval', '--input-shape',
-             '1', '3', '16', '16', '--work-dir', hawq)
-    entry = json.loads((hawq / 'search.json').read_text())['subnets'][0]
-    assert entry['objective_kind'] == 'perturbation'
-    assert entry['objective'] < 0 and entry['avg_bits'] <= 4 + 1e-9
+             '--objective', 'trace_bits', '--no-eval', '--input-shape',
+             '1', '3', '16', '16', '--work-dir', paper)
+    entry = json.loads((paper / 'search.json').read_text())['subnets'][0]
+    assert entry['objective_kind'] == 'trace_bits'
+    assert entry['objective'] > 0 and entry['avg_bits'] <= 4 + 1e-9
     bad = out_dir / 'bad.json'
     bad.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
     assert 'backbone.nope' in tool_error(
