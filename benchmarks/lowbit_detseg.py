@@ -199,6 +199,12 @@ ROWS = {
     'freeze_bn_stats_long_qat_fp_distill': dict(
         seg=SHIPPED + LONG_QAT + [FP_DISTILL]),
 }
+# the recommended rows with a cheaper bit schedule (docs/training.md,
+# Cheaper schedules), for benchmarks/qat_cost.py's question on real images
+for _kind in ('sandwich', 'random', 'progressive'):
+    ROWS[f'recommended_{_kind}'] = dict(
+        det=LATE_LONG_QAT + [f'model.bit_schedule.kind={_kind}'],
+        seg=SHIPPED + LONG_QAT + [f'model.bit_schedule.kind={_kind}'])
 
 
 def with_fp32(options: list, fp_ckpt: str) -> list:
