@@ -24,15 +24,10 @@ from mmdrq.datasets import write_digits
 from mmdrq.utils import atomic_write, atomic_write_json
 from mmdrq.utils.tool_runs import data_options, run_tool, train_and_test
 
-from fidelity_digits import finished_run, summarize
+from fidelity_digits import (DIGITS, FP32_CONFIG, HERE, QAT_CONFIG, ROOT,
+                             TOOLS, finished_run, summarize)
 
-HERE = osp.dirname(osp.abspath(__file__))
-ROOT = osp.dirname(HERE)
-TOOLS = osp.join(ROOT, 'tools')
-CONFIGS = osp.join(ROOT, 'configs', 'classification', 'digits')
-FP32_CONFIG = osp.join(CONFIGS, 'resnet_digits_fp32.py')
-QAT_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq_8642.py')
-MP_CONFIG = osp.join(CONFIGS, 'resnet_digits_drq-mp_8642.py')
+MP_CONFIG = osp.join(DIGITS, 'resnet_digits_drq-mp_8642.py')
 # front -> (SuperNet, search objective)
 FRONTS = {'hasb': ('hasb', 'trace_bits'),
           'hasb_perturbation': ('hasb', 'perturbation'),
