@@ -28,6 +28,7 @@ class QDQRewrite:
         self.modules = dict(exporter.model.named_modules())
         self.weights, self.calls = {}, {}  # per layer: weight DQ, calls
         self.integers = {}  # weight integer initializer -> its derivation
+        self.handled = set()  # layers whose weight and bias are set
 
     def set_init(self, name: str, array: np.ndarray):
         tensor = numpy_helper.from_array(array, name)
@@ -44,6 +45,7 @@ class QDQRewrite:
                 if node.op_type in BIAS_INPUT and len(node.input) > 1 \
                 else None
             if part is not None:
+                self.handled.add(part.layer)
                 new_nodes += emit(self, node, part)
                 new_nodes.append(node)
                 continue
@@ -58,6 +60,22 @@ class QDQRewrite:
         del self.graph.node[:]
         self.graph.node.extend(new_nodes)
         self.group_and_layer_norms()
+        self.plain_biases()
+
+    def plain_biases(self):
+        """The bias of a layer the graph computes without a Conv or Gemm
+        node (a Linear on 3-d input: MatMul, then Add): the model's own,
+        zeros where it has none, in place of the skeleton's placeholder."""
+        for init in list(self.inits):
+            name = module_of(init, '.bias')
+            module = self.modules.get(name)
+            if name in self.handled or \
+                    not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            shape = tuple(self.inits[init].dims)
+            bias = torch.zeros(shape) if module.bias is None else \
+                module.bias.detach().float().reshape(shape)
+            self.set_init(init, bias.numpy())
 
     def group_and_layer_norms(self):
         """Switchable GN/LN: the bit's copy's affine, wherever the graph
@@ -96,6 +114,7 @@ class QDQRewrite:
         weight into DequantizeLinear and the input through Q/DQ. Returns
         the nodes to put before ``node``."""
         module = self.modules[name]
+        self.handled.add(name)
         if node.op_type == 'Gemm' and not any(
                 a.name == 'transB' and a.i == 1 for a in node.attribute):
             raise ValueError(f'layer {name!r}: Gemm without transB=1 '
