@@ -98,7 +98,8 @@ def check_input_shape(meta: dict, shape) -> bool:
 
 def run_session(session: SwitchableSession, inputs: torch.Tensor):
     """The session's outputs in the structure of the PyTorch outputs."""
-    inputs = inputs.detach().float().cpu().numpy()
+    inputs = inputs.detach().cpu().numpy().astype(
+        session.meta.get('input_dtype', 'float32'))
     if check_input_shape(session.meta, inputs.shape):
         rows = [session.run(inputs[i:i + 1]) for i in range(len(inputs))]
         arrays = [np.concatenate(parts) for parts in zip(*rows)]
@@ -143,7 +144,8 @@ class OnnxRuntimeTestLoop(TestLoop):
         bits: ``'all'`` or bits to run; subnets: SubNet names to run (all
             exported ones by default when ``bits`` is ``'all'``).
         threads: ONNX Runtime intra-op threads (default: its own choice).
-        kernels: ``exact`` or ``integer`` (see ``make_session``).
+        kernels: ``exact``, ``integer`` or ``nbits`` (see
+            ``make_session``).
         measure_speed: add ``images_per_s`` per setting.
     """
 
@@ -183,6 +185,10 @@ class OnnxRuntimeTestLoop(TestLoop):
         if self.session.meta.get('pipeline'):
             samples = pipeline_predictions(self.session, data['inputs'],
                                            data['data_samples'])
+        elif getattr(model, 'export_inputs', None) == 'token_ids':
+            inputs = data['inputs']  # a language model: next-token losses
+            logits = run_session(self.session, inputs[:, :-1])
+            samples = model.predictions(logits, inputs)
         else:
             outputs = run_session(self.session, data['inputs'])
             samples = postprocess(model, outputs, data['data_samples'])

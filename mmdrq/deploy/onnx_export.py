@@ -158,7 +158,9 @@ class OnnxExporter:
 
     Args:
         model: the converted model (the architecture, not the QAT wrapper).
-        input_shape: (N, C, H, W) of the tensor after the data preprocessor.
+        input_shape: (N, C, H, W) of the tensor after the data preprocessor;
+            (N, T) token ids for a model whose ``export_inputs`` is
+            ``'token_ids'`` (a language model: batch and length dynamic).
         forward: ``forward(model, inputs)`` giving the tensors to export
             (default ``model(inputs, mode='tensor')``).
         target: ``onnxruntime`` (uint8 activations after ReLU, which its
@@ -202,6 +204,7 @@ class OnnxExporter:
         self.calibration = [np.asarray(torch.as_tensor(b).float())
                             for b in calibration or ()]
         self.model = model.eval()
+        self.tokens = getattr(model, 'export_inputs', None) == 'token_ids'
         self.input_shape = tuple(int(s) for s in input_shape)
         self.forward = forward
         self.layers = quantized_layers(model)
@@ -240,6 +243,9 @@ class OnnxExporter:
         a model whose code fixes the sizes (or fails at that size: a
         flatten into a Linear) is exported again at the given input shape,
         which the graph then requires (``input_dims``)."""
+        if self.tokens:  # batch and length dynamic from a 2 x 2+ example
+            return self._trace(skeleton, (max(2, self.input_shape[0]),
+                                          max(2, self.input_shape[1])))
         batch, spatial = max(2, self.input_shape[0]), self.input_shape[2:]
         grow = -(-256 // min(spatial)) if spatial else 1
         given = (batch, ) + tuple(self.input_shape[1:])
@@ -256,7 +262,8 @@ class OnnxExporter:
 
     def _trace(self, skeleton: nn.Module, shape) -> onnx.ModelProto:
         auto = torch.export.Dim.AUTO
-        dynamic = {d: auto for d in [0] + list(range(2, len(shape)))}
+        dynamic = {d: auto for d in ([0, 1] if self.tokens else
+                                     [0] + list(range(2, len(shape))))}
         outputs = None
         if self.task == 'detection':
             wrapper = self.detections(skeleton)
@@ -266,7 +273,7 @@ class OnnxExporter:
                                        skeleton.roi_head.with_mask else [])
         else:
             wrapper = TensorForward(skeleton, self.forward)
-            example, names = (torch.zeros(shape), ), ['input']
+            example, names = (self.example(shape), ), ['input']
         program = torch.onnx.export(
             wrapper.eval(), example, dynamo=True, optimize=False,
             opset_version=OPSET, input_names=names, output_names=outputs,
@@ -285,11 +292,23 @@ class OnnxExporter:
                     lambda m, i, o, name=name: active.__setitem__(name, m)))
         try:
             with use_setting(self.model, bits), torch.no_grad():
-                self.run_torch(torch.zeros(self.input_shape))
+                self.run_torch(self.example(self.input_shape))
         finally:
             for hook in hooks:
                 hook.remove()
         return active
+
+    def example(self, shape, generator=None) -> torch.Tensor:
+        """An input of ``shape`` of the model's kind: zeros, or random
+        with ``generator`` (images: normal; token ids: uniform over the
+        vocabulary)."""
+        if self.tokens:
+            if generator is None:
+                return torch.zeros(shape, dtype=torch.long)
+            return torch.randint(0, self.model.vocab_size, shape,
+                                 generator=generator)
+        return torch.zeros(shape) if generator is None else \
+            torch.randn(shape, generator=generator)
 
     def detections(self, model: nn.Module) -> nn.Module:
         """The module the exporter traces for a detector's pipeline."""

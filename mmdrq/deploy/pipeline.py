@@ -94,7 +94,7 @@ def probe_difference(exporter: OnnxExporter, proto, bits, seed: int = 0):
     from mmdrq_runtime.session import make_session
     session = make_session(proto.SerializeToString())
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(exporter.input_shape, generator=generator)
+    inputs = exporter.example(exporter.input_shape, generator)
     feeds = dict(pipeline_feeds(exporter.pipeline, inputs.shape),
                  input=inputs.numpy())
     got = session.run(None, feeds)
@@ -179,7 +179,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
             exporter.export_setting(stored)[0]
     files, entries, specs = pack(entries, models, integers, base, layout)
     with use_setting(model, settings[0][1]):
-        example = exporter.run_torch(torch.zeros(exporter.input_shape))
+        example = exporter.run_torch(exporter.example(exporter.input_shape))
     outputs = pytree.tree_flatten(example)[1]
     graph_input = exporter.skeleton().graph.input[0].type.tensor_type.shape
     meta = dict(info or {}, model=type(model).__name__,
@@ -189,6 +189,7 @@ def export_to_folder(model, out_dir: str, bits: Sequence[int] = (),
                 quantized_layers=len(quantized_layers(model)),
                 layout=layout, input_name='input',
                 input_shape=list(exporter.input_shape),
+                input_dtype='int64' if exporter.tokens else 'float32',
                 input_dims=[d.dim_value if d.HasField('dim_value') else None
                             for d in graph_input.dim],
                 output_tree=pytree.treespec_dumps(outputs),

@@ -14,16 +14,20 @@ class CausalLM(BaseModel):
     ``forward(inputs, data_samples, mode)`` of every OpenMMLab model, so that
     mmdrq's wrapper, loops and tools run it as they run a classifier.
 
-    ``inputs``: ``(batch, T + 1)`` token ids (``CharLMDataset``); the model
-    reads the first ``T`` and predicts each next one. ``mode='loss'``: the
-    mean cross-entropy (``loss_lm``); ``'predict'``: per sequence the summed
-    cross-entropy and the token count (``PerplexityMetric``); ``'tensor'``:
-    the logits.
+    ``inputs``: ``(batch, T + 1)`` token ids (``CharLMDataset``) for
+    ``mode='loss'`` (the mean cross-entropy, ``loss_lm``) and ``'predict'``
+    (per sequence the summed cross-entropy and the token count,
+    ``PerplexityMetric``): the model reads the first ``T`` and predicts each
+    next one. ``'tensor'``: the logits after every token of ``inputs``
+    (what generation and the exported graph compute).
 
     Args:
         config: ``transformers.AutoConfig.for_model`` keywords, with
             ``model_type`` (e.g. ``'llama'``).
     """
+
+    # the exporter's example inputs are token ids, batch and length dynamic
+    export_inputs = 'token_ids'
 
     def __init__(self, config: dict, data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
@@ -41,18 +45,34 @@ class CausalLM(BaseModel):
         self.lm = AutoModelForCausalLM.from_config(
             AutoConfig.for_model(**config))
 
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.config.vocab_size
+
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):
-        logits = self.lm(input_ids=inputs[:, :-1]).logits
         if mode == 'tensor':
-            return logits
-        targets = inputs[:, 1:]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(),
-                               targets.flatten(), reduction='none')
+            return self.lm(input_ids=inputs).logits
+        logits = self.lm(input_ids=inputs[:, :-1]).logits
         if mode == 'loss':
-            return dict(loss_lm=loss.mean())
+            return dict(loss_lm=next_token_losses(logits, inputs).mean())
         if mode == 'predict':
-            per_sequence = loss.view_as(targets).sum(1)
-            return [dict(loss_sum=total.item(), tokens=targets.shape[1])
-                    for total in per_sequence.detach()]
+            return self.predictions(logits, inputs)
         raise ValueError(f"mode must be 'tensor', 'loss' or 'predict', got "
                          f'{mode!r}')
+
+    @staticmethod
+    def predictions(logits, inputs) -> list:
+        """``PerplexityMetric``'s entries from the logits of ``inputs[:,
+        :-1]`` (PyTorch's or an ONNX session's): per sequence the summed
+        cross-entropy of the next tokens and their count."""
+        per_sequence = next_token_losses(logits, inputs).sum(1)
+        return [dict(loss_sum=total.item(), tokens=inputs.shape[1] - 1)
+                for total in per_sequence.detach()]
+
+
+def next_token_losses(logits, inputs):
+    """``(batch, T)`` cross-entropy of each next token ``inputs[:, 1:]``
+    under ``logits`` of ``inputs[:, :-1]``."""
+    targets = inputs[:, 1:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                           reduction='none').view_as(targets)

@@ -7,11 +7,12 @@ import json
 import math
 import os
 import os.path as osp
+import re
 
 import pytest
 import torch
 
-from conftest import ROOT, TOOLS, run_tool
+from conftest import ROOT, TOOLS, run_tool, tool_error
 
 pytest.importorskip('transformers')
 
@@ -93,7 +94,7 @@ def test_metric_is_the_mean_token_cross_entropy(corpus):
     with torch.no_grad():
         for inputs in batches:
             metric.process(None, model(inputs, mode='predict'))
-            logits = model(inputs, mode='tensor').double()
+            logits = model(inputs[:, :-1], mode='tensor').double()
             log_p = torch.log_softmax(logits, -1)
             total -= log_p.gather(-1, inputs[:, 1:, None]).sum().item()
             count += inputs[:, 1:].numel()
@@ -103,6 +104,19 @@ def test_metric_is_the_mean_token_cross_entropy(corpus):
                                                  rel=1e-5)
     with pytest.raises(ValueError, match="mode must be .* got 'logits'"):
         model(batches[0], mode='logits')
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--prompt', 'caf\u00e9'], "--prompt has characters the corpus lacks: "
+     "\\['\u00e9'\\]"),
+    (['--tokens', '-1'], '--tokens must be >= 0, got -1'),
+])
+def test_generate_refuses_bad_flags_before_loading(corpus, argv, message):
+    root, _ = corpus
+    error = tool_error('generate', osp.join(CONFIGS, 'llama_char_drq-8642.py'),
+                       'missing.pth', *argv, '--cfg-options',
+                       f'test_dataloader.dataset.data_root={root}')
+    assert re.search(message, error), error
 
 
 @pytest.mark.slow
@@ -153,3 +167,28 @@ def test_fp32_then_qat_then_per_bit_test_through_the_tools(corpus, tmp_path):
         'quantized [8, 6, 4, 2]'
     assert decisions['lm.model.layers.1.mlp.down_proj'] == \
         'quantized [8, 6, 4, 2]'
+    # one export folder; ONNX Runtime's N-bit MatMul gives PyTorch's
+    # per-bit losses, and the same greedy text as the PyTorch model
+    onnx_dir = tmp_path / 'onnx'
+    run_tool(osp.join(TOOLS, 'export_onnx.py'), qat,
+             str(qat_work / 'iter_2.pth'), '--out-dir', onnx_dir,
+             '--cfg-options', *qat_tiny)
+    ort_out = tmp_path / 'ort_metrics.json'
+    run_tool(osp.join(TOOLS, 'test.py'), qat, onnx_dir, '--backend',
+             'onnxruntime', '--ort-kernels', 'nbits', '--work-dir',
+             tmp_path / 'ort', '--out', ort_out, '--cfg-options', *qat_tiny)
+    with open(ort_out) as f:
+        ort_metrics = json.load(f)
+    for bit in (8, 6, 4, 2):
+        key = f'lm/loss@w{bit}a{bit}'
+        assert ort_metrics[key] == pytest.approx(metrics[key], abs=1e-4)
+    texts = []
+    for source in (qat_work / 'iter_2.pth', onnx_dir):
+        text_out = tmp_path / f'text_{len(texts)}.json'
+        run_tool(osp.join(TOOLS, 'generate.py'), qat, source, '--bit', '4',
+                 '--prompt', 'The ', '--tokens', '20', '--out', text_out,
+                 '--cfg-options', *qat_tiny)
+        with open(text_out) as f:
+            texts.append(json.load(f))
+    assert texts[0] == texts[1]
+    assert texts[0]['bit'] == 4 and len(texts[0]['text']) == 20
