@@ -4,9 +4,10 @@ from typing import Optional, Union
 import numpy as np
 
 from .artifact import ExportFolder, copy_model
+from .nbits import matmul_nbits
 
 
-KERNELS = ('exact', 'integer')
+KERNELS = ('exact', 'integer', 'nbits')
 # ONNX Runtime passes that would fold the integer graph's per-channel Mul
 # and Add back into a conv's weights or a Gemm's alpha (one more rounding)
 EXACT_DISABLED_OPTIMIZERS = ('ConvMulFusion', 'ConvAddFusion',
@@ -30,6 +31,11 @@ def make_session(model, threads: Optional[int] = None,
     (QLinearConv): faster, but its int32 bias (the folded BN shift rounded
     to input scale times weight scale) and its requantization differ from
     the float computation, which flips some low-bit activations.
+    ``'nbits'`` runs the quantized linears as ``MatMulNBits`` (2-, 4- or
+    8-bit packed weights, float input: ``mmdrq_runtime.nbits``), the rest
+    as ``'exact'`` does without the integer sums: the weight-only kernels
+    of language-model deployment, equal to the float computation up to
+    summation order.
     """
     import onnxruntime as ort
     check_kernels(kernels)
@@ -40,7 +46,9 @@ def make_session(model, threads: Optional[int] = None,
     proto = _load(model)
     if not prepared:
         proto = prepare(proto, kernels)
-    if kernels == 'exact':
+    if kernels == 'nbits':  # reads the weights: the setting's, filled
+        proto = matmul_nbits(proto)
+    if kernels in ('exact', 'nbits'):
         options.add_session_config_entry('session.disable_quant_qdq', '1')
         disabled = list(EXACT_DISABLED_OPTIMIZERS)
     if threads:

@@ -35,10 +35,11 @@ def parse_args():
     parser.add_argument('--backend', default='pytorch',
                         choices=['pytorch', 'onnxruntime'])
     parser.add_argument('--ort-kernels', default='exact',
-                        choices=['exact', 'integer'],
+                        choices=['exact', 'integer', 'nbits'],
                         help='onnxruntime: exact integer sums (equal to '
-                        '--numerics deploy in PyTorch), or fused integer '
-                        'kernels (see mmdrq.deploy)')
+                        '--numerics deploy in PyTorch), fused integer '
+                        'kernels, or weight-only linears as MatMulNBits '
+                        '(language models; see mmdrq.deploy)')
     parser.add_argument('--numerics', default='fake',
                         choices=['fake', 'deploy'],
                         help='pytorch: the fake-quantized forward of '
