@@ -59,7 +59,7 @@ def pack_codes(container: np.ndarray, bits: int, block_size: int):
         float(2**(CONTAINER_BIT - bits))
 
 
-def matmul_nbits(proto, block_size: int = 32,
+def matmul_nbits(proto, block_size: int = 128,
                  accuracy_level: Optional[int] = None):
     """Rewrite (in place, and return) every ``Gemm(x, DequantizeLinear(w),
     c, transB=1)`` whose weight is an int8 initializer with zero point 0

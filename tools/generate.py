@@ -3,12 +3,14 @@ chosen bit-width, in PyTorch or from an ONNX export folder.
 
     python tools/generate.py CONFIG CKPT_OR_EXPORT_DIR [--bit 4]
         [--prompt TEXT] [--tokens 200] [--temperature 0] [--seed 0]
-        [--kernels nbits|exact] [--out FILE] [--cfg-options k=v ...]
+        [--kernels nbits|nbits_int8|exact] [--out FILE] [--cfg-options k=v ...]
 
 CKPT_OR_EXPORT_DIR is a training checkpoint, an integer file
 (tools/export_int.py) or an export folder (tools/export_onnx.py), which runs
 in ONNX Runtime: ``--kernels nbits`` (default) as ``MatMulNBits`` with the
-bit's packed weights, ``exact`` as the folder's QDQ graph. The vocabulary
+bit's packed weights (``nbits_int8``: with the input quantized to int8
+per block when it runs, faster and not equal), ``exact`` as the folder's
+QDQ graph. The vocabulary
 is the config's test corpus'; each token is predicted from at most the
 last ``block_size`` characters (the length the model was trained on).
 ``--out`` also writes the bit, prompt and text as JSON.
@@ -37,7 +39,7 @@ def parse_args():
                         help='0: the most likely character each time')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--kernels', default='nbits',
-                        choices=['nbits', 'exact'],
+                        choices=['nbits', 'nbits_int8', 'exact'],
                         help='an export folder\'s ONNX Runtime kernels')
     parser.add_argument('--out', help='write {bit, prompt, text} as JSON')
     add_cfg_options(parser)

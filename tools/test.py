@@ -35,11 +35,13 @@ def parse_args():
     parser.add_argument('--backend', default='pytorch',
                         choices=['pytorch', 'onnxruntime'])
     parser.add_argument('--ort-kernels', default='exact',
-                        choices=['exact', 'integer', 'nbits'],
+                        choices=['exact', 'integer', 'nbits', 'nbits_int8'],
                         help='onnxruntime: exact integer sums (equal to '
                         '--numerics deploy in PyTorch), fused integer '
                         'kernels, or weight-only linears as MatMulNBits '
-                        '(language models; see mmdrq.deploy)')
+                        '(language models: float input, or nbits_int8 '
+                        'with the input blocks quantized to int8 at run '
+                        'time; see mmdrq_runtime.session)')
     parser.add_argument('--numerics', default='fake',
                         choices=['fake', 'deploy'],
                         help='pytorch: the fake-quantized forward of '

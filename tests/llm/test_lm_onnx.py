@@ -171,3 +171,22 @@ def test_generate_reads_at_most_context_tokens_and_samples_by_seed():
     drawn = [generate(logits, [0], 20, 3, temperature=5.0, seed=s)
              for s in (1, 1, 2)]
     assert drawn[0] == drawn[1] and drawn[0] != drawn[2]
+
+
+def test_int8_input_kernels_stay_close_to_pytorch(exported):
+    """``nbits_int8``: MatMulNBits with accuracy_level 4 (each block of the
+    input quantized to int8 when it runs): not equal, but within the
+    input's 8-bit rounding of PyTorch's logits."""
+    model, folder, _ = exported
+    session = SwitchableSession(folder, kernels='nbits_int8')
+    nodes = [n for n in matmul_nbits(session.export.model(4),
+                                     accuracy_level=4).graph.node
+             if n.op_type == 'MatMulNBits']
+    assert {a.i for n in nodes for a in n.attribute
+            if a.name == 'accuracy_level'} == {4}
+    ids = torch.randint(0, TINY['vocab_size'], (2, 11))
+    for bit in BITS:
+        with use_setting(model, bit), torch.no_grad():
+            want = model(ids, mode='tensor').numpy()
+        got = session.set_bits(bit).run(ids.numpy())[0]
+        assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
