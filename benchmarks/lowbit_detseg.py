@@ -31,7 +31,7 @@ import time
 
 from mmdrq.datasets import write_real_detection, write_real_segmentation
 from mmdrq.utils import atomic_write, atomic_write_json
-from mmdrq.utils.tool_runs import run_tool
+from mmdrq.utils.tool_runs import recorded_run
 
 HERE = osp.dirname(osp.abspath(__file__))
 ROOT = osp.dirname(HERE)
@@ -243,43 +243,11 @@ def data_options(task: str, root: str):
     return options
 
 
-def last_checkpoint(work: str) -> str:
-    """The checkpoint MMEngine's ``last_checkpoint`` file names."""
-    with open(osp.join(work, 'last_checkpoint')) as f:
-        return f.read().strip()
-
-
 def train_and_test(config, work, seed, options):
-    """tools/train.py then tools/test.py of ``config`` in ``work`` (reused
-    when ``work/run.json`` records the same config, seed and options);
-    returns (metrics, checkpoint, training seconds)."""
-    record = osp.join(work, 'run.json')
-    settings = dict(config=osp.relpath(config, ROOT), seed=seed,
-                    options=list(options))
-    if osp.isfile(record):
-        with open(record) as f:
-            last = json.load(f)
-        if last['settings'] == settings and osp.isfile(last['checkpoint']):
-            return last['metrics'], last['checkpoint'], last['seconds']
-    os.makedirs(work, exist_ok=True)
-    if osp.exists(record):
-        os.remove(record)
-    # no validation while training: tools/test.py measures every bit after
-    seconds = run_tool(
-        [osp.join(TOOLS, 'train.py'), config, '--work-dir', work,
-         '--cfg-options', f'randomness.seed={seed}', *options,
-         'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None'],
-        osp.join(work, 'train.log'))
-    ckpt = last_checkpoint(work)
-    out = osp.join(work, 'test_metrics.json')
-    run_tool([osp.join(TOOLS, 'test.py'), config, ckpt, '--work-dir', work,
-              '--out', out, '--cfg-options', *options],
-             osp.join(work, 'test.log'))
-    with open(out) as f:
-        metrics = json.load(f)
-    atomic_write_json(record, dict(settings=settings, metrics=metrics,
-                                   checkpoint=ckpt, seconds=seconds))
-    return metrics, ckpt, seconds
+    """``recorded_run`` of ``config`` in ``work``; returns (metrics,
+    checkpoint, training seconds)."""
+    record = recorded_run(TOOLS, config, work, seed, options, ROOT)
+    return record['metrics'], record['checkpoint'], record['seconds']
 
 
 def summarize(values):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from .atomic import atomic_write_json
+
 
 def run_tool(args, log_path) -> float:
     """Run ``python <args>`` with output to ``log_path``; seconds."""
@@ -47,3 +49,40 @@ def train_and_test(tools, config, work, root, epochs, seed, options=()):
              osp.join(work, 'test.log'))
     with open(out) as f:
         return json.load(f), ckpt, seconds
+
+
+def recorded_run(tools, config, work, seed, options, root) -> dict:
+    """tools/train.py (no validation) then tools/test.py of ``config`` in
+    ``work``, both with ``options`` (``load_from`` only for training);
+    the record ``work/run.json`` (settings, metrics, checkpoint, training
+    seconds) is returned, and reused when it records the same config
+    (relative to ``root``), seed and options and its checkpoint exists."""
+    record = osp.join(work, 'run.json')
+    settings = dict(config=osp.relpath(config, root), seed=seed,
+                    options=list(options))
+    if osp.isfile(record):
+        with open(record) as f:
+            last = json.load(f)
+        if last['settings'] == settings and osp.isfile(last['checkpoint']):
+            return last
+    os.makedirs(work, exist_ok=True)
+    if osp.exists(record):
+        os.remove(record)
+    seconds = run_tool(
+        [osp.join(tools, 'train.py'), config, '--work-dir', work,
+         '--cfg-options', f'randomness.seed={seed}', *options,
+         'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None'],
+        osp.join(work, 'train.log'))
+    with open(osp.join(work, 'last_checkpoint')) as f:
+        ckpt = f.read().strip()
+    out = osp.join(work, 'test_metrics.json')
+    run_tool([osp.join(tools, 'test.py'), config, ckpt, '--work-dir', work,
+              '--out', out, '--cfg-options',
+              *[o for o in options if not o.startswith('load_from=')]],
+             osp.join(work, 'test.log'))
+    with open(out) as f:
+        metrics = json.load(f)
+    result = dict(settings=settings, metrics=metrics, checkpoint=ckpt,
+                  seconds=seconds)
+    atomic_write_json(record, result)
+    return result
