@@ -59,6 +59,23 @@ def pack_codes(container: np.ndarray, bits: int, block_size: int):
         float(2**(CONTAINER_BIT - bits))
 
 
+# ONNX Runtime's CPU MatMulNBits: 4 bits since 1.17, 8 and 2 bits since
+# 1.23 (older ones refuse those sessions without naming the layer)
+MIN_ORT = (1, 23)
+
+
+def check_runtime():
+    """An error naming the installed ONNX Runtime if it is too old for
+    every width of ``CODE_BITS``."""
+    import onnxruntime
+    version = tuple(int(p) for p in onnxruntime.__version__.split('.')[:2])
+    if version < MIN_ORT:
+        raise RuntimeError(
+            f'MatMulNBits kernels need onnxruntime >= '
+            f'{".".join(map(str, MIN_ORT))} (2- and 8-bit weights), '
+            f'found {onnxruntime.__version__}')
+
+
 def matmul_nbits(proto, block_size: int = 128,
                  accuracy_level: Optional[int] = None):
     """Rewrite (in place, and return) every ``Gemm(x, DequantizeLinear(w),
@@ -97,7 +114,7 @@ def matmul_nbits(proto, block_size: int = 128,
             return None
         return dq, weight, scale
 
-    new_nodes, extra = [], []
+    new_nodes, extra, packed_bits = [], [], {}
     for node in graph.node:
         found = weight_dq(node)
         if found is None:
@@ -105,16 +122,17 @@ def matmul_nbits(proto, block_size: int = 128,
             continue
         dq, weight, scale = found
         n, k = weight.shape
-        bits = code_bits(weight)
-        packed, factor = pack_codes(weight, bits, block_size)
-        blocks = packed.shape[1]
-        scales = np.broadcast_to(
-            scale.astype(np.float32).reshape(-1, 1) * np.float32(factor),
-            (n, blocks)).reshape(-1)
-        name = dq.input[0]
-        extra += [numpy_helper.from_array(packed, name + '.nbits'),
-                  numpy_helper.from_array(np.ascontiguousarray(scales),
-                                          name + '.nbits_scales')]
+        name = dq.output[0]  # one packed weight per DQ (a layer called twice)
+        if name not in packed_bits:
+            packed_bits[name] = bits = code_bits(weight)
+            packed, factor = pack_codes(weight, bits, block_size)
+            scales = np.broadcast_to(
+                scale.astype(np.float32).reshape(-1, 1) * np.float32(factor),
+                (n, packed.shape[1])).reshape(-1)
+            extra += [numpy_helper.from_array(packed, name + '.nbits'),
+                      numpy_helper.from_array(np.ascontiguousarray(scales),
+                                              name + '.nbits_scales')]
+        bits = packed_bits[name]
         bias = node.input[2] if len(node.input) > 2 else ''
         keep_bias = bias and (bias not in inits or np.any(array(bias)))
         out = node.output[0]

@@ -4,7 +4,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .artifact import ExportFolder, copy_model
-from .nbits import matmul_nbits
+from .nbits import check_runtime, matmul_nbits
 
 
 KERNELS = ('exact', 'integer', 'nbits', 'nbits_int8')
@@ -53,6 +53,7 @@ def make_session(model, threads: Optional[int] = None,
     if not prepared:
         proto = prepare(proto, kernels)
     if kernels in NBITS_ACCURACY:  # reads the weights: the setting's, filled
+        check_runtime()
         proto = matmul_nbits(proto,
                              accuracy_level=NBITS_ACCURACY[kernels])
     if kernels != 'integer':

@@ -40,7 +40,7 @@ def parse_args():
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--kernels', default='nbits',
                         choices=['nbits', 'nbits_int8', 'exact'],
-                        help='an export folder\'s ONNX Runtime kernels')
+                        help='ONNX Runtime kernels (an export folder only)')
     parser.add_argument('--out', help='write {bit, prompt, text} as JSON')
     add_cfg_options(parser)
     return parser.parse_args()
@@ -78,6 +78,9 @@ def main():
         check_out_file('--out', args.out, [args.config, args.checkpoint])
     if args.tokens < 0:
         raise ValueError(f'--tokens must be >= 0, got {args.tokens}')
+    if args.temperature < 0:
+        raise ValueError(f'--temperature must be >= 0, got '
+                         f'{args.temperature}')
     dataset = cfg.test_dataloader.dataset
     vocab = read_vocab(dataset.data_root)
     index = {c: i for i, c in enumerate(vocab)}

@@ -186,7 +186,8 @@ class OnnxRuntimeTestLoop(TestLoop):
             samples = pipeline_predictions(self.session, data['inputs'],
                                            data['data_samples'])
         elif getattr(model, 'export_inputs', None) == 'token_ids':
-            inputs = data['inputs']  # a language model: next-token losses
+            # a language model: next-token losses, on the CPU as the logits
+            inputs = data['inputs'].cpu()
             logits = run_session(self.session, inputs[:, :-1])
             samples = model.predictions(logits, inputs)
         else:

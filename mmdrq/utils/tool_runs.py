@@ -76,9 +76,10 @@ def recorded_run(tools, config, work, seed, options, root) -> dict:
     with open(osp.join(work, 'last_checkpoint')) as f:
         ckpt = f.read().strip()
     out = osp.join(work, 'test_metrics.json')
+    test_options = [o for o in options if not o.startswith('load_from=')]
     run_tool([osp.join(tools, 'test.py'), config, ckpt, '--work-dir', work,
-              '--out', out, '--cfg-options',
-              *[o for o in options if not o.startswith('load_from=')]],
+              '--out', out] + (['--cfg-options', *test_options]
+                               if test_options else []),
              osp.join(work, 'test.log'))
     with open(out) as f:
         metrics = json.load(f)

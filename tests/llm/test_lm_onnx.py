@@ -93,6 +93,31 @@ def test_matmul_nbits_session_against_float64():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_weight_read_by_two_gemms_is_packed_once():
+    n = k = 32  # y1 (m, n) is the second Gemm's input
+    container = (np.arange(n * k).reshape(n, k) % 16 - 8).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node('DequantizeLinear', ['w', 's'], ['wf'], axis=0),
+         helper.make_node('Gemm', ['x', 'wf'], ['y1'], transB=1),
+         helper.make_node('Gemm', ['y1', 'wf'], ['y2'], transB=1)], 'g',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['m', k])],
+        [helper.make_tensor_value_info('y2', TensorProto.FLOAT, ['m', n])],
+        [numpy_helper.from_array(container, 'w'),
+         numpy_helper.from_array(np.full(n, 0.1, np.float32), 's')])
+    model = helper.make_model(graph,
+                              opset_imports=[helper.make_opsetid('', 20)])
+    rewritten = matmul_nbits(onnx.ModelProto.FromString(
+        model.SerializeToString()))
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert [i.name for i in rewritten.graph.initializer] == \
+        ['wf.nbits', 'wf.nbits_scales']
+    x = np.random.default_rng().normal(size=(3, k)).astype(np.float32)
+    weight = container.astype(np.float64) * 0.1
+    want = (x.astype(np.float64) @ weight.T) @ weight.T
+    got = make_session(model, kernels='nbits').run(None, {'x': x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
     """A tiny converted Llama (weight-only, LM head FP) exported at every
