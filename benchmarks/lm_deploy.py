@@ -27,7 +27,7 @@ import mmdrq  # noqa: F401 (registers mmdrq's modules)
 import mmdrq.llm  # noqa: F401 (registers the language model)
 from mmdrq.deploy.pipeline import export_to_folder
 from mmdrq.utils import atomic_write, atomic_write_json
-from mmdrq_runtime.generation import generate
+from mmdrq_runtime.generation import generate_cached
 from mmdrq_runtime.nbits import matmul_nbits
 from mmdrq_runtime.session import SwitchableSession, make_session
 
@@ -83,60 +83,51 @@ def sessions(model, folder: str, threads: int):
     return found, sizes, meta
 
 
-def window_ms(session, vocab: int, tokens: int) -> float:
-    """Milliseconds per greedily generated token, the whole window run
-    again each time."""
-    name = session.get_inputs()[0].name
+def timed_generation(session, cache_shape, vocab: int, count: int) -> float:
+    """Seconds to generate ``count`` tokens greedily on the exported step's
+    key-value cache after a ``PROMPT``-token prompt (its prefill included)."""
+    feeds = [i.name for i in session.get_inputs()]
     prompt = list(np.random.default_rng(0).integers(0, vocab, PROMPT))
+
+    def step(ids, keys, values):
+        return session.run(None, dict(zip(feeds, (ids, keys, values))))
     start = time.perf_counter()
-    generate(lambda ids: session.run(None, {name: ids})[0], prompt, tokens,
-             PROMPT + tokens)
-    return (time.perf_counter() - start) / tokens * 1e3
+    generate_cached(step, cache_shape, prompt, count, PROMPT + count)
+    return time.perf_counter() - start
 
 
-def step_ms(session, repeat: int = 20) -> float:
-    """Milliseconds of a one-token forward: the matrix-vector products a
-    decoder with a key-value cache runs per token (without the attention
-    over the cache)."""
-    name = session.get_inputs()[0].name
-    token = np.array([[1]], np.int64)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        session.run(None, {name: token})
-    return (time.perf_counter() - start) / repeat * 1e3
-
-
-def measure(found: dict, vocab: int, tokens: int, rounds: int) -> dict:
-    """Per setting and kind (``window``, ``step``) the best of ``rounds``
-    turns (each setting once per turn, after one warm-up)."""
-    times = {name: dict(window=[], step=[]) for name in found}
+def measure(found: dict, cache_shape, vocab: int, tokens: int,
+            rounds: int) -> dict:
+    """Per setting the prefill (the prompt's step, ms) and the milliseconds
+    per generated token after it, each the best of ``rounds`` turns (each
+    setting once per turn, after one warm-up)."""
+    times = {name: dict(prefill=[], token=[]) for name in found}
     for session in found.values():
-        window_ms(session, vocab, 1)
-        step_ms(session, 2)
+        timed_generation(session, cache_shape, vocab, 2)
     for _ in range(rounds):
         for name, session in found.items():
-            times[name]['window'].append(window_ms(session, vocab, tokens))
-            times[name]['step'].append(step_ms(session))
+            prefill = timed_generation(session, cache_shape, vocab, 1)
+            total = timed_generation(session, cache_shape, vocab, tokens + 1)
+            times[name]['prefill'].append(prefill * 1e3)
+            times[name]['token'].append((total - prefill) / tokens * 1e3)
     return {name: {kind: min(values) for kind, values in kinds.items()}
             for name, kinds in times.items()}
 
 
 def markdown(rows: list, threads: int, tokens: int) -> str:
-    lines = [f'ONNX Runtime (CPU, {threads} thread(s)), batch 1. *window*: '
-             f'milliseconds per token of greedy generation, {tokens} tokens '
-             f'after a {PROMPT}-token prompt, the whole window run again '
-             'per token (the graph has no key-value cache); *step*: one '
-             'one-token forward (the matrix-vector products a cached decoder '
-             'runs per token). Best of the turns; ratio to FP32 in '
-             'brackets. `nbits`: MatMulNBits on float input (equal to '
-             'PyTorch); `nbits_int8`: its input quantized to int8 per '
-             'block at run time.', '',
+    lines = [f'ONNX Runtime (CPU, {threads} thread(s)), batch 1, greedy '
+             'generation on the exported decoder step\'s key-value cache: '
+             f'*token*: milliseconds per generated token ({tokens} tokens), '
+             f'*prefill*: milliseconds of the {PROMPT}-token prompt\'s step. '
+             'Best of the turns; ratio to FP32 in brackets. `nbits`: '
+             'MatMulNBits on float input (equal to PyTorch); `nbits_int8`: '
+             'its input quantized to int8 per block at run time.', '',
              '| width (parameters) | kernels | kind | FP32 ms | w8 | w6 | '
              'w4 | w2 |', '|---|---|---|---|---|---|---|---|']
     for row in rows:
         ms = row['ms']
         for kernels in KERNELS:
-            for kind in ('window', 'step'):
+            for kind in ('token', 'prefill'):
                 fp = ms['FP32'][kind]
                 cells = [f'{ms[f"w{b} {kernels}"][kind]:.2f} '
                          f'({ms[f"w{b} {kernels}"][kind] / fp:.2f}x)'
@@ -175,7 +166,8 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             found, sizes, meta = sessions(model, osp.join(tmp, 'onnx'),
                                           args.threads)
-            ms = measure(found, model.vocab_size, args.tokens, args.rounds)
+            ms = measure(found, meta['pipeline']['cache_shape'],
+                         model.vocab_size, args.tokens, args.rounds)
         rows.append(dict(width=width, parameters=sum(
             p.numel() for p in model.parameters()), ms=ms, sizes=sizes,
             probe=[s['probe'] for s in meta['settings']]))

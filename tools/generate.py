@@ -12,7 +12,9 @@ bit's packed weights (``nbits_int8``: with the input quantized to int8
 per block when it runs, faster and not equal), ``exact`` as the folder's
 QDQ graph. The vocabulary
 is the config's test corpus'; each token is predicted from at most the
-last ``block_size`` characters (the length the model was trained on).
+last ``block_size`` characters (the length the model was trained on):
+PyTorch runs that window for every token, ONNX Runtime the exported
+decoder step on its key-value cache.
 ``--out`` also writes the bit, prompt and text as JSON.
 """
 import argparse
@@ -23,7 +25,7 @@ import torch
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.tools_common import add_cfg_options, check_out_file
 from mmdrq.utils import atomic_write_json
-from mmdrq_runtime.generation import generate
+from mmdrq_runtime.generation import generate, generate_cached
 
 
 def parse_args():
@@ -60,13 +62,17 @@ def pytorch_logits(config: str, checkpoint: str, bit, cfg_options):
     return logits, bit
 
 
-def onnx_logits(folder: str, bit, kernels: str):
-    """``logits(ids)`` of an export folder's session at ``bit``."""
+def onnx_step(folder: str, bit, kernels: str):
+    """(decoder step ``(ids, keys, values) -> (logits, keys, values)`` of
+    an export folder's session at ``bit``, its cache shape, the bit)."""
     from mmdrq_runtime.session import SwitchableSession
     session = SwitchableSession(folder, kernels=kernels)
     bit = session.available[0] if bit is None else bit
     session.set_bits(bit)
-    return lambda ids: session.run(ids)[0], bit
+
+    def step(ids, keys, values):
+        return session.run(ids, past_keys=keys, past_values=values)
+    return step, session.meta['pipeline']['cache_shape'], bit
 
 
 def main():
@@ -88,13 +94,16 @@ def main():
     if unknown:
         raise ValueError(f'--prompt has characters the corpus lacks: '
                          f'{unknown}')
-    if osp.isdir(args.checkpoint):
-        logits, bit = onnx_logits(args.checkpoint, args.bit, args.kernels)
+    prompt = [index[c] for c in args.prompt]
+    options = (args.tokens, dataset.block_size, args.temperature, args.seed)
+    if osp.isdir(args.checkpoint):  # the exported step, on its cache
+        step, cache_shape, bit = onnx_step(args.checkpoint, args.bit,
+                                           args.kernels)
+        ids = generate_cached(step, cache_shape, prompt, *options)
     else:
         logits, bit = pytorch_logits(args.config, args.checkpoint, args.bit,
                                      args.cfg_options)
-    ids = generate(logits, [index[c] for c in args.prompt], args.tokens,
-                   dataset.block_size, args.temperature, args.seed)
+        ids = generate(logits, prompt, *options)
     text = ''.join(vocab[i] for i in ids)
     print(f'[w{bit}] {args.prompt}{text}')
     if args.out:

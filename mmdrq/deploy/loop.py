@@ -18,6 +18,7 @@ from mmdrq.models import architecture_of
 from mmdrq.models.tasks import decode_head, dense_head, task_of
 from mmdrq.quantization.bitwidths import bit_tag, tag
 from mmdrq.registry import LOOPS
+from mmdrq_runtime.generation import empty_cache
 from mmdrq_runtime.inferencer import detections
 from mmdrq_runtime.session import SwitchableSession
 
@@ -98,8 +99,7 @@ def check_input_shape(meta: dict, shape) -> bool:
 
 def run_session(session: SwitchableSession, inputs: torch.Tensor):
     """The session's outputs in the structure of the PyTorch outputs."""
-    inputs = inputs.detach().cpu().numpy().astype(
-        session.meta.get('input_dtype', 'float32'))
+    inputs = inputs.detach().float().cpu().numpy()
     if check_input_shape(session.meta, inputs.shape):
         rows = [session.run(inputs[i:i + 1]) for i in range(len(inputs))]
         arrays = [np.concatenate(parts) for parts in zip(*rows)]
@@ -182,14 +182,17 @@ class OnnxRuntimeTestLoop(TestLoop):
                               data_batch=data_batch)
         model = self._model
         data = model.data_preprocessor(data_batch, False)
-        if self.session.meta.get('pipeline'):
+        if getattr(model, 'export_inputs', None) == 'token_ids':
+            # a language model: next-token losses of whole sequences (an
+            # empty cache), on the CPU beside the session's logits
+            inputs = data['inputs'].cpu()
+            logits = self.session.run(inputs[:, :-1].numpy(), **empty_cache(
+                self.session.meta['pipeline']['cache_shape'],
+                len(inputs)))[0]
+            samples = model.predictions(torch.from_numpy(logits), inputs)
+        elif self.session.meta.get('pipeline'):
             samples = pipeline_predictions(self.session, data['inputs'],
                                            data['data_samples'])
-        elif getattr(model, 'export_inputs', None) == 'token_ids':
-            # a language model: next-token losses, on the CPU as the logits
-            inputs = data['inputs'].cpu()
-            logits = run_session(self.session, inputs[:, :-1])
-            samples = model.predictions(logits, inputs)
         else:
             outputs = run_session(self.session, data['inputs'])
             samples = postprocess(model, outputs, data['data_samples'])

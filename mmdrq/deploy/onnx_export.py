@@ -46,6 +46,7 @@ from mmdrq.quantization.integers import (check_container, is_signed,
 from mmdrq.quantization.layers import (BitSwitchable, QuantLayer,
                                        owner_weight_reads)
 from mmdrq.utils.checks import check_choice
+from mmdrq_runtime.generation import CACHE_INPUTS
 from .detection_graph import (EXTRA_INPUTS, ONNX_FORMS, OUTPUTS,
                               SingleStageDetections, detection_refusal,
                               example_inputs)
@@ -60,6 +61,21 @@ from .two_stage_graph import TwoStageDetections
 
 OPSET = 20
 TARGETS = ('onnxruntime', 'tensorrt')
+
+
+CACHED_OUTPUTS = ('logits', 'keys', 'values')
+
+
+class _CachedStep(nn.Module):
+    """A language model's ``cached_forward`` as one module for the
+    exporter."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, past_keys, past_values):
+        return self.model.cached_forward(inputs, past_keys, past_values)
 
 
 class TensorForward(nn.Module):
@@ -160,7 +176,10 @@ class OnnxExporter:
         model: the converted model (the architecture, not the QAT wrapper).
         input_shape: (N, C, H, W) of the tensor after the data preprocessor;
             (N, T) token ids for a model whose ``export_inputs`` is
-            ``'token_ids'`` (a language model: batch and length dynamic).
+            ``'token_ids'``: a language model, exported as its decoder step
+            on a key-value cache (``cached_forward``; inputs ``input``,
+            ``past_keys``, ``past_values``, outputs ``logits``, ``keys``,
+            ``values``; batch, length and past length dynamic).
         forward: ``forward(model, inputs)`` giving the tensors to export
             (default ``model(inputs, mode='tensor')``).
         target: ``onnxruntime`` (uint8 activations after ReLU, which its
@@ -223,7 +242,12 @@ class OnnxExporter:
                 name for name, m in self.model.named_modules()
                 if folds_bn(m)})
             proto = onnxscript.optimizer.optimize(proto)
-            if self.task == 'detection':
+            if self.tokens:  # the step's cache: inputs of every session
+                self.pipeline = dict(
+                    task='language_model', extra_inputs=list(CACHE_INPUTS),
+                    cache_shape=list(self.model.cache_shape),
+                    outputs=[o.name for o in proto.graph.output])
+            elif self.task == 'detection':
                 self.pipeline = dict(
                     task='detection', extra_inputs=list(EXTRA_INPUTS),
                     outputs=[o.name for o in proto.graph.output])
@@ -265,6 +289,19 @@ class OnnxExporter:
         dynamic = {d: auto for d in ([0, 1] if self.tokens else
                                      [0] + list(range(2, len(shape))))}
         outputs = None
+        if self.tokens:  # a decoder step on a key-value cache
+            wrapper = _CachedStep(skeleton)
+            layers, heads, size = self.model.cache_shape
+            past = torch.zeros(layers, shape[0], heads, shape[1] + 1, size)
+            example = (self.example(shape), past, past.clone())
+            names, outputs = ['input', *CACHE_INPUTS], list(CACHED_OUTPUTS)
+            cache_dims = {1: auto, 3: auto}
+            program = torch.onnx.export(
+                wrapper.eval(), example, dynamo=True, optimize=False,
+                opset_version=OPSET, input_names=names, output_names=outputs,
+                verbose=False, dynamic_shapes=(dynamic, cache_dims,
+                                               cache_dims))
+            return program.model_proto
         if self.task == 'detection':
             wrapper = self.detections(skeleton)
             example = example_inputs(shape)

@@ -21,6 +21,7 @@ import numpy as np
 
 from mmdrq.models.tasks import task_of, two_stage
 from mmdrq.utils.checks import check_choice
+from mmdrq_runtime.generation import empty_cache
 
 GRAPHS = ('auto', 'pipeline', 'tensor')
 
@@ -146,6 +147,8 @@ def pipeline_feeds(pipeline: Optional[dict], shape) -> dict:
     no padding and the input's own size as the output size."""
     if not pipeline or not pipeline['extra_inputs']:
         return {}
+    if pipeline['task'] == 'language_model':  # the whole sequence: no past
+        return empty_cache(pipeline['cache_shape'], shape[0])
     if pipeline['task'] == 'detection':
         return dict(image_size=np.array(shape[2:], np.float32),
                     inverse_scale=np.ones(2, np.float32))

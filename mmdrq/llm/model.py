@@ -1,6 +1,7 @@
 """A transformers causal language model as an OpenMMLab model."""
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModel
 
@@ -48,6 +49,34 @@ class CausalLM(BaseModel):
     @property
     def vocab_size(self) -> int:
         return self.lm.config.vocab_size
+
+    @property
+    def cache_shape(self) -> tuple:
+        """(layers, key-value heads, head size): the key-value cache is
+        ``(layers, batch, heads, past, head size)``."""
+        config = self.lm.config
+        head = getattr(config, 'head_dim', None) or \
+            config.hidden_size // config.num_attention_heads
+        return (config.num_hidden_layers, config.num_key_value_heads, head)
+
+    def cached_forward(self, inputs, past_keys, past_values):
+        """(logits after each of ``inputs``, keys, values): one decoder
+        step reading the cache of the ``past`` tokens before ``inputs``
+        (``past`` may be 0) and returning it grown by them; the graph the
+        export holds, so a deployed model generates without running the
+        whole window again."""
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        for layer in range(past_keys.shape[0]):
+            cache.update(past_keys[layer], past_values[layer], layer)
+        positions = torch.arange(inputs.shape[1], device=inputs.device) + \
+            past_keys.shape[3]
+        logits = self.lm(input_ids=inputs, past_key_values=cache,
+                         position_ids=positions[None],
+                         cache_position=positions, use_cache=True).logits
+        layers = range(past_keys.shape[0])
+        return (logits, torch.stack([cache.key_cache[i] for i in layers]),
+                torch.stack([cache.value_cache[i] for i in layers]))
 
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):
         if mode == 'tensor':

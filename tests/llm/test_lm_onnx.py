@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import mmdrq
 from mmdrq.deploy.pipeline import export_to_folder
 from mmdrq.quantization import use_setting
-from mmdrq_runtime.generation import generate
+from mmdrq_runtime.generation import empty_cache, generate, generate_cached
 from mmdrq_runtime.nbits import code_bits, matmul_nbits, pack_codes
 from mmdrq_runtime.session import SwitchableSession, make_session
 
@@ -136,10 +136,39 @@ def exported(tmp_path_factory):
 
 
 def test_one_graph_serves_every_bit(exported):
-    _, folder, meta = exported
+    model, folder, meta = exported
     assert sorted(meta['files']) == ['model.onnx']  # no per-bit values
     assert meta['input_dims'] == [None, None]  # batch and length dynamic
     assert meta['input_dtype'] == 'int64'
+    assert meta['pipeline']['extra_inputs'] == ['past_keys', 'past_values']
+    assert meta['pipeline']['cache_shape'] == [2, 2, 24]
+
+
+def run_step(session, ids, keys=None, values=None):
+    """(logits, keys, values) of the exported step; no cache: empty."""
+    if keys is None:
+        keys, values = empty_cache(session.meta['pipeline']['cache_shape'],
+                                   len(ids)).values()
+    return session.run(np.asarray(ids), past_keys=keys, past_values=values)
+
+
+def test_the_cached_step_continues_a_sequence_as_the_whole_would(exported):
+    """A prompt through the step, then one token at a time on the cache:
+    the logits of the whole sequence at once."""
+    model, folder, _ = exported
+    session = SwitchableSession(folder, kernels='nbits').set_bits(4)
+    ids = torch.randint(0, TINY['vocab_size'], (2, 9))
+    with use_setting(model, 4), torch.no_grad():
+        want = model(ids, mode='tensor').numpy()
+    logits, keys, values = run_step(session, ids[:, :6].numpy())
+    parts = [logits]
+    for t in range(6, 9):
+        logits, keys, values = run_step(session, ids[:, t:t + 1].numpy(),
+                                        keys, values)
+        parts.append(logits)
+    assert keys.shape == (2, 2, 2, 9, 24)
+    np.testing.assert_allclose(np.concatenate(parts, 1), want, rtol=0,
+                               atol=1e-4)
 
 
 @pytest.mark.parametrize('kernels', ['nbits', 'exact'])
@@ -164,10 +193,13 @@ def test_onnxruntime_logits_and_greedy_text_equal_pytorch(exported,
 
             def torch_logits(window):
                 return model(torch.from_numpy(window), mode='tensor').numpy()
-            want_text = generate(torch_logits, prompt, 12, 16)
-        got = session.run(ids.numpy())[0]
+            want_text = generate(torch_logits, prompt, 12, 8)
+        got = run_step(session, ids.numpy())[0]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
-        got_text = generate(lambda w: session.run(w)[0], prompt, 12, 16)
+        # on the cache, past the 8-token window too
+        got_text = generate_cached(
+            lambda *feeds: run_step(session, *feeds),
+            session.meta['pipeline']['cache_shape'], prompt, 12, 8)
         assert got_text == want_text
 
 
@@ -213,5 +245,5 @@ def test_int8_input_kernels_stay_close_to_pytorch(exported):
     for bit in BITS:
         with use_setting(model, bit), torch.no_grad():
             want = model(ids, mode='tensor').numpy()
-        got = session.set_bits(bit).run(ids.numpy())[0]
+        got = run_step(session.set_bits(bit), ids.numpy())[0]
         assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
