@@ -1,7 +1,7 @@
 """Export a trained mmdrq model to ONNX (QDQ form): one artifact, every bit.
 
     python tools/export_onnx.py CONFIG CKPT --out-dir DIR [--bits 8 4 2]
-        [--subnet s.json ...] [--input-shape 1 3 224 224]
+        [--subnet s.json ...] [--input-shape 1 3 224 224 | 1 T]
         [--layout single|per_bit] [--overwrite]
         [--target onnxruntime|tensorrt] [--residual-qdq none|calibrated]
         [--calib-batches 4]
@@ -60,12 +60,13 @@ def main():
                         'when --subnet is given)')
     parser.add_argument('--subnet', nargs='+', default=[],
                         help='SubNet JSON files (layer_bits) to export')
-    parser.add_argument('--input-shape', type=int, nargs=4,
-                        metavar=('N', 'C', 'H', 'W'),
-                        help='example input of the export (default: the '
-                        'first test batch through the config\'s pipeline); '
-                        'batch, height and width stay dynamic where the '
-                        'model allows it')
+    parser.add_argument('--input-shape', type=int, nargs='+',
+                        metavar='SIZE',
+                        help='N C H W (N T for a language model): example '
+                        'input of the export (default: the first test '
+                        'batch through the config\'s pipeline); batch, '
+                        'height and width stay dynamic where the model '
+                        'allows it')
     parser.add_argument('--layout', default='single', choices=LAYOUTS,
                         help='single: one graph with the stored integers, '
                         'every bit derived at load; per_bit: a full file '
@@ -97,15 +98,21 @@ def main():
     if args.calib_batches < 1:
         parser.error(f'--calib-batches must be >= 1, got '
                      f'{args.calib_batches}')
-    if args.input_shape and min(args.input_shape) < 1:
-        parser.error(f'--input-shape sizes must be >= 1, got '
-                     f'{args.input_shape}')
+    if args.input_shape and (min(args.input_shape) < 1 or
+                             len(args.input_shape) not in (2, 4)):
+        parser.error(f'--input-shape takes N C H W (or N T for a language '
+                     f'model), sizes >= 1, got {args.input_shape}')
     check_out_dir(args.out_dir, overwrite=args.overwrite)
     subnets = {osp.splitext(osp.basename(p))[0]: load_subnet(p)
                for p in args.subnet}
     cfg, model = load_for_export(args.config, args.checkpoint,
                                  args.cfg_options)
     input_shape = args.input_shape or test_input_shape(cfg, model)
+    tokens = getattr(model, 'export_inputs', None) == 'token_ids'
+    if len(input_shape) != (2 if tokens else 4):
+        raise ValueError(f'--input-shape {" ".join(map(str, input_shape))}:'
+                         f' {type(model).__name__} takes '
+                         f'{"N T (token ids)" if tokens else "N C H W"}')
     check_input_channels(model, input_shape)
     spec, refusal = preprocess_spec(cfg, model)
     calibration = None

@@ -284,8 +284,8 @@ def test_export_tool_refuses_a_size_below_one_first(tmp_path, monkeypatch,
     with pytest.raises(SystemExit):
         runpy.run_path(osp.join(root, 'tools', 'export_onnx.py'),
                        run_name='__main__')
-    assert '--input-shape sizes must be >= 1, got [1, 3, 0, 16]' in \
-        capsys.readouterr().err
+    assert '--input-shape takes N C H W (or N T for a language model), '\
+        'sizes >= 1, got [1, 3, 0, 16]' in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
 
 
