@@ -19,7 +19,7 @@ import os.path as osp
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 
@@ -27,6 +27,11 @@ META = 'meta.json'
 GRAPH = 'model.onnx'
 FORMAT = 'mmdrq-onnx'
 FORMAT_VERSION = 2
+# folders whose settings shift some weights by other than h - l (per-bit
+# step shifts, ``weight_shifts``): a reader of version 2 would derive them
+# wrongly, so it must refuse them
+SHIFTS_FORMAT_VERSION = 3
+FORMAT_VERSIONS = (FORMAT_VERSION, SHIFTS_FORMAT_VERSION)
 CONTAINER_BIT = 8  # int8 / uint8 containers
 _PLAIN_NAME = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.@+-]*\Z')
 
@@ -68,10 +73,10 @@ def read_meta(folder: str) -> dict:
     if not isinstance(meta, dict) or meta.get('format') != FORMAT:
         raise ValueError(f'{path!r} is not an mmdrq ONNX export '
                          f'(format != {FORMAT!r})')
-    if meta.get('format_version') != FORMAT_VERSION:
+    if meta.get('format_version') not in FORMAT_VERSIONS:
         raise ValueError(f'{path!r} has format_version='
                          f'{meta.get("format_version")!r}, this mmdrq reads '
-                         f'{FORMAT_VERSION}: export it again')
+                         f'{list(FORMAT_VERSIONS)}: export it again')
     files = meta.get('files')
     if not isinstance(files, dict) or not files:
         raise ValueError(f'{path!r} lists no files')
@@ -101,11 +106,12 @@ def verify(folder: str, meta: dict):
 
 
 def second_rounding(container: np.ndarray, stored_bit: int, bit: int,
-                    rounding: str, mode: str) -> np.ndarray:
+                    rounding: str, mode: str,
+                    shift: Optional[int] = None) -> np.ndarray:
     """A lower bit's int8 container integers from the stored bit's (see
     ``shift_round_clip``), by table: one lookup per pair of weights."""
     flat = np.ascontiguousarray(container, np.int8).reshape(-1)
-    single, pairs = _tables(stored_bit, bit, rounding, mode)
+    single, pairs = _tables(stored_bit, bit, rounding, mode, shift)
     out = np.empty_like(flat)
     even = flat.size - flat.size % 2
     out[:even].view(np.uint16)[:] = pairs[flat[:even].view(np.uint16)]
@@ -114,28 +120,34 @@ def second_rounding(container: np.ndarray, stored_bit: int, bit: int,
 
 
 @functools.lru_cache(maxsize=None)
-def _tables(stored_bit: int, bit: int, rounding: str, mode: str):
+def _tables(stored_bit: int, bit: int, rounding: str, mode: str,
+            shift: Optional[int]):
     """``shift_round_clip`` of every int8 value (indexed by its byte), and
     of every pair of them (indexed by the two bytes as one uint16)."""
     every = np.arange(256, dtype=np.uint8).view(np.int8)
-    single = shift_round_clip(every, stored_bit, bit, rounding, mode)
+    single = shift_round_clip(every, stored_bit, bit, rounding, mode, shift)
     both = np.arange(65536, dtype=np.uint16).view(np.uint8)
     pairs = single[both].view(np.uint16)
     return single, pairs
 
 
 def shift_round_clip(container: np.ndarray, stored_bit: int, bit: int,
-                     rounding: str, mode: str) -> np.ndarray:
+                     rounding: str, mode: str,
+                     shift: Optional[int] = None) -> np.ndarray:
     """The stored integers ``q_h`` (the container shifted right by
-    ``8 - h``), shifted right by ``d = h - bit`` bits with the rounding of
-    training (``half_even``, ``half_up``, or the bare shift for
+    ``8 - h``), shifted right by ``d = shift`` bits (default ``h - bit``;
+    more with a per-bit step shift ``k``: ``h - bit + k``) with the
+    rounding of training (``half_even``, ``half_up``, or the bare shift for
     ``mode='floor'``), clipped to the signed ``bit``-bit range and aligned
     to the container's top bits again. int8 arithmetic: every
     intermediate fits."""
     if rounding not in ('half_even', 'half_up'):
         raise ValueError(f'unknown rounding {rounding!r}')
     q = np.asarray(container, np.int8) >> (CONTAINER_BIT - stored_bit)
-    d = stored_bit - bit
+    d = stored_bit - bit if shift is None else shift
+    if d < 0 or d >= CONTAINER_BIT:
+        raise ValueError(f'shift {d} of a {stored_bit}-bit weight to {bit} '
+                         'bits is outside 0..7')
     if d > 0:
         low = q >> d  # floor(q / 2**d): numpy shifts signed values down
         if mode != 'floor':
@@ -221,6 +233,7 @@ class ExportFolder:
         values = dict(self.values(key) if values is None else values)
         integers, weight_bits = self.meta['integers'], \
             entry.get('weight_bits', {})
+        shifts = entry.get('weight_shifts', {})
         derived = []
         for init in proto.graph.initializer:
             if init.name in values:
@@ -235,7 +248,8 @@ class ExportFolder:
                 if init.raw_data else numpy_helper.to_array(init)
             return second_rounding(stored, spec['stored_bit'],
                                    weight_bits[init.name], spec['rounding'],
-                                   spec['mode']).tobytes()
+                                   spec['mode'],
+                                   shifts.get(init.name)).tobytes()
 
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             for init, data in zip(derived, pool.map(derive, derived)):

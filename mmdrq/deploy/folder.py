@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from mmdrq.utils.atomic import current_umask, fsync_folder
 from mmdrq.version import __version__
 from mmdrq_runtime.artifact import (FORMAT, FORMAT_VERSION, GRAPH, META,
+                                    SHIFTS_FORMAT_VERSION,
                                     ExportFolder, check_file_name, copy_model,
                                     read_meta,
                                     sha256_bytes)
@@ -102,17 +103,21 @@ def pack(settings: List[dict], models: Dict[str, onnx.ModelProto],
         if _structure(proto) != structure:
             raise RuntimeError(f'setting {name!r}: its graph differs from the '
                                'stored one (an exporter bug)')
-        values, weight_bits = {}, {}
+        values, weight_bits, shifts = {}, {}, {}
         for init in proto.graph.initializer:
             spec = integers[name].get(init.name) if derive else None
             if spec is not None and spec['bit'] != spec['stored_bit']:
                 weight_bits[init.name] = spec['bit']
+                if spec['shift'] != spec['stored_bit'] - spec['bit']:
+                    shifts[init.name] = spec['shift']  # a step shift
                 specs[init.name] = {k: spec[k] for k in
                                     ('stored_bit', 'rounding', 'mode')}
             elif init.SerializeToString() != \
                     base_values[init.name].SerializeToString():
                 values[init.name] = numpy_helper.to_array(init)
         entry = dict(setting, weight_bits=weight_bits, values=None)
+        if shifts:
+            entry['weight_shifts'] = shifts
         if values:
             entry['values'] = check_file_name(name + '.npz')
             buffer = io.BytesIO()
@@ -144,7 +149,10 @@ def write_folder(folder: str, files: Dict[str, bytes], meta: dict,
     folder = osp.abspath(folder)
     parent, base = osp.split(folder)
     os.makedirs(parent, exist_ok=True)
-    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION,
+    version = SHIFTS_FORMAT_VERSION if any(
+        'weight_shifts' in entry for entry in meta['settings']) \
+        else FORMAT_VERSION
+    meta = dict(meta, format=FORMAT, format_version=version,
                 mmdrq_version=__version__, model_identity=identity,
                 files={name: sha256_bytes(data)
                        for name, data in files.items()})

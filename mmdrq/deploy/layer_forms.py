@@ -175,12 +175,6 @@ def export_refusal(module: QuantLayer) -> Optional[str]:
     """Why the export cannot express ``module`` (None: it can)."""
     if isinstance(module.act_quantizer, PerLevel):
         return EXPORT_REFUSAL
-    if getattr(module.weight_quantizer, 'step_shift', 'off') != 'off':
-        return ('its weight quantizer has per-bit step shifts '
-                '(step_shift), which the export folder\'s per-bit '
-                'derivation (a shift by h - l) does not express yet; '
-                'integer files (tools/export_int.py) and --numerics deploy '
-                'hold them')
     if form_of(module) not in STAND_INS:
         return (f'the export has no stand-in for its form '
                 f'{form_of(module).__name__} (mmdrq.deploy.layer_forms.'
@@ -304,7 +298,7 @@ def weight_nodes(rewrite, module, prefix: str, q: torch.Tensor,
     set_init = rewrite.set_init
     quantizer = module.weight_quantizer
     rewrite.integers[prefix + '.weight_q'] = dict(
-        bit=bit, stored_bit=quantizer.stored_bit,
+        bit=bit, stored_bit=quantizer.stored_bit, shift=quantizer.shift(bit),
         rounding=quantizer.rounding, mode=second_rounding_mode(quantizer))
     scale = scale.float()
     transposed = isinstance(module, TransposedConvLayer)

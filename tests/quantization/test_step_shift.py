@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mmdrq import load_int, quantize_model, save_int, set_bits
-from mmdrq.quantization import DoubleRoundingQuantizer
+from mmdrq.quantization import (DoubleRoundingQuantizer, quantized_layers,
+                                use_bits)
 
 BITS = (8, 6, 4, 2)
 
@@ -126,10 +127,43 @@ def test_wrong_uses_are_named(small_classifier):
             compile=True)
 
 
-def test_onnx_export_refuses_by_name(make_tiny_cnn):
-    pytest.importorskip('onnx')
-    from mmdrq.deploy.onnx_export import check_exportable
+def test_one_export_folder_derives_every_bit_with_its_step_shifts(
+        tmp_path, make_tiny_cnn):
+    """Each lower bit's weights shifted by h - l + k from the stored
+    integers when its session is made: the folder says which (format 3,
+    ``weight_shifts``), its writer checked each setting against its own
+    export value for value, and ONNX Runtime gives PyTorch's deploy
+    numerics (up to the float stem's and head's summation order)."""
+    pytest.importorskip('onnxruntime')
+    from mmdrq.deploy.pipeline import export_to_folder
+    from mmdrq.quantization.deploy_numerics import deploy_numerics
+    from mmdrq_runtime.artifact import read_meta
+    from mmdrq_runtime.session import SwitchableSession
     model = quantize_model(make_tiny_cnn(), bits=list(BITS),
                            weight_quantizer=dict(step_shift='mse'))
-    with pytest.raises(ValueError, match='step shifts'):
-        check_exportable(model)
+    x = torch.randn(6, 3, 16, 16)
+    model.train()
+    for bit in BITS:
+        set_bits(model, bit)
+        model(x)
+    model.eval()
+    shifts = {8: 0, 6: -1, 4: -2, 2: -1}  # k per bit, every layer
+    for layer in quantized_layers(model).values():
+        layer.weight_quantizer.step_shifts.copy_(
+            torch.tensor([shifts[b] for b in BITS]))
+    folder = str(tmp_path / 'onnx')
+    export_to_folder(model, folder, list(BITS), input_shape=(1, 3, 16, 16),
+                     forward=lambda m, inputs: m(inputs), graph='tensor')
+    meta = read_meta(folder)
+    assert meta['format_version'] == 3
+    entries = {e['bit']: e for e in meta['settings']}
+    for bit in (6, 4, 2):
+        assert set(entries[bit]['weight_shifts'].values()) == \
+            {8 - bit + shifts[bit]}
+    session = SwitchableSession(folder, threads=1)
+    for bit in BITS:
+        got = session.set_bits(bit).run(x.numpy())[0]
+        with use_bits(model, bit), torch.no_grad(), \
+                deploy_numerics(model, lambda m: m(x[:2])):
+            want = model(x).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
