@@ -89,16 +89,22 @@ def test_forward_at_every_bit_is_the_reference(seed):
     assert torch.equal(quantizer.step_shifts, before)
 
 
-def test_integer_file_keeps_the_step_shifts(tmp_path, make_tiny_cnn):
-    torch.manual_seed(0)
+def shifted_model(make_tiny_cnn, x):
+    """A TinyCNN with step shifts, every bit's scales and k set by a
+    training forward on ``x``; eval mode."""
     model = quantize_model(make_tiny_cnn(), bits=list(BITS),
                            weight_quantizer=dict(step_shift='mse'))
-    x = torch.randn(4, 3, 16, 16)
     model.train()
     for bit in BITS:
         set_bits(model, bit)
         model(x)
-    model.eval()
+    return model.eval()
+
+
+def test_integer_file_keeps_the_step_shifts(tmp_path, make_tiny_cnn):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    model = shifted_model(make_tiny_cnn, x)
     outputs = {}
     for bit in BITS:
         set_bits(model, bit)
@@ -139,14 +145,8 @@ def test_one_export_folder_derives_every_bit_with_its_step_shifts(
     from mmdrq.quantization.deploy_numerics import deploy_numerics
     from mmdrq_runtime.artifact import read_meta
     from mmdrq_runtime.session import SwitchableSession
-    model = quantize_model(make_tiny_cnn(), bits=list(BITS),
-                           weight_quantizer=dict(step_shift='mse'))
     x = torch.randn(6, 3, 16, 16)
-    model.train()
-    for bit in BITS:
-        set_bits(model, bit)
-        model(x)
-    model.eval()
+    model = shifted_model(make_tiny_cnn, x)
     shifts = {8: 0, 6: -1, 4: -2, 2: -1}  # k per bit, every layer
     for layer in quantized_layers(model).values():
         layer.weight_quantizer.step_shifts.copy_(
