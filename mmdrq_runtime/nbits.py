@@ -13,6 +13,7 @@ every block, so the product is the same weights' product: equal to the
 Gemm's up to float summation order. It reads the values, so it runs on a
 setting's filled graph, not on a template shared by several settings.
 """
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -114,11 +115,15 @@ def matmul_nbits(proto, block_size: int = 128,
             return None
         return dq, weight, scale
 
-    new_nodes, extra, packed_bits = [], [], {}
+    new_nodes, extra, packed_bits, kept = [], [], {}, []
     for node in graph.node:
         found = weight_dq(node)
         if found is None:
             new_nodes.append(node)
+            source = producers.get(node.input[1]) \
+                if node.op_type in ('Gemm', 'MatMul') else None
+            if source is not None and source.op_type == 'DequantizeLinear':
+                kept.append(node.name or node.output[0])
             continue
         dq, weight, scale = found
         n, k = weight.shape
@@ -148,6 +153,11 @@ def matmul_nbits(proto, block_size: int = 128,
             new_nodes.append(helper.make_node(
                 'Add', [out + '_nbits', bias], [out],
                 name=(node.name or out) + '_bias'))
+    if kept:
+        warnings.warn(f'MatMulNBits: {len(kept)} products of a quantized '
+                      f'weight stay as they are (not a Gemm x @ w.T on an '
+                      f'int8 weight with a scale per output channel), e.g. '
+                      f'{kept[:3]}')
     if not extra:
         return proto
     del graph.node[:]

@@ -247,3 +247,20 @@ def test_int8_input_kernels_stay_close_to_pytorch(exported):
             want = model(ids, mode='tensor').numpy()
         got = run_step(session.set_bits(bit), ids.numpy())[0]
         assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
+def test_a_product_it_cannot_rewrite_is_named():
+    container = np.zeros((16, 8), np.int8)  # (K, N): x @ w, no transB
+    graph = helper.make_graph(
+        [helper.make_node('DequantizeLinear', ['w', 's'], ['wf']),
+         helper.make_node('Gemm', ['x', 'wf'], ['y'], name='head')], 'g',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['m', 16])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['m', 8])],
+        [numpy_helper.from_array(container, 'w'),
+         numpy_helper.from_array(np.float32(0.1), 's')])
+    model = helper.make_model(graph,
+                              opset_imports=[helper.make_opsetid('', 20)])
+    with pytest.warns(UserWarning, match=r"1 products .* \['head'\]"):
+        rewritten = matmul_nbits(model)
+    assert [n.op_type for n in rewritten.graph.node] == \
+        ['DequantizeLinear', 'Gemm']
