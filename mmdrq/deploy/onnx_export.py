@@ -288,21 +288,15 @@ class OnnxExporter:
         auto = torch.export.Dim.AUTO
         dynamic = {d: auto for d in ([0, 1] if self.tokens else
                                      [0] + list(range(2, len(shape))))}
-        outputs = None
+        outputs, extra_dims = None, None  # extra inputs' dims: fixed
         if self.tokens:  # a decoder step on a key-value cache
             wrapper = _CachedStep(skeleton)
             layers, heads, size = self.model.cache_shape
             past = torch.zeros(layers, shape[0], heads, shape[1] + 1, size)
             example = (self.example(shape), past, past.clone())
             names, outputs = ['input', *CACHE_INPUTS], list(CACHED_OUTPUTS)
-            cache_dims = {1: auto, 3: auto}
-            program = torch.onnx.export(
-                wrapper.eval(), example, dynamo=True, optimize=False,
-                opset_version=OPSET, input_names=names, output_names=outputs,
-                verbose=False, dynamic_shapes=(dynamic, cache_dims,
-                                               cache_dims))
-            return program.model_proto
-        if self.task == 'detection':
+            extra_dims = ({1: auto, 3: auto}, ) * 2  # batch, past length
+        elif self.task == 'detection':
             wrapper = self.detections(skeleton)
             example = example_inputs(shape)
             names = ['input', *EXTRA_INPUTS]
@@ -315,7 +309,8 @@ class OnnxExporter:
             wrapper.eval(), example, dynamo=True, optimize=False,
             opset_version=OPSET, input_names=names, output_names=outputs,
             verbose=False, custom_translation_table=ONNX_FORMS,
-            dynamic_shapes=(dynamic, ) + (None, ) * (len(example) - 1))
+            dynamic_shapes=(dynamic, ) + (extra_dims or (None, ) *
+                                          (len(example) - 1)))
         return program.model_proto
 
     def _active_bns(self, bits) -> Dict[str, nn.Module]:
