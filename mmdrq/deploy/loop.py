@@ -18,7 +18,7 @@ from mmdrq.models import architecture_of
 from mmdrq.models.tasks import decode_head, dense_head, task_of
 from mmdrq.quantization.bitwidths import bit_tag, tag
 from mmdrq.registry import LOOPS
-from mmdrq_runtime.generation import empty_cache
+from .pipeline_graph import pipeline_feeds
 from mmdrq_runtime.inferencer import detections
 from mmdrq_runtime.session import SwitchableSession
 
@@ -186,9 +186,9 @@ class OnnxRuntimeTestLoop(TestLoop):
             # a language model: next-token losses of whole sequences (an
             # empty cache), on the CPU beside the session's logits
             inputs = data['inputs'].cpu()
-            logits = self.session.run(inputs[:, :-1].numpy(), **empty_cache(
-                self.session.meta['pipeline']['cache_shape'],
-                len(inputs)))[0]
+            tokens = inputs[:, :-1].numpy()
+            logits = self.session.run(tokens, **pipeline_feeds(
+                self.session.meta['pipeline'], tokens.shape))[0]
             samples = model.predictions(torch.from_numpy(logits), inputs)
         elif self.session.meta.get('pipeline'):
             samples = pipeline_predictions(self.session, data['inputs'],
