@@ -1,11 +1,12 @@
 """Per-bit validation loss of the character Llama (configs/language): the
 model's own FP32, one-shot {8,6,4,2} Double Rounding QAT, and the same QAT
-with separately rounded weights (one scale per bit, ``variant=unshared``)
-and with ALRS off, over seeds; every run through tools/train.py and
-tools/test.py as a user runs them.
+with separately rounded weights (one scale per bit, ``variant=unshared``),
+with ALRS off, and with 8-bit activations (``llama_char_drq-8642_a8.py``),
+over seeds; every run through tools/train.py and tools/test.py as a user
+runs them.
 
     python benchmarks/lm_bits.py [--corpus shakespeare] [--seeds 0 1 2]
-        [--rows drq unshared alrs_off] [--lanes 2] [--report]
+        [--rows drq unshared alrs_off a8] [--lanes 2] [--report]
 
 Per seed the FP32 config trains first (its seed), then each QAT row starts
 from that checkpoint. ``--lanes`` runs that many at once, each on one
@@ -29,14 +30,17 @@ CONFIGS = osp.join(ROOT, 'configs', 'language')
 FP32 = osp.join(CONFIGS, 'llama_char_fp32.py')
 QAT = osp.join(CONFIGS, 'llama_char_drq-8642.py')
 BITS = (8, 6, 4, 2)
+# row: (QAT config, options)
 ROWS = {
-    'drq': [],
-    'unshared': ['model.quantizer.weight_quantizer.variant=unshared'],
-    'alrs_off': ['optim_wrapper.mode=off'],
+    'drq': (QAT, []),
+    'unshared': (QAT, ['model.quantizer.weight_quantizer.variant=unshared']),
+    'alrs_off': (QAT, ['optim_wrapper.mode=off']),
+    'a8': (osp.join(CONFIGS, 'llama_char_drq-8642_a8.py'), []),
 }
 LABELS = {'drq': 'Double Rounding (config)',
           'unshared': 'separately rounded (a scale per bit)',
-          'alrs_off': 'Double Rounding, ALRS off'}
+          'alrs_off': 'Double Rounding, ALRS off',
+          'a8': 'Double Rounding, 8-bit activations (a8 config)'}
 
 
 def run(config, work, seed, options):
@@ -54,8 +58,9 @@ def run_all(seeds, rows, root, work_dir, lanes):
 
         def qat(row, seed):
             start = f'load_from={fp[seed].result()["checkpoint"]}'
-            return run(QAT, osp.join(work_dir, f'{row}_seed{seed}'), seed,
-                       data + [start] + ROWS[row])
+            config, options = ROWS[row]
+            return run(config, osp.join(work_dir, f'{row}_seed{seed}'), seed,
+                       data + [start] + options)
         jobs = {(row, seed): pool.submit(qat, row, seed)
                 for row in rows for seed in seeds}
         for job in jobs.values():

@@ -20,11 +20,22 @@ ALRS_SCOPES = ('scales', 'scales_norm_bias')
 NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
+def _fixed_bit_scales(model: nn.Module) -> List[nn.Parameter]:
+    """Scales of activation quantizers with a ``fixed_bit``: they quantize
+    at that one bit in every bit's pass, so eta_b (a rate for bit b's
+    scales) does not apply to them."""
+    return [m.scale for m in model.modules()
+            if getattr(m, 'fixed_bit', None) and
+            isinstance(m, LearnedScaleQuantizer)]
+
+
 def _alrs_params(model: nn.Module, scope: str) -> List[nn.Parameter]:
+    fixed = {id(p) for p in _fixed_bit_scales(model)}
     params = [m.scale for m in model.modules()
-              if isinstance(m, LearnedScaleQuantizer)]
+              if isinstance(m, LearnedScaleQuantizer) and
+              id(m.scale) not in fixed]
     if scope == 'scales_norm_bias':
-        seen = {id(p) for p in params}
+        seen = {id(p) for p in params} | fixed
         for module in model.modules():
             own = list(module.named_parameters(recurse=False))
             for name, p in own:
@@ -44,7 +55,8 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     ``optim_wrapper.alrs_scope``: ``scales`` (default: weight and activation
     scales) or ``scales_norm_bias`` (also BN, GN and LN affine params and
     biases, as the authors' code does for BN). ``optim_wrapper.bits`` defaults to the model's bits
-    and must equal them when given.
+    and must equal them when given. An activation scale with a
+    ``fixed_bit`` keeps the scheduled lr (weight decay 0): it is one bit's.
 
     ``optim_wrapper.alrs_modules``: names of modules of the quantized
     architecture (e.g. ``['bbox_head']``) whose parameters also get the
@@ -78,6 +90,7 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             raise ValueError('ALRSOptimWrapperConstructor found no quantizer '
                              'scale parameters in the model')
         extra_ids = {id(p) for p in _module_params(module, self.alrs_modules)}
+        fixed_ids = {id(p) for p in _fixed_bit_scales(module)}
         groups: List[dict] = []
         self.add_params(groups, module)  # one group per param, paramwise_cfg
         for group in groups:
@@ -85,6 +98,8 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 group.update(weight_decay=0.0, alrs=True)
             elif id(group['params'][0]) in extra_ids:
                 group.update(alrs=True)
+            elif id(group['params'][0]) in fixed_ids:
+                group.update(weight_decay=0.0)  # a scale, at the plain lr
         optimizer_cfg = self.optimizer_cfg.copy()
         optimizer_cfg['params'] = _merge_groups(groups)
         optimizer = OPTIMIZERS.build(optimizer_cfg)

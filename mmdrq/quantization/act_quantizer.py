@@ -1,6 +1,6 @@
 """Per-bit activation quantizer: one learned scalar scale per bit-width
 (docs/method.md, Activation quantizer)."""
-from typing import Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -56,21 +56,31 @@ class ActQuantizer(LearnedScaleQuantizer):
     bit's largest integer, or the scale of least quantization MSE
     (``init_method='mse'``, ``mse_scale``).
 
+    ``fixed_bit`` quantizes at that one bit whatever bit the layer runs at
+    (one scale): weights switch, activations stay, e.g. at 8 bits, the
+    integer-activation form a language model deploys (docs/language_model.md).
+
     Args:
-        bits: bit-widths, highest first.
+        bits: bit-widths of the layer, highest first.
         signed: True, False, or ``'auto'``: decide at the first forward from
             whether the input has negative values, then keep it.
         init_percentile: upper percentile for the init (lower one is
             ``100 - init_percentile`` for signed inputs).
         init_method: ``'percentile'`` or ``'mse'``.
+        fixed_bit: None (the layer's bit) or the one bit, 2..16.
     """
 
     def __init__(self,
                  bits: Sequence[int],
                  signed: Union[bool, str] = 'auto',
                  init_percentile: float = 99.9,
-                 init_method: str = 'percentile'):
-        super().__init__(bits, (len(check_bits(bits)), ))
+                 init_method: str = 'percentile',
+                 fixed_bit: Optional[int] = None):
+        bits = check_bits(bits)
+        if fixed_bit is not None:
+            check_bits([fixed_bit], key='act_quantizer.fixed_bit')
+        super().__init__(bits, (1 if fixed_bit else len(bits), ))
+        self.fixed_bit = fixed_bit
         if signed not in (True, False, 'auto'):
             raise ValueError(
                 f"signed must be True, False or 'auto', got {signed!r}")
@@ -92,7 +102,16 @@ class ActQuantizer(LearnedScaleQuantizer):
         self._signed_py = None if sign < 0 else bool(sign)
 
     def extra_repr(self):
-        return f'bits={list(self.bits)}, signed={int(self.signed)}'
+        fixed = f', fixed_bit={self.fixed_bit}' if self.fixed_bit else ''
+        return f'bits={list(self.bits)}, signed={int(self.signed)}{fixed}'
+
+    def grid(self, bit: int) -> Tuple[int, int]:
+        """(bit the input is quantized at, its scale row) when the layer
+        runs at ``bit``."""
+        check_bit(bit, self.bits)
+        if self.fixed_bit:
+            return self.fixed_bit, 0
+        return bit, self.bits.index(bit)
 
     @property
     def ready(self) -> bool:
@@ -121,8 +140,7 @@ class ActQuantizer(LearnedScaleQuantizer):
         return value
 
     def forward(self, x: torch.Tensor, bit: int) -> torch.Tensor:
-        check_bit(bit, self.bits)
-        index = self.bits.index(bit)
+        bit, index = self.grid(bit)
         if self._signed_py is None:
             sign = int(self.signed)
             if sign < 0:

@@ -13,7 +13,7 @@ from torch import nn
 # ONNX's int8/uint8 containers: a b-bit integer is held as q * 2**(8 - b);
 # one name for the export and the deploy host's reader (torch-free)
 from mmdrq_runtime.artifact import CONTAINER_BIT
-from .bitwidths import check_bit, signed_range, unsigned_range
+from .bitwidths import signed_range, unsigned_range
 from .functional import requantize
 
 
@@ -73,15 +73,16 @@ def is_signed(act: nn.Module) -> bool:
 
 
 def int_range(act: nn.Module, bit: int) -> Tuple[int, int]:
-    """The integer range of an activation quantizer at ``bit``."""
-    check_bit(bit, act.bits)
+    """The integer range of an activation quantizer when its layer runs
+    at ``bit``."""
+    bit, _ = act.grid(bit)
     return signed_range(bit) if is_signed(act) else unsigned_range(bit)
 
 
 def scale_at(act: nn.Module, bit: int) -> torch.Tensor:
-    """An activation quantizer's scale at ``bit`` (detached)."""
-    check_bit(bit, act.bits)
-    return act.scale[act.bits.index(bit)].detach()
+    """An activation quantizer's scale when its layer runs at ``bit``
+    (detached)."""
+    return act.scale[act.grid(bit)[1]].detach()
 
 
 def bn_affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -20,10 +20,16 @@ def layer_costs(model: nn.Module,
     """``{layer: dict(macs=..., params=...)}`` for every quantized layer,
     MACs per image of one forward (``model(inputs)``, or ``inputs(model)``
     when it is a callable), which leaves the model's state as it was; a
-    layer run several times (shared detection heads) sums its calls."""
+    layer run several times (shared detection heads) sums its calls;
+    ``act_bit`` only where the layer's input bit is fixed
+    (``ActQuantizer(fixed_bit=...)``), not the layer's."""
     layers = quantized_layers(model)
     costs = {n: dict(macs=0, params=m.float_weight.numel())
              for n, m in layers.items()}
+    for name, layer in layers.items():
+        fixed = getattr(layer.act_quantizer, 'fixed_bit', None)
+        if fixed:
+            costs[name]['act_bit'] = fixed
     reads = _OwnerReads(model, layers, costs)
     handles = []
     for name, layer in layers.items():
@@ -96,8 +102,10 @@ def average_bits(layer_bits: Dict[str, int]) -> float:
 
 
 def bitops(layer_bits: Dict[str, int], costs: Dict[str, dict]) -> int:
-    """sum MACs * w-bits * a-bits; a layer's bit applies to both."""
-    return sum(costs[n]['macs'] * b * b for n, b in layer_bits.items())
+    """sum MACs * w-bits * a-bits; a layer's bit applies to both unless
+    its input's bit is fixed."""
+    return sum(costs[n]['macs'] * b * (costs[n].get('act_bit') or b)
+               for n, b in layer_bits.items())
 
 
 def model_size_bytes(layer_bits: Dict[str, int], costs: Dict[str, dict],

@@ -43,6 +43,26 @@ def test_constructor_groups(small_classifier):
     assert all(g['weight_decay'] == 0.01 for g in groups if not g.get('alrs'))
 
 
+@pytest.mark.parametrize('scope', ['scales', 'scales_norm_bias'])
+def test_fixed_bit_act_scales_keep_the_plain_lr(small_classifier, scope):
+    """An activation scale quantizing at one fixed bit is no bit's scale:
+    outside the ALRS group, without weight decay."""
+    model = mmdrq.quantize_model(
+        small_classifier(), bits=[8, 6, 4, 2],
+        act_quantizer=dict(type='ActQuantizer', fixed_bit=8))
+    groups = build_optim_wrapper(
+        model, alrs_cfg(alrs_scope=scope)).optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    act = {n for n in names.values() if n.endswith('act_quantizer.scale')}
+    alrs = {names[id(p)] for g in groups if g.get('alrs')
+            for p in g['params']}
+    assert act and not act & alrs
+    assert any(n.endswith('weight_quantizer.scale') for n in alrs)
+    for group in groups:
+        if act & {names[id(p)] for p in group['params']}:
+            assert group['weight_decay'] == 0.0 and not group.get('alrs')
+
+
 def test_constructor_norm_bias_scope(small_classifier):
     model = mmdrq.quantize_model(small_classifier(), bits=[4, 3, 2])
     wrapper = build_optim_wrapper(model, alrs_cfg(alrs_scope='scales_norm_bias'))

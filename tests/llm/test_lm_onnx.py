@@ -2,6 +2,8 @@
 (and the exact QDQ graph) give PyTorch's logits and the same greedy
 continuation at every bit, from one graph holding the stored integers; the
 N-bit packing against a reference written here."""
+import tempfile
+
 import numpy as np
 import onnx
 import pytest
@@ -264,3 +266,32 @@ def test_a_product_it_cannot_rewrite_is_named():
         rewritten = matmul_nbits(model)
     assert [n.op_type for n in rewritten.graph.node] == \
         ['DequantizeLinear', 'Gemm']
+
+
+def test_weights_switch_and_activations_stay_at_8_bits():
+    """``ActQuantizer(fixed_bit=8)``: every Linear's input quantized to 8
+    bits at each weight bit; ONNX Runtime's logits (QDQ and MatMulNBits)
+    equal PyTorch's at every bit, from the one graph."""
+    model = mmdrq.quantize_model(
+        CausalLM(TINY), bits=list(BITS), skip_first_last=False,
+        skip=[r'lm\.lm_head'],
+        act_quantizer=dict(type='ActQuantizer', fixed_bit=8))
+    model.train()
+    model(torch.randint(0, TINY['vocab_size'], (4, 16)), mode='tensor')
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = export_to_folder(model, tmp + '/onnx', list(BITS),
+                                input_shape=(1, 16), graph='tensor')
+        assert sorted(meta['files']) == ['model.onnx']
+        ids = torch.randint(0, TINY['vocab_size'], (2, 11))
+        for kernels in ('exact', 'nbits'):
+            session = SwitchableSession(tmp + '/onnx', kernels=kernels)
+            for bit in BITS:
+                graph = session.export.model(bit).graph
+                tops = [numpy_helper.to_array(t) for t in graph.initializer
+                        if t.name.endswith('.input_max')]
+                assert len(tops) == 14 and {int(t) for t in tops} == {127}
+                with use_setting(model, bit), torch.no_grad():
+                    want = model(ids, mode='tensor').numpy()
+                got = run_step(session.set_bits(bit), ids.numpy())[0]
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

@@ -236,3 +236,30 @@ def test_bad_inputs_name_the_value():
             ActQuantizer((8, 4), init_percentile=pct)
     with pytest.raises(ValueError, match="init_method.*'max'"):
         ActQuantizer((8, 4), init_method='max')
+
+
+@pytest.mark.parametrize('signed', [False, True])
+def test_fixed_bit_quantizes_at_its_bit_whatever_the_layer_runs_at(signed):
+    """``fixed_bit=8``: one scale, set at the first forward whatever bit
+    the layer runs at, and 8-bit output at every bit of the layer."""
+    gen = make_gen('fixed', signed)
+    aq = ActQuantizer((8, 6, 4, 2), signed=signed, fixed_bit=8).double()
+    assert aq.scale.shape == (1, )
+    x = torch.randn(6, 40, generator=gen, dtype=F64)
+    if not signed:
+        x = x.relu()
+    outs = [aq(x, b) for b in (2, 4, 6, 8)]  # initialised at bit 2
+    s = aq.scale[0].item()
+    np.testing.assert_allclose(s, ref_init(x, 8, signed), rtol=1e-5)
+    ref, _ = ref_quant(x, s, 8, signed)
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-14, atol=0)
+    assert aq.grid(2) == (8, 0)
+    with pytest.raises(ValueError, match=r'bit=5 is not one of'):
+        aq(x, 5)
+
+
+@pytest.mark.parametrize('fixed', [1, 17, '8', 8.0])
+def test_bad_fixed_bit_is_named(fixed):
+    with pytest.raises(ValueError, match=r'act_quantizer\.fixed_bit'):
+        ActQuantizer((8, 4), fixed_bit=fixed)

@@ -78,6 +78,18 @@ def test_grouped_conv_and_linear_on_tokens():
     assert costs['proj'] == dict(macs=9 * 6 * 8, params=48)
 
 
+def test_a_fixed_input_bit_counts_in_bitops():
+    """w4 layers with inputs fixed at 8 bits: MACs * 4 * 8."""
+    model = mmdrq.quantize_model(
+        Small(), bits=[4, 2], skip_first_last=False,
+        act_quantizer=dict(type='ActQuantizer', fixed_bit=8))
+    costs = layer_costs(model, torch.zeros(3, 4, 8, 8))
+    assert costs['proj'] == dict(macs=9 * 6 * 8, params=48, act_bit=8)
+    macs = sum(c['macs'] for c in costs.values())
+    assert bitops({n: 4 for n in costs}, costs) == macs * 4 * 8
+    assert bitops({n: 2 for n in costs}, costs) == macs * 2 * 8
+
+
 def test_counting_leaves_no_state_behind():
     model = mmdrq.quantize_model(Small(), bits=[4, 2])
     model.train()
