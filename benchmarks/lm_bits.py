@@ -1,12 +1,12 @@
 """Per-bit validation loss of the character Llama (configs/language): the
 model's own FP32, one-shot {8,6,4,2} Double Rounding QAT, and the same QAT
 with separately rounded weights (one scale per bit, ``variant=unshared``),
-with ALRS off, and with 8-bit activations (``llama_char_drq-8642_a8.py``),
-over seeds; every run through tools/train.py and tools/test.py as a user
-runs them.
+with ALRS off, with 8-bit activations (``llama_char_drq-8642_a8.py``), and
+with the token embeddings and the LM head quantized too, over seeds;
+every run through tools/train.py and tools/test.py as a user runs them.
 
     python benchmarks/lm_bits.py [--corpus shakespeare] [--seeds 0 1 2]
-        [--rows drq unshared alrs_off a8] [--lanes 2] [--report]
+        [--rows drq unshared alrs_off a8 emb_head] [--lanes 2] [--report]
 
 Per seed the FP32 config trains first (its seed), then each QAT row starts
 from that checkpoint. ``--lanes`` runs that many at once, each on one
@@ -36,11 +36,14 @@ ROWS = {
     'unshared': (QAT, ['model.quantizer.weight_quantizer.variant=unshared']),
     'alrs_off': (QAT, ['optim_wrapper.mode=off']),
     'a8': (osp.join(CONFIGS, 'llama_char_drq-8642_a8.py'), []),
+    'emb_head': (QAT, ['model.quantizer.embeddings=True',
+                       'model.quantizer.skip=[]']),
 }
 LABELS = {'drq': 'Double Rounding (config)',
           'unshared': 'separately rounded (a scale per bit)',
           'alrs_off': 'Double Rounding, ALRS off',
-          'a8': 'Double Rounding, 8-bit activations (a8 config)'}
+          'a8': 'Double Rounding, 8-bit activations (a8 config)',
+          'emb_head': 'Double Rounding, embeddings and LM head quantized'}
 
 
 def run(config, work, seed, options):

@@ -26,6 +26,7 @@ from mmdrq.quantization.attention import MultiheadAttentionLayer
 from mmdrq.quantization.forms import form_of
 from mmdrq.quantization.weight_layers import (ConvAWSLayer, ConvWSLayer,
                                               DeformConvPackLayer,
+                                              EmbeddingLayer,
                                               ModulatedDeformConvPackLayer,
                                               NormedLayer,
                                               SwappedWeightLayer,
@@ -168,7 +169,8 @@ STAND_INS = {
     ModulatedDeformConvPackLayer: _deform_pack,
     ConvWSLayer: lambda module, generator: nn.Conv2d,
     ConvAWSLayer: lambda module, generator: nn.Conv2d,
-    NormedLayer: _normed, MultiheadAttentionLayer: _attention}
+    NormedLayer: _normed, MultiheadAttentionLayer: _attention,
+    EmbeddingLayer: _own_float_type}
 
 
 def export_refusal(module: QuantLayer) -> Optional[str]:
@@ -208,7 +210,7 @@ def stand_in(module: QuantLayer, generator: torch.Generator) -> nn.Module:
         setattr(module, name, None)  # MultiheadAttentionLayer reads them
     module.__class__ = made
     if getattr(module, 'bias', None) is None and \
-            not isinstance(module, MultiheadAttentionLayer):
+            not isinstance(module, (MultiheadAttentionLayer, EmbeddingLayer)):
         module.bias = nn.Parameter(placeholder(out, generator))
     return module
 
@@ -268,6 +270,23 @@ def emit(rewrite, node, part: Part) -> list:
         nodes += rewrite.input_qdq(node, prefix, part.act, bit,
                                    prefix if call == 0 else
                                    f'{prefix}.call{call}')
+    return nodes
+
+
+def emit_table(rewrite, node, part: Part) -> list:
+    """Rewrite a ``Gather`` of ``part``'s table (an embedding): the bit's
+    integer table into DequantizeLinear (a scale per row), gathered as
+    before; once per table. Returns the nodes to put before it."""
+    if part.key not in rewrite.weights:
+        module = rewrite.modules[part.layer]
+        bit = rewrite.layer_bits[part.layer]
+        q, scale = _bit_integers(module, bit, part.rows)
+        nodes = weight_nodes(rewrite, module, part.key, q, scale, bit)
+        rewrite.graph.initializer.remove(rewrite.inits.pop(node.input[0]))
+        rewrite.weights[part.key] = nodes[-1].output[0]
+    else:
+        nodes = []
+    node.input[0] = rewrite.weights[part.key]
     return nodes
 
 

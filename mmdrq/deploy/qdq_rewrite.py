@@ -12,7 +12,7 @@ from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
                                          scale_at, weight_integers)
 from mmdrq.quantization.layers import QuantLayer
 from .float_graph import module_of
-from .layer_forms import BIAS_INPUT, emit, weight_nodes
+from .layer_forms import BIAS_INPUT, emit, emit_table, weight_nodes
 
 
 class QDQRewrite:
@@ -47,6 +47,13 @@ class QDQRewrite:
             if part is not None:
                 self.handled.add(part.layer)
                 new_nodes += emit(self, node, part)
+                new_nodes.append(node)
+                continue
+            table = self.exporter.parts.get(node.input[0]) \
+                if node.op_type == 'Gather' else None
+            if table is not None:
+                self.handled.add(table.layer)
+                new_nodes += emit_table(self, node, table)
                 new_nodes.append(node)
                 continue
             name = module_of(node.input[1], '.weight') \

@@ -32,6 +32,10 @@ class QuantizeConfig:
             products (q, k, the softmax output, v), each with a per-bit act
             quantizer of its own; off by default (the paper quantizes conv
             and linear layers).
+        embeddings: also quantize ``nn.Embedding`` tables (a scale per
+            row; the lookup's ids are not quantized): a language model's
+            token embeddings. Off by default (the paper quantizes conv
+            and linear layers).
     """
     bits: Tuple[int, ...] = (8, 6, 4, 2)
     skip: Tuple[str, ...] = ()
@@ -43,12 +47,13 @@ class QuantizeConfig:
     switchable_bn: bool = True
     switchable_gn_ln: bool = True
     attention_matmuls: bool = False
+    embeddings: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, 'bits', check_bits(self.bits))
         object.__setattr__(self, 'skip', _check_skip(self.skip))
         for key in ('skip_first_last', 'switchable_bn', 'switchable_gn_ln',
-                    'attention_matmuls'):
+                    'attention_matmuls', 'embeddings'):
             check_flag(key, getattr(self, key))
         for key in ('weight_quantizer', 'act_quantizer'):
             value = getattr(self, key)

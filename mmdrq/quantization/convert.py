@@ -47,7 +47,8 @@ def _decide_layers(model: nn.Module, cfg: QuantizeConfig):
     """Decide, for every conv/linear layer, quantize or keep FP (and why)."""
     supported = layer_forms()
     layers = [(n, m) for n, m in model.named_modules()
-              if n and is_weight_layer(m)]
+              if n and (is_weight_layer(m) or cfg.embeddings and
+                        type(m) is nn.Embedding)]
     names = [n for n, _ in layers]
     used = {p: False for p in cfg.skip}
     auto = {}

@@ -22,8 +22,9 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from .attention import MultiheadAttentionLayer
 from .layers import QConv2d, QLinear, QuantLayer
 from .weight_layers import (ConvAWSLayer, ConvWSLayer, DeformConvPackLayer,
-                            ModulatedDeformConvPackLayer, NormedLayer,
-                            SwappedWeightLayer, TransposedConvLayer)
+                            EmbeddingLayer, ModulatedDeformConvPackLayer,
+                            NormedLayer, SwappedWeightLayer,
+                            TransposedConvLayer)
 
 _REGISTERED: Dict[type, type] = {}
 
@@ -51,7 +52,8 @@ def layer_forms() -> Dict[type, type]:
     forms = {nn.Conv2d: QConv2d, nn.Linear: QLinear,
              NonDynamicallyQuantizableLinear: QLinear,
              nn.Conv1d: SwappedWeightLayer, nn.Conv3d: SwappedWeightLayer,
-             nn.MultiheadAttention: MultiheadAttentionLayer}
+             nn.MultiheadAttention: MultiheadAttentionLayer,
+             nn.Embedding: EmbeddingLayer}  # only with embeddings=True
     forms.update({t: TransposedConvLayer for t in (
         nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)})
     try:

@@ -79,6 +79,28 @@ def _swap_group_axes(weight, groups):
         .transpose(1, 2).reshape(groups * cols, rows // groups, *kernel)
 
 
+class EmbeddingLayer(SwappedWeightLayer):
+    """nn.Embedding (``QuantizeConfig.embeddings``): each row of the table
+    (a token's vector) gets its own scale, the way the weight of a Linear
+    gets one per output channel; the input is token ids, never quantized,
+    and a lookup counts no MACs."""
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
+        if module.max_norm is not None:
+            return 'max_norm renormalizes the table in place at each lookup'
+        if module.sparse:
+            return 'sparse gradients (sparse=True)'
+        return None
+
+    def _setup(self, bits, weight_quantizer: dict,
+               act_quantizer: Optional[dict]):
+        super()._setup(bits, weight_quantizer, None)
+
+    def macs(self, args: tuple, kwargs: dict, out) -> int:
+        return 0
+
+
 class DeformConvPackLayer(SwappedWeightLayer):
     """mmcv DeformConv2dPack: the offsets come from ``conv_offset`` (a plain
     conv, quantized as any other, reading the FP input with its own

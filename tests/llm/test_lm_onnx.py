@@ -268,13 +268,14 @@ def test_a_product_it_cannot_rewrite_is_named():
         ['DequantizeLinear', 'Gemm']
 
 
-def test_weights_switch_and_activations_stay_at_8_bits():
-    """``ActQuantizer(fixed_bit=8)``: every Linear's input quantized to 8
-    bits at each weight bit; ONNX Runtime's logits (QDQ and MatMulNBits)
-    equal PyTorch's at every bit, from the one graph."""
+def test_every_option_quantized_exports_per_bit():
+    """The LM head and the token embeddings quantized too, every Linear's
+    input at 8 bits (``ActQuantizer(fixed_bit=8)``) whatever its weights'
+    bit: ONNX Runtime's logits (QDQ and MatMulNBits) equal PyTorch's at
+    every bit, from the one graph."""
     model = mmdrq.quantize_model(
         CausalLM(TINY), bits=list(BITS), skip_first_last=False,
-        skip=[r'lm\.lm_head'],
+        embeddings=True,
         act_quantizer=dict(type='ActQuantizer', fixed_bit=8))
     model.train()
     model(torch.randint(0, TINY['vocab_size'], (4, 16)), mode='tensor')
@@ -290,7 +291,12 @@ def test_weights_switch_and_activations_stay_at_8_bits():
                 graph = session.export.model(bit).graph
                 tops = [numpy_helper.to_array(t) for t in graph.initializer
                         if t.name.endswith('.input_max')]
-                assert len(tops) == 14 and {int(t) for t in tops} == {127}
+                # 7 Linear layers x 2 blocks + the head, all at 8 bits
+                assert len(tops) == 15 and {int(t) for t in tops} == {127}
+                made_by = {o: n.op_type for n in graph.node for o in n.output}
+                gathers = [n for n in graph.node if n.op_type == 'Gather'
+                           and made_by.get(n.input[0]) == 'DequantizeLinear']
+                assert len(gathers) == 1  # the embedding table
                 with use_setting(model, bit), torch.no_grad():
                     want = model(ids, mode='tensor').numpy()
                 got = run_step(session.set_bits(bit), ids.numpy())[0]

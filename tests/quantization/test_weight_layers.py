@@ -781,3 +781,61 @@ def test_bad_quantizer_config_leaves_the_layer_float():
                        act_quantizer=dict(type='NoSuchQuantizer'))
     assert type(model[0]) is nn.ConvTranspose2d
     assert not hasattr(model[0], 'weight_quantizer')
+
+
+# --------------------------------------------------------- embeddings
+
+
+class Embed(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.table = nn.Embedding(12, 6, padding_idx=0, **kwargs)
+        self.proj = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.proj(self.table(ids))
+
+
+def test_embedding_table_matches_float64_reference(tmp_path):
+    """``embeddings=True``: the looked-up rows are the Double Rounded
+    table's (float64, ties included) at every bit, ids never quantized;
+    the backward reaches the table and its scales; integer export ->
+    reload bit-exact. Off by default."""
+    gen = make_gen('embedding')
+    assert type(quantize_model(Embed(), skip_first_last=False).table) \
+        is nn.Embedding
+    model = quantize_model(Embed().double(), bits=list(BITS),
+                           skip_first_last=False, embeddings=True)
+    table = model.table
+    assert isinstance(table, nn.Embedding) and table.act_quantizer is None
+    ids = torch.randint(0, 12, (3, 5), generator=gen)
+    model.train()
+    for bit in BITS:
+        set_bits(model, bit)
+        model(ids)
+    scale = table.weight_quantizer.scale[0].detach()
+    with torch.no_grad():  # rows 1..4 on ties at 2 bits: q_8 = 64k + 32
+        table.weight[1:5] = scale[1:5, None] * (64 * torch.randint(
+            -2, 2, (4, 6), generator=gen, dtype=F64) + 32)
+    for bit in BITS:
+        set_bits(model, bit)
+        ref, _ = ref_weight(table.weight, scale, BITS[0], bit)
+        torch.testing.assert_close(table(ids), F.embedding(ids, ref),
+                                   rtol=0, atol=1e-12)
+    model(ids).square().sum().backward()
+    assert table.weight.grad.abs().sum() > 0
+    assert table.weight_quantizer.scale.grad.abs().sum() > 0
+    twin = quantize_model(Embed().double(), bits=list(BITS),
+                          skip_first_last=False, embeddings=True)
+    save_int(model, str(tmp_path / 'int.pth'))
+    load_int(twin, str(tmp_path / 'int.pth'))
+    for bit in BITS:
+        set_bits(model, bit), set_bits(twin, bit)
+        assert torch.equal(model.table(ids), twin.table(ids))
+
+
+def test_embedding_that_renormalizes_stays_float():
+    model = quantize_model(Embed(max_norm=1.0), skip_first_last=False,
+                           embeddings=True)
+    assert type(model.table) is nn.Embedding
+    assert isinstance(model.proj, QuantLayer)
