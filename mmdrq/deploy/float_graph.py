@@ -12,7 +12,7 @@ from torch import nn
 
 from mmdrq.quantization import quantized_layers
 from mmdrq.quantization.layers import BitSwitchable
-from .layer_forms import placeholder, stand_in
+from .layer_forms import FlatLinear, placeholder, stand_in
 
 # initializer names of a module's tensors start with it
 PREFIX = 'model.'
@@ -26,7 +26,8 @@ def _replace(root: nn.Module, name: str, new: nn.Module):
 def float_skeleton(model: nn.Module) -> nn.Module:
     """A float copy of ``model``'s structure: quantized layers plain, each
     switchable BN its first copy, every conv/linear with a bias (for the
-    fold). Placeholder values are distinct so no pass merges them."""
+    fold), every float Linear a Gemm on its named weight (what the
+    rewrite and ``fp_layers`` find). Placeholder values are distinct so no pass merges them."""
     skeleton = copy.deepcopy(model).eval()
     generator = torch.Generator().manual_seed(0)
     for name, module in quantized_layers(skeleton).items():
@@ -45,6 +46,8 @@ def float_skeleton(model: nn.Module) -> nn.Module:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             module.bias = nn.Parameter(placeholder(module.weight.shape[0],
                                                    generator))
+        if type(module) is nn.Linear:  # a Gemm on 3-d input too (FP head)
+            module.__class__ = FlatLinear
     return skeleton
 
 

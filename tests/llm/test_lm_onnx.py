@@ -268,6 +268,27 @@ def test_a_product_it_cannot_rewrite_is_named():
         ['DequantizeLinear', 'Gemm']
 
 
+def test_the_float_head_is_stored_as_fp_layers_says(exported):
+    """The FP LM head (a Linear on 3-d input) is a Gemm on its named
+    weight, so ``fp_layers='float16'`` stores it in half precision."""
+    model, _, _ = exported
+    with tempfile.TemporaryDirectory() as tmp:
+        export_to_folder(model, tmp + '/onnx', [4], input_shape=(1, 16),
+                         graph='tensor', fp_layers='float16')
+        session = SwitchableSession(tmp + '/onnx', kernels='exact')
+        inits = {t.name: numpy_helper.to_array(t)
+                 for t in session.export.model(4).graph.initializer}
+        head = model.lm.lm_head.weight.detach().numpy()
+        np.testing.assert_array_equal(
+            inits['model.lm.lm_head.weight_fp16'], head.astype(np.float16))
+        assert 'model.lm.lm_head.weight' not in inits
+        ids = torch.randint(0, TINY['vocab_size'], (2, 11))
+        with use_setting(model, 4), torch.no_grad():
+            want = model(ids, mode='tensor').numpy()
+        got = run_step(session.set_bits(4), ids.numpy())[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2)
+
+
 def test_every_option_quantized_exports_per_bit():
     """The LM head and the token embeddings quantized too, every Linear's
     input at 8 bits (``ActQuantizer(fixed_bit=8)``) whatever its weights'
