@@ -294,6 +294,10 @@ def test_every_option_quantized_exports_per_bit():
     input at 8 bits (``ActQuantizer(fixed_bit=8)``) whatever its weights'
     bit: ONNX Runtime's logits (QDQ and MatMulNBits) equal PyTorch's at
     every bit, from the one graph."""
+    # fixed weights and ids: on some draws an 8-bit input sits at a
+    # rounding boundary and flips with the float summation order (3e-3 on
+    # one position's logits, seen once unseeded)
+    torch.manual_seed(0)
     model = mmdrq.quantize_model(
         CausalLM(TINY), bits=list(BITS), skip_first_last=False,
         embeddings=True,
