@@ -253,18 +253,16 @@ def emit(rewrite, node, part: Part) -> list:
     module = rewrite.modules[part.layer]
     bit = rewrite.layer_bits[part.layer]
     prefix = part.key  # one name at every bit
-    q, scale = _bit_integers(module, bit, part.rows)
-    factor, shift = rewrite.bn_fold(part.key, len(scale))
-    bias = _bias(module, part.rows, len(scale))
+    out = len(range(module.weight_to_quantize().shape[0])[part.rows])
+    factor, shift = rewrite.bn_fold(part.key, out)
+    bias = _bias(module, part.rows, out)
     rewrite.set_init(node.input[BIAS_INPUT[node.op_type]],
                      (bias * factor + shift).float().numpy())
-    nodes = []
-    if part.key not in rewrite.weights:
-        nodes += weight_nodes(rewrite, module, prefix, q, scale * factor,
-                              bit)
-        rewrite.graph.initializer.remove(rewrite.inits.pop(node.input[1]))
-        rewrite.weights[part.key] = nodes[-1].output[0]
-    node.input[1] = rewrite.weights[part.key]
+
+    def make():
+        q, scale = _bit_integers(module, bit, part.rows)
+        return weight_nodes(rewrite, module, prefix, q, scale * factor, bit)
+    nodes = dequantized_once(rewrite, part.key, node, 1, make)
     call = rewrite.calls[part.key] = rewrite.calls.get(part.key, -1) + 1
     if part.act is not None:
         nodes += rewrite.input_qdq(node, prefix, part.act, bit,
@@ -276,17 +274,27 @@ def emit(rewrite, node, part: Part) -> list:
 def emit_table(rewrite, node, part: Part) -> list:
     """Rewrite a ``Gather`` of ``part``'s table (an embedding): the bit's
     integer table into DequantizeLinear (a scale per row), gathered as
-    before; once per table. Returns the nodes to put before it."""
-    if part.key not in rewrite.weights:
-        module = rewrite.modules[part.layer]
-        bit = rewrite.layer_bits[part.layer]
+    before. Returns the nodes to put before it."""
+    module = rewrite.modules[part.layer]
+    bit = rewrite.layer_bits[part.layer]
+
+    def make():
         q, scale = _bit_integers(module, bit, part.rows)
-        nodes = weight_nodes(rewrite, module, part.key, q, scale, bit)
-        rewrite.graph.initializer.remove(rewrite.inits.pop(node.input[0]))
-        rewrite.weights[part.key] = nodes[-1].output[0]
-    else:
-        nodes = []
-    node.input[0] = rewrite.weights[part.key]
+        return weight_nodes(rewrite, module, part.key, q, scale, bit)
+    return dequantized_once(rewrite, part.key, node, 0, make)
+
+
+def dequantized_once(rewrite, key: str, node, index: int, make) -> list:
+    """Point input ``index`` of ``node`` at layer ``key``'s dequantized
+    weight, whose nodes ``make()`` builds at its first use (its float
+    initializer removed); a shared layer's later calls reuse it. Returns
+    the new nodes."""
+    nodes = []
+    if key not in rewrite.weights:
+        nodes = make()
+        rewrite.graph.initializer.remove(rewrite.inits.pop(node.input[index]))
+        rewrite.weights[key] = nodes[-1].output[0]
+    node.input[index] = rewrite.weights[key]
     return nodes
 
 

@@ -12,7 +12,8 @@ from mmdrq.quantization.integers import (CONTAINER_BIT, bn_affine,
                                          scale_at, weight_integers)
 from mmdrq.quantization.layers import QuantLayer
 from .float_graph import module_of
-from .layer_forms import BIAS_INPUT, emit, emit_table, weight_nodes
+from .layer_forms import (BIAS_INPUT, dequantized_once, emit, emit_table,
+                          weight_nodes)
 
 
 class QDQRewrite:
@@ -138,14 +139,11 @@ class QDQRewrite:
             return self.fp_weight(node.input[1], weight)
         bit = self.layer_bits[name]
         prefix = name  # one name at every bit: one graph serves them all
-        nodes = []
-        if name not in self.weights:  # a layer called again shares it
+
+        def make():
             q, scale = weight_integers(module, bit)
-            nodes += weight_nodes(self, module, prefix, q, scale * factor,
-                                  bit)
-            self.graph.initializer.remove(self.inits.pop(node.input[1]))
-            self.weights[name] = nodes[-1].output[0]
-        node.input[1] = self.weights[name]
+            return weight_nodes(self, module, prefix, q, scale * factor, bit)
+        nodes = dequantized_once(self, name, node, 1, make)
         call = self.calls[name] = self.calls.get(name, -1) + 1
         if module.act_quantizer is not None:
             nodes += self.input_qdq(node, prefix, module.act_quantizer, bit,

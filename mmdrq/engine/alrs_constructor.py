@@ -20,22 +20,18 @@ ALRS_SCOPES = ('scales', 'scales_norm_bias')
 NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def _fixed_bit_scales(model: nn.Module) -> List[nn.Parameter]:
-    """Scales of activation quantizers with a ``fixed_bit``: they quantize
-    at that one bit in every bit's pass, so eta_b (a rate for bit b's
-    scales) does not apply to them."""
+def _scales(model: nn.Module, per_bit_lr: bool) -> List[nn.Parameter]:
+    """Quantizer scales updated at each bit's rate (``per_bit_lr``), or
+    those quantizing at one fixed bit, which eta_b does not apply to."""
     return [m.scale for m in model.modules()
-            if getattr(m, 'fixed_bit', None) and
-            isinstance(m, LearnedScaleQuantizer)]
+            if isinstance(m, LearnedScaleQuantizer) and
+            m.per_bit_lr == per_bit_lr]
 
 
 def _alrs_params(model: nn.Module, scope: str) -> List[nn.Parameter]:
-    fixed = {id(p) for p in _fixed_bit_scales(model)}
-    params = [m.scale for m in model.modules()
-              if isinstance(m, LearnedScaleQuantizer) and
-              id(m.scale) not in fixed]
+    params = _scales(model, True)
     if scope == 'scales_norm_bias':
-        seen = {id(p) for p in params} | fixed
+        seen = {id(p) for p in params + _scales(model, False)}
         for module in model.modules():
             own = list(module.named_parameters(recurse=False))
             for name, p in own:
@@ -90,7 +86,7 @@ class ALRSOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             raise ValueError('ALRSOptimWrapperConstructor found no quantizer '
                              'scale parameters in the model')
         extra_ids = {id(p) for p in _module_params(module, self.alrs_modules)}
-        fixed_ids = {id(p) for p in _fixed_bit_scales(module)}
+        fixed_ids = {id(p) for p in _scales(module, False)}
         groups: List[dict] = []
         self.add_params(groups, module)  # one group per param, paramwise_cfg
         for group in groups:

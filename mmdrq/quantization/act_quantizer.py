@@ -76,11 +76,11 @@ class ActQuantizer(LearnedScaleQuantizer):
                  init_percentile: float = 99.9,
                  init_method: str = 'percentile',
                  fixed_bit: Optional[int] = None):
-        bits = check_bits(bits)
         if fixed_bit is not None:
             check_bits([fixed_bit], key='act_quantizer.fixed_bit')
-        super().__init__(bits, (1 if fixed_bit else len(bits), ))
+        super().__init__(bits, (1 if fixed_bit else len(check_bits(bits)), ))
         self.fixed_bit = fixed_bit
+        self.per_bit_lr = fixed_bit is None  # one bit's scale, not eta_b's
         if signed not in (True, False, 'auto'):
             raise ValueError(
                 f"signed must be True, False or 'auto', got {signed!r}")

@@ -33,6 +33,10 @@ class LearnedScaleQuantizer(nn.Module):
             (dim 0 of the quantized tensor).
     """
 
+    # whether the scale is updated at each bit's own rate (ALRS's group);
+    # False for a scale that quantizes at one fixed bit
+    per_bit_lr = True
+
     def __init__(self, bits: Sequence[int], scale_shape: Sequence[int],
                  per_channel: bool = False):
         super().__init__()
