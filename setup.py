@@ -46,7 +46,7 @@ if __name__ == '__main__':
         packages=find_packages(exclude=('tests', 'tests.*', 'benchmarks')),
         include_package_data=True,
         package_data={'mmdrq': ['.mim/configs/**/*', '.mim/tools/**/*',
-                                '.mim/tools/*']},
+                                '.mim/tools/*', 'quantization/csrc/*.cpp']},
         python_requires='>=3.8',
         # Ranges, not pins: a GPU user keeps the CUDA torch they have.
         install_requires=[

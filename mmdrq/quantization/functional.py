@@ -9,13 +9,15 @@ the unshared-scale baseline call with different integer limits and shifts.
 Two implementations compute the same numbers (``set_fake_quant_impl``):
 
 - ``torch``: plain torch ops, about ten passes over memory per call.
-- ``fused``: the same math compiled once by Inductor with dynamic shapes
-  into one kernel for the forward and one for the backward (C++/OpenMP on
-  the CPU, Triton on CUDA); the limits travel as a small cached tensor, so
-  one kernel serves every bit and layer.
+- ``fused``: one kernel for the forward and one for the backward, serving
+  every bit and layer. On the CPU they are C++/OpenMP (``cpu_kernels``,
+  ``csrc/fake_quant.cpp``), called without any dispatch of a compiler; on
+  CUDA the math below compiled by Inductor (Triton) with dynamic shapes,
+  the limits travelling as small cached tensors.
 
 ``auto`` (the default, or ``MMDRQ_FAKE_QUANT``) takes ``fused`` and falls
-back to ``torch`` with a warning if Inductor cannot build it. Inside a
+back to ``torch`` with a warning if its kernels cannot be built (no
+compiler). Inside a
 ``torch.compile``-d model the plain math is traced instead, so Inductor fuses
 it with the neighbouring ops; double backward (Hessian traces) always runs
 the plain math.
@@ -40,7 +42,6 @@ IMPLS = ('auto', 'torch', 'fused')
 _IMPL_KEY = 'fake-quant impl (MMDRQ_FAKE_QUANT)'
 _impl = check_choice(_IMPL_KEY, os.environ.get('MMDRQ_FAKE_QUANT', 'auto'),
                      IMPLS)
-_fused_state = {'ok': None, 'fns': None}
 _constants_cache = {}
 
 
@@ -196,6 +197,12 @@ def _backward(grads, x, scale, h_lo, h_hi, grids, rounding, variant,
     return grad_x, contribs
 
 
+def _scale_grad(partials, grad_scales):
+    """Each target's LSQ factor on its own partial sums, summed, in the
+    compute dtype: a bf16 scale's gradient is rounded once, at the end."""
+    return sum(p * factor for p, factor in zip(partials, grad_scales))
+
+
 def _fused_backward(grads, x, scale, h_lo, h_hi, grids, rounding, variant,
                     residual):
     """``_backward`` with the scale gradients summed per row of the 2-d
@@ -203,14 +210,6 @@ def _fused_backward(grads, x, scale, h_lo, h_hi, grids, rounding, variant,
     grad_x, contribs = _backward(grads, x, scale, h_lo, h_hi, grids,
                                  rounding, variant, residual)
     return grad_x, [c.sum(dim=1, keepdim=True) for c in contribs]
-
-
-def _fused_fns():
-    if _fused_state['fns'] is None:
-        _fused_state['fns'] = (
-            torch.compile(_forward, dynamic=True),
-            torch.compile(_fused_backward, dynamic=True))
-    return _fused_state['fns']
 
 
 def _as_tensors(numbers, device, dtype):
@@ -228,10 +227,13 @@ def _as_tensors(numbers, device, dtype):
 def _use_fused(x, scale, reduce_dims) -> bool:
     """Whether this call can take the fused kernels: one scale, or one per
     row of ``x`` reduced per row or over everything."""
-    if _impl == 'torch' or _fused_state['ok'] is False \
-            or torch.compiler.is_compiling() \
-            or x.device.type not in ('cpu', 'cuda'):
+    if _impl == 'torch' or torch.compiler.is_compiling() \
+            or x.device.type not in KERNELS \
+            or _kernels.get(x.device.type) is False:
         return False
+    if x.device.type == 'cpu' and _compute_dtype(x, scale) != \
+            torch.promote_types(x.dtype, torch.float32):
+        return False  # e.g. a float64 scale for float32 data: torch path
     if scale.numel() == 1:
         return True
     rows = reduce_dims is None or tuple(reduce_dims) == tuple(
@@ -240,41 +242,94 @@ def _use_fused(x, scale, reduce_dims) -> bool:
         scale.shape[0] == x.shape[0]
 
 
-# Graphs each kernel may keep: dtypes x (one scale | one per row) x number
-# of targets x Inductor's size classes; a model needs a handful, a test
-# session more.
+# Graphs each Inductor kernel may keep: dtypes x (one scale | one per row)
+# x number of targets x Inductor's size classes; a model needs a handful,
+# a test session more.
 _KERNEL_GRAPHS = 64
 
 
-def _call_kernel(which: int, args):
-    """Run a fused kernel with room for its own graphs, whatever Dynamo's
-    global recompile limit (meant for user code) is."""
-    config = torch._dynamo.config
-    limit = config.recompile_limit
-    config.recompile_limit = max(limit, _KERNEL_GRAPHS)
-    try:
-        return _fused_fns()[which](*args)
-    finally:
-        config.recompile_limit = limit
+class _InductorKernels:
+    """CUDA: ``_forward`` and ``_fused_backward`` compiled by Inductor
+    (Triton) with dynamic shapes, the numbers as cached tensors."""
+
+    def __init__(self):
+        self.fns = (torch.compile(_forward, dynamic=True),
+                    torch.compile(_fused_backward, dynamic=True))
+
+    def _call(self, which, args):
+        """With room for the kernels' own graphs, whatever Dynamo's global
+        recompile limit (meant for user code) is."""
+        config = torch._dynamo.config
+        limit = config.recompile_limit
+        config.recompile_limit = max(limit, _KERNEL_GRAPHS)
+        try:
+            return self.fns[which](*args)
+        finally:
+            config.recompile_limit = limit
+
+    def forward(self, x2, s2, spec):
+        return self._call(0, (x2, s2, *spec.tensors(x2, s2)))
+
+    def backward(self, grads, x2, s2, spec, keep, whole):
+        grad_x, partials = self._call(1, (
+            grads, x2, s2, *spec.tensors(x2, s2, keep),
+            spec.residual_code(s2)))
+        grad_s = _scale_grad(partials, spec.grad_scales(keep))
+        return grad_x, grad_s.sum(dim=0, keepdim=True) if whole else grad_s
 
 
-def _run_fused(which: int, *args):
-    """Call a fused kernel; the first failure to build one (no compiler)
-    switches ``auto`` to the torch path for good, with a warning."""
-    if _fused_state['ok']:
-        return _call_kernel(which, args)
+class _CpuKernels:
+    """CPU: ``csrc/fake_quant.cpp`` (``cpu_kernels``), the numbers as they
+    are; the scale in the compute dtype."""
+
+    def __init__(self):
+        from . import cpu_kernels
+        self.ext = cpu_kernels.load()
+
+    def forward(self, x2, s2, spec):
+        return self.ext.forward(x2.contiguous(),
+                                s2.to(_compute_dtype(x2, s2)),
+                                *spec.kernel_numbers())
+
+    def backward(self, grads, x2, s2, spec, keep, whole):
+        return self.ext.backward(grads, x2.contiguous(),
+                                 s2.to(_compute_dtype(x2, s2)),
+                                 *spec.kernel_numbers(keep),
+                                 spec.residual == 'first_rounding', whole)
+
+
+# device type -> its kernels' class; built at the first call on it
+KERNELS = {'cpu': _CpuKernels, 'cuda': _InductorKernels}
+# device type -> the built kernels, or False once they failed to build
+_kernels = {}
+
+
+def _run_kernel(device_type: str, method: str, *args):
+    """Call a fused kernel of ``device_type``; the first failure to build
+    them (no compiler) switches ``auto`` to the torch path on that device
+    for good, with a warning, and gives None."""
+    kernels = _kernels.get(device_type)
+    if kernels:
+        return getattr(kernels, method)(*args)
     try:
-        out = _call_kernel(which, args)
+        kernels = KERNELS[device_type]()
+        out = getattr(kernels, method)(*args)
     except Exception as error:  # noqa: BLE001 - any build failure
         if _impl == 'fused':
             raise
-        warnings.warn(f'mmdrq: fused fake quantization is unavailable '
-                      f'({type(error).__name__}: {error}); using the torch '
-                      f'path (set MMDRQ_FAKE_QUANT=torch to skip the try)')
-        _fused_state['ok'] = False
+        warnings.warn(f'mmdrq: fused fake quantization is unavailable on '
+                      f'{device_type} ({type(error).__name__}: {error}); '
+                      f'using the torch path (set MMDRQ_FAKE_QUANT=torch '
+                      f'to skip the try)')
+        _kernels[device_type] = False
         return None
-    _fused_state['ok'] = True
+    _kernels[device_type] = kernels
     return out
+
+
+def kernels_failed(device_type: str = 'cpu') -> bool:
+    """Whether the fused kernels of ``device_type`` failed to build."""
+    return _kernels.get(device_type) is False
 
 
 def _as_rows(x, scale):
@@ -319,6 +374,17 @@ class _QuantSpec:
                  for shift, (lo, hi), _ in self._select(keep)]
         return h_lo, h_hi, grids, code, None
 
+    def grad_scales(self, keep=None):
+        return [grad_scale for _, _, grad_scale in self._select(keep)]
+
+    def kernel_numbers(self, keep=None):
+        """``(h_lo, h_hi, targets, mode)`` for the CPU kernels, each target
+        ``[down, lo, hi, up, grad_scale]``."""
+        targets = [[2.0**-shift, lo, hi, 2.0**shift, grad_scale]
+                   for shift, (lo, hi), grad_scale in self._select(keep)]
+        return float(self.h_range[0]), float(self.h_range[1]), targets, \
+            _MODE_CODES['floor' if self.variant == 'floor' else self.rounding]
+
     def residual_code(self, scale):
         """``residual`` as the kernels' 0-dim tensor code (its index)."""
         return _as_tensors((RESIDUALS.index(self.residual), ),
@@ -333,7 +399,7 @@ def _outputs(x, scale, spec, reduce_dims) -> tuple:
     """The forward's tensors, by the fused kernel where it applies."""
     if _use_fused(x, scale, reduce_dims):
         x2, s2 = _as_rows(x, scale)
-        outs = _run_fused(0, x2, s2, *spec.tensors(x2, s2))
+        outs = _run_kernel(x.device.type, 'forward', x2, s2, spec)
         if outs is not None:
             return tuple(out.view(x.shape) for out in outs)
     return tuple(_forward(x, scale, *spec.numbers()))
@@ -361,28 +427,24 @@ class _FakeQuant(torch.autograd.Function):
         if not keep:  # no output reached the loss
             return None, None, None, None
         grads = [grad_outs[i] for i in keep]
+        whole = dims is None or scale.numel() == 1  # one sum for all
         fused = None
         if not torch.is_grad_enabled() and _use_fused(x, scale, dims):
             x2, s2 = _as_rows(x, scale)
-            fused = _run_fused(1, [g.reshape(x2.shape).detach()
-                                   for g in grads], x2, s2,
-                               *spec.tensors(x2, s2, keep),
-                               spec.residual_code(s2))
-        if fused is not None:  # per-row sums: one row per scale, or one row
-            grad_x, partials = fused[0].view(x.shape), fused[1]
-            if dims is None or partials[0].numel() == 1:
-                partials = [p.sum() for p in partials]
+            fused = _run_kernel(x.device.type, 'backward',
+                                [g.reshape(x2.shape).detach().contiguous()
+                                 for g in grads], x2, s2, spec, keep, whole)
+        if fused is not None:
+            grad_x, grad_s = fused[0].view(x.shape), fused[1]
         else:  # torch path; with a graph under double backward
             grad_x, contribs = _backward(grads, x, scale,
                                          *spec.numbers(keep), spec.residual,
                                          with_graph=torch.is_grad_enabled())
-            partials = [c.sum() if dims is None else
-                        c.sum(dim=dims, keepdim=True) for c in contribs]
-        # each target's LSQ factor on its own partial sums, in the compute
-        # dtype: a bf16 scale's gradient is rounded once, at the end
-        grad_s = sum(p * spec.targets[i][2]
-                     for i, p in zip(keep, partials)).to(scale.dtype)
-        grad_s = grad_s.expand(scale.shape) if grad_s.dim() == 0 \
+            grad_s = _scale_grad([c.sum() if whole else
+                                  c.sum(dim=dims, keepdim=True)
+                                  for c in contribs], spec.grad_scales(keep))
+        grad_s = grad_s.to(scale.dtype)
+        grad_s = grad_s.reshape(()).expand(scale.shape) if whole \
             else grad_s.reshape(scale.shape)
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_s if ctx.needs_input_grad[1] else None, None, None)

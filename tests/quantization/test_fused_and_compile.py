@@ -62,7 +62,7 @@ def test_fused_matches_torch_float32(plan, case):
     grad = torch.randn(shape, generator=gen)
     ref = run('torch', x, scale, plan, dims, grad)
     fused = run('fused', x, scale, plan, dims, grad)
-    assert functional._fused_state['ok'] is True
+    assert functional._kernels.get('cpu')  # built, and used
     assert torch.equal(fused[0], ref[0])
     assert torch.equal(fused[1], ref[1])
     assert fused[2].shape == ref[2].shape == scale.shape
@@ -70,6 +70,63 @@ def test_fused_matches_torch_float32(plan, case):
     # n * eps * sum|terms|, with |term| <= |grad| * 130 * 0.25 (grad_scale)
     bound = x.numel() * 2**-24 * float(grad.abs().sum()) * 130 * 0.25
     torch.testing.assert_close(fused[2], ref[2], rtol=0, atol=bound)
+
+
+def bits_reference(x, s, h_range, targets, mode, residual, grads):
+    """Float64 outputs and per-row scale gradient of ``fake_quant_bits``
+    for ``mode`` 'half_even', 'half_up' or 'floor', and the x gradient:
+    ``grads`` summed in their dtype, in target order."""
+    def round_(t):
+        return {'half_even': torch.round, 'floor': torch.floor,
+                'half_up': lambda u: torch.floor(u + 0.5)}[mode](t)
+    x64, s64 = x.double(), s.double()
+    q_h = torch.clamp(torch.round(x64 / s64), *h_range)
+    outs, grad_x, grad_s = [], 0, 0
+    for (shift, (lo, hi), g), grad in zip(targets, grads):
+        q = torch.clamp(round_(q_h / 2**shift), lo, hi)
+        outs.append(q * (s64 * 2**shift))
+        v = x64 / (s64 * 2**shift)
+        inside = (v >= lo) & (v <= hi)
+        if residual == 'first_rounding':
+            q = torch.where(inside, torch.clamp(round_(v), lo, hi), q)
+        grad_x = grad_x + torch.where(inside, grad, 0.0)  # float32 sums
+        local = torch.where(inside, q - v, q) * grad.double()
+        grad_s = grad_s + g * local.sum(dim=1, keepdim=True)
+    return outs, grad_x, grad_s
+
+
+@pytest.mark.parametrize('rows', [1, 3])
+@pytest.mark.parametrize('mode', ['half_even', 'half_up', 'floor'])
+@pytest.mark.parametrize('residual', ['first_rounding', 'double_rounded'])
+def test_kernels_across_blocks_and_targets(rows, mode, residual):
+    """Rows longer than a kernel's block (1024) and four targets from one
+    first rounding, on fresh ties: the fused path's outputs and x
+    gradient equal the reference (float64 integers), and the scale
+    gradient is the reference within float32 rounding of the terms."""
+    gen = torch.Generator().manual_seed(
+        zlib.crc32(repr(('blocks', rows, mode, residual)).encode()))
+    cols = 2600 + int(torch.randint(0, 500, (1, ), generator=gen))
+    s = torch.exp2(torch.randint(-7, -4, (rows, 1), generator=gen).float())
+    x = tie_tensor(gen, (rows, cols), s, torch.float32)
+    targets = [(0, (-128, 127), 0.5), (2, (-32, 31), 0.25),
+               (4, (-8, 7), 2.0), (6, (-2, 1), 1.0)]
+    grads = [torch.randn(rows, cols, generator=gen) for _ in targets]
+    rounding, variant = ('half_even', 'floor') if mode == 'floor' \
+        else (mode, 'double_rounding')
+    xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
+    with fake_quant_impl('fused'):
+        outs = functional.fake_quant_bits(
+            xg, sg, (-128, 127), targets, rounding, variant,
+            reduce_dims=(1, ) if rows > 1 else None, residual=residual)
+        sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+    assert functional._kernels.get('cpu')
+    ref_outs, ref_gx, ref_gs = bits_reference(x, s, (-128, 127), targets,
+                                              mode, residual, grads)
+    for out, ref in zip(outs, ref_outs):
+        assert torch.equal(out, ref.float())
+    assert torch.equal(xg.grad, ref_gx)
+    bound = cols * 2**-23 * sum(float(g.abs().sum()) for g in grads) * 130
+    torch.testing.assert_close(sg.grad.double(), ref_gs, rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize('impl', ['torch', 'fused'])
@@ -87,10 +144,17 @@ def test_bfloat16_activations(impl):
     assert torch.equal(out, (q * scale * 16).to(torch.bfloat16))
 
 
+class _Failing:
+    """Kernels whose every use fails: raises ``error`` when built."""
+    error = AssertionError('fused kernel called on the torch path')
+
+    def __init__(self):
+        raise self.error
+
+
 def test_torch_path_never_calls_the_kernels(monkeypatch):
-    def fail(*args):
-        raise AssertionError('fused kernel called on the torch path')
-    monkeypatch.setitem(functional._fused_state, 'fns', (fail, fail))
+    monkeypatch.setitem(functional.KERNELS, 'cpu', _Failing)
+    monkeypatch.setattr(functional, '_kernels', {})
     x = torch.randn(4, 3, requires_grad=True)
     with fake_quant_impl('torch'):
         fake_quant(x, torch.ones(1) * 0.1, (-8, 7), 0, (-8, 7)).sum().backward()
@@ -101,11 +165,13 @@ def test_bad_impl_names_the_value():
         functional.set_fake_quant_impl('tuned')
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason='the Inductor kernels serve CUDA (the CPU has C++)')
 def test_one_kernel_per_dtype_and_scale_layout(make_tiny_cnn):
     """Bits, layers and roundings share the compiled kernels: after one
     warm-up pass, a full pass over every bit recompiles nothing."""
-    model = mmdrq.quantize_model(make_tiny_cnn(), bits=(8, 6, 4, 2))
-    x = torch.randn(2, 3, 8, 8)
+    model = mmdrq.quantize_model(make_tiny_cnn(), bits=(8, 6, 4, 2)).cuda()
+    x = torch.randn(2, 3, 8, 8, device='cuda')
 
     def every_bit():
         for bit in (8, 6, 4, 2):
@@ -214,10 +280,10 @@ def test_cuda_training_step_has_no_host_sync(make_tiny_cnn, mode):
 def test_auto_falls_back_to_torch_when_kernels_cannot_build(monkeypatch):
     """No compiler: ``auto`` warns once, gives the torch path's numbers and
     stays on it; ``fused`` raises instead."""
-    def broken(*args):
-        raise RuntimeError('no C++ compiler')
-    monkeypatch.setitem(functional._fused_state, 'fns', (broken, broken))
-    monkeypatch.setitem(functional._fused_state, 'ok', None)
+    class Broken(_Failing):
+        error = RuntimeError('no C++ compiler')
+    monkeypatch.setitem(functional.KERNELS, 'cpu', Broken)
+    monkeypatch.setattr(functional, '_kernels', {})
     x = torch.randn(3, 8)
     scale = torch.full((1, ), 0.05)
     with fake_quant_impl('fused'), pytest.raises(RuntimeError,
@@ -226,7 +292,7 @@ def test_auto_falls_back_to_torch_when_kernels_cannot_build(monkeypatch):
     with fake_quant_impl('auto'):
         with pytest.warns(UserWarning, match='no C\\+\\+ compiler'):
             out = fake_quant(x, scale, (-8, 7), 0, (-8, 7))
-        assert functional._fused_state['ok'] is False
+        assert functional.kernels_failed('cpu')
         again = fake_quant(x, scale, (-8, 7), 0, (-8, 7))  # no second try
     with fake_quant_impl('torch'):
         ref = fake_quant(x, scale, (-8, 7), 0, (-8, 7))
