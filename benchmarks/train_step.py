@@ -9,8 +9,11 @@ GPU runs use bf16 autocast. Prints a table of step times and the ratios of
 issue 6 (per-bit step / FP step, multi-precision iteration / (n x FP step),
 peak memory allocated in a step per bit / FP), and a summed-loss iteration
 with and without sharing the weights' rounding between bits, and saves JSON
-in benchmarks/results/. ``--profile`` also prints where a 4-bit step's time
-goes beyond an FP step's, by kind of work (the profiler's self times).
+in benchmarks/results/. Eager CPU runs of the fused path also time a 4-bit
+step, an iteration and a 4-bit eval forward with the fake-quant kernels that
+Inductor compiles (the CPU's kernels before the C++ ones; CUDA's now), in
+the same turns. ``--profile`` also prints where a 4-bit step's time goes
+beyond an FP step's, by kind of work (the profiler's self times).
 """
 import argparse
 import contextlib
@@ -25,7 +28,7 @@ import torch
 
 import mmdrq
 from mmdrq.models import MultiPrecisionQAT
-from mmdrq.quantization import shared_rounding
+from mmdrq.quantization import functional, shared_rounding
 from mmdrq.quantization.functional import IMPLS, set_fake_quant_impl
 from quantizer import build, timed_in_turns  # benchmarks/quantizer.py
 
@@ -34,8 +37,9 @@ BITS = (8, 6, 4, 2)
 
 # profiler event names -> the kind of work they are, in the breakdown
 KINDS = (
-    ('fake-quant kernels (compiled)', ('CompiledFxGraph', )),
-    ('fake-quant autograd functions (Python)', ('_FakeQuant', )),
+    ('fake-quant kernels (Inductor)', ('CompiledFxGraph', )),
+    ('fake-quant autograd functions (Python; the CPU\'s C++ kernels)',
+     ('_FakeQuant', )),
     ('compiled-kernel guards and calls', ('TorchDynamo', 'Torch-Compiled')),
     ('conv backward', ('convolution_backward', )),
     ('conv forward', ('mkldnn_convolution', 'aten::convolution',
@@ -59,6 +63,22 @@ def breakdown(step, repeat: int = 3) -> dict:
                      if any(n in event.key for n in names)), 'other')
         kinds[kind] += event.self_cpu_time_total / 1e3 / repeat
     return kinds
+
+
+@contextlib.contextmanager
+def inductor_cpu_kernels():
+    """The CPU's fake-quant calls on Inductor's compiled kernels for a
+    ``with`` block (benchmark only: the C++ ones are the CPU's kernels)."""
+    cpp = functional._kernels.get('cpu')
+    functional._kernels['cpu'] = _INDUCTOR.setdefault(
+        'kernels', functional._InductorKernels())
+    try:
+        yield
+    finally:
+        functional._kernels['cpu'] = cpp
+
+
+_INDUCTOR = {}
 
 
 def cpu_peak_bytes(step):
@@ -158,10 +178,37 @@ def main():
     steps.update((f'w{bit}a{bit}', at_bit(bit)) for bit in BITS)
     single_steps = set(steps)  # the rest run every bit: vs n x FP
     steps[f'multi-precision {list(BITS)}'] = multi
+    # in-process before/after: Inductor's kernels on the CPU
+    inductor = device.type == 'cpu' and not args.compile and \
+        args.impl != 'torch'
+    if inductor:
+        def with_inductor(run):
+            def wrapped():
+                with inductor_cpu_kernels():
+                    run()
+            return wrapped
+        steps['w4a4, Inductor kernels'] = with_inductor(at_bit(4))
+        single_steps.add('w4a4, Inductor kernels')
+        steps[f'multi-precision {list(BITS)}, Inductor kernels'] = \
+            with_inductor(multi)
     for share in (False, True):
         steps[f'summed loss {list(BITS)}, {"shared" if share else "per-bit"}'
               f' weight rounding'] = lambda share=share: summed(share)
+    eval_model = mmdrq.set_bits(copy.deepcopy(qat.architecture).eval(), 4)
+    fp_eval = copy.deepcopy(fp).eval()
+
+    def forward(model):
+        with torch.no_grad(), autocast:
+            model(x, mode='tensor')
+    eval_steps = {'FP': lambda: forward(fp_eval),
+                  'w4a4': lambda: forward(eval_model)}
+    if inductor:
+        def eval_inductor():
+            with inductor_cpu_kernels():
+                forward(eval_model)
+        eval_steps['w4a4, Inductor kernels'] = eval_inductor
     timings = timed_in_turns(steps, device, repeat)
+    eval_times = timed_in_turns(eval_steps, device, repeat)
     fp_time, fp_mem = timings['FP']
     if not gpu:
         fp_mem = cpu_peak_bytes(steps['FP'])
@@ -188,6 +235,14 @@ def main():
     for r in rows:
         print(f'| {r["setting"]} | {r["ms"]:.1f} | {r["ratio"]:.2f} | '
               f'{cell(r["peak_mb"], ".1f")} | {cell(r["mem_ratio"], ".2f")} |')
+    print('\neval forward at a fixed bit (cached weights)\n')
+    print('| setting | ms | vs FP |')
+    print('|---|---|---|')
+    eval_rows = [dict(setting=name, ms=t * 1e3,
+                      ratio=t / eval_times['FP'][0])
+                 for name, (t, _) in eval_times.items()]
+    for r in eval_rows:
+        print(f'| {r["setting"]} | {r["ms"]:.1f} | {r["ratio"]:.2f} |')
     if args.profile:
         fp_kinds, q_kinds = breakdown(steps['FP']), breakdown(at_bit(4))
         print('\nwhere the time goes (self CPU ms per step, profiler): '
@@ -207,7 +262,8 @@ def main():
     with open(out, 'w') as f:
         json.dump(dict(device=str(device), batch=batch, size=size,
                        mode=mode, torch=torch.__version__,
-                       threads=torch.get_num_threads(), rows=rows), f, indent=1)
+                       threads=torch.get_num_threads(), rows=rows,
+                       eval_rows=eval_rows), f, indent=1)
     print(f'\nsaved {out}')
 
 

@@ -157,7 +157,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& grads,
   const acc_t* sp = scale.data_ptr<acc_t>();
   const acc_t h_lo = h_lo_, h_hi = h_hi_;
   at::parallel_for(0, rows * nblk, 1, [&](int64_t b0, int64_t b1) {
-    acc_t qh[BLOCK], gx[BLOCK], cb[BLOCK];
+    acc_t d[BLOCK], gx[BLOCK], cb[BLOCK];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b / nblk, c0 = (b % nblk) * BLOCK;
       const int64_t n = std::min(BLOCK, cols - c0);
@@ -165,17 +165,19 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& grads,
       const scalar_t* xr = xp + off;
       const acc_t s = sp[r];
       for (int64_t i = 0; i < n; ++i) {
-        qh[i] = clip<acc_t>(std::nearbyint(acc_t(xr[i]) / s), h_lo, h_hi);
+        d[i] = acc_t(xr[i]) / s;
         gx[i] = acc_t(0);
       }
       for (size_t t = 0; t < n_t; ++t) {
         const acc_t down = g.down[t], lo = g.lo[t], hi = g.hi[t];
-        const acc_t su = s * acc_t(g.up[t]);
         const scalar_t* gr = grad_ptrs[t] + off;
         for (int64_t i = 0; i < n; ++i) {
-          const acc_t v = acc_t(xr[i]) / su;
+          // v = x / (s * 2**shift), exactly: a power of two scales the
+          // rounded quotient without another rounding
+          const acc_t v = d[i] * down;
           const bool inside = (v >= lo) & (v <= hi);
-          acc_t q = clip<acc_t>(round_mode<MODE>(qh[i] * down), lo, hi);
+          const acc_t qh = clip<acc_t>(std::nearbyint(d[i]), h_lo, h_hi);
+          acc_t q = clip<acc_t>(round_mode<MODE>(qh * down), lo, hi);
           if constexpr (FIRST_ROUNDING) {
             const acc_t once = clip<acc_t>(round_mode<MODE>(v), lo, hi);
             q = inside ? once : q;
