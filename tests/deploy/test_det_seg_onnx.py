@@ -2,7 +2,7 @@
 DeepLabV3, SegFormer) exported per bit and as a SubNet as whole-pipeline
 graphs, run by ONNX Runtime: bbox / segm mAP and mIoU equal tools/test.py's
 at every bit, and tools/benchmark.py --backend onnxruntime reports them
-with images/s."""
+with images/s (RetinaNet and DeepLabV3)."""
 import json
 import os.path as osp
 
@@ -82,7 +82,10 @@ def test_onnxruntime_metrics_equal_pytorch(name, data, tiny_training,
                                                           data[dataset]),
                                         PIXELS_MAY_DIFFER.get(name, 0),
                                         name in IMAGES_MAY_DIFFER)))
-    # tools/benchmark.py on the export: the same metrics plus images/s
+    # tools/benchmark.py on the export: the same metrics plus images/s (one
+    # detector and one segmentor: the tool does not depend on the head)
+    if name not in BENCHMARKED:
+        return
     bench = tmp_path / 'bench'
     run_tool(osp.join(TOOLS, 'benchmark.py'), config, onnx_dir,
              '--data-root', data[dataset] + ('/' if dataset == 'coco' else ''),
@@ -96,6 +99,7 @@ def test_onnxruntime_metrics_equal_pytorch(name, data, tiny_training,
         assert table[f'images_per_s@{tag}'] > 0
 
 
+BENCHMARKED = ('retinanet', 'deeplabv3')
 # share of pixels that may differ: SegFormer's attention softmax, LayerNorm
 # and GELU run in ONNX Runtime's float kernels, not in deploy numerics'
 # integer sums; on this barely trained model's near-tie logits 131 of
