@@ -2,9 +2,10 @@
 // functional._fused_backward, one pass over memory each, called straight
 // from Python (cpu_kernels.py builds it). x is 2-d (rows, cols) and
 // contiguous; scale is (rows, 1) in x's compute type (float, or double for
-// double); a target is (down, lo, hi, up) with down = 2**-shift, up =
-// 2**shift. Each thread takes blocks of one row: the first rounding into a
-// local buffer, then every target from it.
+// double); a target is (down, lo, hi, up, grad_scale) with down =
+// 2**-shift, up = 2**shift (grad_scale: the LSQ factor, backward only).
+// Each thread takes blocks of one row: the first rounding (or the quotient
+// x / s) into a local buffer, then every target from it.
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
