@@ -9,15 +9,17 @@ Inductor's kernels of the same math cost per call in Dynamo's dispatch
 are vectorized for the CPU's instruction set, which names the build.
 """
 import os.path as osp
+import re
 
 import torch
 
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc',
                   'fake_quant.cpp')
 # exact IEEE arithmetic as in torch (no contraction into FMAs); without
-# errno and traps, floor and rint vectorize
-FLAGS = ('-O3', '-std=c++20', '-fopenmp', '-ffp-contract=off',
-         '-fno-math-errno', '-fno-trapping-math')
+# errno and traps, floor and rint vectorize; the C++ standard is the one
+# torch's loader sets for its own headers
+FLAGS = ('-O3', '-fopenmp', '-ffp-contract=off', '-fno-math-errno',
+         '-fno-trapping-math')
 ISA_FLAGS = {
     'AVX512': ('-mavx512f', '-mavx512dq', '-mavx512bw', '-mavx512vl',
                '-mavx2', '-mfma'),
@@ -30,8 +32,8 @@ def load():
     be built, e.g. without a C++ compiler."""
     from mmengine.logging import print_log
     from torch.utils import cpp_extension
-    isa = torch.backends.cpu.get_cpu_capability()
-    name = f'mmdrq_fake_quant_{isa.lower()}'
+    isa = torch.backends.cpu.get_cpu_capability()  # 'AVX2', 'NO AVX', ...
+    name = 'mmdrq_fake_quant_' + re.sub(r'\W+', '_', isa.lower())
     print_log(f'mmdrq: loading the CPU fake-quant kernels ({name}; the '
               f'first time on a machine compiles them, about 30 s)',
               logger='current')

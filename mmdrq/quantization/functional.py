@@ -228,9 +228,9 @@ def _use_fused(x, scale, reduce_dims) -> bool:
     """Whether this call can take the fused kernels: one scale, or one per
     row of ``x`` reduced per row or over everything."""
     if _impl == 'torch' or torch.compiler.is_compiling() \
-            or x.device.type not in KERNELS \
+            or x.device.type not in KERNELS or scale.device != x.device \
             or _kernels.get(x.device.type) is False:
-        return False
+        return False  # another device's scale: torch's own error
     if x.device.type == 'cpu' and _compute_dtype(x, scale) != \
             torch.promote_types(x.dtype, torch.float32):
         return False  # e.g. a float64 scale for float32 data: torch path
@@ -287,15 +287,19 @@ class _CpuKernels:
         self.ext = cpu_kernels.load()
 
     def forward(self, x2, s2, spec):
-        return self.ext.forward(x2.contiguous(),
-                                s2.to(_compute_dtype(x2, s2)),
+        return self.ext.forward(x2.contiguous(), self._scale(x2, s2),
                                 *spec.kernel_numbers())
 
     def backward(self, grads, x2, s2, spec, keep, whole):
+        grads = [g.to(x2.dtype).contiguous() for g in grads]
         return self.ext.backward(grads, x2.contiguous(),
-                                 s2.to(_compute_dtype(x2, s2)),
+                                 self._scale(x2, s2),
                                  *spec.kernel_numbers(keep),
                                  spec.residual == 'first_rounding', whole)
+
+    @staticmethod
+    def _scale(x2, s2):
+        return s2.to(_compute_dtype(x2, s2)).contiguous()
 
 
 # device type -> its kernels' class; built at the first call on it
@@ -432,8 +436,8 @@ class _FakeQuant(torch.autograd.Function):
         if not torch.is_grad_enabled() and _use_fused(x, scale, dims):
             x2, s2 = _as_rows(x, scale)
             fused = _run_kernel(x.device.type, 'backward',
-                                [g.reshape(x2.shape).detach().contiguous()
-                                 for g in grads], x2, s2, spec, keep, whole)
+                                [g.reshape(x2.shape).detach() for g in grads],
+                                x2, s2, spec, keep, whole)
         if fused is not None:
             grad_x, grad_s = fused[0].view(x.shape), fused[1]
         else:  # torch path; with a graph under double backward

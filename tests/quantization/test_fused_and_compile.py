@@ -74,14 +74,15 @@ def test_fused_matches_torch_float32(plan, case):
 
 def bits_reference(x, s, h_range, targets, mode, residual, grads):
     """Float64 outputs and per-row scale gradient of ``fake_quant_bits``
-    for ``mode`` 'half_even', 'half_up' or 'floor', and the x gradient:
-    ``grads`` summed in their dtype, in target order."""
+    for ``mode`` 'half_even', 'half_up' or 'floor', the x gradient
+    (``grads`` summed in their dtype, in target order), and per row the
+    sum of the scale gradient's absolute terms (for a rounding bound)."""
     def round_(t):
         return {'half_even': torch.round, 'floor': torch.floor,
                 'half_up': lambda u: torch.floor(u + 0.5)}[mode](t)
     x64, s64 = x.double(), s.double()
     q_h = torch.clamp(torch.round(x64 / s64), *h_range)
-    outs, grad_x, grad_s = [], 0, 0
+    outs, grad_x, grad_s, size = [], 0, 0, 0
     for (shift, (lo, hi), g), grad in zip(targets, grads):
         q = torch.clamp(round_(q_h / 2**shift), lo, hi)
         outs.append(q * (s64 * 2**shift))
@@ -90,9 +91,28 @@ def bits_reference(x, s, h_range, targets, mode, residual, grads):
         if residual == 'first_rounding':
             q = torch.where(inside, torch.clamp(round_(v), lo, hi), q)
         grad_x = grad_x + torch.where(inside, grad, 0.0)  # float32 sums
-        local = torch.where(inside, q - v, q) * grad.double()
-        grad_s = grad_s + g * local.sum(dim=1, keepdim=True)
-    return outs, grad_x, grad_s
+        local = torch.where(inside, q - v, q) * grad.double() * g
+        grad_s = grad_s + local.sum(dim=1, keepdim=True)
+        size = size + local.abs().sum(dim=1, keepdim=True)
+    return outs, grad_x, grad_s, size
+
+
+def run_bits(impl, x, s, targets, mode, residual, grads):
+    """``fake_quant_bits`` forward and backward on ``impl``: outputs and the
+    gradients of x and s."""
+    rounding, variant = ('half_even', 'floor') if mode == 'floor' \
+        else (mode, 'double_rounding')
+    xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
+    with fake_quant_impl(impl):
+        outs = functional.fake_quant_bits(
+            xg, sg, (-128, 127), targets, rounding, variant,
+            reduce_dims=(1, ) if s.numel() > 1 else None, residual=residual)
+        sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+    return [o.detach() for o in outs], xg.grad, sg.grad
+
+
+TARGETS = [(0, (-128, 127), 0.5), (2, (-32, 31), 0.25), (4, (-8, 7), 2.0),
+           (6, (-2, 1), 1.0)]
 
 
 @pytest.mark.parametrize('rows', [1, 3])
@@ -100,33 +120,58 @@ def bits_reference(x, s, h_range, targets, mode, residual, grads):
 @pytest.mark.parametrize('residual', ['first_rounding', 'double_rounded'])
 def test_kernels_across_blocks_and_targets(rows, mode, residual):
     """Rows longer than a kernel's block (1024) and four targets from one
-    first rounding, on fresh ties: the fused path's outputs and x
-    gradient equal the reference (float64 integers), and the scale
-    gradient is the reference within float32 rounding of the terms."""
+    first rounding. On fresh ties (power-of-two scales): outputs and x
+    gradient equal the reference (float64 integers), the scale gradient
+    is the reference within float32 rounding of its terms. With scales of
+    any value (inexact divisions): the same numbers as the torch path."""
     gen = torch.Generator().manual_seed(
         zlib.crc32(repr(('blocks', rows, mode, residual)).encode()))
     cols = 2600 + int(torch.randint(0, 500, (1, ), generator=gen))
     s = torch.exp2(torch.randint(-7, -4, (rows, 1), generator=gen).float())
     x = tie_tensor(gen, (rows, cols), s, torch.float32)
-    targets = [(0, (-128, 127), 0.5), (2, (-32, 31), 0.25),
-               (4, (-8, 7), 2.0), (6, (-2, 1), 1.0)]
-    grads = [torch.randn(rows, cols, generator=gen) for _ in targets]
-    rounding, variant = ('half_even', 'floor') if mode == 'floor' \
-        else (mode, 'double_rounding')
-    xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
-    with fake_quant_impl('fused'):
-        outs = functional.fake_quant_bits(
-            xg, sg, (-128, 127), targets, rounding, variant,
-            reduce_dims=(1, ) if rows > 1 else None, residual=residual)
-        sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+    grads = [torch.randn(rows, cols, generator=gen) for _ in TARGETS]
+    outs, grad_x, grad_s = run_bits('fused', x, s, TARGETS, mode, residual,
+                                    grads)
     assert functional._kernels.get('cpu')
-    ref_outs, ref_gx, ref_gs = bits_reference(x, s, (-128, 127), targets,
-                                              mode, residual, grads)
+    ref_outs, ref_gx, ref_gs, size = bits_reference(
+        x, s, (-128, 127), TARGETS, mode, residual, grads)
     for out, ref in zip(outs, ref_outs):
         assert torch.equal(out, ref.float())
-    assert torch.equal(xg.grad, ref_gx)
-    bound = cols * 2**-23 * sum(float(g.abs().sum()) for g in grads) * 130
-    torch.testing.assert_close(sg.grad.double(), ref_gs, rtol=0, atol=bound)
+    assert torch.equal(grad_x, ref_gx)
+    # each term rounded a few times in float32, the sums in double
+    assert ((grad_s.double() - ref_gs).abs() <= size * 2**-21).all()
+    s = torch.rand(rows, 1, generator=gen) * 0.05 + 0.01
+    x = torch.randn(rows, cols, generator=gen) * s * 60
+    fused = run_bits('fused', x, s, TARGETS, mode, residual, grads)
+    plain = run_bits('torch', x, s, TARGETS, mode, residual, grads)
+    for got, want in zip(fused[0], plain[0]):
+        assert torch.equal(got, want)
+    assert torch.equal(fused[1], plain[1])
+    # the torch path sums each target's float32 terms in float32
+    size = bits_reference(x, s, (-128, 127), TARGETS, mode, residual,
+                          grads)[3]
+    bound = size * (cols * 2**-23 + 2**-21)
+    assert ((fused[2].double() - plain[2].double()).abs() <= bound).all()
+
+
+def test_kernels_take_any_scale_layout_and_refuse_other_devices():
+    """A per-row scale that is a strided view gives the torch path's
+    numbers; a scale on another device than x gets torch's device error
+    (the kernels would read its memory as the CPU's)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 1500, generator=gen)
+    scale = (torch.rand(4, 2, generator=gen) * 0.1 + 0.01)[:, :1]
+    assert not scale.is_contiguous()
+    outs = []
+    for impl in ('fused', 'torch'):
+        with fake_quant_impl(impl):
+            outs.append(fake_quant(x, scale, (-128, 127), 4, (-8, 7),
+                                   reduce_dims=(1, )))
+    assert torch.equal(*outs) and functional._kernels.get('cpu')
+    with fake_quant_impl('fused'), pytest.raises(RuntimeError,
+                                                 match='device'):
+        fake_quant(x, torch.full((1, ), 0.1, device='meta'), (-8, 7), 0,
+                   (-8, 7))
 
 
 @pytest.mark.parametrize('impl', ['torch', 'fused'])

@@ -80,8 +80,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous 2-d CPU tensor");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == x.size(0) &&
-                  scale.size(1) == 1 && scale.is_contiguous(),
-              "scale must be (rows, 1)");
+                  scale.size(1) == 1 && scale.is_contiguous() &&
+                  scale.device().is_cpu(),
+              "scale must be a contiguous (rows, 1) CPU tensor");
   TORCH_CHECK(scale.scalar_type() ==
                   c10::toRealValueType(at::toOpMathType(x.scalar_type())),
               "scale must be in x's compute type");
