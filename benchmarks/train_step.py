@@ -28,7 +28,7 @@ import torch
 
 import mmdrq
 from mmdrq.models import MultiPrecisionQAT
-from mmdrq.quantization import functional, shared_rounding
+from mmdrq.quantization import fused_kernels, shared_rounding
 from mmdrq.quantization.functional import IMPLS, set_fake_quant_impl
 from quantizer import build, timed_in_turns  # benchmarks/quantizer.py
 
@@ -69,13 +69,13 @@ def breakdown(step, repeat: int = 3) -> dict:
 def inductor_cpu_kernels():
     """The CPU's fake-quant calls on Inductor's compiled kernels for a
     ``with`` block (benchmark only: the C++ ones are the CPU's kernels)."""
-    cpp = functional._kernels.get('cpu')
-    functional._kernels['cpu'] = _INDUCTOR.setdefault(
-        'kernels', functional._InductorKernels())
+    cpp = fused_kernels._kernels.get('cpu')
+    fused_kernels._kernels['cpu'] = _INDUCTOR.setdefault(
+        'kernels', fused_kernels.InductorKernels())
     try:
         yield
     finally:
-        functional._kernels['cpu'] = cpp
+        fused_kernels._kernels['cpu'] = cpp
 
 
 _INDUCTOR = {}

@@ -193,11 +193,11 @@ def fake_quant_path(request):
     """Runs a test once per fake-quant implementation. ``fused`` raises
     instead of falling back, so a test on it cannot pass through the torch
     path by accident."""
-    from mmdrq.quantization import functional
+    from mmdrq.quantization import functional, fused_kernels
     with functional.fake_quant_impl(request.param):
         yield request.param
     if request.param == 'fused':
-        assert not functional.kernels_failed('cpu')
+        assert not fused_kernels.failed('cpu')
 
 
 def run_tool(*args, expect_ok=True, timeout=600):

@@ -24,11 +24,12 @@ the plain math.
 """
 import contextlib
 import os
-import warnings
 
 import torch
 
 from mmdrq.utils.checks import check_choice
+
+from . import fused_kernels
 
 ROUNDINGS = ('half_even', 'half_up')
 # the variants of one stored grid (weight_quantizer.VARIANTS adds the
@@ -228,8 +229,8 @@ def _use_fused(x, scale, reduce_dims) -> bool:
     """Whether this call can take the fused kernels: one scale, or one per
     row of ``x`` reduced per row or over everything."""
     if _impl == 'torch' or torch.compiler.is_compiling() \
-            or x.device.type not in KERNELS or scale.device != x.device \
-            or _kernels.get(x.device.type) is False:
+            or scale.device != x.device \
+            or not fused_kernels.usable(x.device.type):
         return False  # another device's scale: torch's own error
     if x.device.type == 'cpu' and _compute_dtype(x, scale) != \
             torch.promote_types(x.dtype, torch.float32):
@@ -240,100 +241,6 @@ def _use_fused(x, scale, reduce_dims) -> bool:
         range(1, x.dim()))
     return rows and x.dim() >= 1 and scale.numel() == x.shape[0] and \
         scale.shape[0] == x.shape[0]
-
-
-# Graphs each Inductor kernel may keep: dtypes x (one scale | one per row)
-# x number of targets x Inductor's size classes; a model needs a handful,
-# a test session more.
-_KERNEL_GRAPHS = 64
-
-
-class _InductorKernels:
-    """CUDA: ``_forward`` and ``_fused_backward`` compiled by Inductor
-    (Triton) with dynamic shapes, the numbers as cached tensors."""
-
-    def __init__(self):
-        self.fns = (torch.compile(_forward, dynamic=True),
-                    torch.compile(_fused_backward, dynamic=True))
-
-    def _call(self, which, args):
-        """With room for the kernels' own graphs, whatever Dynamo's global
-        recompile limit (meant for user code) is."""
-        config = torch._dynamo.config
-        limit = config.recompile_limit
-        config.recompile_limit = max(limit, _KERNEL_GRAPHS)
-        try:
-            return self.fns[which](*args)
-        finally:
-            config.recompile_limit = limit
-
-    def forward(self, x2, s2, spec):
-        return self._call(0, (x2, s2, *spec.tensors(x2, s2)))
-
-    def backward(self, grads, x2, s2, spec, keep, whole):
-        grad_x, partials = self._call(1, (
-            grads, x2, s2, *spec.tensors(x2, s2, keep),
-            spec.residual_code(s2)))
-        grad_s = _scale_grad(partials, spec.grad_scales(keep))
-        return grad_x, grad_s.sum(dim=0, keepdim=True) if whole else grad_s
-
-
-class _CpuKernels:
-    """CPU: ``csrc/fake_quant.cpp`` (``cpu_kernels``), the numbers as they
-    are; the scale in the compute dtype."""
-
-    def __init__(self):
-        from . import cpu_kernels
-        self.ext = cpu_kernels.load()
-
-    def forward(self, x2, s2, spec):
-        return self.ext.forward(x2.contiguous(), self._scale(x2, s2),
-                                *spec.kernel_numbers())
-
-    def backward(self, grads, x2, s2, spec, keep, whole):
-        grads = [g.to(x2.dtype).contiguous() for g in grads]
-        return self.ext.backward(grads, x2.contiguous(),
-                                 self._scale(x2, s2),
-                                 *spec.kernel_numbers(keep),
-                                 spec.residual == 'first_rounding', whole)
-
-    @staticmethod
-    def _scale(x2, s2):
-        return s2.to(_compute_dtype(x2, s2)).contiguous()
-
-
-# device type -> its kernels' class; built at the first call on it
-KERNELS = {'cpu': _CpuKernels, 'cuda': _InductorKernels}
-# device type -> the built kernels, or False once they failed to build
-_kernels = {}
-
-
-def _run_kernel(device_type: str, method: str, *args):
-    """Call a fused kernel of ``device_type``; the first failure to build
-    them (no compiler) switches ``auto`` to the torch path on that device
-    for good, with a warning, and gives None."""
-    kernels = _kernels.get(device_type)
-    if kernels:
-        return getattr(kernels, method)(*args)
-    try:
-        kernels = KERNELS[device_type]()
-        out = getattr(kernels, method)(*args)
-    except Exception as error:  # noqa: BLE001 - any build failure
-        if _impl == 'fused':
-            raise
-        warnings.warn(f'mmdrq: fused fake quantization is unavailable on '
-                      f'{device_type} ({type(error).__name__}: {error}); '
-                      f'using the torch path (set MMDRQ_FAKE_QUANT=torch '
-                      f'to skip the try)')
-        _kernels[device_type] = False
-        return None
-    _kernels[device_type] = kernels
-    return out
-
-
-def kernels_failed(device_type: str = 'cpu') -> bool:
-    """Whether the fused kernels of ``device_type`` failed to build."""
-    return _kernels.get(device_type) is False
 
 
 def _as_rows(x, scale):
@@ -403,7 +310,8 @@ def _outputs(x, scale, spec, reduce_dims) -> tuple:
     """The forward's tensors, by the fused kernel where it applies."""
     if _use_fused(x, scale, reduce_dims):
         x2, s2 = _as_rows(x, scale)
-        outs = _run_kernel(x.device.type, 'forward', x2, s2, spec)
+        outs = fused_kernels.run(x.device.type, 'forward', _impl == 'fused',
+                                 x2, s2, spec)
         if outs is not None:
             return tuple(out.view(x.shape) for out in outs)
     return tuple(_forward(x, scale, *spec.numbers()))
@@ -435,9 +343,10 @@ class _FakeQuant(torch.autograd.Function):
         fused = None
         if not torch.is_grad_enabled() and _use_fused(x, scale, dims):
             x2, s2 = _as_rows(x, scale)
-            fused = _run_kernel(x.device.type, 'backward',
-                                [g.reshape(x2.shape).detach() for g in grads],
-                                x2, s2, spec, keep, whole)
+            fused = fused_kernels.run(
+                x.device.type, 'backward', _impl == 'fused',
+                [g.reshape(x2.shape).detach() for g in grads], x2, s2, spec,
+                keep, whole)
         if fused is not None:
             grad_x, grad_s = fused[0].view(x.shape), fused[1]
         else:  # torch path; with a graph under double backward

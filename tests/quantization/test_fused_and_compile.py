@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmdrq
-from mmdrq.quantization import functional
+from mmdrq.quantization import functional, fused_kernels
 from mmdrq.models.multi_precision import CPU_COMPILE_OPTIONS
 from mmdrq.quantization.functional import fake_quant, fake_quant_impl
 
@@ -62,7 +62,7 @@ def test_fused_matches_torch_float32(plan, case):
     grad = torch.randn(shape, generator=gen)
     ref = run('torch', x, scale, plan, dims, grad)
     fused = run('fused', x, scale, plan, dims, grad)
-    assert functional._kernels.get('cpu')  # built, and used
+    assert fused_kernels._kernels.get('cpu')  # built, and used
     assert torch.equal(fused[0], ref[0])
     assert torch.equal(fused[1], ref[1])
     assert fused[2].shape == ref[2].shape == scale.shape
@@ -132,7 +132,7 @@ def test_kernels_across_blocks_and_targets(rows, mode, residual):
     grads = [torch.randn(rows, cols, generator=gen) for _ in TARGETS]
     outs, grad_x, grad_s = run_bits('fused', x, s, TARGETS, mode, residual,
                                     grads)
-    assert functional._kernels.get('cpu')
+    assert fused_kernels._kernels.get('cpu')
     ref_outs, ref_gx, ref_gs, size = bits_reference(
         x, s, (-128, 127), TARGETS, mode, residual, grads)
     for out, ref in zip(outs, ref_outs):
@@ -167,7 +167,7 @@ def test_kernels_take_any_scale_layout_and_refuse_other_devices():
         with fake_quant_impl(impl):
             outs.append(fake_quant(x, scale, (-128, 127), 4, (-8, 7),
                                    reduce_dims=(1, )))
-    assert torch.equal(*outs) and functional._kernels.get('cpu')
+    assert torch.equal(*outs) and fused_kernels._kernels.get('cpu')
     with fake_quant_impl('fused'), pytest.raises(RuntimeError,
                                                  match='device'):
         fake_quant(x, torch.full((1, ), 0.1, device='meta'), (-8, 7), 0,
@@ -198,8 +198,8 @@ class _Failing:
 
 
 def test_torch_path_never_calls_the_kernels(monkeypatch):
-    monkeypatch.setitem(functional.KERNELS, 'cpu', _Failing)
-    monkeypatch.setattr(functional, '_kernels', {})
+    monkeypatch.setitem(fused_kernels.KERNELS, 'cpu', _Failing)
+    monkeypatch.setattr(fused_kernels, '_kernels', {})
     x = torch.randn(4, 3, requires_grad=True)
     with fake_quant_impl('torch'):
         fake_quant(x, torch.ones(1) * 0.1, (-8, 7), 0, (-8, 7)).sum().backward()
@@ -327,8 +327,8 @@ def test_auto_falls_back_to_torch_when_kernels_cannot_build(monkeypatch):
     stays on it; ``fused`` raises instead."""
     class Broken(_Failing):
         error = RuntimeError('no C++ compiler')
-    monkeypatch.setitem(functional.KERNELS, 'cpu', Broken)
-    monkeypatch.setattr(functional, '_kernels', {})
+    monkeypatch.setitem(fused_kernels.KERNELS, 'cpu', Broken)
+    monkeypatch.setattr(fused_kernels, '_kernels', {})
     x = torch.randn(3, 8)
     scale = torch.full((1, ), 0.05)
     with fake_quant_impl('fused'), pytest.raises(RuntimeError,
@@ -337,7 +337,7 @@ def test_auto_falls_back_to_torch_when_kernels_cannot_build(monkeypatch):
     with fake_quant_impl('auto'):
         with pytest.warns(UserWarning, match='no C\\+\\+ compiler'):
             out = fake_quant(x, scale, (-8, 7), 0, (-8, 7))
-        assert functional.kernels_failed('cpu')
+        assert fused_kernels.failed('cpu')
         again = fake_quant(x, scale, (-8, 7), 0, (-8, 7))  # no second try
     with fake_quant_impl('torch'):
         ref = fake_quant(x, scale, (-8, 7), 0, (-8, 7))
