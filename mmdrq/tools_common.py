@@ -118,6 +118,17 @@ def prepare_launch(cfg: Config):
         cfg.model_wrapper_cfg = wrapper
 
 
+def finish_launch():
+    """End a distributed run as torch asks: every rank waits for the others,
+    then destroys the process group (its threads joined). Without it, a
+    rank that finished first could exit while gloo's threads were still
+    running, and abort ('terminate called without an active exception')."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def require_exact_checkpoint(cfg: Config):
     """Make the Runner refuse a checkpoint that does not fit the model
     exactly (``mmdrq.StrictLoadHook``): for testing and resuming, where

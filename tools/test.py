@@ -18,8 +18,8 @@ from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
 from mmdrq.tools_common import (add_common_args, check_out_file,
-                                configure_test, is_qat_config, load_config,
-                                prepare_launch)
+                                configure_test, finish_launch, is_qat_config,
+                                load_config, prepare_launch)
 from mmdrq.utils import atomic_write
 
 
@@ -78,6 +78,7 @@ def main():
         text = json.dumps({k: float(v) if hasattr(v, '__float__') else v
                            for k, v in metrics.items()}, indent=1)
         atomic_write(args.out, lambda f: f.write(text.encode()))
+    finish_launch()
 
 
 if __name__ == '__main__':

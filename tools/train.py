@@ -9,8 +9,8 @@ from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules, mmdrq:: configs)
 from mmdrq.engine import resume_checkpoint
-from mmdrq.tools_common import (add_common_args, load_config, prepare_launch,
-                                require_exact_checkpoint)
+from mmdrq.tools_common import (add_common_args, finish_launch, load_config,
+                                prepare_launch, require_exact_checkpoint)
 
 
 def parse_args():
@@ -59,6 +59,7 @@ def main():
     prepare_launch(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()
+    finish_launch()
 
 
 if __name__ == '__main__':
