@@ -52,6 +52,7 @@ if __name__ == '__main__':
         install_requires=[
             'torch>=2.0', 'mmengine>=0.10.0,<1.0', 'numpy', 'scipy>=1.9',
             'matplotlib', 'setuptools<82',
+            'ninja',  # torch's loader builds the CPU kernels with it
         ],
         extras_require={
             'mm': ['mmcv>=2.0.0,<2.2.0', 'mmpretrain>=1.0.0',
