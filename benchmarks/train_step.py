@@ -18,6 +18,7 @@ beyond an FP step's, by kind of work (the profiler's self times).
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import os.path as osp
@@ -70,15 +71,16 @@ def inductor_cpu_kernels():
     """The CPU's fake-quant calls on Inductor's compiled kernels for a
     ``with`` block (benchmark only: the C++ ones are the CPU's kernels)."""
     cpp = fused_kernels._kernels.get('cpu')
-    fused_kernels._kernels['cpu'] = _INDUCTOR.setdefault(
-        'kernels', fused_kernels.InductorKernels())
+    fused_kernels._kernels['cpu'] = _inductor_kernels()
     try:
         yield
     finally:
         fused_kernels._kernels['cpu'] = cpp
 
 
-_INDUCTOR = {}
+@functools.lru_cache(maxsize=None)
+def _inductor_kernels():
+    return fused_kernels.InductorKernels()
 
 
 def cpu_peak_bytes(step):
