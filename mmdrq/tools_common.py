@@ -119,14 +119,21 @@ def prepare_launch(cfg: Config):
 
 
 def finish_launch():
-    """End a distributed run as torch asks: every rank waits for the others,
-    then destroys the process group (its threads joined). Without it, a
-    rank that finished first could exit while gloo's threads were still
-    running, and abort ('terminate called without an active exception')."""
+    """End a distributed run with every rank's process group freed, its
+    gloo threads joined, before the interpreter exits. Call it after
+    ``del runner``: the Runner's DDP reducer holds the group from within
+    reference cycles, and while it does, ``destroy_process_group`` leaves
+    the backend's threads running into the C ``exit()``, where they raced
+    the other rank's exit and aborted a rank now and then ('terminate
+    called without an active exception')."""
+    import gc
+
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        gc.collect()  # the dropped Runner, and the DDP reducer with it
         dist.destroy_process_group()
+        gc.collect()
 
 
 def require_exact_checkpoint(cfg: Config):

@@ -78,6 +78,7 @@ def main():
         text = json.dumps({k: float(v) if hasattr(v, '__float__') else v
                            for k, v in metrics.items()}, indent=1)
         atomic_write(args.out, lambda f: f.write(text.encode()))
+    del runner  # it holds the process group (finish_launch)
     finish_launch()
 
 

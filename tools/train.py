@@ -59,6 +59,7 @@ def main():
     prepare_launch(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()
+    del runner  # it holds the process group (finish_launch)
     finish_launch()
 
 
