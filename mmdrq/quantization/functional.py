@@ -243,13 +243,6 @@ def _use_fused(x, scale, reduce_dims) -> bool:
         scale.shape[0] == x.shape[0]
 
 
-def _as_rows(x, scale):
-    """2-d ``x`` and ``(rows, 1)`` scale, detached: a view's link to its
-    base would add guards (and recompiles) to the kernels."""
-    rows = 1 if scale.numel() == 1 else x.shape[0]
-    return x.reshape(rows, -1).detach(), scale.reshape(rows, 1).detach()
-
-
 _MODE_CODES = {'half_even': 0, 'half_up': 1, 'floor': 2}
 
 
@@ -309,11 +302,10 @@ class _QuantSpec:
 def _outputs(x, scale, spec, reduce_dims) -> tuple:
     """The forward's tensors, by the fused kernel where it applies."""
     if _use_fused(x, scale, reduce_dims):
-        x2, s2 = _as_rows(x, scale)
         outs = fused_kernels.run(x.device.type, 'forward', _impl == 'fused',
-                                 x2, s2, spec)
+                                 x, scale, spec)
         if outs is not None:
-            return tuple(out.view(x.shape) for out in outs)
+            return tuple(outs)
     return tuple(_forward(x, scale, *spec.numbers()))
 
 
@@ -342,13 +334,11 @@ class _FakeQuant(torch.autograd.Function):
         whole = dims is None or scale.numel() == 1  # one sum for all
         fused = None
         if not torch.is_grad_enabled() and _use_fused(x, scale, dims):
-            x2, s2 = _as_rows(x, scale)
-            fused = fused_kernels.run(
-                x.device.type, 'backward', _impl == 'fused',
-                [g.reshape(x2.shape).detach() for g in grads], x2, s2, spec,
-                keep, whole)
+            fused = fused_kernels.run(x.device.type, 'backward',
+                                      _impl == 'fused', grads, x, scale,
+                                      spec, keep, whole)
         if fused is not None:
-            grad_x, grad_s = fused[0].view(x.shape), fused[1]
+            grad_x, grad_s = fused
         else:  # torch path; with a graph under double backward
             grad_x, contribs = _backward(grads, x, scale,
                                          *spec.numbers(keep), spec.residual,

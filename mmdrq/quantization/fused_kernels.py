@@ -1,7 +1,9 @@
 """The fused fake-quant kernels of each device type, built at their first
 call: C++ on the CPU (``cpu_kernels``), Inductor's Triton on CUDA. Each
-takes the 2-d ``x``, its ``(rows, 1)`` scale and a ``functional._QuantSpec``
-and computes what ``functional._forward`` / ``_fused_backward`` do."""
+takes ``x``, its scale (one value, or one per row: dim 0) and a
+``functional._QuantSpec`` and computes what ``functional._forward`` /
+``_fused_backward`` do: outputs and ``grad_x`` in ``x``'s shape, the scale
+gradient as ``(rows, 1)``, or ``(1, 1)`` summed over the rows."""
 import warnings
 
 import torch
@@ -34,39 +36,43 @@ class InductorKernels:
         finally:
             config.recompile_limit = limit
 
-    def forward(self, x2, s2, spec):
-        return self._call(0, (x2, s2, *spec.tensors(x2, s2)))
+    def forward(self, x, scale, spec):
+        x2, s2 = _as_rows(x, scale)
+        outs = self._call(0, (x2, s2, *spec.tensors(x2, s2)))
+        return tuple(out.view(x.shape) for out in outs)
 
-    def backward(self, grads, x2, s2, spec, keep, whole):
+    def backward(self, grads, x, scale, spec, keep, whole):
+        x2, s2 = _as_rows(x, scale)
+        grads = [g.reshape(x2.shape).detach() for g in grads]
         grad_x, partials = self._call(1, (
             grads, x2, s2, *spec.tensors(x2, s2, keep),
             spec.residual_code(s2)))
         grad_s = self._scale_grad(partials, spec.grad_scales(keep))
-        return grad_x, grad_s.sum(dim=0, keepdim=True) if whole else grad_s
+        return grad_x.view(x.shape), \
+            grad_s.sum(dim=0, keepdim=True) if whole else grad_s
+
+
+def _as_rows(x, scale):
+    """2-d ``x`` and ``(rows, 1)`` scale, detached: a view's link to its
+    base would add guards (and recompiles) to the compiled kernels."""
+    rows = 1 if scale.numel() == 1 else x.shape[0]
+    return x.reshape(rows, -1).detach(), scale.reshape(rows, 1).detach()
 
 
 class CpuKernels:
-    """CPU: ``csrc/fake_quant.cpp`` (``cpu_kernels``), the numbers as they
-    are; the scale in the compute dtype."""
+    """CPU: ``csrc/fake_quant.cpp`` (``cpu_kernels``), which takes ``x`` and
+    the scale as they are (layout and the scale's dtype handled there)."""
 
     def __init__(self):
-        from . import cpu_kernels, functional
+        from . import cpu_kernels
         self.ext = cpu_kernels.load()
-        self._compute_dtype = functional._compute_dtype
 
-    def forward(self, x2, s2, spec):
-        return self.ext.forward(x2.contiguous(), self._scale(x2, s2),
-                                *spec.kernel_numbers())
+    def forward(self, x, scale, spec):
+        return self.ext.forward(x, scale, *spec.kernel_numbers())
 
-    def backward(self, grads, x2, s2, spec, keep, whole):
-        grads = [g.to(x2.dtype).contiguous() for g in grads]
-        return self.ext.backward(grads, x2.contiguous(),
-                                 self._scale(x2, s2),
-                                 *spec.kernel_numbers(keep),
+    def backward(self, grads, x, scale, spec, keep, whole):
+        return self.ext.backward(grads, x, scale, *spec.kernel_numbers(keep),
                                  spec.residual == 'first_rounding', whole)
-
-    def _scale(self, x2, s2):
-        return s2.to(self._compute_dtype(x2, s2)).contiguous()
 
 
 # device type -> its kernels' class; built at the first call on it

@@ -154,20 +154,31 @@ def test_kernels_across_blocks_and_targets(rows, mode, residual):
     assert ((fused[2].double() - plain[2].double()).abs() <= bound).all()
 
 
-def test_kernels_take_any_scale_layout_and_refuse_other_devices():
-    """A per-row scale that is a strided view gives the torch path's
-    numbers; a scale on another device than x gets torch's device error
-    (the kernels would read its memory as the CPU's)."""
+def test_kernels_take_any_layout_and_refuse_other_devices():
+    """A channels-last input, a per-row scale that is a strided view and a
+    transposed output gradient give the torch path's outputs and gradients
+    (the C++ entry points make them contiguous); a scale on another device
+    than x gets torch's device error (the kernels would read its memory as
+    the CPU's)."""
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(4, 1500, generator=gen)
-    scale = (torch.rand(4, 2, generator=gen) * 0.1 + 0.01)[:, :1]
-    assert not scale.is_contiguous()
-    outs = []
+    x = torch.randn(4, 6, 10, 10, generator=gen).to(
+        memory_format=torch.channels_last)
+    scale = (torch.rand(4, 2, generator=gen) * 0.1 + 0.01)[:, :1, None, None]
+    grad = torch.randn(4, 6, 10, 10, generator=gen).transpose(2, 3)
+    assert not (x.is_contiguous() or scale.is_contiguous() or
+                grad.is_contiguous())
+    results = []
     for impl in ('fused', 'torch'):
+        x_, s_ = x.clone().requires_grad_(), scale.clone().requires_grad_()
         with fake_quant_impl(impl):
-            outs.append(fake_quant(x, scale, (-128, 127), 4, (-8, 7),
-                                   reduce_dims=(1, )))
-    assert torch.equal(*outs) and fused_kernels._kernels.get('cpu')
+            out = fake_quant(x_, s_, (-128, 127), 4, (-8, 7),
+                             reduce_dims=(1, 2, 3))
+            out.backward(grad)
+        results.append((out.detach(), x_.grad, s_.grad))
+    (out, gx, gs), (out_t, gx_t, gs_t) = results
+    assert torch.equal(out, out_t) and torch.equal(gx, gx_t)
+    assert gs.shape == scale.shape and torch.allclose(gs, gs_t, rtol=1e-5)
+    assert fused_kernels._kernels.get('cpu')
     with fake_quant_impl('fused'), pytest.raises(RuntimeError,
                                                  match='device'):
         fake_quant(x, torch.full((1, ), 0.1, device='meta'), (-8, 7), 0,

@@ -1,11 +1,13 @@
 // Double Rounding fake quantization on the CPU: functional._forward and
 // functional._fused_backward, one pass over memory each, called straight
-// from Python (cpu_kernels.py builds it). x is 2-d (rows, cols) and
-// contiguous; scale is (rows, 1) in x's compute type (float, or double for
-// double); a target is (down, lo, hi, up, grad_scale) with down =
-// 2**-shift, up = 2**shift (grad_scale: the LSQ factor, backward only).
-// Each thread takes blocks of one row: the first rounding (or the quotient
-// x / s) into a local buffer, then every target from it.
+// from Python (cpu_kernels.py builds it). x has any shape; scale has one
+// value, or one per row (x's dim 0), in any layout and float type: the
+// entry points make both contiguous and the scale x's compute type (float,
+// or double for double), so a call costs Python no more than the call. A
+// target is (down, lo, hi, up, grad_scale) with down = 2**-shift, up =
+// 2**shift (grad_scale: the LSQ factor, backward only). Each thread takes
+// blocks of one row: the first rounding (or the quotient x / s) into a
+// local buffer, then every target from it.
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
@@ -76,16 +78,19 @@ Grid grid_of(const std::vector<std::vector<double>>& targets) {
   return g;
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous 2-d CPU tensor");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == x.size(0) &&
-                  scale.size(1) == 1 && scale.is_contiguous() &&
-                  scale.device().is_cpu(),
-              "scale must be a contiguous (rows, 1) CPU tensor");
-  TORCH_CHECK(scale.scalar_type() ==
-                  c10::toRealValueType(at::toOpMathType(x.scalar_type())),
-              "scale must be in x's compute type");
+// x as a contiguous (rows, cols) matrix, rows = the scale's values, and the
+// scale as a contiguous (rows, 1) column in x's compute type
+std::pair<at::Tensor, at::Tensor> as_rows(const at::Tensor& x,
+                                          const at::Tensor& scale) {
+  TORCH_CHECK(x.device().is_cpu() && scale.device().is_cpu(),
+              "x and scale must be CPU tensors");
+  const int64_t rows = scale.numel();
+  TORCH_CHECK(rows == 1 || (x.dim() >= 1 && x.size(0) == rows),
+              "scale must have one value or one per row of x");
+  const auto compute =
+      c10::toRealValueType(at::toOpMathType(x.scalar_type()));
+  return {x.contiguous().view({rows, rows ? x.numel() / rows : 0}),
+          scale.reshape({rows, 1}).to(compute).contiguous()};
 }
 
 template <typename scalar_t, int MODE>
@@ -149,7 +154,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& grads,
   for (const auto& grad : grads) {
     TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() &&
                     grad.scalar_type() == x.scalar_type(),
-                "each gradient must be a contiguous tensor like x");
+                "each gradient must be a contiguous matrix like x's");
     grad_ptrs.push_back(grad.data_ptr<scalar_t>());
   }
   at::Tensor grad_x = at::empty_like(x);
@@ -233,36 +238,50 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& scale,
                                 double h_lo, double h_hi,
                                 const std::vector<std::vector<double>>& targets,
                                 int64_t mode) {
-  check_inputs(x, scale);
+  const auto [x2, s2] = as_rows(x, scale);
   const Grid g = grid_of(targets);
-  return AT_DISPATCH_FLOATING_TYPES_AND2(
+  auto outs = AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "mmdrq_fake_quant_forward",
       [&] {
         return DISPATCH_MODE(mode, [&] {
-          return forward_impl<scalar_t, MODE>(x, scale, h_lo, h_hi, g);
+          return forward_impl<scalar_t, MODE>(x2, s2, h_lo, h_hi, g);
         });
       });
+  for (auto& out : outs) {
+    out = out.view(x.sizes());
+  }
+  return outs;
 }
 
+// grads: one per target, x's shape (any layout and float type). Returns
+// grad_x in x's shape and the scale's gradient as (rows, 1), or (1, 1).
 std::vector<at::Tensor> backward(const std::vector<at::Tensor>& grads,
                                  const at::Tensor& x, const at::Tensor& scale,
                                  double h_lo, double h_hi,
                                  const std::vector<std::vector<double>>& targets,
                                  int64_t mode, bool first_rounding,
                                  bool whole) {
-  check_inputs(x, scale);
+  const auto [x2, s2] = as_rows(x, scale);
+  std::vector<at::Tensor> grads2;
+  for (const auto& grad : grads) {
+    TORCH_CHECK(grad.sizes() == x.sizes(), "each gradient must be x's shape");
+    grads2.push_back(
+        grad.to(x.scalar_type()).contiguous().view(x2.sizes()));
+  }
   const Grid g = grid_of(targets);
-  return AT_DISPATCH_FLOATING_TYPES_AND2(
+  auto result = AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "mmdrq_fake_quant_backward",
       [&] {
         return DISPATCH_MODE(mode, [&] {
           return first_rounding
-                     ? backward_impl<scalar_t, MODE, true>(grads, x, scale,
+                     ? backward_impl<scalar_t, MODE, true>(grads2, x2, s2,
                                                            h_lo, h_hi, g, whole)
                      : backward_impl<scalar_t, MODE, false>(
-                           grads, x, scale, h_lo, h_hi, g, whole);
+                           grads2, x2, s2, h_lo, h_hi, g, whole);
         });
       });
+  result[0] = result[0].view(x.sizes());
+  return result;
 }
 
 }  // namespace
