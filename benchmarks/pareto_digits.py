@@ -1,6 +1,7 @@
 """Mixed precision on the digits example: Pareto fronts of SubNets searched
-in a HASB SuperNet (with the paper's trace * bits objective and with
-HAWQ-V2's trace * weight perturbation) and in a uniformly switched SuperNet,
+in a HASB SuperNet (with the paper's trace * bits objective, with HAWQ-V2's
+trace * weight perturbation and with the loss increases measured per layer
+and bit) and in a uniformly switched SuperNet,
 each evaluated as stored and with every BN re-calibrated per setting
 (``--bn-calibration``), against the uniform-bit models of the same SuperNet,
 over average bit-widths 2.5 to 7, for several seeds. Every step is a tool:
@@ -31,6 +32,7 @@ MP_CONFIG = osp.join(DIGITS, 'resnet_digits_drq-mp_8642.py')
 # front -> (SuperNet, search objective)
 FRONTS = {'hasb': ('hasb', 'trace_bits'),
           'hasb_perturbation': ('hasb', 'perturbation'),
+          'hasb_measured': ('hasb', 'measured'),
           'uniform': ('uniform', 'trace_bits')}
 SUPERNETS = {'hasb': lambda traces: [f'custom_hooks.0.traces={traces}'],
              'uniform': lambda traces: ['custom_hooks.0.uniform=True',
@@ -52,7 +54,8 @@ def search(config, ckpt, traces, objective, root, out, calibration, log):
     path = osp.join(out, 'search.json')
     if not osp.isfile(path):
         run_tool([osp.join(TOOLS, 'search_subnet.py'), config, ckpt,
-                  '--traces', traces, '--kind', 'avg_bits', '--range', '2.5',
+                  *([] if objective == 'measured' else ['--traces', traces]),
+                  '--kind', 'avg_bits', '--range', '2.5',
                   '7', '--steps', '10', '--objective', objective,
                   '--input-shape', '1', '3', '16', '16', '--work-dir', out,
                   *(['--bn-calibration', str(calibration)] if calibration

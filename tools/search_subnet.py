@@ -1,9 +1,10 @@
 """Search mixed-precision SubNets under a budget and evaluate them.
 
-    python tools/search_subnet.py CONFIG CKPT --traces traces.json \
+    python tools/search_subnet.py CONFIG CKPT [--traces traces.json] \
         [--kind avg_bits|bitops|size] [--budget-mode max|exact] \
         [--budgets 3 4 5 | --range 2.5 7 --steps 10] \
-        [--objective perturbation|trace_bits] \
+        [--objective perturbation|trace_bits|measured] \
+        [--calibration-samples 256] \
         [--input-shape 1 3 224 224] [--work-dir DIR] \
         [--metric accuracy/top1] [--no-eval] [--bn-calibration N]
         [--cfg-options k=v ...]
@@ -14,8 +15,11 @@ or equal to it (``exact``, the paper's: the nearest cost a SubNet has),
 minimising sum(trace_l * ||Q_b(W_l) - W_l||^2) with the checkpoint's own
 quantized weights (HAWQ-V2; the default, ``--objective perturbation``) or
 maximising sum(trace_l * bits_l) (the paper's, ``--objective trace_bits``;
-Hessian traces per parameter from tools/hessian.py). A budget outside the feasible range is an error that
-gives the range. Each SubNet is written as
+Hessian traces per parameter from tools/hessian.py), or minimising the sum of
+each chosen layer's loss increase measured alone at its bit on the first
+``--calibration-samples`` training images (``--objective measured``; no
+traces). A budget outside the feasible range is an error that gives the
+range. Each SubNet is written as
 ``subnet_<kind>_<budget>.json`` (``tools/test.py --subnets`` and
 ``tools/export_int.py --subnet`` take it). Unless --no-eval, every SubNet and
 every uniform bit-width is evaluated in one MultiBitTestLoop run, without
@@ -34,10 +38,11 @@ from mmdrq.quantization import model_bits
 from mmdrq.quantization.bitwidths import bit_name, split_tag, tag
 from mmdrq.search.counting import (BUDGET_KINDS, fp_bytes, layer_costs,
                                    subnet_cost)
-from mmdrq.search.hessian import load_traces
+from mmdrq.search.hessian import FirstSamples, load_traces
 from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, feasible_range,
                               pareto_sweep)
 from mmdrq.search.perturbation import weight_perturbations
+from mmdrq.search.sensitivity import loss_increases
 from mmdrq.search.subnet import save_subnet
 from mmdrq.apis import load_trained
 from mmdrq.tools_common import (add_cfg_options, check_input_channels,
@@ -50,7 +55,8 @@ def parse_args():
                                      'SubNets')
     parser.add_argument('config')
     parser.add_argument('checkpoint')
-    parser.add_argument('--traces', required=True)
+    parser.add_argument('--traces', help='tools/hessian.py\'s traces '
+                        '(every objective but measured)')
     parser.add_argument('--kind', default='avg_bits', choices=BUDGET_KINDS)
     parser.add_argument(
         '--budget-mode', default='max', choices=BUDGET_MODES,
@@ -64,7 +70,12 @@ def parse_args():
         '--objective', default='perturbation', choices=OBJECTIVES,
         help='perturbation (default): minimise sum(trace * weight error); '
         'on digits (3 seeds) higher top-1 than the paper\'s trace_bits at '
-        '7 of 10 budgets, lower at 2 (docs/mixed_precision.md)')
+        '7 of 10 budgets, lower at 2 (docs/mixed_precision.md); measured: '
+        'minimise the sum of the loss increases measured per layer and bit')
+    parser.add_argument(
+        '--calibration-samples', type=int, default=256, metavar='N',
+        help='training images the measured objective\'s losses are '
+        'taken on (whole batches; default 256)')
     budgets = parser.add_mutually_exclusive_group()
     budgets.add_argument('--budgets', type=float, nargs='+')
     budgets.add_argument('--range', type=float, nargs=2,
@@ -85,6 +96,16 @@ def parse_args():
                         'bn_calibration)')
     add_cfg_options(parser)
     args = parser.parse_args()
+    if args.objective == 'measured':
+        if args.traces is not None:
+            parser.error('--traces: the measured objective takes none '
+                         '(it measures each layer\'s loss increase)')
+        if args.calibration_samples < 1:
+            parser.error(f'--calibration-samples must be at least 1, got '
+                         f'{args.calibration_samples}')
+    elif args.traces is None:
+        parser.error(f'--objective {args.objective} needs --traces (from '
+                     'tools/hessian.py)')
     if args.steps < 1:
         parser.error(f'--steps must be at least 1, got {args.steps}')
     if args.bn_calibration is not None and args.bn_calibration < 1:
@@ -108,16 +129,23 @@ def main():
     shape = tuple(args.input_shape)
     check_input_channels(arch, shape)
     bits = model_bits(arch)
-    traces = {n: v['trace_per_param']
-              for n, v in load_traces(args.traces, model).items()}
+    if args.objective == 'measured':
+        # the perturbation objective with measured increases, traces 1
+        loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
+        perturbations = loss_increases(
+            model, FirstSamples(loader, args.calibration_samples))
+        traces = dict.fromkeys(perturbations, 1.0)
+    else:
+        traces = {n: v['trace_per_param']
+                  for n, v in load_traces(args.traces, model).items()}
+        perturbations = weight_perturbations(arch) \
+            if args.objective == 'perturbation' else None
     arch.eval()
     costs = layer_costs(arch, lambda m: m(torch.zeros(shape), mode='tensor'))
     fp = fp_bytes(arch)
     lo, hi = feasible_range(costs, bits, args.kind, fp_bytes=fp)
     budgets = args.budgets or [float(b) for b in np.linspace(
         *(args.range or (lo, hi)), args.steps)]
-    perturbations = weight_perturbations(arch) \
-        if args.objective == 'perturbation' else None
     rows = pareto_sweep(traces, costs, bits, args.kind, budgets, fp_bytes=fp,
                         perturbations=perturbations,
                         budget_mode=args.budget_mode)
@@ -140,6 +168,8 @@ def main():
         {n: b for n in costs}, costs, fp)) for b in bits]
     results = dict(kind=args.kind, budget_mode=args.budget_mode,
                    feasible_range=[lo, hi], subnets=subnets, uniform=uniform)
+    if args.objective == 'measured':
+        results['loss_increases'] = perturbations
     if not args.no_eval:
         results['metrics'] = evaluate(cfg, args, files)
         attach_metrics(results, args.metric)

@@ -341,7 +341,12 @@ def quantized_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
     return {name: module.float_weight for name, module in layers.items()}
 
 
-class _FirstSamples:
+def model_loss(model: nn.Module, data) -> torch.Tensor:
+    """An OpenMMLab model's own total loss on preprocessed ``data``."""
+    return model.parse_losses(model._run_forward(data, mode='loss'))[0]
+
+
+class FirstSamples:
     """Batches of ``loader`` until ``num_samples`` images (whole batches)."""
 
     def __init__(self, loader: Iterable, num_samples: int):
@@ -381,9 +386,7 @@ def model_traces(model: nn.Module, data_loader: Iterable,
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def loss_fn(batch):
-        data = model.data_preprocessor(batch, True)
-        losses = model._run_forward(data, mode='loss')
-        return model.parse_losses(losses)[0]
+        return model_loss(model, model.data_preprocessor(batch, True))
 
     was_training = model.training
     try:
@@ -394,7 +397,7 @@ def model_traces(model: nn.Module, data_loader: Iterable,
         model.eval()
         with use_bits(arch, model_bits(arch)[0]), torch.enable_grad():
             return hutchinson_traces(
-                loss_fn, params, _FirstSamples(data_loader, num_samples),
+                loss_fn, params, FirstSamples(data_loader, num_samples),
                 **kwargs)
     finally:
         for p, flag in flags:

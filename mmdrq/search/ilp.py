@@ -21,6 +21,10 @@ Objectives:
 - ``perturbation`` (HAWQ-V2's criterion): minimise sum_l trace_l *
   ||Q_b(W_l) - W_l||^2, the loss increase a second-order expansion
   predicts; each layer's return on a bit diminishes, as its error does.
+- ``measured``: minimise the sum of the chosen (layer, bit)s' loss
+  increases measured with that layer alone at that bit
+  (``sensitivity.loss_increases``): the ``perturbation`` objective with
+  those increases as perturbations and every trace 1.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,7 +34,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from .counting import BUDGET_KINDS, subnet_cost
 
 BUDGET_MODES = ('max', 'exact')
-OBJECTIVES = ('trace_bits', 'perturbation')
+OBJECTIVES = ('trace_bits', 'perturbation', 'measured')
 # budgets within this relative distance of the feasible range's ends count
 # as inside (a range's end printed and typed back in, float noise)
 RANGE_SLACK = 1e-9

@@ -263,6 +263,21 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
     entry = json.loads((paper / 'search.json').read_text())['subnets'][0]
     assert entry['objective_kind'] == 'trace_bits'
     assert entry['objective'] > 0 and entry['avg_bits'] <= 4 + 1e-9
+    # measured: no traces; each layer's loss increase alone at each bit on
+    # training images, saved, and the objective minus their chosen sum
+    measured = out_dir / 'measured'
+    run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
+             work / 'epoch_2.pth', '--objective', 'measured', '--budgets',
+             '4', '--calibration-samples', '32', '--no-eval',
+             '--input-shape', '1', '3', '16', '16', '--work-dir', measured)
+    content = json.loads((measured / 'search.json').read_text())
+    entry, increases = content['subnets'][0], content['loss_increases']
+    assert entry['objective_kind'] == 'measured'
+    assert entry['avg_bits'] <= 4 + 1e-9
+    assert set(increases) == set(entry['layer_bits'])
+    assert all(v['8'] == 0 for v in increases.values())
+    assert entry['objective'] == pytest.approx(-sum(
+        increases[n][str(b)] for n, b in entry['layer_bits'].items()))
     bad = out_dir / 'bad.json'
     bad.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
     assert 'backbone.nope' in tool_error(

@@ -73,6 +73,14 @@ def test_bad_budgets_steps_and_input_shape_fail_before_any_output(
     assert 'avg_bits budget 10 is infeasible: the feasible range is ' \
         '[2, 8]' in error('--budgets', '4', '10', '--input-shape', '1', '3',
                           '16', '16')
+    # traces go with the trace objectives only
+    assert '--objective perturbation needs --traces' in tool_error(
+        'search_subnet', QAT_CFG, checkpoint, '--no-eval')
+    assert '--traces: the measured objective takes none' in error(
+        '--objective', 'measured')
+    assert '--calibration-samples must be at least 1, got 0' in tool_error(
+        'search_subnet', QAT_CFG, checkpoint, '--objective', 'measured',
+        '--calibration-samples', '0')
     # used to write an empty search.json and exit 0
     assert '--steps must be at least 1, got 0' in error('--steps', '0')
     # used to fail inside the first conv

@@ -1,0 +1,52 @@
+"""Measured sensitivity: the loss increase of each layer alone at each bit.
+
+The trace objectives predict a layer's cost from second-order theory; this
+one measures it. With every other layer at the highest bit, layer l runs at
+bit b on a few calibration batches, and the model's own loss minus the
+loss at the highest bit is that (layer, bit)'s cost. The SubNet search then
+minimises the sum of the chosen costs (``ilp`` objective ``measured``, a
+deviation from the paper; docs/mixed_precision.md). It needs no traces,
+and it sees what a second-order expansion does not: activations' error,
+clipping, and the SuperNet's per-bit BN.
+"""
+from typing import Dict, Iterable
+
+import torch
+from torch import nn
+
+from mmdrq.models import architecture_of
+from mmdrq.quantization.bit_control import model_bits, use_setting
+from mmdrq.quantization.layers import quantized_layers
+from .hessian import model_loss
+
+
+@torch.no_grad()
+def loss_increases(model: nn.Module, batches: Iterable
+                   ) -> Dict[str, Dict[int, float]]:
+    """``{layer: {bit: mean loss with the layer alone at bit - mean loss at
+    the highest bit}}`` for every quantized layer of ``model`` (an
+    OpenMMLab model or mmdrq's wrapper), over ``batches`` of its
+    dataloader. Eval mode: BN uses each bit's running statistics, so every
+    setting sees the same function of the same preprocessed batches (0 at
+    the highest bit by construction)."""
+    arch = architecture_of(model)
+    layers = quantized_layers(arch, required=True)
+    highest = model_bits(arch)[0]
+    was_training = model.training
+    model.eval()
+    try:
+        data = [model.data_preprocessor(batch, True) for batch in batches]
+        if not data:
+            raise ValueError('batches is empty: no loss to measure')
+
+        def mean_loss(setting) -> float:
+            with use_setting(arch, setting):
+                return sum(float(model_loss(model, d)) for d in data) / \
+                    len(data)
+
+        base = mean_loss(highest)
+        return {name: {bit: 0.0 if bit == highest else
+                       mean_loss({name: bit}) - base for bit in layer.bits}
+                for name, layer in layers.items()}
+    finally:
+        model.train(was_training)

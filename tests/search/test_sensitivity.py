@@ -1,0 +1,79 @@
+"""Measured loss increases per layer and bit (the ``measured`` objective)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmdrq
+from mmdrq.quantization.bit_control import use_bits
+from mmdrq.search.ilp import search_subnet
+from mmdrq.search.sensitivity import loss_increases
+
+from conftest import classifier_batch
+
+
+@pytest.fixture
+def qat_classifier(small_classifier):
+    from mmdrq.models import MultiPrecisionQAT
+    torch.manual_seed(0)
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=[8, 4, 2]))
+    batch = classifier_batch(count=6)
+    with torch.no_grad():  # each bit's scales from the batch
+        for bit in (8, 4, 2):
+            mmdrq.set_bits(model.architecture, bit)
+            model(**model.data_preprocessor(batch, False), mode='tensor')
+    mmdrq.set_bits(model.architecture, 4)
+    return model, batch
+
+
+def test_each_layer_alone_at_each_bit_against_cross_entropy_by_hand(
+        qat_classifier):
+    model, batch = qat_classifier
+    arch = model.architecture
+    batches = [batch, classifier_batch(count=3)]
+    measured = loss_increases(model, batches)
+    # everything restored: mode and every layer's bit
+    assert model.training and set(mmdrq.get_bits(arch).values()) == {4}
+
+    model.eval()  # by hand: logits in float64, cross-entropy, eval BN
+
+    def mean_loss(layer_bits):
+        losses = []
+        for b in batches:
+            data = model.data_preprocessor(b, True)
+            labels = torch.cat([s.gt_label for s in data['data_samples']])
+            mmdrq.set_bits(arch, 8)
+            with torch.no_grad(), use_bits(arch, layer_bits):
+                logits = arch(data['inputs'], mode='tensor').double()
+            losses.append(float(F.cross_entropy(logits, labels)))
+        return sum(losses) / len(losses)
+
+    base = mean_loss({})
+    names = list(mmdrq.get_bits(arch))
+    assert list(measured) == names
+    for name in names[:3] + names[-2:]:
+        assert measured[name][8] == 0.0
+        for bit in (4, 2):
+            assert measured[name][bit] == pytest.approx(
+                mean_loss({name: bit}) - base, abs=1e-5), (name, bit)
+    # 2 bits cost more than 4 in most layers (the measurement means it)
+    assert sum(m[2] > m[4] for m in measured.values()) > len(names) / 2
+
+
+def test_the_search_minimises_the_measured_sum(qat_classifier):
+    """The ``measured`` objective is the perturbation objective with unit
+    traces: where the budget does not bind (at most 8 bits on average),
+    every layer takes its bit of least measured increase."""
+    model, batch = qat_classifier
+    measured = loss_increases(model, [batch])
+    names = list(measured)
+    costs = {n: dict(macs=1, params=1) for n in names}
+    chosen = search_subnet(dict.fromkeys(names, 1.0), costs, [8, 4, 2],
+                           'avg_bits', 8, perturbations=measured)
+    assert chosen == {n: min((8, 4, 2), key=measured[n].get)
+                      for n in names}
+    assert set(chosen.values()) != {8}  # not the trivial answer
+
+
+def test_empty_batches_are_an_error(qat_classifier):
+    with pytest.raises(ValueError, match='batches is empty'):
+        loss_increases(qat_classifier[0], [])
