@@ -14,12 +14,14 @@ import re
 import subprocess
 import sys
 import tempfile
+import uuid
 
 import numpy as np
 import pytest
 import torch
 from mmengine.optim import OptimWrapper
 from torch import nn
+from torch.utils.data import Dataset
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
@@ -464,3 +466,45 @@ class CountingWrapper(OptimWrapper):
         layer = self.model.architecture.backbone.layer1[0].conv1
         self.step_bits.append(layer.bit)
         super().step(**kwargs)
+
+
+class RandomImages(Dataset):
+    """Fresh random 32x32 images with labels, as mmpretrain packs them."""
+
+    def __init__(self, size=8):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (size, 3, 32, 32),
+                                    generator=generator, dtype=torch.uint8)
+        self.labels = torch.randint(0, 10, (size, ), generator=generator)
+        self.metainfo = dict(classes=[str(i) for i in range(10)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        from mmpretrain.structures import DataSample
+        return dict(inputs=self.images[index],
+                    data_samples=DataSample().set_gt_label(
+                        self.labels[index]))
+
+
+def build_iter_runner(tmp_path, model, hooks, max_iters=4, val_interval=1,
+                 validate=True):
+    """MMEngine's real Runner, iteration-based, around ``model`` (mmdrq's
+    QAT wrapper of an mmpretrain classifier) on ``RandomImages``."""
+    loader = dict(dataset=RandomImages(), batch_size=4, num_workers=0,
+                  sampler=dict(type='DefaultSampler', shuffle=False),
+                  collate_fn=dict(type='default_collate'))
+    validation = dict(
+        val_dataloader=loader, val_cfg=dict(type='mmdrq.MultiBitValLoop'),
+        val_evaluator=dict(type='mmpretrain.Accuracy')) if validate else {}
+    from mmengine.runner import Runner
+    return Runner(
+        model=model, work_dir=str(tmp_path),
+        experiment_name=f'freeze_{uuid.uuid4().hex}',
+        train_dataloader=loader,
+        train_cfg=dict(by_epoch=False, max_iters=max_iters,
+                       val_interval=val_interval),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+        custom_hooks=hooks, default_hooks=dict(checkpoint=None),
+        default_scope='mmpretrain', **validation)

@@ -3,37 +3,15 @@ real mmpretrain classifier: every bit's BN copies update their running
 statistics before ``begin`` (or their bit's ``bit_begin``) and never after,
 also across a validation (which sets the model back to train mode), while
 their affine parameters learn."""
-import uuid
-
 import pytest
 import torch
 from mmengine.hooks import Hook
-from mmengine.runner import Runner
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import Dataset
 
 from mmdrq.engine import FreezeBNStatsHook
 from mmdrq.models import MultiPrecisionQAT
 
-
-class RandomImages(Dataset):
-    """Fresh random 32x32 images with labels, as mmpretrain packs them."""
-
-    def __init__(self, size=8):
-        generator = torch.Generator().manual_seed(0)
-        self.images = torch.randint(0, 256, (size, 3, 32, 32),
-                                    generator=generator, dtype=torch.uint8)
-        self.labels = torch.randint(0, 10, (size, ), generator=generator)
-        self.metainfo = dict(classes=[str(i) for i in range(10)])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        from mmpretrain.structures import DataSample
-        return dict(inputs=self.images[index],
-                    data_samples=DataSample().set_gt_label(
-                        self.labels[index]))
+from conftest import build_iter_runner as build_runner
 
 
 class RecordBN(Hook):
@@ -49,25 +27,6 @@ class RecordBN(Hook):
                    m.weight.detach().clone())
             for name, m in runner.model.named_modules()
             if isinstance(m, _BatchNorm)})
-
-
-def build_runner(tmp_path, model, hooks, max_iters=4, val_interval=1,
-                 validate=True):
-    loader = dict(dataset=RandomImages(), batch_size=4, num_workers=0,
-                  sampler=dict(type='DefaultSampler', shuffle=False),
-                  collate_fn=dict(type='default_collate'))
-    validation = dict(
-        val_dataloader=loader, val_cfg=dict(type='mmdrq.MultiBitValLoop'),
-        val_evaluator=dict(type='mmpretrain.Accuracy')) if validate else {}
-    return Runner(
-        model=model, work_dir=str(tmp_path),
-        experiment_name=f'freeze_{uuid.uuid4().hex}',
-        train_dataloader=loader,
-        train_cfg=dict(by_epoch=False, max_iters=max_iters,
-                       val_interval=val_interval),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-        custom_hooks=hooks, default_hooks=dict(checkpoint=None),
-        default_scope='mmpretrain', **validation)
 
 
 def test_statistics_freeze_at_begin_affine_keeps_learning(

@@ -2,11 +2,16 @@
 import re
 
 import pytest
+import torch
+from mmengine.hooks import Hook
 from scipy.stats import chisquare
 
 import mmdrq
 from mmdrq.engine import HASBHook, sigma_schedule
+from mmdrq.models import MultiPrecisionQAT
 from mmdrq.quantization.bit_sampler import BitSampler, hasb_probabilities
+
+from conftest import build_iter_runner
 
 BITS = (8, 6, 4, 2)
 
@@ -87,3 +92,35 @@ def test_bad_inputs():
             HASBHook(**options)
     with pytest.raises(ValueError, match='summing to 1'):
         BitSampler({'a': [0.5, 0.4, 0.0, 0.0]}, BITS)
+
+
+class RecordSigma(Hook):
+    """sigma_t of each training iteration, as the model's sampler has it."""
+
+    def __init__(self):
+        self.sigmas = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.sigmas.append(runner.model.bit_sampler.sigma)
+
+
+def test_iteration_based_runs_ramp_sigma_per_iteration(tmp_path,
+                                                       small_classifier):
+    """Detection and segmentation train by iterations (one epoch in all):
+    sigma_t ramps per iteration, after ``warmup_iters``; the epochs' key
+    is refused there, naming it and the loop."""
+    torch.manual_seed(0)
+    model = MultiPrecisionQAT(small_classifier(), dict(bits=list(BITS)))
+    record = RecordSigma()
+    build_iter_runner(tmp_path, model, [
+        HASBHook(uniform=True, warmup_iters=2), record], max_iters=5,
+        validate=False).train()
+    assert record.sigmas == pytest.approx(
+        [0, 0, 0.5 * 3 / 5, 0.5 * 4 / 5, 0.5], abs=0)
+    runner = build_iter_runner(tmp_path, model, [
+        HASBHook(uniform=True, warmup_epochs=1)], max_iters=1,
+        validate=False)
+    with pytest.raises(ValueError, match='HASBHook warmup_epochs=1 does '
+                       'not apply to IterBasedTrainLoop: give warmup_iters'):
+        runner.train()
