@@ -489,7 +489,7 @@ class RandomImages(Dataset):
 
 
 def build_iter_runner(tmp_path, model, hooks, max_iters=4, val_interval=1,
-                 validate=True):
+                      validate=True):
     """MMEngine's real Runner, iteration-based, around ``model`` (mmdrq's
     QAT wrapper of an mmpretrain classifier) on ``RandomImages``."""
     loader = dict(dataset=RandomImages(), batch_size=4, num_workers=0,
@@ -501,7 +501,7 @@ def build_iter_runner(tmp_path, model, hooks, max_iters=4, val_interval=1,
     from mmengine.runner import Runner
     return Runner(
         model=model, work_dir=str(tmp_path),
-        experiment_name=f'freeze_{uuid.uuid4().hex}',
+        experiment_name=f'iter_runner_{uuid.uuid4().hex}',
         train_dataloader=loader,
         train_cfg=dict(by_epoch=False, max_iters=max_iters,
                        val_interval=val_interval),

@@ -19,7 +19,8 @@ from mmengine.runner import Runner
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.tools_common import (add_common_args, configure_test,
-                                is_qat_config, load_config, prepare_launch)
+                                finish_launch, is_qat_config, load_config,
+                                prepare_launch)
 
 
 def point_at(cfg, data_root: str):
@@ -88,6 +89,7 @@ def main():
                if hasattr(v, '__float__')}  # numpy scalars too
     print(write_tables(metrics, args.out_dir))
     print(f'wrote {args.out_dir}/benchmark.md and benchmark.json')
+    finish_launch()
 
 
 if __name__ == '__main__':

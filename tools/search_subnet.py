@@ -132,8 +132,11 @@ def main():
     if args.objective == 'measured':
         # the perturbation objective with measured increases, traces 1
         loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
+        if torch.cuda.is_available():  # forwards per layer and bit
+            model.cuda()
         perturbations = loss_increases(
             model, FirstSamples(loader, args.calibration_samples))
+        model.cpu()  # where the cost count below runs
         traces = dict.fromkeys(perturbations, 1.0)
     else:
         traces = {n: v['trace_per_param']

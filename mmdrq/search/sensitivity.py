@@ -9,9 +9,11 @@ deviation from the paper; docs/mixed_precision.md). It needs no traces,
 and it sees what a second-order expansion does not: activations' error,
 clipping, and the SuperNet's per-bit BN.
 """
+import contextlib
 from typing import Dict, Iterable
 
 import torch
+from mmengine.model import is_model_wrapper
 from torch import nn
 
 from mmdrq.models import architecture_of
@@ -20,29 +22,48 @@ from mmdrq.quantization.layers import quantized_layers
 from .hessian import model_loss
 
 
+@contextlib.contextmanager
+def _without_batch_augments(preprocessor: nn.Module):
+    """Mixup, CutMix, batch resizing off: every setting must see the same
+    images (their draws would differ between the settings' passes)."""
+    augments = getattr(preprocessor, 'batch_augments', None)
+    if augments is not None:
+        preprocessor.batch_augments = None
+    try:
+        yield
+    finally:
+        if augments is not None:
+            preprocessor.batch_augments = augments
+
+
 @torch.no_grad()
 def loss_increases(model: nn.Module, batches: Iterable
                    ) -> Dict[str, Dict[int, float]]:
     """``{layer: {bit: mean loss with the layer alone at bit - mean loss at
     the highest bit}}`` for every quantized layer of ``model`` (an
-    OpenMMLab model or mmdrq's wrapper), over ``batches`` of its
-    dataloader. Eval mode: BN uses each bit's running statistics, so every
-    setting sees the same function of the same preprocessed batches (0 at
-    the highest bit by construction)."""
+    OpenMMLab model or mmdrq's ``MultiPrecisionQAT``, not a DDP wrapper),
+    the mean over ``batches`` of its dataloader (each batch's loss counts
+    once). Eval mode: BN uses each bit's running statistics, so every
+    setting is the same function of the same images (0 at the highest bit
+    by construction). Batches are preprocessed per setting, on the model's
+    device, rather than kept preprocessed."""
+    if is_model_wrapper(model):
+        raise TypeError(f'loss_increases takes the model itself, not a '
+                        f'{type(model).__name__}: pass its .module')
     arch = architecture_of(model)
     layers = quantized_layers(arch, required=True)
     highest = model_bits(arch)[0]
+    batches = list(batches)
+    if not batches:
+        raise ValueError('batches is empty: no loss to measure')
     was_training = model.training
     model.eval()
     try:
-        data = [model.data_preprocessor(batch, True) for batch in batches]
-        if not data:
-            raise ValueError('batches is empty: no loss to measure')
-
         def mean_loss(setting) -> float:
-            with use_setting(arch, setting):
-                return sum(float(model_loss(model, d)) for d in data) / \
-                    len(data)
+            with use_setting(arch, setting), \
+                    _without_batch_augments(model.data_preprocessor):
+                return sum(float(model_loss(model, model.data_preprocessor(
+                    batch, True))) for batch in batches) / len(batches)
 
         base = mean_loss(highest)
         return {name: {bit: 0.0 if bit == highest else

@@ -163,22 +163,33 @@ def test_kernels_take_any_layout_and_refuse_other_devices():
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(4, 6, 10, 10, generator=gen).to(
         memory_format=torch.channels_last)
-    scale = (torch.rand(4, 2, generator=gen) * 0.1 + 0.01)[:, :1, None, None]
+    scales = torch.rand(4, 2, generator=gen) * 0.1 + 0.01
     grad = torch.randn(4, 6, 10, 10, generator=gen).transpose(2, 3)
-    assert not (x.is_contiguous() or scale.is_contiguous() or
-                grad.is_contiguous())
     results = []
     for impl in ('fused', 'torch'):
-        x_, s_ = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        x_, base = x.clone().requires_grad_(), scales.clone().requires_grad_()
+        scale = base[:, :1, None, None]  # a strided view, in the graph
+        assert not (x_.is_contiguous() or scale.is_contiguous() or
+                    grad.is_contiguous())
         with fake_quant_impl(impl):
-            out = fake_quant(x_, s_, (-128, 127), 4, (-8, 7),
+            out = fake_quant(x_, scale, (-128, 127), 4, (-8, 7),
                              reduce_dims=(1, 2, 3))
             out.backward(grad)
-        results.append((out.detach(), x_.grad, s_.grad))
+        results.append((out.detach(), x_.grad, base.grad))
     (out, gx, gs), (out_t, gx_t, gs_t) = results
     assert torch.equal(out, out_t) and torch.equal(gx, gx_t)
-    assert gs.shape == scale.shape and torch.allclose(gs, gs_t, rtol=1e-5)
+    assert torch.allclose(gs, gs_t, rtol=1e-5) and gs[:, 1].eq(0).all()
     assert fused_kernels._kernels.get('cpu')
+    # outputs are fresh tensors (an in-place op after them is allowed),
+    # and a scale wider than x's compute type is not narrowed in secret
+    with fake_quant_impl('fused'):
+        fake_quant(x.requires_grad_(), scales[:, :1], (-8, 7), 0,
+                   (-8, 7), reduce_dims=(1, 2, 3)).relu_().sum().backward()
+    with pytest.raises(RuntimeError, match='wider than'):
+        fused_kernels._kernels['cpu'].forward(
+            x, scales.double()[:, :1], functional._QuantSpec(
+                (-8, 7), [(0, (-8, 7), 1.0)], 'half_even',
+                'double_rounding', 'first_rounding'))
     with fake_quant_impl('fused'), pytest.raises(RuntimeError,
                                                  match='device'):
         fake_quant(x, torch.full((1, ), 0.1, device='meta'), (-8, 7), 0,

@@ -55,8 +55,6 @@ def test_each_layer_alone_at_each_bit_against_cross_entropy_by_hand(
         for bit in (4, 2):
             assert measured[name][bit] == pytest.approx(
                 mean_loss({name: bit}) - base, abs=1e-5), (name, bit)
-    # 2 bits cost more than 4 in most layers (the measurement means it)
-    assert sum(m[2] > m[4] for m in measured.values()) > len(names) / 2
 
 
 def test_the_search_minimises_the_measured_sum(qat_classifier):
@@ -69,11 +67,15 @@ def test_the_search_minimises_the_measured_sum(qat_classifier):
     costs = {n: dict(macs=1, params=1) for n in names}
     chosen = search_subnet(dict.fromkeys(names, 1.0), costs, [8, 4, 2],
                            'avg_bits', 8, perturbations=measured)
-    assert chosen == {n: min((8, 4, 2), key=measured[n].get)
-                      for n in names}
+    for name, bit in chosen.items():
+        assert measured[name][bit] <= min(measured[name].values()) + 1e-9
     assert set(chosen.values()) != {8}  # not the trivial answer
 
 
-def test_empty_batches_are_an_error(qat_classifier):
+def test_empty_batches_and_a_ddp_wrapper_are_errors(qat_classifier):
+    from mmengine.model import MMDistributedDataParallel
     with pytest.raises(ValueError, match='batches is empty'):
         loss_increases(qat_classifier[0], [])
+    wrapper = MMDistributedDataParallel.__new__(MMDistributedDataParallel)
+    with pytest.raises(TypeError, match='not a MMDistributedDataParallel'):
+        loss_increases(wrapper, [qat_classifier[1]])

@@ -1,9 +1,10 @@
 // Double Rounding fake quantization on the CPU: functional._forward and
 // functional._fused_backward, one pass over memory each, called straight
 // from Python (cpu_kernels.py builds it). x has any shape; scale has one
-// value, or one per row (x's dim 0), in any layout and float type: the
-// entry points make both contiguous and the scale x's compute type (float,
-// or double for double), so a call costs Python no more than the call. A
+// value, or one per row (x's dim 0), in any layout and a float type no
+// wider than x's compute type (float, or double for double): the entry
+// points make both contiguous and cast the scale, so a call costs Python
+// no more than the call; outputs are fresh tensors of x's shape. A
 // target is (down, lo, hi, up, grad_scale) with down = 2**-shift, up =
 // 2**shift (grad_scale: the LSQ factor, backward only). Each thread takes
 // blocks of one row: the first rounding (or the quotient x / s) into a
@@ -86,9 +87,13 @@ std::pair<at::Tensor, at::Tensor> as_rows(const at::Tensor& x,
               "x and scale must be CPU tensors");
   const int64_t rows = scale.numel();
   TORCH_CHECK(rows == 1 || (x.dim() >= 1 && x.size(0) == rows),
-              "scale must have one value or one per row of x");
+              "scale has ", rows, " values: it must have one, or one per "
+              "row of x, whose shape is ", x.sizes());
   const auto compute =
       c10::toRealValueType(at::toOpMathType(x.scalar_type()));
+  TORCH_CHECK(c10::promoteTypes(scale.scalar_type(), compute) == compute,
+              "a ", scale.scalar_type(), " scale is wider than x's compute "
+              "type ", compute, ": the torch path computes in it");
   return {x.contiguous().view({rows, rows ? x.numel() / rows : 0}),
           scale.reshape({rows, 1}).to(compute).contiguous()};
 }
@@ -96,7 +101,8 @@ std::pair<at::Tensor, at::Tensor> as_rows(const at::Tensor& x,
 template <typename scalar_t, int MODE>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x,
                                      const at::Tensor& scale, double h_lo_,
-                                     double h_hi_, const Grid& g) {
+                                     double h_hi_, const Grid& g,
+                                     at::IntArrayRef shape) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t nblk = std::max<int64_t>((cols + BLOCK - 1) / BLOCK, 1);
@@ -104,7 +110,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x,
   std::vector<at::Tensor> outs;
   std::vector<scalar_t*> out_ptrs;
   for (size_t t = 0; t < n_t; ++t) {
-    outs.push_back(at::empty_like(x));
+    outs.push_back(at::empty(shape, x.options()));  // not a view of x
     out_ptrs.push_back(outs.back().data_ptr<scalar_t>());
   }
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -144,7 +150,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& grads,
                                       const at::Tensor& x,
                                       const at::Tensor& scale, double h_lo_,
                                       double h_hi_, const Grid& g,
-                                      bool whole) {
+                                      bool whole, at::IntArrayRef shape) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t nblk = std::max<int64_t>((cols + BLOCK - 1) / BLOCK, 1);
@@ -157,7 +163,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& grads,
                 "each gradient must be a contiguous matrix like x's");
     grad_ptrs.push_back(grad.data_ptr<scalar_t>());
   }
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = at::empty(shape, x.options());
   std::vector<double> partial(rows * nblk * n_t, 0.0);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* gxp = grad_x.data_ptr<scalar_t>();
@@ -240,17 +246,14 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& scale,
                                 int64_t mode) {
   const auto [x2, s2] = as_rows(x, scale);
   const Grid g = grid_of(targets);
-  auto outs = AT_DISPATCH_FLOATING_TYPES_AND2(
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "mmdrq_fake_quant_forward",
       [&] {
         return DISPATCH_MODE(mode, [&] {
-          return forward_impl<scalar_t, MODE>(x2, s2, h_lo, h_hi, g);
+          return forward_impl<scalar_t, MODE>(x2, s2, h_lo, h_hi, g,
+                                              x.sizes());
         });
       });
-  for (auto& out : outs) {
-    out = out.view(x.sizes());
-  }
-  return outs;
 }
 
 // grads: one per target, x's shape (any layout and float type). Returns
@@ -264,24 +267,23 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& grads,
   const auto [x2, s2] = as_rows(x, scale);
   std::vector<at::Tensor> grads2;
   for (const auto& grad : grads) {
-    TORCH_CHECK(grad.sizes() == x.sizes(), "each gradient must be x's shape");
+    TORCH_CHECK(grad.sizes() == x.sizes(), "a gradient of shape ",
+                grad.sizes(), " for x of shape ", x.sizes());
     grads2.push_back(
         grad.to(x.scalar_type()).contiguous().view(x2.sizes()));
   }
   const Grid g = grid_of(targets);
-  auto result = AT_DISPATCH_FLOATING_TYPES_AND2(
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "mmdrq_fake_quant_backward",
       [&] {
         return DISPATCH_MODE(mode, [&] {
           return first_rounding
-                     ? backward_impl<scalar_t, MODE, true>(grads2, x2, s2,
-                                                           h_lo, h_hi, g, whole)
+                     ? backward_impl<scalar_t, MODE, true>(
+                           grads2, x2, s2, h_lo, h_hi, g, whole, x.sizes())
                      : backward_impl<scalar_t, MODE, false>(
-                           grads2, x2, s2, h_lo, h_hi, g, whole);
+                           grads2, x2, s2, h_lo, h_hi, g, whole, x.sizes());
         });
       });
-  result[0] = result[0].view(x.sizes());
-  return result;
 }
 
 }  // namespace
