@@ -6,7 +6,7 @@
 #
 #     python tools/hessian.py configs/detection/fcos_r18_gn-head_drq-8642_300iters_real.py \
 #         work_dirs/fcos_r18_gn-head_drq-8642_300iters_real/iter_300.pth \
-#         --out work_dirs/fcos_r18_gn-head_drq-8642_300iters_real/traces.json
+#         --out work_dirs/fcos_r18_gn-head_drq-8642_300iters_real/traces.json --num-samples 32
 #     python tools/train.py configs/detection/fcos_r18_gn-head_drq-mp-8642_300iters_real.py
 #     python tools/search_subnet.py configs/detection/fcos_r18_gn-head_drq-mp-8642_300iters_real.py \
 #         work_dirs/fcos_r18_gn-head_drq-mp-8642_300iters_real/iter_300.pth \

@@ -6,7 +6,7 @@
 #
 #     python tools/hessian.py configs/segmentation/fcn_r18-d8_drq-8642_300iters_real.py \
 #         work_dirs/fcn_r18-d8_drq-8642_300iters_real/iter_300.pth \
-#         --out work_dirs/fcn_r18-d8_drq-8642_300iters_real/traces.json
+#         --out work_dirs/fcn_r18-d8_drq-8642_300iters_real/traces.json --num-samples 32
 #     python tools/train.py configs/segmentation/fcn_r18-d8_drq-mp-8642_300iters_real.py
 #     python tools/search_subnet.py configs/segmentation/fcn_r18-d8_drq-mp-8642_300iters_real.py \
 #         work_dirs/fcn_r18-d8_drq-mp-8642_300iters_real/iter_300.pth \

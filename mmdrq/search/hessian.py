@@ -14,6 +14,7 @@ import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
+from mmengine.dataset import InfiniteSampler
 from torch import nn
 
 from mmdrq.models import architecture_of
@@ -356,7 +357,10 @@ class FirstSamples:
         size = getattr(self.loader, 'batch_size', None)
         if not size:
             raise TypeError('unknown batch size')
-        return min(len(self.loader), -(-self.num_samples // size))
+        batches = -(-self.num_samples // size)
+        if isinstance(getattr(self.loader, 'sampler', None), InfiniteSampler):
+            return batches  # iteration-based configs' loaders never end
+        return min(len(self.loader), batches)
 
     def __iter__(self):
         seen = 0

@@ -406,3 +406,20 @@ def test_deformable_conv_traces_by_finite_differences():
         exact += float((v * hv).sum()) / 6
     assert skipped and traces['last']['trace'] == pytest.approx(exact,
                                                                 rel=1e-7)
+
+
+def test_first_samples_count_batches_of_endless_loaders():
+    """An iteration-based config's loader (InfiniteSampler) never ends: the
+    batches are those of ``num_samples``, not of one pass; a finite loader
+    stops at its end."""
+    from mmengine.dataset import DefaultSampler, InfiniteSampler
+    from torch.utils.data import DataLoader
+
+    from mmdrq.search.hessian import FirstSamples
+    data = [dict(inputs=torch.zeros(1)) for _ in range(8)]
+    for sampler, batches in ((InfiniteSampler(data, seed=0), 5),
+                             (DefaultSampler(data, seed=0), 2)):
+        loader = DataLoader(data, batch_size=4, sampler=sampler)
+        samples = FirstSamples(loader, 20)
+        assert len(samples) == batches
+        assert sum(1 for _ in samples) == batches
