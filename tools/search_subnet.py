@@ -42,7 +42,7 @@ from mmdrq.search.hessian import FirstSamples, load_traces
 from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, feasible_range,
                               pareto_sweep)
 from mmdrq.search.perturbation import weight_perturbations
-from mmdrq.search.sensitivity import loss_increases
+from mmdrq.search.sensitivity import loss_increases, monotone
 from mmdrq.search.subnet import save_subnet
 from mmdrq.apis import load_trained
 from mmdrq.tools_common import (add_cfg_options, check_input_channels,
@@ -134,8 +134,9 @@ def main():
         loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
         if torch.cuda.is_available():  # forwards per layer and bit
             model.cuda()
-        perturbations = loss_increases(
+        measured = loss_increases(
             model, FirstSamples(loader, args.calibration_samples))
+        perturbations = monotone(measured)
         model.cpu()  # where the cost count below runs
         traces = dict.fromkeys(perturbations, 1.0)
     else:
@@ -171,8 +172,9 @@ def main():
         {n: b for n in costs}, costs, fp)) for b in bits]
     results = dict(kind=args.kind, budget_mode=args.budget_mode,
                    feasible_range=[lo, hi], subnets=subnets, uniform=uniform)
-    if args.objective == 'measured':
+    if args.objective == 'measured':  # what the search used, and the raw
         results['loss_increases'] = perturbations
+        results['measured_loss_increases'] = measured
     if not args.no_eval:
         results['metrics'] = evaluate(cfg, args, files)
         attach_metrics(results, args.metric)

@@ -71,3 +71,20 @@ def loss_increases(model: nn.Module, batches: Iterable
                 for name, layer in layers.items()}
     finally:
         model.train(was_training)
+
+
+def monotone(increases: Dict[str, Dict[int, float]]
+             ) -> Dict[str, Dict[int, float]]:
+    """Each layer's increases made non-increasing in the bit: from the
+    highest bit down, a bit costs at least what every higher one does (so
+    nothing is below the highest bit's 0). A lower bit measured as cheaper
+    is calibration noise, and the search would take it for free: on digits
+    the raw increases put layers at 2 bits even at budgets near 8."""
+    result = {}
+    for name, by_bit in increases.items():
+        floor, result[name] = 0.0, {}
+        for bit in sorted(by_bit, reverse=True):
+            floor = max(floor, by_bit[bit])
+            result[name][bit] = floor
+    return result
+

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import mmdrq
 from mmdrq.quantization.bit_control import use_bits
 from mmdrq.search.ilp import search_subnet
-from mmdrq.search.sensitivity import loss_increases
+from mmdrq.search.sensitivity import loss_increases, monotone
 
 from conftest import classifier_batch
 
@@ -79,3 +79,10 @@ def test_empty_batches_and_a_ddp_wrapper_are_errors(qat_classifier):
     wrapper = MMDistributedDataParallel.__new__(MMDistributedDataParallel)
     with pytest.raises(TypeError, match='not a MMDistributedDataParallel'):
         loss_increases(wrapper, [qat_classifier[1]])
+
+
+def test_monotone_makes_lower_bits_cost_at_least_higher_ones():
+    raw = {'a': {8: 0.0, 6: -0.2, 4: 0.1, 2: 0.05},
+           'b': {2: 3.0, 8: 0.0, 4: 1.0, 6: 2.0}}
+    assert monotone(raw) == {'a': {8: 0.0, 6: 0.0, 4: 0.1, 2: 0.1},
+                             'b': {8: 0.0, 6: 2.0, 4: 2.0, 2: 3.0}}
