@@ -69,9 +69,10 @@ class HASBHook(Hook):
 
     def before_train(self, runner):
         self.by_epoch = not isinstance(runner.train_loop, IterBasedTrainLoop)
-        unit, other = ('epochs', 'iters') if self.by_epoch else \
-            ('iters', 'epochs')
-        wrong = getattr(self, f'warmup_{other}')
+        unit, warmup, other, wrong = \
+            ('epochs', self.warmup_epochs, 'iters', self.warmup_iters) \
+            if self.by_epoch else \
+            ('iters', self.warmup_iters, 'epochs', self.warmup_epochs)
         if wrong:
             raise ValueError(
                 f'HASBHook warmup_{other}={wrong} does not apply to '
@@ -88,7 +89,6 @@ class HASBHook(Hook):
         model.bit_sampler = BitSampler(probabilities, model.bits, self.seed)
         sensitive = sum(1 for v in values.values()
                         if v >= sum(values.values()) / len(values))
-        warmup = getattr(self, f'warmup_{unit}')
         print_log(f'HASB: {sensitive if not self.uniform else 0} of '
                   f'{len(names)} layers sensitive, sigma_max={self.sigma}, '
                   f'warm-up {warmup} {unit}', logger='current')

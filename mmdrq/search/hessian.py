@@ -347,6 +347,21 @@ def model_loss(model: nn.Module, data) -> torch.Tensor:
     return model.parse_losses(model._run_forward(data, mode='loss'))[0]
 
 
+@contextlib.contextmanager
+def without_batch_augments(preprocessor: nn.Module):
+    """The preprocessor's batch augments (Mixup, CutMix, batch resizing) off
+    in the block: a loss taken more than once on a batch (finite
+    differences, one pass per bit setting) must see the same images."""
+    augments = getattr(preprocessor, 'batch_augments', None)
+    if augments is not None:
+        preprocessor.batch_augments = None
+    try:
+        yield
+    finally:
+        if augments is not None:
+            preprocessor.batch_augments = augments
+
+
 class FirstSamples:
     """Batches of ``loader`` until ``num_samples`` images (whole batches)."""
 
@@ -399,7 +414,8 @@ def model_traces(model: nn.Module, data_loader: Iterable,
         for p in params.values():  # frozen stages still get a trace
             p.requires_grad_(True)
         model.eval()
-        with use_bits(arch, model_bits(arch)[0]), torch.enable_grad():
+        with use_bits(arch, model_bits(arch)[0]), torch.enable_grad(), \
+                without_batch_augments(model.data_preprocessor):
             return hutchinson_traces(
                 loss_fn, params, FirstSamples(data_loader, num_samples),
                 **kwargs)

@@ -9,7 +9,6 @@ deviation from the paper; docs/mixed_precision.md). It needs no traces,
 and it sees what a second-order expansion does not: activations' error,
 clipping, and the SuperNet's per-bit BN.
 """
-import contextlib
 from typing import Dict, Iterable
 
 import torch
@@ -19,21 +18,7 @@ from torch import nn
 from mmdrq.models import architecture_of
 from mmdrq.quantization.bit_control import model_bits, use_setting
 from mmdrq.quantization.layers import quantized_layers
-from .hessian import model_loss
-
-
-@contextlib.contextmanager
-def _without_batch_augments(preprocessor: nn.Module):
-    """Mixup, CutMix, batch resizing off: every setting must see the same
-    images (their draws would differ between the settings' passes)."""
-    augments = getattr(preprocessor, 'batch_augments', None)
-    if augments is not None:
-        preprocessor.batch_augments = None
-    try:
-        yield
-    finally:
-        if augments is not None:
-            preprocessor.batch_augments = augments
+from .hessian import model_loss, without_batch_augments
 
 
 @torch.no_grad()
@@ -56,19 +41,20 @@ def loss_increases(model: nn.Module, batches: Iterable
     batches = list(batches)
     if not batches:
         raise ValueError('batches is empty: no loss to measure')
+    def mean_loss(setting) -> float:
+        with use_setting(arch, setting):
+            return sum(float(model_loss(model, model.data_preprocessor(
+                batch, True))) for batch in batches) / len(batches)
+
     was_training = model.training
     model.eval()
     try:
-        def mean_loss(setting) -> float:
-            with use_setting(arch, setting), \
-                    _without_batch_augments(model.data_preprocessor):
-                return sum(float(model_loss(model, model.data_preprocessor(
-                    batch, True))) for batch in batches) / len(batches)
-
-        base = mean_loss(highest)
-        return {name: {bit: 0.0 if bit == highest else
-                       mean_loss({name: bit}) - base for bit in layer.bits}
-                for name, layer in layers.items()}
+        with without_batch_augments(model.data_preprocessor):
+            base = mean_loss(highest)
+            return {name: {bit: 0.0 if bit == highest else
+                           mean_loss({name: bit}) - base
+                           for bit in layer.bits}
+                    for name, layer in layers.items()}
     finally:
         model.train(was_training)
 
@@ -87,4 +73,3 @@ def monotone(increases: Dict[str, Dict[int, float]]
             floor = max(floor, by_bit[bit])
             result[name][bit] = floor
     return result
-

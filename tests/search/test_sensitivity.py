@@ -86,3 +86,15 @@ def test_monotone_makes_lower_bits_cost_at_least_higher_ones():
            'b': {2: 3.0, 8: 0.0, 4: 1.0, 6: 2.0}}
     assert monotone(raw) == {'a': {8: 0.0, 6: 0.0, 4: 0.1, 2: 0.1},
                              'b': {8: 0.0, 6: 2.0, 4: 2.0, 2: 3.0}}
+
+
+def test_batch_augments_are_off_while_measuring(qat_classifier):
+    """Mixup would draw other mixes in each setting's pass: the increases
+    with it configured equal those without, and it is back afterwards."""
+    from mmpretrain.models.utils import RandomBatchAugment
+    model, batch = qat_classifier
+    plain = loss_increases(model, [batch])
+    augments = RandomBatchAugment(augments=dict(type='Mixup', alpha=1.0))
+    model.data_preprocessor.batch_augments = augments
+    assert loss_increases(model, [batch]) == plain
+    assert model.data_preprocessor.batch_augments is augments
