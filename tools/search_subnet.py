@@ -36,9 +36,10 @@ from mmengine.runner import Runner
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
 from mmdrq.quantization import model_bits
 from mmdrq.quantization.bitwidths import bit_name, split_tag, tag
+from mmdrq.search.calibration import FirstSamples
 from mmdrq.search.counting import (BUDGET_KINDS, fp_bytes, layer_costs,
                                    subnet_cost)
-from mmdrq.search.hessian import FirstSamples, load_traces
+from mmdrq.search.hessian import load_traces
 from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, feasible_range,
                               pareto_sweep)
 from mmdrq.search.perturbation import weight_perturbations

@@ -14,7 +14,6 @@ import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-from mmengine.dataset import InfiniteSampler
 from torch import nn
 
 from mmdrq.models import architecture_of
@@ -24,6 +23,7 @@ from mmdrq.quantization.learned_scale import LearnedScaleQuantizer
 from mmdrq.utils import atomic_write_json
 from mmdrq.utils.checks import check_choice
 from mmdrq.utils.json_files import read_json
+from .calibration import FirstSamples, model_loss, without_batch_augments
 
 FORMAT = 'mmdrq-traces'
 
@@ -340,50 +340,6 @@ def quantized_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
     as ``mmdrq.get_bits`` and SubNet files name them."""
     layers = quantized_layers(architecture_of(model), required=True)
     return {name: module.float_weight for name, module in layers.items()}
-
-
-def model_loss(model: nn.Module, data) -> torch.Tensor:
-    """An OpenMMLab model's own total loss on preprocessed ``data``."""
-    return model.parse_losses(model._run_forward(data, mode='loss'))[0]
-
-
-@contextlib.contextmanager
-def without_batch_augments(preprocessor: nn.Module):
-    """The preprocessor's batch augments (Mixup, CutMix, batch resizing) off
-    in the block: a loss taken more than once on a batch (finite
-    differences, one pass per bit setting) must see the same images."""
-    augments = getattr(preprocessor, 'batch_augments', None)
-    if augments is not None:
-        preprocessor.batch_augments = None
-    try:
-        yield
-    finally:
-        if augments is not None:
-            preprocessor.batch_augments = augments
-
-
-class FirstSamples:
-    """Batches of ``loader`` until ``num_samples`` images (whole batches)."""
-
-    def __init__(self, loader: Iterable, num_samples: int):
-        self.loader, self.num_samples = loader, num_samples
-
-    def __len__(self):
-        size = getattr(self.loader, 'batch_size', None)
-        if not size:
-            raise TypeError('unknown batch size')
-        batches = -(-self.num_samples // size)
-        if isinstance(getattr(self.loader, 'sampler', None), InfiniteSampler):
-            return batches  # iteration-based configs' loaders never end
-        return min(len(self.loader), batches)
-
-    def __iter__(self):
-        seen = 0
-        for batch in self.loader:
-            yield batch
-            seen += len(batch['inputs'])
-            if seen >= self.num_samples:
-                return
 
 
 def model_traces(model: nn.Module, data_loader: Iterable,

@@ -18,7 +18,7 @@ from torch import nn
 from mmdrq.models import architecture_of
 from mmdrq.quantization.bit_control import model_bits, use_setting
 from mmdrq.quantization.layers import quantized_layers
-from .hessian import model_loss, without_batch_augments
+from .calibration import model_loss, without_batch_augments
 
 
 @torch.no_grad()

@@ -415,7 +415,7 @@ def test_first_samples_count_batches_of_endless_loaders():
     from mmengine.dataset import DefaultSampler, InfiniteSampler
     from torch.utils.data import DataLoader
 
-    from mmdrq.search.hessian import FirstSamples
+    from mmdrq.search.calibration import FirstSamples
     data = [dict(inputs=torch.zeros(1)) for _ in range(8)]
     for sampler, batches in ((InfiniteSampler(data, seed=0), 5),
                              (DefaultSampler(data, seed=0), 2)):
