@@ -1,9 +1,10 @@
 """Search mixed-precision SubNets under a budget and evaluate them.
 
-    python tools/search_subnet.py CONFIG CKPT [--traces traces.json] \
+    python tools/search_subnet.py CONFIG CKPT \
         [--kind avg_bits|bitops|size] [--budget-mode max|exact] \
         [--budgets 3 4 5 | --range 2.5 7 --steps 10] \
-        [--objective perturbation|trace_bits|measured] \
+        [--objective measured|perturbation|trace_bits] \
+        [--traces traces.json] \
         [--calibration-samples 256] \
         [--input-shape 1 3 224 224] [--work-dir DIR] \
         [--metric accuracy/top1] [--no-eval] [--bn-calibration N]
@@ -12,19 +13,19 @@
 For each budget an integer linear program (scipy.optimize.milp) picks one
 bit per quantized layer at a cost at most the budget (``--budget-mode max``)
 or equal to it (``exact``, the paper's: the nearest cost a SubNet has),
-minimising sum(trace_l * ||Q_b(W_l) - W_l||^2) with the checkpoint's own
-quantized weights (HAWQ-V2; the default, ``--objective perturbation``) or
-maximising sum(trace_l * bits_l) (the paper's, ``--objective trace_bits``;
-Hessian traces per parameter from tools/hessian.py), or minimising the sum of
-each chosen layer's loss increase measured alone at its bit on the first
-``--calibration-samples`` training images (``--objective measured``; no
-traces). A budget outside the feasible range is an error that gives the
-range. Each SubNet is written as
-``subnet_<kind>_<budget>.json`` (``tools/test.py --subnets`` and
-``tools/export_int.py --subnet`` take it). Unless --no-eval, every SubNet and
-every uniform bit-width is evaluated in one MultiBitTestLoop run, without
-retraining; the results go to ``search.json`` and a Pareto plot
-``pareto_<kind>.png`` (metric vs budget, uniform bits alongside).
+minimising the sum of each chosen layer's loss increase measured alone at
+its bit on the first ``--calibration-samples`` training images (the default,
+``--objective measured``; no traces), or, with tools/hessian.py's traces
+per parameter, minimising sum(trace_l * ||Q_b(W_l) - W_l||^2) with the
+checkpoint's own quantized weights (HAWQ-V2, ``--objective perturbation``)
+or maximising sum(trace_l * bits_l) (the paper's, ``--objective
+trace_bits``). A budget outside the feasible range is an error that
+gives the range. Each SubNet is written as ``subnet_<kind>_<budget>.json``
+(``tools/test.py --subnets`` and ``tools/export_int.py --subnet`` take
+it). Unless --no-eval, every SubNet and every uniform bit-width is
+evaluated in one MultiBitTestLoop run, without retraining; the results go
+to ``search.json`` and a Pareto plot ``pareto_<kind>.png`` (metric vs
+budget, uniform bits alongside).
 """
 import argparse
 import os.path as osp
@@ -40,8 +41,8 @@ from mmdrq.search.calibration import FirstSamples
 from mmdrq.search.counting import (BUDGET_KINDS, fp_bytes, layer_costs,
                                    subnet_cost)
 from mmdrq.search.hessian import load_traces
-from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, feasible_range,
-                              pareto_sweep)
+from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, check_budgets,
+                              feasible_range, pareto_sweep)
 from mmdrq.search.perturbation import weight_perturbations
 from mmdrq.search.sensitivity import loss_increases, monotone
 from mmdrq.search.subnet import save_subnet
@@ -68,11 +69,13 @@ def parse_args():
         'size nearly every SubNet has its own cost, so exact fixes the '
         'SubNet almost alone: use max there')
     parser.add_argument(
-        '--objective', default='perturbation', choices=OBJECTIVES,
-        help='perturbation (default): minimise sum(trace * weight error); '
-        'on digits (3 seeds) higher top-1 than the paper\'s trace_bits at '
-        '7 of 10 budgets, lower at 2 (docs/mixed_precision.md); measured: '
-        'minimise the sum of the loss increases measured per layer and bit')
+        '--objective', default='measured', choices=OBJECTIVES,
+        help='measured (default): minimise the sum of the loss increases '
+        'measured per layer and bit (no traces; at or above perturbation '
+        'at 28 of 30 budgets on digits, FCOS and FCN, '
+        'docs/mixed_precision.md); perturbation: minimise sum(trace * '
+        'weight error); trace_bits: the paper\'s, maximise sum(trace * '
+        'bits)')
     parser.add_argument(
         '--calibration-samples', type=int, default=256, metavar='N',
         help='training images the measured objective\'s losses are '
@@ -99,8 +102,10 @@ def parse_args():
     args = parser.parse_args()
     if args.objective == 'measured':
         if args.traces is not None:
-            parser.error('--traces: the measured objective takes none '
-                         '(it measures each layer\'s loss increase)')
+            parser.error('--traces: the measured objective (the default) '
+                         'takes none, it measures each layer\'s loss '
+                         'increase; pass --objective perturbation or '
+                         'trace_bits to search with traces')
         if args.calibration_samples < 1:
             parser.error(f'--calibration-samples must be at least 1, got '
                          f'{args.calibration_samples}')
@@ -130,6 +135,13 @@ def main():
     shape = tuple(args.input_shape)
     check_input_channels(arch, shape)
     bits = model_bits(arch)
+    arch.eval()
+    costs = layer_costs(arch, lambda m: m(torch.zeros(shape), mode='tensor'))
+    fp = fp_bytes(arch)
+    lo, hi = feasible_range(costs, bits, args.kind, fp_bytes=fp)
+    budgets = args.budgets or [float(b) for b in np.linspace(
+        *(args.range or (lo, hi)), args.steps)]
+    check_budgets(costs, bits, args.kind, budgets, fp)  # before measuring
     if args.objective == 'measured':
         # the perturbation objective with measured increases, traces 1
         loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
@@ -138,19 +150,13 @@ def main():
         measured = loss_increases(
             model, FirstSamples(loader, args.calibration_samples))
         perturbations = monotone(measured)
-        model.cpu()  # where the cost count below runs
+        model.cpu()
         traces = dict.fromkeys(perturbations, 1.0)
     else:
         traces = {n: v['trace_per_param']
                   for n, v in load_traces(args.traces, model).items()}
         perturbations = weight_perturbations(arch) \
             if args.objective == 'perturbation' else None
-    arch.eval()
-    costs = layer_costs(arch, lambda m: m(torch.zeros(shape), mode='tensor'))
-    fp = fp_bytes(arch)
-    lo, hi = feasible_range(costs, bits, args.kind, fp_bytes=fp)
-    budgets = args.budgets or [float(b) for b in np.linspace(
-        *(args.range or (lo, hi)), args.steps)]
     rows = pareto_sweep(traces, costs, bits, args.kind, budgets, fp_bytes=fp,
                         perturbations=perturbations,
                         budget_mode=args.budget_mode)

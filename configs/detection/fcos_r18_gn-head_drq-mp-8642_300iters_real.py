@@ -10,7 +10,7 @@
 #     python tools/train.py configs/detection/fcos_r18_gn-head_drq-mp-8642_300iters_real.py
 #     python tools/search_subnet.py configs/detection/fcos_r18_gn-head_drq-mp-8642_300iters_real.py \
 #         work_dirs/fcos_r18_gn-head_drq-mp-8642_300iters_real/iter_300.pth \
-#         --objective measured --kind bitops --input-shape 1 3 96 96
+#         --kind bitops --input-shape 1 3 96 96
 _base_ = './fcos_r18_gn-head_drq-8642_300iters_real.py'
 
 multi_precision_dir = 'work_dirs/fcos_r18_gn-head_drq-8642_300iters_real'

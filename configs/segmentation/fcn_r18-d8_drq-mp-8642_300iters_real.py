@@ -10,7 +10,7 @@
 #     python tools/train.py configs/segmentation/fcn_r18-d8_drq-mp-8642_300iters_real.py
 #     python tools/search_subnet.py configs/segmentation/fcn_r18-d8_drq-mp-8642_300iters_real.py \
 #         work_dirs/fcn_r18-d8_drq-mp-8642_300iters_real/iter_300.pth \
-#         --objective measured --kind bitops --input-shape 1 3 64 64
+#         --kind bitops --input-shape 1 3 64 64
 _base_ = './fcn_r18-d8_drq-8642_300iters_real.py'
 
 multi_precision_dir = 'work_dirs/fcn_r18-d8_drq-8642_300iters_real'

@@ -223,9 +223,10 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
     work, _ = qat_run
     out_dir = digits['folder'] / 'search'
     _, log = run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
-                      work / 'epoch_2.pth', '--traces', traces, '--kind',
-                      'avg_bits', '--budgets', '3', '5', '--input-shape', '1',
-                      '3', '16', '16', '--work-dir', out_dir)
+                      work / 'epoch_2.pth', '--kind', 'avg_bits', '--budgets',
+                      '3', '5', '--calibration-samples', '32',
+                      '--input-shape', '1', '3', '16', '16', '--work-dir',
+                      out_dir)
     results = json.loads((out_dir / 'search.json').read_text())
     assert [s['name'] for s in results['subnets']] == [
         'subnet_avg_bits_3', 'subnet_avg_bits_5']
@@ -246,41 +247,35 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
              subnet)
     # infeasible budget and a SubNet naming layers the model lacks
     error = tool_error('search_subnet', digits['qat_cfg'],
-                       work / 'epoch_2.pth', '--traces', traces, '--budgets',
-                       '1', '--no-eval', '--input-shape', '1', '3', '16',
-                       '16', '--work-dir', out_dir)
+                       work / 'epoch_2.pth', '--budgets', '1', '--no-eval',
+                       '--input-shape', '1', '3', '16', '16', '--work-dir',
+                       out_dir)
     assert 'avg_bits budget 1 is infeasible' in error and '[2, 8]' in error
-    # the default: HAWQ-V2's objective, trace times the weight errors (< 0,
-    # minimised); the paper's trace * bits (> 0, maximised) on request
-    assert {s['objective_kind'] for s in results['subnets']} == \
-        {'perturbation'}
-    assert all(s['objective'] < 0 for s in results['subnets'])
-    paper = out_dir / 'paper'
-    run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
-             work / 'epoch_2.pth', '--traces', traces, '--budgets', '4',
-             '--objective', 'trace_bits', '--no-eval', '--input-shape',
-             '1', '3', '16', '16', '--work-dir', paper)
-    entry = json.loads((paper / 'search.json').read_text())['subnets'][0]
-    assert entry['objective_kind'] == 'trace_bits'
-    assert entry['objective'] > 0 and entry['avg_bits'] <= 4 + 1e-9
-    # measured: no traces; each layer's loss increase alone at each bit on
-    # training images, saved, and the objective minus their chosen sum
-    measured = out_dir / 'measured'
-    run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
-             work / 'epoch_2.pth', '--objective', 'measured', '--budgets',
-             '4', '--calibration-samples', '32', '--no-eval',
-             '--input-shape', '1', '3', '16', '16', '--work-dir', measured)
-    content = json.loads((measured / 'search.json').read_text())
-    entry, increases = content['subnets'][0], content['loss_increases']
-    assert entry['objective_kind'] == 'measured'
-    assert entry['avg_bits'] <= 4 + 1e-9
-    assert set(increases) == set(entry['layer_bits'])
+    # the default, measured: no traces; each layer's loss increase alone at
+    # each bit on training images, saved, and the objective minus their
+    # chosen sum
+    increases = results['loss_increases']
+    for entry in results['subnets']:
+        assert entry['objective_kind'] == 'measured'
+        assert set(increases) == set(entry['layer_bits'])
+        assert entry['objective'] == pytest.approx(-sum(
+            increases[n][str(b)] for n, b in entry['layer_bits'].items()))
     for layer, by_bit in increases.items():  # non-increasing in the bit
         assert by_bit['8'] == 0 and by_bit['8'] <= by_bit['6'] <= \
             by_bit['4'] <= by_bit['2'], layer
-    assert set(content['measured_loss_increases']) == set(increases)
-    assert entry['objective'] == pytest.approx(-sum(
-        increases[n][str(b)] for n, b in entry['layer_bits'].items()))
+    assert set(results['measured_loss_increases']) == set(increases)
+    # with traces: HAWQ-V2's trace times the weight errors (< 0,
+    # minimised) and the paper's trace * bits (> 0, maximised)
+    for objective in ('perturbation', 'trace_bits'):
+        run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
+                 work / 'epoch_2.pth', '--traces', traces, '--budgets', '4',
+                 '--objective', objective, '--no-eval', '--input-shape',
+                 '1', '3', '16', '16', '--work-dir', out_dir / objective)
+        entry = json.loads(
+            (out_dir / objective / 'search.json').read_text())['subnets'][0]
+        assert entry['objective_kind'] == objective
+        assert entry['avg_bits'] <= 4 + 1e-9
+        assert (entry['objective'] > 0) == (objective == 'trace_bits')
     bad = out_dir / 'bad.json'
     bad.write_text(json.dumps({'layer_bits': {'backbone.nope': 4}}))
     assert 'backbone.nope' in tool_error(

@@ -35,8 +35,9 @@ def model_files(tmp_path_factory):
 
 def search(model_files, work_dir, *args):
     _, checkpoint, traces, _ = model_files
-    return run_tool(SEARCH, QAT_CFG, checkpoint, '--traces', traces,
-                    '--no-eval', '--work-dir', work_dir, *args)
+    return run_tool(SEARCH, QAT_CFG, checkpoint, '--objective',
+                    'perturbation', '--traces', traces, '--no-eval',
+                    '--work-dir', work_dir, *args)
 
 
 def test_exact_budget_mode(model_files, tmp_path):
@@ -67,20 +68,23 @@ def test_bad_budgets_steps_and_input_shape_fail_before_any_output(
     _, checkpoint, traces, _ = model_files
 
     def error(*args):  # in-process: each stops before any work
-        return tool_error('search_subnet', QAT_CFG, checkpoint, '--traces',
-                          traces, '--no-eval', '--work-dir', tmp_path, *args)
+        return tool_error('search_subnet', QAT_CFG, checkpoint, '--objective',
+                          'perturbation', '--traces', traces, '--no-eval',
+                          '--work-dir', tmp_path, *args)
     # above the range: max used to write the all-8-bit model for it
     assert 'avg_bits budget 10 is infeasible: the feasible range is ' \
         '[2, 8]' in error('--budgets', '4', '10', '--input-shape', '1', '3',
                           '16', '16')
     # traces go with the trace objectives only
-    assert '--objective perturbation needs --traces' in tool_error(
-        'search_subnet', QAT_CFG, checkpoint, '--no-eval')
-    assert '--traces: the measured objective takes none' in error(
-        '--objective', 'measured')
+    assert '--objective trace_bits needs --traces' in tool_error(
+        'search_subnet', QAT_CFG, checkpoint, '--objective', 'trace_bits',
+        '--no-eval')
+    without = tool_error('search_subnet', QAT_CFG, checkpoint, '--traces',
+                         traces, '--no-eval')
+    assert '--traces: the measured objective (the default) takes none' in \
+        without and '--objective perturbation or trace_bits' in without
     assert '--calibration-samples must be at least 1, got 0' in tool_error(
-        'search_subnet', QAT_CFG, checkpoint, '--objective', 'measured',
-        '--calibration-samples', '0')
+        'search_subnet', QAT_CFG, checkpoint, '--calibration-samples', '0')
     # used to write an empty search.json and exit 0
     assert '--steps must be at least 1, got 0' in error('--steps', '0')
     # used to fail inside the first conv

@@ -72,9 +72,8 @@ def test_damaged_checkpoints_are_refused_by_every_tool(files, tmp_path):
             ('export_onnx', [files['damaged'], '--out-dir', tmp_path / 'o',
                              '--input-shape', 1, 3, 16, 16]),
             ('hessian', [files['damaged'], '--out', traces]),
-            ('search_subnet', [files['damaged'], '--traces', traces,
-                               '--input-shape', 1, 3, 16, 16, '--budgets',
-                               5, '--no-eval'])):
+            ('search_subnet', [files['damaged'], '--input-shape', 1, 3, 16,
+                               16, '--budgets', 5, '--no-eval'])):
         error = tool_error(tool, files['cfg'], *argv)
         assert expected in error, (tool, error)
     assert os.listdir(tmp_path) == []
@@ -151,8 +150,9 @@ def test_messages_name_the_file_or_key(files, tmp_path):
     traces = tmp_path / 'traces.json'
     traces.write_text('{not json')
     error = tool_error('search_subnet', files['cfg'], files['ckpt'],
-                       '--traces', traces, '--input-shape', 1, 3, 16, 16,
-                       '--budgets', 5, '--no-eval')
+                       '--objective', 'perturbation', '--traces', traces,
+                       '--input-shape', 1, 3, 16, 16, '--budgets', 5,
+                       '--no-eval')
     assert 'traces.json' in error and 'not valid JSON' in error
     error = tool_error('digits_example', '--fp32-epochs', 0)
     assert '--fp32-epochs: must be >= 1, got 0' in error
