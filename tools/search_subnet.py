@@ -5,7 +5,7 @@
         [--budgets 3 4 5 | --range 2.5 7 --steps 10] \
         [--objective measured|perturbation|trace_bits] \
         [--traces traces.json] \
-        [--calibration-samples 256] \
+        [--calibration-samples 256 | --increases search.json] \
         [--input-shape 1 3 224 224] [--work-dir DIR] \
         [--metric accuracy/top1] [--no-eval] [--bn-calibration N]
         [--cfg-options k=v ...]
@@ -15,7 +15,8 @@ bit per quantized layer at a cost at most the budget (``--budget-mode max``)
 or equal to it (``exact``, the paper's: the nearest cost a SubNet has),
 minimising the sum of each chosen layer's loss increase measured alone at
 its bit on the first ``--calibration-samples`` training images (the default,
-``--objective measured``; no traces), or, with tools/hessian.py's traces
+``--objective measured``; no traces; ``--increases`` reuses an earlier
+search's), or, with tools/hessian.py's traces
 per parameter, minimising sum(trace_l * ||Q_b(W_l) - W_l||^2) with the
 checkpoint's own quantized weights (HAWQ-V2, ``--objective perturbation``)
 or maximising sum(trace_l * bits_l) (the paper's, ``--objective
@@ -44,7 +45,8 @@ from mmdrq.search.hessian import load_traces
 from mmdrq.search.ilp import (BUDGET_MODES, OBJECTIVES, check_budgets,
                               feasible_range, pareto_sweep)
 from mmdrq.search.perturbation import weight_perturbations
-from mmdrq.search.sensitivity import loss_increases, monotone
+from mmdrq.search.sensitivity import (load_increases, loss_increases,
+                                      monotone)
 from mmdrq.search.subnet import save_subnet
 from mmdrq.apis import load_trained
 from mmdrq.tools_common import (add_cfg_options, check_input_channels,
@@ -77,9 +79,14 @@ def parse_args():
         'weight error); trace_bits: the paper\'s, maximise sum(trace * '
         'bits)')
     parser.add_argument(
-        '--calibration-samples', type=int, default=256, metavar='N',
+        '--calibration-samples', type=int, metavar='N',
         help='training images the measured objective\'s losses are '
         'taken on (whole batches; default 256)')
+    parser.add_argument(
+        '--increases', metavar='SEARCH_JSON',
+        help='measured objective: the loss increases of an earlier '
+        'measured search of this checkpoint (its search.json), instead of '
+        'measuring again, e.g. to search another budget kind')
     budgets = parser.add_mutually_exclusive_group()
     budgets.add_argument('--budgets', type=float, nargs='+')
     budgets.add_argument('--range', type=float, nargs=2,
@@ -100,18 +107,29 @@ def parse_args():
                         'bn_calibration)')
     add_cfg_options(parser)
     args = parser.parse_args()
+    measuring = args.objective == 'measured' and args.increases is None
+    if args.calibration_samples is not None and not measuring:
+        parser.error('--calibration-samples: only the measured objective '
+                     'measuring afresh takes it, not '
+                     + ('--increases' if args.increases else
+                        f'--objective {args.objective}'))
     if args.objective == 'measured':
         if args.traces is not None:
             parser.error('--traces: the measured objective (the default) '
                          'takes none, it measures each layer\'s loss '
                          'increase; pass --objective perturbation or '
                          'trace_bits to search with traces')
+        if args.calibration_samples is None:
+            args.calibration_samples = 256
         if args.calibration_samples < 1:
             parser.error(f'--calibration-samples must be at least 1, got '
                          f'{args.calibration_samples}')
     elif args.traces is None:
         parser.error(f'--objective {args.objective} needs --traces (from '
                      'tools/hessian.py)')
+    elif args.increases is not None:
+        parser.error(f'--increases: only the measured objective takes '
+                     f'them, not --objective {args.objective}')
     if args.steps < 1:
         parser.error(f'--steps must be at least 1, got {args.steps}')
     if args.bn_calibration is not None and args.bn_calibration < 1:
@@ -144,13 +162,11 @@ def main():
     check_budgets(costs, bits, args.kind, budgets, fp)  # before measuring
     if args.objective == 'measured':
         # the perturbation objective with measured increases, traces 1
-        loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
-        if torch.cuda.is_available():  # forwards per layer and bit
-            model.cuda()
-        measured = loss_increases(
-            model, FirstSamples(loader, args.calibration_samples))
+        if args.increases:
+            measured = load_increases(args.increases, args.checkpoint, model)
+        else:
+            measured = measure(cfg, model, args.calibration_samples)
         perturbations = monotone(measured)
-        model.cpu()
         traces = dict.fromkeys(perturbations, 1.0)
     else:
         traces = {n: v['trace_per_param']
@@ -178,6 +194,7 @@ def main():
     uniform = [dict(name=bit_name(b), **measures(
         {n: b for n in costs}, costs, fp)) for b in bits]
     results = dict(kind=args.kind, budget_mode=args.budget_mode,
+                   checkpoint=osp.realpath(args.checkpoint),
                    feasible_range=[lo, hi], subnets=subnets, uniform=uniform)
     if args.objective == 'measured':  # what the search used, and the raw
         results['loss_increases'] = perturbations
@@ -188,6 +205,18 @@ def main():
         plot(results, osp.join(args.work_dir, f'pareto_{args.kind}.png'))
     atomic_write_json(osp.join(args.work_dir, 'search.json'), results)
     print(f'wrote {args.work_dir}/search.json')
+
+
+def measure(cfg, model, samples):
+    """Each layer's loss increase at each bit on the first ``samples``
+    training images (on CUDA if there is one: forwards per layer and bit)."""
+    loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
+    if torch.cuda.is_available():
+        model.cuda()
+    try:
+        return loss_increases(model, FirstSamples(loader, samples))
+    finally:
+        model.cpu()
 
 
 def evaluate(cfg, args, files):

@@ -9,6 +9,7 @@ deviation from the paper; docs/mixed_precision.md). It needs no traces,
 and it sees what a second-order expansion does not: activations' error,
 clipping, and the SuperNet's per-bit BN.
 """
+import os.path as osp
 from typing import Dict, Iterable
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from mmdrq.models import architecture_of
 from mmdrq.quantization.bit_control import model_bits, use_setting
 from mmdrq.quantization.layers import quantized_layers
+from mmdrq.utils.json_files import read_json
 from .calibration import model_loss, without_batch_augments
 
 
@@ -73,3 +75,37 @@ def monotone(increases: Dict[str, Dict[int, float]]
             floor = max(floor, by_bit[bit])
             result[name][bit] = floor
     return result
+
+
+def load_increases(path: str, checkpoint: str, model: nn.Module
+                   ) -> Dict[str, Dict[int, float]]:
+    """The raw ``measured_loss_increases`` of an earlier measured search's
+    ``search.json``, to search again (another budget kind) without
+    measuring again. Refused unless they were measured on ``checkpoint``
+    (same real path) for every quantized layer and bit of ``model``."""
+    source = f'--increases {path!r}'
+    content = read_json(path, source)
+    if not isinstance(content, dict) or not isinstance(
+            content.get('measured_loss_increases'), dict):
+        raise ValueError(f'{source} holds no measured_loss_increases: give '
+                         'the search.json of a measured search')
+    if content.get('checkpoint') != osp.realpath(checkpoint):
+        raise ValueError(f'{source} was measured on checkpoint '
+                         f'{content.get("checkpoint")!r}, not '
+                         f'{osp.realpath(checkpoint)!r}')
+    layers = quantized_layers(architecture_of(model), required=True)
+    try:
+        increases = {name: {int(bit): float(value)
+                            for bit, value in by_bit.items()} for name, by_bit
+                     in content['measured_loss_increases'].items()}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f'{source}: measured_loss_increases must map each '
+                         f'layer to {{bit: number}} ({e})') from None
+    expected = {name: sorted(layer.bits) for name, layer in layers.items()}
+    got = {name: sorted(by_bit) for name, by_bit in increases.items()}
+    if got != expected:
+        differ = sorted(set(got) ^ set(expected)) or sorted(
+            n for n in got if got[n] != expected[n])
+        raise ValueError(f'{source} does not match this model\'s quantized '
+                         f'layers and bits (e.g. {differ[:3]})')
+    return increases

@@ -264,6 +264,17 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
         assert by_bit['8'] == 0 and by_bit['8'] <= by_bit['6'] <= \
             by_bit['4'] <= by_bit['2'], layer
     assert set(results['measured_loss_increases']) == set(increases)
+    # another budget kind from the same measurement (32 images; measuring
+    # again would take the default 256)
+    run_tool(osp.join(TOOLS, 'search_subnet.py'), digits['qat_cfg'],
+             work / 'epoch_2.pth', '--increases', out_dir / 'search.json',
+             '--kind', 'bitops', '--steps', '3', '--no-eval',
+             '--input-shape', '1', '3', '16', '16', '--work-dir',
+             out_dir / 'bitops')
+    again = json.loads((out_dir / 'bitops' / 'search.json').read_text())
+    assert again['kind'] == 'bitops' and len(again['subnets']) == 3
+    assert again['measured_loss_increases'] == \
+        results['measured_loss_increases']
     # with traces: HAWQ-V2's trace times the weight errors (< 0,
     # minimised) and the paper's trace * bits (> 0, maximised)
     for objective in ('perturbation', 'trace_bits'):

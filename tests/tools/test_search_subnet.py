@@ -85,9 +85,43 @@ def test_bad_budgets_steps_and_input_shape_fail_before_any_output(
         without and '--objective perturbation or trace_bits' in without
     assert '--calibration-samples must be at least 1, got 0' in tool_error(
         'search_subnet', QAT_CFG, checkpoint, '--calibration-samples', '0')
+    # used to be ignored silently by the trace objectives
+    assert '--calibration-samples: only the measured objective measuring ' \
+        'afresh takes it, not --objective perturbation' in error(
+            '--calibration-samples', '64')
+    assert '--increases: only the measured objective takes them, not ' \
+        '--objective perturbation' in error('--increases', traces)
     # used to write an empty search.json and exit 0
     assert '--steps must be at least 1, got 0' in error('--steps', '0')
     # used to fail inside the first conv
     assert '--input-shape 1 1 16 16 has 1 channels; the model expects 3' \
         in error('--input-shape', '1', '1', '16', '16')
     assert not list(tmp_path.iterdir())
+
+
+def test_increases_of_another_checkpoint_or_model_are_refused(model_files,
+                                                             tmp_path):
+    folder, checkpoint, _, _ = model_files
+    names = list(json.loads((folder / 'traces.json').read_text())['layers'])
+    increases = {n: {'8': 0.0, '6': 0.1, '4': 0.2, '2': 0.3} for n in names}
+
+    def error(content):
+        path = tmp_path / 'search.json'
+        path.write_text(json.dumps(content))
+        return tool_error('search_subnet', QAT_CFG, checkpoint, '--increases',
+                          path, '--no-eval', '--input-shape', '1', '3', '16',
+                          '16', '--work-dir', tmp_path / 'out')
+    assert 'holds no measured_loss_increases' in error({'subnets': []})
+    assert f"was measured on checkpoint '/elsewhere/model.pth', not " \
+        f"'{osp.realpath(checkpoint)}'" in error(dict(
+            checkpoint='/elsewhere/model.pth',
+            measured_loss_increases=increases))
+    ours = str(osp.realpath(checkpoint))
+    del increases[names[0]]
+    assert "does not match this model's quantized layers and bits (e.g. " \
+        f"['{names[0]}'])" in error(dict(checkpoint=ours,
+                                        measured_loss_increases=increases))
+    increases[names[0]] = {'8': 0.0, 'six': 1.0}
+    assert 'measured_loss_increases must map each layer to {bit: number}' \
+        in error(dict(checkpoint=ours, measured_loss_increases=increases))
+    assert not (tmp_path / 'out').exists()
