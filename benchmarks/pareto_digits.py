@@ -3,13 +3,15 @@ in a HASB SuperNet (with the paper's trace * bits objective, with HAWQ-V2's
 trace * weight perturbation and with the loss increases measured per layer
 and bit) and in a uniformly switched SuperNet,
 each evaluated as stored and with every BN re-calibrated per setting
-(``--bn-calibration``), against the uniform-bit models of the same SuperNet,
+(``--bn-calibration``), and the measured front's SubNets each fine-tuned
+alone (``--finetune-epochs``, SubNetFineTuneHook) against the uniform bits
+fine-tuned the same way, against the uniform-bit models of the same SuperNet,
 over average bit-widths 2.5 to 7, for several seeds. Every step is a tool:
 train.py (FP32, multi-precision, two SuperNets), hessian.py,
 search_subnet.py (ILP + evaluation without retraining).
 
     python benchmarks/pareto_digits.py [--seeds 0 1 2] [--work-dir ...]
-        [--supernet-epochs 5] [--bn-calibration 8]
+        [--supernet-epochs 5] [--bn-calibration 8] [--finetune-epochs 2]
 
 Prints a table (mean ± sample std over the seeds per budget; "vs uniform":
 the SubNet minus the best uniform model of no greater average bits, seed
@@ -17,11 +19,13 @@ by seed) and saves benchmarks/results/pareto_digits.json and .png. Finished
 runs in the work folder are reused.
 """
 import argparse
+import copy
 import json
 import os
 import os.path as osp
 
 from mmdrq.datasets import write_digits
+from mmdrq.quantization.bitwidths import bit_name, tag
 from mmdrq.utils import atomic_write, atomic_write_json
 from mmdrq.utils.tool_runs import data_options, run_tool, train_and_test
 
@@ -29,6 +33,7 @@ from fidelity_digits import (DIGITS, FP32_CONFIG, HERE, QAT_CONFIG, ROOT,
                              TOOLS, finished_run, summarize)
 
 MP_CONFIG = osp.join(DIGITS, 'resnet_digits_drq-mp_8642.py')
+FT_CONFIG = osp.join(DIGITS, 'resnet_digits_drq-mp_8642_subnet-ft.py')
 # front -> (SuperNet, search objective)
 FRONTS = {'hasb': ('hasb', 'trace_bits'),
           'hasb_perturbation': ('hasb', 'perturbation'),
@@ -89,7 +94,36 @@ def run_seed(args, seed, root):
                 MP_CONFIG, supernets[supernet], traces, objective, root,
                 osp.join(work, name, 'search'), calibration,
                 osp.join(work, f'search_{name}.log'))
+    if args.finetune_epochs:
+        fronts['hasb_measured_ft'] = finetune(
+            fronts['hasb_measured'], supernets['hasb'], root,
+            osp.join(work, 'finetune'), args.finetune_epochs, seed)
     return fronts
+
+
+def finetune(front, supernet, root, work, epochs, seed):
+    """``front`` (a search.json) with each SubNet and each uniform bit
+    fine-tuned alone from ``supernet`` for ``epochs`` at its own bits and
+    tested: the uniform models are tuned as the SubNets are, so they stay a
+    fair baseline."""
+    tuned, metric = copy.deepcopy(front), front['metric']
+    layers = list(front['subnets'][0]['layer_bits'])
+    uniform = {bit_name(b): b for b in (8, 6, 4, 2)}
+    os.makedirs(work, exist_ok=True)
+    for entry in tuned['subnets'] + tuned['uniform']:
+        name = entry['name'] if 'layer_bits' in entry \
+            else f'uniform_{entry["name"]}'
+        path = osp.join(work, name + '.json')
+        if not osp.isfile(path):
+            atomic_write_json(path, dict(layer_bits=entry.get(
+                'layer_bits') or dict.fromkeys(layers, uniform[entry['name']])))
+        metrics, _ = run(FT_CONFIG, root, osp.join(work, name), epochs, seed,
+                         [f'load_from={supernet}',
+                          f'custom_hooks.0.subnet={path}',
+                          f'val_cfg.subnets=[{path}]',
+                          f'test_cfg.subnets=[{path}]'])
+        entry[metric] = metrics[metric + tag(name)]
+    return tuned
 
 
 def best_uniform(uniform, metric, cost):
@@ -188,6 +222,9 @@ def main():
     parser.add_argument('--bn-calibration', type=int, default=8,
                         help='training batches per setting of the '
                         're-calibrated fronts')
+    parser.add_argument('--finetune-epochs', type=int, default=2,
+                        help='epochs of each SubNet\'s and uniform bit\'s '
+                        'fine-tune (0: none)')
     parser.add_argument('--out', default=osp.join(HERE, 'results',
                                                   'pareto_digits'),
                         help='writes OUT.json, OUT.md and OUT.png')
