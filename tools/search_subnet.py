@@ -16,11 +16,10 @@ or equal to it (``exact``, the paper's: the nearest cost a SubNet has),
 minimising the sum of each chosen layer's loss increase measured alone at
 its bit on the first ``--calibration-samples`` training images (the default,
 ``--objective measured``; no traces; ``--increases`` reuses an earlier
-search's), or, with tools/hessian.py's traces
-per parameter, minimising sum(trace_l * ||Q_b(W_l) - W_l||^2) with the
-checkpoint's own quantized weights (HAWQ-V2, ``--objective perturbation``)
-or maximising sum(trace_l * bits_l) (the paper's, ``--objective
-trace_bits``). A budget outside the feasible range is an error that
+search's), or, with tools/hessian.py's traces per parameter, minimising
+sum(trace_l * ||Q_b(W_l) - W_l||^2) with the checkpoint's own quantized
+weights (HAWQ-V2, ``--objective perturbation``) or maximising
+sum(trace_l * bits_l) (the paper's, ``--objective trace_bits``). A budget outside the feasible range is an error that
 gives the range. Each SubNet is written as ``subnet_<kind>_<budget>.json``
 (``tools/test.py --subnets`` and ``tools/export_int.py --subnet`` take
 it). Unless --no-eval, every SubNet and every uniform bit-width is
