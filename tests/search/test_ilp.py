@@ -75,6 +75,46 @@ def test_optimum_equals_brute_force(kind, bits, seed, objective, magnitude):
             abs=0)
 
 
+@pytest.mark.parametrize('kind', ['avg_bits', 'bitops', 'size'])
+@pytest.mark.parametrize('seed', [0, 1, 2, 3])
+def test_ties_spend_the_budget(kind, seed):
+    """Measured increases, monotone, are exactly 0 at several bits of many
+    layers: of the SubNets with the best score, ``max`` returns one of the
+    highest cost under the budget (brute force), not an arbitrary one that
+    leaves the budget unspent."""
+    bits = [8, 6, 4, 2]
+    traces, costs = instance(seed)
+    rng = np.random.default_rng(seed + 7)
+    increases = {}
+    for name in traces:  # 0 down to a random bit, then growing
+        free = int(rng.integers(0, len(bits) + 1))
+        steps = np.cumsum(rng.uniform(0.1, 1.0, len(bits)))
+        increases[name] = {b: 0.0 if i < free else float(steps[i] * 1e-3)
+                           for i, b in enumerate(bits)}
+    ones = dict.fromkeys(traces, 1.0)
+    fp = 1234.0
+    lo, hi = feasible_range(costs, bits, kind, fp_bytes=fp)
+    names = list(costs)
+    for fraction in (0.3, 0.6, 0.9, 1.0):
+        budget = lo + fraction * (hi - lo)
+        best_value, best_cost = None, None
+        for combo in itertools.product(bits, repeat=len(names)):
+            layer_bits = dict(zip(names, combo))
+            cost = measure(kind, layer_bits, costs, fp)
+            if cost > budget + 1e-9 * abs(budget):
+                continue
+            value = -sum(increases[n][b] for n, b in layer_bits.items())
+            if best_value is None or value > best_value + 1e-12 or (
+                    value >= best_value - 1e-12 and cost > best_cost):
+                best_value, best_cost = value, cost
+        got = search_subnet(ones, costs, bits, kind, budget, fp_bytes=fp,
+                            perturbations=increases)
+        value = -sum(increases[n][b] for n, b in got.items())
+        assert value == pytest.approx(best_value, rel=1e-9, abs=1e-12)
+        assert measure(kind, got, costs, fp) == pytest.approx(best_cost,
+                                                              rel=1e-12)
+
+
 def nearest_cost_brute_force(traces, costs, bits, kind, budget, fp,
                              perturbations):
     """(the cost nearest ``budget`` that any SubNet has, the lower of two
