@@ -25,10 +25,11 @@ class SubNetBits:
 
     def __init__(self, layer_bits: Dict[str, int]):
         self.layer_bits = layer_bits
+        self.average = sum(layer_bits.values()) / len(layer_bits)
 
     def apply(self, model: nn.Module, bit: int) -> float:
         set_layer_bits(model, self.layer_bits)
-        return sum(self.layer_bits.values()) / len(self.layer_bits)
+        return self.average
 
 
 @HOOKS.register_module()
@@ -70,8 +71,7 @@ class SubNetFineTuneHook(Hook):
                              f'{missing[:3]}')
         model.bit_sampler = SubNetBits(layer_bits)
         print_log(f'SubNet fine-tune: {self.subnet}, average bits '
-                  f'{sum(layer_bits.values()) / len(layer_bits):.2f}',
-                  logger='current')
+                  f'{model.bit_sampler.average:.2f}', logger='current')
 
     def after_train(self, runner):
         qat_model_of(runner.model, 'SubNetFineTuneHook').bit_sampler = None

@@ -117,6 +117,13 @@ def layer_scores(traces: Dict[str, float], bits: Sequence[int],
             for n, t in traces.items()}
 
 
+def _unit(gain: np.ndarray) -> np.ndarray:
+    """``gain`` scaled to a largest magnitude of 1: HiGHS's absolute
+    tolerances would blur tiny scores (traces times weight errors are often
+    below 1e-6)."""
+    return gain / max(np.abs(gain).max(), np.finfo(np.float64).tiny)
+
+
 def _solve(gain: np.ndarray, num_layers: int, row: np.ndarray, lower: float,
            upper: float, at_least: Optional[Tuple[np.ndarray, float]] = None
            ) -> Optional[np.ndarray]:
@@ -125,9 +132,7 @@ def _solve(gain: np.ndarray, num_layers: int, row: np.ndarray, lower: float,
     magnitude about 1), or None if there is none."""
     count = len(row)
     width = count // num_layers
-    # to order 1: HiGHS's absolute tolerances would blur tiny scores
-    # (traces times weight errors are often below 1e-6)
-    objective = -gain / max(np.abs(gain).max(), np.finfo(np.float64).tiny)
+    objective = -_unit(gain)
     one_hot = np.zeros((num_layers, count))
     for i in range(num_layers):
         one_hot[i, i * width:(i + 1) * width] = 1
@@ -150,8 +155,7 @@ def _spend_budget(x: np.ndarray, gain: np.ndarray, num_layers: int,
     is no worse is taken rather than left unspent (measured increases are
     0 at several bits of many layers, and the solver is indifferent
     there: at budget 7 of {8,6,4,2} FCOS it used 6.3 average bits)."""
-    scale = max(np.abs(gain).max(), np.finfo(np.float64).tiny)
-    unit = gain / scale
+    unit = _unit(gain)
     best = _solve(row, num_layers, row, lower, upper,
                   at_least=(unit, unit @ x - TIE))
     return x if best is None else best
