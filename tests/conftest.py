@@ -489,14 +489,16 @@ class RandomImages(Dataset):
 
 
 def build_iter_runner(tmp_path, model, hooks, max_iters=4, val_interval=1,
-                      validate=True):
+                      validate=True, val_cfg=None):
     """MMEngine's real Runner, iteration-based, around ``model`` (mmdrq's
-    QAT wrapper of an mmpretrain classifier) on ``RandomImages``."""
+    QAT wrapper of an mmpretrain classifier) on ``RandomImages``; ``val_cfg``
+    (default: a plain ``MultiBitValLoop``) when ``validate``."""
     loader = dict(dataset=RandomImages(), batch_size=4, num_workers=0,
                   sampler=dict(type='DefaultSampler', shuffle=False),
                   collate_fn=dict(type='default_collate'))
     validation = dict(
-        val_dataloader=loader, val_cfg=dict(type='mmdrq.MultiBitValLoop'),
+        val_dataloader=loader,
+        val_cfg=val_cfg or dict(type='mmdrq.MultiBitValLoop'),
         val_evaluator=dict(type='mmpretrain.Accuracy')) if validate else {}
     from mmengine.runner import Runner
     return Runner(

@@ -19,13 +19,16 @@ its bit on the first ``--calibration-samples`` training images (the default,
 search's), or, with tools/hessian.py's traces per parameter, minimising
 sum(trace_l * ||Q_b(W_l) - W_l||^2) with the checkpoint's own quantized
 weights (HAWQ-V2, ``--objective perturbation``) or maximising
-sum(trace_l * bits_l) (the paper's, ``--objective trace_bits``). A budget outside the feasible range is an error that
-gives the range. Each SubNet is written as ``subnet_<kind>_<budget>.json``
+sum(trace_l * bits_l) (the paper's, ``--objective trace_bits``). A budget
+outside the feasible range is an error that gives the range. Each SubNet is written as ``subnet_<kind>_<budget>.json``
 (``tools/test.py --subnets`` and ``tools/export_int.py --subnet`` take
 it). Unless --no-eval, every SubNet and every uniform bit-width is
 evaluated in one MultiBitTestLoop run, without retraining; the results go
 to ``search.json`` and a Pareto plot ``pareto_<kind>.png`` (metric vs
-budget, uniform bits alongside).
+budget, uniform bits alongside). ``search.json`` is written once before the
+evaluation too, so a failed evaluation keeps the search and its measured
+increases; a ``--metric`` the evaluator does not give stops the run after
+the first setting.
 """
 import argparse
 import os.path as osp
@@ -129,6 +132,9 @@ def parse_args():
     elif args.increases is not None:
         parser.error(f'--increases: only the measured objective takes '
                      f'them, not --objective {args.objective}')
+    if args.metric is not None and args.no_eval:
+        parser.error(f'--metric {args.metric}: nothing is evaluated with '
+                     '--no-eval')
     if args.steps < 1:
         parser.error(f'--steps must be at least 1, got {args.steps}')
     if args.bn_calibration is not None and args.bn_calibration < 1:
@@ -198,12 +204,16 @@ def main():
     if args.objective == 'measured':  # what the search used, and the raw
         results['loss_increases'] = perturbations
         results['measured_loss_increases'] = measured
+    out = osp.join(args.work_dir, 'search.json')
+    # written before the evaluation too: if it fails, the search (and the
+    # measured increases, for --increases) is kept
+    atomic_write_json(out, results)
     if not args.no_eval:
         results['metrics'] = evaluate(cfg, args, files)
         attach_metrics(results, args.metric)
         plot(results, osp.join(args.work_dir, f'pareto_{args.kind}.png'))
-    atomic_write_json(osp.join(args.work_dir, 'search.json'), results)
-    print(f'wrote {args.work_dir}/search.json')
+        atomic_write_json(out, results)
+    print(f'wrote {out}')
 
 
 def measure(cfg, model, samples):
@@ -223,6 +233,8 @@ def evaluate(cfg, args, files):
     cfg.work_dir = args.work_dir
     options = {} if args.bn_calibration is None else dict(
         bn_calibration=dict(batches=args.bn_calibration))
+    if args.metric is not None:  # a misspelt one stops after one setting
+        options['required_metric'] = args.metric
     configure_test(cfg, args.checkpoint, 'all', files, **options)
     prepare_launch(cfg)
     metrics = Runner.from_cfg(cfg).test()
@@ -230,11 +242,10 @@ def evaluate(cfg, args, files):
 
 
 def attach_metrics(results, metric):
-    names = sorted({split_tag(k)[0] for k in results['metrics']})
-    if metric is not None and metric not in names:
-        raise ValueError(f'--metric {metric!r} is not a metric of this '
-                         f'evaluation: {names}')
-    metric = metric or names[0]
+    """Each SubNet's and uniform bit's value of ``metric`` (the
+    evaluation's first metric if None; the test loop has checked a given
+    one)."""
+    metric = metric or sorted({split_tag(k)[0] for k in results['metrics']})[0]
     results['metric'] = metric
     for entry in results['subnets'] + results['uniform']:
         entry[metric] = results['metrics'].get(metric + tag(entry['name']))

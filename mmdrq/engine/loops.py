@@ -40,9 +40,15 @@ class _MultiBitMixin:
                  bits: Union[str, int, Sequence[int]] = 'all',
                  subnets: Optional[Sequence[str]] = None,
                  measure_speed: bool = False, numerics: str = 'fake',
-                 bn_calibration: Optional[dict] = None):
+                 bn_calibration: Optional[dict] = None,
+                 required_metric: Optional[str] = None):
         super().__init__(runner, dataloader, evaluator, fp16)
         key = f'{self.phase}_cfg'
+        if required_metric is not None and (
+                not isinstance(required_metric, str) or not required_metric):
+            raise ValueError(f'{key}.required_metric must be a metric name '
+                             f'such as accuracy/top1, got {required_metric!r}')
+        self.required_metric = required_metric
         self.numerics = check_choice(f'{key}.numerics', numerics, NUMERICS)
         self.bn_batches = check_bn_calibration(bn_calibration,
                                                f'{key}.bn_calibration')
@@ -101,7 +107,8 @@ class _MultiBitMixin:
 
     def _run_settings(self, run_iter, losses, phase: str) -> dict:
         return run_settings(self, self._enter,
-                            f'{phase} metrics per bit-width', losses, phase)
+                            f'{phase} metrics per bit-width', losses, phase,
+                            self.required_metric)
 
     @contextlib.contextmanager
     def _enter(self, setting):
@@ -134,13 +141,16 @@ def clock() -> float:
 
 def run_settings(loop, enter: Callable[[object], ContextManager],
                  title: str, losses: Optional[dict] = None,
-                 phase: str = 'test') -> dict:
+                 phase: str = 'test',
+                 required_metric: Optional[str] = None) -> dict:
     """Every ``(tag, setting)`` of ``loop.settings``, inside
     ``enter(setting)``: ``loop.run_iter`` over its dataloader, then its
     evaluator (and the mean of the ``losses`` the iterations collected,
     ``images_per_s`` with ``loop.measure_speed``). Returns the metrics keyed
     ``<metric>@<tag>`` and logs them as one table under ``title``: the run
-    of the PyTorch loops and of the ONNX Runtime loop alike."""
+    of the PyTorch loops and of the ONNX Runtime loop alike. A
+    ``required_metric`` the evaluator does not give is an error after the
+    first setting, not after all of them."""
     all_metrics, rows = {}, []
     for suffix, setting in loop.settings:
         with enter(setting):
@@ -156,6 +166,10 @@ def run_settings(loop, enter: Callable[[object], ContextManager],
                 metrics.update(_parse_losses(losses, phase))
             if loop.measure_speed:  # loading + model, not the metric
                 metrics['images_per_s'] = images / max(seconds, 1e-9)
+        if required_metric is not None and required_metric not in metrics:
+            raise ValueError(
+                f'{phase}_cfg.required_metric={required_metric!r} is not a '
+                f'metric of this evaluation: {sorted(metrics)}')
         rows.append((suffix, metrics))
         all_metrics.update({k + suffix: v for k, v in metrics.items()})
     print_log(f'{title}:\n' + metrics_table(rows), logger='current')
@@ -194,6 +208,9 @@ class MultiBitValLoop(_MultiBitMixin, ValLoop):
             statistics from N batches of the config's train_dataloader run
             at that setting, restored after (``bn_calibration.py``); None
             (default) evaluates the stored statistics.
+        required_metric: a metric name (without the ``@`` tag) that the
+            evaluator must give; checked after the first setting, so a
+            misspelt name stops the run there (``search_subnet --metric``).
         Other args as in ``ValLoop``.
     """
     phase = 'val'

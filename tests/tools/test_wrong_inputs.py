@@ -169,17 +169,12 @@ def test_transitional_bn_shape_is_named():
                           transitional_bn=dict(input_shape=(1, 1, 16, 16)))
 
 
-def test_search_metric_must_exist():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'search_subnet_tool', osp.join(TOOLS, 'search_subnet.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    results = dict(metrics={'accuracy/top1@w8a8': 99.0}, subnets=[],
-                   uniform=[dict(name='w8a8')])
-    with pytest.raises(ValueError, match=r"--metric 'accuracy/top5' is not "
-                       r"a metric.*\['accuracy/top1'\]"):
-        module.attach_metrics(results, 'accuracy/top5')
+def test_search_metric_needs_an_evaluation(tmp_path, files):
+    error = tool_error('search_subnet', files['cfg'], files['ckpt'],
+                       '--input-shape', 1, 3, 16, 16, '--budgets', 5,
+                       '--metric', 'accuracy/top1', '--no-eval')
+    assert '--metric accuracy/top1: nothing is evaluated with --no-eval' \
+        in error
 
 
 def test_dataset_tools_never_replace_a_users_files(tmp_path, monkeypatch):
