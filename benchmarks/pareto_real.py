@@ -11,6 +11,12 @@ Each step is the real tool; data: tools/make_real_datasets.py's writers.
 
     python benchmarks/pareto_real.py [--tasks det seg] [--seeds 0 1 2]
         [--calibration-samples 64] [--work-dir work_dirs/pareto_real]
+        [--val-crops 48 --out benchmarks/results/pareto_real_val48]
+
+``--val-crops N`` evaluates the same SubNets and uniform models again on N
+validation crops per source image (the writers' default is 16; the first
+16 are the usual ones, the training crops are unchanged), against the
+validation noise of the small sets.
 
 Writes benchmarks/results/pareto_real.md and .json (mean ± sample std over
 the seeds) and pareto_real_<task>.png. Finished steps in the work folder
@@ -47,8 +53,9 @@ FRONTS = {
                        '{increases}'], 'size')}
 
 
-def run_seed(task, seed, work_dir, calibration_samples):
-    """``{front: search.json}`` of one task and seed."""
+def run_seed(task, seed, work_dir, calibration_samples, val_crops=None):
+    """``{front: search.json}`` of one task and seed (with ``val_crops``,
+    evaluated on that many validation crops per source)."""
     spec = TASKS[task]
     root = osp.join(ROOT, 'data', spec['data'])
     spec['write'](root)
@@ -70,22 +77,43 @@ def run_seed(task, seed, work_dir, calibration_samples):
                       [*data, f'load_from={qat["checkpoint"]}',
                        f'custom_hooks.1.traces={traces}',
                        f'custom_hooks.1.seed={seed}'], ROOT)
-    fronts = {}
     paths = dict(traces=traces, increases=osp.join(
         work, 'search_measured', 'search.json'))
-    for front, (options, _) in FRONTS.items():
-        out = osp.join(work, f'search_{front}')
+
+    def search(front, options, suffix='', search_data=data, measured=()):
+        out = osp.join(work, f'search_{front}{suffix}')
         if not osp.isfile(osp.join(out, 'search.json')):
             run_tool([osp.join(TOOLS, 'search_subnet.py'), mp_config,
                       mp['checkpoint'],
                       *[o.format(**paths) for o in options], *SEARCH[task],
-                      *(['--calibration-samples', calibration_samples]
-                        if front == 'measured' else []),
-                      '--work-dir', out, '--cfg-options', *data],
-                     osp.join(work, f'search_{front}.log'))
+                      *measured, '--work-dir', out,
+                      '--cfg-options', *search_data],
+                     osp.join(work, f'search_{front}{suffix}.log'))
         with open(osp.join(out, 'search.json')) as f:
-            fronts[front] = json.load(f)
+            return json.load(f)
+
+    fronts = {}
+    for front, (options, _) in FRONTS.items():
+        fronts[front] = search(front, options, measured=[
+            '--calibration-samples', calibration_samples]
+            if front == 'measured' else [])
         print(f'{task} seed {seed} {front}: done', flush=True)
+    if val_crops:
+        # the same SubNets (the measured increases of the training images
+        # reused), evaluated on a larger validation split of the same
+        # sources: its first crops are the usual ones, the training crops
+        # are the same
+        suffix = f'_val{val_crops}'
+        eval_root = root + suffix
+        spec['write'](eval_root, num_val=val_crops)
+        search_data = [o for o in data if o.startswith('train_')] + [
+            o for o in data_options(task, eval_root)
+            if not o.startswith('train_')]
+        for front, (options, _) in FRONTS.items():
+            if front == 'measured':
+                options = [*options, '--increases', '{increases}']
+            fronts[front] = search(front, options, suffix, search_data)
+            print(f'{task} seed {seed} {front}{suffix}: done', flush=True)
     fronts['fp32'] = fp['metrics'][TASKS[task]['metric']]
     return fronts
 
@@ -181,11 +209,18 @@ def main():
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--calibration-samples', type=int, default=64,
                         help='training images of the measured increases')
+    parser.add_argument('--val-crops', type=int, metavar='N',
+                        help='also evaluate every SubNet and uniform bit on '
+                        'N validation crops per source image (the writers\' '
+                        'default: 16), in search_<front>_valN folders; the '
+                        'tables are of those')
     parser.add_argument('--work-dir', default='work_dirs/pareto_real')
     parser.add_argument('--out', default=osp.join(HERE, 'results',
                                                   'pareto_real'),
                         help='writes OUT.md, OUT.json and OUT_<task>.png')
     args = parser.parse_args()
+    if args.val_crops is not None and args.val_crops < 1:
+        parser.error(f'--val-crops must be at least 1, got {args.val_crops}')
     # the tools measure this checkout's mmdrq, not an installed copy
     os.environ['PYTHONPATH'] = os.pathsep.join(
         p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
@@ -195,14 +230,16 @@ def main():
         with open(args.out + '.json') as f:
             results = json.load(f)
     for task in args.tasks:
-        results[task] = {str(seed): run_seed(task, seed, work,
-                                             args.calibration_samples)
-                         for seed in args.seeds}
+        results[task] = {str(seed): run_seed(
+            task, seed, work, args.calibration_samples, args.val_crops)
+            for seed in args.seeds}
     text = '# Mixed precision on the real-image sets\n\n' + (
         'Each front\'s SubNets (mean ± sample std over the seeds) and, '
         'seed by seed, the SubNet minus the best uniform model of the '
         'same SuperNet whose cost of that kind is no greater (goal: >= 0, '
-        'and >= +0.5 between two uniform bit-widths).\n\n') + '\n'.join(
+        'and >= +0.5 between two uniform bit-widths).' + (
+            f' Evaluated on {args.val_crops} validation crops per source '
+            'image.' if args.val_crops else '') + '\n\n') + '\n'.join(
             task_table(task, results[task]) for task in sorted(results))
     atomic_write_json(args.out + '.json', results)
     atomic_write(args.out + '.md', lambda f: f.write(text.encode()))
