@@ -31,6 +31,7 @@ import mmdrq
 from mmdrq.models import MultiPrecisionQAT
 from mmdrq.quantization import fused_kernels, shared_rounding
 from mmdrq.quantization.functional import IMPLS, set_fake_quant_impl
+from mmdrq.utils import atomic_write_json
 from quantizer import build, timed_in_turns  # benchmarks/quantizer.py
 
 BITS = (8, 6, 4, 2)
@@ -99,6 +100,19 @@ def cpu_peak_bytes(step):
             _, sizes = json.load(f)
     totals = [sum(categories) for categories in sizes]
     return max(totals) - totals[0]
+
+
+@contextlib.contextmanager
+def activations_replaced(replace):
+    """Every activation quantizer returns ``replace(x)`` instead of its
+    fake-quantized input (the eval breakdown's rows)."""
+    from mmdrq.quantization.act_quantizer import ActQuantizer
+    forward = ActQuantizer.forward
+    ActQuantizer.forward = lambda self, x, bit: replace(x)
+    try:
+        yield
+    finally:
+        ActQuantizer.forward = forward
 
 
 def main():
@@ -209,6 +223,15 @@ def main():
             with inductor_cpu_kernels():
                 forward(eval_model)
         eval_steps['w4a4, Inductor kernels'] = eval_inductor
+    # what the activation quantizers cost: none at all, or a plain copy of
+    # each input in their place (the least a quantized input can cost)
+    for label, replace in (('activations not quantized', lambda x: x),
+                           ('activations copied, not quantized',
+                            torch.clone)):
+        def eval_replaced(replace=replace):
+            with activations_replaced(replace):
+                forward(eval_model)
+        eval_steps[f'w4a4, {label}'] = eval_replaced
     timings = timed_in_turns(steps, device, repeat)
     eval_times = timed_in_turns(eval_steps, device, repeat)
     fp_time, fp_mem = timings['FP']
@@ -260,12 +283,10 @@ def main():
     out = osp.join(osp.dirname(osp.abspath(__file__)), 'results',
                    f'train_step_{device.type}_{mode}'
                    f'{"_quick" if args.quick else ""}.json')
-    os.makedirs(osp.dirname(out), exist_ok=True)
-    with open(out, 'w') as f:
-        json.dump(dict(device=str(device), batch=batch, size=size,
-                       mode=mode, torch=torch.__version__,
-                       threads=torch.get_num_threads(), rows=rows,
-                       eval_rows=eval_rows), f, indent=1)
+    atomic_write_json(out, dict(device=str(device), batch=batch, size=size,
+                                mode=mode, torch=torch.__version__,
+                                threads=torch.get_num_threads(), rows=rows,
+                                eval_rows=eval_rows))
     print(f'\nsaved {out}')
 
 

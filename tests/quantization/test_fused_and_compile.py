@@ -22,6 +22,12 @@ PLANS = [  # (h_range, shift, l_range, rounding, variant)
     ((-128, 127), 6, (-2, 1), 'half_up', 'double_rounding'),
     ((-8, 7), 1, (-4, 3), 'half_even', 'floor'),
     ((0, 255), 0, (0, 255), 'half_even', 'double_rounding'),
+    # the stored grid with the other second roundings, which must change
+    # nothing there
+    ((-8, 7), 0, (-8, 7), 'half_up', 'double_rounding'),
+    ((-8, 7), 0, (-8, 7), 'half_even', 'floor'),
+    # shift 0 onto a narrower range: the two-pass path
+    ((-128, 127), 0, (-8, 7), 'half_even', 'double_rounding'),
 ]
 
 
