@@ -20,7 +20,6 @@ import contextlib
 import copy
 import functools
 import json
-import os
 import os.path as osp
 import tempfile
 import warnings
