@@ -20,14 +20,14 @@ runs in the work folder are reused.
 """
 import argparse
 import copy
-import json
 import os
 import os.path as osp
 
 from mmdrq.datasets import write_digits
 from mmdrq.quantization.bitwidths import bit_name, tag
 from mmdrq.utils import atomic_write, atomic_write_json
-from mmdrq.utils.tool_runs import data_options, run_tool, train_and_test
+from mmdrq.utils.tool_runs import (data_options, evaluated_search, run_tool,
+                                   train_and_test)
 
 from fidelity_digits import (DIGITS, FP32_CONFIG, HERE, QAT_CONFIG, ROOT,
                              TOOLS, finished_run, summarize)
@@ -55,9 +55,9 @@ def run(config, root, work, epochs, seed, options=()):
 
 
 def search(config, ckpt, traces, objective, root, out, calibration, log):
-    """tools/search_subnet.py's ``search.json`` (reused when present)."""
-    path = osp.join(out, 'search.json')
-    if not osp.isfile(path):
+    """tools/search_subnet.py's ``search.json`` (reused once evaluated)."""
+    done = evaluated_search(out)
+    if done is None:
         run_tool([osp.join(TOOLS, 'search_subnet.py'), config, ckpt,
                   *([] if objective == 'measured' else ['--traces', traces]),
                   '--kind', 'avg_bits', '--range', '2.5',
@@ -66,8 +66,8 @@ def search(config, ckpt, traces, objective, root, out, calibration, log):
                   *(['--bn-calibration', str(calibration)] if calibration
                     else []),
                   '--cfg-options', *data_options(root)], log)
-    with open(path) as f:
-        return json.load(f)
+        done = evaluated_search(out)
+    return done
 
 
 def run_seed(args, seed, root):
@@ -115,8 +115,9 @@ def finetune(front, supernet, root, work, epochs, seed):
             else f'uniform_{entry["name"]}'
         path = osp.join(work, name + '.json')
         if not osp.isfile(path):
-            atomic_write_json(path, dict(layer_bits=entry.get(
-                'layer_bits') or dict.fromkeys(layers, uniform[entry['name']])))
+            bits = entry.get('layer_bits') or dict.fromkeys(
+                layers, uniform[entry['name']])
+            atomic_write_json(path, dict(layer_bits=bits))
         metrics, _ = run(FT_CONFIG, root, osp.join(work, name), epochs, seed,
                          [f'load_from={supernet}',
                           f'custom_hooks.0.subnet={path}',

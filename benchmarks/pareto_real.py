@@ -28,7 +28,7 @@ import os
 import os.path as osp
 
 from mmdrq.utils import atomic_write, atomic_write_json
-from mmdrq.utils.tool_runs import recorded_run, run_tool
+from mmdrq.utils.tool_runs import evaluated_search, recorded_run, run_tool
 
 from fidelity_digits import summarize
 from lowbit_detseg import ROOT, TASKS, TOOLS, data_options
@@ -82,15 +82,16 @@ def run_seed(task, seed, work_dir, calibration_samples, val_crops=None):
 
     def search(front, options, suffix='', search_data=data, measured=()):
         out = osp.join(work, f'search_{front}{suffix}')
-        if not osp.isfile(osp.join(out, 'search.json')):
+        done = evaluated_search(out)
+        if done is None:
             run_tool([osp.join(TOOLS, 'search_subnet.py'), mp_config,
                       mp['checkpoint'],
                       *[o.format(**paths) for o in options], *SEARCH[task],
                       *measured, '--work-dir', out,
                       '--cfg-options', *search_data],
                      osp.join(work, f'search_{front}{suffix}.log'))
-        with open(osp.join(out, 'search.json')) as f:
-            return json.load(f)
+            done = evaluated_search(out)
+        return done
 
     fronts = {}
     for front, (options, _) in FRONTS.items():

@@ -20,15 +20,15 @@ search's), or, with tools/hessian.py's traces per parameter, minimising
 sum(trace_l * ||Q_b(W_l) - W_l||^2) with the checkpoint's own quantized
 weights (HAWQ-V2, ``--objective perturbation``) or maximising
 sum(trace_l * bits_l) (the paper's, ``--objective trace_bits``). A budget
-outside the feasible range is an error that gives the range. Each SubNet is written as ``subnet_<kind>_<budget>.json``
-(``tools/test.py --subnets`` and ``tools/export_int.py --subnet`` take
-it). Unless --no-eval, every SubNet and every uniform bit-width is
-evaluated in one MultiBitTestLoop run, without retraining; the results go
-to ``search.json`` and a Pareto plot ``pareto_<kind>.png`` (metric vs
-budget, uniform bits alongside). ``search.json`` is written once before the
-evaluation too, so a failed evaluation keeps the search and its measured
-increases; a ``--metric`` the evaluator does not give stops the run after
-the first setting.
+outside the feasible range is an error that gives the range. Each SubNet is
+written as ``subnet_<kind>_<budget>.json`` (``tools/test.py --subnets`` and
+``tools/export_int.py --subnet`` take it). Unless --no-eval, every SubNet
+and every uniform bit-width is evaluated in one MultiBitTestLoop run,
+without retraining; the results go to ``search.json`` and a Pareto plot
+``pareto_<kind>.png`` (metric vs budget, uniform bits alongside).
+``search.json`` is written once before the evaluation too, so a failed
+evaluation keeps the search and its measured increases; a ``--metric`` the
+evaluator does not give stops the run after the first setting.
 """
 import argparse
 import os.path as osp

@@ -87,3 +87,15 @@ def recorded_run(tools, config, work, seed, options, root) -> dict:
                   seconds=seconds)
     atomic_write_json(record, result)
     return result
+
+
+def evaluated_search(out):
+    """The ``search.json`` of a tools/search_subnet.py run in ``out`` once
+    its evaluation finished, else None (the tool writes it first without
+    metrics, so a failed evaluation keeps the search)."""
+    path = osp.join(out, 'search.json')
+    if not osp.isfile(path):
+        return None
+    with open(path) as f:
+        content = json.load(f)
+    return content if 'metrics' in content else None

@@ -11,6 +11,7 @@ import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
 from conftest import ROOT, TOOLS, run_tool, tool_error
+from mmdrq.utils.tool_runs import evaluated_search
 
 pytestmark = pytest.mark.slow  # trains through the tools
 
@@ -228,6 +229,7 @@ def test_search_evaluates_subnets_without_retraining(digits, qat_run,
                       '--input-shape', '1', '3', '16', '16', '--work-dir',
                       out_dir)
     results = json.loads((out_dir / 'search.json').read_text())
+    assert evaluated_search(out_dir) == results  # rewritten with metrics
     assert [s['name'] for s in results['subnets']] == [
         'subnet_avg_bits_3', 'subnet_avg_bits_5']
     for entry in results['subnets']:

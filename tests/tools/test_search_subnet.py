@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TOOLS, run_tool, tool_error
+from mmdrq.utils.tool_runs import evaluated_search
 
 QAT_CFG = osp.join(ROOT, 'configs', 'classification', 'digits',
                    'resnet_digits_drq_8642.py')
@@ -52,6 +53,9 @@ def test_exact_budget_mode(model_files, tmp_path):
                '--budget-mode', mode, '--input-shape', '1', '3', '16', '16')
         results = json.loads((tmp_path / mode / 'search.json').read_text())
         assert results['budget_mode'] == mode
+        # a search without its evaluation is not taken for a finished one
+        assert 'metrics' not in results
+        assert evaluated_search(tmp_path / mode) is None
         entry = results['subnets'][0]
         assert entry['budget_mode'] == mode
         assert entry == json.loads(
