@@ -51,6 +51,7 @@ from mmdrq.search.sensitivity import (load_increases, loss_increases,
                                       monotone)
 from mmdrq.search.subnet import save_subnet
 from mmdrq.apis import load_trained
+from mmdrq.engine.loops import MissingMetricError
 from mmdrq.tools_common import (add_cfg_options, check_input_channels,
                                 configure_test, prepare_launch)
 from mmdrq.utils import atomic_write_json
@@ -237,7 +238,10 @@ def evaluate(cfg, args, files):
         options['required_metric'] = args.metric
     configure_test(cfg, args.checkpoint, 'all', files, **options)
     prepare_launch(cfg)
-    metrics = Runner.from_cfg(cfg).test()
+    try:
+        metrics = Runner.from_cfg(cfg).test()
+    except MissingMetricError as e:
+        raise MissingMetricError('--metric', e.name, e.available) from None
     return {k: float(v) for k, v in metrics.items()}
 
 

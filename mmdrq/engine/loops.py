@@ -132,6 +132,16 @@ class _MultiBitMixin:
                 yield model
 
 
+class MissingMetricError(ValueError):
+    """A required metric the evaluator does not give (``key``: the option
+    that asked for it, so a tool can name its own)."""
+
+    def __init__(self, key: str, name: str, available: list):
+        super().__init__(f'{key}={name!r} is not a metric of this '
+                         f'evaluation: {available}')
+        self.name, self.available = name, available
+
+
 def clock() -> float:
     """Seconds, after the GPU's queued work (the speed columns)."""
     if torch.cuda.is_available():
@@ -167,9 +177,9 @@ def run_settings(loop, enter: Callable[[object], ContextManager],
             if loop.measure_speed:  # loading + model, not the metric
                 metrics['images_per_s'] = images / max(seconds, 1e-9)
         if required_metric is not None and required_metric not in metrics:
-            raise ValueError(
-                f'{phase}_cfg.required_metric={required_metric!r} is not a '
-                f'metric of this evaluation: {sorted(metrics)}')
+            raise MissingMetricError(
+                f'{phase}_cfg.required_metric', required_metric,
+                sorted(metrics))
         rows.append((suffix, metrics))
         all_metrics.update({k + suffix: v for k, v in metrics.items()})
     print_log(f'{title}:\n' + metrics_table(rows), logger='current')

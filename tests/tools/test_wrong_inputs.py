@@ -3,6 +3,7 @@ would replace an input or a user's files, damaged and wrong checkpoints in
 every tool, empty or repeated bit choices, and messages that name the file
 or key. Each runs the tool's main in this process (``tool_error``) and
 checks that nothing was written or replaced."""
+import json
 import os
 import os.path as osp
 import re
@@ -175,6 +176,18 @@ def test_search_metric_needs_an_evaluation(tmp_path, files):
                        '--metric', 'accuracy/top1', '--no-eval')
     assert '--metric accuracy/top1: nothing is evaluated with --no-eval' \
         in error
+
+
+def test_search_names_a_misspelt_metric_and_keeps_the_search(tmp_path,
+                                                            files):
+    error = tool_error('search_subnet', files['cfg'], files['ckpt'],
+                       '--input-shape', 1, 3, 16, 16, '--budgets', 5,
+                       '--calibration-samples', 8, '--metric',
+                       'accuracy/top5', '--work-dir', tmp_path)
+    assert "--metric='accuracy/top5' is not a metric of this evaluation: " \
+        "['accuracy/top1']" in error
+    kept = json.loads((tmp_path / 'search.json').read_text())
+    assert kept['subnets'] and 'metrics' not in kept
 
 
 def test_dataset_tools_never_replace_a_users_files(tmp_path, monkeypatch):
