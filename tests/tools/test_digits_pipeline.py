@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import mmdrq  # noqa: F401 (allow-lists MMEngine checkpoint classes)
-from conftest import ROOT, TOOLS, run_tool, tool_error
+from conftest import (DIGITS, ROOT, TOOLS, run_tool, tool_error,
+                      write_digits_config)
 from mmdrq.utils.tool_runs import evaluated_search
 
 pytestmark = pytest.mark.slow  # trains through the tools
@@ -337,3 +338,30 @@ def test_compiled_training_through_the_runner(digits, qat_run):
     plain = torch.load(qat_run[0] / 'epoch_1.pth', map_location='cpu')
     compiled = torch.load(work / 'epoch_1.pth', map_location='cpu')
     assert compiled['state_dict'].keys() == plain['state_dict'].keys()
+
+
+def test_measured_search_repeats_with_random_augmentation(digits, qat_run,
+                                                          tmp_path):
+    """The same command finds the same SubNets although the training
+    pipeline flips images at random (the calibration draws are seeded)."""
+    work, _ = qat_run
+    cfg = write_digits_config(
+        tmp_path, 'flip.py', osp.join(DIGITS, 'resnet_digits_drq_8642.py'),
+        digits['data_root'],
+        'train_dataloader = dict(batch_size=32, dataset=dict(\n'
+        '    data_root=data_root, indices=64, pipeline=[\n'
+        "        dict(type='LoadImageFromFile'),\n"
+        "        dict(type='Resize', scale=(16, 16)),\n"
+        "        dict(type='RandomFlip', prob=0.5, direction='horizontal'),\n"
+        "        dict(type='PackInputs')]))\n")
+    found = []
+    for run in ('first', 'again'):
+        run_tool(osp.join(TOOLS, 'search_subnet.py'), cfg,
+                 work / 'epoch_2.pth', '--budgets', '3', '5',
+                 '--calibration-samples', '32', '--no-eval', '--input-shape',
+                 '1', '3', '16', '16', '--work-dir', tmp_path / run)
+        found.append(json.loads((tmp_path / run / 'search.json').read_text()))
+    assert found[0]['measured_loss_increases'] == \
+        found[1]['measured_loss_increases']
+    assert [s['layer_bits'] for s in found[0]['subnets']] == \
+        [s['layer_bits'] for s in found[1]['subnets']]

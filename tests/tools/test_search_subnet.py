@@ -93,6 +93,8 @@ def test_bad_budgets_steps_and_input_shape_fail_before_any_output(
     assert '--calibration-samples: only the measured objective measuring ' \
         'afresh takes it, not --objective perturbation' in error(
             '--calibration-samples', '64')
+    assert '--seed: only the measured objective measuring afresh takes ' \
+        'it, not --objective perturbation' in error('--seed', '1')
     assert '--increases: only the measured objective takes them, not ' \
         '--objective perturbation' in error('--increases', traces)
     # used to write an empty search.json and exit 0
