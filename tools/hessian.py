@@ -16,7 +16,7 @@ tools/search_subnet.py read.
 import argparse
 
 import torch
-from mmengine.runner import CheckpointLoader, Runner
+from mmengine.runner import CheckpointLoader, Runner, set_random_seed
 from mmengine.utils import ProgressBar
 
 import mmdrq  # noqa: F401 (registers mmdrq's modules)
@@ -90,6 +90,9 @@ def main():
     from_fp32 = load_weights(model, args.checkpoint)
     if torch.cuda.is_available():
         model = model.cuda()
+    # the pipeline's random augmentations draw from the global generators:
+    # seeded, so that --seed repeats the traces
+    set_random_seed(args.seed)
     loader = Runner.build_dataloader(cfg[key], seed=args.seed)
 
     bar = []

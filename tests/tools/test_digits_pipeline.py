@@ -342,8 +342,9 @@ def test_compiled_training_through_the_runner(digits, qat_run):
 
 def test_measured_search_repeats_with_random_augmentation(digits, qat_run,
                                                           tmp_path):
-    """The same command finds the same SubNets although the training
-    pipeline flips images at random (the calibration draws are seeded)."""
+    """The same command finds the same SubNets (and the same Hessian
+    traces) although the training pipeline flips images at random: the
+    calibration draws are seeded."""
     work, _ = qat_run
     cfg = write_digits_config(
         tmp_path, 'flip.py', osp.join(DIGITS, 'resnet_digits_drq_8642.py'),
@@ -354,14 +355,21 @@ def test_measured_search_repeats_with_random_augmentation(digits, qat_run,
         "        dict(type='Resize', scale=(16, 16)),\n"
         "        dict(type='RandomFlip', prob=0.5, direction='horizontal'),\n"
         "        dict(type='PackInputs')]))\n")
-    found = []
+    found, traces = [], []
     for run in ('first', 'again'):
         run_tool(osp.join(TOOLS, 'search_subnet.py'), cfg,
                  work / 'epoch_2.pth', '--budgets', '3', '5',
                  '--calibration-samples', '32', '--no-eval', '--input-shape',
                  '1', '3', '16', '16', '--work-dir', tmp_path / run)
         found.append(json.loads((tmp_path / run / 'search.json').read_text()))
+        # tools/hessian.py's --seed likewise repeats its traces
+        out = tmp_path / f'traces_{run}.json'
+        run_tool(osp.join(TOOLS, 'hessian.py'), cfg, work / 'epoch_2.pth',
+                 '--out', out, '--num-samples', '32', '--max-probes', '2',
+                 '--min-probes', '2')
+        traces.append(json.loads(out.read_text())['layers'])
     assert found[0]['measured_loss_increases'] == \
         found[1]['measured_loss_increases']
     assert [s['layer_bits'] for s in found[0]['subnets']] == \
         [s['layer_bits'] for s in found[1]['subnets']]
+    assert traces[0] == traces[1]
